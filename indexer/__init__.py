@@ -1,0 +1,1 @@
+"""Everything between an identity store and the cache: stores, normalisation, Redis, Whoosh, sync."""

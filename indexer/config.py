@@ -1,0 +1,204 @@
+"""Loading the YAML config: environment substitution, schema validation, defaults, paths."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_DURATION_PART = re.compile(r"([0-9]+)([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; the message names the key path."""
+
+
+@lru_cache(maxsize=None)
+def load_schema(name: str) -> dict[str, Any]:
+    """Read one of the JSON Schemas in schemas/ (callers must not modify it)."""
+    return json.loads((SCHEMA_DIR / name).read_text(encoding="utf-8"))
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in a duration written like "30s", "5m", "1h30m" or "1d"."""
+    if not re.fullmatch(r"([0-9]+[smhd])+", text or ""):
+        raise ValueError(f'expected a duration like "1h", got {text!r}')
+    return sum(int(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
+
+
+def format_path(path: list[Any] | tuple[Any, ...]) -> str:
+    """JSON path elements as a key path like stores[0].sync.full_every."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return "a mapping" if isinstance(value, dict) else "a list"
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _substitute_env(node: Any, path: list[Any]) -> Any:
+    if isinstance(node, dict):
+        return {k: _substitute_env(v, path + [k]) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_substitute_env(v, path + [i]) for i, v in enumerate(node)]
+    if isinstance(node, str) and "${" in node:
+
+        def replace(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            value = os.environ.get(name)
+            if value is None:
+                if default is None:
+                    raise ConfigError(f"{format_path(path)}: environment variable {name} is not set")
+                return default
+            return value
+
+        return _ENV_REF.sub(replace, node)
+    return node
+
+
+def explain(error: jsonschema.ValidationError, root: dict[str, Any] | None = None) -> str:
+    """One line naming the key path and what was expected (root: the schema, to follow its $refs)."""
+    path = list(error.absolute_path)
+    if error.validator in ("additionalProperties", "unevaluatedProperties") and isinstance(error.instance, dict):
+        allowed = _declared_properties(error.schema, root or error.schema)
+        unknown = sorted(k for k in error.instance if k not in allowed)
+        if unknown:
+            return f"{format_path(path + [unknown[0]])}: unknown key"
+    if error.validator == "required":
+        missing = re.match(r"'([^']+)'", error.message)
+        name = missing.group(1) if missing else "?"
+        return f"{format_path(path + [name])}: missing required key"
+    # The widest description wins: an anyOf's x-expected covers all of its branches.
+    expected = None
+    node: jsonschema.ValidationError | None = error
+    while node is not None:
+        if isinstance(node.schema, dict) and node.schema.get("x-expected"):
+            expected = node.schema["x-expected"]
+        node = node.parent
+    if expected:
+        return f"{format_path(path)}: expected {expected}, got {_describe(error.instance)}"
+    if error.validator == "type":
+        types = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
+        return f"{format_path(path)}: expected {' or '.join(types)}, got {_describe(error.instance)}"
+    if error.validator == "enum":
+        choices = ", ".join(_describe(c) for c in error.validator_value)
+        return f"{format_path(path)}: expected one of {choices}, got {_describe(error.instance)}"
+    return f"{format_path(path)}: {error.message}"
+
+
+def _declared_properties(schema: dict[str, Any], root: dict[str, Any]) -> set[str]:
+    schema = _resolve(schema, root)
+    names = set(schema.get("properties", {}))
+    for sub in schema.get("allOf", []):
+        names |= _declared_properties(sub, root)
+    return names
+
+
+def _first_error(validator: jsonschema.protocols.Validator, instance: Any) -> jsonschema.ValidationError | None:
+    errors = list(validator.iter_errors(instance))
+    if not errors:
+        return None
+    # A property that fails its own schema also counts as "unevaluated": report the real failure.
+    errors = [e for e in errors if e.validator != "unevaluatedProperties"] or errors
+    return jsonschema.exceptions.best_match(errors)
+
+
+def validate(instance: Any, schema_name: str) -> None:
+    """Raise ConfigError with one explained message when instance does not match the schema."""
+    schema = load_schema(schema_name)
+    validator = jsonschema.Draft202012Validator(schema)
+    error = _first_error(validator, instance)
+    if error is not None:
+        raise ConfigError(explain(error, schema))
+
+
+def _resolve(schema: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in schema:
+        ref = schema["$ref"]
+        target = root
+        for part in ref.lstrip("#/").split("/"):
+            target = target[part]
+        schema = {**{k: v for k, v in schema.items() if k != "$ref"}, **target}
+    return schema
+
+
+def apply_defaults(instance: Any, schema: dict[str, Any], root: dict[str, Any]) -> Any:
+    """Fill in the schema's "default" values for keys the config leaves out (instance must be valid)."""
+    schema = _resolve(schema, root)
+    for sub in schema.get("allOf", []):
+        sub = _resolve(sub, root)
+        if "if" in sub:
+            branch = "then" if jsonschema.Draft202012Validator(sub["if"]).is_valid(instance) else "else"
+            if branch in sub:
+                apply_defaults(instance, sub[branch], root)
+        else:
+            apply_defaults(instance, sub, root)
+    if isinstance(instance, dict):
+        for key, prop in schema.get("properties", {}).items():
+            prop = _resolve(prop, root)
+            if key not in instance and "default" in prop:
+                instance[key] = copy.deepcopy(prop["default"])
+            if key in instance:
+                apply_defaults(instance[key], prop, root)
+    elif isinstance(instance, list) and "items" in schema:
+        for item in instance:
+            apply_defaults(item, schema["items"], root)
+    return instance
+
+
+def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read, substitute, validate and complete a config file; raise ConfigError on any problem."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    config = _substitute_env(raw, [])
+    validate(config, "config.schema.json")
+    schema = load_schema("config.schema.json")
+    apply_defaults(config, schema, schema)
+    return _complete(config, path.resolve().parent)
+
+
+def _complete(config: dict[str, Any], base: Path) -> dict[str, Any]:
+    names = [s["name"] for s in config["stores"]]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            raise ConfigError(f"stores[{i}].name: {name!r} is already the name of stores[{names.index(name)}]")
+    server = config["server"]
+    server.setdefault("name", config["matrix"]["domain"])
+    server.setdefault("public_url", f"https://{server['name']}")
+    server["public_url"] = server["public_url"].rstrip("/")
+    config["data_dir"] = str((base / config["data_dir"]).resolve())
+    for store in config["stores"]:
+        if "path" in store:
+            store["path"] = str((base / store["path"]).resolve())
+    config["config_dir"] = str(base)
+    return config

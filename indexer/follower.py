@@ -1,0 +1,108 @@
+"""The index follower: tails the cache's change stream into this host's Whoosh index, and rebuilds
+the index from Redis alone when it is missing, from another cache, or too far behind."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+
+import redis
+
+from indexer.cache import Cache
+from indexer.fulltext import FullText, document_key
+from indexer.identity import Identity
+
+log = logging.getLogger(__name__)
+
+
+class Follower:
+    """Keeps one FullText index in step with the cache for the configured stores."""
+
+    def __init__(self, cache: Cache, fulltext: FullText, stores: list[str]) -> None:
+        self.cache = cache
+        self.fulltext = fulltext
+        self.stores = stores
+        self.host = socket.gethostname()
+        self.epoch = ""
+        self.last_id = "0-0"
+
+    def _needs_rebuild(self) -> str | None:
+        position = self.fulltext.position()
+        if position is None:
+            return "the index is missing"
+        if position["epoch"] != self.epoch:
+            return "the index was built from another cache"
+        if self.cache.changes_lost_after(position["last_id"]):
+            return "the index is behind the oldest change the cache still holds"
+        return None
+
+    def start(self) -> None:
+        """Open the index where it left off, or rebuild it from the cache."""
+        self.epoch = self.cache.initialize()
+        reason = self._needs_rebuild()
+        if reason is None:
+            position = self.fulltext.position()
+            assert position is not None
+            self.last_id = position["last_id"]
+            log.info("fulltext index at %s: following changes after %s", self.fulltext.path, self.last_id)
+            return
+        started = time.time()
+        self.last_id = self.cache.last_change_id()
+
+        def everyone():
+            for store in self.stores:
+                yield from self.cache.iter_identities(store)
+
+        count = self.fulltext.rebuild(everyone(), self.epoch, self.last_id)
+        log.info("fulltext index rebuilt from the cache because %s: %d identities in %.1f s",
+                 reason, count, time.time() - started)
+        self._report(count)
+
+    def step(self, block_ms: int | None = 1000) -> int:
+        """Apply the next batch of changes; the number applied."""
+        changes = self.cache.read_changes(self.last_id, 1000, block_ms)
+        if not changes:
+            return 0
+        if self.cache.epoch() != self.epoch:
+            log.warning("the cache was emptied and refilled: rebuilding the fulltext index")
+            self.start()
+            return len(changes)
+        latest: dict[tuple[str, str], str] = {}
+        for change in changes:
+            latest[(change.store, change.store_id)] = change.op
+        wanted = [(s, i) for (s, i), op in latest.items() if op == "upsert" and s in self.stores]
+        upserts: list[Identity] = []
+        deleted = [document_key(s, i) for (s, i), op in latest.items() if op == "delete"]
+        by_store: dict[str, list[str]] = {}
+        for store, store_id in wanted:
+            by_store.setdefault(store, []).append(store_id)
+        for store, ids in by_store.items():
+            for store_id, identity in zip(ids, self.cache.get(store, ids)):
+                if identity is None:
+                    deleted.append(document_key(store, store_id))
+                else:
+                    upserts.append(identity)
+        self.fulltext.apply(upserts, deleted, self.epoch, changes[-1].id)
+        self.last_id = changes[-1].id
+        self._report()
+        return len(changes)
+
+    def _report(self, count: int | None = None) -> None:
+        fields = {"last_id": self.last_id, "updated": time.time(), "path": str(self.fulltext.path)}
+        if count is not None:
+            fields["count"] = count
+        self.cache.set_follower_status(self.host, **fields)
+
+    def run(self, stop: threading.Event) -> None:
+        """Follow until stop is set; Redis outages are waited out."""
+        while not stop.is_set():
+            try:
+                if not self.epoch:
+                    self.start()
+                self.step(block_ms=1000)
+            except redis.exceptions.RedisError as exc:
+                log.warning("fulltext follower: Redis unavailable (%s); retrying", exc)
+                self.epoch = ""
+                stop.wait(2)

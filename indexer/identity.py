@@ -1,0 +1,75 @@
+"""The one record every store's entries become: schemas/identity.schema.json."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Identity:
+    """One person as the cache holds them. threepids are (medium, canonical address) pairs."""
+
+    mxid: str
+    localpart: str
+    display_name: str | None
+    threepids: tuple[tuple[str, str], ...]
+    store: str
+    store_id: str
+    hash: str = field(default="", compare=False)
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        mxid: str,
+        localpart: str,
+        display_name: str | None,
+        threepids: list[tuple[str, str]] | tuple[tuple[str, str], ...],
+        store: str,
+        store_id: str,
+    ) -> "Identity":
+        """An identity with duplicate 3PIDs removed, 3PIDs in a stable order, and its content hash."""
+        unique = tuple(sorted(set(threepids)))
+        body = {
+            "mxid": mxid,
+            "localpart": localpart,
+            "display_name": display_name,
+            "threepids": [list(t) for t in unique],
+            "store": store,
+            "store_id": store_id,
+        }
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+        return cls(mxid, localpart, display_name, unique, store, store_id, digest)
+
+    def to_json(self) -> str:
+        """The record as stored in the cache."""
+        return json.dumps(
+            {
+                "mxid": self.mxid,
+                "localpart": self.localpart,
+                "display_name": self.display_name,
+                "threepids": [{"medium": m, "address": a} for m, a in self.threepids],
+                "store": self.store,
+                "store_id": self.store_id,
+                "hash": self.hash,
+            },
+            ensure_ascii=False,
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Identity":
+        """Read back a record written by to_json."""
+        data: dict[str, Any] = json.loads(text)
+        return cls(
+            data["mxid"],
+            data["localpart"],
+            data.get("display_name"),
+            tuple((t["medium"], t["address"]) for t in data["threepids"]),
+            data["store"],
+            data["store_id"],
+            data["hash"],
+        )

@@ -1,0 +1,113 @@
+"""The indexer process: periodic full syncs per store (with `schedule`) and the fulltext follower."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+import schedule
+
+from indexer.cache import Cache, connect
+from indexer.config import parse_duration
+from indexer.follower import Follower
+from indexer.fulltext import FullText
+from indexer.stores import Store, build_store
+from indexer.sync import SyncBusy, full_sync
+
+log = logging.getLogger(__name__)
+
+
+def fulltext_path(config: dict[str, Any]) -> Path:
+    return Path(config["data_dir"]) / "fulltext"
+
+
+class Indexer:
+    """Syncs every configured store when it is due, then every sync.full_every."""
+
+    def __init__(self, config: dict[str, Any], cache: Cache) -> None:
+        self.config = config
+        self.cache = cache
+        self.stores: list[tuple[Store, dict[str, Any]]] = [
+            (build_store(s, config), s["sync"]) for s in config["stores"]
+        ]
+        self.scheduler = schedule.Scheduler()
+
+    def sync(self, store: Store, sync_config: dict[str, Any]) -> None:
+        try:
+            full_sync(self.cache, store, sync_config["max_delete_ratio"])
+        except SyncBusy as exc:
+            log.info("%s; skipping this run", exc)
+        except redis.exceptions.RedisError as exc:
+            log.error("store %s: sync not started, Redis unavailable: %s", store.name, exc)
+
+    def _first_delay(self, store: Store, every: int | None) -> float | None:
+        last = self.cache.state(store.name).get("last_full") or {}
+        if not last.get("ended"):
+            return 0.0
+        if every is None:
+            return None
+        return max(0.0, last["ended"] + every - time.time())
+
+    def plan(self) -> None:
+        """Schedule each store's first run for when it is due, and every full_every after that."""
+        for store, sync_config in self.stores:
+            every = parse_duration(sync_config["full_every"]) if sync_config["full_every"] else None
+            delay = self._first_delay(store, every)
+            if delay is None:
+                continue
+            if delay == 0:
+                self.sync(store, sync_config)
+                if every:
+                    self.scheduler.every(every).seconds.do(self.sync, store, sync_config)
+                continue
+
+            def first(store: Store = store, sync_config: dict[str, Any] = sync_config, every: int = every):
+                self.sync(store, sync_config)
+                self.scheduler.every(every).seconds.do(self.sync, store, sync_config)
+                return schedule.CancelJob
+
+            self.scheduler.every(max(1, int(delay))).seconds.do(first)
+            log.info("store %s: next full sync in %d s", store.name, int(delay))
+
+    def run(self, stop: threading.Event) -> None:
+        self.plan()
+        while not stop.is_set():
+            self.scheduler.run_pending()
+            idle = self.scheduler.idle_seconds
+            stop.wait(1.0 if idle is None else min(1.0, max(idle, 0.05)))
+
+    def close(self) -> None:
+        for store, _ in self.stores:
+            store.close()
+
+
+def run_indexer(config: dict[str, Any], redis_url: str, stop: threading.Event, parent_pid: int | None = None) -> None:
+    """The body of the indexer process: follower thread plus scheduled syncs, until stop is set
+    (or the parent process has gone away)."""
+    cache = Cache(connect(redis_url), config["redis"]["prefix"])
+    cache.initialize()
+    store_names = [s["name"] for s in config["stores"]]
+    follower = Follower(cache, FullText(fulltext_path(config)), store_names)
+    follower_thread = threading.Thread(target=follower.run, args=(stop,), name="fulltext-follower", daemon=True)
+    follower_thread.start()
+    if parent_pid is not None:
+        threading.Thread(target=_watch_parent, args=(parent_pid, stop), daemon=True).start()
+    indexer = Indexer(config, cache)
+    try:
+        indexer.run(stop)
+    finally:
+        stop.set()
+        follower_thread.join(timeout=10)
+        indexer.close()
+
+
+def _watch_parent(parent_pid: int, stop: threading.Event) -> None:
+    while not stop.wait(1.0):
+        if os.getppid() != parent_pid:
+            log.warning("the server process is gone; indexer stopping")
+            stop.set()

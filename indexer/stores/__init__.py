@@ -1,0 +1,77 @@
+"""The store interface: read-only adapters that turn a source's entries into Identity records."""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from typing import Any, Iterable, Iterator
+
+from indexer import normalize
+from indexer.identity import Identity
+
+log = logging.getLogger(__name__)
+
+
+class StoreError(Exception):
+    """The source could not be read completely; a sync that sees this changes nothing."""
+
+
+class Store(ABC):
+    """One configured source of identities. Blocking: call it from the indexer, never the event loop."""
+
+    kind: str = ""
+
+    def __init__(self, store_config: dict[str, Any], config: dict[str, Any]) -> None:
+        self.name: str = store_config["name"]
+        self.store_config = store_config
+        self.domain: str = config["matrix"]["domain"]
+        self.default_region: str | None = config["threepids"]["msisdn"]["default_region"]
+
+    @abstractmethod
+    def enumerate(self) -> Iterator[Identity]:
+        """Every identity the source holds; raises StoreError when it cannot read them all."""
+
+    def authenticate(self, identity: Identity, password: str) -> bool:
+        """Whether password is this identity's password; stores without passwords refuse."""
+        log.info("store %s cannot check passwords", self.name)
+        return False
+
+    def close(self) -> None:
+        """Release connections; the default store holds none."""
+
+    def build_identity(
+        self,
+        store_id: str,
+        user: str,
+        display_name: str | None,
+        threepids: Iterable[tuple[str, str]],
+    ) -> Identity | None:
+        """An Identity from raw values, or None (logged) when the user id is unusable. An invalid
+        3PID is logged with the record's id and left out; the rest of the record is kept."""
+        try:
+            if user.startswith("@"):
+                mxid, local = normalize.mxid(user)
+            else:
+                local = normalize.localpart(user)
+                mxid = f"@{local}:{self.domain}"
+        except normalize.InvalidAddress as exc:
+            log.warning("store %s: record %s skipped: %s", self.name, store_id, exc)
+            return None
+        canonical = []
+        for medium, address in threepids:
+            try:
+                canonical.append(normalize.threepid(medium, address, self.default_region))
+            except normalize.InvalidAddress as exc:
+                log.warning("store %s: record %s: %s left out: %s", self.name, store_id, medium, exc)
+        name = display_name.strip() if isinstance(display_name, str) and display_name.strip() else None
+        return Identity.build(
+            mxid=mxid, localpart=local, display_name=name, threepids=canonical, store=self.name, store_id=store_id
+        )
+
+
+def build_store(store_config: dict[str, Any], config: dict[str, Any]) -> Store:
+    """The adapter for one entry of the config's stores list."""
+    from indexer.stores.file import FileStore
+
+    kinds: dict[str, type[Store]] = {FileStore.kind: FileStore}
+    return kinds[store_config["kind"]](store_config, config)

@@ -1,0 +1,169 @@
+"""Copying a store into the cache: full sync by mark-and-sweep, with a guard against mass deletion."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import redis
+
+from indexer.cache import Cache
+from indexer.identity import Identity
+from indexer.stores import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+BATCH = 500
+LOCK_TIMEOUT = 60.0
+
+Progress = Callable[[int, int], None]  # (entries read, identities written or removed)
+
+
+class SyncBusy(Exception):
+    """Another indexer holds the store's sync lock."""
+
+
+@dataclass
+class SyncResult:
+    """What one sync did; stored as the store's last_full state."""
+
+    store: str
+    kind: str = "full"
+    started: float = field(default_factory=time.time)
+    ended: float | None = None
+    outcome: str = "running"  # ok | failed | refused
+    read: int = 0
+    added: int = 0
+    changed: int = 0
+    removed: int = 0
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _Heartbeat:
+    """Keeps the sync lock alive while a slow store is read."""
+
+    def __init__(self, lock: redis.lock.Lock) -> None:
+        self.lock = lock
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"lock-{lock.name}", daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(LOCK_TIMEOUT / 3):
+            try:
+                self.lock.reacquire()
+            except (redis.exceptions.LockError, redis.exceptions.RedisError) as exc:
+                log.warning("could not extend sync lock %s: %s", self.lock.name, exc)
+
+    def __enter__(self) -> "_Heartbeat":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def full_sync(
+    cache: Cache,
+    store: Store,
+    max_delete_ratio: float,
+    progress: Progress | None = None,
+    wait_for_lock: float = 0.0,
+) -> SyncResult:
+    """Enumerate the whole store, write what changed, then remove what the store no longer has.
+
+    Nothing is removed unless the enumeration completed, and not when more than max_delete_ratio of
+    the store's identities (and more than one) would go: that sync is refused and reported.
+    """
+    lock = cache.lock(store.name, LOCK_TIMEOUT)
+    if not lock.acquire(blocking=wait_for_lock > 0, blocking_timeout=wait_for_lock or None):
+        raise SyncBusy(f"store {store.name} is being synced by another indexer")
+    result = SyncResult(store.name)
+    try:
+        with _Heartbeat(lock):
+            _run_full(cache, store, max_delete_ratio, result, progress or (lambda read, applied: None))
+    except StoreError as exc:
+        result.outcome, result.error = "failed", str(exc)
+        log.error("store %s: full sync failed, cache left as it was: %s", store.name, exc)
+    except redis.exceptions.RedisError as exc:
+        result.outcome, result.error = "failed", f"redis: {exc}"
+        log.error("store %s: full sync failed on Redis: %s", store.name, exc)
+    finally:
+        result.ended = time.time()
+        try:
+            cache.set_state(store.name, last_full=result.as_dict())
+        except redis.exceptions.RedisError as exc:
+            log.error("store %s: could not record sync state: %s", store.name, exc)
+        try:
+            lock.release()
+        except redis.exceptions.LockError:
+            log.warning("store %s: sync lock had expired before the sync ended", store.name)
+    return result
+
+
+def _run_full(cache: Cache, store: Store, ratio: float, result: SyncResult, progress: Progress) -> None:
+    generation = cache.next_generation(store.name)
+    known = cache.content_hashes(store.name)
+    before = len(known)
+    seen: set[str] = set()
+    unchanged: list[str] = []
+    changed: list[Identity] = []
+    applied = 0
+
+    def flush() -> None:
+        nonlocal applied
+        cache.mark(store.name, unchanged, generation)
+        if changed:
+            old = cache.get(store.name, [i.store_id for i in changed])
+            cache.apply(store.name, list(zip(changed, old)), [], generation)
+            applied += len(changed)
+        unchanged.clear()
+        changed.clear()
+        progress(result.read, applied)
+
+    log.info("store %s: full sync started (%d identities cached)", store.name, before)
+    for identity in store.enumerate():
+        result.read += 1
+        if identity.store_id in seen:
+            log.warning("store %s: id %s appears twice; the first entry is kept", store.name, identity.store_id)
+            continue
+        seen.add(identity.store_id)
+        previous = known.get(identity.store_id)
+        if previous == identity.hash:
+            unchanged.append(identity.store_id)
+        else:
+            changed.append(identity)
+            if previous is None:
+                result.added += 1
+            else:
+                result.changed += 1
+        if len(unchanged) + len(changed) >= BATCH:
+            flush()
+    flush()
+
+    stale = cache.stale_ids(store.name, generation)
+    if len(stale) > 1 and len(stale) > ratio * before:
+        result.outcome = "refused"
+        result.error = (
+            f"would remove {len(stale)} of {before} identities, more than max_delete_ratio {ratio:g}; "
+            "nothing was removed (check the store's filter or contents, or raise sync.max_delete_ratio)"
+        )
+        log.error("store %s: full sync refused: %s", store.name, result.error)
+        return
+    for start in range(0, len(stale), BATCH):
+        gone = [i for i in cache.get(store.name, stale[start:start + BATCH]) if i is not None]
+        cache.apply(store.name, [], gone, None)
+        applied += len(gone)
+        result.removed += len(gone)
+        progress(result.read, applied)
+    result.outcome = "ok"
+    log.info(
+        "store %s: full sync done in %.1f s: read %d, added %d, changed %d, removed %d",
+        store.name, time.time() - result.started, result.read, result.added, result.changed, result.removed,
+    )

@@ -1,0 +1,47 @@
+"""Legacy v1 lookups (identity service r0.x "Association lookup"), unauthenticated."""
+
+from __future__ import annotations
+
+import time
+
+from sanic import Blueprint, Request
+from sanic.response import HTTPResponse, json
+
+from indexer.normalize import query_address
+from server.api import json_body
+from server.errors import MatrixError
+
+bp = Blueprint("identity_v1", url_prefix="/_matrix/identity/api/v1")
+
+
+@bp.get("/lookup")
+async def lookup(request: Request) -> HTTPResponse:
+    """GET /_matrix/identity/api/v1/lookup: the signed association for one 3PID, or {}."""
+    medium, address = request.args.get("medium"), request.args.get("address")
+    missing = [n for n, v in (("medium", medium), ("address", address)) if not v]
+    if missing:
+        raise MatrixError(400, "M_MISSING_PARAMS", f"Missing parameters: {','.join(missing)}")
+    canonical = query_address(medium, address)
+    [mxid] = await request.app.ctx.lookups.by_address([(medium, canonical)])
+    if mxid is None:
+        return json({})
+    now = int(time.time() * 1000)
+    association = {
+        "address": canonical,
+        "medium": medium,
+        "mxid": mxid,
+        "not_before": now,
+        "not_after": now + request.app.ctx.association_validity_ms,
+        "ts": now,
+    }
+    return json(request.app.ctx.keys.sign(association))
+
+
+@bp.post("/bulk_lookup")
+async def bulk_lookup(request: Request) -> HTTPResponse:
+    """POST /_matrix/identity/api/v1/bulk_lookup: [medium, address, mxid] for the 3PIDs that match."""
+    pairs = json_body(request, "v1_bulk_lookup")["threepids"]
+    if len(pairs) > request.app.ctx.bulk_max:
+        raise MatrixError(400, "M_TOO_LARGE", f"At most {request.app.ctx.bulk_max} 3PIDs per request")
+    found = await request.app.ctx.lookups.by_address([(m, query_address(m, a)) for m, a in pairs])
+    return json({"threepids": [[m, a, mxid] for (m, a), mxid in zip(pairs, found) if mxid is not None]})

@@ -1,0 +1,124 @@
+"""`mxisd run`: embedded Redis, the indexer in its own process, and the Sanic server, in one command."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, TextIO
+
+import redis
+from sanic import Sanic
+from sanic.worker.loader import AppLoader
+
+from indexer.cache import Cache, connect
+from indexer.redis_server import EmbeddedRedis
+from indexer.scheduler import run_indexer
+from server.app import create_app
+from server.keys import Keys
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """Something outside the config stops the server from starting."""
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def hold_data_dir(data_dir: str) -> TextIO:
+    """An exclusive lock on the data directory for the life of this process."""
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    handle = open(Path(data_dir) / "mxisd.pid", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise StartupError(f"another mxisd is already running with data directory {data_dir}") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def wait_for_redis(url: str, timeout: float = 10.0) -> redis.Redis:
+    """A connected client, or StartupError naming the URL."""
+    client = connect(url)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.ping()
+            return client
+        except redis.exceptions.RedisError as exc:
+            if time.monotonic() > deadline:
+                raise StartupError(f"Redis at {url} does not answer: {exc}") from None
+            time.sleep(0.2)
+
+
+def _indexer_process(config: dict[str, Any], redis_url: str, parent_pid: int) -> None:
+    setup_logging(config["log_level"])
+    stop = threading.Event()
+    # Ctrl-C reaches the whole process group; the server decides when the indexer stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    run_indexer(config, redis_url, stop, parent_pid)
+
+
+def run(config: dict[str, Any]) -> None:
+    """Serve until SIGINT or SIGTERM, then stop the indexer and the embedded Redis."""
+    lock = hold_data_dir(config["data_dir"])
+    Keys.load_or_create(config["data_dir"], config["server"]["name"])
+    url, embedded = config["redis"]["url"], None
+    indexer = None
+    try:
+        if not url:
+            embedded = EmbeddedRedis(config["data_dir"])
+            embedded.start()
+            url = embedded.url
+        client = wait_for_redis(url)
+        Cache(client, config["redis"]["prefix"]).initialize()
+        indexer = multiprocessing.get_context("spawn").Process(
+            target=_indexer_process, args=(config, url, os.getpid()), name="indexer"
+        )
+        indexer.start()
+        server = config["server"]
+        loader = AppLoader(factory=partial(create_app, config, url))
+        app = loader.load()
+        app.prepare(
+            host=server["bind"],
+            port=server["port"],
+            workers=server["workers"],
+            access_log=server["access_log"],
+            motd=False,
+            single_process=server["workers"] == 1,
+        )
+        log.info("serving %s on http://%s:%d", server["name"], server["bind"], server["port"])
+        if server["workers"] == 1:
+            Sanic.serve_single(primary=app)
+        else:
+            Sanic.serve(primary=app, app_loader=loader)
+    finally:
+        if indexer is not None and indexer.is_alive():
+            indexer.terminate()
+            indexer.join(timeout=20)
+            if indexer.is_alive():
+                log.warning("indexer did not stop in time; killing it")
+                indexer.kill()
+        if embedded is not None:
+            embedded.stop()
+        lock.close()
+        log.info("stopped")

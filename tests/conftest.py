@@ -1,0 +1,171 @@
+"""Shared fixtures: a Redis per test (own key prefix), free ports, and a real `mxisd run` server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import httpx
+import pytest
+import redis
+import yaml
+
+from indexer.redis_server import EmbeddedRedis
+
+REPO = Path(__file__).resolve().parent.parent
+TOKEN = "test-lookup-token-0123456789"
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    """Poll check() until it returns something truthy; fail the test after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = check()
+            if value:
+                return value
+        except (httpx.HTTPError, redis.exceptions.RedisError, OSError) as exc:
+            last_error = exc
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}" + (f" (last error: {last_error})" if last_error else ""))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """MXISD_TEST_REDIS_URL when set, else an embedded Redis for the whole run."""
+    url = os.environ.get("MXISD_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    embedded = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    embedded.start()
+    yield embedded.url
+    embedded.stop()
+
+
+@pytest.fixture
+def prefix(redis_url: str) -> Iterator[str]:
+    """A key prefix of this test's own; its keys are removed afterwards."""
+    value = f"test:{uuid.uuid4().hex[:12]}:"
+    yield value
+    client = redis.Redis.from_url(redis_url)
+    keys = list(client.scan_iter(match=f"{value}*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture
+def rclient(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+PEOPLE = [
+    {"localpart": "alice", "display_name": "Alice Liddell", "emails": ["alice@example.com"],
+     "phones": ["+1 800 555 2067"]},
+    {"localpart": "bob", "display_name": "Bob Builder", "emails": ["bob@example.com", "b.builder@example.org"]},
+    {"mxid": "@carol:example.org", "display_name": "Carol Danvers", "emails": ["Carol@Example.ORG"]},
+]
+
+
+class Server:
+    """A `mxisd run` process on a free port, with a config and people file written by the test."""
+
+    def __init__(self, root: Path, config: dict[str, Any]) -> None:
+        self.root = root
+        self.config = config
+        self.config_path = root / "config.yml"
+        self.people_path = root / "people.yml"
+        self.port = config["server"]["port"]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.http = httpx.Client(base_url=self.url, timeout=10)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = root / "server.log"
+
+    def write_people(self, people: list[dict[str, Any]]) -> None:
+        self.people_path.write_text(yaml.safe_dump(people))
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "server.cli", *args, "--config", str(self.config_path)],
+            capture_output=True, text=True, timeout=120, cwd=self.root,
+        )
+
+    def start(self) -> None:
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "run", "--config", str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+        )
+        wait_until(self._ready, 30, f"the server on port {self.port} (log: {self.log_path})")
+
+    def _ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log()}")
+        return self.http.get("/_matrix/identity/v2").status_code == 200
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        """SIGTERM and wait; the exit status."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            raise AssertionError(f"server did not stop on SIGTERM:\n{self.log()}")
+
+    def lookup_v1(self, medium: str, address: str) -> dict[str, Any]:
+        response = self.http.get("/_matrix/identity/api/v1/lookup", params={"medium": medium, "address": address})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+
+@pytest.fixture
+def make_server(tmp_path: Path, redis_url: str, prefix: str) -> Iterator[Callable[..., Server]]:
+    """Build (not start) a server; the test may adjust server.config before start()."""
+    servers: list[Server] = []
+
+    def build(people: list[dict[str, Any]] | None = None, embedded_redis: bool = False) -> Server:
+        root = tmp_path / f"server{len(servers)}"
+        root.mkdir()
+        config = {
+            "matrix": {"domain": "example.org"},
+            "server": {"name": "id.example.org", "port": free_port(), "public_url": "http://127.0.0.1"},
+            "data_dir": "data",
+            "redis": {"url": None if embedded_redis else redis_url, "prefix": prefix},
+            "threepids": {"msisdn": {"default_region": "GB"}},
+            "stores": [{"name": "people", "kind": "file", "path": "people.yml",
+                        "sync": {"full_every": "1h", "max_delete_ratio": 0.5}}],
+            "lookup": {"access_tokens": [TOKEN], "bulk_max": 50},
+        }
+        server = Server(root, config)
+        server.write_people(PEOPLE if people is None else people)
+        servers.append(server)
+        return server
+
+    yield build
+    for server in servers:
+        server.stop()
+        server.http.close()

@@ -1,0 +1,142 @@
+"""Config validation: every kind of mistake is one message naming the key, and exit status 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from indexer.config import ConfigError, load_config, parse_duration
+
+REPO = Path(__file__).resolve().parent.parent
+
+VALID = {
+    "matrix": {"domain": "example.org"},
+    "stores": [{"name": "people", "kind": "file", "path": "people.yml"}],
+}
+
+
+def write(tmp_path: Path, config: object) -> Path:
+    path = tmp_path / "config.yml"
+    path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
+    return path
+
+
+def check_config(path: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "server.cli", "check-config", str(path)],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+def with_changes(**changes: object) -> dict:
+    config = yaml.safe_load(yaml.safe_dump(VALID))
+    for dotted, value in changes.items():
+        node = config
+        *parents, last = dotted.split("__")
+        for part in parents:
+            node = node[int(part)] if part.isdigit() else node.setdefault(part, {})
+        node[int(last) if last.isdigit() else last] = value
+    return config
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (with_changes(stores__0__sync__full_every=12),
+         'stores[0].sync.full_every: expected a duration like "1h" or null, got 12'),
+        (with_changes(stores__0__sync__full_every="12 hours"),
+         'stores[0].sync.full_every: expected a duration like "1h" or null, got "12 hours"'),
+        (with_changes(server__prot=8090), "server.prot: unknown key"),
+        (with_changes(stores__0__colour="blue"), "stores[0].colour: unknown key"),
+        (with_changes(server__port="eighty"), 'server.port: expected integer, got "eighty"'),
+        (with_changes(server__port=70000), "server.port: 70000 is greater than the maximum of 65535"),
+        ({"stores": VALID["stores"]}, "matrix: missing required key"),
+        (with_changes(matrix={}), "matrix.domain: missing required key"),
+        (with_changes(stores__0={"name": "people", "kind": "file"}), "stores[0].path: missing required key"),
+        (with_changes(stores__0__kind="ldapp"), 'stores[0].kind: expected one of "file", got "ldapp"'),
+        (with_changes(matrix__domain="not a domain"),
+         'matrix.domain: expected a server name like "example.org", got "not a domain"'),
+        (with_changes(stores=[]), "stores: [] should be non-empty"),
+        (with_changes(redis__url="http://localhost"),
+         'redis.url: expected null or a redis://, rediss:// or unix:// URL, got "http://localhost"'),
+        (with_changes(stores=[VALID["stores"][0], VALID["stores"][0]]),
+         "stores[1].name: 'people' is already the name of stores[0]"),
+        (with_changes(stores__0__sync__max_delete_ratio=1.5),
+         "stores[0].sync.max_delete_ratio: 1.5 is greater than the maximum of 1"),
+    ],
+)
+def test_mistakes_are_named_with_their_key_path(tmp_path, config, message):
+    result = check_config(write(tmp_path, config))
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(message), result.stderr
+    assert result.stderr.count("\n") == 1  # one message, no traceback
+
+
+def test_unparseable_yaml_and_missing_file(tmp_path):
+    result = check_config(write(tmp_path, "matrix: {domain: [\n"))
+    assert result.returncode == 2 and "not valid YAML at line" in result.stderr
+    missing = check_config(tmp_path / "nope.yml")
+    assert missing.returncode == 2 and "config file not found" in missing.stderr
+
+
+def test_environment_variables_fill_strings(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_DOMAIN", "corp.example")
+    path = write(tmp_path, with_changes(matrix__domain="${TEST_DOMAIN}", server={"name": "${UNSET_NAME:-id.corp.example}"}))
+    config = load_config(path)
+    assert config["matrix"]["domain"] == "corp.example"
+    assert config["server"]["name"] == "id.corp.example"
+
+
+def test_a_missing_environment_variable_is_named(tmp_path):
+    path = write(tmp_path, with_changes(lookup={"access_tokens": ["${MXISD_TEST_SURELY_UNSET}"]}))
+    result = check_config(path, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith(
+        "lookup.access_tokens[0]: environment variable MXISD_TEST_SURELY_UNSET is not set")
+
+
+def test_defaults_and_relative_paths(tmp_path):
+    config = load_config(write(tmp_path, VALID))
+    assert config["server"] == {
+        "name": "example.org", "public_url": "https://example.org", "bind": "127.0.0.1", "port": 8090,
+        "workers": 1, "access_log": False,
+    }
+    assert config["stores"][0]["sync"] == {"full_every": "6h", "max_delete_ratio": 0.2}
+    assert config["data_dir"] == str(tmp_path / "data")
+    assert config["stores"][0]["path"] == str(tmp_path / "people.yml")
+    assert config["redis"] == {"url": None, "prefix": "mxisd:"}
+    assert config["lookup"]["bulk_max"] == 10000
+
+
+def test_shipped_example_config_is_valid():
+    result = check_config(REPO / "config.example.yml")
+    assert result.returncode == 0, result.stderr
+
+
+def test_config_defaults_to_environment_then_working_directory(tmp_path):
+    write(tmp_path, with_changes(stores__0__sync__full_every=5))
+    by_cwd = subprocess.run([sys.executable, "-m", "server.cli", "index"], capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path)
+    assert by_cwd.returncode == 2 and "config.yml: stores[0].sync.full_every" in by_cwd.stderr
+    other = tmp_path / "other.yml"
+    other.write_text(yaml.safe_dump(with_changes(server__port="x")))
+    by_env = subprocess.run([sys.executable, "-m", "server.cli", "run"], capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "MXISD_CONFIG": str(other)})
+    assert by_env.returncode == 2 and "other.yml: server.port" in by_env.stderr
+
+
+@pytest.mark.parametrize("text, seconds", [("30s", 30), ("5m", 300), ("1h", 3600), ("1d", 86400), ("1h30m", 5400)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+def test_bad_duration_raises():
+    with pytest.raises(ValueError):
+        parse_duration("1 hour")
+
+
+def test_load_config_raises_config_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"server.workers: expected integer"):
+        load_config(write(tmp_path, with_changes(server__workers="two")))

@@ -1,0 +1,190 @@
+"""Full sync into a real Redis: mark-and-sweep, safe failures, the deletion guard, the change stream."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Iterator
+
+import bcrypt
+import jsonschema
+import pytest
+import yaml
+
+from indexer.cache import Cache
+from indexer.config import load_schema
+from indexer.identity import Identity
+from indexer.normalize import lookup_hash
+from indexer.stores import Store, StoreError, build_store
+from indexer.sync import SyncBusy, full_sync
+
+CONFIG = {"matrix": {"domain": "example.org"}, "threepids": {"msisdn": {"default_region": "GB"}}}
+
+
+@pytest.fixture
+def cache(rclient, prefix):
+    c = Cache(rclient, prefix)
+    c.initialize(pepper="pepper")
+    return c
+
+
+@pytest.fixture
+def people_file(tmp_path):
+    path = tmp_path / "people.yml"
+
+    def write(people):
+        path.write_text(yaml.safe_dump(people))
+        return build_store({"name": "hr", "kind": "file", "path": str(path)}, CONFIG)
+
+    return write
+
+
+def changes(cache: Cache) -> list[tuple[str, str]]:
+    return [(c.store_id, c.op) for c in cache.read_changes("0-0", 10_000, None)]
+
+
+def test_full_sync_writes_identities_lookups_and_hashes(cache, people_file):
+    store = people_file([
+        {"localpart": "Alice", "display_name": " Alice ", "emails": ["ALICE@example.org"], "phones": ["07700 900123"]},
+        {"localpart": "bob", "emails": ["bob@bücher.example"]},
+    ])
+    result = full_sync(cache, store, 0.2)
+    assert (result.outcome, result.read, result.added, result.changed, result.removed) == ("ok", 2, 2, 0, 0)
+    [alice] = cache.get("hr", ["alice"])
+    assert alice.mxid == "@alice:example.org" and alice.display_name == "Alice"
+    assert alice.threepids == (("email", "alice@example.org"), ("msisdn", "447700900123"))
+    assert cache.mxid_of("hr", "email", "alice@example.org") == "@alice:example.org"
+    assert cache.mxid_of("hr", "msisdn", "447700900123") == "@alice:example.org"
+    assert cache.mxid_of("hr", "email", "bob@xn--bcher-kva.example") == "@bob:example.org"
+    hashed = cache.r.hget(cache.k.store("hr", "sha256"), lookup_hash("alice@example.org", "email", "pepper"))
+    assert hashed == "@alice:example.org"
+    assert cache.state("hr")["last_full"]["outcome"] == "ok"
+    assert sorted(changes(cache)) == [("alice", "upsert"), ("bob", "upsert")]
+
+
+def test_unchanged_records_are_not_rewritten(cache, people_file):
+    store = people_file([{"localpart": "alice", "emails": ["alice@example.org"]}])
+    full_sync(cache, store, 0.2)
+    again = full_sync(cache, store, 0.2)
+    assert (again.read, again.added, again.changed, again.removed) == (1, 0, 0, 0)
+    assert changes(cache) == [("alice", "upsert")]
+
+
+def test_addresses_move_between_people_and_renames_keep_the_record(cache, people_file):
+    full_sync(cache, people_file([
+        {"id": "u1", "localpart": "alice", "emails": ["shared@example.org", "alice@example.org"]},
+        {"id": "u2", "localpart": "bob", "emails": ["bob@example.org"]},
+    ]), 0.2)
+    result = full_sync(cache, people_file([
+        {"id": "u1", "localpart": "alice", "emails": ["alice@example.org"]},
+        {"id": "u2", "localpart": "robert", "emails": ["bob@example.org", "shared@example.org"]},
+    ]), 0.2)
+    assert (result.added, result.changed, result.removed) == (0, 2, 0)
+    assert cache.mxid_of("hr", "email", "shared@example.org") == "@robert:example.org"
+    assert cache.mxid_of("hr", "email", "bob@example.org") == "@robert:example.org"
+    assert cache.mxid_of("hr", "email", "alice@example.org") == "@alice:example.org"
+    assert cache.count("hr") == 2
+    assert cache.r.hget(cache.k.store("hr", "mxid"), "@bob:example.org") is None
+
+
+def test_removed_people_disappear_with_their_addresses(cache, people_file):
+    people = [{"localpart": f"user{i}", "emails": [f"user{i}@example.org"]} for i in range(10)]
+    full_sync(cache, people_file(people), 0.2)
+    result = full_sync(cache, people_file(people[:8]), 0.2)
+    assert (result.outcome, result.removed) == ("ok", 2)
+    assert cache.mxid_of("hr", "email", "user9@example.org") is None
+    assert cache.get("hr", ["user9"]) == [None]
+    assert ("user9", "delete") in changes(cache)
+    hashes = cache.r.hgetall(cache.k.store("hr", "sha256"))
+    assert len(hashes) == 8
+
+
+def test_removing_too_many_is_refused(cache, people_file):
+    people = [{"localpart": f"user{i}", "emails": [f"user{i}@example.org"]} for i in range(10)]
+    full_sync(cache, people_file(people), 0.2)
+    result = full_sync(cache, people_file(people[:7]), 0.2)
+    assert result.outcome == "refused"
+    assert "would remove 3 of 10 identities" in result.error
+    assert cache.count("hr") == 10
+    assert cache.mxid_of("hr", "email", "user9@example.org") == "@user9:example.org"
+    assert cache.state("hr")["last_full"]["outcome"] == "refused"
+    # An emptied file is the classic mistake.
+    assert full_sync(cache, people_file([]), 0.2).outcome == "refused"
+    assert cache.count("hr") == 10
+
+
+def test_one_removal_is_always_allowed(cache, people_file):
+    full_sync(cache, people_file([{"localpart": "a"}, {"localpart": "b"}]), 0.2)
+    assert full_sync(cache, people_file([{"localpart": "a"}]), 0.2).outcome == "ok"
+
+
+class DiesMidway(Store):
+    """A source that drops the connection after its first entries (as a directory can)."""
+
+    kind = "test"
+
+    def enumerate(self) -> Iterator[Identity]:
+        yield self.build_identity("alice", "alice", "Alice II", [("email", "alice2@example.org")])
+        raise StoreError("connection reset by peer")
+
+
+def test_a_failed_sync_removes_nothing(cache, people_file):
+    full_sync(cache, people_file([{"localpart": "alice", "emails": ["alice@example.org"]},
+                                  {"localpart": "bob", "emails": ["bob@example.org"]}]), 0.2)
+    broken = DiesMidway({"name": "hr"}, CONFIG)
+    result = full_sync(cache, broken, 1.0)
+    assert (result.outcome, result.error) == ("failed", "connection reset by peer")
+    assert cache.mxid_of("hr", "email", "bob@example.org") == "@bob:example.org"
+    assert cache.state("hr")["last_full"]["error"] == "connection reset by peer"
+
+
+def test_unreadable_file_fails_the_sync(cache, tmp_path):
+    store = build_store({"name": "hr", "kind": "file", "path": str(tmp_path / "missing.yml")}, CONFIG)
+    result = full_sync(cache, store, 0.2)
+    assert result.outcome == "failed" and "cannot read" in result.error
+    (tmp_path / "missing.yml").write_text("people: {}\n")
+    assert "expected a YAML list of people" in full_sync(cache, store, 0.2).error
+
+
+def test_invalid_entries_and_addresses_are_skipped_and_logged(cache, people_file, caplog):
+    caplog.set_level(logging.WARNING)
+    store = people_file([
+        {"localpart": "alice", "emails": ["alice@example.org", "not-an-address"], "phones": ["12"]},
+        {"localpart": "bad name"},
+        {"display_name": "nobody"},
+        {"localpart": "carol", "colour": "blue"},
+    ])
+    result = full_sync(cache, store, 0.2)
+    assert result.outcome == "ok" and cache.count("hr") == 1
+    [alice] = cache.get("hr", ["alice"])
+    assert alice.threepids == (("email", "alice@example.org"),)
+    text = caplog.text
+    assert "record alice: email left out" in text and "record alice: msisdn left out" in text
+    assert "record bad name skipped" in text
+    assert "entry 2 of" in text and "entry 3 of" in text and "colour: unknown key" in text
+
+
+def test_only_one_indexer_syncs_a_store(cache, people_file):
+    store = people_file([{"localpart": "alice"}])
+    lock = cache.lock("hr", 30)
+    assert lock.acquire(blocking=False)
+    with pytest.raises(SyncBusy):
+        full_sync(cache, store, 0.2)
+    lock.release()
+    assert full_sync(cache, store, 0.2).outcome == "ok"
+
+
+def test_file_store_checks_bcrypt_passwords(people_file):
+    hashed = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(rounds=4)).decode()
+    store = people_file([{"localpart": "alice", "password": hashed}, {"localpart": "bob"}])
+    alice, bob = list(store.enumerate())
+    assert store.authenticate(alice, "s3cret") is True
+    assert store.authenticate(alice, "wrong") is False
+    assert store.authenticate(alice, "") is False
+    assert store.authenticate(bob, "anything") is False
+
+
+def test_identity_records_match_their_schema(cache, people_file):
+    full_sync(cache, people_file([{"localpart": "alice", "emails": ["a@example.org"], "phones": ["+447700900123"]}]), 0.2)
+    raw = cache.r.hget(cache.k.store("hr", "rec"), "alice")
+    jsonschema.validate(json.loads(raw), load_schema("identity.schema.json"))
