@@ -7,7 +7,7 @@ Per store S (all keys under the configured prefix):
   s:S:3pid    hash  "<address> <medium>" -> mxid (the v2 "none" form, also used by v1 lookups)
   s:S:sha256  hash  base64url(sha256("<address> <medium> <pepper>")) -> mxid
   s:S:mxid    hash  mxid -> store_id
-  s:S:state   hash  generation, last_full, last_incremental (JSON), high_water_mark
+  s:S:state   hash  generation, last_full, last_incremental, high_water_mark (each JSON)
   s:S:lock    the sync lock (redis-py Lock)
 Global: epoch (changes when the cache is emptied), pepper, changes (stream of upsert/delete events),
 fulltext:<host> (follower position, for status).
@@ -207,16 +207,16 @@ class Cache:
     def next_generation(self, store: str) -> int:
         return int(self.r.hincrby(self.k.store(store, "state"), "generation", 1))
 
+    def generation(self, store: str) -> int:
+        return int(self.r.hget(self.k.store(store, "state"), "generation") or 0)
+
     def state(self, store: str) -> dict[str, Any]:
+        """last_full, last_incremental (dicts), high_water_mark (as the store gave it), generation."""
         raw = self.r.hgetall(self.k.store(store, "state"))
-        out: dict[str, Any] = {}
-        for key, value in raw.items():
-            out[key] = json.loads(value) if key.startswith("last_") else value
-        return out
+        return {k: json.loads(v) for k, v in raw.items()}
 
     def set_state(self, store: str, **fields: Any) -> None:
-        encoded = {k: json.dumps(v) if k.startswith("last_") else v for k, v in fields.items()}
-        self.r.hset(self.k.store(store, "state"), mapping=encoded)
+        self.r.hset(self.k.store(store, "state"), mapping={k: json.dumps(v) for k, v in fields.items()})
 
     def lock(self, store: str, timeout: float) -> redis.lock.Lock:
         """The lock that lets only one indexer sync a store at a time (extend it while working)."""

@@ -17,7 +17,7 @@ from indexer.config import parse_duration
 from indexer.follower import Follower
 from indexer.fulltext import FullText
 from indexer.stores import Store, build_store
-from indexer.sync import SyncBusy, full_sync
+from indexer.sync import SyncBusy, full_sync, incremental_sync
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,8 @@ def fulltext_path(config: dict[str, Any]) -> Path:
 
 
 class Indexer:
-    """Syncs every configured store when it is due, then every sync.full_every."""
+    """Syncs every configured store when it is due, then every sync.full_every, and reads changes
+    every sync.changes_every in between (for stores that can list them)."""
 
     def __init__(self, config: dict[str, Any], cache: Cache) -> None:
         self.config = config
@@ -45,6 +46,14 @@ class Indexer:
         except redis.exceptions.RedisError as exc:
             log.error("store %s: sync not started, Redis unavailable: %s", store.name, exc)
 
+    def sync_changes(self, store: Store) -> None:
+        try:
+            incremental_sync(self.cache, store)
+        except SyncBusy as exc:
+            log.info("%s; skipping this run", exc)
+        except redis.exceptions.RedisError as exc:
+            log.error("store %s: incremental sync not started, Redis unavailable: %s", store.name, exc)
+
     def _first_delay(self, store: Store, every: int | None) -> float | None:
         last = self.cache.state(store.name).get("last_full") or {}
         if not last.get("ended"):
@@ -56,6 +65,8 @@ class Indexer:
     def plan(self) -> None:
         """Schedule each store's first run for when it is due, and every full_every after that."""
         for store, sync_config in self.stores:
+            if sync_config["changes_every"]:
+                self.scheduler.every(parse_duration(sync_config["changes_every"])).seconds.do(self.sync_changes, store)
             every = parse_duration(sync_config["full_every"]) if sync_config["full_every"] else None
             delay = self._first_delay(store, every)
             if delay is None:

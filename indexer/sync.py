@@ -69,6 +69,41 @@ class _Heartbeat:
         self.thread.join()
 
 
+def _locked_run(
+    cache: Cache,
+    store: Store,
+    kind: str,
+    body: Callable[[SyncResult], None],
+    wait_for_lock: float,
+) -> SyncResult:
+    """Run body under the store's sync lock, turning store and Redis failures into a failed result
+    and recording the result as the store's last_<kind> state."""
+    lock = cache.lock(store.name, LOCK_TIMEOUT)
+    if not lock.acquire(blocking=wait_for_lock > 0, blocking_timeout=wait_for_lock or None):
+        raise SyncBusy(f"store {store.name} is being synced by another indexer")
+    result = SyncResult(store.name, kind)
+    try:
+        with _Heartbeat(lock):
+            body(result)
+    except StoreError as exc:
+        result.outcome, result.error = "failed", str(exc)
+        log.error("store %s: %s sync failed, cache left as it was: %s", store.name, kind, exc)
+    except redis.exceptions.RedisError as exc:
+        result.outcome, result.error = "failed", f"redis: {exc}"
+        log.error("store %s: %s sync failed on Redis: %s", store.name, kind, exc)
+    finally:
+        result.ended = time.time()
+        try:
+            cache.set_state(store.name, **{f"last_{kind}": result.as_dict()})
+        except redis.exceptions.RedisError as exc:
+            log.error("store %s: could not record sync state: %s", store.name, exc)
+        try:
+            lock.release()
+        except redis.exceptions.LockError:
+            log.warning("store %s: sync lock had expired before the sync ended", store.name)
+    return result
+
+
 def full_sync(
     cache: Cache,
     store: Store,
@@ -81,33 +116,74 @@ def full_sync(
     Nothing is removed unless the enumeration completed, and not when more than max_delete_ratio of
     the store's identities (and more than one) would go: that sync is refused and reported.
     """
-    lock = cache.lock(store.name, LOCK_TIMEOUT)
-    if not lock.acquire(blocking=wait_for_lock > 0, blocking_timeout=wait_for_lock or None):
-        raise SyncBusy(f"store {store.name} is being synced by another indexer")
-    result = SyncResult(store.name)
-    try:
-        with _Heartbeat(lock):
-            _run_full(cache, store, max_delete_ratio, result, progress or (lambda read, applied: None))
-    except StoreError as exc:
-        result.outcome, result.error = "failed", str(exc)
-        log.error("store %s: full sync failed, cache left as it was: %s", store.name, exc)
-    except redis.exceptions.RedisError as exc:
-        result.outcome, result.error = "failed", f"redis: {exc}"
-        log.error("store %s: full sync failed on Redis: %s", store.name, exc)
-    finally:
-        result.ended = time.time()
-        try:
-            cache.set_state(store.name, last_full=result.as_dict())
-        except redis.exceptions.RedisError as exc:
-            log.error("store %s: could not record sync state: %s", store.name, exc)
-        try:
-            lock.release()
-        except redis.exceptions.LockError:
-            log.warning("store %s: sync lock had expired before the sync ended", store.name)
-    return result
+    report = progress or (lambda read, applied: None)
+    return _locked_run(cache, store, "full",
+                       lambda result: _run_full(cache, store, max_delete_ratio, result, report), wait_for_lock)
+
+
+def incremental_sync(
+    cache: Cache,
+    store: Store,
+    progress: Progress | None = None,
+    wait_for_lock: float = 0.0,
+) -> SyncResult | None:
+    """Apply the entries changed since the stored high-water mark, then advance the mark to the
+    largest the source reported. None when there is no mark yet (a full sync must run first)."""
+    mark = cache.state(store.name).get("high_water_mark")
+    if mark is None:
+        return None
+    report = progress or (lambda read, applied: None)
+    return _locked_run(cache, store, "incremental",
+                       lambda result: _run_incremental(cache, store, mark, result, report), wait_for_lock)
+
+
+def _run_incremental(cache: Cache, store: Store, mark: Any, result: SyncResult, progress: Progress) -> None:
+    generation = cache.generation(store.name)
+    known = cache.content_hashes(store.name)
+    newest = mark
+    pending: dict[str, Identity | None] = {}
+    applied = 0
+
+    def flush() -> None:
+        nonlocal applied
+        ids = list(pending)
+        old = dict(zip(ids, cache.get(store.name, ids)))
+        upserts = [(new, old[i]) for i, new in pending.items() if new is not None]
+        deletes = [old[i] for i, new in pending.items() if new is None and old[i] is not None]
+        cache.apply(store.name, upserts, deletes, generation)
+        applied += len(upserts) + len(deletes)
+        result.removed += len(deletes)
+        pending.clear()
+        progress(result.read, applied)
+
+    for change in store.changes_since(mark):
+        result.read += 1
+        newest = max(newest, change.mark)
+        if change.identity is not None and known.get(change.store_id) == change.identity.hash:
+            continue
+        if change.identity is None and change.store_id not in known:
+            continue
+        if change.identity is not None:
+            if change.store_id in known:
+                result.changed += 1
+            else:
+                result.added += 1
+            known[change.store_id] = change.identity.hash
+        else:
+            known.pop(change.store_id, None)
+        pending[change.store_id] = change.identity
+        if len(pending) >= BATCH:
+            flush()
+    flush()
+    # Only now that every change is in the cache may the mark move on.
+    cache.set_state(store.name, high_water_mark=newest)
+    result.outcome = "ok"
+    log.info("store %s: incremental sync: read %d, added %d, changed %d, removed %d; mark %s",
+             store.name, result.read, result.added, result.changed, result.removed, newest)
 
 
 def _run_full(cache: Cache, store: Store, ratio: float, result: SyncResult, progress: Progress) -> None:
+    mark = store.high_water_mark()  # before reading: changes made meanwhile come in the next incremental
     generation = cache.next_generation(store.name)
     known = cache.content_hashes(store.name)
     before = len(known)
@@ -162,6 +238,8 @@ def _run_full(cache: Cache, store: Store, ratio: float, result: SyncResult, prog
         applied += len(gone)
         result.removed += len(gone)
         progress(result.read, applied)
+    if mark is not None:
+        cache.set_state(store.name, high_water_mark=mark)
     result.outcome = "ok"
     log.info(
         "store %s: full sync done in %.1f s: read %d, added %d, changed %d, removed %d",

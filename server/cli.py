@@ -12,7 +12,7 @@ from indexer.cache import Cache
 from indexer.config import ConfigError, load_config
 from indexer.redis_server import EmbeddedRedis, EmbeddedRedisError
 from indexer.stores import build_store
-from indexer.sync import SyncBusy, SyncResult, full_sync
+from indexer.sync import SyncBusy, SyncResult, full_sync, incremental_sync
 from server.runner import StartupError, hold_data_dir, run, setup_logging, wait_for_redis
 
 EXIT_FAILED = 1
@@ -31,7 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     index_cmd = commands.add_parser("index", help="sync stores into the cache now, showing progress")
     index_cmd.add_argument("--config", default=None, help="config file (default: $MXISD_CONFIG, then ./config.yml)")
     index_cmd.add_argument("--store", help="only this store (default: every store)")
-    index_cmd.add_argument("--full", action="store_true", help="enumerate the whole store (the only kind of sync so far)")
+    index_cmd.add_argument("--full", action="store_true",
+                           help="enumerate the whole store (default: only what changed, where the store can tell)")
     check_cmd = commands.add_parser("check-config", help="validate a config file without starting anything")
     check_cmd.add_argument("file")
     return parser
@@ -59,7 +60,7 @@ class TerminalProgress:
         if self.live:
             self.stream.write("\r\033[K")
         took = (result.ended or time.time()) - result.started
-        line = (f"{result.store}: full sync {result.outcome} in {took:.1f} s: read {result.read}, "
+        line = (f"{result.store}: {result.kind} sync {result.outcome} in {took:.1f} s: read {result.read}, "
                 f"added {result.added}, changed {result.changed}, removed {result.removed}")
         if result.error:
             line += f"\n{result.store}: {result.error}"
@@ -67,7 +68,7 @@ class TerminalProgress:
         self.stream.flush()
 
 
-def _index(config: dict[str, Any], only: str | None) -> int:
+def _index(config: dict[str, Any], only: str | None, full: bool) -> int:
     names = [s["name"] for s in config["stores"]]
     if only is not None and only not in names:
         print(f"mxisd: no store named {only!r}; configured stores: {', '.join(names)}", file=sys.stderr)
@@ -95,8 +96,10 @@ def _index(config: dict[str, Any], only: str | None) -> int:
             store = build_store(store_config, config)
             progress = TerminalProgress(store.name, sys.stderr)
             try:
-                result = full_sync(cache, store, store_config["sync"]["max_delete_ratio"], progress,
-                                   wait_for_lock=600)
+                result = None if full else incremental_sync(cache, store, progress, wait_for_lock=600)
+                if result is None:
+                    result = full_sync(cache, store, store_config["sync"]["max_delete_ratio"], progress,
+                                       wait_for_lock=600)
             except SyncBusy as exc:
                 print(f"mxisd: {exc}; gave up after waiting 10 minutes", file=sys.stderr)
                 status = EXIT_FAILED
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             run(config)
             return 0
-        return _index(config, args.store)
+        return _index(config, args.store, args.full)
     except (StartupError, EmbeddedRedisError) as exc:
         print(f"mxisd: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -103,7 +103,7 @@ def test_defaults_and_relative_paths(tmp_path):
         "name": "example.org", "public_url": "https://example.org", "bind": "127.0.0.1", "port": 8090,
         "workers": 1, "access_log": False,
     }
-    assert config["stores"][0]["sync"] == {"full_every": "6h", "max_delete_ratio": 0.2}
+    assert config["stores"][0]["sync"] == {"full_every": "6h", "changes_every": "1m", "max_delete_ratio": 0.2}
     assert config["data_dir"] == str(tmp_path / "data")
     assert config["stores"][0]["path"] == str(tmp_path / "people.yml")
     assert config["redis"] == {"url": None, "prefix": "mxisd:"}

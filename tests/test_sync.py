@@ -15,8 +15,8 @@ from indexer.cache import Cache
 from indexer.config import load_schema
 from indexer.identity import Identity
 from indexer.normalize import lookup_hash
-from indexer.stores import Store, StoreError, build_store
-from indexer.sync import SyncBusy, full_sync
+from indexer.stores import Change, Store, StoreError, build_store
+from indexer.sync import SyncBusy, full_sync, incremental_sync
 
 CONFIG = {"matrix": {"domain": "example.org"}, "threepids": {"msisdn": {"default_region": "GB"}}}
 
@@ -188,3 +188,79 @@ def test_identity_records_match_their_schema(cache, people_file):
     full_sync(cache, people_file([{"localpart": "alice", "emails": ["a@example.org"], "phones": ["+447700900123"]}]), 0.2)
     raw = cache.r.hget(cache.k.store("hr", "rec"), "alice")
     jsonschema.validate(json.loads(raw), load_schema("identity.schema.json"))
+
+
+class Versioned(Store):
+    """A source that numbers its changes, as a directory's USN or a table's sequence column does."""
+
+    kind = "test"
+
+    def __init__(self) -> None:
+        super().__init__({"name": "dir"}, CONFIG)
+        self.rows: dict[str, tuple[int, str | None]] = {}  # id -> (sequence, email or None when gone)
+        self.sequence = 0
+        self.fail_after: int | None = None
+
+    def put(self, store_id: str, email: str | None) -> None:
+        self.sequence += 1
+        self.rows[store_id] = (self.sequence, email)
+
+    def _identity(self, store_id: str, email: str) -> Identity:
+        return self.build_identity(store_id, store_id, None, [("email", email)])
+
+    def enumerate(self) -> Iterator[Identity]:
+        for store_id, (_, email) in self.rows.items():
+            if email is not None:
+                yield self._identity(store_id, email)
+
+    def high_water_mark(self) -> int:
+        return self.sequence
+
+    def changes_since(self, mark: int) -> Iterator[Change]:
+        for count, (store_id, (seq, email)) in enumerate(sorted(self.rows.items(), key=lambda r: r[1][0])):
+            if self.fail_after is not None and count >= self.fail_after:
+                raise StoreError("timed out")
+            if seq > mark:
+                yield Change(store_id, self._identity(store_id, email) if email else None, seq)
+
+
+def test_incremental_sync_applies_changes_and_advances_the_mark(cache):
+    source = Versioned()
+    source.put("ann", "ann@example.org")
+    source.put("ben", "ben@example.org")
+    assert incremental_sync(cache, source) is None  # no mark before the first full sync
+    assert full_sync(cache, source, 0.2).outcome == "ok"
+    assert cache.state("dir")["high_water_mark"] == 2
+
+    source.put("ann", "ann.new@example.org")
+    source.put("cid", "cid@example.org")
+    source.put("ben", None)  # disabled: no longer selected
+    result = incremental_sync(cache, source)
+    assert (result.kind, result.outcome, result.read, result.added, result.changed, result.removed) == (
+        "incremental", "ok", 3, 1, 1, 1)
+    assert cache.state("dir")["high_water_mark"] == 5
+    assert cache.mxid_of("dir", "email", "ann.new@example.org") == "@ann:example.org"
+    assert cache.mxid_of("dir", "email", "ann@example.org") is None
+    assert cache.mxid_of("dir", "email", "cid@example.org") == "@cid:example.org"
+    assert cache.mxid_of("dir", "email", "ben@example.org") is None
+    assert cache.state("dir")["last_incremental"]["outcome"] == "ok"
+    nothing = incremental_sync(cache, source)
+    assert (nothing.read, nothing.added, nothing.changed, nothing.removed) == (0, 0, 0, 0)
+    # Records written by an incremental sync belong to the current generation: a full sync keeps them.
+    assert full_sync(cache, source, 0.2).removed == 0
+    assert cache.mxid_of("dir", "email", "cid@example.org") == "@cid:example.org"
+
+
+def test_a_failed_incremental_sync_keeps_the_mark(cache):
+    source = Versioned()
+    source.put("ann", "ann@example.org")
+    full_sync(cache, source, 0.2)
+    source.put("ben", "ben@example.org")
+    source.put("cid", "cid@example.org")
+    source.fail_after = 2
+    result = incremental_sync(cache, source)
+    assert (result.outcome, result.error) == ("failed", "timed out")
+    assert cache.state("dir")["high_water_mark"] == 1
+    source.fail_after = None
+    assert incremental_sync(cache, source).added == 2
+    assert cache.state("dir")["high_water_mark"] == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 from indexer import normalize
@@ -14,6 +15,15 @@ log = logging.getLogger(__name__)
 
 class StoreError(Exception):
     """The source could not be read completely; a sync that sees this changes nothing."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """One entry of the source that changed after a high-water mark."""
+
+    store_id: str
+    identity: Identity | None  # None: the entry is gone, or the store no longer selects it
+    mark: Any  # the source's own ordering value (USN, timestamp, sequence): JSON-serialisable, ordered by max()
 
 
 class Store(ABC):
@@ -30,6 +40,16 @@ class Store(ABC):
     @abstractmethod
     def enumerate(self) -> Iterator[Identity]:
         """Every identity the source holds; raises StoreError when it cannot read them all."""
+
+    def high_water_mark(self) -> Any:
+        """The source's current high-water mark, read before a full sync enumerates; None when the
+        store cannot list changes (then every sync is a full one)."""
+        return None
+
+    def changes_since(self, mark: Any) -> Iterator[Change]:
+        """Entries changed after mark (a value from high_water_mark or a Change); only called on
+        stores whose high_water_mark is not None."""
+        raise NotImplementedError(f"store kind {self.kind} cannot list changes")
 
     def authenticate(self, identity: Identity, password: str) -> bool:
         """Whether password is this identity's password; stores without passwords refuse."""
