@@ -41,6 +41,9 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
     app = Sanic("mxisd", configure_logging=False)
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.config.REQUEST_MAX_SIZE = 16 * 1024 * 1024
+    # uvloop installs SIGTERM handling only once the loop runs, after Sanic has set SIGTERM to
+    # "ignore" and begun answering: a SIGTERM in that window was lost and the server never stopped.
+    app.config.USE_UVLOOP = False
     app.ctx.config = config
     app.ctx.bulk_max = config["lookup"]["bulk_max"]
     app.ctx.association_validity_ms = parse_duration(config["lookup"]["association_validity"]) * 1000

@@ -137,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     except (StartupError, EmbeddedRedisError) as exc:
         print(f"mxisd: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -78,8 +78,14 @@ def _indexer_process(config: dict[str, Any], redis_url: str, parent_pid: int) ->
     run_indexer(config, redis_url, stop, parent_pid)
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run(config: dict[str, Any]) -> None:
     """Serve until SIGINT or SIGTERM, then stop the indexer and the embedded Redis."""
+    # Until Sanic installs its own handlers, a SIGTERM must still stop the children we start.
+    signal.signal(signal.SIGTERM, _interrupt)
     lock = hold_data_dir(config["data_dir"])
     Keys.load_or_create(config["data_dir"], config["server"]["name"])
     url, embedded = config["redis"]["url"], None
