@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -12,6 +15,7 @@ from typing import Any
 import redis
 import schedule
 
+from indexer import logs
 from indexer.cache import Cache, connect
 from indexer.config import parse_duration
 from indexer.follower import Follower
@@ -122,3 +126,20 @@ def _watch_parent(parent_pid: int, stop: threading.Event) -> None:
         if os.getppid() != parent_pid:
             log.warning("the server process is gone; indexer stopping")
             stop.set()
+
+
+def main() -> None:
+    """`python -m indexer.scheduler REDIS_URL PARENT_PID` with the config as JSON on stdin: the
+    indexer process that `mxisd run` starts."""
+    redis_url, parent_pid = sys.argv[1], int(sys.argv[2])
+    config = json.load(sys.stdin)
+    logs.setup(config["log_level"], "indexer")
+    stop = threading.Event()
+    # Ctrl-C reaches the whole process group; the server decides when the indexer stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    run_indexer(config, redis_url, stop, parent_pid)
+
+
+if __name__ == "__main__":
+    main()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import signal
 from typing import Any
 
 import redis
@@ -11,6 +13,7 @@ from sanic import Request, Sanic
 from sanic.exceptions import BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, SanicException
 from sanic.response import HTTPResponse, empty, json
 
+from indexer import logs
 from indexer.cache import Lookups, connect_async
 from indexer.config import parse_duration
 from server.api import identity_v1, identity_v2, pubkey, status
@@ -38,6 +41,7 @@ class HashedTokens:
 
 def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
     """The Sanic application for one worker."""
+    logs.setup(config["log_level"], "server")  # spawned workers start with no logging set up
     app = Sanic("mxisd", configure_logging=False)
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.config.REQUEST_MAX_SIZE = 16 * 1024 * 1024
@@ -58,6 +62,16 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
         client = connect_async(redis_url)
         app.ctx.redis = client
         app.ctx.lookups = Lookups(client, config["redis"]["prefix"], [s["name"] for s in config["stores"]])
+
+    @app.after_server_start
+    async def announce(app: Sanic) -> None:
+        log.info("worker %d ready", os.getpid())
+
+    @app.before_server_stop
+    async def ignore_repeated_interrupts(app: Sanic) -> None:
+        # Ctrl-C reaches each worker twice, from the terminal and from Sanic's manager: the second
+        # must not abort the clean stop that the first began.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     @app.after_server_stop
     async def close_cache(app: Sanic) -> None:

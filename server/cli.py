@@ -8,12 +8,13 @@ import sys
 import time
 from typing import Any, TextIO
 
+from indexer import logs
 from indexer.cache import Cache
 from indexer.config import ConfigError, load_config
 from indexer.redis_server import EmbeddedRedis, EmbeddedRedisError
 from indexer.stores import build_store
 from indexer.sync import SyncBusy, SyncResult, full_sync, incremental_sync
-from server.runner import StartupError, hold_data_dir, run, setup_logging, wait_for_redis
+from server.runner import StartupError, hold_data_dir, run, wait_for_redis
 
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print(f"{path}: ok ({len(config['stores'])} store(s))")
         return 0
-    setup_logging(config["log_level"])
+    logs.setup(config["log_level"], args.command)
     try:
         if args.command == "run":
             run(config)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
-import multiprocessing
 import os
 import signal
+import subprocess
 import sys
-import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -20,7 +20,6 @@ from sanic.worker.loader import AppLoader
 
 from indexer.cache import Cache, connect
 from indexer.redis_server import EmbeddedRedis
-from indexer.scheduler import run_indexer
 from server.app import create_app
 from server.keys import Keys
 
@@ -29,15 +28,6 @@ log = logging.getLogger(__name__)
 
 class StartupError(Exception):
     """Something outside the config stops the server from starting."""
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
 
 
 def hold_data_dir(data_dir: str) -> TextIO:
@@ -69,13 +59,16 @@ def wait_for_redis(url: str, timeout: float = 10.0) -> redis.Redis:
             time.sleep(0.2)
 
 
-def _indexer_process(config: dict[str, Any], redis_url: str, parent_pid: int) -> None:
-    setup_logging(config["log_level"])
-    stop = threading.Event()
-    # Ctrl-C reaches the whole process group; the server decides when the indexer stops.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    run_indexer(config, redis_url, stop, parent_pid)
+def start_indexer(config: dict[str, Any], redis_url: str) -> subprocess.Popen[bytes]:
+    """The indexer in a process of its own, so that a large sync never stalls requests. The config
+    goes through a pipe: it may hold secrets, which must not show in the process list."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "indexer.scheduler", redis_url, str(os.getpid())], stdin=subprocess.PIPE
+    )
+    assert process.stdin is not None
+    process.stdin.write(json.dumps(config).encode())
+    process.stdin.close()
+    return process
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -97,10 +90,7 @@ def run(config: dict[str, Any]) -> None:
             url = embedded.url
         client = wait_for_redis(url)
         Cache(client, config["redis"]["prefix"]).initialize()
-        indexer = multiprocessing.get_context("spawn").Process(
-            target=_indexer_process, args=(config, url, os.getpid()), name="indexer"
-        )
-        indexer.start()
+        indexer = start_indexer(config, url)
         server = config["server"]
         loader = AppLoader(factory=partial(create_app, config, url))
         app = loader.load()
@@ -118,10 +108,11 @@ def run(config: dict[str, Any]) -> None:
         else:
             Sanic.serve(primary=app, app_loader=loader)
     finally:
-        if indexer is not None and indexer.is_alive():
+        if indexer is not None and indexer.poll() is None:
             indexer.terminate()
-            indexer.join(timeout=20)
-            if indexer.is_alive():
+            try:
+                indexer.wait(timeout=20)
+            except subprocess.TimeoutExpired:
                 log.warning("indexer did not stop in time; killing it")
                 indexer.kill()
         if embedded is not None:

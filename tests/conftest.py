@@ -112,7 +112,7 @@ class Server:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "run", "--config", str(self.config_path)],
-            stdout=log, stderr=subprocess.STDOUT, cwd=self.root,
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True,
         )
         wait_until(self._ready, 30, f"the server on port {self.port} (log: {self.log_path})")
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import redis
@@ -249,3 +252,28 @@ def test_second_server_on_the_same_data_dir_is_refused(server):
                             capture_output=True, text=True, timeout=60, cwd=server.root)
     assert second.returncode == 1
     assert "another mxisd is already running" in second.stderr
+
+
+def test_two_workers_and_ctrl_c_stop_everything(make_server):
+    srv = make_server(embedded_redis=True)
+    srv.config["server"]["workers"] = 2
+    srv.start()
+    wait_until(lambda: srv.lookup_v1("email", "bob@example.com").get("mxid"), what="the first sync")
+    wait_until(lambda: srv.log().count("Worker ready") >= 2, what="both workers")
+    # Sanic's worker manager loses a stop request that arrives while it still collects its
+    # workers' start acknowledgements (a Sanic limitation, in the closing note of issue 2).
+    time.sleep(1)
+    group = os.getpgid(srv.process.pid)
+    os.killpg(group, signal.SIGINT)  # what Ctrl-C in a terminal does
+    assert srv.process.wait(timeout=30) == 0
+
+    def group_gone():
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_until(group_gone, 15, "every process of the server to exit")
+    wait_until(lambda: not (srv.root / "data" / "redis" / "redis.sock").exists(), 15, "the embedded Redis to stop")
+    assert "embedded Redis stopped" in srv.log()
