@@ -2,7 +2,8 @@
 
 Written for Synapse's current schema: `users` (name is the full user id; deactivated, is_guest and
 appservice_id select who is left out), `profiles` (user_id is the localpart, displayname),
-`user_threepids` (user_id is the full user id; added_at in milliseconds). `:domain` is matrix.domain.
+`user_threepids` (user_id is the full user id; added_at in milliseconds; msisdn addresses are
+international digits without "+", which is added so they are not read as national numbers). `:domain` is matrix.domain.
 Every query can be overridden one by one in the store's `queries`.
 
 Changes are found by time: a user created, or a 3PID added, after the mark. Synapse keeps no time
@@ -16,7 +17,7 @@ SELECT u.name AS id,
        CASE WHEN u.deactivated = 0 AND u.is_guest = 0 AND u.appservice_id IS NULL THEN u.name END AS user_id,
        p.displayname AS display_name,
        t.medium AS medium,
-       t.address AS address,
+       CASE WHEN t.medium = 'msisdn' THEN '+' || t.address ELSE t.address END AS address,
        CASE WHEN COALESCE(t.added_at, 0) > COALESCE(u.creation_ts, 0) * 1000
             THEN t.added_at ELSE COALESCE(u.creation_ts, 0) * 1000 END AS mark
 FROM users u
