@@ -88,7 +88,7 @@ class ReadThrough:
                 mxid = lookup_answer(decode(await service.http.post(
                     service.path, json=lookup_request(medium, address))), self.domain)
             except (httpx.HTTPError, BadAnswer) as exc:
-                log.warning("store %s: lookup of a %s failed, answered not found and not cached: %s: %s",
+                log.warning("store %s: %s lookup failed, answered not found and not cached: %s: %s",
                             service.name, medium, type(exc).__name__, exc)
                 return None
         await self.lookups.remember_answer(service.name, medium, address, mxid,
