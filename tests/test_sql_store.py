@@ -288,3 +288,17 @@ def test_relative_sqlite_paths_are_relative_to_the_config(tmp_path):
     with pytest.raises(StoreError, match="no such table: people"):
         list(store.enumerate())
     store.close()
+
+
+@pytest.mark.parametrize("database, sleep, error", [
+    ("postgresql", "pg_sleep(2)", "canceling statement due to statement timeout"),
+    ("mariadb", "SLEEP(2)", "Lost connection to MySQL server during query"),
+], indirect=["database"])
+def test_a_slow_database_times_out_and_keeps_the_cache(cache, directory, make_store, sleep, error):
+    directory.add("1", "alice", None, T0, ("email", "alice@example.org"))
+    directory.add("2", "bob", None, T0, ("email", "bob@example.org"))
+    assert full_sync(cache, make_store(directory.url), 0.2).outcome == "ok"
+    slow = dict(QUERIES, identities=f"SELECT * FROM ({QUERIES['identities']}) AS q WHERE {sleep} IS NOT NULL")
+    result = full_sync(cache, make_store(directory.url, queries=slow, timeout="1s"), 1.0)
+    assert result.outcome == "failed" and error in result.error
+    assert cache.count("hr") == 2 and cache.mxid_of("hr", "email", "bob@example.org") == "@bob:example.org"
