@@ -38,6 +38,8 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr,
         force=True,
     )
+    # httpx logs every request at INFO: one line per read-through lookup or sync page is noise.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, getattr(logging, level)))
 
 
 def hold_data_dir(data_dir: str) -> TextIO:

@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator
 
-import httpx
 import pytest
 
 from conftest import TOKEN
