@@ -22,9 +22,15 @@ setup(
         "pyyaml>=6.0",
         "jsonschema>=4.20",
         "bcrypt>=4.1",
+        "argon2-cffi>=23.1",
+        "libpass>=1.9",
+        "sqlalchemy>=2.0.25",
+        "psycopg[binary]>=3.1.12",
+        "pymysql>=1.1",
+        "httpx>=0.27",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "httpx>=0.27"],
+        "test": ["pytest>=8.0"],
     },
     entry_points={"console_scripts": ["mxisd = server.cli:main"]},
 )

@@ -9,6 +9,7 @@ Per store S (all keys under the configured prefix):
   s:S:mxid    hash  mxid -> store_id
   s:S:state   hash  generation, last_full, last_incremental, high_water_mark (each JSON)
   s:S:lock    the sync lock (redis-py Lock)
+  s:S:rt:<address> <medium>  string, with a TTL: a read-through store's answer, mxid or "" (not found)
 Global: epoch (changes when the cache is emptied), pepper, changes (stream of upsert/delete events),
 fulltext:<host> (follower position, for status).
 """
@@ -283,6 +284,17 @@ class Lookups:
         if not hashes:
             return await self.pepper(), []
         return await self._first_match("sha256", hashes, True)
+
+    async def read_through_answers(self, store: str, pairs: list[tuple[str, str]]) -> list[str | None]:
+        """Cached answers of a read-through store for (medium, address) pairs: an mxid, "" for a
+        cached "not found", or None when the store has not been asked (or the answer expired)."""
+        if not pairs:
+            return []
+        return await self.r.mget([self.k.store(store, f"rt:{_plain_key(a, m)}") for m, a in pairs])
+
+    async def remember_answer(self, store: str, medium: str, address: str, mxid: str | None, ttl: int) -> None:
+        """Cache a read-through store's answer (None: not found) for ttl seconds."""
+        await self.r.set(self.k.store(store, f"rt:{_plain_key(address, medium)}"), mxid or "", ex=ttl)
 
     async def ping(self) -> bool:
         return bool(await self.r.ping())

@@ -197,8 +197,11 @@ def _complete(config: dict[str, Any], base: Path) -> dict[str, Any]:
     server.setdefault("public_url", f"https://{server['name']}")
     server["public_url"] = server["public_url"].rstrip("/")
     config["data_dir"] = str((base / config["data_dir"]).resolve())
-    for store in config["stores"]:
+    from indexer.stores import store_class  # here: the stores import this module
+
+    for i, store in enumerate(config["stores"]):
         if "path" in store:
             store["path"] = str((base / store["path"]).resolve())
+        store_class(store["kind"]).check_config(store, f"stores[{i}]")
     config["config_dir"] = str(base)
     return config

@@ -13,3 +13,5 @@ def setup(level: str, role: str) -> None:
         stream=sys.stderr,
         force=True,
     )
+    # httpx logs every request at INFO: one line per read-through lookup or sync page is noise.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, getattr(logging, level)))

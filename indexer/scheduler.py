@@ -69,6 +69,9 @@ class Indexer:
     def plan(self) -> None:
         """Schedule each store's first run for when it is due, and every full_every after that."""
         for store, sync_config in self.stores:
+            if not store.enumerable:
+                log.info("store %s cannot be enumerated: lookups ask it on cache misses instead", store.name)
+                continue
             if sync_config["changes_every"]:
                 self.scheduler.every(parse_duration(sync_config["changes_every"])).seconds.do(self.sync_changes, store)
             every = parse_duration(sync_config["full_every"]) if sync_config["full_every"] else None

@@ -19,6 +19,7 @@ from indexer.config import parse_duration
 from server.api import identity_v1, identity_v2, pubkey, status
 from server.errors import MatrixError
 from server.keys import Keys
+from server.read_through import ReadThrough
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
         client = connect_async(redis_url)
         app.ctx.redis = client
         app.ctx.lookups = Lookups(client, config["redis"]["prefix"], [s["name"] for s in config["stores"]])
+        app.ctx.read_through = ReadThrough(config, app.ctx.lookups)
 
     @app.after_server_start
     async def announce(app: Sanic) -> None:
@@ -75,6 +77,7 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
 
     @app.after_server_stop
     async def close_cache(app: Sanic) -> None:
+        await app.ctx.read_through.close()
         await app.ctx.redis.aclose()
 
     @app.on_request

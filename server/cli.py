@@ -95,6 +95,10 @@ def _index(config: dict[str, Any], only: str | None, full: bool) -> int:
             if only is not None and store_config["name"] != only:
                 continue
             store = build_store(store_config, config)
+            if not store.enumerable:
+                store.close()
+                print(f"{store.name}: not synced: it cannot be enumerated, lookups ask it on cache misses")
+                continue
             progress = TerminalProgress(store.name, sys.stderr)
             try:
                 result = None if full else incremental_sync(cache, store, progress, wait_for_lock=600)

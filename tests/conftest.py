@@ -169,3 +169,36 @@ def make_server(tmp_path: Path, redis_url: str, prefix: str) -> Iterator[Callabl
     for server in servers:
         server.stop()
         server.http.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "mariadb"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A SQLAlchemy URL of an empty database of this test's own: a SQLite file, a PostgreSQL schema
+    (MXISD_TEST_POSTGRES_URL) or a MariaDB database (MXISD_TEST_MYSQL_URL); dropped afterwards."""
+    yield from _database(request.param, tmp_path)
+
+
+def _database(kind: str, tmp_path: Path) -> Iterator[str]:
+    import sqlalchemy
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.db'}"
+        return
+    if kind == "postgresql":
+        admin_url = os.environ.get("MXISD_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+        create, drop = f"CREATE SCHEMA {name}", f"DROP SCHEMA {name} CASCADE"
+        url = sqlalchemy.make_url(admin_url).update_query_dict({"options": f"-csearch_path={name}"})
+    else:
+        admin_url = os.environ.get("MXISD_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+        create, drop = f"CREATE DATABASE {name} CHARACTER SET utf8mb4", f"DROP DATABASE {name}"
+        url = sqlalchemy.make_url(admin_url).set(database=name)
+    admin = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=sqlalchemy.pool.NullPool)
+    with admin.connect() as connection:
+        connection.execute(sqlalchemy.text(create))
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as connection:
+            connection.execute(sqlalchemy.text(drop))
+        admin.dispose()

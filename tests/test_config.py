@@ -55,7 +55,7 @@ def with_changes(**changes: object) -> dict:
         ({"stores": VALID["stores"]}, "matrix: missing required key"),
         (with_changes(matrix={}), "matrix.domain: missing required key"),
         (with_changes(stores__0={"name": "people", "kind": "file"}), "stores[0].path: missing required key"),
-        (with_changes(stores__0__kind="ldapp"), 'stores[0].kind: expected one of "file", got "ldapp"'),
+        (with_changes(stores__0__kind="ldapp"), 'stores[0].kind: expected one of "file", "sql", "rest", got "ldapp"'),
         (with_changes(matrix__domain="not a domain"),
          'matrix.domain: expected a server name like "example.org", got "not a domain"'),
         (with_changes(stores=[]), "stores: [] should be non-empty"),

@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Iterable, Iterator
 
+import jsonschema
+
 from indexer import normalize
+from indexer.config import explain, load_schema
 from indexer.identity import Identity
 
 log = logging.getLogger(__name__)
@@ -30,6 +34,7 @@ class Store(ABC):
     """One configured source of identities. Blocking: call it from the indexer, never the event loop."""
 
     kind: str = ""
+    enumerable: bool = True  # False: never synced; the server asks the source on cache misses
 
     def __init__(self, store_config: dict[str, Any], config: dict[str, Any]) -> None:
         self.name: str = store_config["name"]
@@ -58,6 +63,28 @@ class Store(ABC):
 
     def close(self) -> None:
         """Release connections; the default store holds none."""
+
+    @classmethod
+    def check_config(cls, store_config: dict[str, Any], path: str) -> None:
+        """Raise ConfigError naming path for what the JSON Schema cannot check; nothing by default."""
+
+    def person_id(self, entry: Any, where: str) -> str | None:
+        """The stable id of an entry in the person format (schemas/file-store.schema.json), or None
+        (logged with where) when the entry does not match that format."""
+        error = next(iter(_person_validator().iter_errors(entry)), None)
+        if error is not None:
+            log.warning("store %s: %s skipped: %s", self.name, where, explain(error))
+            return None
+        # Without an explicit id, the user id is the stable id (case does not make a new person).
+        return str(entry.get("id") or (entry.get("mxid") or entry["localpart"]).strip().lower())
+
+    def person_identity(self, store_id: str, entry: dict[str, Any]) -> Identity | None:
+        """The Identity of a valid person-format entry (see build_identity)."""
+        threepids = [("email", a) for a in entry.get("emails", [])]
+        threepids += [("msisdn", str(a)) for a in entry.get("phones", [])]
+        threepids += [(t["medium"], t["address"]) for t in entry.get("threepids", [])]
+        return self.build_identity(store_id, entry.get("mxid") or entry["localpart"], entry.get("display_name"),
+                                   threepids)
 
     def build_identity(
         self,
@@ -89,9 +116,21 @@ class Store(ABC):
         )
 
 
+@lru_cache(maxsize=None)
+def _person_validator() -> jsonschema.Draft202012Validator:
+    return jsonschema.Draft202012Validator(load_schema("file-store.schema.json")["$defs"]["person"])
+
+
+def store_class(kind: str) -> type[Store]:
+    """The adapter class for a configured kind."""
+    from indexer.stores.file import FileStore
+    from indexer.stores.rest import RestStore
+    from indexer.stores.sql import SqlStore
+
+    kinds: dict[str, type[Store]] = {FileStore.kind: FileStore, SqlStore.kind: SqlStore, RestStore.kind: RestStore}
+    return kinds[kind]
+
+
 def build_store(store_config: dict[str, Any], config: dict[str, Any]) -> Store:
     """The adapter for one entry of the config's stores list."""
-    from indexer.stores.file import FileStore
-
-    kinds: dict[str, type[Store]] = {FileStore.kind: FileStore}
-    return kinds[store_config["kind"]](store_config, config)
+    return store_class(store_config["kind"])(store_config, config)

@@ -6,11 +6,9 @@ import logging
 import os
 from typing import Any, Iterator
 
-import bcrypt
-import jsonschema
 import yaml
 
-from indexer.config import explain, load_schema
+from indexer import passwords
 from indexer.identity import Identity
 from indexer.stores import Store, StoreError
 
@@ -25,7 +23,6 @@ class FileStore(Store):
     def __init__(self, store_config: dict[str, Any], config: dict[str, Any]) -> None:
         super().__init__(store_config, config)
         self.path: str = store_config["path"]
-        self._validator = jsonschema.Draft202012Validator(load_schema("file-store.schema.json")["$defs"]["person"])
         self._cache: tuple[tuple[int, int], list[dict[str, Any]]] | None = None
 
     def _read(self) -> list[dict[str, Any]]:
@@ -49,22 +46,14 @@ class FileStore(Store):
 
     def _people(self) -> Iterator[tuple[str, dict[str, Any]]]:
         for index, entry in enumerate(self._read()):
-            error = next(iter(self._validator.iter_errors(entry)), None)
-            if error is not None:
-                log.warning("store %s: entry %d of %s skipped: %s", self.name, index, self.path, explain(error))
-                continue
-            # Without an explicit id, the user id is the stable id (case does not make a new person).
-            yield str(entry.get("id") or (entry.get("mxid") or entry["localpart"]).strip().lower()), entry
+            store_id = self.person_id(entry, f"entry {index} of {self.path}")
+            if store_id is not None:
+                yield store_id, entry
 
     def enumerate(self) -> Iterator[Identity]:
         """Every valid person in the file."""
         for store_id, entry in self._people():
-            threepids = [("email", a) for a in entry.get("emails", [])]
-            threepids += [("msisdn", str(a)) for a in entry.get("phones", [])]
-            threepids += [(t["medium"], t["address"]) for t in entry.get("threepids", [])]
-            identity = self.build_identity(
-                store_id, entry.get("mxid") or entry["localpart"], entry.get("display_name"), threepids
-            )
+            identity = self.person_identity(store_id, entry)
             if identity is not None:
                 yield identity
 
@@ -73,13 +62,5 @@ class FileStore(Store):
         if not password:
             return False
         entry = next((e for sid, e in self._people() if sid == identity.store_id), None)
-        stored = entry.get("password") if entry else None
-        if not stored:
-            log.info("store %s: %s has no password hash", self.name, identity.mxid)
-            return False
-        try:
-            return bcrypt.checkpw(password.encode(), stored.encode())
-        except ValueError:
-            log.warning("store %s: %s has a malformed bcrypt hash", self.name, identity.mxid)
-            return False
+        return passwords.verify(password, entry.get("password") if entry else None, who=identity.mxid)
 

@@ -22,7 +22,8 @@ async def lookup(request: Request) -> HTTPResponse:
     if missing:
         raise MatrixError(400, "M_MISSING_PARAMS", f"Missing parameters: {','.join(missing)}")
     canonical = query_address(medium, address)
-    [mxid] = await request.app.ctx.lookups.by_address([(medium, canonical)])
+    pairs = [(medium, canonical)]
+    [mxid] = await request.app.ctx.read_through.fill(pairs, await request.app.ctx.lookups.by_address(pairs))
     if mxid is None:
         return json({})
     now = int(time.time() * 1000)
@@ -43,5 +44,6 @@ async def bulk_lookup(request: Request) -> HTTPResponse:
     pairs = json_body(request, "v1_bulk_lookup")["threepids"]
     if len(pairs) > request.app.ctx.bulk_max:
         raise MatrixError(400, "M_TOO_LARGE", f"At most {request.app.ctx.bulk_max} 3PIDs per request")
-    found = await request.app.ctx.lookups.by_address([(m, query_address(m, a)) for m, a in pairs])
+    canonical = [(m, query_address(m, a)) for m, a in pairs]
+    found = await request.app.ctx.read_through.fill(canonical, await request.app.ctx.lookups.by_address(canonical))
     return json({"threepids": [[m, a, mxid] for (m, a), mxid in zip(pairs, found) if mxid is not None]})

@@ -56,5 +56,5 @@ async def lookup(request: Request) -> HTTPResponse:
             if not address or not medium:
                 raise MatrixError(400, "M_INVALID_PARAM", f'Expected "address medium", got {item!r}')
             pairs.append((medium, query_address(medium, address)))
-        found = await lookups.by_address(pairs)
+        found = await request.app.ctx.read_through.fill(pairs, await lookups.by_address(pairs))
     return json({"mappings": {a: mxid for a, mxid in zip(addresses, found) if mxid is not None}})
