@@ -22,6 +22,7 @@ setup(
         "pyyaml>=6.0",
         "jsonschema>=4.20",
         "bcrypt>=4.1",
+        "ldap3>=2.9.1",
     ],
     extras_require={
         "test": ["pytest>=8.0", "httpx>=0.27"],

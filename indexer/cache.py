@@ -7,6 +7,7 @@ Per store S (all keys under the configured prefix):
   s:S:3pid    hash  "<address> <medium>" -> mxid (the v2 "none" form, also used by v1 lookups)
   s:S:sha256  hash  base64url(sha256("<address> <medium> <pepper>")) -> mxid
   s:S:mxid    hash  mxid -> store_id
+  s:S:locator hash  store_id -> where the store finds the person for a password check (an LDAP DN)
   s:S:state   hash  generation, last_full, last_incremental, high_water_mark (each JSON)
   s:S:lock    the sync lock (redis-py Lock)
 Global: epoch (changes when the cache is emptied), pepper, changes (stream of upsert/delete events),
@@ -18,7 +19,7 @@ from __future__ import annotations
 import json
 import secrets
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Iterator
 
 import redis
@@ -123,12 +124,30 @@ class Cache:
     def mxid_of(self, store: str, medium: str, address: str) -> str | None:
         return self.r.hget(self.k.store(store, "3pid"), _plain_key(address, medium))
 
+    def identity_by_mxid(self, store: str, mxid: str) -> Identity | None:
+        """The store's identity for mxid with its locator (for a password check), or None."""
+        store_id = self.r.hget(self.k.store(store, "mxid"), mxid)
+        if store_id is None:
+            return None
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hget(self.k.store(store, "rec"), store_id)
+        pipe.hget(self.k.store(store, "locator"), store_id)
+        raw, locator = pipe.execute()
+        return replace(Identity.from_json(raw), locator=locator) if raw else None
+
     # -- writes by the sync (one writer per store, holding the store's lock) --------------------
 
     def mark(self, store: str, store_ids: Iterable[str], generation: int) -> None:
         ids = list(store_ids)
         if ids:
             self.r.zadd(self.k.store(store, "gen"), {i: generation for i in ids})
+
+    def set_locators(self, store: str, identities: Iterable[Identity]) -> None:
+        """Record where the store finds these people (unchanged records too: an entry can move
+        without its content changing)."""
+        locators = {i.store_id: i.locator for i in identities if i.locator is not None}
+        if locators:
+            self.r.hset(self.k.store(store, "locator"), mapping=locators)
 
     def stale_ids(self, store: str, generation: int) -> list[str]:
         return self.r.zrangebyscore(self.k.store(store, "gen"), "-inf", f"({generation}")
@@ -198,6 +217,7 @@ class Cache:
             tx.hdel(self.k.store(store, "rec"), gone.store_id)
             tx.hdel(self.k.store(store, "chash"), gone.store_id)
             tx.zrem(self.k.store(store, "gen"), gone.store_id)
+            tx.hdel(self.k.store(store, "locator"), gone.store_id)
             tx.xadd(self.k.changes, {"store": store, "id": gone.store_id, "op": "delete"},
                     maxlen=STREAM_MAXLEN, approximate=True)
         tx.execute()

@@ -200,5 +200,7 @@ def _complete(config: dict[str, Any], base: Path) -> dict[str, Any]:
     for store in config["stores"]:
         if "path" in store:
             store["path"] = str((base / store["path"]).resolve())
+        if store.get("tls", {}).get("ca_file"):
+            store["tls"]["ca_file"] = str((base / store["tls"]["ca_file"]).resolve())
     config["config_dir"] = str(base)
     return config
