@@ -12,7 +12,6 @@ from typing import Any, Callable, Iterator
 import ldap3
 import pytest
 
-from indexer.cache import Cache
 from indexer.normalize import lookup_hash
 from indexer.stores import build_store
 from indexer.stores.ldap import LdapStore, filter_value, normalize_time
@@ -85,13 +84,6 @@ def directory(slapd: Slapd) -> Iterator[Directory]:
     d = Directory(slapd)
     yield d
     d.conn.unbind()
-
-
-@pytest.fixture
-def cache(rclient, prefix) -> Cache:
-    c = Cache(rclient, prefix)
-    c.initialize(pepper="pepper")
-    return c
 
 
 def people(directory: Directory, count: int, ou: str | None = None) -> list[str]:
