@@ -202,15 +202,20 @@ class Cache:
         for (key, field, owner), current in zip(dropped, owners):
             if current == owner:
                 tx.hdel(key, field)
-        for new, plain, hashed in claims:
-            tx.hset(self.k.store(store, "rec"), new.store_id, new.to_json())
-            tx.hset(self.k.store(store, "chash"), new.store_id, new.hash)
-            if plain:
-                tx.hset(k3, mapping={f: new.mxid for f in plain})
-                tx.hset(kh, mapping={f: new.mxid for f in hashed})
-            tx.hset(km, new.mxid, new.store_id)
+        # One command per key for the whole batch (later identities win a shared field, as they
+        # would written one by one): a full sync of a large store is mostly these writes.
+        if claims:
+            plain_owners = {f: new.mxid for new, plain, _ in claims for f in plain}
+            hashed_owners = {f: new.mxid for new, _, hashed in claims for f in hashed}
+            tx.hset(self.k.store(store, "rec"), mapping={new.store_id: new.to_json() for new, _, _ in claims})
+            tx.hset(self.k.store(store, "chash"), mapping={new.store_id: new.hash for new, _, _ in claims})
+            if plain_owners:
+                tx.hset(k3, mapping=plain_owners)
+                tx.hset(kh, mapping=hashed_owners)
+            tx.hset(km, mapping={new.mxid: new.store_id for new, _, _ in claims})
             if generation is not None:
-                tx.zadd(self.k.store(store, "gen"), {new.store_id: generation})
+                tx.zadd(self.k.store(store, "gen"), {new.store_id: generation for new, _, _ in claims})
+        for new, _, _ in claims:
             tx.xadd(self.k.changes, {"store": store, "id": new.store_id, "op": "upsert"},
                     maxlen=STREAM_MAXLEN, approximate=True)
         for gone in deletes:
