@@ -117,6 +117,19 @@ def test_full_sync_reads_every_page(directory, cache):
     store.close()
 
 
+def test_attribute_mapping_overrides_the_preset(directory, cache):
+    directory.add("bob", mail=["bob@example.org"], phones=["+44 7700 900555"], description="@Bob.B:Example.org",
+                  employeeNumber="E-1234")
+    store = directory.store(attributes={"user_id": "description", "user_id_type": "mxid", "lowercase": False,
+                                        "display_name": ["sn"], "threepids": {"msisdn": [], "employee": ["employeeNumber"]}})
+    assert full_sync(cache, store, 0.2).added == 1
+    bob = cache.identity_by_mxid("dir", "@Bob.B:example.org")
+    assert bob.display_name == "Person"
+    assert bob.threepids == (("email", "bob@example.org"), ("employee", "E-1234"))
+    assert cache.mxid_of("dir", "employee", "E-1234") == "@Bob.B:example.org"
+    store.close()
+
+
 def test_incremental_sync_sees_modify_add_rename_and_leaving_the_filter(directory, cache):
     for uid in ("ann", "ben", "cid", "dee"):
         directory.add(uid, mail=[f"{uid}@example.org"])

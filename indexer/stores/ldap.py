@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 PAGED_RESULTS = "1.2.840.113556.1.4.319"  # RFC 2696
 SHOW_DELETED = "1.2.840.113556.1.4.417"  # AD: deleted objects (tombstones) are returned
+INVALID_CREDENTIALS = 49
 DISABLED_ACCOUNT = "(!(userAccountControl:1.2.840.113556.1.4.803:=2))"
 EPOCH = "19700101000000.000000Z"
 # The directory's newest change is looked for among entries changed in the last hour, day, ...
@@ -116,6 +117,8 @@ class LdapStore(Store):
         super().__init__(store_config, config)
         preset = PRESETS[store_config.get("preset", "openldap")]
         attrs = {**preset["attributes"], **store_config.get("attributes", {})}
+        # Media merge one by one: adding a medium keeps the preset's email and msisdn attributes.
+        attrs["threepids"] = {**preset["attributes"]["threepids"], **attrs["threepids"]}
         self.mapping = Mapping(
             filter=store_config.get("filter") or preset["filter"],
             user_id=attrs["user_id"],
@@ -392,6 +395,9 @@ class LdapStore(Store):
                 conn = self._connect(None, None)
             conn.user, conn.password, conn.authentication = dn, password, ldap3.SIMPLE
             ok = bool(conn.bind())
+            if not ok and conn.result.get("result") != INVALID_CREDENTIALS:
+                log.warning("store %s: bind as %s refused: %s %s", self.name, dn,
+                            conn.result.get("description"), conn.result.get("message") or "")
         except LDAPException as exc:
             log.warning("store %s: password check for %s not possible: %s", self.name, dn, exc)
             if conn is not None:
