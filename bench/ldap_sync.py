@@ -1,18 +1,20 @@
 """Benchmark: syncing a large OpenLDAP directory into the cache, against ldapsearch as the floor.
 
-    .venv/bin/python bench/ldap_sync.py [N] [--changes 1000] [--redis-url redis://...]
+    .venv/bin/python bench/ldap_sync.py [N] [--changes 1000] [--page-size 500] [--latency-ms 0] [--redis-url redis://...]
 
 Generates N users (default 100,000) into a throwaway slapd with slapadd, then prints the time for
 ldapsearch to dump them all (the floor), our full sync until every identity is answerable by
 lookup, until the Whoosh index holds them all, and an incremental sync of --changes modified
 entries, each with its ratio to the floor. Targets on a 2-core machine: 100,000 users answerable
-within 60 s, 1,000 changes within 2 s. Without --redis-url an embedded Redis is started.
+within 60 s, 1,000 changes within 2 s. Without --redis-url an embedded Redis is started;
+--latency-ms puts a proxy in front of slapd that delays every request, as a distant directory would.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import subprocess
 import sys
 import tempfile
@@ -49,6 +51,47 @@ def ldif(count: int) -> str:
     return "".join(parts)
 
 
+class LatencyProxy:
+    """A TCP proxy in front of slapd that holds every request for a while before passing it on,
+    as a directory a round trip away would answer late (answers themselves flow freely)."""
+
+    def __init__(self, target_port: int, delay: float) -> None:
+        self.target_port = target_port
+        self.delay = delay
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.uri = f"ldap://127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pump, args=(client, server, self.delay), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, 0.0), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket, delay: float) -> None:
+        try:
+            while data := source.recv(65536):
+                if delay:
+                    time.sleep(delay)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for end in (source, sink):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self.listener.close()
+
+
 def timed(label: str, floor: float | None, seconds: float) -> None:
     ratio = f"  ({seconds / floor:.1f}x the floor)" if floor else ""
     print(f"{label:<48} {seconds:8.2f} s{ratio}", flush=True)
@@ -60,6 +103,8 @@ def main() -> None:
     parser.add_argument("--changes", type=int, default=1000, help="entries changed before the incremental sync")
     parser.add_argument("--redis-url", help="a Redis to use (a fresh key prefix, removed afterwards)")
     parser.add_argument("--page-size", type=int, default=500)
+    parser.add_argument("--latency-ms", type=float, default=0.0,
+                        help="delay every request to the directory by this much (a distant directory)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
@@ -71,6 +116,11 @@ def main() -> None:
         slapd.load(ldif(args.n))
         print(f"slapadd of {args.n} users took {time.perf_counter() - started:.1f} s (setup, not measured)")
         slapd.start()
+        uri = slapd.uri
+        proxy = LatencyProxy(slapd.port, args.latency_ms / 1000) if args.latency_ms else None
+        if proxy:
+            uri = proxy.uri
+            print(f"every request to the directory is delayed by {args.latency_ms:g} ms")
         embedded = None
         redis_url = args.redis_url
         if not redis_url:
@@ -80,22 +130,24 @@ def main() -> None:
         prefix = f"bench:{uuid.uuid4().hex[:8]}:"
         client = connect(redis_url)
         try:
-            run(args, slapd, Cache(client, prefix), root)
+            run(args, slapd, uri, Cache(client, prefix), root)
         finally:
             keys = list(client.scan_iter(match=f"{prefix}*", count=10_000))
             for start in range(0, len(keys), 10_000):
                 client.delete(*keys[start:start + 10_000])
             client.close()
+            if proxy:
+                proxy.close()
             slapd.stop()
             if embedded:
                 embedded.stop()
 
 
-def run(args: argparse.Namespace, slapd: Slapd, cache: Cache, root: Path) -> None:
+def run(args: argparse.Namespace, slapd: Slapd, uri: str, cache: Cache, root: Path) -> None:
     cache.initialize()
     started = time.perf_counter()
     dump = subprocess.run(
-        ["ldapsearch", "-LLL", "-x", "-H", slapd.uri, "-D", READER_DN, "-w", READER_PASSWORD, "-b", BASE,
+        ["ldapsearch", "-LLL", "-x", "-H", uri, "-D", READER_DN, "-w", READER_PASSWORD, "-b", BASE,
          "-E", f"pr={args.page_size}/noprompt", "(objectClass=inetOrgPerson)",
          "uid", "entryUUID", "modifyTimestamp", "displayName", "cn", "mail", "telephoneNumber", "mobile"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True,
@@ -104,7 +156,7 @@ def run(args: argparse.Namespace, slapd: Slapd, cache: Cache, root: Path) -> Non
     assert dump.stdout.count(b"\ndn: ") + 1 >= args.n, "ldapsearch did not return every entry"
     timed(f"ldapsearch dump of {args.n} entries (floor)", None, floor)
 
-    store = build_store({"name": "bench", "kind": "ldap", "uri": slapd.uri, "base_dns": [BASE],
+    store = build_store({"name": "bench", "kind": "ldap", "uri": uri, "base_dns": [BASE],
                          "bind": {"dn": READER_DN, "password": READER_PASSWORD}, "page_size": args.page_size},
                         CONFIG)
     fulltext = FullText(root / "fulltext")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import ssl
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -80,6 +81,53 @@ def normalize_time(value: str) -> str:
 
 def _first(values: list[bytes] | None) -> str | None:
     return values[0].decode("utf-8", "replace") if values else None
+
+
+class Prefetch:
+    """Runs a generator one item ahead in a thread of its own; its exceptions reach the reader."""
+
+    _DONE = object()
+
+    def __init__(self, source: Iterator[Any]) -> None:
+        self._source = source
+        self._items: queue.Queue[Any] = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ldap-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for item in self._source:
+                if not self._put(item):
+                    return
+        except BaseException as exc:  # handed to the reader, who raises it
+            self._put(exc)
+            return
+        self._put(self._DONE)
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item = self._items.get()
+            if item is self._DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self, timeout: float) -> bool:
+        """Stop reading ahead; whether the thread has finished within timeout seconds."""
+        self._stop.set()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
 
 @dataclass
@@ -208,31 +256,34 @@ class LdapStore(Store):
 
     # -- searches ---------------------------------------------------------------------------
 
+    def _pages(self, conn: ldap3.Connection, base: str, search_filter: str, attributes: list[str],
+               controls: list[tuple[str, bool, Any]] | None) -> Iterator[list[dict[str, Any]]]:
+        cookie: bytes | None = None
+        while True:
+            conn.search(base, search_filter, ldap3.SUBTREE, attributes=attributes,
+                        paged_size=self.page_size, paged_cookie=cookie, controls=controls)
+            if conn.result.get("result") != 0:
+                raise StoreError(
+                    f"search under {base!r} failed: {conn.result.get('description')} "
+                    f"{conn.result.get('message') or ''}".strip()
+                )
+            yield [e for e in conn.response if e.get("type") == "searchResEntry"]
+            cookie = conn.result.get("controls", {}).get(PAGED_RESULTS, {}).get("value", {}).get("cookie")
+            if not cookie:
+                return
+
     def _search(self, base: str, search_filter: str, attributes: list[str],
                 controls: list[tuple[str, bool, Any]] | None = None,
                 own: ldap3.Connection | None = None) -> Iterator[dict[str, Any]]:
-        """Every entry under base matching search_filter, read page by page (on own, else on the
-        sync's service connection); StoreError when the directory fails, times out or drops the
-        connection before the last page."""
-        cookie: bytes | None = None
+        """Every entry under base matching search_filter (on own, else on the sync's service
+        connection), the next page requested while this one is used, so that a distant
+        directory's round trips overlap our work; StoreError when the directory fails, times out
+        or drops the connection before the last page."""
+        conn = own or self._service()
+        pages = Prefetch(self._pages(conn, base, search_filter, attributes, controls))
         try:
-            while True:
-                conn = own or self._service()
-                conn.search(base, search_filter, ldap3.SUBTREE, attributes=attributes,
-                            paged_size=self.page_size, paged_cookie=cookie, controls=controls)
-                code = conn.result.get("result")
-                if code != 0:
-                    raise StoreError(
-                        f"search under {base!r} failed: {conn.result.get('description')} "
-                        f"{conn.result.get('message') or ''}".strip()
-                    )
-                for entry in conn.response:
-                    if entry.get("type") == "searchResEntry":
-                        yield entry
-                paged = conn.result.get("controls", {}).get(PAGED_RESULTS, {})
-                cookie = paged.get("value", {}).get("cookie")
-                if not cookie:
-                    return
+            for page in pages:
+                yield from page
         except LDAPException as exc:
             if own is None:
                 self._drop_service()
@@ -241,6 +292,9 @@ class LdapStore(Store):
             if own is None:
                 self._drop_service()
             raise
+        finally:
+            if not pages.close(self.timeout + self.connect_timeout) and own is None:
+                self._drop_service()  # the page being read still uses the connection: never share it
 
     def _store_id(self, entry: dict[str, Any]) -> str | None:
         raw = entry["raw_attributes"].get(self.mapping.stable_id)
