@@ -93,7 +93,7 @@ class LatencyProxy:
 
 
 def timed(label: str, floor: float | None, seconds: float) -> None:
-    ratio = f"  ({seconds / floor:.1f}x the floor)" if floor else ""
+    ratio = f"  ({seconds / floor:.3g}x the floor)" if floor else ""
     print(f"{label:<48} {seconds:8.2f} s{ratio}", flush=True)
 
 

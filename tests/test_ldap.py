@@ -284,7 +284,8 @@ def own_slapd(tmp_path: Path) -> Iterator[Slapd]:
     server = Slapd(tmp_path)
     ou = f"ou=people,{SUFFIX}"
     ldif = f"dn: {ou}\nobjectClass: organizationalUnit\nou: people\n\n" + "".join(
-        f"dn: uid=p{i},{ou}\nobjectClass: inetOrgPerson\nuid: p{i}\ncn: P {i}\nsn: P\nmail: p{i}@example.org\n\n"
+        f"dn: uid=p{i},{ou}\nobjectClass: inetOrgPerson\nuid: p{i}\ncn: P {i}\nsn: P\nmail: p{i}@example.org\n"
+        f"userPassword: pw{i}\n\n"
         for i in range(300)
     )
     server.load(ldif)
@@ -298,6 +299,8 @@ def test_directory_stopped_mid_sync_changes_nothing(own_slapd, cache):
               "bind": {"dn": READER_DN, "password": READER_PASSWORD}, "page_size": 50}
     store = build_store(config, CONFIG)
     assert full_sync(cache, store, 0.2).added == 300
+    p100 = cache.identity_by_mxid("dir", "@p100:example.org")
+    assert store.authenticate(p100, "pw100") is True  # leaves a pooled connection open
     with admin(own_slapd) as conn:
         for i in range(20):
             conn.delete(f"uid=p{i},ou=people,{SUFFIX}")
@@ -322,6 +325,7 @@ def test_directory_stopped_mid_sync_changes_nothing(own_slapd, cache):
     own_slapd.start()
     result = full_sync(cache, store, 0.2)
     assert (result.outcome, result.removed) == ("ok", 20)
+    assert store.authenticate(p100, "pw100") is True  # the pooled connection died with slapd
     store.close()
 
 

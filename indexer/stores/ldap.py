@@ -204,7 +204,7 @@ class LdapStore(Store):
     # -- connections ------------------------------------------------------------------------
 
     def _connect(self, dn: str | None, password: str | None) -> ldap3.Connection:
-        """An open connection (TLS started when configured), bound as dn, or anonymously."""
+        """An open connection (TLS started when configured) that binds as dn, or anonymously."""
         conn = ldap3.Connection(
             self.servers, user=dn, password=password,
             authentication=ldap3.SIMPLE if dn else ldap3.ANONYMOUS,
@@ -439,24 +439,33 @@ class LdapStore(Store):
             conn.unbind()
 
     def _bind(self, dn: str, password: str) -> bool:
-        """One simple bind as dn on a pooled connection."""
+        """One simple bind as dn, on a pooled connection when one is open (a pooled connection the
+        directory has meanwhile closed is replaced by a new one)."""
         try:
-            conn = self._auth_pool.get_nowait()
+            conn: ldap3.Connection | None = self._auth_pool.get_nowait()
         except queue.Empty:
             conn = None
-        try:
-            if conn is None or conn.closed:
-                conn = self._connect(None, None)
-            conn.user, conn.password, conn.authentication = dn, password, ldap3.SIMPLE
-            ok = bool(conn.bind())
-            if not ok and conn.result.get("result") != INVALID_CREDENTIALS:
-                log.warning("store %s: bind as %s refused: %s %s", self.name, dn,
-                            conn.result.get("description"), conn.result.get("message") or "")
-        except LDAPException as exc:
-            log.warning("store %s: password check for %s not possible: %s", self.name, dn, exc)
-            if conn is not None:
-                conn.unbind()
-            raise StoreError(f"cannot reach {', '.join(self.uris)}: {exc}") from None
+        while True:
+            reused = conn is not None and not conn.closed
+            try:
+                if not reused:
+                    conn = self._connect(None, None)
+                assert conn is not None
+                conn.user, conn.password, conn.authentication = dn, password, ldap3.SIMPLE
+                ok = bool(conn.bind())
+                break
+            except LDAPException as exc:
+                if conn is not None:
+                    try:
+                        conn.unbind()
+                    except LDAPException:
+                        pass
+                conn = None
+                if not reused:
+                    raise StoreError(f"cannot reach {', '.join(self.uris)}: {exc}") from None
+        if not ok and conn.result.get("result") != INVALID_CREDENTIALS:
+            log.warning("store %s: bind as %s refused: %s %s", self.name, dn,
+                        conn.result.get("description"), conn.result.get("message") or "")
         if self._auth_pool.qsize() < self._auth_pool_size:
             self._auth_pool.put(conn)
         else:
