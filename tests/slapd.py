@@ -26,7 +26,7 @@ modulepath /usr/lib/ldap
 moduleload back_mdb
 pidfile {root}/slapd.pid
 {tls}
-sizelimit unlimited
+sizelimit {sizelimit}
 access to attrs=userPassword by anonymous auth by self write by * none
 access to * by dn.exact="{reader}" read by self read by * none
 database mdb
@@ -79,7 +79,7 @@ def make_certificate(folder: Path) -> tuple[Path, Path]:
 class Slapd:
     """slapd serving SUFFIX on ldap://127.0.0.1:<port> (STARTTLS too) and ldaps://127.0.0.1:<tls_port>."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, sizelimit: str = "unlimited") -> None:
         self.root = root
         self.port = free_port()
         self.tls_port = free_port()
@@ -90,7 +90,7 @@ class Slapd:
         tls = f"TLSCertificateFile {self.cert}\nTLSCertificateKeyFile {key}"
         self.config = root / "slapd.conf"
         self.config.write_text(_CONFIG.format(root=root, tls=tls, suffix=SUFFIX, admin=ADMIN_DN,
-                                              password=ADMIN_PASSWORD, reader=READER_DN))
+                                              password=ADMIN_PASSWORD, reader=READER_DN, sizelimit=sizelimit))
         self.process: subprocess.Popen[bytes] | None = None
 
     def load(self, ldif: str = "") -> None:

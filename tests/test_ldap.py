@@ -329,6 +329,24 @@ def test_directory_stopped_mid_sync_changes_nothing(own_slapd, cache):
     store.close()
 
 
+def test_a_size_limit_fails_the_sync_and_says_what_to_change(tmp_path, cache):
+    limited = Slapd(tmp_path, sizelimit="50")  # OpenLDAP's default is 500, paged searches included
+    limited.load(f"dn: ou=people,{SUFFIX}\nobjectClass: organizationalUnit\nou: people\n\n" + "".join(
+        f"dn: uid=p{i},ou=people,{SUFFIX}\nobjectClass: inetOrgPerson\nuid: p{i}\ncn: P\nsn: P\n\n"
+        for i in range(60)))
+    limited.start()
+    try:
+        store = build_store({"name": "dir", "kind": "ldap", "uri": limited.uri, "base_dns": [f"ou=people,{SUFFIX}"],
+                             "bind": {"dn": READER_DN, "password": READER_PASSWORD}, "page_size": 20}, CONFIG)
+        result = full_sync(cache, store, 0.2)
+        assert result.outcome == "failed"
+        assert "sizeLimitExceeded" in result.error and "size=unlimited" in result.error
+        assert cache.state("dir").get("high_water_mark") is None
+        store.close()
+    finally:
+        limited.stop()
+
+
 def test_a_directory_that_never_answers_times_out(cache):
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))

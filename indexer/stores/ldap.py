@@ -25,6 +25,10 @@ log = logging.getLogger(__name__)
 PAGED_RESULTS = "1.2.840.113556.1.4.319"  # RFC 2696
 SHOW_DELETED = "1.2.840.113556.1.4.417"  # AD: deleted objects (tombstones) are returned
 INVALID_CREDENTIALS = 49
+SIZE_LIMIT_EXCEEDED = 4
+ADMIN_LIMIT_EXCEEDED = 11
+SIZE_LIMIT_HINT = (" (the directory limits how many entries the service account may read, paged"
+                   " searches included: on OpenLDAP give it limits dn.exact=\"<bind dn>\" size=unlimited)")
 DISABLED_ACCOUNT = "(!(userAccountControl:1.2.840.113556.1.4.803:=2))"
 EPOCH = "19700101000000.000000Z"
 # The directory's newest change is looked for among entries changed in the last hour, day, ...
@@ -262,10 +266,12 @@ class LdapStore(Store):
         while True:
             conn.search(base, search_filter, ldap3.SUBTREE, attributes=attributes,
                         paged_size=self.page_size, paged_cookie=cookie, controls=controls)
-            if conn.result.get("result") != 0:
+            code = conn.result.get("result")
+            if code != 0:
+                hint = SIZE_LIMIT_HINT if code in (SIZE_LIMIT_EXCEEDED, ADMIN_LIMIT_EXCEEDED) else ""
                 raise StoreError(
                     f"search under {base!r} failed: {conn.result.get('description')} "
-                    f"{conn.result.get('message') or ''}".strip()
+                    f"{conn.result.get('message') or ''}".strip() + hint
                 )
             yield [e for e in conn.response if e.get("type") == "searchResEntry"]
             cookie = conn.result.get("controls", {}).get(PAGED_RESULTS, {}).get("value", {}).get("cookie")
