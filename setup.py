@@ -28,6 +28,7 @@ setup(
         "psycopg[binary]>=3.1.12",
         "pymysql>=1.1",
         "httpx>=0.27",
+        "ldap3>=2.9.1",
     ],
     extras_require={
         "test": ["pytest>=8.0"],

@@ -7,6 +7,7 @@ Per store S (all keys under the configured prefix):
   s:S:3pid    hash  "<address> <medium>" -> mxid (the v2 "none" form, also used by v1 lookups)
   s:S:sha256  hash  base64url(sha256("<address> <medium> <pepper>")) -> mxid
   s:S:mxid    hash  mxid -> store_id
+  s:S:locator hash  store_id -> where the store finds the person for a password check (an LDAP DN)
   s:S:state   hash  generation, last_full, last_incremental, high_water_mark (each JSON)
   s:S:lock    the sync lock (redis-py Lock)
   s:S:rt:<address> <medium>  string, with a TTL: a read-through store's answer, mxid or "" (not found)
@@ -19,7 +20,7 @@ from __future__ import annotations
 import json
 import secrets
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Iterator
 
 import redis
@@ -124,12 +125,30 @@ class Cache:
     def mxid_of(self, store: str, medium: str, address: str) -> str | None:
         return self.r.hget(self.k.store(store, "3pid"), _plain_key(address, medium))
 
+    def identity_by_mxid(self, store: str, mxid: str) -> Identity | None:
+        """The store's identity for mxid with its locator (for a password check), or None."""
+        store_id = self.r.hget(self.k.store(store, "mxid"), mxid)
+        if store_id is None:
+            return None
+        pipe = self.r.pipeline(transaction=False)
+        pipe.hget(self.k.store(store, "rec"), store_id)
+        pipe.hget(self.k.store(store, "locator"), store_id)
+        raw, locator = pipe.execute()
+        return replace(Identity.from_json(raw), locator=locator) if raw else None
+
     # -- writes by the sync (one writer per store, holding the store's lock) --------------------
 
     def mark(self, store: str, store_ids: Iterable[str], generation: int) -> None:
         ids = list(store_ids)
         if ids:
             self.r.zadd(self.k.store(store, "gen"), {i: generation for i in ids})
+
+    def set_locators(self, store: str, identities: Iterable[Identity]) -> None:
+        """Record where the store finds these people (unchanged records too: an entry can move
+        without its content changing)."""
+        locators = {i.store_id: i.locator for i in identities if i.locator is not None}
+        if locators:
+            self.r.hset(self.k.store(store, "locator"), mapping=locators)
 
     def stale_ids(self, store: str, generation: int) -> list[str]:
         return self.r.zrangebyscore(self.k.store(store, "gen"), "-inf", f"({generation}")
@@ -184,21 +203,27 @@ class Cache:
         for (key, field, owner), current in zip(dropped, owners):
             if current == owner:
                 tx.hdel(key, field)
-        for new, plain, hashed in claims:
-            tx.hset(self.k.store(store, "rec"), new.store_id, new.to_json())
-            tx.hset(self.k.store(store, "chash"), new.store_id, new.hash)
-            if plain:
-                tx.hset(k3, mapping={f: new.mxid for f in plain})
-                tx.hset(kh, mapping={f: new.mxid for f in hashed})
-            tx.hset(km, new.mxid, new.store_id)
+        # One command per key for the whole batch (later identities win a shared field, as they
+        # would written one by one): a full sync of a large store is mostly these writes.
+        if claims:
+            plain_owners = {f: new.mxid for new, plain, _ in claims for f in plain}
+            hashed_owners = {f: new.mxid for new, _, hashed in claims for f in hashed}
+            tx.hset(self.k.store(store, "rec"), mapping={new.store_id: new.to_json() for new, _, _ in claims})
+            tx.hset(self.k.store(store, "chash"), mapping={new.store_id: new.hash for new, _, _ in claims})
+            if plain_owners:
+                tx.hset(k3, mapping=plain_owners)
+                tx.hset(kh, mapping=hashed_owners)
+            tx.hset(km, mapping={new.mxid: new.store_id for new, _, _ in claims})
             if generation is not None:
-                tx.zadd(self.k.store(store, "gen"), {new.store_id: generation})
+                tx.zadd(self.k.store(store, "gen"), {new.store_id: generation for new, _, _ in claims})
+        for new, _, _ in claims:
             tx.xadd(self.k.changes, {"store": store, "id": new.store_id, "op": "upsert"},
                     maxlen=STREAM_MAXLEN, approximate=True)
         for gone in deletes:
             tx.hdel(self.k.store(store, "rec"), gone.store_id)
             tx.hdel(self.k.store(store, "chash"), gone.store_id)
             tx.zrem(self.k.store(store, "gen"), gone.store_id)
+            tx.hdel(self.k.store(store, "locator"), gone.store_id)
             tx.xadd(self.k.changes, {"store": store, "id": gone.store_id, "op": "delete"},
                     maxlen=STREAM_MAXLEN, approximate=True)
         tx.execute()

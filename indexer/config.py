@@ -203,5 +203,7 @@ def _complete(config: dict[str, Any], base: Path) -> dict[str, Any]:
         if "path" in store:
             store["path"] = str((base / store["path"]).resolve())
         store_class(store["kind"]).check_config(store, f"stores[{i}]")
+        if store.get("tls", {}).get("ca_file"):
+            store["tls"]["ca_file"] = str((base / store["tls"]["ca_file"]).resolve())
     config["config_dir"] = str(base)
     return config

@@ -10,7 +10,11 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Identity:
-    """One person as the cache holds them. threepids are (medium, canonical address) pairs."""
+    """One person as the cache holds them. threepids are (medium, canonical address) pairs.
+
+    locator is where the store finds the person to check a password (an LDAP entry's DN). It is
+    kept beside the record in the cache, never in it nor in its hash: a moved entry is the same person.
+    """
 
     mxid: str
     localpart: str
@@ -19,6 +23,7 @@ class Identity:
     store: str
     store_id: str
     hash: str = field(default="", compare=False)
+    locator: str | None = field(default=None, compare=False)
 
     @classmethod
     def build(
@@ -30,6 +35,7 @@ class Identity:
         threepids: list[tuple[str, str]] | tuple[tuple[str, str], ...],
         store: str,
         store_id: str,
+        locator: str | None = None,
     ) -> "Identity":
         """An identity with duplicate 3PIDs removed, 3PIDs in a stable order, and its content hash."""
         unique = tuple(sorted(set(threepids)))
@@ -42,7 +48,7 @@ class Identity:
             "store_id": store_id,
         }
         digest = hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
-        return cls(mxid, localpart, display_name, unique, store, store_id, digest)
+        return cls(mxid, localpart, display_name, unique, store, store_id, digest, locator)
 
     def to_json(self) -> str:
         """The record as stored in the cache."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
+from functools import lru_cache
 
 import idna
 import phonenumbers
@@ -38,6 +39,17 @@ def mxid(value: str, lowercase: bool = True) -> tuple[str, str]:
     return f"@{local}:{match.group(2).lower()}", local
 
 
+# An organisation's addresses share a few domains, and IDNA processing is most of an address's cost.
+@lru_cache(maxsize=4096)
+def _unicode_domain(domain: str) -> str:
+    return idna.decode(idna.encode(domain.rstrip("."), uts46=True))
+
+
+@lru_cache(maxsize=4096)
+def _ascii_domain(domain: str) -> str:
+    return idna.encode(domain, uts46=True).decode("ascii")
+
+
 def email(value: str) -> str:
     """An email address trimmed, case-folded, with its domain in Unicode (IDNA) form."""
     value = value.strip()
@@ -45,7 +57,7 @@ def email(value: str) -> str:
     if not sep or not local or not domain or _EMAIL_LOCAL_FORBIDDEN.search(local) or len(value) > 500:
         raise InvalidAddress(f"not a valid email address: {value!r}")
     try:
-        domain = idna.decode(idna.encode(domain.rstrip("."), uts46=True))
+        domain = _unicode_domain(domain)
     except idna.IDNAError as exc:
         raise InvalidAddress(f"not a valid email domain in {value!r}: {exc}") from None
     return f"{local.casefold()}@{domain}"
@@ -84,7 +96,7 @@ def lookup_forms(medium: str, address: str) -> list[str]:
     forms = [address]
     if medium == "email":
         local, _, domain = address.rpartition("@")
-        ascii_domain = idna.encode(domain, uts46=True).decode("ascii")
+        ascii_domain = _ascii_domain(domain)
         if ascii_domain != domain:
             forms.append(f"{local}@{ascii_domain}")
     return forms

@@ -142,10 +142,13 @@ def _run_incremental(cache: Cache, store: Store, mark: Any, result: SyncResult, 
     known = cache.content_hashes(store.name)
     newest = mark
     pending: dict[str, Identity | None] = {}
+    located: list[Identity] = []
     applied = 0
 
     def flush() -> None:
         nonlocal applied
+        cache.set_locators(store.name, located)
+        located.clear()
         ids = list(pending)
         old = dict(zip(ids, cache.get(store.name, ids)))
         upserts = [(new, old[i]) for i, new in pending.items() if new is not None]
@@ -159,6 +162,8 @@ def _run_incremental(cache: Cache, store: Store, mark: Any, result: SyncResult, 
     for change in store.changes_since(mark):
         result.read += 1
         newest = max(newest, change.mark)
+        if change.identity is not None:
+            located.append(change.identity)
         if change.identity is not None and known.get(change.store_id) == change.identity.hash:
             continue
         if change.identity is None and change.store_id not in known:
@@ -172,7 +177,7 @@ def _run_incremental(cache: Cache, store: Store, mark: Any, result: SyncResult, 
         else:
             known.pop(change.store_id, None)
         pending[change.store_id] = change.identity
-        if len(pending) >= BATCH:
+        if len(pending) >= BATCH or len(located) >= BATCH:
             flush()
     flush()
     # Only now that every change is in the cache may the mark move on.
@@ -188,13 +193,14 @@ def _run_full(cache: Cache, store: Store, ratio: float, result: SyncResult, prog
     known = cache.content_hashes(store.name)
     before = len(known)
     seen: set[str] = set()
-    unchanged: list[str] = []
+    unchanged: list[Identity] = []
     changed: list[Identity] = []
     applied = 0
 
     def flush() -> None:
         nonlocal applied
-        cache.mark(store.name, unchanged, generation)
+        cache.mark(store.name, [i.store_id for i in unchanged], generation)
+        cache.set_locators(store.name, unchanged + changed)
         if changed:
             old = cache.get(store.name, [i.store_id for i in changed])
             cache.apply(store.name, list(zip(changed, old)), [], generation)
@@ -212,7 +218,7 @@ def _run_full(cache: Cache, store: Store, ratio: float, result: SyncResult, prog
         seen.add(identity.store_id)
         previous = known.get(identity.store_id)
         if previous == identity.hash:
-            unchanged.append(identity.store_id)
+            unchanged.append(identity)
         else:
             changed.append(identity)
             if previous is None:

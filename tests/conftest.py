@@ -17,6 +17,7 @@ import pytest
 import redis
 import yaml
 
+from indexer.cache import Cache
 from indexer.redis_server import EmbeddedRedis
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,6 +75,14 @@ def rclient(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     yield client
     client.close()
+
+
+@pytest.fixture
+def cache(rclient: redis.Redis, prefix: str) -> Cache:
+    """A cache under this test's prefix, with a known lookup pepper."""
+    c = Cache(rclient, prefix)
+    c.initialize(pepper="pepper")
+    return c
 
 
 PEOPLE = [

@@ -17,6 +17,9 @@ VALID = {
     "matrix": {"domain": "example.org"},
     "stores": [{"name": "people", "kind": "file", "path": "people.yml"}],
 }
+LDAP = {"name": "corp", "kind": "ldap", "preset": "active_directory", "uri": "ldaps://dc1.corp.example.org",
+        "bind": {"dn": "CN=svc,DC=corp,DC=example,DC=org", "password": "secret"},
+        "base_dns": ["OU=Staff,DC=corp,DC=example,DC=org"]}
 
 
 def write(tmp_path: Path, config: object) -> Path:
@@ -55,7 +58,17 @@ def with_changes(**changes: object) -> dict:
         ({"stores": VALID["stores"]}, "matrix: missing required key"),
         (with_changes(matrix={}), "matrix.domain: missing required key"),
         (with_changes(stores__0={"name": "people", "kind": "file"}), "stores[0].path: missing required key"),
-        (with_changes(stores__0__kind="ldapp"), 'stores[0].kind: expected one of "file", "sql", "rest", got "ldapp"'),
+        (with_changes(stores__0__kind="ldapp"), 'stores[0].kind: expected one of "file", "ldap", "sql", "rest", got "ldapp"'),
+        (with_changes(stores__0=dict(LDAP, uri="http://dc1")),
+         'stores[0].uri: expected an ldap:// or ldaps:// URI, or a list of them, got "http://dc1"'),
+        (with_changes(stores__0=dict(LDAP, preset="openldapp")),
+         'stores[0].preset: expected one of "openldap", "active_directory", got "openldapp"'),
+        (with_changes(stores__0=dict(LDAP, attributes={"mail": ["mail"]})), "stores[0].attributes.mail: unknown key"),
+        (with_changes(stores__0=dict(LDAP, attributes={"threepids": {"E-mail": ["mail"]}})),
+         'stores[0].attributes.threepids: expected a 3PID medium like "email", got "E-mail"'),
+        (with_changes(stores__0=dict(LDAP, bind={"dn": "cn=reader"})), "stores[0].bind.password: missing required key"),
+        (with_changes(stores__0=dict(LDAP, base_dns=[])), "stores[0].base_dns: [] should be non-empty"),
+        (with_changes(stores__0=dict(LDAP, path="people.yml")), "stores[0].path: unknown key"),
         (with_changes(matrix__domain="not a domain"),
          'matrix.domain: expected a server name like "example.org", got "not a domain"'),
         (with_changes(stores=[]), "stores: [] should be non-empty"),
@@ -108,6 +121,14 @@ def test_defaults_and_relative_paths(tmp_path):
     assert config["stores"][0]["path"] == str(tmp_path / "people.yml")
     assert config["redis"] == {"url": None, "prefix": "mxisd:"}
     assert config["lookup"]["bulk_max"] == 10000
+
+
+def test_a_directory_needs_only_uri_bind_base_and_preset(tmp_path):
+    config = load_config(write(tmp_path, with_changes(stores__0=LDAP)))
+    store = config["stores"][0]
+    assert (store["page_size"], store["start_tls"], store["tls"]) == (500, False, {"ca_file": None, "verify": True})
+    relative = load_config(write(tmp_path, with_changes(stores__0=dict(LDAP, tls={"ca_file": "ca.pem"}))))
+    assert relative["stores"][0]["tls"]["ca_file"] == str(tmp_path / "ca.pem")
 
 
 def test_shipped_example_config_is_valid():

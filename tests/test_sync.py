@@ -22,13 +22,6 @@ CONFIG = {"matrix": {"domain": "example.org"}, "threepids": {"msisdn": {"default
 
 
 @pytest.fixture
-def cache(rclient, prefix):
-    c = Cache(rclient, prefix)
-    c.initialize(pepper="pepper")
-    return c
-
-
-@pytest.fixture
 def people_file(tmp_path):
     path = tmp_path / "people.yml"
 

@@ -57,7 +57,8 @@ class Store(ABC):
         raise NotImplementedError(f"store kind {self.kind} cannot list changes")
 
     def authenticate(self, identity: Identity, password: str) -> bool:
-        """Whether password is this identity's password; stores without passwords refuse."""
+        """Whether password is this identity's password; stores without passwords refuse. identity
+        comes from the cache (Cache.identity_by_mxid), with the locator the sync recorded."""
         log.info("store %s cannot check passwords", self.name)
         return False
 
@@ -92,14 +93,16 @@ class Store(ABC):
         user: str,
         display_name: str | None,
         threepids: Iterable[tuple[str, str]],
+        locator: str | None = None,
+        lowercase: bool = True,
     ) -> Identity | None:
         """An Identity from raw values, or None (logged) when the user id is unusable. An invalid
         3PID is logged with the record's id and left out; the rest of the record is kept."""
         try:
             if user.startswith("@"):
-                mxid, local = normalize.mxid(user)
+                mxid, local = normalize.mxid(user, lowercase)
             else:
-                local = normalize.localpart(user)
+                local = normalize.localpart(user, lowercase)
                 mxid = f"@{local}:{self.domain}"
         except normalize.InvalidAddress as exc:
             log.warning("store %s: record %s skipped: %s", self.name, store_id, exc)
@@ -112,7 +115,8 @@ class Store(ABC):
                 log.warning("store %s: record %s: %s left out: %s", self.name, store_id, medium, exc)
         name = display_name.strip() if isinstance(display_name, str) and display_name.strip() else None
         return Identity.build(
-            mxid=mxid, localpart=local, display_name=name, threepids=canonical, store=self.name, store_id=store_id
+            mxid=mxid, localpart=local, display_name=name, threepids=canonical, store=self.name, store_id=store_id,
+            locator=locator,
         )
 
 
@@ -124,10 +128,13 @@ def _person_validator() -> jsonschema.Draft202012Validator:
 def store_class(kind: str) -> type[Store]:
     """The adapter class for a configured kind."""
     from indexer.stores.file import FileStore
+    from indexer.stores.ldap import LdapStore
     from indexer.stores.rest import RestStore
     from indexer.stores.sql import SqlStore
 
-    kinds: dict[str, type[Store]] = {FileStore.kind: FileStore, SqlStore.kind: SqlStore, RestStore.kind: RestStore}
+    kinds: dict[str, type[Store]] = {
+        kind.kind: kind for kind in (FileStore, LdapStore, SqlStore, RestStore)
+    }
     return kinds[kind]
 
 

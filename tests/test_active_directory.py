@@ -1,0 +1,229 @@
+"""The ldap store's active_directory preset against a real Active Directory: a Samba AD domain
+controller provisioned for the test run, reached by LDAPS on 127.0.0.1:636."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import ldap3
+import pytest
+
+from indexer.stores import build_store
+from indexer.stores.ldap import LdapStore
+from indexer.sync import full_sync, incremental_sync
+from tests.slapd import make_certificate
+
+SAMBA = os.environ.get("MXISD_TEST_SAMBA", "/usr/sbin/samba")
+SAMBA_TOOL = os.environ.get("MXISD_TEST_SAMBA_TOOL", "/usr/bin/samba-tool")
+REALM = "corp.example.org"
+DOMAIN_DN = "DC=corp,DC=example,DC=org"
+ADMIN_DN = f"CN=Administrator,CN=Users,{DOMAIN_DN}"
+ADMIN_PASSWORD = "Adm1n-Passw0rd!"
+CONFIG = {"matrix": {"domain": "example.org"}, "threepids": {"msisdn": {"default_region": "GB"}}}
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+class SambaDC:
+    """A Samba AD DC provisioned into root, serving only LDAP on the fixed ports of the loopback."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.cert, key = make_certificate(root)
+        key.chmod(0o600)  # Samba refuses a key others can read
+        self.smb_conf = root / "dc" / "etc" / "smb.conf"
+        self.process: subprocess.Popen[bytes] | None = None
+        self._run([
+            SAMBA_TOOL, "domain", "provision", f"--realm={REALM.upper()}", "--domain=CORP",
+            "--server-role=dc", "--dns-backend=NONE", f"--targetdir={root / 'dc'}", f"--adminpass={ADMIN_PASSWORD}",
+            "--option=interfaces=lo", "--option=bind interfaces only=yes", "--option=server services=ldap",
+            f"--option=tls certfile={self.cert}", f"--option=tls keyfile={key}", "--option=tls cafile=",
+            f"--option=log file={root / 'log.%m'}",
+        ], timeout=300)
+
+    def _run(self, args: list[str], timeout: float = 120) -> str:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(args[:3])} failed ({done.returncode}): {done.stderr or done.stdout}")
+        return done.stdout
+
+    def start(self) -> None:
+        log = open(self.root / "samba.log", "ab")
+        self.process = subprocess.Popen([SAMBA, "-s", str(self.smb_conf), "--foreground", "--no-process-group"],
+                                        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"samba exited with {self.process.returncode}: "
+                                   + (self.root / "samba.log").read_text(errors="replace"))
+            if _listening(636):
+                try:
+                    self.admin().unbind()
+                    return
+                except ldap3.core.exceptions.LDAPException:
+                    pass
+            time.sleep(0.2)
+        raise RuntimeError("samba did not answer LDAPS on 127.0.0.1:636 within 120 s")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def admin(self) -> ldap3.Connection:
+        tls = ldap3.Tls(ca_certs_file=str(self.cert), validate=ssl.CERT_REQUIRED)
+        server = ldap3.Server("ldaps://127.0.0.1", tls=tls, get_info=ldap3.NONE, connect_timeout=5)
+        return ldap3.Connection(server, ADMIN_DN, ADMIN_PASSWORD, auto_bind=True, raise_exceptions=True)
+
+    def tool(self, *args: str) -> str:
+        return self._run([SAMBA_TOOL, *args, "-s", str(self.smb_conf)])
+
+
+@pytest.fixture(scope="session")
+def samba_dc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SambaDC]:
+    """One domain controller for the whole run (it needs the fixed LDAP ports)."""
+    if _listening(636):
+        pytest.fail("127.0.0.1:636 is taken: the Active Directory tests need it for their Samba DC")
+    dc = SambaDC(tmp_path_factory.mktemp("samba"))
+    dc.start()
+    yield dc
+    dc.stop()
+
+
+class Domain:
+    """An organizational unit of the test's own, with users made by samba-tool."""
+
+    def __init__(self, dc: SambaDC) -> None:
+        self.dc = dc
+        self.tag = uuid.uuid4().hex[:5]
+        self.ou = f"OU=t{self.tag},{DOMAIN_DN}"
+        self.conn = dc.admin()
+        self.conn.add(self.ou, ["organizationalUnit"])
+
+    def name(self, base: str) -> str:
+        """A sAMAccountName unique in the domain (they are domain-wide)."""
+        return f"{base}-{self.tag}"
+
+    def add(self, base: str, password: str, mail: str | None = None, phone: str | None = None) -> str:
+        name = self.name(base)
+        args = ["user", "create", name, password, f"--userou=OU=t{self.tag}", f"--given-name={base.title()}",
+                "--surname=Tester"]
+        if mail:
+            args.append(f"--mail-address={mail}")
+        if phone:
+            args.append(f"--telephone-number={phone}")
+        self.dc.tool(*args)
+        return name
+
+    def dn(self, name: str) -> str:
+        self.conn.search(self.ou, f"(sAMAccountName={name})", attributes=["cn"])
+        return self.conn.response[0]["dn"]
+
+    def guid(self, name: str) -> str:
+        shown = self.dc.tool("user", "show", name, "--attributes=objectGUID")
+        return next(line.split(":", 1)[1].strip() for line in shown.splitlines() if line.startswith("objectGUID"))
+
+    def store(self, **overrides: Any) -> LdapStore:
+        config: dict[str, Any] = {"name": "ad", "kind": "ldap", "preset": "active_directory",
+                                  "uri": "ldaps://127.0.0.1", "tls": {"ca_file": str(self.dc.cert)},
+                                  "bind": {"dn": ADMIN_DN, "password": ADMIN_PASSWORD}, "base_dns": [self.ou]}
+        config.update(overrides)
+        return build_store(config, CONFIG)
+
+
+@pytest.fixture
+def domain(samba_dc: SambaDC) -> Iterator[Domain]:
+    d = Domain(samba_dc)
+    yield d
+    d.conn.unbind()
+
+
+def test_objectguid_keys_records_and_disabled_accounts_are_left_out(domain, cache):
+    alice = domain.add("alice", "Passw0rd-Alice!", mail=f"alice.{domain.tag}@corp.example.org",
+                       phone="+44 7700 900001")
+    bob = domain.add("bob", "Passw0rd-Bob!", mail=f"bob.{domain.tag}@corp.example.org")
+    domain.dc.tool("user", "disable", bob)
+    store = domain.store()
+    result = full_sync(cache, store, 0.2)
+    assert (result.outcome, result.added) == ("ok", 1), result.error
+    record = cache.identity_by_mxid("ad", f"@{alice}:example.org")
+    assert record.store_id == domain.guid(alice)
+    assert record.display_name == "Alice Tester"
+    assert record.threepids == (("email", f"alice.{domain.tag}@corp.example.org"), ("msisdn", "447700900001"))
+    assert cache.mxid_of("ad", "email", f"bob.{domain.tag}@corp.example.org") is None
+    assert isinstance(cache.state("ad")["high_water_mark"], int)
+    store.close()
+
+
+def test_incremental_sync_by_usn(domain, cache):
+    ann = domain.add("ann", "Passw0rd-Ann!", mail=f"ann.{domain.tag}@corp.example.org")
+    cid = domain.add("cid", "Passw0rd-Cid!", mail=f"cid.{domain.tag}@corp.example.org")
+    eve = domain.add("eve", "Passw0rd-Eve!", mail=f"eve.{domain.tag}@corp.example.org")
+    store = domain.store()
+    assert full_sync(cache, store, 0.2).added == 3
+    mark = cache.state("ad")["high_water_mark"]
+
+    domain.conn.modify(domain.dn(ann), {"mail": [(ldap3.MODIFY_REPLACE, [f"ann.new.{domain.tag}@corp.example.org"])]})
+    dan = domain.add("dan", "Passw0rd-Dan!", mail=f"dan.{domain.tag}@corp.example.org")
+    domain.dc.tool("user", "disable", cid)
+    domain.dc.tool("user", "delete", eve)
+    result = incremental_sync(cache, store)
+    assert result.outcome == "ok", result.error
+    assert (result.added, result.changed, result.removed) == (1, 1, 2)
+    assert cache.mxid_of("ad", "email", f"ann.new.{domain.tag}@corp.example.org") == f"@{ann}:example.org"
+    assert cache.mxid_of("ad", "email", f"ann.{domain.tag}@corp.example.org") is None
+    assert cache.mxid_of("ad", "email", f"dan.{domain.tag}@corp.example.org") == f"@{dan}:example.org"
+    assert cache.mxid_of("ad", "email", f"cid.{domain.tag}@corp.example.org") is None  # disabled
+    assert cache.mxid_of("ad", "email", f"eve.{domain.tag}@corp.example.org") is None  # deleted
+    assert cache.state("ad")["high_water_mark"] > mark
+    store.close()
+
+
+def test_login_by_samaccountname_and_by_user_principal_name(domain, cache):
+    alice = domain.add("alice", "Passw0rd-Alice!")
+    jsmith = domain.add("jsmith", "Passw0rd-John!")
+    domain.conn.modify(domain.dn(jsmith), {
+        "userPrincipalName": [(ldap3.MODIFY_REPLACE, [f"john.smith.{domain.tag}@{REALM}"])]})
+
+    by_sam = domain.store()
+    full_sync(cache, by_sam, 0.2)
+    record = cache.identity_by_mxid("ad", f"@{alice}:example.org")
+    assert by_sam.authenticate(record, "Passw0rd-Alice!") is True
+    assert by_sam.authenticate(record, "Passw0rd-Wrong!") is False
+    assert by_sam.authenticate(record, "") is False
+    by_sam.close()
+
+    by_upn = domain.store(name="upn", attributes={"user_id": "userPrincipalName"})
+    full_sync(cache, by_upn, 0.2)
+    john = cache.identity_by_mxid("upn", f"@john.smith.{domain.tag}:example.org")
+    assert john is not None and john.store_id == domain.guid(jsmith)
+    assert by_upn.authenticate(john, "Passw0rd-John!") is True
+    assert by_upn.authenticate(john, "Passw0rd-Alice!") is False
+    by_upn.close()
+
+
+def test_simple_binds_without_tls_are_refused(domain, cache):
+    domain.add("alice", "Passw0rd-Alice!")
+    plain = domain.store(uri="ldap://127.0.0.1")
+    result = full_sync(cache, plain, 0.2)
+    assert result.outcome == "failed" and "strongerAuthRequired" in result.error
+    assert cache.count("ad") == 0
+    plain.close()

@@ -1,0 +1,383 @@
+"""The ldap store against a real OpenLDAP slapd: full and incremental sync, deletions and their
+guard, filter escaping, password checks, TLS, and a directory that fails mid-sync."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import ldap3
+import pytest
+
+from indexer.normalize import lookup_hash
+from indexer.stores import build_store
+from indexer.stores.ldap import LdapStore, filter_value, normalize_time
+from indexer.sync import full_sync, incremental_sync
+from tests.conftest import TOKEN, wait_until
+from tests.slapd import ADMIN_DN, ADMIN_PASSWORD, READER_DN, READER_PASSWORD, SUFFIX, Slapd
+
+CONFIG = {"matrix": {"domain": "example.org"}, "threepids": {"msisdn": {"default_region": "GB"}}}
+
+
+@pytest.fixture(scope="session")
+def slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
+    """One slapd for the run; each test works in an organizational unit of its own."""
+    server = Slapd(tmp_path_factory.mktemp("slapd"))
+    server.load()
+    server.start()
+    yield server
+    server.stop()
+
+
+def admin(server: Slapd) -> ldap3.Connection:
+    return ldap3.Connection(server.uri, ADMIN_DN, ADMIN_PASSWORD, auto_bind=True, raise_exceptions=True)
+
+
+class Directory:
+    """An organizational unit of the test's own, changed with ldap3 as an administrator would."""
+
+    def __init__(self, server: Slapd) -> None:
+        self.server = server
+        self.conn = admin(server)
+        self.base = f"ou=t{uuid.uuid4().hex[:10]},{SUFFIX}"
+        self.conn.add(self.base, ["organizationalUnit"])
+
+    def dn(self, uid: str, ou: str | None = None) -> str:
+        return f"uid={uid},{f'ou={ou},' if ou else ''}{self.base}"
+
+    def add_ou(self, name: str) -> None:
+        self.conn.add(f"ou={name},{self.base}", ["organizationalUnit"])
+
+    def add(self, uid: str, *, mail: list[str] | None = None, phones: list[str] | None = None,
+            password: str | None = None, ou: str | None = None, **extra: Any) -> str:
+        attrs: dict[str, Any] = {"uid": uid, "cn": extra.pop("cn", uid.title()), "sn": "Person"}
+        if mail:
+            attrs["mail"] = mail
+        if phones:
+            attrs["telephoneNumber"] = phones
+        if password:
+            attrs["userPassword"] = password
+        attrs.update(extra)
+        dn = self.dn(uid, ou)
+        self.conn.add(dn, ["inetOrgPerson"], attrs)
+        return dn
+
+    def modify(self, dn: str, **attrs: Any) -> None:
+        self.conn.modify(dn, {k: [(ldap3.MODIFY_REPLACE, v if isinstance(v, list) else [v])] for k, v in attrs.items()})
+
+    def delete(self, dn: str) -> None:
+        self.conn.delete(dn)
+
+    def store(self, **overrides: Any) -> LdapStore:
+        config = {"name": "dir", "kind": "ldap", "preset": "openldap", "uri": self.server.uri,
+                  "bind": {"dn": READER_DN, "password": READER_PASSWORD}, "base_dns": [self.base],
+                  "page_size": 50}
+        config.update(overrides)
+        return build_store(config, CONFIG)
+
+
+@pytest.fixture
+def directory(slapd: Slapd) -> Iterator[Directory]:
+    d = Directory(slapd)
+    yield d
+    d.conn.unbind()
+
+
+def people(directory: Directory, count: int, ou: str | None = None) -> list[str]:
+    return [
+        directory.add(f"user{i:03d}", mail=[f"user{i}@example.org", f"u.{i}@mail.example.com"],
+                      phones=[f"+44 7700 9{i:05d}"], mobile=f"07700 8{i:05d}", displayName=f"User Number {i}",
+                      ou=ou)
+        for i in range(count)
+    ]
+
+
+def test_full_sync_reads_every_page(directory, cache):
+    people(directory, 260)
+    directory.add("Zoe.Mixed", mail=["Zoe@Example.ORG"])
+    store = directory.store()
+    result = full_sync(cache, store, 0.2)
+    assert (result.outcome, result.read, result.added, result.removed) == ("ok", 261, 261, 0)
+    assert cache.count("dir") == 261
+    assert cache.mxid_of("dir", "email", "user7@example.org") == "@user007:example.org"
+    assert cache.mxid_of("dir", "email", "u.259@mail.example.com") == "@user259:example.org"
+    assert cache.mxid_of("dir", "msisdn", "447700900042") == "@user042:example.org"
+    assert cache.mxid_of("dir", "msisdn", "447700800042") == "@user042:example.org"  # mobile, national form
+    assert cache.mxid_of("dir", "email", "zoe@example.org") == "@zoe.mixed:example.org"
+    hashed = lookup_hash("user12@example.org", "email", "pepper")
+    assert cache.r.hget(cache.k.store("dir", "sha256"), hashed) == "@user012:example.org"
+    user = cache.identity_by_mxid("dir", "@user012:example.org")
+    assert user.display_name == "User Number 12"
+    assert uuid.UUID(user.store_id)  # keyed by entryUUID
+    assert user.locator == directory.dn("user012")
+    assert isinstance(cache.state("dir")["high_water_mark"], str)
+    store.close()
+
+
+def test_attribute_mapping_overrides_the_preset(directory, cache):
+    directory.add("bob", mail=["bob@example.org"], phones=["+44 7700 900555"], description="@Bob.B:Example.org",
+                  employeeNumber="E-1234")
+    store = directory.store(attributes={"user_id": "description", "user_id_type": "mxid", "lowercase": False,
+                                        "display_name": ["sn"], "threepids": {"msisdn": [], "employee": ["employeeNumber"]}})
+    assert full_sync(cache, store, 0.2).added == 1
+    bob = cache.identity_by_mxid("dir", "@Bob.B:example.org")
+    assert bob.display_name == "Person"
+    assert bob.threepids == (("email", "bob@example.org"), ("employee", "E-1234"))
+    assert cache.mxid_of("dir", "employee", "E-1234") == "@Bob.B:example.org"
+    store.close()
+
+
+def test_incremental_sync_sees_modify_add_rename_and_leaving_the_filter(directory, cache):
+    for uid in ("ann", "ben", "cid", "dee"):
+        directory.add(uid, mail=[f"{uid}@example.org"])
+    store = directory.store(filter="(&(objectClass=inetOrgPerson)(!(description=left)))")
+    assert full_sync(cache, store, 0.2).added == 4
+    cid_before = cache.identity_by_mxid("dir", "@cid:example.org")
+
+    directory.modify(directory.dn("ann"), mail=["ann.new@example.org"])
+    directory.add("eve", mail=["eve@example.org"])
+    directory.conn.modify_dn(directory.dn("cid"), "uid=carl")
+    directory.modify(directory.dn("dee"), description="left")
+    result = incremental_sync(cache, store)
+    assert result.outcome == "ok", result.error
+    assert (result.added, result.changed, result.removed) == (1, 2, 1)
+    assert cache.mxid_of("dir", "email", "ann.new@example.org") == "@ann:example.org"
+    assert cache.mxid_of("dir", "email", "ann@example.org") is None
+    assert cache.mxid_of("dir", "email", "eve@example.org") == "@eve:example.org"
+    assert cache.mxid_of("dir", "email", "dee@example.org") is None
+    carl = cache.identity_by_mxid("dir", "@carl:example.org")
+    assert carl.store_id == cid_before.store_id and carl.locator == directory.dn("carl")
+    assert cache.mxid_of("dir", "email", "cid@example.org") == "@carl:example.org"
+    assert cache.identity_by_mxid("dir", "@cid:example.org") is None
+    assert cache.count("dir") == 4
+    mark = cache.state("dir")["high_water_mark"]
+    again = incremental_sync(cache, store)
+    assert (again.added, again.changed, again.removed) == (0, 0, 0)
+    assert cache.state("dir")["high_water_mark"] >= mark
+    store.close()
+
+
+def test_deleted_entries_leave_with_the_next_full_sync(directory, cache):
+    dns = people(directory, 10)
+    store = directory.store()
+    full_sync(cache, store, 0.2)
+    directory.delete(dns[3])
+    result = full_sync(cache, store, 0.2)
+    assert (result.outcome, result.removed) == ("ok", 1)
+    assert cache.mxid_of("dir", "email", "user3@example.org") is None
+    assert cache.identity_by_mxid("dir", "@user003:example.org") is None
+    store.close()
+
+
+def test_a_mistyped_filter_cannot_wipe_the_cache(directory, cache):
+    people(directory, 10)
+    full_sync(cache, directory.store(), 0.2)
+    mistyped = directory.store(filter="(objectClass=inetOrgPersn)")
+    result = full_sync(cache, mistyped, 0.2)
+    assert result.outcome == "refused"
+    assert "would remove 10 of 10 identities" in result.error
+    assert cache.count("dir") == 10
+    assert cache.mxid_of("dir", "email", "user9@example.org") == "@user009:example.org"
+    mistyped.close()
+
+
+def test_filter_values_are_escaped(directory, cache):
+    assert filter_value("a*b(c)d\\e\x00") == "a\\2ab\\28c\\29d\\5ce\\00"
+    assert filter_value(b"\x01\xff") == "\\01\\ff"
+    directory.add("star", description="a*(b)\\c")
+    directory.add("other", description="anything")
+    store = directory.store()
+    crafted = filter_value("a*(b)\\c")
+    literal = list(store._search(directory.base, f"(description={crafted})", ["uid"]))
+    assert [e["dn"] for e in literal] == [directory.dn("star")]
+    assert list(store._search(directory.base, f"(description={filter_value('*')})", ["uid"])) == []
+    store.close()
+
+
+def test_a_crafted_id_cannot_log_in_as_someone_else(directory, cache):
+    directory.add("alice", password="alice-pw")
+    store = directory.store()
+    full_sync(cache, store, 0.2)
+    alice = cache.identity_by_mxid("dir", "@alice:example.org")
+    for crafted in ("*", f"{alice.store_id[:8]}*", "x)(uid=alice", "\\2a", "x\x00"):
+        attacker = alice.__class__.build(mxid="@mallory:example.org", localpart="mallory", display_name=None,
+                                         threepids=[], store="dir", store_id=crafted)
+        assert store.authenticate(attacker, "alice-pw") is False, crafted
+    assert store.authenticate(alice, "alice-pw") is True
+    store.close()
+
+
+def test_authentication_binds_as_the_entry(directory, cache, caplog):
+    caplog.set_level(logging.INFO)
+    directory.add_ou("staff")
+    directory.add_ou("alumni")
+    directory.add("alice", password="correct horse", ou="staff")
+    directory.add("bob", password="bob-pw", ou="staff")
+    store = directory.store()
+    full_sync(cache, store, 0.2)
+    alice = cache.identity_by_mxid("dir", "@alice:example.org")
+    assert alice.locator == directory.dn("alice", "staff")
+    assert store.authenticate(alice, "correct horse") is True
+    assert store.authenticate(alice, "wrong horse") is False
+    assert store.authenticate(alice, "bob-pw") is False
+    assert store.authenticate(alice, "") is False
+    assert "empty password for @alice:example.org refused" in caplog.text
+
+    directory.conn.modify_dn(directory.dn("alice", "staff"), "uid=alice", new_superior=f"ou=alumni,{directory.base}")
+    assert store.authenticate(alice, "correct horse") is True  # the cached DN is stale: found by entryUUID
+    assert "moved from" in caplog.text
+    assert store.authenticate(alice, "wrong horse") is False
+    assert incremental_sync(cache, store).outcome == "ok"
+    assert cache.identity_by_mxid("dir", "@alice:example.org").locator == directory.dn("alice", "alumni")
+    assert "correct horse" not in caplog.text and "bob-pw" not in caplog.text
+    store.close()
+
+
+def test_an_empty_password_never_reaches_the_directory(cache, caplog):
+    caplog.set_level(logging.INFO)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    store = build_store({"name": "dir", "kind": "ldap", "uri": f"ldap://127.0.0.1:{port}",
+                         "base_dns": ["dc=example,dc=org"]}, CONFIG)
+    someone = store.build_identity("x", "alice", None, [], locator="uid=alice,dc=example,dc=org")
+    assert store.authenticate(someone, "") is False
+    assert store.authenticate(someone, "something") is False
+    assert "password check for @alice:example.org failed" in caplog.text
+    assert caplog.text.count("failed") == 1
+    closed.close()
+
+
+def test_ldaps_and_starttls_with_the_directory_certificate(directory, cache, slapd):
+    people(directory, 3)
+    over_ldaps = directory.store(uri=slapd.ldaps_uri, tls={"ca_file": str(slapd.cert)})
+    assert full_sync(cache, over_ldaps, 0.2).added == 3
+    over_ldaps.close()
+    directory.add("tls", password="tls-pw", mail=["tls@example.org"])
+    starttls = directory.store(start_tls=True, tls={"ca_file": str(slapd.cert)})
+    assert full_sync(cache, starttls, 0.2).added == 1
+    assert starttls.authenticate(cache.identity_by_mxid("dir", "@tls:example.org"), "tls-pw") is True
+    starttls.close()
+    untrusted = directory.store(uri=slapd.ldaps_uri)  # the system's CAs do not know the test's certificate
+    result = full_sync(cache, untrusted, 0.2)
+    assert result.outcome == "failed" and "certificate" in result.error.lower()
+    assert cache.count("dir") == 4
+    untrusted.close()
+
+
+def test_failover_to_the_next_uri(directory, cache, slapd):
+    people(directory, 2)
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        dead = f"ldap://127.0.0.1:{unused.getsockname()[1]}"
+    store = directory.store(uri=[dead, slapd.uri], connect_timeout="2s")
+    assert full_sync(cache, store, 0.2).added == 2
+    store.close()
+
+
+@pytest.fixture
+def own_slapd(tmp_path: Path) -> Iterator[Slapd]:
+    """A slapd of this test's own, to stop while a sync reads it."""
+    server = Slapd(tmp_path)
+    ou = f"ou=people,{SUFFIX}"
+    ldif = f"dn: {ou}\nobjectClass: organizationalUnit\nou: people\n\n" + "".join(
+        f"dn: uid=p{i},{ou}\nobjectClass: inetOrgPerson\nuid: p{i}\ncn: P {i}\nsn: P\nmail: p{i}@example.org\n"
+        f"userPassword: pw{i}\n\n"
+        for i in range(300)
+    )
+    server.load(ldif)
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_directory_stopped_mid_sync_changes_nothing(own_slapd, cache):
+    config = {"name": "dir", "kind": "ldap", "uri": own_slapd.uri, "base_dns": [f"ou=people,{SUFFIX}"],
+              "bind": {"dn": READER_DN, "password": READER_PASSWORD}, "page_size": 50}
+    store = build_store(config, CONFIG)
+    assert full_sync(cache, store, 0.2).added == 300
+    p100 = cache.identity_by_mxid("dir", "@p100:example.org")
+    assert store.authenticate(p100, "pw100") is True  # leaves a pooled connection open
+    with admin(own_slapd) as conn:
+        for i in range(20):
+            conn.delete(f"uid=p{i},ou=people,{SUFFIX}")
+    reading = store.enumerate
+
+    def dies_after_120() -> Iterator[Any]:
+        for count, identity in enumerate(reading()):
+            if count == 120:
+                own_slapd.kill()
+            yield identity
+
+    store.enumerate = dies_after_120  # type: ignore[method-assign]
+    result = full_sync(cache, store, 0.2)
+    assert result.outcome == "failed" and "failed mid-read" in result.error
+    assert cache.count("dir") == 300
+    assert cache.mxid_of("dir", "email", "p3@example.org") == "@p3:example.org"
+    assert cache.state("dir")["last_full"]["outcome"] == "failed"
+    assert incremental_sync(cache, store).outcome == "failed"
+    assert cache.count("dir") == 300
+
+    store.enumerate = reading  # type: ignore[method-assign]
+    own_slapd.start()
+    result = full_sync(cache, store, 0.2)
+    assert (result.outcome, result.removed) == ("ok", 20)
+    assert store.authenticate(p100, "pw100") is True  # the pooled connection died with slapd
+    store.close()
+
+
+def test_a_size_limit_fails_the_sync_and_says_what_to_change(tmp_path, cache):
+    limited = Slapd(tmp_path, sizelimit="50")  # OpenLDAP's default is 500, paged searches included
+    limited.load(f"dn: ou=people,{SUFFIX}\nobjectClass: organizationalUnit\nou: people\n\n" + "".join(
+        f"dn: uid=p{i},ou=people,{SUFFIX}\nobjectClass: inetOrgPerson\nuid: p{i}\ncn: P\nsn: P\n\n"
+        for i in range(60)))
+    limited.start()
+    try:
+        store = build_store({"name": "dir", "kind": "ldap", "uri": limited.uri, "base_dns": [f"ou=people,{SUFFIX}"],
+                             "bind": {"dn": READER_DN, "password": READER_PASSWORD}, "page_size": 20}, CONFIG)
+        result = full_sync(cache, store, 0.2)
+        assert result.outcome == "failed"
+        assert "sizeLimitExceeded" in result.error and "size=unlimited" in result.error
+        assert cache.state("dir").get("high_water_mark") is None
+        store.close()
+    finally:
+        limited.stop()
+
+
+def test_a_directory_that_never_answers_times_out(cache):
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(5)  # connections complete in the backlog, but nothing ever answers
+    store = build_store({"name": "dir", "kind": "ldap", "uri": f"ldap://127.0.0.1:{silent.getsockname()[1]}",
+                         "base_dns": [SUFFIX], "timeout": "1s"}, CONFIG)
+    result = full_sync(cache, store, 0.2)
+    assert result.outcome == "failed" and "cannot reach" in result.error
+    store.close()
+    silent.close()
+
+
+def test_generalized_times_sort_as_times():
+    assert normalize_time("20240102030405Z") == "20240102030405.000000Z"
+    assert normalize_time("20240102030405.5Z") == "20240102030405.500000Z"
+    assert normalize_time("20240102040405+0100") == "20240102030405.000000Z"
+    assert normalize_time("20240102030405.5Z") > normalize_time("20240102030405Z")
+
+
+def test_a_server_indexes_a_directory_from_a_minimal_config(directory, make_server: Callable[..., Any]):
+    directory.add("alice", mail=["alice@example.org"], password="pw")
+    server = make_server()
+    server.config["stores"] = [{
+        "name": "corp", "kind": "ldap", "preset": "openldap", "uri": directory.server.uri,
+        "bind": {"dn": READER_DN, "password": READER_PASSWORD}, "base_dns": [directory.base],
+    }]
+    server.start()
+    found = wait_until(lambda: server.lookup_v1("email", "alice@example.org").get("mxid"), 60, "the LDAP entry")
+    assert found == "@alice:example.org"
+    details = server.http.get("/_matrix/identity/v2/hash_details", headers={"Authorization": f"Bearer {TOKEN}"})
+    pepper = details.json()["lookup_pepper"]
+    answer = server.http.post("/_matrix/identity/v2/lookup", headers={"Authorization": f"Bearer {TOKEN}"}, json={
+        "addresses": [lookup_hash("alice@example.org", "email", pepper)], "algorithm": "sha256", "pepper": pepper})
+    assert answer.json()["mappings"] == {lookup_hash("alice@example.org", "email", pepper): "@alice:example.org"}
