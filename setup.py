@@ -22,9 +22,12 @@ setup(
         "pyyaml>=6.0",
         "jsonschema>=4.20",
         "bcrypt>=4.1",
+        "prometheus-client>=0.20",
+        "httpx>=0.27",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "httpx>=0.27"],
+        "test": ["pytest>=8.0", "selenium>=4.20"],
     },
+    package_data={"server": ["static/*.html"]},
     entry_points={"console_scripts": ["mxisd = server.cli:main"]},
 )

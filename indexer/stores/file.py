@@ -56,6 +56,10 @@ class FileStore(Store):
             # Without an explicit id, the user id is the stable id (case does not make a new person).
             yield str(entry.get("id") or (entry.get("mxid") or entry["localpart"]).strip().lower()), entry
 
+    def size(self) -> int:
+        """The number of entries in the file."""
+        return len(self._read())
+
     def enumerate(self) -> Iterator[Identity]:
         """Every valid person in the file."""
         for store_id, entry in self._people():
