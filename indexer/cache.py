@@ -153,7 +153,10 @@ def _job_view(job_id: str, raw: dict[str, str]) -> dict[str, Any] | None:
         percent = min(99, read * 100 // total)
     elif total == 0:
         percent = 0
-    number = lambda name: float(raw[name]) if raw.get(name) else None  # noqa: E731
+
+    def number(name: str) -> float | None:
+        return float(raw[name]) if raw.get(name) else None
+
     return {
         "id": job_id, "store": raw["store"], "full": raw.get("full") == "1", "state": raw.get("state"),
         "read": read, "applied": applied, "total": total, "percent": percent,

@@ -110,8 +110,13 @@ def _open_cache(config: dict[str, Any]) -> Iterator[Cache]:
             lock.close()
 
 
+class AdminRefused(Exception):
+    """The running server's admin API answered, but not with what was asked."""
+
+
 def _admin_client(config: dict[str, Any]) -> httpx.Client | None:
-    """A client of the running server's admin API, when a token is configured and the server answers."""
+    """A client of the running server's admin API, when a token is configured and a server answers
+    at the configured address; AdminRefused when it answers with an error (such as a wrong token)."""
     token = config["admin"]["token"]
     if not token:
         return None
@@ -121,11 +126,23 @@ def _admin_client(config: dict[str, Any]) -> httpx.Client | None:
     client = httpx.Client(base_url=f"http://{host}:{config['server']['port']}/_mxisd/admin/v1",
                           headers={"Authorization": f"Bearer {token}"}, timeout=30)
     try:
-        client.get("/stores").raise_for_status()
-    except httpx.HTTPError:
+        answer = client.get("/stores")
+    except httpx.TransportError:
         client.close()
         return None
+    if answer.status_code != 200:
+        client.close()
+        raise AdminRefused(f"the server at {client.base_url} refused the admin API call: "
+                           f"{answer.status_code} {_error_text(answer)}")
     return client
+
+
+def _error_text(answer: httpx.Response) -> str:
+    try:
+        body = answer.json()
+        return f"{body['errcode']}: {body['error']}"
+    except (ValueError, KeyError, TypeError):
+        return answer.reason_phrase
 
 
 def _index_via_api(client: httpx.Client, names: list[str], full: bool) -> int:
@@ -158,7 +175,11 @@ def _index(config: dict[str, Any], only: str | None, full: bool) -> int:
         print(f"mxisd: no store named {only!r}; configured stores: {', '.join(names)}", file=sys.stderr)
         return EXIT_CONFIG
     wanted = [only] if only is not None else names
-    client = _admin_client(config)
+    try:
+        client = _admin_client(config)
+    except AdminRefused as exc:
+        print(f"mxisd: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     if client is not None:
         # The server's indexer owns the sync lock: let it do the work and follow it.
         try:

@@ -52,7 +52,8 @@ def test_admin_api_needs_the_token(server):
     assert server.http.get(f"{API}/stores", headers=ADMIN).status_code == 200
     page = server.http.get("/_mxisd/admin/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
-    assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+    csp = page.headers["content-security-policy"]
+    assert "frame-ancestors 'none'" in csp and "script-src 'sha256-" in csp and "unsafe-inline" not in csp
     assert server.http.get("/_mxisd/admin").headers["location"] == "/_mxisd/admin/"
 
 
@@ -137,7 +138,9 @@ def test_sync_through_the_api_with_progress_then_the_identity_is_found(server, r
 
 
 def test_store_status_jobs_and_bad_requests(server):
-    stores = server.http.get(f"{API}/stores", headers=ADMIN).json()
+    # The indexer records its schedule once the first sync is done.
+    stores = wait_until(lambda: (s := server.http.get(f"{API}/stores", headers=ADMIN).json())["stores"][0]["next_full"]
+                        and s, what="the schedule")
     [people] = stores["stores"]
     assert people["name"] == "people" and people["kind"] == "file" and people["identities"] == 3
     assert people["last_full"]["outcome"] == "ok" and people["last_full"]["added"] == 3
@@ -256,3 +259,14 @@ def test_index_command_without_a_running_server_syncs_itself(make_server, redis_
     assert done.returncode == 0, done.stderr
     assert "people: full sync ok" in done.stderr
     assert Cache(redis.Redis.from_url(redis_url, decode_responses=True), prefix).count("people") == 3
+
+
+def test_index_command_with_a_wrong_admin_token_says_so(server):
+    config = yaml.safe_load(server.config_path.read_text())
+    config["admin"]["token"] = "not-the-servers-token-0123456789"
+    other = server.root / "other.yml"
+    other.write_text(yaml.safe_dump(config))
+    refused = subprocess.run([sys.executable, "-m", "server.cli", "index", "--config", str(other)],
+                             capture_output=True, text=True, timeout=120, cwd=server.root)
+    assert refused.returncode == 1
+    assert "refused the admin API call: 401 M_UNAUTHORIZED: Unrecognised admin token" in refused.stderr

@@ -61,7 +61,8 @@ def test_admin_page_login_sync_and_search(make_server, browser):
     people = '#stores tr[data-store="people"]'
     wait.until(ec.visibility_of_element_located((By.CSS_SELECTOR, people)))
     assert text_of(people + " .identities") == "3"
-    assert "ok" in text_of(people) and "file" in text_of(people)
+    wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, people), "ok"))
+    assert "file" in text_of(people)
     # The token is not in the address or the page, only in this tab's session storage.
     assert ADMIN_TOKEN not in browser.current_url and ADMIN_TOKEN not in browser.page_source
 

@@ -33,6 +33,9 @@ def test_metrics_move_with_requests_across_workers(make_server):
     srv.start()
     wait_until(lambda: srv.lookup_v1("email", "bob@example.com").get("mxid"), what="the first sync")
     wait_until(lambda: srv.log().count("Worker ready") >= 2, what="both workers")
+    # The indexer counts its first sync once that sync has recorded its outcome.
+    wait_until(lambda: value(scrape(srv), "mxisd_syncs_total", store="people", kind="full", outcome="ok"),
+               what="the first sync to be counted")
     before = scrape(srv)
     for _ in range(6):
         srv.lookup_v1("email", "alice@example.com")
