@@ -191,8 +191,9 @@ def _status_plan(k: Keys, stores: list[str], now: float) -> Plan:
         job = _job_view(job_id, jobs[job_id]) if job_id else None
         result["stores"][store] = {
             "identities": count,
-            **{name: fields.get(name) for name in
-               ("last_full", "last_incremental", "last_success", "next_full", "next_incremental")},
+            **{name: fields.get(name) for name in ("last_full", "last_incremental", "last_success", "next_full")},
+            # Without a high-water mark (a store that cannot list changes) no incremental sync runs.
+            "next_incremental": fields.get("next_incremental") if "high_water_mark" in fields else None,
             "job": job if job and job["state"] in JOB_ACTIVE else None,
         }
     for follower in followers:

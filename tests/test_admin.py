@@ -146,6 +146,7 @@ def test_store_status_jobs_and_bad_requests(server):
     assert people["last_full"]["outcome"] == "ok" and people["last_full"]["added"] == 3
     assert people["last_success"] >= people["last_full"]["started"]
     assert people["next_full"] > time.time() + 3000  # full_every is 1h
+    assert people["next_incremental"] is None  # a file cannot list its changes: it is only read whole
     assert people["job"] is None
 
     def caught_up():
