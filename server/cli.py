@@ -150,7 +150,11 @@ def _index_via_api(client: httpx.Client, names: list[str], full: bool) -> int:
     status = 0
     for name in names:
         progress = TerminalProgress(name, sys.stderr)
-        job = client.post(f"/stores/{name}/sync", json={"full": full}).raise_for_status().json()["job"]
+        started = client.post(f"/stores/{name}/sync", json={"full": full}).raise_for_status().json()
+        job = started["job"]
+        if not started["created"]:
+            print(f"{name}: a sync of this store is already {job['state']} (job {job['id']}): following it",
+                  file=sys.stderr)
         while job["state"] != "done":
             progress(job["read"], job["applied"], job["total"])
             time.sleep(0.2)

@@ -200,6 +200,8 @@ def test_index_command_uses_the_running_servers_indexer(server, rclient, prefix)
     server.write_people(PEOPLE + [{"localpart": "dave", "emails": ["dave@example.com"]}])
     lock = Cache(rclient, prefix).lock("people", timeout=120)
     assert lock.acquire(blocking=False)
+    # Someone started a full sync from the page a moment ago: the command follows that job.
+    earlier = server.http.post(f"{API}/stores/people/sync", headers=ADMIN, json={"full": True}).json()["job"]
     primary, secondary = pty.openpty()
     process = subprocess.Popen(
         [sys.executable, "-m", "server.cli", "index", "--store", "people", "--full", "--config", str(server.config_path)],
@@ -229,6 +231,7 @@ def test_index_command_uses_the_running_servers_indexer(server, rclient, prefix)
         pass
     assert process.wait(timeout=60) == 0
     text = output.decode()
+    assert "people: a sync of this store is already " in text and f"(job {earlier['id']}): following it" in text
     assert "\rpeople: [" in text and "] " in text
     assert "people: full sync ok in" in text and "added 1, changed 0, removed 0" in text
     assert server.lookup_v1("email", "dave@example.com")["mxid"] == "@dave:example.org"
