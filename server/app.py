@@ -63,14 +63,15 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
     app.ctx.association_validity_ms = parse_duration(config["lookup"]["association_validity"]) * 1000
     app.ctx.access_tokens = HashedTokens(config["lookup"]["access_tokens"])
     app.ctx.keys = Keys.load_or_create(config["data_dir"], config["server"]["name"])
-    token = config["admin"]["token"]
-    app.ctx.admin_token_digest = admin.token_digest(token) if token else None
     app.ctx.admin_networks = [ipaddress.ip_network(n, strict=False) for n in config["admin"]["allow"]]
     app.ctx.metrics_networks = [ipaddress.ip_network(n, strict=False) for n in config["metrics"]["allow"]]
     app.ctx.max_follower_lag = parse_duration(config["health"]["max_follower_lag"])
     app.ctx.access_log = config["server"]["access_log"]
 
-    modules = [status, health, pubkey, identity_v1, identity_v2, admin]
+    modules = [status, health, pubkey, identity_v1, identity_v2]
+    if config["admin"]["token"]:
+        app.ctx.admin_token_digest = admin.token_digest(config["admin"]["token"])
+        modules.append(admin)
     if config["metrics"]["enabled"]:
         modules.append(metrics_api)
     for module in modules:

@@ -61,8 +61,9 @@ def test_admin_api_is_off_without_a_token_and_limited_by_address(make_server):
     off = make_server()
     off.config["metrics"] = {"allow": ["10.0.0.0/8"]}
     off.start()
-    for path in (f"{API}/stores", "/_mxisd/admin/"):
-        response = off.http.get(path, headers=ADMIN)
+    for method, path in (("GET", f"{API}/stores"), ("GET", "/_mxisd/admin/"), ("POST", f"{API}/stores/people/sync"),
+                         ("GET", f"{API}/stores/people/sync")):
+        response = off.http.request(method, path, headers=ADMIN)
         assert response.status_code == 404 and response.json()["errcode"] == "M_UNRECOGNIZED"
     scrape = off.http.get("/metrics")
     assert scrape.status_code == 403 and scrape.json()["errcode"] == "M_FORBIDDEN"

@@ -1,5 +1,5 @@
 """The admin API (/_mxisd/admin/v1/) and page (/_mxisd/admin/): store freshness, sync jobs, cache
-inspection. Off (404) unless admin.token is set; only from admin.allow; every API call needs the token."""
+inspection. Served only when admin.token is set, only to admin.allow; every API call needs the token."""
 
 from __future__ import annotations
 
@@ -47,8 +47,6 @@ def token_digest(token: str) -> bytes:
 @bp.on_request
 async def gate(request: Request) -> None:
     ctx = request.app.ctx
-    if ctx.admin_token_digest is None:
-        raise MatrixError(404, "M_UNRECOGNIZED", "Unrecognized request")
     require_client_in(request, ctx.admin_networks)
     if request.route is not None and request.route.name.endswith((".admin.page", ".admin.page_redirect")):
         return
