@@ -136,6 +136,7 @@ def test_sync_through_the_api_with_progress_then_the_identity_is_found(server, r
     events = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
     indexer_lines = [e for e in events if e["process"] == "indexer" and e.get("request_id") == "req-sync-42"]
     assert any("full sync done" in e["message"] for e in indexer_lines), indexer_lines
+    assert ADMIN_TOKEN not in server.log()
 
 
 def test_store_status_jobs_and_bad_requests(server):
