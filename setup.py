@@ -29,9 +29,11 @@ setup(
         "pymysql>=1.1",
         "httpx>=0.27",
         "ldap3>=2.9.1",
+        "prometheus-client>=0.20",
     ],
     extras_require={
-        "test": ["pytest>=8.0"],
+        "test": ["pytest>=8.0", "selenium>=4.20"],
     },
+    package_data={"server": ["static/*.html"]},
     entry_points={"console_scripts": ["mxisd = server.cli:main"]},
 )

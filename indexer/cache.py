@@ -8,11 +8,15 @@ Per store S (all keys under the configured prefix):
   s:S:sha256  hash  base64url(sha256("<address> <medium> <pepper>")) -> mxid
   s:S:mxid    hash  mxid -> store_id
   s:S:locator hash  store_id -> where the store finds the person for a password check (an LDAP DN)
-  s:S:state   hash  generation, last_full, last_incremental, high_water_mark (each JSON)
+  s:S:state   hash  generation, last_full, last_incremental, last_success, high_water_mark,
+                    next_full, next_incremental (each JSON)
   s:S:lock    the sync lock (redis-py Lock)
+  s:S:job     the id of the store's queued or running admin-triggered sync job
   s:S:rt:<address> <medium>  string, with a TTL: a read-through store's answer, mxid or "" (not found)
 Global: epoch (changes when the cache is emptied), pepper, changes (stream of upsert/delete events),
-fulltext:<host> (follower position, for status).
+fulltext:<host> (follower position, for status), fulltext-hosts (set of hosts with a follower),
+fulltext-rebuild (a counter: followers rebuild their index when it moves),
+jobs (list: ids of sync jobs waiting for an indexer), job:<id> (hash: one sync job, expiring).
 """
 
 from __future__ import annotations
@@ -20,8 +24,9 @@ from __future__ import annotations
 import json
 import secrets
 import string
+import time
 from dataclasses import dataclass, replace
-from typing import Any, Iterable, Iterator
+from typing import Any, Generator, Iterable, Iterator
 
 import redis
 import redis.asyncio
@@ -31,6 +36,27 @@ from indexer.normalize import lookup_forms, lookup_hash
 
 STREAM_MAXLEN = 1_000_000
 PEPPER_LENGTH = 20
+# A queued job nobody picks up, or a running one whose indexer stopped refreshing it, expires and
+# frees the store for a new request; a finished job stays readable for a day.
+JOB_QUEUED_TTL = 3600
+JOB_RUNNING_TTL = 60
+JOB_DONE_TTL = 86400
+JOB_ACTIVE = ("queued", "running")
+
+# Atomically: the store's active job if it has one, else a new queued job (returns [id, created]).
+_ENQUEUE = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local state = redis.call('HGET', ARGV[1] .. current, 'state')
+  if state == 'queued' or state == 'running' then return {current, 0} end
+end
+local key = ARGV[1] .. ARGV[2]
+redis.call('HSET', key, unpack(ARGV, 4))
+redis.call('EXPIRE', key, ARGV[3])
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('LPUSH', KEYS[2], ARGV[2])
+return {ARGV[2], 1}
+"""
 
 
 def connect(url: str) -> redis.Redis:
@@ -61,12 +87,19 @@ class Keys:
         self.epoch = f"{prefix}epoch"
         self.pepper = f"{prefix}pepper"
         self.changes = f"{prefix}changes"
+        self.followers = f"{prefix}fulltext-hosts"
+        self.rebuild = f"{prefix}fulltext-rebuild"
+        self.jobs = f"{prefix}jobs"
+        self.job_prefix = f"{prefix}job:"
 
     def store(self, store: str, part: str) -> str:
         return f"{self.prefix}s:{store}:{part}"
 
     def follower(self, host: str) -> str:
         return f"{self.prefix}fulltext:{host}"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.job_prefix}{job_id}"
 
 
 def _stream_id(value: str) -> tuple[int, int]:
@@ -76,6 +109,123 @@ def _stream_id(value: str) -> tuple[int, int]:
 
 def _plain_key(address: str, medium: str) -> str:
     return f"{address} {medium}"
+
+
+# A read of several dependent round trips, written once for both clients: the plan yields the
+# commands of one pipeline, receives their replies, and finally returns its answer.
+Commands = list[tuple[Any, ...]]
+Plan = Generator[Commands, list[Any], Any]
+
+
+def _pipeline(client: Any, commands: Commands) -> Any:
+    pipe = client.pipeline(transaction=False)
+    for name, *args in commands:
+        getattr(pipe, name)(*args)
+    return pipe
+
+
+def _run_plan(client: redis.Redis, plan: Plan) -> Any:
+    try:
+        commands = next(plan)
+        while True:
+            commands = plan.send(_pipeline(client, commands).execute() if commands else [])
+    except StopIteration as done:
+        return done.value
+
+
+async def _run_plan_async(client: redis.asyncio.Redis, plan: Plan) -> Any:
+    try:
+        commands = next(plan)
+        while True:
+            commands = plan.send(await _pipeline(client, commands).execute() if commands else [])
+    except StopIteration as done:
+        return done.value
+
+
+def _job_view(job_id: str, raw: dict[str, str]) -> dict[str, Any] | None:
+    """A job hash as the admin API shows it; None when it expired."""
+    if not raw.get("store"):
+        return None
+    total = int(raw["total"]) if raw.get("total") else None
+    read, applied = int(raw.get("read") or 0), int(raw.get("applied") or 0)
+    percent = None
+    if raw.get("outcome") == "ok":
+        percent = 100
+    elif total:
+        percent = min(99, read * 100 // total)
+    elif total == 0:
+        percent = 0
+
+    def number(name: str) -> float | None:
+        return float(raw[name]) if raw.get(name) else None
+
+    return {
+        "id": job_id, "store": raw["store"], "full": raw.get("full") == "1", "state": raw.get("state"),
+        "read": read, "applied": applied, "total": total, "percent": percent,
+        "created": number("created"), "started": number("started"), "ended": number("ended"),
+        "outcome": raw.get("outcome"), "error": raw.get("error"),
+        "result": json.loads(raw["result"]) if raw.get("result") else None,
+        "request_id": raw.get("request_id") or None,
+    }
+
+
+def _status_plan(k: Keys, stores: list[str], now: float) -> Plan:
+    """Every store's size, sync state and active job, and every follower's position and lag."""
+    first: Commands = []
+    for store in stores:
+        first += [("hlen", k.store(store, "rec")), ("hgetall", k.store(store, "state")), ("get", k.store(store, "job"))]
+    first += [("smembers", k.followers), ("xrevrange", k.changes, "+", "-", 1)]
+    replies = yield first
+    per_store = [replies[i:i + 3] for i in range(0, 3 * len(stores), 3)]
+    hosts, newest = sorted(replies[-2]), replies[-1]
+    newest_id = newest[0][0] if newest else "0-0"
+    pointers = [job_id for _, _, job_id in per_store]
+    second: Commands = [("hgetall", k.job(j)) for j in pointers if j] + [("hgetall", k.follower(h)) for h in hosts]
+    replies = yield second
+    jobs = dict(zip([j for j in pointers if j], replies[:len(second) - len(hosts)]))
+    followers = [dict(raw, host=h) for h, raw in zip(hosts, replies[len(second) - len(hosts):])]
+    behind = [f for f in followers if _stream_id(f.get("last_id") or "0-0") < _stream_id(newest_id)]
+    replies = yield [("xrange", k.changes, "(" + f.get("last_id", "0-0"), "+", 1) for f in behind]
+    oldest_unapplied = {f["host"]: (r[0][0] if r else newest_id) for f, r in zip(behind, replies)}
+    result: dict[str, Any] = {"stores": {}, "followers": [], "last_change_id": newest_id}
+    for store, (count, state, job_id) in zip(stores, per_store):
+        fields = {name: json.loads(value) for name, value in state.items()}
+        job = _job_view(job_id, jobs[job_id]) if job_id else None
+        result["stores"][store] = {
+            "identities": count,
+            **{name: fields.get(name) for name in ("last_full", "last_incremental", "last_success", "next_full")},
+            # Without a high-water mark (a store that cannot list changes) no incremental sync runs.
+            "next_incremental": fields.get("next_incremental") if "high_water_mark" in fields else None,
+            "job": job if job and job["state"] in JOB_ACTIVE else None,
+        }
+    for follower in followers:
+        pending = oldest_unapplied.get(follower["host"])
+        lag = max(0.0, now - _stream_id(pending)[0] / 1000) if pending else 0.0
+        result["followers"].append({
+            "host": follower["host"], "last_id": follower.get("last_id"), "lag_seconds": round(lag, 3),
+            "updated": float(follower["updated"]) if follower.get("updated") else None,
+            "rebuilt": float(follower["rebuilt"]) if follower.get("rebuilt") else None,
+        })
+    return result
+
+
+def _inspect_plan(k: Keys, stores: list[str], medium: str | None, address: str) -> Plan:
+    """What each store's cache holds for a 3PID (medium, canonical address) or, with medium None, an mxid."""
+    if medium is None:
+        mxids = [address] * len(stores)
+    else:
+        mxids = yield [("hget", k.store(s, "3pid"), _plain_key(address, medium)) for s in stores]
+    found = [(s, m) for s, m in zip(stores, mxids) if m]
+    store_ids = yield [("hget", k.store(s, "mxid"), m) for s, m in found]
+    held = [(s, m, i) for (s, m), i in zip(found, store_ids)]
+    records = yield [("hget", k.store(s, "rec"), i) for s, _, i in held if i]
+    records_by = iter(records)
+    matches = []
+    for store, mxid, store_id in held:
+        record = next(records_by) if store_id else None
+        matches.append({"store": store, "mxid": mxid, "store_id": store_id,
+                        "identity": json.loads(record) if record else None})
+    return matches
 
 
 class Cache:
@@ -272,7 +422,70 @@ class Cache:
         return [Change(i, f["store"], f["id"], f["op"]) for i, f in reply[0][1]]
 
     def set_follower_status(self, host: str, **fields: Any) -> None:
-        self.r.hset(self.k.follower(host), mapping={k: str(v) for k, v in fields.items()})
+        tx = self.r.pipeline(transaction=True)
+        tx.hset(self.k.follower(host), mapping={k: str(v) for k, v in fields.items()})
+        tx.sadd(self.k.followers, host)
+        tx.execute()
+
+    def status(self, stores: list[str]) -> dict[str, Any]:
+        """Each store's size, sync state and active job; each follower's lag (see Admin.status)."""
+        return _run_plan(self.r, _status_plan(self.k, stores, time.time()))
+
+    def rebuild_requests(self) -> int:
+        """How many fulltext rebuilds were ever requested (a follower rebuilds when this moves)."""
+        return int(self.r.get(self.k.rebuild) or 0)
+
+    # -- sync jobs (admin-triggered syncs run by an indexer) -----------------------------------
+
+    def next_job(self, timeout: int) -> dict[str, str] | None:
+        """Wait up to timeout seconds for a queued job and claim it: its fields, now "running"."""
+        reply = self.r.brpop([self.k.jobs], timeout=timeout)
+        if not reply:
+            return None
+        key = self.k.job(reply[1])
+        tx = self.r.pipeline(transaction=True)
+        tx.hset(key, mapping={"state": "running", "started": time.time()})
+        tx.expire(key, JOB_RUNNING_TTL)
+        tx.hgetall(key)
+        job = tx.execute()[2]
+        if not job.get("store"):  # expired while queued: nothing to run
+            self.r.delete(key)
+            return None
+        return job
+
+    def update_job(self, job_id: str, **fields: Any) -> None:
+        """Record progress of a running job and keep it alive."""
+        tx = self.r.pipeline(transaction=True)
+        if fields:
+            tx.hset(self.k.job(job_id), mapping={k: str(v) for k, v in fields.items()})
+        tx.expire(self.k.job(job_id), JOB_RUNNING_TTL)
+        tx.execute()
+
+    def finish_job(self, store: str, job_id: str, result: dict[str, Any] | None, error: str | None) -> None:
+        """Mark a job done with the sync's result, and free the store for the next request."""
+        fields: dict[str, Any] = {"state": "done", "ended": time.time()}
+        if result is not None:
+            fields.update(outcome=result["outcome"], result=json.dumps(result))
+            error = error or result.get("error")
+        else:
+            fields["outcome"] = "failed"
+        if error:
+            fields["error"] = error
+        tx = self.r.pipeline(transaction=True)
+        tx.hset(self.k.job(job_id), mapping={k: str(v) for k, v in fields.items()})
+        tx.expire(self.k.job(job_id), JOB_DONE_TTL)
+        tx.execute()
+        # Only clear the pointer if it is still ours (a newer job may have replaced an expired one).
+        pointer = self.k.store(store, "job")
+        with self.r.pipeline(transaction=True) as watch:
+            try:
+                watch.watch(pointer)
+                if watch.get(pointer) == job_id:
+                    watch.multi()
+                    watch.delete(pointer)
+                    watch.execute()
+            except redis.exceptions.WatchError:
+                pass
 
 
 class Lookups:
@@ -323,3 +536,42 @@ class Lookups:
 
     async def ping(self) -> bool:
         return bool(await self.r.ping())
+
+
+class Admin:
+    """Non-blocking reads and requests for the admin API and the readiness check."""
+
+    def __init__(self, client: redis.asyncio.Redis, prefix: str, stores: list[str]) -> None:
+        self.r = client
+        self.k = Keys(prefix)
+        self.stores = stores
+        self._enqueue = client.register_script(_ENQUEUE)
+
+    async def status(self) -> dict[str, Any]:
+        """{"stores": {name: {identities, last_full, last_incremental, last_success, next_full,
+        next_incremental, job}}, "followers": [{host, last_id, lag_seconds, ...}], "last_change_id"}."""
+        return await _run_plan_async(self.r, _status_plan(self.k, self.stores, time.time()))
+
+    async def start_job(self, store: str, full: bool, request_id: str | None) -> tuple[dict[str, Any], bool]:
+        """The store's queued or running job, or a new queued one; (job, whether it is new)."""
+        new_id = secrets.token_hex(8)
+        fields = {"id": new_id, "store": store, "full": "1" if full else "0", "state": "queued",
+                  "created": str(time.time()), "read": "0", "applied": "0", "request_id": request_id or ""}
+        flat = [x for pair in fields.items() for x in pair]
+        job_id, created = await self._enqueue(
+            keys=[self.k.store(store, "job"), self.k.jobs], args=[self.k.job_prefix, new_id, JOB_QUEUED_TTL, *flat],
+        )
+        job = await self.job(job_id)
+        assert job is not None
+        return job, bool(created)
+
+    async def job(self, job_id: str) -> dict[str, Any] | None:
+        return _job_view(job_id, await self.r.hgetall(self.k.job(job_id)))
+
+    async def inspect(self, medium: str | None, address: str) -> list[dict[str, Any]]:
+        """Per store that has it: the mxid, store id and record cached for a 3PID or an mxid."""
+        return await _run_plan_async(self.r, _inspect_plan(self.k, self.stores, medium, address))
+
+    async def request_rebuild(self) -> int:
+        """Ask every host's follower to rebuild its fulltext index from the cache."""
+        return int(await self.r.incr(self.k.rebuild))

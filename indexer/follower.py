@@ -27,6 +27,7 @@ class Follower:
         self.host = socket.gethostname()
         self.epoch = ""
         self.last_id = "0-0"
+        self.rebuilds_seen = 0
 
     def _needs_rebuild(self) -> str | None:
         position = self.fulltext.position()
@@ -38,15 +39,17 @@ class Follower:
             return "the index is behind the oldest change the cache still holds"
         return None
 
-    def start(self) -> None:
-        """Open the index where it left off, or rebuild it from the cache."""
+    def start(self, reason: str | None = None) -> None:
+        """Open the index where it left off, or rebuild it from the cache (always when a reason is given)."""
         self.epoch = self.cache.initialize()
-        reason = self._needs_rebuild()
+        self.rebuilds_seen = self.cache.rebuild_requests()
+        reason = reason or self._needs_rebuild()
         if reason is None:
             position = self.fulltext.position()
             assert position is not None
             self.last_id = position["last_id"]
             log.info("fulltext index at %s: following changes after %s", self.fulltext.path, self.last_id)
+            self._report()
             return
         started = time.time()
         self.last_id = self.cache.last_change_id()
@@ -58,10 +61,13 @@ class Follower:
         count = self.fulltext.rebuild(everyone(), self.epoch, self.last_id)
         log.info("fulltext index rebuilt from the cache because %s: %d identities in %.1f s",
                  reason, count, time.time() - started)
-        self._report(count)
+        self._report(count, rebuilt=time.time())
 
     def step(self, block_ms: int | None = 1000) -> int:
-        """Apply the next batch of changes; the number applied."""
+        """Apply the next batch of changes (or rebuild, when an admin asked); the number applied."""
+        if self.cache.rebuild_requests() != self.rebuilds_seen:
+            self.start(reason="an admin asked for it")
+            return 0
         changes = self.cache.read_changes(self.last_id, 1000, block_ms)
         if not changes:
             return 0
@@ -89,10 +95,12 @@ class Follower:
         self._report()
         return len(changes)
 
-    def _report(self, count: int | None = None) -> None:
-        fields = {"last_id": self.last_id, "updated": time.time(), "path": str(self.fulltext.path)}
+    def _report(self, count: int | None = None, rebuilt: float | None = None) -> None:
+        fields: dict[str, object] = {"last_id": self.last_id, "updated": time.time(), "path": str(self.fulltext.path)}
         if count is not None:
             fields["count"] = count
+        if rebuilt is not None:
+            fields["rebuilt"] = rebuilt
         self.cache.set_follower_status(self.host, **fields)
 
     def run(self, stop: threading.Event) -> None:

@@ -1,17 +1,83 @@
-"""Log setup shared by every mxisd process: one line per event, naming the process's role."""
+"""Log setup shared by every mxisd process: one line per event (text or JSON), naming the process's
+role and the request that caused it, with secrets masked."""
 
 from __future__ import annotations
 
+import contextvars
+import json
 import logging
+import re
 import sys
+import time
+
+# The id of the HTTP request (or of the job it started) being handled, for every log line it causes.
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+
+_SECRET_PARAM = re.compile(
+    r"""(?P<key>["']?\b(?:access_token|token|password|passwd|client_secret|secret)["']?\s*[=:]\s*["']?)"""
+    r"""(?P<value>[^&\s"',}]+)""",
+    re.IGNORECASE,
+)
+_BEARER = re.compile(r"(?P<key>\bBearer\s+)(?P<value>[^\s\"',]+)", re.IGNORECASE)
+REDACTED = "<redacted>"
 
 
-def setup(level: str, role: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format=f"%(asctime)s %(levelname)s {role} %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
+def redact(text: str) -> str:
+    """text with the values of token, password and secret parameters (and bearer tokens) masked."""
+    text = _SECRET_PARAM.sub(lambda m: m.group("key") + REDACTED, text)
+    return _BEARER.sub(lambda m: m.group("key") + REDACTED, text)
+
+
+class _Context(logging.Filter):
+    """Adds the role and request id, and masks secrets in the message before any handler sees it."""
+
+    def __init__(self, role: str) -> None:
+        super().__init__()
+        self.role = role
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.role = self.role
+        record.request_id = request_id.get()
+        record.msg, record.args = redact(record.getMessage()), None
+        return True
+
+
+class _Text(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(role)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        return line if record.request_id is None else f"{line} [request {record.request_id}]"
+
+    def formatException(self, ei) -> str:  # noqa: N802 (logging's name)
+        return redact(super().formatException(ei))
+
+
+class _Json(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        event = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "process": record.role,
+            "pid": record.process,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.request_id is not None:
+            event["request_id"] = record.request_id
+        if hasattr(record, "http"):  # the access log's fields
+            event["http"] = record.http
+        if record.exc_info:
+            event["exception"] = redact(self.formatException(record.exc_info))
+        return json.dumps(event, ensure_ascii=False)
+
+
+def setup(level: str, role: str, fmt: str = "text") -> None:
+    """Send every logger's events to stderr, one line each, in the configured format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_Context(role))
+    handler.setFormatter(_Json() if fmt == "json" else _Text())
+    logging.basicConfig(level=getattr(logging, level), handlers=[handler], force=True)
     # httpx logs every request at INFO: one line per read-through lookup or sync page is noise.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, getattr(logging, level)))

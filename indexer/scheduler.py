@@ -1,4 +1,5 @@
-"""The indexer process: periodic full syncs per store (with `schedule`) and the fulltext follower."""
+"""The indexer process: periodic syncs per store (with `schedule`), admin-triggered sync jobs and
+the fulltext follower."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from indexer.cache import Cache, connect
 from indexer.config import parse_duration
 from indexer.follower import Follower
 from indexer.fulltext import FullText
+from indexer.jobs import JobRunner
+from indexer.metrics import observe_sync
 from indexer.stores import Store, build_store
-from indexer.sync import SyncBusy, full_sync, incremental_sync
+from indexer.sync import SyncBusy, SyncResult, full_sync, incremental_sync
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +44,11 @@ class Indexer:
             (build_store(s, config), s["sync"]) for s in config["stores"]
         ]
         self.scheduler = schedule.Scheduler()
+        self.published: dict[str, dict[str, float | None]] = {}
 
     def sync(self, store: Store, sync_config: dict[str, Any]) -> None:
         try:
-            full_sync(self.cache, store, sync_config["max_delete_ratio"])
+            observe_sync(full_sync(self.cache, store, sync_config["max_delete_ratio"]))
         except SyncBusy as exc:
             log.info("%s; skipping this run", exc)
         except redis.exceptions.RedisError as exc:
@@ -52,7 +56,9 @@ class Indexer:
 
     def sync_changes(self, store: Store) -> None:
         try:
-            incremental_sync(self.cache, store)
+            result: SyncResult | None = incremental_sync(self.cache, store)
+            if result is not None:
+                observe_sync(result)
         except SyncBusy as exc:
             log.info("%s; skipping this run", exc)
         except redis.exceptions.RedisError as exc:
@@ -73,7 +79,8 @@ class Indexer:
                 log.info("store %s cannot be enumerated: lookups ask it on cache misses instead", store.name)
                 continue
             if sync_config["changes_every"]:
-                self.scheduler.every(parse_duration(sync_config["changes_every"])).seconds.do(self.sync_changes, store)
+                self.scheduler.every(parse_duration(sync_config["changes_every"])).seconds.do(
+                    self.sync_changes, store).tag(store.name, "incremental")
             every = parse_duration(sync_config["full_every"]) if sync_config["full_every"] else None
             delay = self._first_delay(store, every)
             if delay is None:
@@ -81,21 +88,38 @@ class Indexer:
             if delay == 0:
                 self.sync(store, sync_config)
                 if every:
-                    self.scheduler.every(every).seconds.do(self.sync, store, sync_config)
+                    self.scheduler.every(every).seconds.do(self.sync, store, sync_config).tag(store.name, "full")
                 continue
 
             def first(store: Store = store, sync_config: dict[str, Any] = sync_config, every: int = every):
                 self.sync(store, sync_config)
-                self.scheduler.every(every).seconds.do(self.sync, store, sync_config)
+                self.scheduler.every(every).seconds.do(self.sync, store, sync_config).tag(store.name, "full")
                 return schedule.CancelJob
 
-            self.scheduler.every(max(1, int(delay))).seconds.do(first)
+            self.scheduler.every(max(1, int(delay))).seconds.do(first).tag(store.name, "full")
             log.info("store %s: next full sync in %d s", store.name, int(delay))
+
+    def publish_schedule(self) -> None:
+        """Record each store's next scheduled full and incremental sync (epoch seconds) for status."""
+        for store, _ in self.stores:
+            planned: dict[str, float | None] = {"next_full": None, "next_incremental": None}
+            for job in self.scheduler.get_jobs(store.name):
+                kind = "next_full" if "full" in job.tags else "next_incremental"
+                if job.next_run is not None:
+                    when = job.next_run.timestamp()
+                    planned[kind] = min(when, planned[kind] or when)
+            if self.published.get(store.name) != planned:
+                self.cache.set_state(store.name, **planned)
+                self.published[store.name] = planned
 
     def run(self, stop: threading.Event) -> None:
         self.plan()
         while not stop.is_set():
             self.scheduler.run_pending()
+            try:
+                self.publish_schedule()
+            except redis.exceptions.RedisError as exc:
+                log.warning("could not record the sync schedule: %s", exc)
             idle = self.scheduler.idle_seconds
             stop.wait(1.0 if idle is None else min(1.0, max(idle, 0.05)))
 
@@ -115,12 +139,16 @@ def run_indexer(config: dict[str, Any], redis_url: str, stop: threading.Event, p
     follower_thread.start()
     if parent_pid is not None:
         threading.Thread(target=_watch_parent, args=(parent_pid, stop), daemon=True).start()
+    jobs = threading.Thread(target=JobRunner(config, cache, observe_sync).run, args=(stop,), name="sync-jobs",
+                            daemon=True)
+    jobs.start()
     indexer = Indexer(config, cache)
     try:
         indexer.run(stop)
     finally:
         stop.set()
         follower_thread.join(timeout=10)
+        jobs.join(timeout=10)
         indexer.close()
 
 
@@ -136,7 +164,7 @@ def main() -> None:
     indexer process that `mxisd run` starts."""
     redis_url, parent_pid = sys.argv[1], int(sys.argv[2])
     config = json.load(sys.stdin)
-    logs.setup(config["log_level"], "indexer")
+    logs.setup(config["log_level"], "indexer", config["log_format"])
     stop = threading.Event()
     # Ctrl-C reaches the whole process group; the server decides when the indexer stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -93,8 +93,11 @@ def _locked_run(
         log.error("store %s: %s sync failed on Redis: %s", store.name, kind, exc)
     finally:
         result.ended = time.time()
+        state = {f"last_{kind}": result.as_dict()}
+        if result.outcome == "ok":
+            state["last_success"] = result.ended
         try:
-            cache.set_state(store.name, **{f"last_{kind}": result.as_dict()})
+            cache.set_state(store.name, **state)
         except redis.exceptions.RedisError as exc:
             log.error("store %s: could not record sync state: %s", store.name, exc)
         try:
@@ -135,6 +138,22 @@ def incremental_sync(
     report = progress or (lambda read, applied: None)
     return _locked_run(cache, store, "incremental",
                        lambda result: _run_incremental(cache, store, mark, result, report), wait_for_lock)
+
+
+def sync_store(
+    cache: Cache,
+    store: Store,
+    sync_config: dict[str, Any],
+    full: bool,
+    progress: Progress | None = None,
+    wait_for_lock: float = 0.0,
+) -> SyncResult:
+    """A full sync when asked, or when the store cannot list changes or has no mark yet; else an
+    incremental one."""
+    result = None if full else incremental_sync(cache, store, progress, wait_for_lock)
+    if result is None:
+        result = full_sync(cache, store, sync_config["max_delete_ratio"], progress, wait_for_lock)
+    return result
 
 
 def _run_incremental(cache: Cache, store: Store, mark: Any, result: SyncResult, progress: Progress) -> None:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 import os
+import re
 import signal
+import time
+import uuid
 from typing import Any
 
 import redis
@@ -14,14 +18,20 @@ from sanic.exceptions import BadRequest, MethodNotAllowed, NotFound, PayloadTooL
 from sanic.response import HTTPResponse, empty, json
 
 from indexer import logs
-from indexer.cache import Lookups, connect_async
+from indexer.cache import Admin, Lookups, connect_async
 from indexer.config import parse_duration
-from server.api import identity_v1, identity_v2, pubkey, status
+from server import metrics
+from server.api import admin, health, identity_v1, identity_v2, pubkey, status
+from server.api import metrics as metrics_api
 from server.errors import MatrixError
 from server.keys import Keys
 from server.read_through import ReadThrough
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("mxisd.access")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+_GOOD_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
@@ -42,7 +52,7 @@ class HashedTokens:
 
 def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
     """The Sanic application for one worker."""
-    logs.setup(config["log_level"], "server")  # spawned workers start with no logging set up
+    logs.setup(config["log_level"], "server", config["log_format"])  # spawned workers start with no logging set up
     app = Sanic("mxisd", configure_logging=False)
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.config.REQUEST_MAX_SIZE = 16 * 1024 * 1024
@@ -54,15 +64,27 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
     app.ctx.association_validity_ms = parse_duration(config["lookup"]["association_validity"]) * 1000
     app.ctx.access_tokens = HashedTokens(config["lookup"]["access_tokens"])
     app.ctx.keys = Keys.load_or_create(config["data_dir"], config["server"]["name"])
+    app.ctx.admin_networks = [ipaddress.ip_network(n, strict=False) for n in config["admin"]["allow"]]
+    app.ctx.metrics_networks = [ipaddress.ip_network(n, strict=False) for n in config["metrics"]["allow"]]
+    app.ctx.max_follower_lag = parse_duration(config["health"]["max_follower_lag"])
+    app.ctx.access_log = config["server"]["access_log"]
 
-    for module in (status, pubkey, identity_v1, identity_v2):
+    modules = [status, health, pubkey, identity_v1, identity_v2]
+    if config["admin"]["token"]:
+        app.ctx.admin_token_digest = admin.token_digest(config["admin"]["token"])
+        modules.append(admin)
+    if config["metrics"]["enabled"]:
+        modules.append(metrics_api)
+    for module in modules:
         app.blueprint(module.bp)
 
     @app.before_server_start
     async def open_cache(app: Sanic) -> None:
         client = connect_async(redis_url)
         app.ctx.redis = client
-        app.ctx.lookups = Lookups(client, config["redis"]["prefix"], [s["name"] for s in config["stores"]])
+        names = [s["name"] for s in config["stores"]]
+        app.ctx.lookups = Lookups(client, config["redis"]["prefix"], names)
+        app.ctx.admin = Admin(client, config["redis"]["prefix"], names)
         app.ctx.read_through = ReadThrough(config, app.ctx.lookups)
 
     @app.after_server_start
@@ -80,6 +102,13 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
         await app.ctx.read_through.close()
         await app.ctx.redis.aclose()
 
+    @app.on_request(priority=10)
+    async def identify(request: Request) -> None:
+        given = request.headers.get(REQUEST_ID_HEADER, "")
+        request.ctx.request_id = given if _GOOD_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        request.ctx.started = time.perf_counter()
+        logs.request_id.set(request.ctx.request_id)
+
     @app.on_request
     async def preflight(request: Request) -> HTTPResponse | None:
         if request.method == "OPTIONS":
@@ -90,11 +119,38 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
     async def cors(request: Request, response: HTTPResponse) -> None:
         response.headers.update(CORS_HEADERS)
 
+    @app.on_response
+    async def account(request: Request, response: HTTPResponse) -> None:
+        record_response(request, response)
+
     @app.exception(Exception)
     async def matrix_error(request: Request, exc: Exception) -> HTTPResponse:
         return error_response(request, exc)
 
     return app
+
+
+def record_response(request: Request, response: HTTPResponse) -> None:
+    """The request id header, the request metrics and the access log line of one answered request."""
+    request_id = getattr(request.ctx, "request_id", None)
+    if request_id is None:  # the request failed before any middleware ran (such as a 404)
+        request_id = request.ctx.request_id = uuid.uuid4().hex
+    if REQUEST_ID_HEADER not in response.headers:
+        response.headers[REQUEST_ID_HEADER] = request_id
+    started = getattr(request.ctx, "started", None)
+    took = time.perf_counter() - started if started is not None else None
+    endpoint = "/" + request.route.path if request.route is not None else "unmatched"
+    metrics.REQUESTS.labels(request.method, endpoint, str(response.status)).inc()
+    if took is not None:
+        metrics.LATENCY.labels(request.method, endpoint).observe(took)
+    if request.app.ctx.access_log:
+        target = logs.redact(request.path + (f"?{request.query_string}" if request.query_string else ""))
+        access_log.info(
+            "%s %s %s %d %s", request.ip, request.method, target, response.status,
+            f"{took * 1000:.1f} ms" if took is not None else "-",
+            extra={"http": {"remote": request.ip, "method": request.method, "target": target,
+                            "status": response.status, "ms": round(took * 1000, 1) if took is not None else None}},
+        )
 
 
 def error_response(request: Request, exc: Exception) -> HTTPResponse:

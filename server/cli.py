@@ -1,19 +1,24 @@
-"""The `mxisd` command: run, index, check-config."""
+"""The `mxisd` command: run, index, status, check-config."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
+import logging
 import os
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any, Iterator, TextIO
+
+import httpx
 
 from indexer import logs
 from indexer.cache import Cache
 from indexer.config import ConfigError, load_config
 from indexer.redis_server import EmbeddedRedis, EmbeddedRedisError
 from indexer.stores import build_store
-from indexer.sync import SyncBusy, SyncResult, full_sync, incremental_sync
+from indexer.sync import SyncBusy, SyncResult, sync_store
 from server.runner import StartupError, hold_data_dir, run, wait_for_redis
 
 EXIT_FAILED = 1
@@ -34,13 +39,18 @@ def _parser() -> argparse.ArgumentParser:
     index_cmd.add_argument("--store", help="only this store (default: every store)")
     index_cmd.add_argument("--full", action="store_true",
                            help="enumerate the whole store (default: only what changed, where the store can tell)")
+    status_cmd = commands.add_parser("status", help="show every store's size, last syncs and next runs")
+    status_cmd.add_argument("--config", default=None, help="config file (default: $MXISD_CONFIG, then ./config.yml)")
     check_cmd = commands.add_parser("check-config", help="validate a config file without starting anything")
     check_cmd.add_argument("file")
     return parser
 
 
 class TerminalProgress:
-    """A progress line rewritten in place on a terminal; silent when output is not a terminal."""
+    """A progress line (a bar when the total is known) rewritten in place on a terminal; silent when
+    output is not a terminal."""
+
+    BAR = 30
 
     def __init__(self, store: str, stream: TextIO) -> None:
         self.store = store
@@ -49,12 +59,16 @@ class TerminalProgress:
         self.started = time.monotonic()
         self.last = 0.0
 
-    def __call__(self, read: int, applied: int) -> None:
+    def __call__(self, read: int, applied: int, total: int | None = None) -> None:
         now = time.monotonic()
         if self.live and now - self.last >= 0.1:
             self.last = now
             rate = read / max(now - self.started, 1e-6)
-            self.stream.write(f"\r{self.store}: {read} entries read, {applied} written ({rate:.0f}/s)   ")
+            bar = ""
+            if total:
+                filled = min(self.BAR, self.BAR * read // total)
+                bar = f"[{'#' * filled}{'.' * (self.BAR - filled)}] {min(100, 100 * read // total):3d}% "
+            self.stream.write(f"\r{self.store}: {bar}{read} entries read, {applied} written ({rate:.0f}/s)   ")
             self.stream.flush()
 
     def done(self, result: SyncResult) -> None:
@@ -69,11 +83,9 @@ class TerminalProgress:
         self.stream.flush()
 
 
-def _index(config: dict[str, Any], only: str | None, full: bool) -> int:
-    names = [s["name"] for s in config["stores"]]
-    if only is not None and only not in names:
-        print(f"mxisd: no store named {only!r}; configured stores: {', '.join(names)}", file=sys.stderr)
-        return EXIT_CONFIG
+@contextlib.contextmanager
+def _open_cache(config: dict[str, Any]) -> Iterator[Cache]:
+    """The configured cache; with the embedded Redis, the running server's, or one started for now."""
     url, embedded, lock = config["redis"]["url"], None, None
     if not url:
         candidate = EmbeddedRedis(config["data_dir"])
@@ -81,7 +93,7 @@ def _index(config: dict[str, Any], only: str | None, full: bool) -> int:
         try:
             lock = hold_data_dir(config["data_dir"])
         except StartupError:
-            # A running server owns the embedded Redis: sync into it.
+            # A running server owns the embedded Redis: use it.
             if not candidate.answering():
                 raise StartupError(f"the server holding {config['data_dir']} has no Redis answering") from None
         else:
@@ -90,9 +102,101 @@ def _index(config: dict[str, Any], only: str | None, full: bool) -> int:
     try:
         cache = Cache(wait_for_redis(url), config["redis"]["prefix"])
         cache.initialize()
+        yield cache
+    finally:
+        if embedded is not None:
+            embedded.stop()
+        if lock is not None:
+            lock.close()
+
+
+class AdminRefused(Exception):
+    """The running server's admin API answered, but not with what was asked."""
+
+
+def _admin_client(config: dict[str, Any]) -> httpx.Client | None:
+    """A client of the running server's admin API, when a token is configured and a server answers
+    at the configured address; AdminRefused when it answers with an error (such as a wrong token)."""
+    token = config["admin"]["token"]
+    if not token:
+        return None
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(config["server"]["bind"], config["server"]["bind"])
+    if ":" in host:
+        host = f"[{host}]"
+    client = httpx.Client(base_url=f"http://{host}:{config['server']['port']}/_mxisd/admin/v1",
+                          headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    try:
+        answer = client.get("/stores")
+    except httpx.TransportError:
+        client.close()
+        return None
+    if answer.status_code != 200:
+        client.close()
+        raise AdminRefused(f"the server at {client.base_url} refused the admin API call: "
+                           f"{answer.status_code} {_error_text(answer)}")
+    return client
+
+
+def _error_text(answer: httpx.Response) -> str:
+    try:
+        body = answer.json()
+        return f"{body['errcode']}: {body['error']}"
+    except (ValueError, KeyError, TypeError):
+        return answer.reason_phrase
+
+
+def _index_via_api(client: httpx.Client, names: list[str], full: bool) -> int:
+    """Start a sync job per store in the running server's indexer and follow each to its end."""
+    status = 0
+    for name in names:
+        progress = TerminalProgress(name, sys.stderr)
+        started = client.post(f"/stores/{name}/sync", json={"full": full}).raise_for_status().json()
+        job = started["job"]
+        if not started["created"]:
+            print(f"{name}: a sync of this store is already {job['state']} (job {job['id']}): following it",
+                  file=sys.stderr)
+        while job["state"] != "done":
+            progress(job["read"], job["applied"], job["total"])
+            time.sleep(0.2)
+            answer = client.get(f"/jobs/{job['id']}")
+            if answer.status_code == 404:
+                print(f"mxisd: sync job {job['id']} of store {name} vanished (its indexer stopped?)", file=sys.stderr)
+                return EXIT_FAILED
+            job = answer.raise_for_status().json()
+        if job["result"] is None:
+            print(f"{name}: sync failed: {job['error']}", file=sys.stderr)
+            status = EXIT_FAILED
+            continue
+        progress.done(SyncResult(**job["result"]))
+        if job["outcome"] != "ok":
+            status = EXIT_FAILED
+    return status
+
+
+def _index(config: dict[str, Any], only: str | None, full: bool) -> int:
+    names = [s["name"] for s in config["stores"]]
+    if only is not None and only not in names:
+        print(f"mxisd: no store named {only!r}; configured stores: {', '.join(names)}", file=sys.stderr)
+        return EXIT_CONFIG
+    wanted = [only] if only is not None else names
+    try:
+        client = _admin_client(config)
+    except AdminRefused as exc:
+        print(f"mxisd: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if client is not None:
+        # The server's indexer owns the sync lock: let it do the work and follow it.
+        try:
+            return _index_via_api(client, wanted, full)
+        except httpx.HTTPError as exc:
+            print(f"mxisd: the server's admin API failed: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+        finally:
+            client.close()
+    with _open_cache(config) as cache:
         status = 0
         for store_config in config["stores"]:
-            if only is not None and store_config["name"] != only:
+            if store_config["name"] not in wanted:
                 continue
             store = build_store(store_config, config)
             if not store.enumerable:
@@ -101,10 +205,7 @@ def _index(config: dict[str, Any], only: str | None, full: bool) -> int:
                 continue
             progress = TerminalProgress(store.name, sys.stderr)
             try:
-                result = None if full else incremental_sync(cache, store, progress, wait_for_lock=600)
-                if result is None:
-                    result = full_sync(cache, store, store_config["sync"]["max_delete_ratio"], progress,
-                                       wait_for_lock=600)
+                result = sync_store(cache, store, store_config["sync"], full, progress, wait_for_lock=600)
             except SyncBusy as exc:
                 print(f"mxisd: {exc}; gave up after waiting 10 minutes", file=sys.stderr)
                 status = EXIT_FAILED
@@ -115,11 +216,40 @@ def _index(config: dict[str, Any], only: str | None, full: bool) -> int:
             if result.outcome != "ok":
                 status = EXIT_FAILED
         return status
-    finally:
-        if embedded is not None:
-            embedded.stop()
-        if lock is not None:
-            lock.close()
+
+
+def _when(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _last(sync: dict[str, Any] | None) -> str:
+    if not sync:
+        return "never"
+    took = (sync["ended"] or time.time()) - sync["started"]
+    text = (f"{sync['outcome']} {_when(sync['started'])} ({took:.1f} s) "
+            f"+{sync['added']} ~{sync['changed']} -{sync['removed']}")
+    return text + (f": {sync['error']}" if sync.get("error") else "")
+
+
+def _status(config: dict[str, Any]) -> int:
+    """Print the stores table and the fulltext followers' lag."""
+    with _open_cache(config) as cache:
+        state = cache.status([s["name"] for s in config["stores"]])
+    rows = [("STORE", "KIND", "IDENTITIES", "LAST FULL SYNC", "LAST INCREMENTAL", "NEXT FULL", "JOB")]
+    for store_config in config["stores"]:
+        s = state["stores"][store_config["name"]]
+        job = s["job"]
+        rows.append((store_config["name"], store_config["kind"], str(s["identities"]), _last(s["last_full"]),
+                     _last(s["last_incremental"]), _when(s["next_full"]),
+                     f"{job['state']} {job['id']} ({job['read']} read)" if job else "-"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    for follower in state["followers"]:
+        print(f"fulltext index on {follower['host']}: {follower['lag_seconds']:.1f} s behind the cache")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,11 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print(f"{path}: ok ({len(config['stores'])} store(s))")
         return 0
-    logs.setup(config["log_level"], args.command)
+    logs.setup(config["log_level"], args.command, config["log_format"])
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per admin API call
     try:
         if args.command == "run":
             run(config)
             return 0
+        if args.command == "status":
+            return _status(config)
         return _index(config, args.store, args.full)
     except (StartupError, EmbeddedRedisError) as exc:
         print(f"mxisd: {exc}", file=sys.stderr)

@@ -22,6 +22,7 @@ from indexer.cache import Cache, connect
 from indexer.redis_server import EmbeddedRedis
 from server.app import create_app
 from server.keys import Keys
+from server.metrics import use_directory
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,8 @@ def run(config: dict[str, Any]) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     lock = hold_data_dir(config["data_dir"])
     Keys.load_or_create(config["data_dir"], config["server"]["name"])
+    # Before any worker or the indexer starts: they inherit the directory and count from zero.
+    use_directory(config["data_dir"])
     url, embedded = config["redis"]["url"], None
     indexer = None
     try:
@@ -98,7 +101,7 @@ def run(config: dict[str, Any]) -> None:
             host=server["bind"],
             port=server["port"],
             workers=server["workers"],
-            access_log=server["access_log"],
+            access_log=False,  # the app logs each request itself, with secrets masked
             motd=False,
             single_process=server["workers"] == 1,
         )

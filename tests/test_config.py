@@ -78,6 +78,15 @@ def with_changes(**changes: object) -> dict:
          "stores[1].name: 'people' is already the name of stores[0]"),
         (with_changes(stores__0__sync__max_delete_ratio=1.5),
          "stores[0].sync.max_delete_ratio: 1.5 is greater than the maximum of 1"),
+        (with_changes(admin__token="short"),
+         'admin.token: expected null or a token of at least 16 characters, got "short"'),
+        (with_changes(admin__allow=["10.0.0.0/33"]),
+         'admin.allow[0]: expected an address or network like "10.0.0.0/8", got "10.0.0.0/33"'),
+        (with_changes(metrics__allow=["intranet"]),
+         'metrics.allow[0]: expected an address or network like "10.0.0.0/8", got "intranet"'),
+        (with_changes(log_format="xml"), 'log_format: expected one of "text", "json", got "xml"'),
+        (with_changes(health__max_follower_lag="soon"),
+         'health.max_follower_lag: expected a duration like "1h", got "soon"'),
     ],
 )
 def test_mistakes_are_named_with_their_key_path(tmp_path, config, message):

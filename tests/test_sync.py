@@ -257,3 +257,17 @@ def test_a_failed_incremental_sync_keeps_the_mark(cache):
     source.fail_after = None
     assert incremental_sync(cache, source).added == 2
     assert cache.state("dir")["high_water_mark"] == 3
+
+
+def test_status_shows_incremental_runs_only_for_stores_that_list_changes(cache):
+    source = Versioned()
+    source.put("ann", "ann@example.org")
+    cache.set_state("dir", next_full=2000.0, next_incremental=1000.0)
+    before = cache.status(["dir"])["stores"]["dir"]
+    assert before["identities"] == 0 and before["last_full"] is None and before["last_success"] is None
+    assert before["next_incremental"] is None  # no mark yet: the scheduled run would do nothing
+    full_sync(cache, source, 0.2)
+    after = cache.status(["dir"])["stores"]["dir"]
+    assert after["identities"] == 1 and after["last_full"]["outcome"] == "ok"
+    assert after["last_success"] == after["last_full"]["ended"]
+    assert (after["next_full"], after["next_incremental"]) == (2000.0, 1000.0)

@@ -46,6 +46,11 @@ class Store(ABC):
     def enumerate(self) -> Iterator[Identity]:
         """Every identity the source holds; raises StoreError when it cannot read them all."""
 
+    def size(self) -> int | None:
+        """How many entries a full enumeration will read, when the source can tell cheaply (for
+        progress reports); None otherwise."""
+        return None
+
     def high_water_mark(self) -> Any:
         """The source's current high-water mark, read before a full sync enumerates; None when the
         store cannot list changes (then every sync is a full one)."""

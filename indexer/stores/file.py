@@ -50,6 +50,10 @@ class FileStore(Store):
             if store_id is not None:
                 yield store_id, entry
 
+    def size(self) -> int:
+        """The number of entries in the file."""
+        return len(self._read())
+
     def enumerate(self) -> Iterator[Identity]:
         """Every valid person in the file."""
         for store_id, entry in self._people():

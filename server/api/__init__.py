@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
-from typing import Any
+from typing import Any, Union
 
 import jsonschema
 from sanic import Request
@@ -11,6 +12,8 @@ from sanic.exceptions import BadRequest
 
 from indexer.config import explain, load_schema
 from server.errors import MatrixError
+
+IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
 @lru_cache(maxsize=None)
@@ -50,3 +53,15 @@ def require_token(request: Request) -> None:
         raise MatrixError(401, "M_UNAUTHORIZED", "An identity server access token is required")
     if token not in request.app.ctx.access_tokens:
         raise MatrixError(401, "M_UNAUTHORIZED", "Unrecognised access token")
+
+
+def require_client_in(request: Request, networks: list[IPNetwork]) -> None:
+    """403 M_FORBIDDEN unless the client's address is in one of networks."""
+    try:
+        address = ipaddress.ip_address(request.ip)
+    except ValueError:
+        address = None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    if address is None or not any(address in network for network in networks):
+        raise MatrixError(403, "M_FORBIDDEN", f"Not allowed from {request.ip or 'this address'}")

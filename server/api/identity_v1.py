@@ -10,6 +10,7 @@ from sanic.response import HTTPResponse, json
 from indexer.normalize import query_address
 from server.api import json_body
 from server.errors import MatrixError
+from server.metrics import count_lookups
 
 bp = Blueprint("identity_v1", url_prefix="/_matrix/identity/api/v1")
 
@@ -24,6 +25,7 @@ async def lookup(request: Request) -> HTTPResponse:
     canonical = query_address(medium, address)
     pairs = [(medium, canonical)]
     [mxid] = await request.app.ctx.read_through.fill(pairs, await request.app.ctx.lookups.by_address(pairs))
+    count_lookups([mxid])
     if mxid is None:
         return json({})
     now = int(time.time() * 1000)
@@ -46,4 +48,5 @@ async def bulk_lookup(request: Request) -> HTTPResponse:
         raise MatrixError(400, "M_TOO_LARGE", f"At most {request.app.ctx.bulk_max} 3PIDs per request")
     canonical = [(m, query_address(m, a)) for m, a in pairs]
     found = await request.app.ctx.read_through.fill(canonical, await request.app.ctx.lookups.by_address(canonical))
+    count_lookups(found)
     return json({"threepids": [[m, a, mxid] for (m, a), mxid in zip(pairs, found) if mxid is not None]})

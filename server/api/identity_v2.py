@@ -8,6 +8,7 @@ from sanic.response import HTTPResponse, json
 from indexer.normalize import query_address
 from server.api import json_body, require_token
 from server.errors import MatrixError
+from server.metrics import count_lookups
 
 bp = Blueprint("identity_v2", url_prefix="/_matrix/identity/v2")
 
@@ -57,4 +58,5 @@ async def lookup(request: Request) -> HTTPResponse:
                 raise MatrixError(400, "M_INVALID_PARAM", f'Expected "address medium", got {item!r}')
             pairs.append((medium, query_address(medium, address)))
         found = await request.app.ctx.read_through.fill(pairs, await lookups.by_address(pairs))
+    count_lookups(found)
     return json({"mappings": {a: mxid for a, mxid in zip(addresses, found) if mxid is not None}})

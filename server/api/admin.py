@@ -1,0 +1,131 @@
+"""The admin API (/_mxisd/admin/v1/) and page (/_mxisd/admin/): store freshness, sync jobs, cache
+inspection. Served only when admin.token is set, only to admin.allow; every API call needs the token."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+from pathlib import Path
+from typing import Any
+
+from sanic import Blueprint, Request
+from sanic.response import HTTPResponse, html, json, redirect
+
+from indexer import logs, normalize
+from indexer.normalize import query_address
+from server.api import json_body, require_client_in
+from server.errors import MatrixError
+
+bp = Blueprint("admin", url_prefix="/_mxisd/admin")
+
+PAGE = (Path(__file__).resolve().parent.parent / "static" / "admin.html").read_text(encoding="utf-8")
+
+
+def _inline_source(tag: str) -> str:
+    """The CSP source allowing exactly the page's one inline <script> or <style> and nothing else."""
+    match = re.search(rf"<{tag}>(.*?)</{tag}>", PAGE, re.DOTALL)
+    assert match is not None, f"admin.html has no <{tag}>"
+    return "'sha256-" + base64.b64encode(hashlib.sha256(match.group(1).encode()).digest()).decode() + "'"
+
+
+PAGE_HEADERS = {
+    "Content-Security-Policy": f"default-src 'none'; script-src {_inline_source('script')}; "
+                               f"style-src {_inline_source('style')}; connect-src 'self'; "
+                               "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def token_digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+@bp.on_request
+async def gate(request: Request) -> None:
+    ctx = request.app.ctx
+    require_client_in(request, ctx.admin_networks)
+    if request.route is not None and request.route.name.endswith((".admin.page", ".admin.page_redirect")):
+        return
+    header = request.headers.get("authorization", "")
+    given = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    if not given:
+        raise MatrixError(401, "M_UNAUTHORIZED", "The admin token is required (Authorization: Bearer ...)")
+    # Digests of equal length, compared in constant time: the token's length leaks nothing either.
+    if not hmac.compare_digest(token_digest(given), ctx.admin_token_digest):
+        raise MatrixError(401, "M_UNAUTHORIZED", "Unrecognised admin token")
+
+
+@bp.get("", name="page_redirect", strict_slashes=True)
+async def page_redirect(request: Request) -> HTTPResponse:
+    """GET /_mxisd/admin: to the page's canonical address."""
+    return redirect("/_mxisd/admin/")
+
+
+@bp.get("/", name="page", strict_slashes=True)
+async def page(request: Request) -> HTTPResponse:
+    """GET /_mxisd/admin/: the admin page (it asks for the token and calls the API)."""
+    return html(PAGE, headers=PAGE_HEADERS)
+
+
+def _stores_config(request: Request) -> list[dict[str, Any]]:
+    return request.app.ctx.config["stores"]
+
+
+@bp.get("/v1/stores")
+async def stores(request: Request) -> HTTPResponse:
+    """GET /_mxisd/admin/v1/stores: each store's size, last syncs, next runs and active job; follower lag."""
+    status = await request.app.ctx.admin.status()
+    listed = [{"name": s["name"], "kind": s["kind"], **status["stores"][s["name"]]} for s in _stores_config(request)]
+    return json({"stores": listed, "followers": status["followers"], "last_change_id": status["last_change_id"]})
+
+
+@bp.post("/v1/stores/<name>/sync")
+async def sync(request: Request, name: str) -> HTTPResponse:
+    """POST /_mxisd/admin/v1/stores/{name}/sync: queue a sync for the indexer, or return the store's active one."""
+    if name not in {s["name"] for s in _stores_config(request)}:
+        raise MatrixError(404, "M_NOT_FOUND", f"No store named {name!r}")
+    body = json_body(request, "admin_sync") if request.body else {}
+    job, created = await request.app.ctx.admin.start_job(name, bool(body.get("full")), logs.request_id.get())
+    return json({"job": job, "created": created}, status=202 if created else 200)
+
+
+@bp.get("/v1/jobs/<job_id>")
+async def job(request: Request, job_id: str) -> HTTPResponse:
+    """GET /_mxisd/admin/v1/jobs/{id}: a sync job's state, progress and outcome."""
+    found = await request.app.ctx.admin.job(job_id) if job_id.isalnum() else None
+    if found is None:
+        raise MatrixError(404, "M_NOT_FOUND", "No such job (finished jobs are kept for a day)")
+    return json(found)
+
+
+@bp.get("/v1/identities")
+async def identities(request: Request) -> HTTPResponse:
+    """GET /_mxisd/admin/v1/identities?q=: what the cache holds for a 3PID or an mxid, store by store."""
+    q = (request.args.get("q") or "").strip()
+    if not q:
+        raise MatrixError(400, "M_MISSING_PARAMS", "Missing parameters: q")
+    if q.startswith("@"):
+        try:
+            medium, address = None, normalize.mxid(q)[0]
+        except normalize.InvalidAddress as exc:
+            raise MatrixError(400, "M_INVALID_PARAM", str(exc)) from None
+    else:
+        # Read as a lookup would read it: a phone number in international form.
+        medium = "email" if "@" in q else "msisdn"
+        address = query_address(medium, q)
+    matches = await request.app.ctx.admin.inspect(medium, address)
+    query = {"mxid": address} if medium is None else {"medium": medium, "address": address}
+    # What a lookup answers: the first store (in config order) that has the 3PID.
+    return json({"query": query, "lookup_answer": matches[0]["mxid"] if matches and medium else None,
+                 "matches": matches})
+
+
+@bp.post("/v1/cache/rebuild-fulltext")
+async def rebuild_fulltext(request: Request) -> HTTPResponse:
+    """POST /_mxisd/admin/v1/cache/rebuild-fulltext: every host's follower rebuilds Whoosh from Redis."""
+    requests = await request.app.ctx.admin.request_rebuild()
+    return json({"requested": requests}, status=202)

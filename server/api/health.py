@@ -1,0 +1,59 @@
+"""Liveness, readiness and version (mxisd's GET /status and GET /version, and GET /_mxisd/ready)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from importlib.metadata import version as package_version
+from typing import Any
+
+import redis
+from sanic import Blueprint, Request
+from sanic.response import HTTPResponse, json
+
+bp = Blueprint("health")
+
+REDIS_TIMEOUT = 2.0
+VERSION = package_version("mxisd")
+
+
+@bp.get("/status")
+async def status(request: Request) -> HTTPResponse:
+    """GET /status: liveness; this process answers."""
+    return json({"status": {"health": "OK"}})
+
+
+@bp.get("/version")
+async def version(request: Request) -> HTTPResponse:
+    """GET /version: the server's name and version."""
+    return json({"server": {"name": "mxisd", "version": VERSION}})
+
+
+@bp.get("/_mxisd/ready")
+async def ready(request: Request) -> HTTPResponse:
+    """GET /_mxisd/ready: 200 when Redis answers, every store has synced once and this host's
+    fulltext index keeps up; else 503. Each check's state is in the body."""
+    ctx = request.app.ctx
+    checks: dict[str, Any] = {}
+    try:
+        state = await asyncio.wait_for(ctx.admin.status(), REDIS_TIMEOUT)
+        checks["redis"] = {"ok": True}
+    except (redis.exceptions.RedisError, OSError, asyncio.TimeoutError) as exc:
+        state = None
+        checks["redis"] = {"ok": False, "error": str(exc) or "no answer in time"}
+    if state is not None:
+        checks["stores"] = {
+            name: {"ok": s["last_success"] is not None, "last_success": s["last_success"],
+                   "identities": s["identities"]}
+            for name, s in state["stores"].items()
+        }
+        host = socket.gethostname()
+        mine = next((f for f in state["followers"] if f["host"] == host), None)
+        limit = ctx.max_follower_lag
+        checks["fulltext"] = (
+            {"ok": False, "host": host, "error": "no fulltext follower has reported from this host"} if mine is None
+            else {"ok": mine["lag_seconds"] <= limit, "host": host, "lag_seconds": mine["lag_seconds"],
+                  "max_lag_seconds": limit}
+        )
+    is_ready = state is not None and checks["fulltext"]["ok"] and all(c["ok"] for c in checks["stores"].values())
+    return json({"ready": is_ready, "checks": checks}, status=200 if is_ready else 503)

@@ -1,0 +1,28 @@
+"""Prometheus scrape endpoint (GET /metrics), limited to metrics.allow."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis
+from prometheus_client import CONTENT_TYPE_LATEST
+from sanic import Blueprint, Request
+from sanic.response import HTTPResponse, raw
+
+from server.api import require_client_in
+from server.api.health import REDIS_TIMEOUT
+from server.metrics import exposition
+
+bp = Blueprint("metrics")
+
+
+@bp.get("/metrics")
+async def metrics(request: Request) -> HTTPResponse:
+    """GET /metrics: this host's processes' metrics and the cache's gauges, in Prometheus text format."""
+    require_client_in(request, request.app.ctx.metrics_networks)
+    try:
+        status = await asyncio.wait_for(request.app.ctx.admin.status(), REDIS_TIMEOUT)
+    except (redis.exceptions.RedisError, OSError, asyncio.TimeoutError):
+        status = None
+    body = await asyncio.get_running_loop().run_in_executor(None, exposition, status)
+    return raw(body, content_type=CONTENT_TYPE_LATEST)

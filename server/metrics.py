@@ -1,0 +1,82 @@
+"""Prometheus metrics of the HTTP workers, and the exposition served at /metrics: what every process
+of this host recorded (prometheus-client's multiprocess mode: the workers and the indexer write to
+files in data_dir/metrics) plus gauges read from the cache when scraped (identities per store, last
+successful sync, follower lag), so that they are right whichever indexer or host wrote them."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+REQUESTS = Counter("mxisd_http_requests", "HTTP requests answered, by route and status",
+                   ["method", "endpoint", "status"])
+LATENCY = Histogram("mxisd_http_request_duration_seconds", "Time to answer HTTP requests, by route",
+                    ["method", "endpoint"],
+                    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+LOOKUPS = Counter("mxisd_lookups", "3PIDs looked up, by where the answer came from (store_cache or miss)",
+                  ["source"])
+
+
+def use_directory(data_dir: str) -> Path:
+    """Empty data_dir/metrics and make this process and the ones it starts record metrics there."""
+    path = Path(data_dir) / "metrics"
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    os.environ[MULTIPROC_ENV] = str(path)
+    # prometheus-client chooses where values live when it is first imported, which is before `mxisd
+    # run` has read the config that names the directory: choose again now.
+    values.ValueClass = values.get_value_class()
+    return path
+
+
+def count_lookups(found: list[str | None]) -> None:
+    """Count looked-up 3PIDs by answer source."""
+    hits = sum(1 for mxid in found if mxid is not None)
+    if hits:
+        LOOKUPS.labels("store_cache").inc(hits)
+    if len(found) - hits:
+        LOOKUPS.labels("miss").inc(len(found) - hits)
+
+
+class _CacheGauges:
+    """Gauges from a status read of the cache (Admin.status), or cache_up 0 when it failed."""
+
+    def __init__(self, status: dict[str, Any] | None) -> None:
+        self.status = status
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("mxisd_cache_up", "Whether the Redis cache answered this scrape")
+        up.add_metric([], 0 if self.status is None else 1)
+        yield up
+        if self.status is None:
+            return
+        identities = GaugeMetricFamily("mxisd_store_identities", "Identities the cache holds per store",
+                                       labels=["store"])
+        success = GaugeMetricFamily("mxisd_store_last_success_timestamp_seconds",
+                                    "When a sync of the store last succeeded", labels=["store"])
+        for name, store in self.status["stores"].items():
+            identities.add_metric([name], store["identities"])
+            if store["last_success"] is not None:
+                success.add_metric([name], store["last_success"])
+        lag = GaugeMetricFamily("mxisd_fulltext_follower_lag_seconds",
+                                "Age of the oldest change a host's fulltext index has not applied", labels=["host"])
+        for follower in self.status["followers"]:
+            lag.add_metric([follower["host"]], follower["lag_seconds"])
+        yield from (identities, success, lag)
+
+
+def exposition(status: dict[str, Any] | None) -> bytes:
+    """The text exposition of this host's processes' metrics (needs use_directory to have run in
+    this process or its parent) and of the cache gauges."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    registry.register(_CacheGauges(status))
+    return generate_latest(registry)
