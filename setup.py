@@ -7,6 +7,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["indexer", "indexer.*", "server", "server.*"]),
     include_package_data=True,
+    package_data={"server.notify": ["templates/*"]},
     install_requires=[
         "sanic>=23.12",
         "redis>=5.0",
@@ -22,9 +23,14 @@ setup(
         "pyyaml>=6.0",
         "jsonschema>=4.20",
         "bcrypt>=4.1",
+        "sqlalchemy>=2.0",
+        "psycopg[binary]>=3.1",
+        "httpx>=0.27",
+        "dnspython>=2.6",
+        "aiosmtplib>=3.0",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "httpx>=0.27"],
+        "test": ["pytest>=8.0", "aiosmtpd>=1.4", "trustme>=1.1"],
     },
     entry_points={"console_scripts": ["mxisd = server.cli:main"]},
 )

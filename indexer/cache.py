@@ -9,8 +9,11 @@ Per store S (all keys under the configured prefix):
   s:S:mxid    hash  mxid -> store_id
   s:S:state   hash  generation, last_full, last_incremental, high_water_mark (each JSON)
   s:S:lock    the sync lock (redis-py Lock)
+Bindings made with /3pid/bind (SQL is their truth) are mirrored as the pseudo-store "_bindings",
+which no configured store can be named (store names start with [a-z0-9]): s:_bindings:3pid and
+s:_bindings:sha256 as above, and s:_bindings:state {epoch} naming the cache epoch they were rebuilt for.
 Global: epoch (changes when the cache is emptied), pepper, changes (stream of upsert/delete events),
-fulltext:<host> (follower position, for status).
+fulltext:<host> (follower position, for status), rate:<kind>:<key> (rate-limit windows).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from indexer.normalize import lookup_forms, lookup_hash
 
 STREAM_MAXLEN = 1_000_000
 PEPPER_LENGTH = 20
+BINDINGS = "_bindings"
 
 
 def connect(url: str) -> redis.Redis:
@@ -66,6 +70,9 @@ class Keys:
     def follower(self, host: str) -> str:
         return f"{self.prefix}fulltext:{host}"
 
+    def rate(self, kind: str, key: str) -> str:
+        return f"{self.prefix}rate:{kind}:{key}"
+
 
 def _stream_id(value: str) -> tuple[int, int]:
     ms, _, seq = value.partition("-")
@@ -74,6 +81,11 @@ def _stream_id(value: str) -> tuple[int, int]:
 
 def _plain_key(address: str, medium: str) -> str:
     return f"{address} {medium}"
+
+
+def _binding_fields(medium: str, address: str, pepper: str) -> tuple[list[str], list[str]]:
+    forms = lookup_forms(medium, address)
+    return [_plain_key(f, medium) for f in forms], [lookup_hash(f, medium, pepper) for f in forms]
 
 
 class Cache:
@@ -248,6 +260,30 @@ class Cache:
     def set_follower_status(self, host: str, **fields: Any) -> None:
         self.r.hset(self.k.follower(host), mapping={k: str(v) for k, v in fields.items()})
 
+    # -- the mirror of /3pid/bind bindings ----------------------------------------------------
+
+    def bindings_mirrored(self) -> bool:
+        """Whether the binding mirror was built for this cache's epoch (it is lost with the cache)."""
+        return self.r.hget(self.k.store(BINDINGS, "state"), "epoch") == self.epoch()
+
+    def rebuild_bindings(self, bindings: Iterable[tuple[str, str, str]]) -> int:
+        """Replace the mirror with these (medium, address, mxid) bindings; how many were written."""
+        pepper, epoch = self.pepper(), self.epoch()
+        plain: dict[str, str] = {}
+        hashed: dict[str, str] = {}
+        for medium, address, mxid in bindings:
+            fields, hashes = _binding_fields(medium, address, pepper)
+            plain.update((f, mxid) for f in fields)
+            hashed.update((h, mxid) for h in hashes)
+        tx = self.r.pipeline(transaction=True)
+        tx.delete(self.k.store(BINDINGS, "3pid"), self.k.store(BINDINGS, "sha256"))
+        if plain:
+            tx.hset(self.k.store(BINDINGS, "3pid"), mapping=plain)
+            tx.hset(self.k.store(BINDINGS, "sha256"), mapping=hashed)
+        tx.hset(self.k.store(BINDINGS, "state"), "epoch", epoch or "")
+        tx.execute()
+        return len(plain)
+
 
 class Lookups:
     """Non-blocking reads for the HTTP server: one Redis round trip per request."""
@@ -286,3 +322,49 @@ class Lookups:
 
     async def ping(self) -> bool:
         return bool(await self.r.ping())
+
+
+class BindingMirror:
+    """Writes /3pid/bind bindings into the "_bindings" pseudo-store, so lookups find them at once."""
+
+    def __init__(self, client: redis.asyncio.Redis, prefix: str) -> None:
+        self.r = client
+        self.k = Keys(prefix)
+
+    async def put(self, medium: str, address: str, mxid: str) -> None:
+        pepper = await self.r.get(self.k.pepper)
+        if not pepper:
+            raise redis.exceptions.RedisError("the cache has no lookup pepper yet")
+        fields, hashes = _binding_fields(medium, address, pepper)
+        tx = self.r.pipeline(transaction=True)
+        tx.hset(self.k.store(BINDINGS, "3pid"), mapping={f: mxid for f in fields})
+        tx.hset(self.k.store(BINDINGS, "sha256"), mapping={h: mxid for h in hashes})
+        await tx.execute()
+
+    async def remove(self, medium: str, address: str) -> None:
+        pepper = await self.r.get(self.k.pepper) or ""
+        fields, hashes = _binding_fields(medium, address, pepper)
+        tx = self.r.pipeline(transaction=True)
+        tx.hdel(self.k.store(BINDINGS, "3pid"), *fields)
+        tx.hdel(self.k.store(BINDINGS, "sha256"), *hashes)
+        await tx.execute()
+
+
+class RateLimits:
+    """Fixed-window counters shared by every worker and host."""
+
+    def __init__(self, client: redis.asyncio.Redis, prefix: str) -> None:
+        self.r = client
+        self.k = Keys(prefix)
+
+    async def hit(self, kind: str, key: str, limit: int, window_s: int) -> int | None:
+        """Count one request; None when within limit, else milliseconds until the window ends."""
+        name = self.k.rate(kind, key)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.incr(name)
+        pipe.expire(name, window_s, nx=True)
+        pipe.pttl(name)
+        count, _, ttl = await pipe.execute()
+        if count <= limit:
+            return None
+        return max(int(ttl), 1)

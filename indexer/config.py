@@ -200,5 +200,15 @@ def _complete(config: dict[str, Any], base: Path) -> dict[str, Any]:
     for store in config["stores"]:
         if "path" in store:
             store["path"] = str((base / store["path"]).resolve())
+    files = [(config["sessions"]["pages"], k) for k in ("success", "failure")]
+    files += [(config["federation"], "ca_file")]
+    for section in ("email", "sms"):
+        if section in config:
+            files += [(config[section]["templates"], k) for k in config[section]["templates"]]
+    for holder, key in files:
+        if holder.get(key):
+            holder[key] = str((base / holder[key]).resolve())
+    if config["accounts"]["homeservers"] is None:
+        config["accounts"]["homeservers"] = [config["matrix"]["domain"]]
     config["config_dir"] = str(base)
     return config

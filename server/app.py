@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import Any
 
 import redis
+import sqlalchemy
 from sanic import Request, Sanic
 from sanic.exceptions import BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, SanicException
 from sanic.response import HTTPResponse, empty, json
 
-from indexer.cache import Lookups, connect_async
+from indexer.cache import BINDINGS, BindingMirror, Lookups, RateLimits, connect_async
 from indexer.config import parse_duration
-from server.api import identity_v1, identity_v2, pubkey, status
+from server.api import account, bind, identity_v1, identity_v2, pubkey, sessions, status, terms
 from server.errors import MatrixError
+from server.federation import Federation
 from server.keys import Keys
+from server.notify.email import EmailSender
+from server.notify.sms import SmsSender
+from server.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -26,14 +30,10 @@ CORS_HEADERS = {
 }
 
 
-class HashedTokens:
-    """Configured tokens kept as digests, so membership does not compare secrets byte by byte."""
-
-    def __init__(self, tokens: list[str]) -> None:
-        self._digests = {hashlib.sha256(t.encode()).digest() for t in tokens}
-
-    def __contains__(self, token: object) -> bool:
-        return isinstance(token, str) and hashlib.sha256(token.encode()).digest() in self._digests
+def lookup_order(config: dict[str, Any]) -> list[str]:
+    """The stores lookups ask, first match wins: bindings before or after the configured stores."""
+    stores = [s["name"] for s in config["stores"]]
+    return [BINDINGS, *stores] if config["lookup"]["prefer"] == "binding" else [*stores, BINDINGS]
 
 
 def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
@@ -47,21 +47,30 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
     app.ctx.config = config
     app.ctx.bulk_max = config["lookup"]["bulk_max"]
     app.ctx.association_validity_ms = parse_duration(config["lookup"]["association_validity"]) * 1000
-    app.ctx.access_tokens = HashedTokens(config["lookup"]["access_tokens"])
     app.ctx.keys = Keys.load_or_create(config["data_dir"], config["server"]["name"])
+    domain = config["matrix"]["domain"]
+    app.ctx.email = EmailSender(config["email"], domain) if "email" in config else None
+    app.ctx.sms = SmsSender(config["sms"], domain) if "sms" in config else None
 
-    for module in (status, pubkey, identity_v1, identity_v2):
+    for module in (status, pubkey, identity_v1, identity_v2, account, terms, sessions, bind):
         app.blueprint(module.bp)
 
     @app.before_server_start
-    async def open_cache(app: Sanic) -> None:
+    async def open_connections(app: Sanic) -> None:
         client = connect_async(redis_url)
+        prefix = config["redis"]["prefix"]
         app.ctx.redis = client
-        app.ctx.lookups = Lookups(client, config["redis"]["prefix"], [s["name"] for s in config["stores"]])
+        app.ctx.lookups = Lookups(client, prefix, lookup_order(config))
+        app.ctx.binding_mirror = BindingMirror(client, prefix)
+        app.ctx.rate_limits = RateLimits(client, prefix)
+        app.ctx.storage = Storage(config["storage"]["url"], config["data_dir"])
+        app.ctx.federation = Federation(config["federation"])
 
     @app.after_server_stop
-    async def close_cache(app: Sanic) -> None:
+    async def close_connections(app: Sanic) -> None:
         await app.ctx.redis.aclose()
+        await app.ctx.federation.close()
+        app.ctx.storage.close()
 
     @app.on_request
     async def preflight(request: Request) -> HTTPResponse | None:
@@ -95,6 +104,9 @@ def error_response(request: Request, exc: Exception) -> HTTPResponse:
     elif isinstance(exc, redis.exceptions.RedisError):
         log.error("%s %s: cache unavailable: %s", request.method, request.path, exc)
         error = MatrixError(503, "M_UNKNOWN", "The lookup cache is unavailable, try again shortly")
+    elif isinstance(exc, sqlalchemy.exc.OperationalError):
+        log.error("%s %s: database unavailable: %s", request.method, request.path, exc.orig)
+        error = MatrixError(503, "M_UNKNOWN", "The database is unavailable, try again shortly")
     elif isinstance(exc, SanicException) and 400 <= exc.status_code < 500:
         error = MatrixError(exc.status_code, "M_UNKNOWN", str(exc))
     else:

@@ -23,6 +23,7 @@ from indexer.redis_server import EmbeddedRedis
 from indexer.scheduler import run_indexer
 from server.app import create_app
 from server.keys import Keys
+from server.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,21 @@ def wait_for_redis(url: str, timeout: float = 10.0) -> redis.Redis:
             time.sleep(0.2)
 
 
+def prepare_storage(config: dict[str, Any], cache: Cache) -> None:
+    """Upgrade the SQL schema, and rebuild the Redis mirror of bindings when the cache lost it."""
+    storage = Storage(config["storage"]["url"], config["data_dir"], threads=1)
+    try:
+        storage.upgrade()
+        log.info("storage: %s", storage.describe())
+        if not cache.bindings_mirrored():
+            count = cache.rebuild_bindings((b.medium, b.address, b.mxid) for b in storage.all_bindings())
+            log.info("bindings: the cache had none for its epoch; %d lookup keys rebuilt from the database", count)
+    except StorageError as exc:
+        raise StartupError(str(exc)) from None
+    finally:
+        storage.close()
+
+
 def _indexer_process(config: dict[str, Any], redis_url: str, parent_pid: int) -> None:
     setup_logging(config["log_level"])
     stop = threading.Event()
@@ -96,7 +112,9 @@ def run(config: dict[str, Any]) -> None:
             embedded.start()
             url = embedded.url
         client = wait_for_redis(url)
-        Cache(client, config["redis"]["prefix"]).initialize()
+        cache = Cache(client, config["redis"]["prefix"])
+        cache.initialize()
+        prepare_storage(config, cache)
         indexer = multiprocessing.get_context("spawn").Process(
             target=_indexer_process, args=(config, url, os.getpid()), name="indexer"
         )
