@@ -361,10 +361,10 @@ class RateLimits:
         """Count one request; None when within limit, else milliseconds until the window ends."""
         name = self.k.rate(kind, key)
         pipe = self.r.pipeline(transaction=True)
+        pipe.set(name, 0, ex=window_s, nx=True)
         pipe.incr(name)
-        pipe.expire(name, window_s, nx=True)
         pipe.pttl(name)
-        count, _, ttl = await pipe.execute()
+        _, count, ttl = await pipe.execute()
         if count <= limit:
             return None
         return max(int(ttl), 1)

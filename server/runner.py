@@ -39,6 +39,8 @@ def setup_logging(level: str) -> None:
         stream=sys.stderr,
         force=True,
     )
+    # httpx logs every request URL at INFO, and OpenID userinfo URLs carry the user's token.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def hold_data_dir(data_dir: str) -> TextIO:
