@@ -432,6 +432,17 @@ def test_register_errors_and_logout(server, homeserver):
     assert server.http.post(V2 + "/account/logout", headers=auth).status_code == 401
 
 
+def test_homeserver_named_by_ip_literal_and_port_needs_no_discovery(server, homeserver):
+    server.config["accounts"] = {"homeservers": ["*"]}
+    started(server)
+    name = f"127.0.0.1:{homeserver.port}"
+    token = dict(homeserver.openid_token(f"@ip:{name}"), matrix_server_name=name)
+    response = server.http.post(V2 + "/account/register", json=token)
+    assert response.status_code == 200, response.text
+    auth = {"Authorization": f"Bearer {response.json()['token']}"}
+    assert server.http.get(V2 + "/account", headers=auth).json() == {"user_id": f"@ip:{name}"}
+
+
 def test_homeserver_on_a_private_address_is_refused_unless_allowed(server, homeserver):
     server.config["federation"]["allow_private_networks"] = []
     started(server)

@@ -42,7 +42,7 @@ async def register(request: Request) -> HTTPResponse:
         user_id, _ = parse_mxid(sub, lowercase=False)
     except InvalidAddress:
         user_id = ""
-    if not user_id or sub.rpartition(":")[2].lower() != server_name:
+    if not user_id or sub.partition(":")[2].lower() != server_name:
         log.warning("register refused: %s answered sub %r, not a user of its own", server_name, sub)
         raise MatrixError(403, "M_UNAUTHORIZED", f"{server_name} answered a user that is not its own")
     token = secrets.token_urlsafe(32)

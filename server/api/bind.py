@@ -83,7 +83,7 @@ async def unbind(request: Request) -> HTTPResponse:
         proof = f"session {session.sid}"
     elif request.headers.get("authorization", "").startswith("X-Matrix "):
         origin = await _signing_homeserver(request, request.headers["authorization"])
-        if mxid.rpartition(":")[2] != origin:
+        if mxid.partition(":")[2] != origin:
             raise MatrixError(403, "M_FORBIDDEN", f"{origin} cannot unbind a user of another homeserver")
         proof = f"signature of {origin}"
     else:
