@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -11,17 +13,22 @@ from sanic import Request, Sanic
 from sanic.exceptions import BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, SanicException
 from sanic.response import HTTPResponse, empty, json
 
-from indexer.cache import BINDINGS, BindingMirror, Lookups, RateLimits, connect_async
+from indexer.cache import BINDINGS, BindingMirror, Cache, Lookups, RateLimits, connect, connect_async
 from indexer.config import parse_duration
 from server.api import account, bind, identity_v1, identity_v2, pubkey, sessions, status, terms
+from server.bindings import restore_mirror
 from server.errors import MatrixError
 from server.federation import Federation
 from server.keys import Keys
 from server.notify.email import EmailSender
 from server.notify.sms import SmsSender
-from server.storage import Storage
+from server.storage import Storage, now_ms
 
 log = logging.getLogger(__name__)
+
+MAINTENANCE_EVERY_S = 60
+# Expired sessions are kept a while longer so that clients still hear M_SESSION_EXPIRED, not "unknown".
+EXPIRED_SESSIONS_KEPT_MS = 7 * 24 * 3600 * 1000
 
 CORS_HEADERS = {
     "Access-Control-Allow-Origin": "*",
@@ -66,6 +73,16 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
         app.ctx.storage = Storage(config["storage"]["url"], config["data_dir"])
         app.ctx.federation = Federation(config["federation"])
 
+    @app.after_server_start
+    async def start_maintenance(app: Sanic) -> None:
+        app.ctx.maintenance = asyncio.create_task(maintenance(app, redis_url))
+
+    @app.before_server_stop
+    async def stop_maintenance(app: Sanic) -> None:
+        app.ctx.maintenance.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await app.ctx.maintenance
+
     @app.after_server_stop
     async def close_connections(app: Sanic) -> None:
         await app.ctx.redis.aclose()
@@ -87,6 +104,27 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
         return error_response(request, exc)
 
     return app
+
+
+async def maintenance(app: Sanic, redis_url: str) -> None:
+    """Every minute: put the binding mirror back if Redis was emptied while we run, and forget
+    validation sessions a week past their lifetime."""
+    config = app.ctx.config
+    storage: Storage = app.ctx.storage
+    cache = Cache(connect(redis_url), config["redis"]["prefix"])
+    keep_ms = parse_duration(config["sessions"]["lifetime"]) * 1000 + EXPIRED_SESSIONS_KEPT_MS
+    try:
+        while True:
+            await asyncio.sleep(MAINTENANCE_EVERY_S)
+            try:
+                await storage.run(restore_mirror, storage, cache)
+                purged = await storage.run(storage.delete_sessions_before, now_ms() - keep_ms)
+                if purged:
+                    log.info("forgot %d expired validation sessions", purged)
+            except (redis.exceptions.RedisError, sqlalchemy.exc.SQLAlchemyError) as exc:
+                log.warning("maintenance skipped: %s", exc)
+    finally:
+        cache.r.close()
 
 
 def error_response(request: Request, exc: Exception) -> HTTPResponse:

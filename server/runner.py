@@ -22,6 +22,7 @@ from indexer.cache import Cache, connect
 from indexer.redis_server import EmbeddedRedis
 from indexer.scheduler import run_indexer
 from server.app import create_app
+from server.bindings import restore_mirror
 from server.keys import Keys
 from server.storage import Storage, StorageError
 
@@ -78,9 +79,7 @@ def prepare_storage(config: dict[str, Any], cache: Cache) -> None:
     try:
         storage.upgrade()
         log.info("storage: %s", storage.describe())
-        if not cache.bindings_mirrored():
-            count = cache.rebuild_bindings((b.medium, b.address, b.mxid) for b in storage.all_bindings())
-            log.info("bindings: the cache had none for its epoch; %d lookup keys rebuilt from the database", count)
+        restore_mirror(storage, cache)
     except StorageError as exc:
         raise StartupError(str(exc)) from None
     finally:

@@ -268,10 +268,22 @@ class Storage:
                          .values(failed_attempts=sessions.c.failed_attempts + 1))
             return conn.execute(sa.select(sessions.c.failed_attempts).where(sessions.c.sid == sid)).scalar() or 0
 
+    def delete_sessions_before(self, modified_before: int) -> int:
+        """Forget sessions last changed before this time (ms); how many."""
+        with self.engine.begin() as conn:
+            return conn.execute(sessions.delete().where(sessions.c.modified_at < modified_before)).rowcount
+
     # -- bindings ---------------------------------------------------------------------------------
 
     def bind(self, medium: str, address: str, mxid: str, ts: int) -> Binding | None:
         """Bind the 3PID to mxid (replacing any earlier binding); the binding it replaced."""
+        try:
+            return self._bind(medium, address, mxid, ts)
+        except sa.exc.IntegrityError:
+            # Another request bound the same new 3PID at the same moment: now there is a row to replace.
+            return self._bind(medium, address, mxid, ts)
+
+    def _bind(self, medium: str, address: str, mxid: str, ts: int) -> Binding | None:
         with self.engine.begin() as conn:
             row = conn.execute(sa.select(bindings).where(
                 bindings.c.medium == medium, bindings.c.address == address).with_for_update()).first()

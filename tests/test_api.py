@@ -486,3 +486,16 @@ def test_test_email_command(server, mailbox):
     assert bad.returncode == 2 and "not a valid email address" in bad.stderr
 
 
+
+
+def test_bindings_come_back_when_redis_is_emptied_while_running(server, mailbox, redis_url, prefix):
+    started(server)
+    sid = validate_email(server, mailbox, "dave@example.net", "abc", prefix=V1)
+    server.http.post(V1 + "/3pid/bind", json={"sid": sid, "client_secret": "abc", "mxid": DAVE})
+    client = redis.Redis.from_url(redis_url)
+    client.delete(*client.scan_iter(match=f"{prefix}*"))
+    client.close()
+    assert server.lookup_v1("email", "dave@example.net") == {}
+    # The server checks every minute.
+    wait_until(lambda: server.lookup_v1("email", "dave@example.net").get("mxid") == DAVE, timeout=150,
+               what="the binding mirror to be rebuilt")

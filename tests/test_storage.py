@@ -72,3 +72,11 @@ def test_an_unreachable_database_is_one_clear_error(tmp_path):
     with pytest.raises(StorageError, match=r"cannot open the database postgresql\+psycopg://nobody@127.0.0.1:1/none"):
         store.upgrade()
     store.close()
+
+
+def test_old_sessions_are_forgotten(storage):
+    storage.upgrade()
+    for sid, modified in (("old", 100), ("new", 200)):
+        storage.create_session(Session(sid, "email", f"{sid}@example.net", "s", "t", 1, None, 0, 1, modified, None))
+    assert storage.delete_sessions_before(150) == 1
+    assert storage.session("old", "s") is None and storage.session("new", "s") is not None
