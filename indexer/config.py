@@ -200,14 +200,16 @@ def _complete(config: dict[str, Any], base: Path) -> dict[str, Any]:
     for store in config["stores"]:
         if "path" in store:
             store["path"] = str((base / store["path"]).resolve())
-    files = [(config["sessions"]["pages"], k) for k in ("success", "failure")]
-    files += [(config["federation"], "ca_file")]
+    files = [("sessions.pages", config["sessions"]["pages"], k) for k in ("success", "failure")]
+    files += [("federation", config["federation"], "ca_file")]
     for section in ("email", "sms"):
         if section in config:
-            files += [(config[section]["templates"], k) for k in config[section]["templates"]]
-    for holder, key in files:
+            files += [(f"{section}.templates", config[section]["templates"], k) for k in config[section]["templates"]]
+    for where, holder, key in files:
         if holder.get(key):
             holder[key] = str((base / holder[key]).resolve())
+            if not os.access(holder[key], os.R_OK):
+                raise ConfigError(f"{where}.{key}: cannot read {holder[key]}")
     if config["accounts"]["homeservers"] is None:
         config["accounts"]["homeservers"] = [config["matrix"]["domain"]]
     config["config_dir"] = str(base)

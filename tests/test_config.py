@@ -140,3 +140,16 @@ def test_bad_duration_raises():
 def test_load_config_raises_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"server.workers: expected integer"):
         load_config(write(tmp_path, with_changes(server__workers="two")))
+
+
+def test_missing_template_or_ca_file_is_named(tmp_path):
+
+    path = tmp_path / "config.yml"
+    path.write_text("matrix: {domain: example.org}\nstores: [{name: s, kind: file, path: p.yml}]\n"
+                    "email: {from: a@example.org, smtp: {host: localhost}, templates: {validation: nope.eml}}\n")
+    with pytest.raises(ConfigError, match=r"email.templates.validation: cannot read .*nope.eml"):
+        load_config(path)
+    path.write_text("matrix: {domain: example.org}\nstores: [{name: s, kind: file, path: p.yml}]\n"
+                    "federation: {ca_file: missing.pem}\n")
+    with pytest.raises(ConfigError, match=r"federation.ca_file: cannot read"):
+        load_config(path)
