@@ -149,6 +149,19 @@ def test_link_without_next_link_shows_a_page(server, mailbox):
     assert page.status_code == 200 and "Address verified" in page.text
 
 
+def test_configured_pages_after_the_link(server, mailbox, tmp_path):
+    (tmp_path / "ok.html").write_text("<p>Thanks from Example Corp</p>")
+    (tmp_path / "ko.html").write_text("<p>Example Corp says: %ERROR%</p>")
+    server.config["sessions"] = {"pages": {"success": str(tmp_path / "ok.html"), "failure": str(tmp_path / "ko.html")}}
+    started(server)
+    request_email(server, "gail@example.net", "s3cret", prefix=V1)
+    wait_until(lambda: mailbox.to("gail@example.net"), what="the validation email")
+    path, params = link_of(mailbox.to("gail@example.net")[0])
+    wrong = server.http.get(path.replace(params["token"], "<script>"))
+    assert wrong.status_code == 400 and wrong.text == "<p>Example Corp says: The token is incorrect</p>"
+    assert server.http.get(path).text == "<p>Thanks from Example Corp</p>"
+
+
 def test_same_session_and_resend_only_on_a_higher_send_attempt(server, homeserver, mailbox):
     started(server)
     auth = server.register(homeserver, DAVE)

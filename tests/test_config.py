@@ -143,7 +143,6 @@ def test_load_config_raises_config_error(tmp_path):
 
 
 def test_missing_template_or_ca_file_is_named(tmp_path):
-
     path = tmp_path / "config.yml"
     path.write_text("matrix: {domain: example.org}\nstores: [{name: s, kind: file, path: p.yml}]\n"
                     "email: {from: a@example.org, smtp: {host: localhost}, templates: {validation: nope.eml}}\n")

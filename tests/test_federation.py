@@ -106,6 +106,20 @@ def test_a_certificate_for_another_name_is_refused(homeserver):
         server.close()
 
 
+def test_tls_verification_can_be_turned_off(homeserver):
+    fed = Federation({"overrides": {"example.org": f"127.0.0.1:{homeserver.port}"},
+                      "allow_private_networks": ["127.0.0.1"], "timeout_s": 5, "verify_tls": False})
+    token = homeserver.openid_token("@novfy:example.org")["access_token"]
+
+    async def check():
+        try:
+            return await fed.openid_user("example.org", token)
+        finally:
+            await fed.close()
+
+    assert asyncio.run(check()) == "@novfy:example.org"
+
+
 def test_loopback_is_refused_unless_allowed(homeserver):
     fed = federation(homeserver, allow=[])
     with pytest.raises(FederationError, match="allow_private_networks"):

@@ -7,7 +7,7 @@ import html
 import logging
 import secrets
 from dataclasses import replace
-from typing import Any
+from typing import Any, Awaitable, Callable
 from urllib.parse import urlencode
 
 import phonenumbers
@@ -29,9 +29,12 @@ bp = Blueprint("sessions")
 NOT_SENT = -1  # send_attempt of a session whose first message has not gone out
 
 
-def _route(path: str, methods: list[str]):
+Handler = Callable[[Request], Awaitable[HTTPResponse]]
+
+
+def _route(path: str, methods: list[str]) -> Callable[[Handler], Handler]:
     """Register the handler under both the v2 and the legacy v1 prefix."""
-    def register(handler):
+    def register(handler: Handler) -> Handler:
         for version, prefix in (("v1", V1), ("v2", V2)):
             bp.add_route(handler, prefix + path, methods=methods, name=f"{handler.__name__}_{version}")
         return handler
@@ -69,7 +72,8 @@ def _new_token(medium: str) -> str:
     return secrets.token_urlsafe(24)
 
 
-async def _start(request: Request, medium: str, address: str, body: dict[str, Any], send) -> Session:
+async def _start(request: Request, medium: str, address: str, body: dict[str, Any],
+                 send: Callable[[Session], Awaitable[None]]) -> Session:
     """Get or create the session for (medium, address, client_secret); send a message when it is new
     or send_attempt went up, else nothing."""
     attempt = _send_attempt(body["send_attempt"])
