@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
 import os
 import re
@@ -210,6 +211,11 @@ def _complete(config: dict[str, Any], base: Path) -> dict[str, Any]:
             holder[key] = str((base / holder[key]).resolve())
             if not os.access(holder[key], os.R_OK):
                 raise ConfigError(f"{where}.{key}: cannot read {holder[key]}")
+    for i, network in enumerate(config["federation"]["allow_private_networks"]):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"federation.allow_private_networks[{i}]: {exc}") from None
     if config["accounts"]["homeservers"] is None:
         config["accounts"]["homeservers"] = [config["matrix"]["domain"]]
     config["config_dir"] = str(base)
