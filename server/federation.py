@@ -83,6 +83,7 @@ class Federation:
             self.tls = ssl.create_default_context(cafile=config.get("ca_file"))
         self.http = httpx.AsyncClient(verify=self.tls, timeout=self.timeout, follow_redirects=False)
         self.resolver = dns.asyncresolver.Resolver()
+        self.well_known_port = 443  # fixed by the spec; tests serve .well-known elsewhere
         self._well_known: dict[str, tuple[float, str | None]] = {}
         self._keys: dict[tuple[str, str], tuple[float, str]] = {}
 
@@ -158,7 +159,7 @@ class Federation:
             return cached[1]
         delegated, ttl = None, WELL_KNOWN_ERROR_TTL
         try:
-            target = Target(await self._connectable(host), 443, host, host)
+            target = Target(await self._connectable(host), self.well_known_port, host, host)
             status, body = await self._get(target, "/.well-known/matrix/server")
             server = body.get("m.server") if status == 200 and isinstance(body, dict) else None
             if isinstance(server, str):

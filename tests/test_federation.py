@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
+import ssl
 import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import dns.flags
 import dns.message
@@ -104,6 +107,60 @@ def test_a_certificate_for_another_name_is_refused(homeserver):
             asyncio.run(check())
     finally:
         server.close()
+
+
+class WellKnown:
+    """https://localhost/.well-known/matrix/server (on a free port), delegating to `delegate`."""
+
+    def __init__(self, ca, delegate: str) -> None:
+        self.hits = 0
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                fake.hits += 1
+                body = json.dumps({"m.server": delegate}).encode() if self.path == "/.well-known/matrix/server" else b""
+                self.send_response(200 if body else 404)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ca.issue_cert("localhost").configure_cert(context)
+        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_well_known_delegation_is_followed_and_cached(homeserver):
+    well_known = WellKnown(homeserver.ca, f"127.0.0.1:{homeserver.port}")
+    fed = federation(homeserver)
+    fed.well_known_port = well_known.port
+    token = homeserver.openid_token("@wk:localhost")["access_token"]
+
+    async def check():
+        try:
+            first = await fed.resolve("localhost")
+            user = await fed.openid_user("localhost", token)
+            return first, user
+        finally:
+            await fed.close()
+
+    try:
+        target, user = asyncio.run(check())
+    finally:
+        well_known.close()
+    assert (target.ip, target.port, target.host_header) == ("127.0.0.1", homeserver.port, f"127.0.0.1:{homeserver.port}")
+    assert user == "@wk:localhost"
+    assert well_known.hits == 1  # the second resolution came from the cache
 
 
 def test_tls_verification_can_be_turned_off(homeserver):
