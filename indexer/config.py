@@ -203,6 +203,8 @@ def _complete(config: dict[str, Any], base: Path) -> dict[str, Any]:
             store["path"] = str((base / store["path"]).resolve())
     files = [("sessions.pages", config["sessions"]["pages"], k) for k in ("success", "failure")]
     files += [("federation", config["federation"], "ca_file")]
+    if "email" in config:
+        files += [("email.smtp", config["email"]["smtp"], "ca_file")]
     for section in ("email", "sms"):
         if section in config:
             files += [(f"{section}.templates", config[section]["templates"], k) for k in config[section]["templates"]]

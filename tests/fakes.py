@@ -18,6 +18,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import trustme
 from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
 from signedjson.key import encode_verify_key_base64, generate_signing_key, get_verify_key
 from signedjson.sign import sign_json
 
@@ -103,10 +104,13 @@ class FakeHomeserver:
 
 
 class Mailbox:
-    """A real SMTP listener (aiosmtpd) keeping every message it receives."""
+    """A real SMTP listener (aiosmtpd) keeping every message it receives; with a certificate it
+    speaks STARTTLS (required) or implicit TLS, and requires a login."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, tls: str = "none", cert: Any = None,
+                 login: tuple[str, str] | None = None) -> None:
         self.messages: list[tuple[list[str], EmailMessage]] = []
+        self.logins: list[str] = []
         mailbox = self
 
         class Handler:
@@ -115,7 +119,25 @@ class Mailbox:
                 mailbox.messages.append((list(envelope.rcpt_tos), message))
                 return "250 OK"
 
-        self.controller = Controller(Handler(), hostname="127.0.0.1", port=port)
+        def authenticate(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+            ok = login is not None and isinstance(data, LoginPassword) and (
+                data.login.decode(), data.password.decode()) == login
+            if ok:
+                mailbox.logins.append(data.login.decode())
+            return AuthResult(success=ok)
+
+        options: dict[str, Any] = {}
+        if tls != "none":
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            cert.configure_cert(context)
+            options = {"auth_required": True, "authenticator": authenticate}
+            if tls == "starttls":
+                options.update(tls_context=context, require_starttls=True)
+            else:
+                # aiosmtpd counts only STARTTLS as TLS for AUTH; this connection is TLS from the start.
+                options.update(ssl_context=context, auth_require_tls=False)
+        self.controller = Controller(Handler(), hostname="127.0.0.1", port=port, server_hostname="localhost",
+                                     **options)
         self.controller.start()
         self.port = port
 

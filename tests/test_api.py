@@ -512,3 +512,24 @@ def test_bindings_come_back_when_redis_is_emptied_while_running(server, mailbox,
     # The server checks every minute.
     wait_until(lambda: server.lookup_v1("email", "dave@example.net").get("mxid") == DAVE, timeout=150,
                what="the binding mirror to be rebuilt")
+
+
+@pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")  # the fake's implicit-TLS mode
+@pytest.mark.parametrize("tls", ["starttls", "tls"])
+def test_email_over_starttls_with_login_and_over_implicit_tls(server, homeserver, tls):
+    from tests.conftest import free_port
+    from tests.fakes import Mailbox
+
+    secure = Mailbox(free_port(), tls=tls, cert=homeserver.ca.issue_cert("localhost"),
+                     login=("mxisd", "smtp-password"))
+    try:
+        server.config["email"]["smtp"] = {"host": "localhost", "port": secure.port, "tls": tls,
+                                          "ca_file": str(homeserver.ca_file), "login": "mxisd",
+                                          "password": "smtp-password"}
+        started(server)
+        assert request_email(server, "tls@example.net", "abc", prefix=V1).status_code == 200
+        wait_until(lambda: secure.to("tls@example.net"), what="the email over TLS")
+        assert secure.logins == ["mxisd"]
+        assert "smtp-password" not in server.log()
+    finally:
+        secure.close()

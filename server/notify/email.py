@@ -72,7 +72,7 @@ class EmailSender:
                 hostname=self.smtp["host"], port=self.smtp["port"],
                 use_tls=tls == "tls", start_tls=True if tls == "starttls" else False,
                 username=self.smtp.get("login"), password=self.smtp.get("password"),
-                timeout=self.smtp["timeout_s"],
+                cert_bundle=self.smtp.get("ca_file"), timeout=self.smtp["timeout_s"],
             )
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise SendError(f"SMTP server {self.smtp['host']}:{self.smtp['port']} refused or failed: {exc}") from None
