@@ -497,6 +497,10 @@ def test_test_email_command(server, mailbox):
     assert recipients == ["admin@example.net"] and "test message" in message["Subject"]
     bad = server.cli("test-email", "not an address")
     assert bad.returncode == 2 and "not a valid email address" in bad.stderr
+    server.config["email"]["smtp"]["port"] = 1  # nothing listens there
+    server.config_path.write_text(__import__("yaml").safe_dump(server.config))
+    down = server.cli("test-email", "admin@example.net")
+    assert down.returncode == 1 and "test email to admin@example.net failed: SMTP server 127.0.0.1:1" in down.stderr
 
 
 
