@@ -7,6 +7,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["indexer", "indexer.*", "server", "server.*"]),
     include_package_data=True,
+    package_data={"server": ["static/*.html"], "server.notify": ["templates/*"]},
     install_requires=[
         "sanic>=23.12",
         "redis>=5.0",
@@ -30,10 +31,11 @@ setup(
         "httpx>=0.27",
         "ldap3>=2.9.1",
         "prometheus-client>=0.20",
+        "dnspython>=2.6",
+        "aiosmtplib>=3.0",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "selenium>=4.20"],
+        "test": ["pytest>=8.0", "selenium>=4.20", "aiosmtpd>=1.4", "trustme>=1.1"],
     },
-    package_data={"server": ["static/*.html"]},
     entry_points={"console_scripts": ["mxisd = server.cli:main"]},
 )

@@ -13,10 +13,14 @@ Per store S (all keys under the configured prefix):
   s:S:lock    the sync lock (redis-py Lock)
   s:S:job     the id of the store's queued or running admin-triggered sync job
   s:S:rt:<address> <medium>  string, with a TTL: a read-through store's answer, mxid or "" (not found)
+Bindings made with /3pid/bind (SQL is their truth) are mirrored as the pseudo-store "_bindings",
+which no configured store can be named (store names start with [a-z0-9]): s:_bindings:3pid and
+s:_bindings:sha256 as above, and s:_bindings:state {epoch} naming the cache epoch they were rebuilt for.
 Global: epoch (changes when the cache is emptied), pepper, changes (stream of upsert/delete events),
 fulltext:<host> (follower position, for status), fulltext-hosts (set of hosts with a follower),
 fulltext-rebuild (a counter: followers rebuild their index when it moves),
-jobs (list: ids of sync jobs waiting for an indexer), job:<id> (hash: one sync job, expiring).
+jobs (list: ids of sync jobs waiting for an indexer), job:<id> (hash: one sync job, expiring),
+rate:<kind>:<key> (rate-limit windows).
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ redis.call('SET', KEYS[1], ARGV[2])
 redis.call('LPUSH', KEYS[2], ARGV[2])
 return {ARGV[2], 1}
 """
+
+BINDINGS = "_bindings"
 
 
 def connect(url: str) -> redis.Redis:
@@ -100,6 +106,9 @@ class Keys:
 
     def job(self, job_id: str) -> str:
         return f"{self.job_prefix}{job_id}"
+
+    def rate(self, kind: str, key: str) -> str:
+        return f"{self.prefix}rate:{kind}:{key}"
 
 
 def _stream_id(value: str) -> tuple[int, int]:
@@ -226,6 +235,10 @@ def _inspect_plan(k: Keys, stores: list[str], medium: str | None, address: str) 
         matches.append({"store": store, "mxid": mxid, "store_id": store_id,
                         "identity": json.loads(record) if record else None})
     return matches
+
+def _binding_fields(medium: str, address: str, pepper: str) -> tuple[list[str], list[str]]:
+    forms = lookup_forms(medium, address)
+    return [_plain_key(f, medium) for f in forms], [lookup_hash(f, medium, pepper) for f in forms]
 
 
 class Cache:
@@ -487,6 +500,30 @@ class Cache:
             except redis.exceptions.WatchError:
                 pass
 
+    # -- the mirror of /3pid/bind bindings ----------------------------------------------------
+
+    def bindings_mirrored(self) -> bool:
+        """Whether the binding mirror was built for this cache's epoch (it is lost with the cache)."""
+        return self.r.hget(self.k.store(BINDINGS, "state"), "epoch") == self.epoch()
+
+    def rebuild_bindings(self, bindings: Iterable[tuple[str, str, str]]) -> int:
+        """Replace the mirror with these (medium, address, mxid) bindings; how many were written."""
+        pepper, epoch = self.pepper(), self.epoch()
+        plain: dict[str, str] = {}
+        hashed: dict[str, str] = {}
+        for medium, address, mxid in bindings:
+            fields, hashes = _binding_fields(medium, address, pepper)
+            plain.update((f, mxid) for f in fields)
+            hashed.update((h, mxid) for h in hashes)
+        tx = self.r.pipeline(transaction=True)
+        tx.delete(self.k.store(BINDINGS, "3pid"), self.k.store(BINDINGS, "sha256"))
+        if plain:
+            tx.hset(self.k.store(BINDINGS, "3pid"), mapping=plain)
+            tx.hset(self.k.store(BINDINGS, "sha256"), mapping=hashed)
+        tx.hset(self.k.store(BINDINGS, "state"), "epoch", epoch or "")
+        tx.execute()
+        return len(plain)
+
 
 class Lookups:
     """Non-blocking reads for the HTTP server: one Redis round trip per request."""
@@ -575,3 +612,48 @@ class Admin:
     async def request_rebuild(self) -> int:
         """Ask every host's follower to rebuild its fulltext index from the cache."""
         return int(await self.r.incr(self.k.rebuild))
+
+class BindingMirror:
+    """Writes /3pid/bind bindings into the "_bindings" pseudo-store, so lookups find them at once."""
+
+    def __init__(self, client: redis.asyncio.Redis, prefix: str) -> None:
+        self.r = client
+        self.k = Keys(prefix)
+
+    async def put(self, medium: str, address: str, mxid: str) -> None:
+        pepper = await self.r.get(self.k.pepper)
+        if not pepper:
+            raise redis.exceptions.RedisError("the cache has no lookup pepper yet")
+        fields, hashes = _binding_fields(medium, address, pepper)
+        tx = self.r.pipeline(transaction=True)
+        tx.hset(self.k.store(BINDINGS, "3pid"), mapping={f: mxid for f in fields})
+        tx.hset(self.k.store(BINDINGS, "sha256"), mapping={h: mxid for h in hashes})
+        await tx.execute()
+
+    async def remove(self, medium: str, address: str) -> None:
+        pepper = await self.r.get(self.k.pepper) or ""
+        fields, hashes = _binding_fields(medium, address, pepper)
+        tx = self.r.pipeline(transaction=True)
+        tx.hdel(self.k.store(BINDINGS, "3pid"), *fields)
+        tx.hdel(self.k.store(BINDINGS, "sha256"), *hashes)
+        await tx.execute()
+
+
+class RateLimits:
+    """Fixed-window counters shared by every worker and host."""
+
+    def __init__(self, client: redis.asyncio.Redis, prefix: str) -> None:
+        self.r = client
+        self.k = Keys(prefix)
+
+    async def hit(self, kind: str, key: str, limit: int, window_s: int) -> int | None:
+        """Count one request; None when within limit, else milliseconds until the window ends."""
+        name = self.k.rate(kind, key)
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(name, 0, ex=window_s, nx=True)
+        pipe.incr(name)
+        pipe.pttl(name)
+        _, count, ttl = await pipe.execute()
+        if count <= limit:
+            return None
+        return max(int(ttl), 1)

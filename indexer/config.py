@@ -213,5 +213,24 @@ def _complete(config: dict[str, Any], base: Path) -> dict[str, Any]:
         store_class(store["kind"]).check_config(store, f"stores[{i}]")
         if store.get("tls", {}).get("ca_file"):
             store["tls"]["ca_file"] = str((base / store["tls"]["ca_file"]).resolve())
+    files = [("sessions.pages", config["sessions"]["pages"], k) for k in ("success", "failure")]
+    files += [("federation", config["federation"], "ca_file")]
+    if "email" in config:
+        files += [("email.smtp", config["email"]["smtp"], "ca_file")]
+    for section in ("email", "sms"):
+        if section in config:
+            files += [(f"{section}.templates", config[section]["templates"], k) for k in config[section]["templates"]]
+    for where, holder, key in files:
+        if holder.get(key):
+            holder[key] = str((base / holder[key]).resolve())
+            if not os.access(holder[key], os.R_OK):
+                raise ConfigError(f"{where}.{key}: cannot read {holder[key]}")
+    for i, network in enumerate(config["federation"]["allow_private_networks"]):
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError as exc:
+            raise ConfigError(f"federation.allow_private_networks[{i}]: {exc}") from None
+    if config["accounts"]["homeservers"] is None:
+        config["accounts"]["homeservers"] = [config["matrix"]["domain"]]
     config["config_dir"] = str(base)
     return config

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
+import contextlib
 import ipaddress
 import logging
 import os
@@ -13,22 +14,32 @@ import uuid
 from typing import Any
 
 import redis
+import sqlalchemy
 from sanic import Request, Sanic
 from sanic.exceptions import BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, SanicException
 from sanic.response import HTTPResponse, empty, json
 
 from indexer import logs
-from indexer.cache import Admin, Lookups, connect_async
+from indexer.cache import BINDINGS, Admin, BindingMirror, Cache, Lookups, RateLimits, connect, connect_async
 from indexer.config import parse_duration
 from server import metrics
-from server.api import admin, health, identity_v1, identity_v2, pubkey, status
+from server.api import account, admin, bind, health, identity_v1, identity_v2, pubkey, sessions, status, terms
 from server.api import metrics as metrics_api
+from server.bindings import restore_mirror
 from server.errors import MatrixError
+from server.federation import Federation
 from server.keys import Keys
+from server.notify.email import EmailSender
+from server.notify.sms import SmsSender
 from server.read_through import ReadThrough
+from server.storage import Storage, now_ms
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("mxisd.access")
+
+MAINTENANCE_EVERY_S = 60
+# Expired sessions are kept a while longer so that clients still hear M_SESSION_EXPIRED, not "unknown".
+EXPIRED_SESSIONS_KEPT_MS = 7 * 24 * 3600 * 1000
 
 REQUEST_ID_HEADER = "X-Request-ID"
 _GOOD_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
@@ -40,14 +51,10 @@ CORS_HEADERS = {
 }
 
 
-class HashedTokens:
-    """Configured tokens kept as digests, so membership does not compare secrets byte by byte."""
-
-    def __init__(self, tokens: list[str]) -> None:
-        self._digests = {hashlib.sha256(t.encode()).digest() for t in tokens}
-
-    def __contains__(self, token: object) -> bool:
-        return isinstance(token, str) and hashlib.sha256(token.encode()).digest() in self._digests
+def lookup_order(config: dict[str, Any]) -> list[str]:
+    """The stores lookups ask, first match wins: bindings before or after the configured stores."""
+    stores = [s["name"] for s in config["stores"]]
+    return [BINDINGS, *stores] if config["lookup"]["prefer"] == "binding" else [*stores, BINDINGS]
 
 
 def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
@@ -62,14 +69,16 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
     app.ctx.config = config
     app.ctx.bulk_max = config["lookup"]["bulk_max"]
     app.ctx.association_validity_ms = parse_duration(config["lookup"]["association_validity"]) * 1000
-    app.ctx.access_tokens = HashedTokens(config["lookup"]["access_tokens"])
     app.ctx.keys = Keys.load_or_create(config["data_dir"], config["server"]["name"])
     app.ctx.admin_networks = [ipaddress.ip_network(n, strict=False) for n in config["admin"]["allow"]]
     app.ctx.metrics_networks = [ipaddress.ip_network(n, strict=False) for n in config["metrics"]["allow"]]
     app.ctx.max_follower_lag = parse_duration(config["health"]["max_follower_lag"])
     app.ctx.access_log = config["server"]["access_log"]
+    domain = config["matrix"]["domain"]
+    app.ctx.email = EmailSender(config["email"], domain) if "email" in config else None
+    app.ctx.sms = SmsSender(config["sms"], domain) if "sms" in config else None
 
-    modules = [status, health, pubkey, identity_v1, identity_v2]
+    modules = [status, health, pubkey, identity_v1, identity_v2, account, terms, sessions, bind]
     if config["admin"]["token"]:
         app.ctx.admin_token_digest = admin.token_digest(config["admin"]["token"])
         modules.append(admin)
@@ -79,28 +88,38 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
         app.blueprint(module.bp)
 
     @app.before_server_start
-    async def open_cache(app: Sanic) -> None:
+    async def open_connections(app: Sanic) -> None:
         client = connect_async(redis_url)
+        prefix = config["redis"]["prefix"]
         app.ctx.redis = client
-        names = [s["name"] for s in config["stores"]]
-        app.ctx.lookups = Lookups(client, config["redis"]["prefix"], names)
-        app.ctx.admin = Admin(client, config["redis"]["prefix"], names)
+        app.ctx.lookups = Lookups(client, prefix, lookup_order(config))
+        app.ctx.admin = Admin(client, prefix, [s["name"] for s in config["stores"]])
         app.ctx.read_through = ReadThrough(config, app.ctx.lookups)
+        app.ctx.binding_mirror = BindingMirror(client, prefix)
+        app.ctx.rate_limits = RateLimits(client, prefix)
+        app.ctx.storage = Storage(config["storage"]["url"], config["data_dir"])
+        app.ctx.federation = Federation(config["federation"])
 
     @app.after_server_start
-    async def announce(app: Sanic) -> None:
+    async def start_maintenance(app: Sanic) -> None:
+        app.ctx.maintenance = asyncio.create_task(maintenance(app, redis_url))
         log.info("worker %d ready", os.getpid())
 
     @app.before_server_stop
-    async def ignore_repeated_interrupts(app: Sanic) -> None:
+    async def stop_maintenance(app: Sanic) -> None:
         # Ctrl-C reaches each worker twice, from the terminal and from Sanic's manager: the second
         # must not abort the clean stop that the first began.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        app.ctx.maintenance.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await app.ctx.maintenance
 
     @app.after_server_stop
-    async def close_cache(app: Sanic) -> None:
+    async def close_connections(app: Sanic) -> None:
         await app.ctx.read_through.close()
         await app.ctx.redis.aclose()
+        await app.ctx.federation.close()
+        app.ctx.storage.close()
 
     @app.on_request(priority=10)
     async def identify(request: Request) -> None:
@@ -120,7 +139,7 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
         response.headers.update(CORS_HEADERS)
 
     @app.on_response
-    async def account(request: Request, response: HTTPResponse) -> None:
+    async def record(request: Request, response: HTTPResponse) -> None:
         record_response(request, response)
 
     @app.exception(Exception)
@@ -128,6 +147,27 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
         return error_response(request, exc)
 
     return app
+
+
+async def maintenance(app: Sanic, redis_url: str) -> None:
+    """Every minute: put the binding mirror back if Redis was emptied while we run, and forget
+    validation sessions a week past their lifetime."""
+    config = app.ctx.config
+    storage: Storage = app.ctx.storage
+    cache = Cache(connect(redis_url), config["redis"]["prefix"])
+    keep_ms = parse_duration(config["sessions"]["lifetime"]) * 1000 + EXPIRED_SESSIONS_KEPT_MS
+    try:
+        while True:
+            await asyncio.sleep(MAINTENANCE_EVERY_S)
+            try:
+                await storage.run(restore_mirror, storage, cache)
+                purged = await storage.run(storage.delete_sessions_before, now_ms() - keep_ms)
+                if purged:
+                    log.info("forgot %d expired validation sessions", purged)
+            except (redis.exceptions.RedisError, sqlalchemy.exc.SQLAlchemyError) as exc:
+                log.warning("maintenance skipped: %s", exc)
+    finally:
+        cache.r.close()
 
 
 def record_response(request: Request, response: HTTPResponse) -> None:
@@ -168,6 +208,9 @@ def error_response(request: Request, exc: Exception) -> HTTPResponse:
     elif isinstance(exc, redis.exceptions.RedisError):
         log.error("%s %s: cache unavailable: %s", request.method, request.path, exc)
         error = MatrixError(503, "M_UNKNOWN", "The lookup cache is unavailable, try again shortly")
+    elif isinstance(exc, sqlalchemy.exc.OperationalError):
+        log.error("%s %s: database unavailable: %s", request.method, request.path, exc.orig)
+        error = MatrixError(503, "M_UNKNOWN", "The database is unavailable, try again shortly")
     elif isinstance(exc, SanicException) and 400 <= exc.status_code < 500:
         error = MatrixError(exc.status_code, "M_UNKNOWN", str(exc))
     else:

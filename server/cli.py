@@ -1,8 +1,9 @@
-"""The `mxisd` command: run, index, status, check-config."""
+"""The `mxisd` command: run, index, status, check-config, test-email."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime
 import logging
@@ -18,7 +19,11 @@ from indexer.cache import Cache
 from indexer.config import ConfigError, load_config
 from indexer.redis_server import EmbeddedRedis, EmbeddedRedisError
 from indexer.stores import build_store
+from indexer.normalize import InvalidAddress
+from indexer.normalize import email as canonical_email
 from indexer.sync import SyncBusy, SyncResult, sync_store
+from server.notify import SendError
+from server.notify.email import EmailSender
 from server.runner import StartupError, hold_data_dir, run, wait_for_redis
 
 EXIT_FAILED = 1
@@ -43,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     status_cmd.add_argument("--config", default=None, help="config file (default: $MXISD_CONFIG, then ./config.yml)")
     check_cmd = commands.add_parser("check-config", help="validate a config file without starting anything")
     check_cmd.add_argument("file")
+    email_cmd = commands.add_parser("test-email", help="send a test email with the configured settings")
+    email_cmd.add_argument("address")
+    email_cmd.add_argument("--config", default=None, help="config file (default: $MXISD_CONFIG, then ./config.yml)")
     return parser
 
 
@@ -252,6 +260,25 @@ def _status(config: dict[str, Any]) -> int:
     return 0
 
 
+def _test_email(config: dict[str, Any], address: str) -> int:
+    if "email" not in config:
+        print("mxisd: the config has no email section: nothing to test", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        recipient = canonical_email(address)
+    except InvalidAddress as exc:
+        print(f"mxisd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    sender = EmailSender(config["email"], config["matrix"]["domain"])
+    try:
+        asyncio.run(sender.send("test", recipient, {}))
+    except SendError as exc:
+        print(f"mxisd: test email to {recipient} failed: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"test email sent to {recipient}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     path = args.file if args.command == "check-config" else (args.config or _default_config())
@@ -271,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "status":
             return _status(config)
+        if args.command == "test-email":
+            return _test_email(config, args.address)
         return _index(config, args.store, args.full)
     except (StartupError, EmbeddedRedisError) as exc:
         print(f"mxisd: {exc}", file=sys.stderr)

@@ -21,8 +21,10 @@ from sanic.worker.loader import AppLoader
 from indexer.cache import Cache, connect
 from indexer.redis_server import EmbeddedRedis
 from server.app import create_app
+from server.bindings import restore_mirror
 from server.keys import Keys
 from server.metrics import use_directory
+from server.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,19 @@ def wait_for_redis(url: str, timeout: float = 10.0) -> redis.Redis:
             time.sleep(0.2)
 
 
+def prepare_storage(config: dict[str, Any], cache: Cache) -> None:
+    """Upgrade the SQL schema, and rebuild the Redis mirror of bindings when the cache lost it."""
+    storage = Storage(config["storage"]["url"], config["data_dir"], threads=1)
+    try:
+        storage.upgrade()
+        log.info("storage: %s", storage.describe())
+        restore_mirror(storage, cache)
+    except StorageError as exc:
+        raise StartupError(str(exc)) from None
+    finally:
+        storage.close()
+
+
 def start_indexer(config: dict[str, Any], redis_url: str) -> subprocess.Popen[bytes]:
     """The indexer in a process of its own, so that a large sync never stalls requests. The config
     goes through a pipe: it may hold secrets, which must not show in the process list."""
@@ -92,7 +107,9 @@ def run(config: dict[str, Any]) -> None:
             embedded.start()
             url = embedded.url
         client = wait_for_redis(url)
-        Cache(client, config["redis"]["prefix"]).initialize()
+        cache = Cache(client, config["redis"]["prefix"])
+        cache.initialize()
+        prepare_storage(config, cache)
         indexer = start_indexer(config, url)
         server = config["server"]
         loader = AppLoader(factory=partial(create_app, config, url))

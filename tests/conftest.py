@@ -1,4 +1,5 @@
-"""Shared fixtures: a Redis per test (own key prefix), free ports, and a real `mxisd run` server."""
+"""Shared fixtures: a Redis per test (own key prefix), a PostgreSQL database per test, free ports,
+a fake homeserver, an SMTP listener, a fake Twilio, and a real `mxisd run` server wired to them."""
 
 from __future__ import annotations
 
@@ -13,15 +14,22 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import httpx
+import psycopg
 import pytest
 import redis
 import yaml
 
 from indexer.cache import Cache
 from indexer.redis_server import EmbeddedRedis
+from tests.fakes import FakeHomeserver, FakeTwilio, Mailbox
 
 REPO = Path(__file__).resolve().parent.parent
-TOKEN = "test-lookup-token-0123456789"
+V1 = "/_matrix/identity/api/v1"
+V2 = "/_matrix/identity/v2"
+HS_NAME = "example.org"
+TWILIO_SID = "AC0123456789abcdef0123456789abcdef"
+TWILIO_TOKEN = "twilio-auth-token-for-tests"
+TWILIO_NUMBER = "+15005550006"
 
 
 def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
@@ -70,6 +78,40 @@ def prefix(redis_url: str) -> Iterator[str]:
     client.close()
 
 
+@pytest.fixture(scope="session")
+def homeserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeHomeserver]:
+    """The homeserver of matrix.domain, over HTTPS with a certificate from a CA of the test's own."""
+    hs = FakeHomeserver(HS_NAME, tmp_path_factory.mktemp("homeserver"))
+    yield hs
+    hs.close()
+
+
+@pytest.fixture
+def mailbox() -> Iterator[Mailbox]:
+    box = Mailbox(free_port())
+    yield box
+    box.close()
+
+
+@pytest.fixture
+def twilio() -> Iterator[FakeTwilio]:
+    fake = FakeTwilio(TWILIO_SID, TWILIO_TOKEN)
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL database of this test's own (MXISD_TEST_POSTGRES_URL names the server), dropped after."""
+    admin_url = os.environ.get("MXISD_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+    name = f"mxisd_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield admin_url.rsplit("/", 1)[0] + "/" + name
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
 @pytest.fixture
 def rclient(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url, decode_responses=True)
@@ -96,9 +138,11 @@ PEOPLE = [
 class Server:
     """A `mxisd run` process on a free port, with a config and people file written by the test."""
 
-    def __init__(self, root: Path, config: dict[str, Any]) -> None:
+    def __init__(self, root: Path, config: dict[str, Any], homeserver: FakeHomeserver) -> None:
         self.root = root
         self.config = config
+        self.homeserver = homeserver
+        self._token: str | None = None
         self.config_path = root / "config.yml"
         self.people_path = root / "people.yml"
         self.port = config["server"]["port"]
@@ -145,6 +189,22 @@ class Server:
             self.process.kill()
             raise AssertionError(f"server did not stop on SIGTERM:\n{self.log()}")
 
+    def register(self, homeserver: FakeHomeserver, user_id: str) -> dict[str, str]:
+        """Register user_id with an OpenID token from the homeserver; Authorization headers for the token."""
+        response = self.http.post(V2 + "/account/register", json=homeserver.openid_token(user_id))
+        assert response.status_code == 200, response.text
+        return {"Authorization": f"Bearer {response.json()['token']}"}
+
+    def token(self) -> str:
+        """The v2 token of a tester account, registered on first use."""
+        if self._token is None:
+            self._token = self.register(self.homeserver, "@tester:example.org")["Authorization"][len("Bearer "):]
+        return self._token
+
+    def auth(self) -> dict[str, str]:
+        """Authorization headers of the tester account."""
+        return {"Authorization": f"Bearer {self.token()}"}
+
     def lookup_v1(self, medium: str, address: str) -> dict[str, Any]:
         response = self.http.get("/_matrix/identity/api/v1/lookup", params={"medium": medium, "address": address})
         assert response.status_code == 200, response.text
@@ -152,7 +212,8 @@ class Server:
 
 
 @pytest.fixture
-def make_server(tmp_path: Path, redis_url: str, prefix: str) -> Iterator[Callable[..., Server]]:
+def make_server(tmp_path: Path, redis_url: str, prefix: str, homeserver: FakeHomeserver, mailbox: Mailbox,
+                twilio: FakeTwilio) -> Iterator[Callable[..., Server]]:
     """Build (not start) a server; the test may adjust server.config before start()."""
     servers: list[Server] = []
 
@@ -167,9 +228,15 @@ def make_server(tmp_path: Path, redis_url: str, prefix: str) -> Iterator[Callabl
             "threepids": {"msisdn": {"default_region": "GB"}},
             "stores": [{"name": "people", "kind": "file", "path": "people.yml",
                         "sync": {"full_every": "1h", "max_delete_ratio": 0.5}}],
-            "lookup": {"access_tokens": [TOKEN], "bulk_max": 50},
+            "lookup": {"bulk_max": 50},
+            "federation": {"ca_file": str(homeserver.ca_file), "allow_private_networks": ["127.0.0.1/32"],
+                           "overrides": {HS_NAME: f"127.0.0.1:{homeserver.port}"}},
+            "email": {"from": "mxisd@id.example.org", "from_name": "Example ID",
+                      "smtp": {"host": "127.0.0.1", "port": mailbox.port, "tls": "none"}},
+            "sms": {"twilio": {"base_url": twilio.url, "account_sid": TWILIO_SID, "auth_token": TWILIO_TOKEN,
+                               "number": TWILIO_NUMBER}},
         }
-        server = Server(root, config)
+        server = Server(root, config, homeserver)
         server.write_people(PEOPLE if people is None else people)
         servers.append(server)
         return server

@@ -87,6 +87,22 @@ def with_changes(**changes: object) -> dict:
         (with_changes(log_format="xml"), 'log_format: expected one of "text", "json", got "xml"'),
         (with_changes(health__max_follower_lag="soon"),
          'health.max_follower_lag: expected a duration like "1h", got "soon"'),
+        (with_changes(storage__url="mysql://db"),
+         'storage.url: expected null or a sqlite:// or postgresql:// URL, got "mysql://db"'),
+        (with_changes(sessions__lifetime=24), 'sessions.lifetime: expected a duration like "1h", got 24'),
+        (with_changes(sessions__rate_limit__per_ip={"requests": 5}),
+         "sessions.rate_limit.per_ip.window: missing required key"),
+        (with_changes(email={"from": "a@example.org", "smtp": {"host": "h", "tls": "ssl"}}),
+         'email.smtp.tls: expected one of "none", "starttls", "tls", got "ssl"'),
+        (with_changes(sms={"twilio": {"account_sid": "a", "auth_token": "b", "number": "0800"}}),
+         'sms.twilio.number: expected a number like "+15005550006", got "0800"'),
+        (with_changes(terms__policies={"tos": {"version": "1", "en": {"name": "T"}}}),
+         "terms.policies.tos.en.url: missing required key"),
+        (with_changes(lookup__access_tokens=["0123456789abcdef"]), "lookup.access_tokens: unknown key"),
+        (with_changes(federation__allow_private_networks=["everything"]),
+         'federation.allow_private_networks[0]: expected an address or network like "10.0.0.0/8", got "everything"'),
+        (with_changes(federation__allow_private_networks=["10.0.0.0/33"]),
+         "federation.allow_private_networks[0]: '10.0.0.0/33' does not appear to be an IPv4 or IPv6 network"),
     ],
 )
 def test_mistakes_are_named_with_their_key_path(tmp_path, config, message):
@@ -170,3 +186,15 @@ def test_bad_duration_raises():
 def test_load_config_raises_config_error(tmp_path):
     with pytest.raises(ConfigError, match=r"server.workers: expected integer"):
         load_config(write(tmp_path, with_changes(server__workers="two")))
+
+
+def test_missing_template_or_ca_file_is_named(tmp_path):
+    path = tmp_path / "config.yml"
+    path.write_text("matrix: {domain: example.org}\nstores: [{name: s, kind: file, path: p.yml}]\n"
+                    "email: {from: a@example.org, smtp: {host: localhost}, templates: {validation: nope.eml}}\n")
+    with pytest.raises(ConfigError, match=r"email.templates.validation: cannot read .*nope.eml"):
+        load_config(path)
+    path.write_text("matrix: {domain: example.org}\nstores: [{name: s, kind: file, path: p.yml}]\n"
+                    "federation: {ca_file: missing.pem}\n")
+    with pytest.raises(ConfigError, match=r"federation.ca_file: cannot read"):
+        load_config(path)

@@ -8,7 +8,7 @@ import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from indexer.redis_server import EmbeddedRedis
-from tests.conftest import TOKEN, wait_until
+from tests.conftest import wait_until
 
 V1 = "/_matrix/identity/api/v1"
 
@@ -129,10 +129,10 @@ def test_json_logs_carry_request_ids_and_no_secrets(make_server):
     srv.config["log_format"] = "json"
     srv.config["server"]["access_log"] = True
     srv.start()
-    response = srv.http.get("/_matrix/identity/v2/hash_details", params={"access_token": TOKEN},
+    response = srv.http.get("/_matrix/identity/v2/hash_details", params={"access_token": srv.token()},
                             headers={"X-Request-ID": "trace-abc.123"})
     assert response.status_code == 200 and response.headers["x-request-id"] == "trace-abc.123"
-    bearer = srv.http.get("/_matrix/identity/v2/hash_details", headers={"Authorization": f"Bearer {TOKEN}"})
+    bearer = srv.http.get("/_matrix/identity/v2/hash_details", headers=srv.auth())
     generated = bearer.headers["x-request-id"]
     assert len(generated) >= 16
     odd = srv.http.get("/status", headers={"X-Request-ID": "bad id with spaces"})
@@ -147,4 +147,4 @@ def test_json_logs_carry_request_ids_and_no_secrets(make_server):
     assert traced[0]["http"]["target"] == "/_matrix/identity/v2/hash_details?access_token=<redacted>"
     assert traced[0]["http"]["status"] == 200
     assert any(e.get("request_id") == generated for e in access)
-    assert TOKEN not in srv.log()
+    assert srv.token() not in srv.log()

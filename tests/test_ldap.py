@@ -16,7 +16,7 @@ from indexer.normalize import lookup_hash
 from indexer.stores import build_store
 from indexer.stores.ldap import LdapStore, filter_value, normalize_time
 from indexer.sync import full_sync, incremental_sync
-from tests.conftest import TOKEN, wait_until
+from tests.conftest import wait_until
 from tests.slapd import ADMIN_DN, ADMIN_PASSWORD, READER_DN, READER_PASSWORD, SUFFIX, Slapd
 
 CONFIG = {"matrix": {"domain": "example.org"}, "threepids": {"msisdn": {"default_region": "GB"}}}
@@ -376,8 +376,8 @@ def test_a_server_indexes_a_directory_from_a_minimal_config(directory, make_serv
     server.start()
     found = wait_until(lambda: server.lookup_v1("email", "alice@example.org").get("mxid"), 60, "the LDAP entry")
     assert found == "@alice:example.org"
-    details = server.http.get("/_matrix/identity/v2/hash_details", headers={"Authorization": f"Bearer {TOKEN}"})
+    details = server.http.get("/_matrix/identity/v2/hash_details", headers=server.auth())
     pepper = details.json()["lookup_pepper"]
-    answer = server.http.post("/_matrix/identity/v2/lookup", headers={"Authorization": f"Bearer {TOKEN}"}, json={
+    answer = server.http.post("/_matrix/identity/v2/lookup", headers=server.auth(), json={
         "addresses": [lookup_hash("alice@example.org", "email", pepper)], "algorithm": "sha256", "pepper": pepper})
     assert answer.json()["mappings"] == {lookup_hash("alice@example.org", "email", pepper): "@alice:example.org"}

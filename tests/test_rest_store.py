@@ -12,7 +12,6 @@ from typing import Any, Iterator
 
 import pytest
 
-from conftest import TOKEN
 from indexer.cache import Cache
 from indexer.config import ConfigError, load_config
 from indexer.normalize import lookup_hash
@@ -256,7 +255,7 @@ def test_read_through_lookups_cache_hits_and_misses(make_server, service):
     assert bulk["threepids"] == [["email", "alice@example.com", "@alice:example.org"],
                                  ["msisdn", "447700900123", "@ann:example.org"],
                                  ["email", "ann@example.org", "@ann:example.org"]]
-    auth = {"Authorization": f"Bearer {TOKEN}"}
+    auth = server.auth()
     pepper = server.http.get("/_matrix/identity/v2/hash_details", headers=auth).json()["lookup_pepper"]
     plain = server.http.post("/_matrix/identity/v2/lookup", headers=auth, json={
         "algorithm": "none", "pepper": pepper, "addresses": ["ann@example.org email"]}).json()

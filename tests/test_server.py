@@ -17,11 +17,7 @@ from unpaddedbase64 import decode_base64
 
 from indexer.cache import Cache
 from indexer.fulltext import FullText
-from tests.conftest import PEOPLE, TOKEN, wait_until
-
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
-V2 = "/_matrix/identity/v2"
-V1 = "/_matrix/identity/api/v1"
+from tests.conftest import PEOPLE, V1, V2, wait_until
 
 
 @pytest.fixture
@@ -32,6 +28,11 @@ def server(make_server, redis_url, prefix):
     srv.start()
     wait_until(lambda: srv.lookup_v1("email", "alice@example.com").get("mxid"), what="the first sync")
     return srv
+
+
+@pytest.fixture
+def auth(server, homeserver):
+    return server.register(homeserver, "@alice:example.org")
 
 
 def test_versions_and_pings(server):
@@ -85,7 +86,7 @@ def test_bulk_lookup_returns_only_hits_with_addresses_as_sent(server):
     assert too_many.status_code == 400 and too_many.json()["errcode"] == "M_TOO_LARGE"
 
 
-def test_v2_needs_a_known_token(server):
+def test_v2_needs_a_known_token(server, auth):
     assert server.http.get(V2 + "/hash_details").json()["errcode"] == "M_UNAUTHORIZED"
     assert server.http.get(V2 + "/hash_details").status_code == 401
     wrong = server.http.get(V2 + "/hash_details", headers={"Authorization": "Bearer nope-nope-nope-nope"})
@@ -93,34 +94,34 @@ def test_v2_needs_a_known_token(server):
     lookup = server.http.post(V2 + "/lookup", json={"algorithm": "none", "pepper": "x", "addresses": []})
     assert lookup.status_code == 401
     # Synapse sends the token in the query string for hash_details.
-    assert server.http.get(V2 + "/hash_details", params={"access_token": TOKEN}).status_code == 200
+    assert server.http.get(V2 + "/hash_details", params={"access_token": auth["Authorization"][7:]}).status_code == 200
 
 
-def test_v2_sha256_lookup_with_the_spec_test_vector(server):
-    details = server.http.get(V2 + "/hash_details", headers=AUTH).json()
+def test_v2_sha256_lookup_with_the_spec_test_vector(server, auth):
+    details = server.http.get(V2 + "/hash_details", headers=auth).json()
     assert details == {"lookup_pepper": "matrixrocks", "algorithms": ["none", "sha256"]}
     alice = "4kenr7N9drpCJ4AfalmlGQVsOn3o2RHjkADUpXJWZUc"  # "alice@example.com email matrixrocks"
     bob = "LJwSazmv46n0hlMlsb_iYxI0_HXEqy_yj6Jm636cdT8"  # "bob@example.com email matrixrocks"
     phone = "nlo35_T5fzSGZzJApqu8lgIudJvmOQtDaHtr-I4rU7I"  # "18005552067 msisdn matrixrocks"
     unknown = "AAAAazmv46n0hlMlsb_iYxI0_HXEqy_yj6Jm636cdT8"
-    response = server.http.post(V2 + "/lookup", headers=AUTH, json={
+    response = server.http.post(V2 + "/lookup", headers=auth, json={
         "algorithm": "sha256", "pepper": "matrixrocks", "addresses": [alice, bob, phone, unknown]})
     assert response.status_code == 200
     assert response.json() == {"mappings": {
         alice: "@alice:example.org", bob: "@bob:example.org", phone: "@alice:example.org"}}
 
 
-def test_v2_plain_lookup(server):
-    response = server.http.post(V2 + "/lookup", headers=AUTH, json={
+def test_v2_plain_lookup(server, auth):
+    response = server.http.post(V2 + "/lookup", headers=auth, json={
         "algorithm": "none", "pepper": "matrixrocks",
         "addresses": ["Bob@Example.com email", "b.builder@example.org email", "nobody@example.com email"]})
     assert response.json() == {"mappings": {
         "Bob@Example.com email": "@bob:example.org", "b.builder@example.org email": "@bob:example.org"}}
 
 
-def test_v2_lookup_errors(server):
+def test_v2_lookup_errors(server, auth):
     def post(body):
-        return server.http.post(V2 + "/lookup", headers=AUTH, json=body)
+        return server.http.post(V2 + "/lookup", headers=auth, json=body)
 
     wrong_pepper = post({"algorithm": "sha256", "pepper": "stale", "addresses": []})
     assert wrong_pepper.status_code == 400
@@ -134,9 +135,9 @@ def test_v2_lookup_errors(server):
     assert missing.status_code == 400 and missing.json()["errcode"] == "M_MISSING_PARAMS"
     not_pair = post({"algorithm": "none", "pepper": "matrixrocks", "addresses": ["nospace"]})
     assert not_pair.status_code == 400 and not_pair.json()["errcode"] == "M_INVALID_PARAM"
-    not_json = server.http.post(V2 + "/lookup", headers=AUTH, content=b"{not json")
+    not_json = server.http.post(V2 + "/lookup", headers=auth, content=b"{not json")
     assert not_json.status_code == 400 and not_json.json()["errcode"] == "M_NOT_JSON"
-    not_object = server.http.post(V2 + "/lookup", headers=AUTH, json=[1, 2])
+    not_object = server.http.post(V2 + "/lookup", headers=auth, json=[1, 2])
     assert not_object.status_code == 400 and not_object.json()["errcode"] == "M_BAD_JSON"
 
 

@@ -10,7 +10,7 @@ import bcrypt
 import pytest
 import sqlalchemy
 
-from conftest import TOKEN, wait_until
+from conftest import wait_until
 from indexer.cache import Cache
 from indexer.stores import build_store
 from indexer.sync import full_sync, incremental_sync
@@ -153,7 +153,7 @@ def test_a_config_naming_only_the_database_serves_lookups(make_server, tmp_path)
     found = wait_until(lambda: server.lookup_v1("email", "alice@example.org").get("mxid"), 60, "the first sync")
     assert found == "@alice:example.org"
     assert server.lookup_v1("email", "bob@example.org") == {}
-    auth = {"Authorization": f"Bearer {TOKEN}"}
+    auth = server.auth()
     pepper = server.http.get("/_matrix/identity/v2/hash_details", headers=auth).json()["lookup_pepper"]
     digest = urlsafe_b64encode(hashlib.sha256(f"447700900123 msisdn {pepper}".encode()).digest()).decode().rstrip("=")
     answer = server.http.post("/_matrix/identity/v2/lookup", headers=auth,

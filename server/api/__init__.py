@@ -21,14 +21,27 @@ def _validator(name: str) -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(load_schema(f"api/{name}.json"))
 
 
-def json_body(request: Request, schema: str) -> dict[str, Any]:
-    """The request's JSON object, checked against schemas/api/<schema>.json."""
-    try:
-        body = request.json
-    except BadRequest:
-        raise MatrixError(400, "M_NOT_JSON", "The request body is not valid JSON") from None
+V1 = "/_matrix/identity/api/v1"
+V2 = "/_matrix/identity/v2"
+
+
+def json_body(request: Request, schema: str, allow_form: bool = False) -> dict[str, Any]:
+    """The request's JSON object (or, with allow_form, its legacy form-encoded fields), checked
+    against schemas/api/<schema>.json."""
+    if allow_form and request.content_type.startswith("application/x-www-form-urlencoded"):
+        body: Any = {k: v[0] for k, v in request.form.items()}
+    else:
+        try:
+            body = request.json
+        except BadRequest:
+            raise MatrixError(400, "M_NOT_JSON", "The request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise MatrixError(400, "M_BAD_JSON", "The request body must be a JSON object")
+    return check_params(body, schema)
+
+
+def check_params(body: dict[str, Any], schema: str) -> dict[str, Any]:
+    """body checked against schemas/api/<schema>.json: M_MISSING_PARAMS or M_INVALID_PARAM."""
     errors = list(_validator(schema).iter_errors(body))
     missing = sorted({e.message.split("'")[1] for e in errors if e.validator == "required" and not e.path})
     if missing:
@@ -46,13 +59,33 @@ def access_token(request: Request) -> str | None:
     return request.args.get("access_token") or None
 
 
-def require_token(request: Request) -> None:
-    """401 M_UNAUTHORIZED unless the request carries an accepted identity-server token."""
+def unsigned_policies(policies: dict[str, Any], accepted: set[str]) -> list[str]:
+    """Ids of the policies of which the user has accepted no language."""
+    return [pid for pid, policy in policies.items()
+            if not any(isinstance(v, dict) and v["url"] in accepted for v in policy.values())]
+
+
+async def authenticate(request: Request, terms: bool = True) -> str:
+    """The Matrix ID owning the request's identity-server token: 401 M_UNAUTHORIZED without a known
+    token, and (unless terms=False) 403 M_TERMS_NOT_SIGNED until every policy is accepted."""
     token = access_token(request)
     if token is None:
         raise MatrixError(401, "M_UNAUTHORIZED", "An identity server access token is required")
-    if token not in request.app.ctx.access_tokens:
+    storage = request.app.ctx.storage
+    user_id = await storage.run(storage.account_user, token)
+    if user_id is None:
         raise MatrixError(401, "M_UNAUTHORIZED", "Unrecognised access token")
+    policies = request.app.ctx.config["terms"]["policies"]
+    if terms and policies:
+        missing = unsigned_policies(policies, await storage.run(storage.accepted_urls, user_id))
+        if missing:
+            raise MatrixError(403, "M_TERMS_NOT_SIGNED", f"Accept the terms first: {', '.join(missing)}")
+    return user_id
+
+
+async def authenticate_v2(request: Request) -> str | None:
+    """authenticate() on the v2 paths; None on the unauthenticated legacy v1 paths."""
+    return None if request.path.startswith(V1) else await authenticate(request)
 
 
 def require_client_in(request: Request, networks: list[IPNetwork]) -> None:

@@ -6,7 +6,7 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
 from indexer.normalize import query_address
-from server.api import json_body, require_token
+from server.api import authenticate, json_body
 from server.errors import MatrixError
 from server.metrics import count_lookups
 
@@ -25,14 +25,14 @@ async def _pepper(request: Request) -> str:
 @bp.get("/hash_details")
 async def hash_details(request: Request) -> HTTPResponse:
     """GET /_matrix/identity/v2/hash_details: the current pepper and the algorithms offered."""
-    require_token(request)
+    await authenticate(request)
     return json({"lookup_pepper": await _pepper(request), "algorithms": ALGORITHMS})
 
 
 @bp.post("/lookup")
 async def lookup(request: Request) -> HTTPResponse:
     """POST /_matrix/identity/v2/lookup: mxids for hashed or plain "address medium" strings."""
-    require_token(request)
+    await authenticate(request)
     body = json_body(request, "v2_lookup")
     algorithm, addresses = body["algorithm"], body["addresses"]
     lookups = request.app.ctx.lookups

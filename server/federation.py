@@ -1,0 +1,252 @@
+"""Talking to homeservers: federation server discovery (override, IP literal, explicit port,
+.well-known, SRV, 8448), OpenID userinfo, server keys and X-Matrix request checks."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import re
+import socket
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import dns.asyncresolver
+import dns.exception
+import dns.resolver
+import httpx
+from signedjson.key import decode_verify_key_bytes
+from signedjson.sign import SignatureVerifyException, verify_signed_json
+from unpaddedbase64 import decode_base64
+
+log = logging.getLogger(__name__)
+
+MAX_RESPONSE = 64 * 1024
+WELL_KNOWN_TTL = 24 * 3600
+WELL_KNOWN_ERROR_TTL = 3600
+_SERVER_NAME = re.compile(
+    r"^(?P<host>\[[0-9A-Fa-f:.]+\]|\d{1,3}(?:\.\d{1,3}){3}|[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*)(?::(?P<port>[1-9][0-9]{0,4}))?$")
+_X_MATRIX_PARAM = re.compile(r'\s*([A-Za-z]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))\s*(?:,|$)')
+
+
+class FederationError(Exception):
+    """The homeserver could not be reached or answered something unusable; the message says which."""
+
+
+class BadSignature(FederationError):
+    """A request's X-Matrix signature does not verify with the homeserver's key."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where to connect for a server name, and the name its certificate must carry."""
+
+    ip: str
+    port: int
+    tls_name: str
+    host_header: str
+
+
+def split_server_name(name: str) -> tuple[str, int | None]:
+    """(host, port or None) of a valid server name; ValueError otherwise."""
+    match = _SERVER_NAME.match(name)
+    if not match or (match.group("port") and int(match.group("port")) > 65535):
+        raise ValueError(f"not a valid server name: {name!r}")
+    host = match.group("host")
+    if host.startswith("["):
+        ipaddress.IPv6Address(host[1:-1])
+    port = match.group("port")
+    return host, int(port) if port else None
+
+
+def _ip_literal(host: str) -> str | None:
+    try:
+        return str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        return None
+
+
+class Federation:
+    """Outgoing requests to homeservers, with the config's overrides, TLS and address policy."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.overrides: dict[str, str] = config["overrides"]
+        self.allowed_private = [ipaddress.ip_network(n, strict=False) for n in config["allow_private_networks"]]
+        self.timeout = config["timeout_s"]
+        if not config["verify_tls"]:
+            self.tls: ssl.SSLContext | bool = False
+        else:
+            self.tls = ssl.create_default_context(cafile=config.get("ca_file"))
+        self.http = httpx.AsyncClient(verify=self.tls, timeout=self.timeout, follow_redirects=False)
+        self.resolver = dns.asyncresolver.Resolver()
+        self.well_known_port = 443  # fixed by the spec; tests serve .well-known elsewhere
+        self._well_known: dict[str, tuple[float, str | None]] = {}
+        self._keys: dict[tuple[str, str], tuple[float, str]] = {}
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    # -- addresses --------------------------------------------------------------------------------
+
+    def _allowed(self, ip: str) -> bool:
+        address = ipaddress.ip_address(ip)
+        if any(address in net for net in self.allowed_private):
+            return True
+        return address.is_global
+
+    async def _addresses(self, host: str) -> list[str]:
+        literal = _ip_literal(host)
+        if literal:
+            return [literal]
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise FederationError(f"cannot resolve {host}: {exc.strerror}") from None
+        return list(dict.fromkeys(info[4][0] for info in infos))
+
+    async def _connectable(self, host: str) -> str:
+        """The first address of host that policy allows connecting to."""
+        addresses = await self._addresses(host)
+        for ip in addresses:
+            if self._allowed(ip):
+                return ip
+        raise FederationError(f"{host} resolves only to non-public addresses ({', '.join(addresses)}), "
+                              "which federation.allow_private_networks does not allow")
+
+    async def _srv(self, host: str) -> tuple[str, int] | None:
+        for prefix in ("_matrix-fed._tcp.", "_matrix._tcp."):
+            try:
+                answer = await self.resolver.resolve(prefix + host, "SRV", lifetime=self.timeout)
+            except (dns.exception.DNSException, dns.resolver.NoAnswer):
+                continue
+            records = sorted(answer, key=lambda r: (r.priority, -r.weight))
+            if records:
+                return str(records[0].target).rstrip("."), int(records[0].port)
+        return None
+
+    # -- discovery --------------------------------------------------------------------------------
+
+    async def resolve(self, server_name: str) -> Target:
+        """Where the homeserver called server_name answers federation requests."""
+        if server_name in self.overrides:
+            host, port = split_server_name(self.overrides[server_name])
+            return Target(await self._connectable(host), port or 8448, split_server_name(server_name)[0],
+                          server_name)
+        host, port = split_server_name(server_name)
+        if _ip_literal(host) or port is not None:
+            return Target(await self._connectable(host), port or 8448, host.strip("[]"), server_name)
+        delegated = await self._delegation(host)
+        if delegated:
+            d_host, d_port = split_server_name(delegated)
+            if _ip_literal(d_host) or d_port is not None:
+                return Target(await self._connectable(d_host), d_port or 8448, d_host.strip("[]"), delegated)
+            srv = await self._srv(d_host)
+            if srv:
+                return Target(await self._connectable(srv[0]), srv[1], d_host, d_host)
+            return Target(await self._connectable(d_host), 8448, d_host, d_host)
+        srv = await self._srv(host)
+        if srv:
+            return Target(await self._connectable(srv[0]), srv[1], host, host)
+        return Target(await self._connectable(host), 8448, host, host)
+
+    async def _delegation(self, host: str) -> str | None:
+        cached = self._well_known.get(host)
+        if cached and cached[0] > time.monotonic():
+            return cached[1]
+        delegated, ttl = None, WELL_KNOWN_ERROR_TTL
+        try:
+            target = Target(await self._connectable(host), self.well_known_port, host, host)
+            status, body = await self._get(target, "/.well-known/matrix/server")
+            server = body.get("m.server") if status == 200 and isinstance(body, dict) else None
+            if isinstance(server, str):
+                split_server_name(server)
+                delegated, ttl = server, WELL_KNOWN_TTL
+        except (FederationError, ValueError) as exc:
+            log.info("no usable .well-known/matrix/server for %s: %s", host, exc)
+        self._well_known[host] = (time.monotonic() + ttl, delegated)
+        return delegated
+
+    async def _get(self, target: Target, path_and_query: str) -> tuple[int, Any]:
+        host = f"[{target.ip}]" if ":" in target.ip else target.ip
+        url = f"https://{host}:{target.port}{path_and_query}"
+        extensions = {"sni_hostname": target.tls_name} if not _ip_literal(target.tls_name) else {}
+        try:
+            async with self.http.stream("GET", url, headers={"Host": target.host_header},
+                                        extensions=extensions) as response:
+                raw = b""
+                async for chunk in response.aiter_bytes():
+                    raw += chunk
+                    if len(raw) > MAX_RESPONSE:
+                        raise FederationError(f"{target.host_header} answered more than {MAX_RESPONSE} bytes")
+        except httpx.HTTPError as exc:
+            raise FederationError(f"{target.host_header} ({target.ip}:{target.port}) cannot be reached: "
+                                  f"{exc or type(exc).__name__}") from None
+        try:
+            return response.status_code, json.loads(raw)
+        except ValueError:
+            return response.status_code, None
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    async def openid_user(self, server_name: str, access_token: str) -> str | None:
+        """The Matrix ID the homeserver's OpenID userinfo gives for the token, or None if it refuses it."""
+        target = await self.resolve(server_name)
+        query = httpx.QueryParams({"access_token": access_token})
+        status, body = await self._get(target, f"/_matrix/federation/v1/openid/userinfo?{query}")
+        if status != 200:
+            log.info("OpenID token refused by %s (HTTP %d)", server_name, status)
+            return None
+        sub = body.get("sub") if isinstance(body, dict) else None
+        if not isinstance(sub, str):
+            raise FederationError(f"{server_name} answered userinfo without a \"sub\"")
+        return sub
+
+    async def verify_key(self, server_name: str, key_id: str) -> str:
+        """The base64 public key key_id of the homeserver, from its /_matrix/key/v2/server."""
+        cached = self._keys.get((server_name, key_id))
+        if cached and cached[0] > time.time() * 1000:
+            return cached[1]
+        status, body = await self._get(await self.resolve(server_name), "/_matrix/key/v2/server")
+        if status != 200 or not isinstance(body, dict) or body.get("server_name") != server_name:
+            raise FederationError(f"{server_name} did not answer its server keys")
+        key = (body.get("verify_keys") or {}).get(key_id, {}).get("key")
+        if not isinstance(key, str):
+            raise FederationError(f"{server_name} has no key {key_id}")
+        try:
+            verify_signed_json(body, server_name, decode_verify_key_bytes(key_id, decode_base64(key)))
+        except (SignatureVerifyException, ValueError) as exc:
+            raise FederationError(f"{server_name}'s key response is not signed by {key_id}: {exc}") from None
+        valid_until = body.get("valid_until_ts")
+        if isinstance(valid_until, int):
+            self._keys[(server_name, key_id)] = (valid_until, key)
+        return key
+
+    async def verify_request(self, authorization: str, method: str, uri: str, content: Any,
+                             our_names: list[str]) -> str:
+        """The origin of a request carrying a valid X-Matrix signature for us; FederationError or
+        ValueError (malformed header) otherwise."""
+        if not authorization.startswith("X-Matrix "):
+            raise ValueError("no X-Matrix authorization")
+        params: dict[str, str] = {}
+        for match in _X_MATRIX_PARAM.finditer(authorization[len("X-Matrix "):]):
+            value = match.group(2) if match.group(2) is not None else match.group(3)
+            params[match.group(1).lower()] = re.sub(r"\\(.)", r"\1", value)
+        origin, key_id, sig = params.get("origin"), params.get("key"), params.get("sig")
+        if not origin or not key_id or not sig:
+            raise ValueError("the X-Matrix authorization lacks origin, key or sig")
+        split_server_name(origin)  # ValueError: not a server name
+        destination = params.get("destination")
+        # Synapse signs "destination_is" with the name it was told to reach us by.
+        signed = {"method": method, "uri": uri, "origin": origin,
+                  "destination_is": destination if destination in our_names else our_names[0],
+                  "content": content, "signatures": {origin: {key_id: sig}}}
+        key = await self.verify_key(origin, key_id)
+        try:
+            verify_signed_json(signed, origin, decode_verify_key_bytes(key_id, decode_base64(key)))
+        except (SignatureVerifyException, ValueError) as exc:
+            raise BadSignature(f"bad X-Matrix signature from {origin}: {exc}") from None
+        return origin

@@ -1,0 +1,24 @@
+"""Notifications to a 3PID: email over SMTP and SMS through Twilio, from %PLACEHOLDER% templates."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+
+class SendError(Exception):
+    """The message could not be handed over; the message says why (no secrets)."""
+
+
+def read_template(path: str | None, default: str) -> str:
+    """The configured template file, or the one shipped in server/notify/templates/."""
+    if path:
+        return Path(path).read_text(encoding="utf-8")
+    return resources.files(__package__).joinpath("templates", default).read_text(encoding="utf-8")
+
+
+def render(template: str, values: dict[str, str]) -> str:
+    """Replace every %NAME% whose NAME is in values; unknown placeholders stay as written."""
+    for name, value in values.items():
+        template = template.replace(f"%{name}%", value)
+    return template

@@ -1,0 +1,79 @@
+"""Email over SMTP (aiosmtplib): a template is a complete message, headers then body."""
+
+from __future__ import annotations
+
+import email.policy
+import email.utils
+import logging
+import re
+from email.message import EmailMessage
+from email.parser import Parser
+from typing import Any
+from urllib.parse import quote
+
+import aiosmtplib
+
+from server.notify import SendError, read_template, render
+
+log = logging.getLogger(__name__)
+
+_LINE_BREAKS = re.compile(r"[\r\n]+")
+
+
+def render_message(template: str, values: dict[str, str]) -> EmailMessage:
+    """The template with values filled in; in the header block a value cannot start a new header."""
+    text = template.replace("\r\n", "\n")
+    head, sep, body = text.partition("\n\n")
+    safe = {k: _LINE_BREAKS.sub(" ", v) for k, v in values.items()}
+    message = Parser(policy=email.policy.default).parsestr(render(head, safe) + sep + render(body, values))
+    return message  # type: ignore[return-value]
+
+
+class EmailSender:
+    """Sends rendered templates with the configured SMTP server and identity."""
+
+    def __init__(self, config: dict[str, Any], domain: str) -> None:
+        self.smtp = config["smtp"]
+        self.sender = config["from"]
+        self.sender_name = config.get("from_name") or ""
+        self.domain = domain
+        self.templates = config["templates"]
+
+    def template(self, kind: str) -> str:
+        return read_template(self.templates.get(kind), f"email-{kind}.eml")
+
+    def base_values(self, address: str) -> dict[str, str]:
+        return {
+            "DOMAIN": self.domain,
+            "DOMAIN_PRETTY": self.domain[:1].upper() + self.domain[1:],
+            "FROM_EMAIL": self.sender,
+            "FROM_NAME": self.sender_name,
+            "RECIPIENT_MEDIUM": "email",
+            "RECIPIENT_MEDIUM_URL_ENCODED": "email",
+            "RECIPIENT_ADDRESS": address,
+            "RECIPIENT_ADDRESS_URL_ENCODED": quote(address, safe=""),
+        }
+
+    async def send(self, kind: str, address: str, values: dict[str, str]) -> None:
+        """Render the template of this kind for address and send it, to address only."""
+        message = render_message(self.template(kind), {**self.base_values(address), **values})
+        if "From" not in message:
+            message["From"] = email.utils.formataddr((self.sender_name, self.sender))
+        if "To" not in message:
+            message["To"] = address
+        if "Date" not in message:
+            message["Date"] = email.utils.formatdate(localtime=False)
+        if "Message-ID" not in message:
+            message["Message-ID"] = email.utils.make_msgid(domain=self.sender.rpartition("@")[2] or None)
+        tls = self.smtp["tls"]
+        try:
+            await aiosmtplib.send(
+                message, sender=self.sender, recipients=[address],
+                hostname=self.smtp["host"], port=self.smtp["port"],
+                use_tls=tls == "tls", start_tls=True if tls == "starttls" else False,
+                username=self.smtp.get("login"), password=self.smtp.get("password"),
+                cert_bundle=self.smtp.get("ca_file"), timeout=self.smtp["timeout_s"],
+            )
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise SendError(f"SMTP server {self.smtp['host']}:{self.smtp['port']} refused or failed: {exc}") from None
+        log.info("sent %s email to %s via %s:%d", kind, address, self.smtp["host"], self.smtp["port"])

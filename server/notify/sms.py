@@ -1,0 +1,45 @@
+"""SMS through Twilio's REST Messages API (the base URL is configurable)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import httpx
+
+from server.notify import SendError, read_template, render
+
+log = logging.getLogger(__name__)
+
+
+class SmsSender:
+    """Sends rendered text templates as SMS from the configured Twilio number."""
+
+    def __init__(self, config: dict[str, Any], domain: str) -> None:
+        twilio = config["twilio"]
+        self.base_url = twilio["base_url"].rstrip("/")
+        self.account_sid = twilio["account_sid"]
+        self.auth_token = twilio["auth_token"]
+        self.number = twilio["number"]
+        self.templates = config["templates"]
+        self.domain = domain
+        self.timeout = twilio["timeout_s"]
+
+    async def send(self, kind: str, msisdn: str, values: dict[str, str]) -> None:
+        """Render the template of this kind and send it to +msisdn."""
+        text = render(read_template(self.templates.get(kind), f"sms-{kind}.txt"),
+                      {"DOMAIN": self.domain, "RECIPIENT_MEDIUM": "msisdn", "RECIPIENT_ADDRESS": msisdn, **values})
+        url = f"{self.base_url}/2010-04-01/Accounts/{self.account_sid}/Messages.json"
+        try:
+            async with httpx.AsyncClient(timeout=self.timeout) as client:
+                response = await client.post(url, auth=(self.account_sid, self.auth_token),
+                                             data={"To": f"+{msisdn}", "From": self.number, "Body": text.strip()})
+        except httpx.HTTPError as exc:
+            raise SendError(f"Twilio at {self.base_url} cannot be reached: {exc or type(exc).__name__}") from None
+        if response.status_code >= 300:
+            try:
+                detail = response.json().get("message", "")
+            except ValueError:
+                detail = ""
+            raise SendError(f"Twilio refused the SMS to +{msisdn} (HTTP {response.status_code}) {detail}".strip())
+        log.info("sent %s SMS to +%s", kind, msisdn)

@@ -1,0 +1,305 @@
+"""Durable SQL state the identity server owns: accounts, accepted terms, validation sessions,
+bindings and pending invites. SQLite in data_dir by default, PostgreSQL by URL.
+
+Every method here blocks: the HTTP server calls them through `Storage.run`, in a thread pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+
+metadata = sa.MetaData()
+
+schema_version = sa.Table(
+    "schema_version", metadata,
+    sa.Column("version", sa.Integer, nullable=False),
+)
+
+accounts = sa.Table(
+    "accounts", metadata,
+    sa.Column("token_hash", sa.String(64), primary_key=True),
+    sa.Column("user_id", sa.String(255), nullable=False, index=True),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+)
+
+accepted_terms = sa.Table(
+    "accepted_terms", metadata,
+    sa.Column("user_id", sa.String(255), primary_key=True),
+    sa.Column("url", sa.String(2048), primary_key=True),
+    sa.Column("accepted_at", sa.BigInteger, nullable=False),
+)
+
+sessions = sa.Table(
+    "sessions", metadata,
+    sa.Column("sid", sa.String(64), primary_key=True),
+    sa.Column("medium", sa.String(16), nullable=False),
+    sa.Column("address", sa.String(512), nullable=False),
+    sa.Column("client_secret", sa.String(255), nullable=False),
+    sa.Column("token", sa.String(255), nullable=False),
+    sa.Column("send_attempt", sa.BigInteger, nullable=False),
+    sa.Column("next_link", sa.Text, nullable=True),
+    sa.Column("failed_attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("modified_at", sa.BigInteger, nullable=False),
+    sa.Column("validated_at", sa.BigInteger, nullable=True),
+    sa.UniqueConstraint("medium", "address", "client_secret", name="sessions_threepid_secret"),
+)
+
+bindings = sa.Table(
+    "bindings", metadata,
+    sa.Column("medium", sa.String(16), primary_key=True),
+    sa.Column("address", sa.String(512), primary_key=True),
+    sa.Column("mxid", sa.String(255), nullable=False, index=True),
+    sa.Column("ts", sa.BigInteger, nullable=False),
+)
+
+invites = sa.Table(
+    "invites", metadata,
+    sa.Column("token", sa.String(255), primary_key=True),
+    sa.Column("medium", sa.String(16), nullable=False),
+    sa.Column("address", sa.String(512), nullable=False),
+    sa.Column("room_id", sa.String(255), nullable=False),
+    sa.Column("sender", sa.String(255), nullable=False),
+    sa.Column("ephemeral_public_key", sa.String(255), nullable=False),
+    sa.Column("properties", sa.JSON, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Index("invites_threepid", "medium", "address"),
+)
+
+# version -> the upgrade from version-1; version 1 creates everything.
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {
+    1: lambda conn: metadata.create_all(conn, tables=[accounts, accepted_terms, sessions, bindings, invites]),
+}
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def token_hash(token: str) -> str:
+    """Tokens are kept only as digests: a copy of the database does not let anyone in."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Session:
+    """One 3PID validation session."""
+
+    sid: str
+    medium: str
+    address: str
+    client_secret: str
+    token: str
+    send_attempt: int
+    next_link: str | None
+    failed_attempts: int
+    created_at: int
+    modified_at: int
+    validated_at: int | None
+
+
+@dataclass(frozen=True)
+class Binding:
+    medium: str
+    address: str
+    mxid: str
+    ts: int
+
+
+class StorageError(Exception):
+    """The database cannot be used; the message says why (no credentials)."""
+
+
+def engine_url(url: str | None, data_dir: str) -> sa.URL:
+    """The SQLAlchemy URL: SQLite in data_dir when none is configured; postgresql:// uses psycopg 3."""
+    if not url:
+        return sa.make_url(f"sqlite:///{Path(data_dir) / 'mxisd.sqlite3'}")
+    parsed = sa.make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    return parsed
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL with synchronous=FULL: a commit is on disk before the HTTP answer that reports it.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+class Storage:
+    """The durable state; one per process, shared by its threads."""
+
+    def __init__(self, url: str | None, data_dir: str, threads: int = 8) -> None:
+        self.url = engine_url(url, data_dir)
+        if self.url.get_backend_name() == "sqlite":
+            Path(data_dir).mkdir(parents=True, exist_ok=True)
+            self.engine: Engine = sa.create_engine(self.url)
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        else:
+            self.engine = sa.create_engine(self.url, pool_pre_ping=True, pool_size=threads)
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="storage")
+
+    def describe(self) -> str:
+        """The URL without its password, for logs."""
+        return self.url.render_as_string(hide_password=True)
+
+    def upgrade(self) -> int:
+        """Create or upgrade the schema to SCHEMA_VERSION; the version found before."""
+        try:
+            with self.engine.begin() as conn:
+                if self.engine.dialect.name == "postgresql":
+                    # Two servers starting at once must not both run the same upgrade.
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(7245001)"))
+                metadata.create_all(conn, tables=[schema_version])
+                found = conn.execute(sa.select(schema_version.c.version)).scalar()
+                current = found or 0
+                if current > SCHEMA_VERSION:
+                    raise StorageError(f"the database {self.describe()} has schema version {current}, newer "
+                                       f"than this mxisd understands ({SCHEMA_VERSION}); upgrade mxisd")
+                for version in range(current + 1, SCHEMA_VERSION + 1):
+                    MIGRATIONS[version](conn)
+                    log.info("storage: upgraded schema to version %d", version)
+                if found is None:
+                    conn.execute(schema_version.insert().values(version=SCHEMA_VERSION))
+                elif current != SCHEMA_VERSION:
+                    conn.execute(schema_version.update().values(version=SCHEMA_VERSION))
+                return current
+        except sa.exc.OperationalError as exc:
+            raise StorageError(f"cannot open the database {self.describe()}: {exc.orig}") from None
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) in the storage thread pool, so the event loop never waits on the database."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+        self.engine.dispose()
+
+    # -- accounts ---------------------------------------------------------------------------------
+
+    def add_account(self, token: str, user_id: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(accounts.insert().values(token_hash=token_hash(token), user_id=user_id,
+                                                  created_at=now_ms()))
+
+    def account_user(self, token: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(accounts.c.user_id)
+                                .where(accounts.c.token_hash == token_hash(token))).scalar()
+
+    def remove_account(self, token: str) -> bool:
+        with self.engine.begin() as conn:
+            return conn.execute(accounts.delete().where(accounts.c.token_hash == token_hash(token))).rowcount > 0
+
+    # -- terms ------------------------------------------------------------------------------------
+
+    def accept_terms(self, user_id: str, urls: list[str]) -> None:
+        with self.engine.begin() as conn:
+            known = set(conn.execute(sa.select(accepted_terms.c.url)
+                                     .where(accepted_terms.c.user_id == user_id)).scalars())
+            new = [{"user_id": user_id, "url": u, "accepted_at": now_ms()} for u in dict.fromkeys(urls)
+                   if u not in known]
+            if new:
+                conn.execute(accepted_terms.insert(), new)
+
+    def accepted_urls(self, user_id: str) -> set[str]:
+        with self.engine.connect() as conn:
+            return set(conn.execute(sa.select(accepted_terms.c.url)
+                                    .where(accepted_terms.c.user_id == user_id)).scalars())
+
+    # -- validation sessions ----------------------------------------------------------------------
+
+    def find_session(self, medium: str, address: str, client_secret: str) -> Session | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(sessions).where(
+                sessions.c.medium == medium, sessions.c.address == address,
+                sessions.c.client_secret == client_secret)).first()
+        return Session(**row._mapping) if row else None
+
+    def session(self, sid: str, client_secret: str) -> Session | None:
+        """The session, or None when the sid is unknown or the secret is wrong (indistinguishable)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(sessions).where(
+                sessions.c.sid == sid, sessions.c.client_secret == client_secret)).first()
+        return Session(**row._mapping) if row else None
+
+    def create_session(self, session: Session) -> Session:
+        """Insert the session; when another request created one for the same 3PID and secret first,
+        that one is returned instead."""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(sessions.insert().values(**session.__dict__))
+            return session
+        except sa.exc.IntegrityError:
+            existing = self.find_session(session.medium, session.address, session.client_secret)
+            if existing is None:
+                raise
+            return existing
+
+    def update_session(self, sid: str, values: dict[str, Any]) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(sessions.update().where(sessions.c.sid == sid).values(**values))
+
+    def record_wrong_token(self, sid: str) -> int:
+        """Count one more wrong token for the session; the new count."""
+        with self.engine.begin() as conn:
+            conn.execute(sessions.update().where(sessions.c.sid == sid)
+                         .values(failed_attempts=sessions.c.failed_attempts + 1))
+            return conn.execute(sa.select(sessions.c.failed_attempts).where(sessions.c.sid == sid)).scalar() or 0
+
+    def delete_sessions_before(self, modified_before: int) -> int:
+        """Forget sessions last changed before this time (ms); how many."""
+        with self.engine.begin() as conn:
+            return conn.execute(sessions.delete().where(sessions.c.modified_at < modified_before)).rowcount
+
+    # -- bindings ---------------------------------------------------------------------------------
+
+    def bind(self, medium: str, address: str, mxid: str, ts: int) -> Binding | None:
+        """Bind the 3PID to mxid (replacing any earlier binding); the binding it replaced."""
+        try:
+            return self._bind(medium, address, mxid, ts)
+        except sa.exc.IntegrityError:
+            # Another request bound the same new 3PID at the same moment: now there is a row to replace.
+            return self._bind(medium, address, mxid, ts)
+
+    def _bind(self, medium: str, address: str, mxid: str, ts: int) -> Binding | None:
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(bindings).where(
+                bindings.c.medium == medium, bindings.c.address == address).with_for_update()).first()
+            if row is None:
+                conn.execute(bindings.insert().values(medium=medium, address=address, mxid=mxid, ts=ts))
+                return None
+            conn.execute(bindings.update().where(bindings.c.medium == medium, bindings.c.address == address)
+                         .values(mxid=mxid, ts=ts))
+            return Binding(**row._mapping)
+
+    def unbind(self, medium: str, address: str, mxid: str) -> bool:
+        """Remove the binding of the 3PID if it is bound to mxid; whether one was removed."""
+        with self.engine.begin() as conn:
+            return conn.execute(bindings.delete().where(
+                bindings.c.medium == medium, bindings.c.address == address, bindings.c.mxid == mxid)).rowcount > 0
+
+    def all_bindings(self) -> list[Binding]:
+        with self.engine.connect() as conn:
+            return [Binding(**row._mapping) for row in conn.execute(sa.select(bindings))]
