@@ -536,29 +536,41 @@ class Lookups:
     async def pepper(self) -> str | None:
         return await self.r.get(self.k.pepper)
 
-    async def _first_match(self, part: str, fields: list[str], with_pepper: bool) -> tuple[str | None, list[str | None]]:
+    async def _first_match(
+        self, part: str, fields: list[str], with_pepper: bool, sources: list[str | None] | None
+    ) -> tuple[str | None, list[str | None]]:
         pipe = self.r.pipeline(transaction=False)
         pipe.get(self.k.pepper)
         for store in self.stores:
             pipe.hmget(self.k.store(store, part), fields)
         replies = await pipe.execute()
         found: list[str | None] = [None] * len(fields)
-        for per_store in replies[1:]:
-            found = [f if f is not None else s for f, s in zip(found, per_store)]
+        answered_by: list[str | None] = [None] * len(fields)
+        for store, per_store in zip(self.stores, replies[1:]):
+            for i, mxid in enumerate(per_store):
+                if found[i] is None and mxid is not None:
+                    found[i], answered_by[i] = mxid, store
+        if sources is not None:
+            sources[:] = answered_by
         return (replies[0] if with_pepper else None), found
 
-    async def by_address(self, pairs: list[tuple[str, str]]) -> list[str | None]:
-        """mxids for canonical (medium, address) pairs, in order (None where unknown)."""
+    async def by_address(
+        self, pairs: list[tuple[str, str]], sources: list[str | None] | None = None
+    ) -> list[str | None]:
+        """mxids for canonical (medium, address) pairs, in order (None where unknown); sources, when
+        given, is filled with the name of the store that answered each (None where none did)."""
         if not pairs:
             return []
-        _, found = await self._first_match("3pid", [_plain_key(a, m) for m, a in pairs], False)
+        _, found = await self._first_match("3pid", [_plain_key(a, m) for m, a in pairs], False, sources)
         return found
 
-    async def by_hash(self, hashes: list[str]) -> tuple[str | None, list[str | None]]:
-        """(current pepper, mxids for sha256 lookup hashes in order)."""
+    async def by_hash(
+        self, hashes: list[str], sources: list[str | None] | None = None
+    ) -> tuple[str | None, list[str | None]]:
+        """(current pepper, mxids for sha256 lookup hashes in order); sources as for by_address."""
         if not hashes:
             return await self.pepper(), []
-        return await self._first_match("sha256", hashes, True)
+        return await self._first_match("sha256", hashes, True, sources)
 
     async def read_through_answers(self, store: str, pairs: list[tuple[str, str]]) -> list[str | None]:
         """Cached answers of a read-through store for (medium, address) pairs: an mxid, "" for a

@@ -22,6 +22,8 @@ from signedjson.key import decode_verify_key_bytes
 from signedjson.sign import SignatureVerifyException, verify_signed_json
 from unpaddedbase64 import decode_base64
 
+from server.metrics import OUTGOING_FAILURES
+
 log = logging.getLogger(__name__)
 
 MAX_RESPONSE = 64 * 1024
@@ -183,6 +185,7 @@ class Federation:
                     if len(raw) > MAX_RESPONSE:
                         raise FederationError(f"{target.host_header} answered more than {MAX_RESPONSE} bytes")
         except httpx.HTTPError as exc:
+            OUTGOING_FAILURES.labels("homeserver").inc()
             raise FederationError(f"{target.host_header} ({target.ip}:{target.port}) cannot be reached: "
                                   f"{exc or type(exc).__name__}") from None
         try:

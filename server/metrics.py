@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from indexer.cache import BINDINGS
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 REQUESTS = Counter("mxisd_http_requests", "HTTP requests answered, by route and status",
@@ -21,8 +23,13 @@ REQUESTS = Counter("mxisd_http_requests", "HTTP requests answered, by route and 
 LATENCY = Histogram("mxisd_http_request_duration_seconds", "Time to answer HTTP requests, by route",
                     ["method", "endpoint"],
                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-LOOKUPS = Counter("mxisd_lookups", "3PIDs looked up, by where the answer came from (store_cache or miss)",
+LOOKUPS = Counter("mxisd_lookups",
+                  "3PIDs looked up, by where the answer came from (binding, store_cache, read_through or miss)",
                   ["source"])
+NOTIFICATIONS = Counter("mxisd_notifications", "Emails and SMS messages, by medium and outcome (sent, failed)",
+                        ["medium", "outcome"])
+OUTGOING_FAILURES = Counter("mxisd_outgoing_request_failures",
+                            "Outgoing requests that failed, by purpose (homeserver, read_through, twilio)", ["purpose"])
 
 
 def use_directory(data_dir: str) -> Path:
@@ -37,13 +44,20 @@ def use_directory(data_dir: str) -> Path:
     return path
 
 
-def count_lookups(found: list[str | None]) -> None:
-    """Count looked-up 3PIDs by answer source."""
-    hits = sum(1 for mxid in found if mxid is not None)
-    if hits:
-        LOOKUPS.labels("store_cache").inc(hits)
-    if len(found) - hits:
-        LOOKUPS.labels("miss").inc(len(found) - hits)
+def count_lookups(found: list[str | None], sources: list[str | None]) -> None:
+    """Count looked-up 3PIDs by answer source; sources names the cache's store of each answer (None
+    where the cache had none, so an answer there came from a read-through store)."""
+    tally: dict[str, int] = {}
+    for mxid, store in zip(found, sources):
+        if mxid is None:
+            source = "miss"
+        elif store is None:
+            source = "read_through"
+        else:
+            source = "binding" if store == BINDINGS else "store_cache"
+        tally[source] = tally.get(source, 0) + 1
+    for source, count in tally.items():
+        LOOKUPS.labels(source).inc(count)
 
 
 class _CacheGauges:

@@ -18,6 +18,7 @@ import httpx
 from indexer.cache import Lookups
 from indexer.config import parse_duration
 from indexer.stores.rest import BadAnswer, client_options, decode, lookup_answer, lookup_request
+from server.metrics import OUTGOING_FAILURES
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,7 @@ class ReadThrough:
                 mxid = lookup_answer(decode(await service.http.post(
                     service.path, json=lookup_request(medium, address))), self.domain)
             except (httpx.HTTPError, BadAnswer) as exc:
+                OUTGOING_FAILURES.labels("read_through").inc()
                 log.warning("store %s: %s lookup failed, answered not found and not cached: %s: %s",
                             service.name, medium, type(exc).__name__, exc)
                 return None

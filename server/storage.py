@@ -192,6 +192,11 @@ class Storage:
         """fn(*args) in the storage thread pool, so the event loop never waits on the database."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
 
+    def ping(self) -> None:
+        """Raise when the database does not answer."""
+        with self.engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         self.engine.dispose()

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 
+import psycopg
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from indexer.redis_server import EmbeddedRedis
-from tests.conftest import wait_until
+from tests.conftest import free_port, wait_until
+from tests.test_api import validate_email
 
 V1 = "/_matrix/identity/api/v1"
 
@@ -148,3 +151,57 @@ def test_json_logs_carry_request_ids_and_no_secrets(make_server):
     assert traced[0]["http"]["status"] == 200
     assert any(e.get("request_id") == generated for e in access)
     assert srv.token() not in srv.log()
+
+
+def test_metrics_count_bindings_mails_and_failed_homeserver_requests(make_server, homeserver, mailbox):
+    srv = make_server()
+    srv.config["accounts"] = {"homeservers": ["*"]}
+    srv.config["federation"]["overrides"]["dead.example"] = f"127.0.0.1:{free_port()}"  # nothing listens
+    srv.start()
+    wait_until(lambda: srv.lookup_v1("email", "alice@example.com").get("mxid"), what="the first sync")
+    dave = "@dave:example.org"
+    auth = srv.register(homeserver, dave)
+    before = scrape(srv)
+
+    sid = validate_email(srv, mailbox, "dave@example.net", "secret-1", headers=auth)
+    bound = srv.http.post("/_matrix/identity/v2/3pid/bind", headers=auth,
+                          json={"sid": sid, "client_secret": "secret-1", "mxid": dave})
+    assert bound.status_code == 200, bound.text
+    assert srv.lookup_v1("email", "dave@example.net")["mxid"] == dave
+    assert srv.lookup_v1("email", "alice@example.com")["mxid"] == "@alice:example.org"
+    unreachable = srv.http.post("/_matrix/identity/v2/account/register", json={
+        "access_token": "tok", "token_type": "Bearer", "matrix_server_name": "dead.example", "expires_in": 3600})
+    assert unreachable.status_code == 502
+    after = scrape(srv)
+
+    def moved(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("mxisd_lookups_total", source="binding") == 1
+    assert moved("mxisd_lookups_total", source="store_cache") == 1
+    assert moved("mxisd_notifications_total", medium="email", outcome="sent") == 1
+    assert moved("mxisd_notifications_total", medium="email", outcome="failed") == 0
+    assert moved("mxisd_outgoing_request_failures_total", purpose="homeserver") >= 1
+
+
+def test_readiness_follows_the_sql_database(make_server, postgres_url):
+    srv = make_server()
+    srv.config["storage"] = {"url": postgres_url}
+    srv.start()
+    wait_until(lambda: srv.http.get("/_mxisd/ready").status_code == 200, what="readiness")
+    database = postgres_url.rsplit("/", 1)[1]
+    admin_url = os.environ.get("MXISD_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false')
+        conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (database,))
+    try:
+        down = wait_until(lambda: (r := srv.http.get("/_mxisd/ready")).status_code == 503 and r.json(),
+                          what="readiness to notice the database is gone")
+        assert down["checks"]["sql"]["ok"] is False and down["checks"]["redis"]["ok"] is True
+        assert srv.http.get("/status").status_code == 200
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true')
+    back = wait_until(lambda: (r := srv.http.get("/_mxisd/ready")).status_code == 200 and r.json(), 30,
+                      "readiness once the database is back")
+    assert back["checks"]["sql"] == {"ok": True}

@@ -381,3 +381,36 @@ def test_a_server_indexes_a_directory_from_a_minimal_config(directory, make_serv
     answer = server.http.post("/_matrix/identity/v2/lookup", headers=server.auth(), json={
         "addresses": [lookup_hash("alice@example.org", "email", pepper)], "algorithm": "sha256", "pepper": pepper})
     assert answer.json()["mappings"] == {lookup_hash("alice@example.org", "email", pepper): "@alice:example.org"}
+
+
+def test_the_admin_api_syncs_a_directory_and_reports_progress(directory, make_server: Callable[..., Any]):
+    people(directory, 120)
+    admin = {"Authorization": "Bearer admin-token-for-the-ldap-test"}
+    server = make_server()
+    server.config["admin"] = {"token": admin["Authorization"][len("Bearer "):]}
+    server.config["stores"] = [{
+        "name": "corp", "kind": "ldap", "preset": "openldap", "uri": directory.server.uri, "page_size": 25,
+        "bind": {"dn": READER_DN, "password": READER_PASSWORD}, "base_dns": [directory.base],
+        "sync": {"full_every": "6h", "changes_every": None},
+    }]
+    server.start()
+    wait_until(lambda: server.lookup_v1("email", "user7@example.org").get("mxid"), 60, "the first sync")
+    directory.add("newbie", mail=["newbie@example.org"])
+    assert server.lookup_v1("email", "newbie@example.org") == {}
+
+    started = server.http.post("/_mxisd/admin/v1/stores/corp/sync", headers=admin, json={"full": True})
+    assert started.status_code == 202, started.text
+    job_id = started.json()["job"]["id"]
+    seen: list[dict[str, Any]] = []
+
+    def finished() -> dict[str, Any] | None:
+        job = server.http.get(f"/_mxisd/admin/v1/jobs/{job_id}", headers=admin).json()
+        seen.append(job)
+        return job if job["state"] == "done" else None
+
+    done = wait_until(finished, 60, "the admin-triggered sync")
+    assert done["outcome"] == "ok" and done["read"] == 121 and done["percent"] == 100
+    assert done["result"]["added"] == 1 and done["result"]["removed"] == 0
+    reads = [job["read"] for job in seen]
+    assert reads == sorted(reads)
+    assert server.lookup_v1("email", "newbie@example.org")["mxid"] == "@newbie:example.org"

@@ -8,12 +8,14 @@ from importlib.metadata import version as package_version
 from typing import Any
 
 import redis
+import sqlalchemy
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
 bp = Blueprint("health")
 
 REDIS_TIMEOUT = 2.0
+SQL_TIMEOUT = 2.0
 VERSION = package_version("mxisd")
 
 
@@ -31,10 +33,15 @@ async def version(request: Request) -> HTTPResponse:
 
 @bp.get("/_mxisd/ready")
 async def ready(request: Request) -> HTTPResponse:
-    """GET /_mxisd/ready: 200 when Redis answers, every store has synced once and this host's
-    fulltext index keeps up; else 503. Each check's state is in the body."""
+    """GET /_mxisd/ready: 200 when Redis and the SQL database answer, every store has synced once and
+    this host's fulltext index keeps up; else 503. Each check's state is in the body."""
     ctx = request.app.ctx
     checks: dict[str, Any] = {}
+    try:
+        await asyncio.wait_for(ctx.storage.run(ctx.storage.ping), SQL_TIMEOUT)
+        checks["sql"] = {"ok": True}
+    except (sqlalchemy.exc.SQLAlchemyError, OSError, asyncio.TimeoutError) as exc:
+        checks["sql"] = {"ok": False, "error": str(getattr(exc, "orig", None) or exc) or "no answer in time"}
     try:
         state = await asyncio.wait_for(ctx.admin.status(), REDIS_TIMEOUT)
         checks["redis"] = {"ok": True}
@@ -55,5 +62,6 @@ async def ready(request: Request) -> HTTPResponse:
             else {"ok": mine["lag_seconds"] <= limit, "host": host, "lag_seconds": mine["lag_seconds"],
                   "max_lag_seconds": limit}
         )
-    is_ready = state is not None and checks["fulltext"]["ok"] and all(c["ok"] for c in checks["stores"].values())
+    is_ready = (state is not None and checks["sql"]["ok"] and checks["fulltext"]["ok"]
+                and all(c["ok"] for c in checks["stores"].values()))
     return json({"ready": is_ready, "checks": checks}, status=200 if is_ready else 503)

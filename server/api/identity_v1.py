@@ -24,8 +24,9 @@ async def lookup(request: Request) -> HTTPResponse:
         raise MatrixError(400, "M_MISSING_PARAMS", f"Missing parameters: {','.join(missing)}")
     canonical = query_address(medium, address)
     pairs = [(medium, canonical)]
-    [mxid] = await request.app.ctx.read_through.fill(pairs, await request.app.ctx.lookups.by_address(pairs))
-    count_lookups([mxid])
+    sources: list[str | None] = []
+    [mxid] = await request.app.ctx.read_through.fill(pairs, await request.app.ctx.lookups.by_address(pairs, sources))
+    count_lookups([mxid], sources)
     if mxid is None:
         return json({})
     now = int(time.time() * 1000)
@@ -47,6 +48,8 @@ async def bulk_lookup(request: Request) -> HTTPResponse:
     if len(pairs) > request.app.ctx.bulk_max:
         raise MatrixError(400, "M_TOO_LARGE", f"At most {request.app.ctx.bulk_max} 3PIDs per request")
     canonical = [(m, query_address(m, a)) for m, a in pairs]
-    found = await request.app.ctx.read_through.fill(canonical, await request.app.ctx.lookups.by_address(canonical))
-    count_lookups(found)
+    sources: list[str | None] = []
+    found = await request.app.ctx.read_through.fill(canonical,
+                                                    await request.app.ctx.lookups.by_address(canonical, sources))
+    count_lookups(found, sources)
     return json({"threepids": [[m, a, mxid] for (m, a), mxid in zip(pairs, found) if mxid is not None]})

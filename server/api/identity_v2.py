@@ -37,8 +37,9 @@ async def lookup(request: Request) -> HTTPResponse:
     algorithm, addresses = body["algorithm"], body["addresses"]
     lookups = request.app.ctx.lookups
     found: list[str | None] = []
+    sources: list[str | None] = []
     if algorithm == "sha256" and len(addresses) <= request.app.ctx.bulk_max:
-        pepper, found = await lookups.by_hash(addresses)  # the pepper comes in the same round trip
+        pepper, found = await lookups.by_hash(addresses, sources)  # the pepper comes in the same round trip
         if not pepper:
             raise MatrixError(503, "M_UNKNOWN", "The lookup cache is not ready yet")
     else:
@@ -57,6 +58,6 @@ async def lookup(request: Request) -> HTTPResponse:
             if not address or not medium:
                 raise MatrixError(400, "M_INVALID_PARAM", f'Expected "address medium", got {item!r}')
             pairs.append((medium, query_address(medium, address)))
-        found = await request.app.ctx.read_through.fill(pairs, await lookups.by_address(pairs))
-    count_lookups(found)
+        found = await request.app.ctx.read_through.fill(pairs, await lookups.by_address(pairs, sources))
+    count_lookups(found, sources)
     return json({"mappings": {a: mxid for a, mxid in zip(addresses, found) if mxid is not None}})

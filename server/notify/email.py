@@ -14,6 +14,7 @@ from urllib.parse import quote
 import aiosmtplib
 
 from server.notify import SendError, read_template, render
+from server.metrics import NOTIFICATIONS
 
 log = logging.getLogger(__name__)
 
@@ -75,5 +76,7 @@ class EmailSender:
                 cert_bundle=self.smtp.get("ca_file"), timeout=self.smtp["timeout_s"],
             )
         except (aiosmtplib.SMTPException, OSError) as exc:
+            NOTIFICATIONS.labels("email", "failed").inc()
             raise SendError(f"SMTP server {self.smtp['host']}:{self.smtp['port']} refused or failed: {exc}") from None
+        NOTIFICATIONS.labels("email", "sent").inc()
         log.info("sent %s email to %s via %s:%d", kind, address, self.smtp["host"], self.smtp["port"])

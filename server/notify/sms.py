@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 
 from server.notify import SendError, read_template, render
+from server.metrics import NOTIFICATIONS, OUTGOING_FAILURES
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,15 @@ class SmsSender:
                 response = await client.post(url, auth=(self.account_sid, self.auth_token),
                                              data={"To": f"+{msisdn}", "From": self.number, "Body": text.strip()})
         except httpx.HTTPError as exc:
+            NOTIFICATIONS.labels("msisdn", "failed").inc()
+            OUTGOING_FAILURES.labels("twilio").inc()
             raise SendError(f"Twilio at {self.base_url} cannot be reached: {exc or type(exc).__name__}") from None
         if response.status_code >= 300:
+            NOTIFICATIONS.labels("msisdn", "failed").inc()
             try:
                 detail = response.json().get("message", "")
             except ValueError:
                 detail = ""
             raise SendError(f"Twilio refused the SMS to +{msisdn} (HTTP {response.status_code}) {detail}".strip())
+        NOTIFICATIONS.labels("msisdn", "sent").inc()
         log.info("sent %s SMS to +%s", kind, msisdn)
