@@ -205,5 +205,13 @@ def _complete(config: dict[str, Any], base: Path) -> dict[str, Any]:
         store_class(store["kind"]).check_config(store, f"stores[{i}]")
         if store.get("tls", {}).get("ca_file"):
             store["tls"]["ca_file"] = str((base / store["tls"]["ca_file"]).resolve())
+    for i, rule in enumerate(config["directory"]["hide"]):
+        for key, pattern in rule.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"directory.hide[{i}].{key}: not a valid regular expression: {exc}") from None
+    if config["homeserver"]["url"]:
+        config["homeserver"]["url"] = config["homeserver"]["url"].rstrip("/")
     config["config_dir"] = str(base)
     return config

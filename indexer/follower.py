@@ -11,7 +11,7 @@ import time
 import redis
 
 from indexer.cache import Cache
-from indexer.fulltext import FullText, document_key
+from indexer.fulltext import SCHEMA_VERSION, FullText, document_key
 from indexer.identity import Identity
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,8 @@ class Follower:
         position = self.fulltext.position()
         if position is None:
             return "the index is missing"
+        if position["schema"] != SCHEMA_VERSION:
+            return "the index was built with another schema"
         if position["epoch"] != self.epoch:
             return "the index was built from another cache"
         if self.cache.changes_lost_after(position["last_id"]):

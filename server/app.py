@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import os
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis
@@ -16,7 +18,11 @@ from sanic.response import HTTPResponse, empty, json
 from indexer import logs
 from indexer.cache import Lookups, connect_async
 from indexer.config import parse_duration
-from server.api import identity_v1, identity_v2, pubkey, status
+from indexer.fulltext import DirectorySearch, HideRules
+from indexer.scheduler import fulltext_path
+from server.api import auth, directory, identity_v1, identity_v2, profile, pubkey, status
+from server.credentials import Credentials
+from server.homeserver import Homeserver
 from server.errors import MatrixError
 from server.keys import Keys
 from server.read_through import ReadThrough
@@ -55,7 +61,10 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
     app.ctx.access_tokens = HashedTokens(config["lookup"]["access_tokens"])
     app.ctx.keys = Keys.load_or_create(config["data_dir"], config["server"]["name"])
 
-    for module in (status, pubkey, identity_v1, identity_v2):
+    if config["server"]["proxies_count"]:
+        app.config.PROXIES_COUNT = config["server"]["proxies_count"]
+
+    for module in (status, pubkey, identity_v1, identity_v2, directory, auth, profile):
         app.blueprint(module.bp)
 
     @app.before_server_start
@@ -64,6 +73,12 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
         app.ctx.redis = client
         app.ctx.lookups = Lookups(client, config["redis"]["prefix"], [s["name"] for s in config["stores"]])
         app.ctx.read_through = ReadThrough(config, app.ctx.lookups)
+        app.ctx.homeserver = Homeserver(config)
+        settings = config["directory"]
+        app.ctx.directory = DirectorySearch(fulltext_path(config), HideRules(settings["hide"]), settings["threepids"])
+        # Whoosh blocks: searches run in a thread of their own, taking turns on one open searcher.
+        app.ctx.search_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
+        app.ctx.credentials = Credentials(config, app.ctx.lookups)
 
     @app.after_server_start
     async def announce(app: Sanic) -> None:
@@ -78,6 +93,10 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
     @app.after_server_stop
     async def close_cache(app: Sanic) -> None:
         await app.ctx.read_through.close()
+        await app.ctx.homeserver.close()
+        app.ctx.search_executor.shutdown(wait=True)
+        app.ctx.directory.close()
+        await asyncio.get_running_loop().run_in_executor(None, app.ctx.credentials.close)
         await app.ctx.redis.aclose()
 
     @app.on_request

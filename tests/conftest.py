@@ -19,6 +19,8 @@ import yaml
 
 from indexer.cache import Cache
 from indexer.redis_server import EmbeddedRedis
+from tests.fake_homeserver import FakeHomeserver
+from tests.slapd import Slapd
 
 REPO = Path(__file__).resolve().parent.parent
 TOKEN = "test-lookup-token-0123456789"
@@ -211,3 +213,21 @@ def _database(kind: str, tmp_path: Path) -> Iterator[str]:
         with admin.connect() as connection:
             connection.execute(sqlalchemy.text(drop))
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
+    """One slapd for the run; each test works in an organizational unit of its own."""
+    server = Slapd(tmp_path_factory.mktemp("slapd"))
+    server.load()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def homeserver() -> Iterator[FakeHomeserver]:
+    """A fake homeserver of this test's own on a free port."""
+    fake = FakeHomeserver()
+    yield fake
+    fake.stop()

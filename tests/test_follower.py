@@ -20,7 +20,7 @@ def sync(cache, path, people):
 
 
 def names(index: FullText, text: str) -> list[str]:
-    return sorted(hit["mxid"] for hit in index.search(text))
+    return sorted(hit.mxid for hit in index.search(text))
 
 
 def test_follower_catches_up_resumes_and_rebuilds(rclient, prefix, tmp_path, caplog):
