@@ -21,7 +21,8 @@ from typing import Any, Iterable
 from whoosh import index
 from whoosh.analysis import CharsetFilter, LowercaseFilter, NgramFilter, RegexTokenizer
 from whoosh.fields import ID, STORED, TEXT, Schema
-from whoosh.query import And, ConstantScoreQuery, FuzzyTerm, Or, Prefix, Query, Term
+from whoosh.query import And, FuzzyTerm, Or, Prefix, Query, Term
+from whoosh.scoring import BaseScorer, WeightingModel
 from whoosh.searching import Searcher
 from whoosh.support.charset import accent_map
 
@@ -49,6 +50,31 @@ SCHEMA = Schema(
 )
 
 EXACT, PREFIX, INSIDE, TYPO = 8.0, 4.0, 2.0, 1.0
+
+
+class _OneScorer(BaseScorer):
+    def supports_block_quality(self) -> bool:
+        return True
+
+    def score(self, matcher: Any) -> float:
+        return 1.0
+
+    def max_quality(self) -> float:
+        return 1.0
+
+    def block_quality(self, matcher: Any) -> float:
+        return 1.0
+
+
+class _Constant(WeightingModel):
+    """Every matching term scores its query boost: how a word matched ranks a person, not how rare
+    the word is."""
+
+    def scorer(self, searcher: Searcher, fieldname: str, text: bytes, qf: int = 1) -> BaseScorer:
+        return _OneScorer()
+
+
+WEIGHTING = _Constant()
 TYPO_MIN_LENGTH = 5
 
 
@@ -78,27 +104,30 @@ def query_words(text: str) -> list[str]:
     return [token.text for token in _words(text)]
 
 
-def _word_query(word: str, fields: list[tuple[str, str]]) -> Query:
+def _word_query(word: str, fields: list[tuple[str, str]], searcher: Searcher) -> Query:
     """One query word against (words field, trigrams field) pairs, scored by how well it matches."""
     choices: list[Query] = []
+    # A word someone has is taken as spelt right: looking for its near misses costs more than all
+    # the rest of a search.
+    typos = len(word) >= TYPO_MIN_LENGTH and not any((f, word) in searcher.reader() for f, _ in fields)
     for words, grams in fields:
         choices.append(Term(words, word, boost=EXACT))
         choices.append(Prefix(words, word, boost=PREFIX))
         if len(word) >= 3:
-            inside = And([Term(grams, word[i:i + 3]) for i in range(len(word) - 2)])
-            choices.append(ConstantScoreQuery(inside, INSIDE))
-        if len(word) >= TYPO_MIN_LENGTH:
+            grams_of = [word[i:i + 3] for i in range(len(word) - 2)]
+            choices.append(And([Term(grams, g, boost=INSIDE / len(grams_of)) for g in grams_of]))
+        if typos:
             choices.append(FuzzyTerm(words, word, boost=TYPO, maxdist=1, prefixlength=1, constantscore=True))
     return Or(choices)
 
 
-def build_query(text: str, threepids: bool) -> Query | None:
+def build_query(text: str, threepids: bool, searcher: Searcher) -> Query | None:
     """The Whoosh query for a search term, or None when it has no word to search for."""
     words = query_words(text)
     if not words:
         return None
     fields = [("words", "grams")] + ([("tp_words", "tp_grams")] if threepids else [])
-    everything = And([_word_query(w, fields) for w in words])
+    everything = And([_word_query(w, fields, searcher) for w in words])
     mxid = text.strip().lower()
     if ":" in mxid:
         return Or([everything, Term("mxid", mxid if mxid.startswith("@") else "@" + mxid, boost=EXACT * 4)])
@@ -147,8 +176,11 @@ class IndexNotReady(Exception):
     """The follower has not built this host's index yet."""
 
 
-def _search(searcher: Searcher, query: Query, limit: int, hide: HideRules) -> tuple[list[Hit], bool]:
-    """The best limit visible hits, and whether there were more."""
+def _search(searcher: Searcher, text: str, threepids: bool, limit: int, hide: HideRules) -> tuple[list[Hit], bool]:
+    """The best limit visible hits for a search term, and whether there were more."""
+    query = build_query(text, threepids, searcher)
+    if query is None:
+        return [], False
     wanted = limit + 1
     fetch = wanted + (10 if hide else 0)
     while True:
@@ -226,11 +258,8 @@ class FullText:
 
     def search(self, text: str, limit: int = 10, threepids: bool = False) -> list[Hit]:
         """The best matches for a search term, with a searcher opened for this one search."""
-        query = build_query(text, threepids)
-        if query is None:
-            return []
-        with index.open_dir(str(self.path)).searcher() as searcher:
-            return _search(searcher, query, limit, HideRules([]))[0]
+        with index.open_dir(str(self.path)).searcher(weighting=WEIGHTING) as searcher:
+            return _search(searcher, text, threepids, limit, HideRules([]))[0]
 
 
 class DirectorySearch:
@@ -252,7 +281,7 @@ class DirectorySearch:
             stat = None  # not built yet, or the follower is swapping in a rebuilt index
         if stat is not None and (stat.st_ino, stat.st_mtime_ns) != self._stamp:
             try:
-                fresh = index.open_dir(str(self.path)).searcher()
+                fresh = index.open_dir(str(self.path)).searcher(weighting=WEIGHTING)
             except (OSError, index.EmptyIndexError):
                 fresh = None
             if fresh is not None:
@@ -265,11 +294,8 @@ class DirectorySearch:
 
     def search(self, text: str, limit: int) -> tuple[list[Hit], bool]:
         """The best limit visible matches for a search term, and whether there were more."""
-        query = build_query(text, self.threepids)
-        if query is None:
-            return [], False
         with self._lock:
-            return _search(self._current(), query, limit, self.hide)
+            return _search(self._current(), text, self.threepids, limit, self.hide)
 
     def close(self) -> None:
         with self._lock:
