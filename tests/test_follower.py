@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import yaml
 
 from indexer.cache import Cache
@@ -60,3 +62,19 @@ def test_follower_catches_up_resumes_and_rebuilds(rclient, prefix, tmp_path, cap
     again.step(block_ms=None)
     assert "rebuilt from the cache because the index was built from another cache: 1 identities" in caplog.text
     assert index.count() == 1 and names(index, "lister") == ["@dave:example.org"]
+
+
+def test_an_index_of_another_schema_version_is_rebuilt(rclient, prefix, tmp_path, caplog):
+    caplog.set_level("INFO")
+    cache = Cache(rclient, prefix)
+    cache.initialize()
+    sync(cache, tmp_path / "people.yml", [{"localpart": "alice", "display_name": "Alice Liddell"}])
+    index = FullText(tmp_path / "fulltext")
+    Follower(cache, index, ["hr"]).start()
+    position = index.path / "position.json"
+    written = json.loads(position.read_text())
+    position.write_text(json.dumps({**written, "schema": written["schema"] - 1}))  # as an older version left it
+    caplog.clear()
+    Follower(cache, index, ["hr"]).start()
+    assert "rebuilt from the cache because the index was built with another schema: 1 identities" in caplog.text
+    assert [hit.mxid for hit in index.search("lidd")] == ["@alice:example.org"]
