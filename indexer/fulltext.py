@@ -2,9 +2,10 @@
 
 Matching rules of a directory search: every word of the query must match a word of the person
 (display name and localpart, and their 3PIDs where the config allows) exactly, as a prefix, inside a
-word (3 letters or more, through trigrams) or, for words of 5 letters or more, with one typo. Case and
-diacritics are folded on both sides. Exact words rank above prefixes, which rank above matches
-inside a word, which rank above typos.
+word (3 letters or more, through trigrams) or, for words of 5 letters or more, with one typo; the
+last two only for query words that nobody has as a whole word. Case and diacritics are folded on
+both sides. Exact words rank above prefixes, which rank above matches inside a word, which rank
+above typos.
 """
 
 from __future__ import annotations
@@ -107,16 +108,17 @@ def query_words(text: str) -> list[str]:
 def _word_query(word: str, fields: list[tuple[str, str]], searcher: Searcher) -> Query:
     """One query word against (words field, trigrams field) pairs, scored by how well it matches."""
     choices: list[Query] = []
-    # A word someone has is taken as spelt right: looking for its near misses costs more than all
-    # the rest of a search.
-    typos = len(word) >= TYPO_MIN_LENGTH and not any((f, word) in searcher.reader() for f, _ in fields)
+    # A word that someone has is taken as typed whole and spelt right: it is looked for as a word
+    # and as a prefix only. Looking inside words and for near misses costs more than the rest of a
+    # search, and finds little more for a word that exists.
+    known = any((f, word) in searcher.reader() for f, _ in fields)
     for words, grams in fields:
         choices.append(Term(words, word, boost=EXACT))
         choices.append(Prefix(words, word, boost=PREFIX))
-        if len(word) >= 3:
+        if len(word) >= 3 and not known:
             grams_of = [word[i:i + 3] for i in range(len(word) - 2)]
             choices.append(And([Term(grams, g, boost=INSIDE / len(grams_of)) for g in grams_of]))
-        if typos:
+        if len(word) >= TYPO_MIN_LENGTH and not known:
             choices.append(FuzzyTerm(words, word, boost=TYPO, maxdist=1, prefixlength=1, constantscore=True))
     return Or(choices)
 
