@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import queue
 import socket
 import threading
 import time
 
 
 class LatencyProxy:
-    """Listens on 127.0.0.1:<free port> and forwards to 127.0.0.1:target_port, holding each chunk
-    of a request for request_delay seconds and each chunk of an answer for answer_delay seconds."""
+    """Listens on 127.0.0.1:<free port> and forwards to 127.0.0.1:target_port, delivering what the
+    client sends request_delay seconds late and what the server answers answer_delay seconds late."""
 
     def __init__(self, target_port: int, request_delay: float, answer_delay: float = 0.0) -> None:
         self.target_port = target_port
@@ -33,19 +34,32 @@ class LatencyProxy:
 
     @staticmethod
     def _pump(source: socket.socket, sink: socket.socket, delay: float) -> None:
+        """Copy source to sink, each chunk delay seconds after it arrived. Chunks in flight do not
+        wait for each other: a long answer is late by delay, not by delay per chunk."""
+        chunks: queue.Queue[tuple[float, bytes] | None] = queue.Queue()
+
+        def deliver() -> None:
+            try:
+                while (item := chunks.get()) is not None:
+                    due, data = item
+                    time.sleep(max(0.0, due - time.monotonic()))
+                    sink.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for end in (source, sink):
+                    try:
+                        end.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        threading.Thread(target=deliver, daemon=True).start()
         try:
             while data := source.recv(65536):
-                if delay:
-                    time.sleep(delay)
-                sink.sendall(data)
+                chunks.put((time.monotonic() + delay, data))
         except OSError:
             pass
-        finally:
-            for end in (source, sink):
-                try:
-                    end.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        chunks.put(None)
 
     def close(self) -> None:
         self.listener.close()

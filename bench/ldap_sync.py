@@ -57,11 +57,15 @@ LAST = ("Abbott Achterberg Álvarez Andersen Baker Bauer Becker Bernard Bianchi 
 
 
 def full_name(i: int) -> str:
-    """The display name of generated user i: a first name and one or two surnames, unique by i."""
+    """The display name of generated user i: a first name and one or two surnames, unique by i
+    (up to 800,000), each name about as common as any other."""
+    pairs = len(FIRST) * len(LAST)
     first = FIRST[i % len(FIRST)]
     last = LAST[(i // len(FIRST)) % len(LAST)]
-    second = LAST[(i // (len(FIRST) * len(LAST))) % len(LAST)]
-    return f"{first} {last}" if i < len(FIRST) * len(LAST) else f"{first} {last}-{second}"
+    # Users i and i + k * pairs share first name and surname; this keeps their second surnames apart
+    # (37 and len(LAST) have no common factor) while spreading every surname evenly.
+    second = LAST[(i + 37 * (i // pairs)) % len(LAST)]
+    return f"{first} {last}" if i < pairs else f"{first} {last}-{second}"
 
 
 def ldif(count: int, passwords: bool = False) -> str:

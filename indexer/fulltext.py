@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from whoosh import index
+from whoosh.collectors import TopCollector
 from whoosh.analysis import CharsetFilter, LowercaseFilter, NgramFilter, RegexTokenizer
 from whoosh.fields import ID, STORED, TEXT, Schema
-from whoosh.query import And, FuzzyTerm, Or, Prefix, Query, Term
+from whoosh.query import And, FuzzyTerm, Or, Query, Term
 from whoosh.scoring import BaseScorer, WeightingModel
 from whoosh.searching import Searcher
 from whoosh.support.charset import accent_map
@@ -50,7 +51,8 @@ SCHEMA = Schema(
     tp_grams=TEXT(analyzer=_trigrams, phrase=False),
 )
 
-EXACT, PREFIX, INSIDE, TYPO = 8.0, 4.0, 2.0, 1.0
+# A prefix matching two words of a person (Martin Martínez for "mar") must not outrank a whole word.
+EXACT, PREFIX, INSIDE, TYPO = 12.0, 4.0, 2.0, 1.0
 
 
 class _OneScorer(BaseScorer):
@@ -107,19 +109,23 @@ def query_words(text: str) -> list[str]:
 
 def _word_query(word: str, fields: list[tuple[str, str]], searcher: Searcher) -> Query:
     """One query word against (words field, trigrams field) pairs, scored by how well it matches."""
-    choices: list[Query] = []
+    reader = searcher.reader()
     # A word that someone has is taken as typed whole and spelt right: it is looked for as a word
     # and as a prefix only. Looking inside words and for near misses costs more than the rest of a
     # search, and finds little more for a word that exists.
-    known = any((f, word) in searcher.reader() for f, _ in fields)
+    known = any((f, word) in reader for f, _ in fields)
+    choices: list[Query] = []
     for words, grams in fields:
-        choices.append(Term(words, word, boost=EXACT))
-        choices.append(Prefix(words, word, boost=PREFIX))
+        # The prefix's words are listed here rather than by a Prefix query, so that the whole word
+        # is one posting list to walk, not two.
+        for term in reader.expand_prefix(words, word):
+            text = term.decode()
+            choices.append(Term(words, text, boost=EXACT if text == word else PREFIX))
         if len(word) >= 3 and not known:
             grams_of = [word[i:i + 3] for i in range(len(word) - 2)]
             choices.append(And([Term(grams, g, boost=INSIDE / len(grams_of)) for g in grams_of]))
         if len(word) >= TYPO_MIN_LENGTH and not known:
-            choices.append(FuzzyTerm(words, word, boost=TYPO, maxdist=1, prefixlength=1, constantscore=True))
+            choices.append(FuzzyTerm(words, word, boost=TYPO, maxdist=1, prefixlength=1, constantscore=False))
     return Or(choices)
 
 
@@ -174,6 +180,18 @@ class HideRules:
                           [f"{m}:{a}" for m, a in identity.threepids])
 
 
+class _TopCollector(TopCollector):
+    """Whoosh's top-N collector, told that a later match which only ties the worst of a full top N
+    cannot enter it (ties go to the lower document number): with every match scoring one of a few
+    values, that lets the search stop early instead of visiting every match."""
+
+    def _collect(self, global_docnum: int, score: float) -> float:
+        result = super()._collect(global_docnum, score)
+        if len(self.items) >= self.limit:
+            self.minscore = self.items[0][0] + 1e-9
+        return result
+
+
 class IndexNotReady(Exception):
     """The follower has not built this host's index yet."""
 
@@ -186,7 +204,9 @@ def _search(searcher: Searcher, text: str, threepids: bool, limit: int, hide: Hi
     wanted = limit + 1
     fetch = wanted + (10 if hide else 0)
     while True:
-        results = searcher.search(query, limit=fetch)
+        collector = _TopCollector(limit=fetch)
+        searcher.search_with_collector(query, collector)
+        results = collector.results()
         hits: list[Hit] = []
         for found in results:
             if hide and hide.hides(found["store"], found["mxid"], found.get("display_name"),
