@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from whoosh import index
-from whoosh.collectors import TopCollector
 from whoosh.analysis import CharsetFilter, LowercaseFilter, NgramFilter, RegexTokenizer
+from whoosh.collectors import TopCollector
 from whoosh.fields import ID, STORED, TEXT, Schema
 from whoosh.query import And, FuzzyTerm, Or, Query, Term
 from whoosh.scoring import BaseScorer, WeightingModel
