@@ -13,8 +13,8 @@ within 60 s, 1,000 changes within 2 s. Without --redis-url an embedded Redis is 
 from __future__ import annotations
 
 import argparse
+import base64
 import logging
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,63 +33,58 @@ from indexer.fulltext import FullText  # noqa: E402
 from indexer.redis_server import EmbeddedRedis  # noqa: E402
 from indexer.stores import build_store  # noqa: E402
 from indexer.sync import full_sync, incremental_sync  # noqa: E402
+from bench.latency_proxy import LatencyProxy  # noqa: E402
 from tests.slapd import ADMIN_DN, ADMIN_PASSWORD, READER_DN, READER_PASSWORD, SUFFIX, Slapd  # noqa: E402
 
 BASE = f"ou=people,{SUFFIX}"
 CONFIG = {"matrix": {"domain": "example.org"}, "threepids": {"msisdn": {"default_region": "GB"}}}
 
 
-def ldif(count: int) -> str:
-    """count people with two email addresses and a phone number each."""
+FIRST = ("Adam Agnès Ahmed Aiko Alice Amélie Ana Andrea Anne Anton Arjun Astrid Ben Bernadette Björn Carla "
+         "Carlos Chloé Chen Clara Daniel Dmitri Elena Élodie Emma Eric Fatima Felix Florian François Gabriel "
+         "Greta Hannah Hélène Hugo Ines Ingrid Isabel Ivan Jakob Jana Jean José Julia Jürgen Kai Karin Katarzyna "
+         "Laura Léa Lena Lucas Luis Maja Marco María Martin Mathilde Mehmet Mia Michael Nadia Niklas Noah Nora "
+         "Olga Oscar Paul Pedro Petra Pierre Priya Rafael Rosa Ruth Sami Sara Sebastian Sofia Stefan Søren "
+         "Thomas Tomás Ursula Valentina Victor Wei Yasmin Yusuf Zoë Zoltán").split()
+LAST = ("Abbott Achterberg Álvarez Andersen Baker Bauer Becker Bernard Bianchi Blanchard Böhm Brown Carvalho "
+        "Castillo Chevalier Costa Dąbrowski Davies Dubois Dupont Eriksson Esposito Fernández Fischer Fontaine "
+        "García Gauthier Gómez González Gruber Hansen Hartmann Herrera Hoffmann Horváth Ivanov Jansen Jiménez "
+        "Johansson Jones Kaiser Keller Kowalski Krüger Lambert Larsen Laurent Lefèvre Lehmann Lindqvist López "
+        "Martín Martínez Meyer Moreau Morales Müller Nakamura Navarro Nielsen Novák Olsen Ortiz Papadopoulos "
+        "Pereira Petrov Popescu Ramírez Richter Rodríguez Romano Rossi Ruiz Sánchez Santos Schmidt Schneider "
+        "Schulz Silva Smith Suzuki Svensson Takahashi Taylor Thomas Torres Vargas Vogel Wagner Weber Williams "
+        "Wójcik Yılmaz Zimmermann").split()
+
+
+def full_name(i: int) -> str:
+    """The display name of generated user i: a first name and one or two surnames, unique by i
+    (up to 800,000), each name about as common as any other."""
+    pairs = len(FIRST) * len(LAST)
+    first = FIRST[i % len(FIRST)]
+    last = LAST[(i // len(FIRST)) % len(LAST)]
+    # Users i and i + k * pairs share first name and surname; this keeps their second surnames apart
+    # (37 and len(LAST) have no common factor) while spreading every surname evenly.
+    second = LAST[(i + 37 * (i // pairs)) % len(LAST)]
+    return f"{first} {last}" if i < pairs else f"{first} {last}-{second}"
+
+
+def ldif(count: int, passwords: bool = False) -> str:
+    """count people with a realistic name, two email addresses and a phone number each (and, with
+    passwords, userPassword "pw<i>")."""
     parts = [f"dn: {BASE}\nobjectClass: organizationalUnit\nou: people\n\n"]
     for i in range(count):
+        name = full_name(i)
         parts.append(
-            f"dn: uid=user{i},{BASE}\nobjectClass: inetOrgPerson\nuid: user{i}\ncn: User {i}\nsn: Number{i}\n"
-            f"displayName: User Number {i}\nmail: user{i}@example.org\nmail: u{i}@mail.example.com\n"
-            f"telephoneNumber: +44 7{i:09d}\n\n"
+            f"dn: uid=user{i},{BASE}\nobjectClass: inetOrgPerson\nuid: user{i}\ncn:: {_b64(name)}\n"
+            f"sn:: {_b64(name.split(' ', 1)[1])}\ndisplayName:: {_b64(name)}\nmail: user{i}@example.org\n"
+            f"mail: u{i}@mail.example.com\ntelephoneNumber: +44 7{i:09d}\n"
+            + (f"userPassword: pw{i}\n" if passwords else "") + "\n"
         )
     return "".join(parts)
 
 
-class LatencyProxy:
-    """A TCP proxy in front of slapd that holds every request for a while before passing it on,
-    as a directory a round trip away would answer late (answers themselves flow freely)."""
-
-    def __init__(self, target_port: int, delay: float) -> None:
-        self.target_port = target_port
-        self.delay = delay
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.uri = f"ldap://127.0.0.1:{self.listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.target_port))
-            threading.Thread(target=self._pump, args=(client, server, self.delay), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, 0.0), daemon=True).start()
-
-    @staticmethod
-    def _pump(source: socket.socket, sink: socket.socket, delay: float) -> None:
-        try:
-            while data := source.recv(65536):
-                if delay:
-                    time.sleep(delay)
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for end in (source, sink):
-                try:
-                    end.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.listener.close()
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
 
 
 def timed(label: str, floor: float | None, seconds: float) -> None:
@@ -119,7 +114,7 @@ def main() -> None:
         uri = slapd.uri
         proxy = LatencyProxy(slapd.port, args.latency_ms / 1000) if args.latency_ms else None
         if proxy:
-            uri = proxy.uri
+            uri = f"ldap://127.0.0.1:{proxy.port}"
             print(f"every request to the directory is delayed by {args.latency_ms:g} ms")
         embedded = None
         redis_url = args.redis_url

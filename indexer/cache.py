@@ -20,7 +20,9 @@ Global: epoch (changes when the cache is emptied), pepper, changes (stream of up
 fulltext:<host> (follower position, for status), fulltext-hosts (set of hosts with a follower),
 fulltext-rebuild (a counter: followers rebuild their index when it moves),
 jobs (list: ids of sync jobs waiting for an indexer), job:<id> (hash: one sync job, expiring),
-rate:<kind>:<key> (rate-limit windows).
+rate:<kind>:<key> (rate-limit windows),
+fail:<kind>:<who> (failed logins counted in a
+window, with a TTL; kind is "user" or "ip").
 """
 
 from __future__ import annotations
@@ -109,6 +111,9 @@ class Keys:
 
     def rate(self, kind: str, key: str) -> str:
         return f"{self.prefix}rate:{kind}:{key}"
+
+    def failures(self, kind: str, who: str) -> str:
+        return f"{self.prefix}fail:{kind}:{who}"
 
 
 def _stream_id(value: str) -> tuple[int, int]:
@@ -582,6 +587,47 @@ class Lookups:
     async def remember_answer(self, store: str, medium: str, address: str, mxid: str | None, ttl: int) -> None:
         """Cache a read-through store's answer (None: not found) for ttl seconds."""
         await self.r.set(self.k.store(store, f"rt:{_plain_key(address, medium)}"), mxid or "", ex=ttl)
+
+    async def identities(self, mxids: list[str]) -> list[Identity | None]:
+        """The identities (with their locators) of mxids, in order; the first store in config order
+        that has an mxid wins. Two round trips whatever the number of mxids."""
+        if not mxids:
+            return []
+        pipe = self.r.pipeline(transaction=False)
+        for store in self.stores:
+            pipe.hmget(self.k.store(store, "mxid"), mxids)
+        owners: list[tuple[str, str] | None] = [None] * len(mxids)
+        for store, store_ids in zip(self.stores, await pipe.execute()):
+            owners = [o if o is not None or i is None else (store, i) for o, i in zip(owners, store_ids)]
+        pipe = self.r.pipeline(transaction=False)
+        for owner in owners:
+            if owner is not None:
+                pipe.hget(self.k.store(owner[0], "rec"), owner[1])
+                pipe.hget(self.k.store(owner[0], "locator"), owner[1])
+        replies = iter(await pipe.execute())
+        found: list[Identity | None] = []
+        for owner in owners:
+            raw, locator = (next(replies), next(replies)) if owner is not None else (None, None)
+            found.append(replace(Identity.from_json(raw), locator=locator) if raw else None)
+        return found
+
+    async def failures(self, kind: str, who: str) -> tuple[int, int]:
+        """(failed logins of who in the current window, milliseconds until the window ends)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.get(self.k.failures(kind, who))
+        pipe.pttl(self.k.failures(kind, who))
+        count, ttl = await pipe.execute()
+        return int(count or 0), max(int(ttl), 0)
+
+    async def add_failure(self, kind: str, who: str, window: int) -> None:
+        """Count one failed login of who; the window of window seconds starts at the first."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(self.k.failures(kind, who), 0, ex=window, nx=True)  # INCR keeps the TTL set here
+        pipe.incr(self.k.failures(kind, who))
+        await pipe.execute()
+
+    async def clear_failures(self, kind: str, who: str) -> None:
+        await self.r.delete(self.k.failures(kind, who))
 
     async def ping(self) -> bool:
         return bool(await self.r.ping())

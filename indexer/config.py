@@ -232,5 +232,13 @@ def _complete(config: dict[str, Any], base: Path) -> dict[str, Any]:
             raise ConfigError(f"federation.allow_private_networks[{i}]: {exc}") from None
     if config["accounts"]["homeservers"] is None:
         config["accounts"]["homeservers"] = [config["matrix"]["domain"]]
+    for i, rule in enumerate(config["directory"]["hide"]):
+        for key, pattern in rule.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ConfigError(f"directory.hide[{i}].{key}: not a valid regular expression: {exc}") from None
+    if config["homeserver"]["url"]:
+        config["homeserver"]["url"] = config["homeserver"]["url"].rstrip("/")
     config["config_dir"] = str(base)
     return config

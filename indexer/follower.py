@@ -11,10 +11,16 @@ import time
 import redis
 
 from indexer.cache import Cache
-from indexer.fulltext import FullText, document_key
+from indexer.fulltext import SCHEMA_VERSION, FullText, document_key
 from indexer.identity import Identity
 
 log = logging.getLogger(__name__)
+
+BATCH = 1000
+# Each applied batch leaves a small index segment, and searches slow down with every segment: once
+# this many changes (and at least half the index) were applied batch by batch, the follower
+# rebuilds the index whole (one segment) the next time the stream is quiet.
+CONSOLIDATE_AFTER = 10_000
 
 
 class Follower:
@@ -28,11 +34,15 @@ class Follower:
         self.epoch = ""
         self.last_id = "0-0"
         self.rebuilds_seen = 0
+        self.indexed = 0  # identities in the index when it was last built whole
+        self.applied = 0  # changes applied batch by batch since
 
     def _needs_rebuild(self) -> str | None:
         position = self.fulltext.position()
         if position is None:
             return "the index is missing"
+        if position["schema"] != SCHEMA_VERSION:
+            return "the index was built with another schema"
         if position["epoch"] != self.epoch:
             return "the index was built from another cache"
         if self.cache.changes_lost_after(position["last_id"]):
@@ -48,9 +58,13 @@ class Follower:
             position = self.fulltext.position()
             assert position is not None
             self.last_id = position["last_id"]
+            self.indexed, self.applied = self.fulltext.count(), 0
             log.info("fulltext index at %s: following changes after %s", self.fulltext.path, self.last_id)
             self._report()
             return
+        self._rebuild(reason)
+
+    def _rebuild(self, reason: str) -> None:
         started = time.time()
         self.last_id = self.cache.last_change_id()
 
@@ -59,6 +73,7 @@ class Follower:
                 yield from self.cache.iter_identities(store)
 
         count = self.fulltext.rebuild(everyone(), self.epoch, self.last_id)
+        self.indexed, self.applied = count, 0
         log.info("fulltext index rebuilt from the cache because %s: %d identities in %.1f s",
                  reason, count, time.time() - started)
         self._report(count, rebuilt=time.time())
@@ -68,8 +83,10 @@ class Follower:
         if self.cache.rebuild_requests() != self.rebuilds_seen:
             self.start(reason="an admin asked for it")
             return 0
-        changes = self.cache.read_changes(self.last_id, 1000, block_ms)
+        changes = self.cache.read_changes(self.last_id, BATCH, block_ms)
         if not changes:
+            if self.applied >= max(CONSOLIDATE_AFTER, self.indexed // 2):
+                self._rebuild(f"{self.applied} changes were applied batch by batch (one segment searches faster)")
             return 0
         if self.cache.epoch() != self.epoch:
             log.warning("the cache was emptied and refilled: rebuilding the fulltext index")
@@ -92,6 +109,7 @@ class Follower:
                     upserts.append(identity)
         self.fulltext.apply(upserts, deleted, self.epoch, changes[-1].id)
         self.last_id = changes[-1].id
+        self.applied += len(changes)
         self._report()
         return len(changes)
 

@@ -50,6 +50,10 @@ class Identity:
         digest = hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
         return cls(mxid, localpart, display_name, unique, store, store_id, digest, locator)
 
+    def threepid_objects(self) -> list[dict[str, str]]:
+        """The 3PIDs as the Matrix APIs write them: [{"medium", "address"}]."""
+        return [{"medium": m, "address": a} for m, a in self.threepids]
+
     def to_json(self) -> str:
         """The record as stored in the cache."""
         return json.dumps(
@@ -57,7 +61,7 @@ class Identity:
                 "mxid": self.mxid,
                 "localpart": self.localpart,
                 "display_name": self.display_name,
-                "threepids": [{"medium": m, "address": a} for m, a in self.threepids],
+                "threepids": self.threepid_objects(),
                 "store": self.store,
                 "store_id": self.store_id,
                 "hash": self.hash,

@@ -11,6 +11,7 @@ import re
 import signal
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import redis
@@ -22,10 +23,15 @@ from sanic.response import HTTPResponse, empty, json
 from indexer import logs
 from indexer.cache import BINDINGS, Admin, BindingMirror, Cache, Lookups, RateLimits, connect, connect_async
 from indexer.config import parse_duration
+from indexer.fulltext import DirectorySearch, HideRules
+from indexer.scheduler import fulltext_path
 from server import metrics
-from server.api import account, admin, bind, health, identity_v1, identity_v2, pubkey, sessions, status, terms
+from server.api import (account, admin, auth, bind, directory, health, identity_v1, identity_v2, profile, pubkey,
+                        sessions, status, terms)
 from server.api import metrics as metrics_api
 from server.bindings import restore_mirror
+from server.credentials import Credentials
+from server.homeserver import Homeserver
 from server.errors import MatrixError
 from server.federation import Federation
 from server.keys import Keys
@@ -78,7 +84,11 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
     app.ctx.email = EmailSender(config["email"], domain) if "email" in config else None
     app.ctx.sms = SmsSender(config["sms"], domain) if "sms" in config else None
 
-    modules = [status, health, pubkey, identity_v1, identity_v2, account, terms, sessions, bind]
+    if config["server"]["proxies_count"]:
+        app.config.PROXIES_COUNT = config["server"]["proxies_count"]
+
+    modules = [status, health, pubkey, identity_v1, identity_v2, account, terms, sessions, bind, directory, auth,
+               profile]
     if config["admin"]["token"]:
         app.ctx.admin_token_digest = admin.token_digest(config["admin"]["token"])
         modules.append(admin)
@@ -99,6 +109,12 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
         app.ctx.rate_limits = RateLimits(client, prefix)
         app.ctx.storage = Storage(config["storage"]["url"], config["data_dir"])
         app.ctx.federation = Federation(config["federation"])
+        app.ctx.homeserver = Homeserver(config)
+        settings = config["directory"]
+        app.ctx.directory = DirectorySearch(fulltext_path(config), HideRules(settings["hide"]), settings["threepids"])
+        # Whoosh blocks: searches run in a thread of their own, taking turns on one open searcher.
+        app.ctx.search_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
+        app.ctx.credentials = Credentials(config, app.ctx.lookups)
 
     @app.after_server_start
     async def start_maintenance(app: Sanic) -> None:
@@ -117,6 +133,10 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
     @app.after_server_stop
     async def close_connections(app: Sanic) -> None:
         await app.ctx.read_through.close()
+        await app.ctx.homeserver.close()
+        app.ctx.search_executor.shutdown(wait=True)
+        app.ctx.directory.close()
+        await asyncio.get_running_loop().run_in_executor(None, app.ctx.credentials.close)
         await app.ctx.redis.aclose()
         await app.ctx.federation.close()
         app.ctx.storage.close()

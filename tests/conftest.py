@@ -21,7 +21,9 @@ import yaml
 
 from indexer.cache import Cache
 from indexer.redis_server import EmbeddedRedis
+from tests.fake_homeserver import ClientHomeserver
 from tests.fakes import FakeHomeserver, FakeTwilio, Mailbox
+from tests.slapd import Slapd
 
 REPO = Path(__file__).resolve().parent.parent
 V1 = "/_matrix/identity/api/v1"
@@ -278,3 +280,21 @@ def _database(kind: str, tmp_path: Path) -> Iterator[str]:
         with admin.connect() as connection:
             connection.execute(sqlalchemy.text(drop))
         admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
+    """One slapd for the run; each test works in an organizational unit of its own."""
+    server = Slapd(tmp_path_factory.mktemp("slapd"))
+    server.load()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def client_homeserver() -> Iterator[ClientHomeserver]:
+    """A homeserver's client API (whoami, directory, login, profile) of this test's own on a free port."""
+    fake = ClientHomeserver()
+    yield fake
+    fake.stop()

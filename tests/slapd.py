@@ -39,7 +39,7 @@ index objectClass eq
 index entryUUID eq
 index uid eq
 index modifyTimestamp eq
-"""
+{extra}"""
 
 _BASE_LDIF = f"""\
 dn: {SUFFIX}
@@ -79,7 +79,8 @@ def make_certificate(folder: Path) -> tuple[Path, Path]:
 class Slapd:
     """slapd serving SUFFIX on ldap://127.0.0.1:<port> (STARTTLS too) and ldaps://127.0.0.1:<tls_port>."""
 
-    def __init__(self, root: Path, sizelimit: str = "unlimited") -> None:
+    def __init__(self, root: Path, sizelimit: str = "unlimited", extra: str = "") -> None:
+        """extra: more lines for the database section (more indexes, say)."""
         self.root = root
         self.port = free_port()
         self.tls_port = free_port()
@@ -90,7 +91,8 @@ class Slapd:
         tls = f"TLSCertificateFile {self.cert}\nTLSCertificateKeyFile {key}"
         self.config = root / "slapd.conf"
         self.config.write_text(_CONFIG.format(root=root, tls=tls, suffix=SUFFIX, admin=ADMIN_DN,
-                                              password=ADMIN_PASSWORD, reader=READER_DN, sizelimit=sizelimit))
+                                              password=ADMIN_PASSWORD, reader=READER_DN, sizelimit=sizelimit,
+                                              extra=extra))
         self.process: subprocess.Popen[bytes] | None = None
 
     def load(self, ldif: str = "") -> None:

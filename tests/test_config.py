@@ -52,6 +52,12 @@ def with_changes(**changes: object) -> dict:
         (with_changes(stores__0__sync__full_every="12 hours"),
          'stores[0].sync.full_every: expected a duration like "1h" or null, got "12 hours"'),
         (with_changes(server__prot=8090), "server.prot: unknown key"),
+        (with_changes(directory__hide=[{"mxid": "@svc-(.*"}]),
+         "directory.hide[0].mxid: not a valid regular expression: missing ), unterminated subpattern at position 5"),
+        (with_changes(directory__hide=[{"uid": "x"}]), "directory.hide[0].uid: unknown key"),
+        (with_changes(homeserver__url="localhost:8008"),
+         'homeserver.url: expected an http:// or https:// URL with no path, or null, got "localhost:8008"'),
+        (with_changes(auth__rate_limit__per_user=0), "auth.rate_limit.per_user: 0 is less than the minimum of 1"),
         (with_changes(stores__0__colour="blue"), "stores[0].colour: unknown key"),
         (with_changes(server__port="eighty"), 'server.port: expected integer, got "eighty"'),
         (with_changes(server__port=70000), "server.port: 70000 is greater than the maximum of 65535"),
@@ -139,8 +145,11 @@ def test_defaults_and_relative_paths(tmp_path):
     config = load_config(write(tmp_path, VALID))
     assert config["server"] == {
         "name": "example.org", "public_url": "https://example.org", "bind": "127.0.0.1", "port": 8090,
-        "workers": 1, "access_log": False,
+        "workers": 1, "access_log": False, "proxies_count": 0,
     }
+    assert config["homeserver"] == {"url": None, "timeout": "10s", "whoami_cache": "1m"}
+    assert config["directory"] == {"homeserver": True, "threepids": False, "hide": []}
+    assert config["auth"] == {"rate_limit": {"per_user": 5, "per_ip": 20, "window": "5m"}}
     assert config["stores"][0]["sync"] == {"full_every": "6h", "changes_every": "1m", "max_delete_ratio": 0.2}
     assert config["data_dir"] == str(tmp_path / "data")
     assert config["stores"][0]["path"] == str(tmp_path / "people.yml")

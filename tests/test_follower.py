@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
+import whoosh.index
 import yaml
 
+import indexer.follower as follower_module
 from indexer.cache import Cache
 from indexer.follower import Follower
 from indexer.fulltext import FullText
@@ -20,7 +24,7 @@ def sync(cache, path, people):
 
 
 def names(index: FullText, text: str) -> list[str]:
-    return sorted(hit["mxid"] for hit in index.search(text))
+    return sorted(hit.mxid for hit in index.search(text))
 
 
 def test_follower_catches_up_resumes_and_rebuilds(rclient, prefix, tmp_path, caplog):
@@ -60,3 +64,45 @@ def test_follower_catches_up_resumes_and_rebuilds(rclient, prefix, tmp_path, cap
     again.step(block_ms=None)
     assert "rebuilt from the cache because the index was built from another cache: 1 identities" in caplog.text
     assert index.count() == 1 and names(index, "lister") == ["@dave:example.org"]
+
+
+def test_an_index_of_another_schema_version_is_rebuilt(rclient, prefix, tmp_path, caplog):
+    caplog.set_level("INFO")
+    cache = Cache(rclient, prefix)
+    cache.initialize()
+    sync(cache, tmp_path / "people.yml", [{"localpart": "alice", "display_name": "Alice Liddell"}])
+    index = FullText(tmp_path / "fulltext")
+    Follower(cache, index, ["hr"]).start()
+    position = index.path / "position.json"
+    written = json.loads(position.read_text())
+    position.write_text(json.dumps({**written, "schema": written["schema"] - 1}))  # as an older version left it
+    caplog.clear()
+    Follower(cache, index, ["hr"]).start()
+    assert "rebuilt from the cache because the index was built with another schema: 1 identities" in caplog.text
+    assert [hit.mxid for hit in index.search("lidd")] == ["@alice:example.org"]
+
+
+def test_many_small_batches_are_consolidated_when_the_stream_is_quiet(rclient, prefix, tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(follower_module, "CONSOLIDATE_AFTER", 3)
+    caplog.set_level("INFO")
+    cache = Cache(rclient, prefix)
+    cache.initialize()
+    people = tmp_path / "people.yml"
+    index = FullText(tmp_path / "fulltext")
+    follower = Follower(cache, index, ["hr"])
+    follower.start()
+    everyone: list[dict] = []
+    for name in ("Alice Liddell", "Bob Builder", "Carol Danvers"):
+        everyone.append({"localpart": name.split()[0].lower(), "display_name": name})
+        sync(cache, people, everyone)
+        follower.step(block_ms=None)  # one batch, one segment each
+    assert len(index_segments(index)) == 3
+    caplog.clear()
+    assert follower.step(block_ms=None) == 0
+    assert "because 3 changes were applied batch by batch" in caplog.text
+    assert len(index_segments(index)) == 1
+    assert [hit.mxid for hit in index.search("danvers")] == ["@carol:example.org"]
+
+
+def index_segments(index: FullText) -> list:
+    return whoosh.index.open_dir(str(index.path)).reader().leaf_readers()

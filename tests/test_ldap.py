@@ -22,16 +22,6 @@ from tests.slapd import ADMIN_DN, ADMIN_PASSWORD, READER_DN, READER_PASSWORD, SU
 CONFIG = {"matrix": {"domain": "example.org"}, "threepids": {"msisdn": {"default_region": "GB"}}}
 
 
-@pytest.fixture(scope="session")
-def slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
-    """One slapd for the run; each test works in an organizational unit of its own."""
-    server = Slapd(tmp_path_factory.mktemp("slapd"))
-    server.load()
-    server.start()
-    yield server
-    server.stop()
-
-
 def admin(server: Slapd) -> ldap3.Connection:
     return ldap3.Connection(server.uri, ADMIN_DN, ADMIN_PASSWORD, auto_bind=True, raise_exceptions=True)
 

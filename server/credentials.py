@@ -1,0 +1,132 @@
+"""Login identifiers resolved from the cache, password checks by the identity's store, and the
+failed-login limits per user and per client address."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from indexer import normalize
+from indexer.cache import Lookups
+from indexer.config import parse_duration
+from indexer.identity import Identity
+from indexer.stores import Store, build_store
+
+log = logging.getLogger(__name__)
+
+_PHONE = re.compile(r"\+?[0-9][0-9 ().\-/]{4,}")
+
+
+@dataclass(frozen=True)
+class Limited(Exception):
+    """Too many failed logins: retry after retry_after_ms."""
+
+    retry_after_ms: int
+
+
+class Credentials:
+    """Resolves who is logging in and checks their password, within the configured limits."""
+
+    def __init__(self, config: dict[str, Any], lookups: Lookups) -> None:
+        self.lookups = lookups
+        self.domain: str = config["matrix"]["domain"]
+        self.region: str | None = config["threepids"]["msisdn"]["default_region"]
+        limits = config["auth"]["rate_limit"]
+        self.per_user: int = limits["per_user"]
+        self.per_ip: int = limits["per_ip"]
+        self.window = parse_duration(limits["window"])
+        self.stores: dict[str, Store] = {s["name"]: build_store(s, config) for s in config["stores"]}
+        # Password checks block (a bind, a query, an HTTP call): a few threads, never the event loop.
+        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="auth")
+
+    def threepid(self, login: str) -> tuple[str, str] | None:
+        """(medium, canonical address) when a login identifier is an email address or a phone number."""
+        try:
+            if "@" in login:
+                return normalize.threepid("email", login, self.region)
+            if _PHONE.fullmatch(login):
+                return normalize.threepid("msisdn", login, self.region)
+        except normalize.InvalidAddress:
+            return None
+        return None
+
+    async def mxid_of_threepid(self, medium: str, address: str, region: str | None = None) -> str | None:
+        """The mxid the cache holds for a 3PID given in any usual form (a phone number written
+        without its country code is read as one of region, by default threepids.msisdn.default_region)."""
+        try:
+            canonical = normalize.threepid(medium, address, region or self.region)
+        except normalize.InvalidAddress:
+            return None
+        return (await self.lookups.by_address([canonical]))[0]
+
+    async def resolve(self, login: str) -> Identity | None:
+        """The identity a login identifier names: a Matrix ID or localpart of ours, an email address
+        or a phone number (also wrapped as @<email or phone>:<our domain>, as Synapse qualifies
+        whatever was typed as a username)."""
+        text = login.strip()
+        if text.startswith("@"):
+            inner, _, server = text[1:].rpartition(":")
+            if not inner:
+                inner, server = text[1:], self.domain
+            if server.lower() != self.domain.lower():
+                return None
+            text = inner
+        threepid = self.threepid(text)
+        if threepid is not None:
+            mxid = (await self.lookups.by_address([threepid]))[0]
+        else:
+            try:
+                mxid = f"@{normalize.localpart(text)}:{self.domain}"
+            except normalize.InvalidAddress:
+                return None
+        return (await self.lookups.identities([mxid]))[0] if mxid else None
+
+    async def check_limits(self, user: str | None, ip: str | None) -> None:
+        """Raise Limited when user or ip has used up its failed logins for now."""
+        for kind, who, most in (("user", user, self.per_user), ("ip", ip, self.per_ip)):
+            if who is None:
+                continue
+            count, ttl_ms = await self.lookups.failures(kind, who)
+            if count >= most:
+                log.warning("login for %s refused: too many failed logins by this %s", user, kind)
+                raise Limited(max(ttl_ms, 1000))
+
+    async def record(self, user: str | None, ip: str | None, success: bool) -> None:
+        """Count a failed login against user and ip (each where given); a success clears the user's count."""
+        if success:
+            if user is not None:
+                await self.lookups.clear_failures("user", user)
+            return
+        if user is not None:
+            await self.lookups.add_failure("user", user, self.window)
+        if ip is not None:
+            await self.lookups.add_failure("ip", ip, self.window)
+
+    async def authenticate(self, login: str, password: str, ip: str | None) -> Identity | None:
+        """The identity when password is the password of whoever login names, else None (an
+        unknown user and a wrong password look the same); raises Limited first when over a limit."""
+        identity = await self.resolve(login)
+        # One count per person however they name themselves; unknown names are counted as typed.
+        user = identity.mxid if identity is not None else login.strip().lower()
+        await self.check_limits(user, ip)
+        ok = False
+        if identity is None:
+            log.info("login for %s refused: no such user in the cache", user)
+        elif not password:
+            log.info("login for %s refused: empty password", identity.mxid)
+        else:
+            store = self.stores[identity.store]
+            ok = await asyncio.get_running_loop().run_in_executor(
+                self.executor, store.authenticate, identity, password)
+        await self.record(user, ip, ok)
+        return identity if ok else None
+
+    def close(self) -> None:
+        """Stop the password-check threads and close the stores' connections."""
+        self.executor.shutdown(wait=True)
+        for store in self.stores.values():
+            store.close()

@@ -1,0 +1,156 @@
+"""Authentication for the homeserver over real HTTP: check_credentials against the YAML store and
+a real slapd, failed-login limits, login with an email or phone number through a fake homeserver
+that checks passwords the way Synapse's REST password provider does, and profiles."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import bcrypt
+import ldap3
+import pytest
+
+from tests.conftest import wait_until
+from tests.fake_homeserver import ClientHomeserver
+from tests.slapd import ADMIN_DN, ADMIN_PASSWORD, READER_DN, READER_PASSWORD, SUFFIX
+
+PASSWORD = "correct horse battery"
+PEOPLE = [
+    {"localpart": "alice", "display_name": "Alice Liddell", "emails": ["alice@example.com"],
+     "phones": ["+1 800 555 2067"], "password": bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(4)).decode()},
+    {"localpart": "bob", "display_name": "Bob Builder", "emails": ["bob@example.com"]},  # no password
+]
+ALICE_PROFILE = {"display_name": "Alice Liddell", "three_pids": [
+    {"medium": "email", "address": "alice@example.com"}, {"medium": "msisdn", "address": "18005552067"}]}
+REFUSED = {"auth": {"success": False, "profile": {}}}
+
+
+def check(server, user: str, password: str) -> dict[str, Any]:
+    response = server.http.post("/_matrix-internal/identity/v1/check_credentials",
+                                json={"user": {"id": user, "password": password}})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.fixture
+def started(make_server, client_homeserver: ClientHomeserver):
+    def start(people: list[dict[str, Any]] = PEOPLE, **config: Any):
+        server = make_server(people)
+        server.config["homeserver"] = {"url": client_homeserver.url}
+        server.config.update(config)
+        client_homeserver.identity_server = server.url
+        server.start()
+        wait_until(lambda: server.lookup_v1("email", "alice@example.com").get("mxid"), 60, "the first sync")
+        return server
+
+    return start
+
+
+def test_check_credentials_with_the_yaml_store(started):
+    server = started()
+    accepted = {"auth": {"success": True, "mxid": "@alice:example.org", "profile": ALICE_PROFILE}}
+    assert check(server, "@alice:example.org", PASSWORD) == accepted  # as Synapse sends it
+    assert check(server, "alice", PASSWORD) == accepted  # a bare localpart
+    assert check(server, "@Alice@Example.com:example.org", PASSWORD) == accepted  # an email typed as username
+    assert check(server, "alice@example.com", PASSWORD) == accepted
+    assert check(server, "@+1 800 555 2067:example.org", PASSWORD) == accepted  # a phone number
+    assert check(server, "+18005552067", PASSWORD) == accepted
+    # Wrong, empty, unknown, foreign, password-less: one answer that says nothing about who exists.
+    assert check(server, "@alice:example.org", "wrong") == REFUSED
+    assert check(server, "@alice:example.org", "") == REFUSED
+    assert check(server, "@nobody:example.org", PASSWORD) == REFUSED
+    assert check(server, "@alice:other.example", PASSWORD) == REFUSED
+    assert check(server, "@bob:example.org", "anything") == REFUSED
+    assert "anything" not in server.log() and PASSWORD not in server.log()
+    response = server.http.post("/_matrix-internal/identity/v1/check_credentials", json={"user": {"id": "@a:b"}})
+    assert response.status_code == 400
+    assert response.json() == {"errcode": "M_INVALID_PARAM", "error": "user.password: missing required key"}
+
+
+def test_failed_logins_are_limited_per_user_and_per_address(started, client_homeserver):
+    server = started(auth={"rate_limit": {"per_user": 3, "per_ip": 4, "window": "1h"}})
+    for _ in range(3):
+        assert check(server, "alice@example.com", "wrong") == REFUSED  # counted for alice, however named
+    assert check(server, "@alice:example.org", PASSWORD) == REFUSED  # the right password, too late
+    assert check(server, "@nobody:example.org", "x")["auth"]["success"] is False
+    # Logins through us are counted per client address as well: the fourth failure is the last.
+    login = {"type": "m.login.password", "password": "wrong"}
+    for name in ("carol", "dave", "erin", "frank"):
+        response = server.http.post("/_matrix/client/v3/login", json={**login, "identifier": {"type": "m.id.user", "user": name}})
+        assert response.status_code == 403, response.text
+    response = server.http.post("/_matrix/client/v3/login", json={**login, "identifier": {"type": "m.id.user", "user": "gina"}})
+    assert response.status_code == 429
+    body = response.json()
+    assert body["errcode"] == "M_LIMIT_EXCEEDED" and 0 < body["retry_after_ms"] <= 3_600_000
+
+
+def test_login_with_an_email_or_phone_number(started, client_homeserver):
+    server = started()
+    response = server.http.post("/_matrix/client/v3/login", json={
+        "type": "m.login.password", "password": PASSWORD,
+        "identifier": {"type": "m.id.thirdparty", "medium": "email", "address": "ALICE@example.com"}})
+    assert response.status_code == 200, response.text
+    assert response.json()["user_id"] == "@alice:example.org"
+    assert client_homeserver.requests[-1][2]["identifier"] == {"type": "m.id.user", "user": "@alice:example.org"}
+    response = server.http.post("/_matrix/client/r0/login", json={
+        "type": "m.login.password", "password": PASSWORD,
+        "identifier": {"type": "m.id.phone", "country": "US", "phone": "(800) 555-2067"}})
+    assert response.status_code == 200 and response.json()["user_id"] == "@alice:example.org"
+    response = server.http.post("/_matrix/client/v3/login", json={  # the pre-identifier form
+        "type": "m.login.password", "password": PASSWORD, "medium": "email", "address": "alice@example.com"})
+    assert response.status_code == 200 and response.json()["user_id"] == "@alice:example.org"
+    response = server.http.post("/_matrix/client/v3/login", json={
+        "type": "m.login.password", "password": "wrong",
+        "identifier": {"type": "m.id.thirdparty", "medium": "email", "address": "alice@example.com"}})
+    assert response.status_code == 403 and response.json()["errcode"] == "M_FORBIDDEN"  # relayed
+    # An address we do not know goes to the homeserver unchanged, for its own 3PIDs.
+    unknown = {"type": "m.id.thirdparty", "medium": "email", "address": "who@example.com"}
+    server.http.post("/_matrix/client/v3/login", json={"type": "m.login.password", "password": "x",
+                                                       "identifier": unknown})
+    assert client_homeserver.requests[-1][2]["identifier"] == unknown
+    assert server.http.get("/_matrix/client/v3/login").json() == {"flows": [{"type": "m.login.password"}]}
+    assert server.http.post("/_matrix/client/v3/login", content=b"{").json()["errcode"] == "M_NOT_JSON"
+
+
+def test_profiles_with_threepids(started, client_homeserver):
+    client_homeserver.profiles["@alice:example.org"] = {"displayname": "Alice L.", "avatar_url": "mxc://example.org/a"}
+    server = started(profile={"threepids": True})
+    assert server.http.get("/_matrix/client/v3/profile/@alice:example.org").json() == {
+        "displayname": "Alice L.", "avatar_url": "mxc://example.org/a", "threepids": ALICE_PROFILE["three_pids"]}
+    response = server.http.get("/_matrix/client/r0/profile/%40nobody%3Aexample.org")
+    assert response.status_code == 404 and response.json()["errcode"] == "M_NOT_FOUND"  # the homeserver's answer
+    assert server.http.get("/_matrix-internal/profile/v1/@alice:example.org").json() == {
+        "user_id": "@alice:example.org", "display_name": "Alice Liddell", "threepids": ALICE_PROFILE["three_pids"]}
+    assert server.http.get("/_matrix-internal/profile/v1/@nobody:example.org").status_code == 404
+
+
+def test_profiles_without_threepids_by_default(started, client_homeserver):
+    client_homeserver.profiles["@alice:example.org"] = {"displayname": "Alice L."}
+    server = started()
+    assert server.http.get("/_matrix/client/v3/profile/@alice:example.org").json() == {"displayname": "Alice L."}
+
+
+def test_check_credentials_with_ldap_binds_as_the_entry(make_server, slapd):
+    admin = ldap3.Connection(slapd.uri, ADMIN_DN, ADMIN_PASSWORD, auto_bind=True, raise_exceptions=True)
+    base = f"ou=t{uuid.uuid4().hex[:10]},{SUFFIX}"
+    admin.add(base, ["organizationalUnit"])
+    admin.add(f"uid=jdoe,{base}", ["inetOrgPerson"], {
+        "uid": "jdoe", "cn": "John Doe", "sn": "Doe", "mail": ["john.doe@example.org"],
+        "telephoneNumber": ["+44 7700 900123"], "userPassword": "ldap-pw"})
+    admin.unbind()
+    server = make_server([])
+    server.config["stores"] = [{"name": "staff", "kind": "ldap", "preset": "openldap", "uri": slapd.uri,
+                                "bind": {"dn": READER_DN, "password": READER_PASSWORD}, "base_dns": [base],
+                                "sync": {"full_every": "1h", "max_delete_ratio": 0.5}}]
+    server.start()
+    wait_until(lambda: server.lookup_v1("email", "john.doe@example.org").get("mxid"), 60, "the first sync")
+    accepted = check(server, "@jdoe:example.org", "ldap-pw")
+    assert accepted["auth"]["success"] is True and accepted["auth"]["mxid"] == "@jdoe:example.org"
+    assert accepted["auth"]["profile"]["display_name"] == "John Doe"
+    assert {"medium": "msisdn", "address": "447700900123"} in accepted["auth"]["profile"]["three_pids"]
+    assert check(server, "john.doe@example.org", "ldap-pw")["auth"]["success"] is True
+    assert check(server, "07700 900123", "ldap-pw")["auth"]["success"] is True  # default region GB
+    assert check(server, "@jdoe:example.org", "wrong") == REFUSED
+    assert check(server, "@jdoe:example.org", "") == REFUSED
+    assert check(server, "@nobody:example.org", "ldap-pw") == REFUSED
