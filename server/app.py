@@ -24,10 +24,12 @@ from indexer.cache import BINDINGS, Admin, BindingMirror, Cache, Lookups, RateLi
 from indexer.config import parse_duration
 from server import metrics
 from server.api import account, admin, bind, health, identity_v1, identity_v2, pubkey, sessions, status, terms
+from server.api import invites as invites_api
 from server.api import metrics as metrics_api
 from server.bindings import restore_mirror
 from server.errors import MatrixError
 from server.federation import Federation
+from server.invites import InviteWorker
 from server.keys import Keys
 from server.notify.email import EmailSender
 from server.notify.sms import SmsSender
@@ -78,7 +80,7 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
     app.ctx.email = EmailSender(config["email"], domain) if "email" in config else None
     app.ctx.sms = SmsSender(config["sms"], domain) if "sms" in config else None
 
-    modules = [status, health, pubkey, identity_v1, identity_v2, account, terms, sessions, bind]
+    modules = [status, health, pubkey, identity_v1, identity_v2, account, terms, sessions, bind, invites_api]
     if config["admin"]["token"]:
         app.ctx.admin_token_digest = admin.token_digest(config["admin"]["token"])
         modules.append(admin)
@@ -99,10 +101,12 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
         app.ctx.rate_limits = RateLimits(client, prefix)
         app.ctx.storage = Storage(config["storage"]["url"], config["data_dir"])
         app.ctx.federation = Federation(config["federation"])
+        app.ctx.invites = InviteWorker(config, app.ctx.storage, app.ctx.lookups, app.ctx.federation, app.ctx.keys)
 
     @app.after_server_start
     async def start_maintenance(app: Sanic) -> None:
         app.ctx.maintenance = asyncio.create_task(maintenance(app, redis_url))
+        app.ctx.invite_worker = asyncio.create_task(app.ctx.invites.run())
         log.info("worker %d ready", os.getpid())
 
     @app.before_server_stop
@@ -110,9 +114,10 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
         # Ctrl-C reaches each worker twice, from the terminal and from Sanic's manager: the second
         # must not abort the clean stop that the first began.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        app.ctx.maintenance.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await app.ctx.maintenance
+        for task in (app.ctx.maintenance, app.ctx.invite_worker):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     @app.after_server_stop
     async def close_connections(app: Sanic) -> None:

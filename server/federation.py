@@ -173,11 +173,15 @@ class Federation:
         return delegated
 
     async def _get(self, target: Target, path_and_query: str) -> tuple[int, Any]:
+        return await self._request("GET", target, path_and_query)
+
+    async def _request(self, method: str, target: Target, path_and_query: str,
+                       body: Any = None) -> tuple[int, Any]:
         host = f"[{target.ip}]" if ":" in target.ip else target.ip
         url = f"https://{host}:{target.port}{path_and_query}"
         extensions = {"sni_hostname": target.tls_name} if not _ip_literal(target.tls_name) else {}
         try:
-            async with self.http.stream("GET", url, headers={"Host": target.host_header},
+            async with self.http.stream(method, url, headers={"Host": target.host_header}, json=body,
                                         extensions=extensions) as response:
                 raw = b""
                 async for chunk in response.aiter_bytes():
@@ -207,6 +211,10 @@ class Federation:
         if not isinstance(sub, str):
             raise FederationError(f"{server_name} answered userinfo without a \"sub\"")
         return sub
+
+    async def post(self, server_name: str, path: str, body: Any) -> tuple[int, Any]:
+        """POST body as JSON to the homeserver; its status and JSON answer (None if not JSON)."""
+        return await self._request("POST", await self.resolve(server_name), path, body)
 
     async def verify_key(self, server_name: str, key_id: str) -> str:
         """The base64 public key key_id of the homeserver, from its /_matrix/key/v2/server."""
