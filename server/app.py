@@ -20,7 +20,8 @@ from sanic.exceptions import BadRequest, MethodNotAllowed, NotFound, PayloadTooL
 from sanic.response import HTTPResponse, empty, json
 
 from indexer import logs
-from indexer.cache import BINDINGS, Admin, BindingMirror, Cache, Lookups, RateLimits, connect, connect_async
+from indexer.cache import (BINDINGS, Admin, BindingMirror, Cache, Lookups, RateLimits, RemoteAnswers, connect,
+                           connect_async)
 from indexer.config import parse_duration
 from server import metrics
 from server.api import account, admin, bind, health, identity_v1, identity_v2, pubkey, sessions, status, terms
@@ -34,6 +35,7 @@ from server.keys import Keys
 from server.notify.email import EmailSender
 from server.notify.sms import SmsSender
 from server.read_through import ReadThrough
+from server.recursion import Recursion
 from server.storage import Storage, now_ms
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,7 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
         app.ctx.rate_limits = RateLimits(client, prefix)
         app.ctx.storage = Storage(config["storage"]["url"], config["data_dir"])
         app.ctx.federation = Federation(config["federation"])
+        app.ctx.recursion = Recursion(config, app.ctx.federation, RemoteAnswers(client, prefix))
         app.ctx.invites = InviteWorker(config, app.ctx.storage, app.ctx.lookups, app.ctx.federation, app.ctx.keys)
 
     @app.after_server_start

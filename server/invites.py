@@ -104,7 +104,11 @@ class InviteWorker:
     async def send_due(self) -> None:
         now = now_ms()
         due = await self.storage.run(self.storage.claim_due_deliveries, now, now + self.lease_ms)
-        await asyncio.gather(*(self.deliver(d) for d in due))
+        outcomes = await asyncio.gather(*(self.deliver(d) for d in due), return_exceptions=True)
+        for delivery, outcome in zip(due, outcomes):
+            if isinstance(outcome, Exception):
+                # The lease runs out and the delivery is tried again then.
+                log.error("onbind delivery for %s %s failed: %r", delivery.medium, delivery.address, outcome)
 
     async def deliver(self, delivery: Delivery) -> None:
         """One attempt: POST onbind; settle the invites on success or a permanent refusal, else retry later."""

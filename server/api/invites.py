@@ -73,8 +73,9 @@ async def store_invite(request: Request) -> HTTPResponse:
         address = canonical_email(body["address"])
     except InvalidAddress:
         raise MatrixError(400, "M_INVALID_EMAIL", "Not a valid email address") from None
-    [mxid] = await request.app.ctx.read_through.fill(
-        [("email", address)], await request.app.ctx.lookups.by_address([("email", address)]))
+    pair = [("email", address)]
+    known = await request.app.ctx.read_through.fill(pair, await request.app.ctx.lookups.by_address(pair))
+    [mxid] = await request.app.ctx.recursion.fill(pair, known)
     if mxid is not None:
         raise MatrixError(400, "M_THREEPID_IN_USE", "This email address is already bound to a Matrix ID", mxid=mxid)
     sender = request.app.ctx.email
