@@ -18,6 +18,7 @@ from signedjson.sign import sign_json, verify_signed_json
 from unpaddedbase64 import decode_base64
 
 from indexer.cache import Cache
+from indexer.normalize import lookup_hash
 from tests.conftest import V1, V2, wait_until
 from tests.test_federation import TinyDns
 
@@ -26,7 +27,8 @@ PAT = "@pat:other.example"
 
 class FakeIdentityServer:
     """An identity server on 127.0.0.1 answering v1 lookups in one of several ways: "good" (a signed
-    association for `known`), "garbage", "hang", "bad_signature"; v2 needs a token it never gives."""
+    association for `known`), "garbage", "hang", "bad_signature"; v2 needs a token it never gives,
+    except in mode "v2", where v2 sha256 lookups are open and v1 is gone."""
 
     def __init__(self, mode: str, known: dict[str, str]) -> None:
         self.mode = mode
@@ -50,9 +52,22 @@ class FakeIdentityServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up on a hanging answer
 
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                if fake.mode != "v2" or self.path != V2 + "/lookup" or body.get("pepper") != "open":
+                    self.answer(401, {"errcode": "M_UNAUTHORIZED", "error": "token needed"})
+                    return
+                fake.asked.extend(body["addresses"])
+                hashes = {lookup_hash(a, "email", "open"): mxid for a, mxid in fake.known.items()}
+                self.answer(200, {"mappings": {h: hashes[h] for h in body["addresses"] if h in hashes}})
+
             def do_GET(self) -> None:
                 url = urlsplit(self.path)
-                if url.path == "/_matrix/identity/api/v1/pubkey/ed25519:0":
+                if fake.mode == "v2" and url.path == V2 + "/hash_details":
+                    self.answer(200, {"algorithms": ["sha256"], "lookup_pepper": "open"})
+                elif fake.mode == "v2":
+                    self.answer(404, {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"})
+                elif url.path == "/_matrix/identity/api/v1/pubkey/ed25519:0":
                     self.answer(200, {"public_key": encode_verify_key_base64(get_verify_key(fake.key))})
                 elif url.path == V1 + "/lookup":
                     query = {k: v[0] for k, v in parse_qs(url.query).items()}
@@ -219,3 +234,12 @@ def test_forwarders_are_off_by_default_and_bridges_answer_last(server, dns, fake
     server.start()
     assert server.lookup_v1("email", "r@elsewhere.example")["mxid"] == "@r:elsewhere.example"
     assert server.lookup_v1("msisdn", "447700900123")["mxid"] == "@sms-bridge:example.org"
+
+
+def test_a_remote_open_to_v2_lookups_is_asked_by_hash(server, dns, fakes):
+    remote = fakes("v2", {"s@v2.example": "@s:v2.example"})
+    dns.srv["_matrix-identity._tcp.v2.example"] = srv_record(remote.port)
+    started(server)
+    assert server.lookup_v1("email", "s@v2.example")["mxid"] == "@s:v2.example"
+    assert remote.asked == [lookup_hash("s@v2.example", "email", "open")]  # the address itself never sent
+    assert server.lookup_v1("email", "t@v2.example") == {}
