@@ -115,6 +115,9 @@ class Keys:
     def failures(self, kind: str, who: str) -> str:
         return f"{self.prefix}fail:{kind}:{who}"
 
+    def remote(self, medium: str, address: str) -> str:
+        return f"{self.prefix}remote:{_plain_key(address, medium)}"
+
 
 def _stream_id(value: str) -> tuple[int, int]:
     ms, _, seq = value.partition("-")
@@ -715,3 +718,20 @@ class RateLimits:
         if count <= limit:
             return None
         return max(int(ttl), 1)
+
+
+class RemoteAnswers:
+    """Answers of other identity servers to recursive lookups, each kept for its own TTL."""
+
+    def __init__(self, client: redis.asyncio.Redis, prefix: str) -> None:
+        self.r = client
+        self.k = Keys(prefix)
+
+    async def get(self, pairs: list[tuple[str, str]]) -> list[str | None]:
+        """For (medium, address) pairs: an mxid, "" for a remembered "not found", or None when not asked lately."""
+        if not pairs:
+            return []
+        return await self.r.mget([self.k.remote(m, a) for m, a in pairs])
+
+    async def remember(self, medium: str, address: str, mxid: str | None, ttl: int) -> None:
+        await self.r.set(self.k.remote(medium, address), mxid or "", ex=ttl)

@@ -193,12 +193,12 @@ def _complete(config: dict[str, Any], base: Path) -> dict[str, Any]:
     for i, name in enumerate(names):
         if names.index(name) != i:
             raise ConfigError(f"stores[{i}].name: {name!r} is already the name of stores[{names.index(name)}]")
-    for section in ("admin", "metrics"):
-        for i, network in enumerate(config[section]["allow"]):
+    for section, key in (("admin", "allow"), ("metrics", "allow"), ("recursion", "allow"), ("recursion", "proxies")):
+        for i, network in enumerate(config[section][key]):
             try:
                 ipaddress.ip_network(network, strict=False)
             except ValueError:
-                raise ConfigError(f"{section}.allow[{i}]: expected an address or network like \"10.0.0.0/8\", "
+                raise ConfigError(f"{section}.{key}[{i}]: expected an address or network like \"10.0.0.0/8\", "
                                   f"got {json.dumps(network)}") from None
     server = config["server"]
     server.setdefault("name", config["matrix"]["domain"])

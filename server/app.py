@@ -21,23 +21,27 @@ from sanic.exceptions import BadRequest, MethodNotAllowed, NotFound, PayloadTooL
 from sanic.response import HTTPResponse, empty, json
 
 from indexer import logs
-from indexer.cache import BINDINGS, Admin, BindingMirror, Cache, Lookups, RateLimits, connect, connect_async
+from indexer.cache import (BINDINGS, Admin, BindingMirror, Cache, Lookups, RateLimits, RemoteAnswers, connect,
+                           connect_async)
 from indexer.config import parse_duration
 from indexer.fulltext import DirectorySearch, HideRules
 from indexer.scheduler import fulltext_path
 from server import metrics
 from server.api import (account, admin, auth, bind, directory, health, identity_v1, identity_v2, profile, pubkey,
                         sessions, status, terms)
+from server.api import invites as invites_api
 from server.api import metrics as metrics_api
 from server.bindings import restore_mirror
 from server.credentials import Credentials
 from server.homeserver import Homeserver
 from server.errors import MatrixError
 from server.federation import Federation
+from server.invites import InviteWorker
 from server.keys import Keys
 from server.notify.email import EmailSender
 from server.notify.sms import SmsSender
 from server.read_through import ReadThrough
+from server.recursion import Recursion
 from server.storage import Storage, now_ms
 
 log = logging.getLogger(__name__)
@@ -88,7 +92,7 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
         app.config.PROXIES_COUNT = config["server"]["proxies_count"]
 
     modules = [status, health, pubkey, identity_v1, identity_v2, account, terms, sessions, bind, directory, auth,
-               profile]
+               profile, invites_api]
     if config["admin"]["token"]:
         app.ctx.admin_token_digest = admin.token_digest(config["admin"]["token"])
         modules.append(admin)
@@ -115,10 +119,13 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
         # Whoosh blocks: searches run in a thread of their own, taking turns on one open searcher.
         app.ctx.search_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
         app.ctx.credentials = Credentials(config, app.ctx.lookups)
+        app.ctx.recursion = Recursion(config, app.ctx.federation, RemoteAnswers(client, prefix))
+        app.ctx.invites = InviteWorker(config, app.ctx.storage, app.ctx.lookups, app.ctx.federation, app.ctx.keys)
 
     @app.after_server_start
     async def start_maintenance(app: Sanic) -> None:
         app.ctx.maintenance = asyncio.create_task(maintenance(app, redis_url))
+        app.ctx.invite_worker = asyncio.create_task(app.ctx.invites.run())
         log.info("worker %d ready", os.getpid())
 
     @app.before_server_stop
@@ -126,9 +133,10 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
         # Ctrl-C reaches each worker twice, from the terminal and from Sanic's manager: the second
         # must not abort the clean stop that the first began.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        app.ctx.maintenance.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await app.ctx.maintenance
+        for task in (app.ctx.maintenance, app.ctx.invite_worker):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     @app.after_server_stop
     async def close_connections(app: Sanic) -> None:

@@ -173,11 +173,15 @@ class Federation:
         return delegated
 
     async def _get(self, target: Target, path_and_query: str) -> tuple[int, Any]:
+        return await self._request("GET", target, path_and_query)
+
+    async def _request(self, method: str, target: Target, path_and_query: str,
+                       body: Any = None, scheme: str = "https", kind: str = "homeserver") -> tuple[int, Any]:
         host = f"[{target.ip}]" if ":" in target.ip else target.ip
-        url = f"https://{host}:{target.port}{path_and_query}"
+        url = f"{scheme}://{host}:{target.port}{path_and_query}"
         extensions = {"sni_hostname": target.tls_name} if not _ip_literal(target.tls_name) else {}
         try:
-            async with self.http.stream("GET", url, headers={"Host": target.host_header},
+            async with self.http.stream(method, url, headers={"Host": target.host_header}, json=body,
                                         extensions=extensions) as response:
                 raw = b""
                 async for chunk in response.aiter_bytes():
@@ -185,7 +189,7 @@ class Federation:
                     if len(raw) > MAX_RESPONSE:
                         raise FederationError(f"{target.host_header} answered more than {MAX_RESPONSE} bytes")
         except httpx.HTTPError as exc:
-            OUTGOING_FAILURES.labels("homeserver").inc()
+            OUTGOING_FAILURES.labels(kind).inc()
             raise FederationError(f"{target.host_header} ({target.ip}:{target.port}) cannot be reached: "
                                   f"{exc or type(exc).__name__}") from None
         try:
@@ -207,6 +211,23 @@ class Federation:
         if not isinstance(sub, str):
             raise FederationError(f"{server_name} answered userinfo without a \"sub\"")
         return sub
+
+    async def post(self, server_name: str, path: str, body: Any) -> tuple[int, Any]:
+        """POST body as JSON to the homeserver; its status and JSON answer (None if not JSON)."""
+        return await self._request("POST", await self.resolve(server_name), path, body)
+
+    async def request_url(self, method: str, base_url: str, path_and_query: str, body: Any = None,
+                          kind: str = "identity") -> tuple[int, Any]:
+        """A request to another service (an identity server, a bridge) at base_url, under the same
+        address policy, timeouts and size limit as requests to homeservers."""
+        parts = httpx.URL(base_url)
+        if parts.scheme not in ("http", "https") or not parts.host:
+            raise FederationError(f"not an http(s) URL: {base_url}")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        host_header = parts.host if parts.port is None else f"{parts.host}:{parts.port}"
+        target = Target(await self._connectable(parts.host), port, parts.host, host_header)
+        return await self._request(method, target, parts.raw_path.decode().rstrip("/") + path_and_query, body,
+                                   parts.scheme, kind)
 
     async def verify_key(self, server_name: str, key_id: str) -> str:
         """The base64 public key key_id of the homeserver, from its /_matrix/key/v2/server."""

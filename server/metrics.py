@@ -29,7 +29,7 @@ LOOKUPS = Counter("mxisd_lookups",
 NOTIFICATIONS = Counter("mxisd_notifications", "Emails and SMS messages, by medium and outcome (sent, failed)",
                         ["medium", "outcome"])
 OUTGOING_FAILURES = Counter("mxisd_outgoing_request_failures",
-                            "Outgoing requests that failed, by purpose (homeserver, read_through, twilio)", ["purpose"])
+                            "Outgoing requests that failed, by purpose (homeserver, identity, bridge, read_through, twilio)", ["purpose"])
 
 
 def use_directory(data_dir: str) -> Path:

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 metadata = sa.MetaData()
 
@@ -81,12 +81,36 @@ invites = sa.Table(
     sa.Column("ephemeral_public_key", sa.String(255), nullable=False),
     sa.Column("properties", sa.JSON, nullable=False),
     sa.Column("created_at", sa.BigInteger, nullable=False),
+    # Version 2: when the invite was delivered to the invitee's homeserver, or refused for good by it.
+    sa.Column("settled_at", sa.BigInteger, nullable=True),
     sa.Index("invites_threepid", "medium", "address"),
 )
+
+onbind_deliveries = sa.Table(
+    "onbind_deliveries", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("medium", sa.String(16), nullable=False),
+    sa.Column("address", sa.String(512), nullable=False),
+    sa.Column("mxid", sa.String(255), nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False, default=0),
+    sa.Column("next_at", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("last_error", sa.Text, nullable=True),
+    sa.UniqueConstraint("medium", "address", name="onbind_threepid"),
+)
+
+
+def _add_onbind_deliveries(conn: Connection) -> None:
+    # Version 1 of a new database already created invites as they are now.
+    if "settled_at" not in {c["name"] for c in sa.inspect(conn).get_columns("invites")}:
+        conn.execute(sa.text("ALTER TABLE invites ADD COLUMN settled_at BIGINT NULL"))
+    metadata.create_all(conn, tables=[onbind_deliveries])
+
 
 # version -> the upgrade from version-1; version 1 creates everything.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: lambda conn: metadata.create_all(conn, tables=[accounts, accepted_terms, sessions, bindings, invites]),
+    2: _add_onbind_deliveries,
 }
 
 
@@ -122,6 +146,35 @@ class Binding:
     address: str
     mxid: str
     ts: int
+
+
+@dataclass(frozen=True)
+class Invite:
+    """A 3PID invite stored by /store-invite."""
+
+    token: str
+    medium: str
+    address: str
+    room_id: str
+    sender: str
+    ephemeral_public_key: str
+    properties: dict[str, Any]
+    created_at: int
+    settled_at: int | None
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A queued POST of the invites of a 3PID to the homeserver of the Matrix ID it resolved to."""
+
+    id: int
+    medium: str
+    address: str
+    mxid: str
+    attempts: int
+    next_at: int
+    created_at: int
+    last_error: str | None
 
 
 class StorageError(Exception):
@@ -308,3 +361,103 @@ class Storage:
     def all_bindings(self) -> list[Binding]:
         with self.engine.connect() as conn:
             return [Binding(**row._mapping) for row in conn.execute(sa.select(bindings))]
+
+    # -- invites ----------------------------------------------------------------------------------
+
+    def add_invite(self, invite: Invite) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(invites.insert().values(**invite.__dict__))
+
+    def delete_invite(self, token: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(invites.delete().where(invites.c.token == token))
+
+    def invite(self, token: str) -> Invite | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(invites).where(invites.c.token == token)).first()
+        return Invite(**row._mapping) if row else None
+
+    def ephemeral_key_known(self, public_key: str) -> bool:
+        """Whether a stored invite (delivered or not, until it expires) was given this ephemeral key."""
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(invites.c.token)
+                                .where(invites.c.ephemeral_public_key == public_key).limit(1)).first() is not None
+
+    def unsettled_threepids(self) -> list[tuple[str, str]]:
+        """(medium, address) of invites neither settled nor queued for delivery."""
+        queued = sa.select(onbind_deliveries.c.id).where(onbind_deliveries.c.medium == invites.c.medium,
+                                                         onbind_deliveries.c.address == invites.c.address)
+        with self.engine.connect() as conn:
+            return [(r.medium, r.address) for r in conn.execute(
+                sa.select(invites.c.medium, invites.c.address).distinct()
+                .where(invites.c.settled_at.is_(None), ~queued.exists()))]
+
+    def unsettled_invites(self, medium: str, address: str) -> list[Invite]:
+        with self.engine.connect() as conn:
+            return [Invite(**r._mapping) for r in conn.execute(sa.select(invites).where(
+                invites.c.medium == medium, invites.c.address == address, invites.c.settled_at.is_(None))
+                .order_by(invites.c.created_at))]
+
+    def delete_invites_before(self, created_before: int) -> int:
+        """Forget invites stored before this time (ms), and deliveries left without invites; how many invites."""
+        with self.engine.begin() as conn:
+            count = conn.execute(invites.delete().where(invites.c.created_at < created_before)).rowcount
+            if count:
+                pending = sa.select(invites.c.token).where(
+                    invites.c.medium == onbind_deliveries.c.medium, invites.c.address == onbind_deliveries.c.address,
+                    invites.c.settled_at.is_(None))
+                conn.execute(onbind_deliveries.delete().where(~pending.exists()))
+            return count
+
+    # -- onbind deliveries ------------------------------------------------------------------------
+
+    def queue_delivery(self, medium: str, address: str, mxid: str, now: int) -> bool:
+        """Queue a delivery of the 3PID's invites to mxid, due now, when it has unsettled invites
+        (a queued one for the 3PID is pointed at mxid); whether one is queued."""
+        with self.engine.begin() as conn:
+            if conn.execute(sa.select(invites.c.token).where(
+                    invites.c.medium == medium, invites.c.address == address,
+                    invites.c.settled_at.is_(None)).limit(1)).first() is None:
+                return False
+            changed = conn.execute(onbind_deliveries.update().where(
+                onbind_deliveries.c.medium == medium, onbind_deliveries.c.address == address,
+                onbind_deliveries.c.mxid != mxid).values(mxid=mxid, attempts=0, next_at=now)).rowcount
+            if changed:
+                return True
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(onbind_deliveries.insert().values(medium=medium, address=address, mxid=mxid,
+                                                               attempts=0, next_at=now, created_at=now))
+        except sa.exc.IntegrityError:
+            pass  # already queued (by another worker, or earlier)
+        return True
+
+    def claim_due_deliveries(self, now: int, lease_until: int) -> list[Delivery]:
+        """Deliveries due by now, each taken for this caller until lease_until (so that another
+        worker does not send the same one meanwhile)."""
+        with self.engine.connect() as conn:
+            due = [Delivery(**r._mapping) for r in conn.execute(
+                sa.select(onbind_deliveries).where(onbind_deliveries.c.next_at <= now))]
+        claimed = []
+        with self.engine.begin() as conn:
+            for delivery in due:
+                if conn.execute(onbind_deliveries.update().where(
+                        onbind_deliveries.c.id == delivery.id, onbind_deliveries.c.next_at == delivery.next_at)
+                        .values(next_at=lease_until)).rowcount:
+                    claimed.append(delivery)
+        return claimed
+
+    def next_delivery_at(self) -> int | None:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.min(onbind_deliveries.c.next_at))).scalar()
+
+    def finish_delivery(self, delivery_id: int, tokens: list[str], ts: int) -> None:
+        """The delivery is over (accepted or refused for good): its invites are settled."""
+        with self.engine.begin() as conn:
+            conn.execute(invites.update().where(invites.c.token.in_(tokens)).values(settled_at=ts))
+            conn.execute(onbind_deliveries.delete().where(onbind_deliveries.c.id == delivery_id))
+
+    def retry_delivery(self, delivery_id: int, attempts: int, next_at: int, error: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(onbind_deliveries.update().where(onbind_deliveries.c.id == delivery_id)
+                         .values(attempts=attempts, next_at=next_at, last_error=error[:2000]))

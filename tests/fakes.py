@@ -37,7 +37,8 @@ def _answer(handler: BaseHTTPRequestHandler, status: int, body: Any) -> None:
 
 
 class FakeHomeserver:
-    """A homeserver called `name` on 127.0.0.1: OpenID userinfo, server keys, X-Matrix signing."""
+    """A homeserver called `name` on 127.0.0.1: OpenID userinfo, server keys, X-Matrix signing, and
+    3PID onbind callbacks (answered with `onbind_status`: set it to an error to refuse them)."""
 
     def __init__(self, name: str, root: Path) -> None:
         self.name = name
@@ -48,6 +49,8 @@ class FakeHomeserver:
         self.key_id = f"ed25519:{self.signing_key.version}"
         self.openid: dict[str, str] = {}
         self.requests: list[str] = []
+        self.onbind_status = 200
+        self.onbind_received: list[tuple[int, dict[str, Any]]] = []  # (status answered, body)
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -68,6 +71,16 @@ class FakeHomeserver:
                 else:
                     _answer(self, 404, {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"})
 
+            def do_POST(self) -> None:
+                fake.requests.append(self.path)
+                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                if self.path != "/_matrix/federation/v1/3pid/onbind":
+                    _answer(self, 404, {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"})
+                    return
+                status = fake.onbind_status
+                fake.onbind_received.append((status, body))
+                _answer(self, status, {} if status == 200 else {"errcode": "M_UNKNOWN", "error": "try later"})
+
         self.httpd = _Server(("127.0.0.1", 0), Handler)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self.ca.issue_cert(name, "127.0.0.1").configure_cert(context)
@@ -79,6 +92,10 @@ class FakeHomeserver:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+    def onbinds(self, address: str, status: int = 200) -> list[dict[str, Any]]:
+        """The onbind bodies received for address that were answered with status."""
+        return [body for answered, body in self.onbind_received if answered == status and body["address"] == address]
 
     def server_keys(self) -> dict[str, Any]:
         body = {"server_name": self.name, "old_verify_keys": {},

@@ -109,6 +109,10 @@ def with_changes(**changes: object) -> dict:
          'federation.allow_private_networks[0]: expected an address or network like "10.0.0.0/8", got "everything"'),
         (with_changes(federation__allow_private_networks=["10.0.0.0/33"]),
          "federation.allow_private_networks[0]: '10.0.0.0/33' does not appear to be an IPv4 or IPv6 network"),
+        (with_changes(recursion__proxies=["10.0.0.0/33"]),
+         'recursion.proxies[0]: expected an address or network like "10.0.0.0/8", got "10.0.0.0/33"'),
+        (with_changes(recursion__forwarders=["matrix.org"]), 'recursion.forwarders[0]: expected an http(s) URL, got "matrix.org"'),
+        (with_changes(invites__expire_after="a week"), 'invites.expire_after: expected a duration like "1h", got "a week"'),
     ],
 )
 def test_mistakes_are_named_with_their_key_path(tmp_path, config, message):

@@ -80,3 +80,20 @@ def test_old_sessions_are_forgotten(storage):
         storage.create_session(Session(sid, "email", f"{sid}@example.net", "s", "t", 1, None, 0, 1, modified, None))
     assert storage.delete_sessions_before(150) == 1
     assert storage.session("old", "s") is None and storage.session("new", "s") is not None
+
+
+def test_a_version_1_database_is_upgraded_keeping_its_invites(storage):
+    storage.upgrade()
+    with storage.engine.begin() as conn:  # back to what version 1 created
+        conn.execute(sa.text("DROP TABLE onbind_deliveries"))
+        conn.execute(sa.text("ALTER TABLE invites DROP COLUMN settled_at"))
+        conn.execute(sa.text("INSERT INTO invites (token, medium, address, room_id, sender, ephemeral_public_key, "
+                             "properties, created_at) VALUES ('t1', 'email', 'a@example.net', '!r:example.org', "
+                             "'@s:example.org', 'key', '{}', 1)"))
+        conn.execute(schema_version.update().values(version=1))
+    assert storage.upgrade() == 1
+    [invite] = storage.unsettled_invites("email", "a@example.net")
+    assert (invite.token, invite.settled_at) == ("t1", None)
+    assert storage.queue_delivery("email", "a@example.net", "@a:example.org", 5)
+    [delivery] = storage.claim_due_deliveries(5, 100)
+    assert delivery.mxid == "@a:example.org" and storage.claim_due_deliveries(5, 100) == []

@@ -40,6 +40,9 @@ async def check_credentials(request: Request) -> HTTPResponse:
         # Always 200 with a profile: the provider treats any other answer as an error, and reads profile.
         return json({"auth": {"success": False, "profile": {}}})
     log.info("check_credentials: %s authenticated as %s", user["id"], identity.mxid)
+    # A login proves who owns these 3PIDs: invites waiting for them go to the user's homeserver.
+    for medium, address in identity.threepids:
+        await request.app.ctx.invites.address_known(medium, address, identity.mxid)
     return json({"auth": {"success": True, "mxid": identity.mxid, "profile": _profile(identity)}})
 
 

@@ -26,6 +26,7 @@ async def lookup(request: Request) -> HTTPResponse:
     pairs = [(medium, canonical)]
     sources: list[str | None] = []
     [mxid] = await request.app.ctx.read_through.fill(pairs, await request.app.ctx.lookups.by_address(pairs, sources))
+    [mxid] = await request.app.ctx.recursion.fill(pairs, [mxid], request)
     count_lookups([mxid], sources)
     if mxid is None:
         return json({})
@@ -51,5 +52,6 @@ async def bulk_lookup(request: Request) -> HTTPResponse:
     sources: list[str | None] = []
     found = await request.app.ctx.read_through.fill(canonical,
                                                     await request.app.ctx.lookups.by_address(canonical, sources))
+    found = await request.app.ctx.recursion.fill(canonical, found, request)
     count_lookups(found, sources)
     return json({"threepids": [[m, a, mxid] for (m, a), mxid in zip(pairs, found) if mxid is not None]})

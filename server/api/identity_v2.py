@@ -59,5 +59,6 @@ async def lookup(request: Request) -> HTTPResponse:
                 raise MatrixError(400, "M_INVALID_PARAM", f'Expected "address medium", got {item!r}')
             pairs.append((medium, query_address(medium, address)))
         found = await request.app.ctx.read_through.fill(pairs, await lookups.by_address(pairs, sources))
+        found = await request.app.ctx.recursion.fill(pairs, found, request)
     count_lookups(found, sources)
     return json({"mappings": {a: mxid for a, mxid in zip(addresses, found) if mxid is not None}})

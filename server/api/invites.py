@@ -1,0 +1,143 @@
+"""3PID invites (identity service API "Invitation Storage" and "Ephemeral invitation signing"), v2 and v1."""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from typing import Any
+from urllib.parse import quote
+
+from nacl.exceptions import CryptoError
+from sanic import Blueprint, Request
+from sanic.response import HTTPResponse, json
+from signedjson.key import decode_signing_key_base64, encode_verify_key_base64, generate_signing_key, get_verify_key
+from signedjson.sign import sign_json
+from unpaddedbase64 import encode_base64
+
+from indexer.normalize import InvalidAddress, email as canonical_email
+from server.api import V1, V2, authenticate_v2, json_body
+from server.errors import MatrixError
+from server.notify import SendError
+from server.storage import Invite, now_ms
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("invites")
+
+_PLACEHOLDER_NAME = re.compile(r"[^A-Z0-9]+")
+
+
+def redact(address: str) -> str:
+    """An email address shown to the room before the invitee joins: "ali...@cor..."."""
+    local, _, domain = address.partition("@")
+
+    def part(text: str) -> str:
+        return text[:3] + "..." if len(text) > 3 else text[:1] + "..."
+
+    return f"{part(local)}@{part(domain)}"
+
+
+def template_values(body: dict[str, Any], register_url: str) -> dict[str, str]:
+    """mxisd's invite placeholders, and every string field of the request as %FIELD_NAME%."""
+    values = {_PLACEHOLDER_NAME.sub("_", k.upper()): v for k, v in body.items() if isinstance(v, str)}
+    sender_name = body.get("sender_display_name") if isinstance(body.get("sender_display_name"), str) else ""
+    room_name = body.get("room_name") if isinstance(body.get("room_name"), str) else ""
+    values.update({
+        "SENDER_ID": body["sender"],
+        "SENDER_NAME": sender_name,
+        "SENDER_NAME_OR_ID": sender_name or body["sender"],
+        "INVITE_MEDIUM": body["medium"],
+        "INVITE_MEDIUM_URL_ENCODED": quote(body["medium"], safe=""),
+        "INVITE_ADDRESS": body["address"],
+        "INVITE_ADDRESS_URL_ENCODED": quote(body["address"], safe=""),
+        "ROOM_ID": body["room_id"],
+        "ROOM_NAME": room_name,
+        "ROOM_NAME_OR_ID": room_name or body.get("room_alias") or body["room_id"],
+        "REGISTER_URL": register_url,
+    })
+    return values
+
+
+@bp.post(V1 + "/store-invite", name="store_invite_v1")
+@bp.post(V2 + "/store-invite", name="store_invite_v2")
+async def store_invite(request: Request) -> HTTPResponse:
+    """POST /_matrix/identity/v2/store-invite (and v1): store a 3PID invite and email the invitee."""
+    owner = await authenticate_v2(request)
+    body = json_body(request, "store_invite", allow_form=True)
+    if owner is not None and body["sender"] != owner:
+        raise MatrixError(403, "M_UNAUTHORIZED", "A token can only store invites sent by its own Matrix ID")
+    if body["medium"] != "email":
+        raise MatrixError(400, "M_UNRECOGNIZED", "Only email invites are supported")
+    try:
+        address = canonical_email(body["address"])
+    except InvalidAddress:
+        raise MatrixError(400, "M_INVALID_EMAIL", "Not a valid email address") from None
+    pair = [("email", address)]
+    known = await request.app.ctx.read_through.fill(pair, await request.app.ctx.lookups.by_address(pair))
+    [mxid] = await request.app.ctx.recursion.fill(pair, known)
+    if mxid is not None:
+        raise MatrixError(400, "M_THREEPID_IN_USE", "This email address is already bound to a Matrix ID", mxid=mxid)
+    sender = request.app.ctx.email
+    if sender is None:
+        raise MatrixError(500, "M_EMAIL_SEND_ERROR", "The invite email could not be sent: email is not configured")
+
+    ephemeral = generate_signing_key("0")
+    ephemeral_public = encode_verify_key_base64(get_verify_key(ephemeral))
+    invite = Invite(token=secrets.token_urlsafe(48), medium="email", address=address, room_id=body["room_id"],
+                    sender=body["sender"], ephemeral_public_key=ephemeral_public,
+                    properties={k: v for k, v in body.items() if k not in ("medium", "address", "room_id", "sender")},
+                    created_at=now_ms(), settled_at=None)
+    storage = request.app.ctx.storage
+    await storage.run(storage.add_invite, invite)
+    config = request.app.ctx.config
+    values = template_values({**body, "address": address}, config["invites"]["register_url"]
+                             or f"https://{config['matrix']['domain']}")
+    values.update({"TOKEN": invite.token, "EPHEMERAL_PRIVATE_KEY": encode_base64(ephemeral.encode())})
+    try:
+        await sender.send("invite", address, values)
+    except SendError as exc:
+        await storage.run(storage.delete_invite, invite.token)
+        log.error("invite from %s to %s not stored: %s", invite.sender, address, exc)
+        raise MatrixError(500, "M_EMAIL_SEND_ERROR", "The invite email could not be sent") from None
+    log.info("stored invite from %s to room %s for email %s", invite.sender, invite.room_id, address)
+
+    base = config["server"]["public_url"].rstrip("/") + request.path.rsplit("/store-invite", 1)[0]
+    server_key = {"public_key": request.app.ctx.keys.public_key, "key_validity_url": base + "/pubkey/isvalid"}
+    return json({
+        "token": invite.token,
+        "public_keys": [server_key, {"public_key": ephemeral_public,
+                                     "key_validity_url": base + "/pubkey/ephemeral/isvalid"}],
+        "public_key": server_key["public_key"],
+        "display_name": redact(address),
+    })
+
+
+@bp.get(V1 + "/pubkey/ephemeral/isvalid", name="ephemeral_isvalid_v1")
+@bp.get(V2 + "/pubkey/ephemeral/isvalid", name="ephemeral_isvalid_v2")
+async def ephemeral_is_valid(request: Request) -> HTTPResponse:
+    """GET /_matrix/identity/v2/pubkey/ephemeral/isvalid: whether an invite's ephemeral key is still valid."""
+    public_key = request.args.get("public_key")
+    if public_key is None:
+        raise MatrixError(400, "M_MISSING_PARAMS", "Missing parameters: public_key")
+    storage = request.app.ctx.storage
+    # A "+" sent unencoded in a query string arrives as a space.
+    return json({"valid": await storage.run(storage.ephemeral_key_known, public_key.replace(" ", "+"))})
+
+
+@bp.post(V1 + "/sign-ed25519", name="sign_ed25519_v1")
+@bp.post(V2 + "/sign-ed25519", name="sign_ed25519_v2")
+async def sign_ed25519(request: Request) -> HTTPResponse:
+    """POST /_matrix/identity/v2/sign-ed25519 (and v1): sign {mxid, sender, token} with an invite's ephemeral key."""
+    await authenticate_v2(request)
+    body = json_body(request, "sign_ed25519")
+    storage = request.app.ctx.storage
+    invite = await storage.run(storage.invite, body["token"])
+    if invite is None:
+        raise MatrixError(404, "M_UNRECOGNIZED", "Didn't recognize token")
+    try:
+        key = decode_signing_key_base64("ed25519", "0", body["private_key"])
+    except (ValueError, CryptoError):
+        raise MatrixError(400, "M_INVALID_PARAM", "private_key is not an unpadded base64 ed25519 seed") from None
+    signed = {"mxid": body["mxid"], "sender": invite.sender, "token": invite.token}
+    return json(sign_json(signed, request.app.ctx.keys.server_name, key))
