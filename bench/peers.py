@@ -305,6 +305,7 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2, help="runs per scenario and server, alternating")
+    parser.add_argument("--only", action="append", choices=SCENARIOS, help="run only this scenario (repeatable)")
     parser.add_argument("--redis-url", default=os.environ.get("MXISD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"))
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mxisd-bench-peers"))
     args = parser.parse_args()
@@ -334,26 +335,27 @@ def main() -> None:
         print(f"wrk: 2 threads, {args.connections} connections, {args.duration:g} s per run, "
               f"{args.rounds} alternating rounds; ours with {os.cpu_count()} workers", flush=True)
         results: dict[tuple[str, str], list[dict[str, float]]] = {}
-        for name in SCENARIOS:
+        chosen = [name for name in SCENARIOS if not args.only or name in args.only]
+        for name in chosen:
             for server in servers:
                 wrk(binary, plans[server][name][0], servers[server][0], 1, args.connections)  # warm up
             for round_ in range(args.rounds):
                 for server in (list(servers) if round_ % 2 == 0 else list(reversed(servers))):
                     results.setdefault((name, server), []).append(
                         wrk(binary, plans[server][name][0], servers[server][0], args.duration, args.connections))
-        report(results)
+        report(chosen, results)
     finally:
         ours.stop()
         sydent.stop()
 
 
-def report(results: dict[tuple[str, str], list[dict[str, float]]]) -> None:
+def report(chosen: list[str], results: dict[tuple[str, str], list[dict[str, float]]]) -> None:
     def mean(name: str, server: str, key: str) -> float:
         runs = results[(name, server)]
         return sum(r[key] for r in runs) / len(runs)
     print(f"\n{'scenario':<24}{'ours rps':>10}{'p50 ms':>8}{'p99 ms':>8}{'sydent rps':>12}{'p50 ms':>8}"
           f"{'p99 ms':>8}{'ratio':>8}")
-    for name in SCENARIOS:
+    for name in chosen:
         ours_rps, syd_rps = mean(name, "ours", "rps"), mean(name, "sydent", "rps")
         print(f"{name:<24}{ours_rps:>10.0f}{mean(name, 'ours', 'p50'):>8.1f}{mean(name, 'ours', 'p99'):>8.1f}"
               f"{syd_rps:>12.0f}{mean(name, 'sydent', 'p50'):>8.1f}{mean(name, 'sydent', 'p99'):>8.1f}"
