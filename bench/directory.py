@@ -41,7 +41,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.latency_proxy import LatencyProxy  # noqa: E402
 from bench.ldap_sync import BASE, FIRST, LAST, full_name, ldif  # noqa: E402
-from indexer.redis_server import EmbeddedRedis  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.fake_homeserver import FakeHomeserver  # noqa: E402
 from tests.slapd import READER_DN, READER_PASSWORD, Slapd  # noqa: E402

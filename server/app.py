@@ -14,6 +14,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import orjson
 import redis
 import sqlalchemy
 from sanic import Request, Sanic
@@ -43,6 +44,7 @@ from server.notify.sms import SmsSender
 from server.read_through import ReadThrough
 from server.recursion import Recursion
 from server.storage import Storage, now_ms
+from server.token_cache import TokenCache
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("mxisd.access")
@@ -70,7 +72,7 @@ def lookup_order(config: dict[str, Any]) -> list[str]:
 def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
     """The Sanic application for one worker."""
     logs.setup(config["log_level"], "server", config["log_format"])  # spawned workers start with no logging set up
-    app = Sanic("mxisd", configure_logging=False)
+    app = Sanic("mxisd", configure_logging=False, dumps=orjson.dumps, loads=orjson.loads)  # fast JSON
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.config.REQUEST_MAX_SIZE = 16 * 1024 * 1024
     # uvloop installs SIGTERM handling only once the loop runs, after Sanic has set SIGTERM to
@@ -80,6 +82,7 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
     app.ctx.bulk_max = config["lookup"]["bulk_max"]
     app.ctx.association_validity_ms = parse_duration(config["lookup"]["association_validity"]) * 1000
     app.ctx.keys = Keys.load_or_create(config["data_dir"], config["server"]["name"])
+    app.ctx.tokens = TokenCache()
     app.ctx.admin_networks = [ipaddress.ip_network(n, strict=False) for n in config["admin"]["allow"]]
     app.ctx.metrics_networks = [ipaddress.ip_network(n, strict=False) for n in config["metrics"]["allow"]]
     app.ctx.max_follower_lag = parse_duration(config["health"]["max_follower_lag"])

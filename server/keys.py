@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,12 @@ log = logging.getLogger(__name__)
 
 KEY_ID = "ed25519:0"
 
+# A signed v1 association is handed out again for this long (and re-signed after), so that a
+# popular address costs one ed25519 signature per minute instead of one per request; its
+# not_after stays at least association_validity minus this in the future.
+ASSOCIATION_REUSE_MS = 60_000
+ASSOCIATIONS_KEPT = 10_000
+
 
 class Keys:
     """The long-term key, loaded once and reused for every signature."""
@@ -24,6 +32,7 @@ class Keys:
         self.signing_key = signing_key
         self.server_name = server_name
         self.public_key = encode_verify_key_base64(get_verify_key(signing_key))
+        self._associations: OrderedDict[tuple[str, str, str], dict[str, Any]] = OrderedDict()
 
     @classmethod
     def load_or_create(cls, data_dir: str | Path, server_name: str) -> "Keys":
@@ -44,3 +53,19 @@ class Keys:
     def sign(self, body: dict[str, Any]) -> dict[str, Any]:
         """body with our signature added under the server name and key ed25519:0."""
         return sign_json(body, self.server_name, self.signing_key)
+
+    def association(self, medium: str, address: str, mxid: str, validity_ms: int) -> dict[str, Any]:
+        """The signed v1 association of a 3PID with mxid, valid from now for validity_ms; the same
+        signed object is reused for ASSOCIATION_REUSE_MS (the most recent ASSOCIATIONS_KEPT kept)."""
+        now = int(time.time() * 1000)
+        key = (medium, address, mxid)
+        signed = self._associations.get(key)
+        if signed is not None and now - signed["ts"] < min(ASSOCIATION_REUSE_MS, validity_ms // 2):
+            self._associations.move_to_end(key)
+            return signed
+        signed = self.sign({"address": address, "medium": medium, "mxid": mxid,
+                           "not_before": now, "not_after": now + validity_ms, "ts": now})
+        self._associations[key] = signed
+        if len(self._associations) > ASSOCIATIONS_KEPT:
+            self._associations.popitem(last=False)
+        return signed

@@ -8,6 +8,7 @@ import signal
 import time
 from urllib.parse import parse_qs, urlsplit
 
+import httpx
 import pytest
 import redis
 from signedjson.key import decode_verify_key_bytes, generate_signing_key
@@ -16,6 +17,7 @@ from unpaddedbase64 import decode_base64
 
 from indexer.cache import Cache
 from indexer.normalize import lookup_hash
+from server.token_cache import TOKEN_TRUST_S
 from tests.conftest import V1, V2, wait_until
 
 DAVE = "@dave:example.org"
@@ -108,7 +110,12 @@ def test_email_flow_on_v2_register_validate_bind_find_unbind(server, homeserver,
     public = server.http.get(V2 + "/pubkey/ed25519:0").json()["public_key"]
     verify_signed_json(association, "id.example.org", decode_verify_key_bytes("ed25519:0", decode_base64(public)))
 
-    assert server.lookup_v1("email", "dave@example.net")["mxid"] == DAVE
+    looked_up = server.lookup_v1("email", "dave@example.net")
+    assert looked_up["mxid"] == DAVE
+    verify_signed_json(looked_up, "id.example.org", decode_verify_key_bytes("ed25519:0", decode_base64(public)))
+    # Signed once and handed out again (for a minute at most), still valid for most of its 10 minutes.
+    assert server.lookup_v1("email", "dave@example.net") == looked_up
+    assert looked_up["not_after"] > time.time() * 1000 + 8 * 60 * 1000
     assert v2_lookup(server, auth, "dave@example.net") == DAVE
     bulk = server.http.post(V1 + "/bulk_lookup", json={"threepids": [["email", "DAVE@example.net"]]}).json()
     assert bulk == {"threepids": [["email", "DAVE@example.net", DAVE]]}
@@ -443,6 +450,24 @@ def test_register_errors_and_logout(server, homeserver):
     gone = server.http.get(V2 + "/account", headers=auth)
     assert gone.status_code == 401 and gone.json()["errcode"] == "M_UNAUTHORIZED"
     assert server.http.post(V2 + "/account/logout", headers=auth).status_code == 401
+
+
+def test_logout_reaches_every_worker_within_the_token_trust_bound(server, homeserver):
+    server.config["server"]["workers"] = 2
+    started(server)
+    wait_until(lambda: server.log().count("Worker ready") >= 2, what="both workers")
+    auth = server.register(homeserver, DAVE)
+
+    def fresh(path):  # a new connection each time, so that the requests spread over the workers
+        return httpx.get(server.url + path, headers=auth, timeout=10)
+
+    # Both workers have checked (and remember) the token before the logout.
+    assert all(fresh(V2 + "/hash_details").status_code == 200 for _ in range(20))
+    assert server.http.post(V2 + "/account/logout", headers=auth).json() == {}
+    time.sleep(TOKEN_TRUST_S)
+    answers = [fresh(V2 + "/hash_details") for _ in range(20)]
+    assert [a.status_code for a in answers] == [401] * 20
+    assert {a.json()["errcode"] for a in answers} == {"M_UNAUTHORIZED"}
 
 
 def test_homeserver_named_by_ip_literal_and_port_needs_no_discovery(server, homeserver):

@@ -7,6 +7,7 @@ from functools import lru_cache
 from typing import Any, Union
 
 import jsonschema
+import jsonschema_rs
 from sanic import Request
 from sanic.exceptions import BadRequest
 
@@ -19,6 +20,13 @@ IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 @lru_cache(maxsize=None)
 def _validator(name: str) -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(load_schema(f"api/{name}.json"))
+
+
+@lru_cache(maxsize=None)
+def _fast_validator(name: str) -> Any:
+    # Compiled (Rust) validation of the same schema is hundreds of times faster on a bulk lookup's
+    # hundreds of items; jsonschema only explains the bodies it rejects.
+    return jsonschema_rs.validator_for(load_schema(f"api/{name}.json"))
 
 
 V1 = "/_matrix/identity/api/v1"
@@ -42,6 +50,8 @@ def json_body(request: Request, schema: str, allow_form: bool = False) -> dict[s
 
 def check_params(body: dict[str, Any], schema: str) -> dict[str, Any]:
     """body checked against schemas/api/<schema>.json: M_MISSING_PARAMS or M_INVALID_PARAM."""
+    if _fast_validator(schema).is_valid(body):
+        return body
     errors = list(_validator(schema).iter_errors(body))
     missing = sorted({e.message.split("'")[1] for e in errors if e.validator == "required" and not e.path})
     if missing:
@@ -67,19 +77,25 @@ def unsigned_policies(policies: dict[str, Any], accepted: set[str]) -> list[str]
 
 async def authenticate(request: Request, terms: bool = True) -> str:
     """The Matrix ID owning the request's identity-server token: 401 M_UNAUTHORIZED without a known
-    token, and (unless terms=False) 403 M_TERMS_NOT_SIGNED until every policy is accepted."""
+    token, and (unless terms=False) 403 M_TERMS_NOT_SIGNED until every policy is accepted. A token
+    checked in the last TOKEN_TRUST_S seconds is answered from the worker's TokenCache."""
     token = access_token(request)
     if token is None:
         raise MatrixError(401, "M_UNAUTHORIZED", "An identity server access token is required")
+    tokens = request.app.ctx.tokens
+    known = tokens.get(token)
+    if known is not None and (known[1] or not terms):
+        return known[0]
     storage = request.app.ctx.storage
     user_id = await storage.run(storage.account_user, token)
     if user_id is None:
+        tokens.forget(token)
         raise MatrixError(401, "M_UNAUTHORIZED", "Unrecognised access token")
     policies = request.app.ctx.config["terms"]["policies"]
-    if terms and policies:
-        missing = unsigned_policies(policies, await storage.run(storage.accepted_urls, user_id))
-        if missing:
-            raise MatrixError(403, "M_TERMS_NOT_SIGNED", f"Accept the terms first: {', '.join(missing)}")
+    missing = unsigned_policies(policies, await storage.run(storage.accepted_urls, user_id)) if policies else []
+    tokens.put(token, user_id, not missing)
+    if terms and missing:
+        raise MatrixError(403, "M_TERMS_NOT_SIGNED", f"Accept the terms first: {', '.join(missing)}")
     return user_id
 
 

@@ -63,6 +63,8 @@ async def logout(request: Request) -> HTTPResponse:
     """POST /_matrix/identity/v2/account/logout: forget the token."""
     user_id = await authenticate(request, terms=False)
     storage = request.app.ctx.storage
-    await storage.run(storage.remove_account, access_token(request))
+    token = access_token(request)
+    await storage.run(storage.remove_account, token)
+    request.app.ctx.tokens.forget(token)
     log.info("token of %s logged out", user_id)
     return json({})

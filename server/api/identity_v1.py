@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
@@ -30,16 +28,7 @@ async def lookup(request: Request) -> HTTPResponse:
     count_lookups([mxid], sources)
     if mxid is None:
         return json({})
-    now = int(time.time() * 1000)
-    association = {
-        "address": canonical,
-        "medium": medium,
-        "mxid": mxid,
-        "not_before": now,
-        "not_after": now + request.app.ctx.association_validity_ms,
-        "ts": now,
-    }
-    return json(request.app.ctx.keys.sign(association))
+    return json(request.app.ctx.keys.association(medium, canonical, mxid, request.app.ctx.association_validity_ms))
 
 
 @bp.post("/bulk_lookup")
