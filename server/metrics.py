@@ -24,7 +24,7 @@ LATENCY = Histogram("mxisd_http_request_duration_seconds", "Time to answer HTTP 
                     ["method", "endpoint"],
                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 LOOKUPS = Counter("mxisd_lookups",
-                  "3PIDs looked up, by where the answer came from (binding, store_cache, read_through or miss)",
+                  "3PIDs looked up, by where the answer came from (binding, store_cache, read_through, federation, miss)",
                   ["source"])
 NOTIFICATIONS = Counter("mxisd_notifications", "Emails and SMS messages, by medium and outcome (sent, failed)",
                         ["medium", "outcome"])
@@ -44,17 +44,19 @@ def use_directory(data_dir: str) -> Path:
     return path
 
 
-def count_lookups(found: list[str | None], sources: list[str | None]) -> None:
-    """Count looked-up 3PIDs by answer source; sources names the cache's store of each answer (None
-    where the cache had none, so an answer there came from a read-through store)."""
+def count_lookups(found: list[str | None], sources: list[str | None], local: list[str | None]) -> None:
+    """Count looked-up 3PIDs by answer source: sources names the cache's store of each answer (None
+    where the cache had none), local holds the answers found before asking other identity servers
+    (so an answer there and not in the cache came from a read-through store, and one found only
+    after it from federation)."""
     tally: dict[str, int] = {}
-    for mxid, store in zip(found, sources):
+    for mxid, store, here in zip(found, sources, local):
         if mxid is None:
             source = "miss"
-        elif store is None:
-            source = "read_through"
-        else:
+        elif store is not None:
             source = "binding" if store == BINDINGS else "store_cache"
+        else:
+            source = "read_through" if here is not None else "federation"
         tally[source] = tally.get(source, 0) + 1
     for source, count in tally.items():
         LOOKUPS.labels(source).inc(count)

@@ -21,6 +21,7 @@ from indexer.cache import Cache
 from indexer.normalize import lookup_hash
 from tests.conftest import V1, V2, wait_until
 from tests.test_federation import TinyDns
+from tests.test_health_metrics import scrape
 
 PAT = "@pat:other.example"
 
@@ -182,6 +183,8 @@ def test_lookup_of_another_organisation_through_dns(server, peer, dns, homeserve
     assert server.lookup_v1("email", "pat@other.example")["mxid"] == PAT
     # Our own domain is never asked elsewhere.
     assert "_matrix-identity._tcp.example.org" not in dns.queries
+    # Answers found at another identity server are counted as such: v1, bulk, v2 and the remembered one.
+    assert scrape(server).get(("mxisd_lookups_total", (("source", "federation"),))) == 4
 
 
 def test_a_requester_outside_the_networks_gets_no_recursion(server, peer, dns):

@@ -23,9 +23,9 @@ async def lookup(request: Request) -> HTTPResponse:
     canonical = query_address(medium, address)
     pairs = [(medium, canonical)]
     sources: list[str | None] = []
-    [mxid] = await request.app.ctx.read_through.fill(pairs, await request.app.ctx.lookups.by_address(pairs, sources))
-    [mxid] = await request.app.ctx.recursion.fill(pairs, [mxid], request)
-    count_lookups([mxid], sources)
+    local = await request.app.ctx.read_through.fill(pairs, await request.app.ctx.lookups.by_address(pairs, sources))
+    [mxid] = await request.app.ctx.recursion.fill(pairs, local, request)
+    count_lookups([mxid], sources, local)
     if mxid is None:
         return json({})
     return json(request.app.ctx.keys.association(medium, canonical, mxid, request.app.ctx.association_validity_ms))
@@ -39,8 +39,8 @@ async def bulk_lookup(request: Request) -> HTTPResponse:
         raise MatrixError(400, "M_TOO_LARGE", f"At most {request.app.ctx.bulk_max} 3PIDs per request")
     canonical = [(m, query_address(m, a)) for m, a in pairs]
     sources: list[str | None] = []
-    found = await request.app.ctx.read_through.fill(canonical,
+    local = await request.app.ctx.read_through.fill(canonical,
                                                     await request.app.ctx.lookups.by_address(canonical, sources))
-    found = await request.app.ctx.recursion.fill(canonical, found, request)
-    count_lookups(found, sources)
+    found = await request.app.ctx.recursion.fill(canonical, local, request)
+    count_lookups(found, sources, local)
     return json({"threepids": [[m, a, mxid] for (m, a), mxid in zip(pairs, found) if mxid is not None]})

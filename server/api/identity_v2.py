@@ -44,6 +44,7 @@ async def lookup(request: Request) -> HTTPResponse:
             raise MatrixError(503, "M_UNKNOWN", "The lookup cache is not ready yet")
     else:
         pepper = await _pepper(request)
+    local = found  # sha256 lookups never recurse: a hash cannot be asked elsewhere
     if body["pepper"] != pepper:
         raise MatrixError(400, "M_INVALID_PEPPER", "Unknown or invalid pepper: call hash_details again",
                           algorithm="sha256", lookup_pepper=pepper)
@@ -58,7 +59,7 @@ async def lookup(request: Request) -> HTTPResponse:
             if not address or not medium:
                 raise MatrixError(400, "M_INVALID_PARAM", f'Expected "address medium", got {item!r}')
             pairs.append((medium, query_address(medium, address)))
-        found = await request.app.ctx.read_through.fill(pairs, await lookups.by_address(pairs, sources))
-        found = await request.app.ctx.recursion.fill(pairs, found, request)
-    count_lookups(found, sources)
+        local = await request.app.ctx.read_through.fill(pairs, await lookups.by_address(pairs, sources))
+        found = await request.app.ctx.recursion.fill(pairs, local, request)
+    count_lookups(found, sources, local)
     return json({"mappings": {a: mxid for a, mxid in zip(addresses, found) if mxid is not None}})
