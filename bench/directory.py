@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.latency_proxy import LatencyProxy  # noqa: E402
 from bench.ldap_sync import BASE, FIRST, LAST, full_name, ldif  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
-from tests.fake_homeserver import FakeHomeserver  # noqa: E402
+from tests.fake_homeserver import ClientHomeserver  # noqa: E402
 from tests.slapd import READER_DN, READER_PASSWORD, Slapd  # noqa: E402
 
 TOKEN = "syt_bench_token"
@@ -151,7 +151,7 @@ def main() -> None:
         print(f"slapadd of {args.n} users took {time.perf_counter() - started:.1f} s (setup, not measured)")
         slapd.start()
         proxy = LatencyProxy(slapd.port, 0.010, 0.010)
-        homeserver = FakeHomeserver()
+        homeserver = ClientHomeserver()
         homeserver.tokens[TOKEN] = "@bench:example.org"
         server = None
         try:
@@ -167,7 +167,7 @@ def main() -> None:
 
 
 def start_server(args: argparse.Namespace, root: Path, slapd: Slapd,
-                 homeserver: FakeHomeserver) -> tuple[subprocess.Popen[bytes], str]:
+                 homeserver: ClientHomeserver) -> tuple[subprocess.Popen[bytes], str]:
     """`mxisd run` on the directory, once its Whoosh index holds every user."""
     port = free_port()
     config = {
