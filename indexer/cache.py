@@ -438,6 +438,10 @@ class Cache:
     def set_state(self, store: str, **fields: Any) -> None:
         self.r.hset(self.k.store(store, "state"), mapping={k: json.dumps(v) for k, v in fields.items()})
 
+    def forget_mark(self, store: str) -> None:
+        """Drop the store's high-water mark (its kind can no longer list changes)."""
+        self.r.hdel(self.k.store(store, "state"), "high_water_mark")
+
     def lock(self, store: str, timeout: float) -> redis.lock.Lock:
         """The lock that lets only one indexer sync a store at a time (extend it while working)."""
         return self.r.lock(self.k.store(store, "lock"), timeout=timeout, thread_local=False)

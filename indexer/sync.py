@@ -265,6 +265,9 @@ def _run_full(cache: Cache, store: Store, ratio: float, result: SyncResult, prog
         progress(result.read, applied)
     if mark is not None:
         cache.set_state(store.name, high_water_mark=mark)
+    else:
+        # A store renamed onto another kind must not keep a mark its new kind cannot follow.
+        cache.forget_mark(store.name)
     result.outcome = "ok"
     log.info(
         "store %s: full sync done in %.1f s: read %d, added %d, changed %d, removed %d",

@@ -271,3 +271,15 @@ def test_status_shows_incremental_runs_only_for_stores_that_list_changes(cache):
     assert after["identities"] == 1 and after["last_full"]["outcome"] == "ok"
     assert after["last_success"] == after["last_full"]["ended"]
     assert (after["next_full"], after["next_incremental"]) == (2000.0, 1000.0)
+
+
+def test_a_mark_left_by_another_kind_fails_cleanly_and_a_full_sync_drops_it(cache, people_file):
+    store = people_file([{"localpart": "alice", "emails": ["alice@example.org"]}])
+    full_sync(cache, store, 0.2)
+    cache.set_state("hr", high_water_mark=42)  # as an ldap store of the same name would have left
+    result = incremental_sync(cache, store)
+    assert result.outcome == "failed" and "cannot list changes" in result.error
+    assert cache.mxid_of("hr", "email", "alice@example.org") == "@alice:example.org"
+    assert full_sync(cache, store, 0.2).outcome == "ok"
+    assert "high_water_mark" not in cache.state("hr")
+    assert incremental_sync(cache, store) is None

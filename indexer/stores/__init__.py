@@ -59,7 +59,7 @@ class Store(ABC):
     def changes_since(self, mark: Any) -> Iterator[Change]:
         """Entries changed after mark (a value from high_water_mark or a Change); only called on
         stores whose high_water_mark is not None."""
-        raise NotImplementedError(f"store kind {self.kind} cannot list changes")
+        raise StoreError(f"store kind {self.kind} cannot list changes; only full syncs apply to it")
 
     def authenticate(self, identity: Identity, password: str) -> bool:
         """Whether password is this identity's password; stores without passwords refuse. identity
