@@ -1,5 +1,5 @@
-"""Authentication for the homeserver over real HTTP: check_credentials against the YAML store and
-a real slapd, failed-login limits, login with an email or phone number through a fake homeserver
+"""Authentication for the homeserver over real HTTP: check_credentials against the YAML store,
+a real slapd and a PostgreSQL table, failed-login limits, login with an email or phone number through a fake homeserver
 that checks passwords the way Synapse's REST password provider does, and profiles."""
 
 from __future__ import annotations
@@ -7,9 +7,11 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import argon2
 import bcrypt
 import ldap3
 import pytest
+import sqlalchemy
 
 from tests.conftest import wait_until
 from tests.fake_homeserver import ClientHomeserver
@@ -154,3 +156,29 @@ def test_check_credentials_with_ldap_binds_as_the_entry(make_server, slapd):
     assert check(server, "@jdoe:example.org", "wrong") == REFUSED
     assert check(server, "@jdoe:example.org", "") == REFUSED
     assert check(server, "@nobody:example.org", "ldap-pw") == REFUSED
+
+
+def test_check_credentials_with_a_sql_store(make_server, postgres_url):
+    engine = sqlalchemy.create_engine(postgres_url.replace("postgresql://", "postgresql+psycopg://"),
+                                      poolclass=sqlalchemy.pool.NullPool)
+    with engine.begin() as c:
+        c.execute(sqlalchemy.text("CREATE TABLE staff (id INTEGER PRIMARY KEY, login TEXT, name TEXT, mail TEXT,"
+                                  " pw TEXT)"))
+        c.execute(sqlalchemy.text("INSERT INTO staff VALUES (7, 'cdarwin', 'Charles Darwin', 'cd@example.org', :pw)"),
+                  {"pw": argon2.PasswordHasher().hash("finches")})
+    engine.dispose()
+    server = make_server([])
+    server.config["stores"] = [{"name": "hr", "kind": "sql", "url": postgres_url, "sync": {"full_every": "1h"},
+                                "queries": {
+                                    "identities": "SELECT id, login AS user_id, name AS display_name,"
+                                                  " 'email' AS medium, mail AS address FROM staff",
+                                    "password": "SELECT pw FROM staff WHERE id = :id"}}]
+    server.start()
+    wait_until(lambda: server.lookup_v1("email", "cd@example.org").get("mxid"), 60, "the first sync")
+    accepted = check(server, "cd@example.org", "finches")
+    assert accepted == {"auth": {"success": True, "mxid": "@cdarwin:example.org", "profile": {
+        "display_name": "Charles Darwin", "three_pids": [{"medium": "email", "address": "cd@example.org"}]}}}
+    assert check(server, "cdarwin", "finches")["auth"]["success"] is True
+    assert check(server, "@cdarwin:example.org", "wrong") == REFUSED
+    assert check(server, "@cdarwin:example.org", "") == REFUSED
+    assert "finches" not in server.log()
