@@ -182,3 +182,30 @@ def test_check_credentials_with_a_sql_store(make_server, postgres_url):
     assert check(server, "@cdarwin:example.org", "wrong") == REFUSED
     assert check(server, "@cdarwin:example.org", "") == REFUSED
     assert "finches" not in server.log()
+
+
+def test_failed_logins_per_address_behind_a_reverse_proxy(make_server, client_homeserver):
+    def failed_logins(server, forwarded_for: str, count: int) -> list[int]:
+        body = {"type": "m.login.password", "password": "wrong", "identifier": {"type": "m.id.user"}}
+        return [server.http.post("/_matrix/client/v3/login", headers={"X-Forwarded-For": forwarded_for},
+                                 json={**body, "identifier": {"type": "m.id.user", "user": f"u{i}"}}).status_code
+                for i in range(count)]
+
+    limits = {"rate_limit": {"per_user": 100, "per_ip": 2, "window": "1h"}}
+    behind = make_server(PEOPLE)
+    behind.config["server"]["proxies_count"] = 1
+    behind.config.update(homeserver={"url": client_homeserver.url}, auth=limits)
+    client_homeserver.identity_server = behind.url
+    behind.start()
+    # Each client address the proxy forwards has its own count, whoever connects to us.
+    assert failed_logins(behind, "198.51.100.7", 3) == [403, 403, 429]
+    assert failed_logins(behind, "203.0.113.9", 1) == [403]
+    behind.stop()
+
+    direct = make_server(PEOPLE)
+    direct.config.update(homeserver={"url": client_homeserver.url}, auth=limits)
+    client_homeserver.identity_server = direct.url
+    direct.start()
+    # Without proxies_count a client cannot escape its count by sending X-Forwarded-For.
+    assert failed_logins(direct, "198.51.100.7", 2) == [403, 403]
+    assert failed_logins(direct, "203.0.113.9", 1) == [429]
