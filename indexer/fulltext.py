@@ -5,7 +5,9 @@ Matching rules of a directory search: every word of the query must match a word 
 word (3 letters or more, through trigrams) or, for words of 5 letters or more, with one typo; the
 last two only for query words that nobody has as a whole word. Case and diacritics are folded on
 both sides. Exact words rank above prefixes, which rank above matches inside a word, which rank
-above typos.
+above typos: each query word counts once per person, by how well the person's best-matching word
+matches it, and a person ranks by the sum over the query's words. People who rank alike come in
+index order.
 """
 
 from __future__ import annotations
@@ -15,17 +17,16 @@ import os
 import re
 import shutil
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
+from pyroaring import FrozenBitMap
 from whoosh import index
 from whoosh.analysis import CharsetFilter, LowercaseFilter, NgramFilter, RegexTokenizer
-from whoosh.collectors import TopCollector
 from whoosh.fields import ID, STORED, TEXT, Schema
-from whoosh.query import And, FuzzyTerm, Or, Query, Term
-from whoosh.scoring import BaseScorer, WeightingModel
-from whoosh.searching import Searcher
+from whoosh.reading import IndexReader, TermNotFound
 from whoosh.support.charset import accent_map
 
 from indexer.identity import Identity
@@ -51,34 +52,12 @@ SCHEMA = Schema(
     tp_grams=TEXT(analyzer=_trigrams, phrase=False),
 )
 
-# A prefix matching two words of a person (Martin Martínez for "mar") must not outrank a whole word.
+# Whole word and typo (13) outranks two prefixes (8).
 EXACT, PREFIX, INSIDE, TYPO = 12.0, 4.0, 2.0, 1.0
-
-
-class _OneScorer(BaseScorer):
-    def supports_block_quality(self) -> bool:
-        return True
-
-    def score(self, matcher: Any) -> float:
-        return 1.0
-
-    def max_quality(self) -> float:
-        return 1.0
-
-    def block_quality(self, matcher: Any) -> float:
-        return 1.0
-
-
-class _Constant(WeightingModel):
-    """Every matching term scores its query boost: how a word matched ranks a person, not how rare
-    the word is."""
-
-    def scorer(self, searcher: Searcher, fieldname: str, text: bytes, qf: int = 1) -> BaseScorer:
-        return _OneScorer()
-
-
-WEIGHTING = _Constant()
 TYPO_MIN_LENGTH = 5
+MATCHES_KEPT_BYTES = 32 * 1024 * 1024
+PEOPLE_KEPT = 10_000
+_NOBODY = FrozenBitMap()
 
 
 def document_key(store: str, store_id: str) -> str:
@@ -107,39 +86,151 @@ def query_words(text: str) -> list[str]:
     return [token.text for token in _words(text)]
 
 
-def _word_query(word: str, fields: list[tuple[str, str]], searcher: Searcher) -> Query:
-    """One query word against (words field, trigrams field) pairs, scored by how well it matches."""
-    reader = searcher.reader()
+def _union(bitmaps: list[FrozenBitMap]) -> FrozenBitMap:
+    return FrozenBitMap.union(*bitmaps) if bitmaps else _NOBODY
+
+
+def _bytes(bitmap: FrozenBitMap) -> int:
+    """About what a kept bitmap costs in memory: at most 2 bytes a document, and the entry."""
+    return 2 * len(bitmap) + 256
+
+
+class _OpenIndex:
+    """One open index reader for directory searches: who matches a query word in each way (exactly,
+    as a prefix, inside a word, with a typo) as compressed bitmaps of document numbers, and the
+    people found. What it reads is kept between searches, least recently used out first, up to
+    about MATCHES_KEPT_BYTES of bitmaps and PEOPLE_KEPT people: reading posting lists, listing a
+    word's near terms or loading a person costs far more than the set operations of a search, and
+    the same names come back (people type them letter by letter, and names repeat)."""
+
+    def __init__(self, reader: IndexReader) -> None:
+        self.reader = reader
+        self._matches: OrderedDict[tuple[str, str, str], FrozenBitMap] = OrderedDict()
+        self._held = 0
+        self._people: OrderedDict[int, tuple[Hit, tuple[str, ...]]] = OrderedDict()
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def _kept(self, key: tuple[str, str, str], read: Callable[[], FrozenBitMap]) -> FrozenBitMap:
+        found = self._matches.get(key)
+        if found is not None:
+            self._matches.move_to_end(key)
+            return found
+        found = self._matches[key] = read()
+        self._held += _bytes(found)
+        while self._held > MATCHES_KEPT_BYTES and len(self._matches) > 1:
+            self._held -= _bytes(self._matches.popitem(last=False)[1])
+        return found
+
+    def _postings(self, field: str, term: str) -> FrozenBitMap:
+        try:
+            return FrozenBitMap(self.reader.postings(field, term).all_ids())
+        except TermNotFound:
+            return _NOBODY
+
+    def has(self, field: str, word: str) -> bool:
+        return (field, word) in self.reader
+
+    def exact(self, field: str, term: str) -> FrozenBitMap:
+        return self._kept(("exact", field, term), lambda: self._postings(field, term))
+
+    def prefixed(self, field: str, word: str) -> FrozenBitMap:
+        """Who has a word starting with word (the word itself included)."""
+        def read() -> FrozenBitMap:
+            # Only the union is kept: a short prefix can have thousands of terms (user1, user2...).
+            terms = [t.decode() for t in self.reader.expand_prefix(field, word)]
+            return _union([self._matches.get(("exact", field, t)) or self._postings(field, t) for t in terms])
+
+        return self._kept(("prefix", field, word), read)
+
+    def inside(self, field: str, word: str) -> FrozenBitMap:
+        """Who has every trigram of word in the trigrams field."""
+        def read() -> FrozenBitMap:
+            # Rarest first: most words that nobody has stop at a trigram that nobody has.
+            grams = sorted({word[i:i + 3] for i in range(len(word) - 2)},
+                           key=lambda g: self.reader.doc_frequency(field, g))
+            found = self.exact(field, grams[0])
+            for gram in grams[1:]:
+                if not found:
+                    break
+                found &= self.exact(field, gram)
+            return found
+
+        return self._kept(("inside", field, word), read)
+
+    def near(self, field: str, word: str) -> FrozenBitMap:
+        """Who has a word one edit away from word, with the same first letter."""
+        return self._kept(("near", field, word), lambda: _union(
+            [self.exact(field, t) for t in self.reader.terms_within(field, word, maxdist=1, prefix=1)]))
+
+    def person(self, docnum: int) -> tuple[Hit, tuple[str, ...]]:
+        """The person of one document, and their 3PIDs ("medium:address") for the hide rules."""
+        found = self._people.get(docnum)
+        if found is None:
+            stored = self.reader.stored_fields(docnum)
+            found = self._people[docnum] = (Hit(stored["mxid"], stored.get("display_name") or None, stored["store"]),
+                                            tuple(stored.get("threepids") or ()))
+            if len(self._people) > PEOPLE_KEPT:
+                self._people.popitem(last=False)
+        else:
+            self._people.move_to_end(docnum)
+        return found
+
+
+def _tiers(opened: _OpenIndex, word: str, fields: list[tuple[str, str]]) -> Iterator[tuple[float, FrozenBitMap]]:
+    """The people matching one query word by how well their best-matching word matches it, best
+    first, each person in one tier only. Computed lazily: a search that has enough people from
+    the first tiers never pays for the others."""
     # A word that someone has is taken as typed whole and spelt right: it is looked for as a word
-    # and as a prefix only. Looking inside words and for near misses costs more than the rest of a
-    # search, and finds little more for a word that exists.
-    known = any((f, word) in reader for f, _ in fields)
-    choices: list[Query] = []
-    for words, grams in fields:
-        # The prefix's words are listed here rather than by a Prefix query, so that the whole word
-        # is one posting list to walk, not two.
-        for term in reader.expand_prefix(words, word):
-            text = term.decode()
-            choices.append(Term(words, text, boost=EXACT if text == word else PREFIX))
-        if len(word) >= 3 and not known:
-            grams_of = [word[i:i + 3] for i in range(len(word) - 2)]
-            choices.append(And([Term(grams, g, boost=INSIDE / len(grams_of)) for g in grams_of]))
-        if len(word) >= TYPO_MIN_LENGTH and not known:
-            choices.append(FuzzyTerm(words, word, boost=TYPO, maxdist=1, prefixlength=1, constantscore=False))
-    return Or(choices)
+    # and as a prefix only. Looking inside words and for near misses finds little more for it.
+    known = any(opened.has(words, word) for words, _ in fields)
+    found = _union([opened.exact(words, word) for words, _ in fields]) if known else _NOBODY
+    yield EXACT, found
+    prefixed = _union([opened.prefixed(words, word) for words, _ in fields]) - found
+    yield PREFIX, prefixed
+    if known:
+        return
+    found |= prefixed
+    if len(word) >= 3:
+        inside = _union([opened.inside(grams, word) for _, grams in fields]) - found
+        yield INSIDE, inside
+        found |= inside
+    if len(word) >= TYPO_MIN_LENGTH:
+        yield TYPO, _union([opened.near(words, word) for words, _ in fields]) - found
 
 
-def build_query(text: str, threepids: bool, searcher: Searcher) -> Query | None:
-    """The Whoosh query for a search term, or None when it has no word to search for."""
+def _ranked(opened: _OpenIndex, text: str, threepids: bool) -> Iterator[int]:
+    """The document numbers matching a search term, best first."""
+    mxid = text.strip().lower()
+    shown = _NOBODY
+    if ":" in mxid:
+        # Someone's whole Matrix ID finds them first.
+        shown = opened.exact("mxid", mxid if mxid.startswith("@") else "@" + mxid)
+        yield from shown
     words = query_words(text)
     if not words:
-        return None
+        return
     fields = [("words", "grams")] + ([("tp_words", "tp_grams")] if threepids else [])
-    everything = And([_word_query(w, fields, searcher) for w in words])
-    mxid = text.strip().lower()
-    if ":" in mxid:
-        return Or([everything, Term("mxid", mxid if mxid.startswith("@") else "@" + mxid, boost=EXACT * 4)])
-    return everything
+    if len(words) == 1:
+        for _, tier in _tiers(opened, words[0], fields):
+            yield from tier - shown
+        return
+    # Every word must match: people by the sum of how well each word matches them.
+    scores = {0.0: FrozenBitMap(range(opened.reader.doc_count_all()))}
+    for word in words:
+        combined: dict[float, FrozenBitMap] = {}
+        for boost, tier in _tiers(opened, word, fields):
+            for score, people in scores.items():
+                both = people & tier
+                if both:
+                    total = score + boost
+                    combined[total] = combined[total] | both if total in combined else both
+        scores = combined
+        if not scores:
+            return
+    for score in sorted(scores, reverse=True):
+        yield from scores[score] - shown
 
 
 @dataclass(frozen=True)
@@ -180,44 +271,21 @@ class HideRules:
                           [f"{m}:{a}" for m, a in identity.threepids])
 
 
-class _TopCollector(TopCollector):
-    """Whoosh's top-N collector, told that a later match which only ties the worst of a full top N
-    cannot enter it (ties go to the lower document number): with every match scoring one of a few
-    values, that lets the search stop early instead of visiting every match."""
-
-    def _collect(self, global_docnum: int, score: float) -> float:
-        result = super()._collect(global_docnum, score)
-        if len(self.items) >= self.limit:
-            self.minscore = self.items[0][0] + 1e-9
-        return result
-
-
 class IndexNotReady(Exception):
     """The follower has not built this host's index yet."""
 
 
-def _search(searcher: Searcher, text: str, threepids: bool, limit: int, hide: HideRules) -> tuple[list[Hit], bool]:
+def _search(opened: _OpenIndex, text: str, threepids: bool, limit: int, hide: HideRules) -> tuple[list[Hit], bool]:
     """The best limit visible hits for a search term, and whether there were more."""
-    query = build_query(text, threepids, searcher)
-    if query is None:
-        return [], False
-    wanted = limit + 1
-    fetch = wanted + (10 if hide else 0)
-    while True:
-        collector = _TopCollector(limit=fetch)
-        searcher.search_with_collector(query, collector)
-        results = collector.results()
-        hits: list[Hit] = []
-        for found in results:
-            if hide and hide.hides(found["store"], found["mxid"], found.get("display_name"),
-                                   found.get("threepids") or []):
-                continue
-            hits.append(Hit(found["mxid"], found.get("display_name") or None, found["store"]))
-            if len(hits) == wanted:
-                break
-        if len(hits) == wanted or results.scored_length() < fetch:
-            return hits[:limit], len(hits) > limit
-        fetch *= 4  # hidden people filled the page: look further down the ranking
+    hits: list[Hit] = []
+    for docnum in _ranked(opened, text, threepids):
+        hit, threepids = opened.person(docnum)
+        if hide and hide.hides(hit.store, hit.mxid, hit.display_name, threepids):
+            continue
+        hits.append(hit)
+        if len(hits) > limit:
+            return hits[:limit], True
+    return hits, False
 
 
 class FullText:
@@ -279,40 +347,43 @@ class FullText:
         return index.open_dir(str(self.path)).doc_count()
 
     def search(self, text: str, limit: int = 10, threepids: bool = False) -> list[Hit]:
-        """The best matches for a search term, with a searcher opened for this one search."""
-        with index.open_dir(str(self.path)).searcher(weighting=WEIGHTING) as searcher:
-            return _search(searcher, text, threepids, limit, HideRules([]))[0]
+        """The best matches for a search term, with the index opened for this one search."""
+        opened = _OpenIndex(index.open_dir(str(self.path)).reader())
+        try:
+            return _search(opened, text, threepids, limit, HideRules([]))[0]
+        finally:
+            opened.close()
 
 
 class DirectorySearch:
-    """Directory searches on one index with a searcher kept open between requests, reopened when
-    the follower has moved the index on. Thread-safe: searches take turns on the one searcher."""
+    """Directory searches on one index kept open between requests (with what it has read), reopened
+    when the follower has moved the index on. Thread-safe: searches take turns on the one reader."""
 
     def __init__(self, path: str | Path, hide: HideRules, threepids: bool) -> None:
         self.path = Path(path)
         self.hide = hide
         self.threepids = threepids
         self._lock = threading.Lock()
-        self._searcher: Searcher | None = None
+        self._opened: _OpenIndex | None = None
         self._stamp: tuple[int, int] | None = None
 
-    def _current(self) -> Searcher:
+    def _current(self) -> _OpenIndex:
         try:
             stat = os.stat(self.path / POSITION_FILE)
         except FileNotFoundError:
             stat = None  # not built yet, or the follower is swapping in a rebuilt index
         if stat is not None and (stat.st_ino, stat.st_mtime_ns) != self._stamp:
             try:
-                fresh = index.open_dir(str(self.path)).searcher(weighting=WEIGHTING)
+                fresh = _OpenIndex(index.open_dir(str(self.path)).reader())
             except (OSError, index.EmptyIndexError):
                 fresh = None
             if fresh is not None:
-                if self._searcher is not None:
-                    self._searcher.close()
-                self._searcher, self._stamp = fresh, (stat.st_ino, stat.st_mtime_ns)
-        if self._searcher is None:
+                if self._opened is not None:
+                    self._opened.close()
+                self._opened, self._stamp = fresh, (stat.st_ino, stat.st_mtime_ns)
+        if self._opened is None:
             raise IndexNotReady(f"no fulltext index at {self.path} yet")
-        return self._searcher
+        return self._opened
 
     def search(self, text: str, limit: int) -> tuple[list[Hit], bool]:
         """The best limit visible matches for a search term, and whether there were more."""
@@ -321,6 +392,6 @@ class DirectorySearch:
 
     def close(self) -> None:
         with self._lock:
-            if self._searcher is not None:
-                self._searcher.close()
-                self._searcher = None
+            if self._opened is not None:
+                self._opened.close()
+                self._opened = None

@@ -121,7 +121,7 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
         app.ctx.homeserver = Homeserver(config)
         settings = config["directory"]
         app.ctx.directory = DirectorySearch(fulltext_path(config), HideRules(settings["hide"]), settings["threepids"])
-        # Whoosh blocks: searches run in a thread of their own, taking turns on one open searcher.
+        # Whoosh blocks: searches run in a thread of their own, taking turns on one open reader.
         app.ctx.search_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
         app.ctx.credentials = Credentials(config, app.ctx.lookups)
         app.ctx.recursion = Recursion(config, app.ctx.federation, RemoteAnswers(client, prefix))
