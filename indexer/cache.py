@@ -564,11 +564,11 @@ class Cache:
 
 
 class Lookups:
-    """Non-blocking reads for the HTTP server: one Redis round trip per request."""
+    """Non-blocking reads (and the login counters) for the HTTP server, on the worker's pipelined
+    connection: one Redis round trip per request."""
 
-    def __init__(self, client: redis.asyncio.Redis, pipe: PipelinedRedis, prefix: str, stores: list[str]) -> None:
-        self.r = client
-        self.pipe = pipe  # the reads of every lookup request
+    def __init__(self, pipe: PipelinedRedis, prefix: str, stores: list[str]) -> None:
+        self.pipe = pipe
         self.k = Keys(prefix)
         self.stores = stores
         self._store_keys = {part: [self.k.pepper, *(self.k.store(s, part) for s in stores)]
@@ -611,55 +611,45 @@ class Lookups:
         cached "not found", or None when the store has not been asked (or the answer expired)."""
         if not pairs:
             return []
-        return await self.r.mget([self.k.store(store, f"rt:{_plain_key(a, m)}") for m, a in pairs])
+        return await self.pipe.execute("MGET", *(self.k.store(store, f"rt:{_plain_key(a, m)}") for m, a in pairs))
 
     async def remember_answer(self, store: str, medium: str, address: str, mxid: str | None, ttl: int) -> None:
         """Cache a read-through store's answer (None: not found) for ttl seconds."""
-        await self.r.set(self.k.store(store, f"rt:{_plain_key(address, medium)}"), mxid or "", ex=ttl)
+        await self.pipe.execute("SET", self.k.store(store, f"rt:{_plain_key(address, medium)}"), mxid or "", "EX", ttl)
 
     async def identities(self, mxids: list[str]) -> list[Identity | None]:
         """The identities (with their locators) of mxids, in order; the first store in config order
         that has an mxid wins. Two round trips whatever the number of mxids."""
         if not mxids:
             return []
-        pipe = self.r.pipeline(transaction=False)
-        for store in self.stores:
-            pipe.hmget(self.k.store(store, "mxid"), mxids)
+        replies = await self.pipe.execute_many([("HMGET", self.k.store(s, "mxid"), *mxids) for s in self.stores])
         owners: list[tuple[str, str] | None] = [None] * len(mxids)
-        for store, store_ids in zip(self.stores, await pipe.execute()):
+        for store, store_ids in zip(self.stores, replies):
             owners = [o if o is not None or i is None else (store, i) for o, i in zip(owners, store_ids)]
-        pipe = self.r.pipeline(transaction=False)
-        for owner in owners:
-            if owner is not None:
-                pipe.hget(self.k.store(owner[0], "rec"), owner[1])
-                pipe.hget(self.k.store(owner[0], "locator"), owner[1])
-        replies = iter(await pipe.execute())
+        wanted = [(store, store_id) for store, store_id in (o for o in owners if o is not None)]
+        records = iter(await self.pipe.execute_many(
+            [c for store, store_id in wanted for c in (("HGET", self.k.store(store, "rec"), store_id),
+                                                     ("HGET", self.k.store(store, "locator"), store_id))]))
         found: list[Identity | None] = []
         for owner in owners:
-            raw, locator = (next(replies), next(replies)) if owner is not None else (None, None)
+            raw, locator = (next(records), next(records)) if owner is not None else (None, None)
             found.append(replace(Identity.from_json(raw), locator=locator) if raw else None)
         return found
 
     async def failures(self, kind: str, who: str) -> tuple[int, int]:
         """(failed logins of who in the current window, milliseconds until the window ends)."""
-        pipe = self.r.pipeline(transaction=False)
-        pipe.get(self.k.failures(kind, who))
-        pipe.pttl(self.k.failures(kind, who))
-        count, ttl = await pipe.execute()
+        count, ttl = await self.pipe.execute_many([("GET", self.k.failures(kind, who)),
+                                                   ("PTTL", self.k.failures(kind, who))])
         return int(count or 0), max(int(ttl), 0)
 
     async def add_failure(self, kind: str, who: str, window: int) -> None:
         """Count one failed login of who; the window of window seconds starts at the first."""
-        pipe = self.r.pipeline(transaction=True)
-        pipe.set(self.k.failures(kind, who), 0, ex=window, nx=True)  # INCR keeps the TTL set here
-        pipe.incr(self.k.failures(kind, who))
-        await pipe.execute()
+        key = self.k.failures(kind, who)
+        # INCR keeps the TTL that SET ... NX sets for the first failure of a window.
+        await self.pipe.execute_many([("MULTI",), ("SET", key, 0, "EX", window, "NX"), ("INCR", key), ("EXEC",)])
 
     async def clear_failures(self, kind: str, who: str) -> None:
-        await self.r.delete(self.k.failures(kind, who))
-
-    async def ping(self) -> bool:
-        return bool(await self.r.ping())
+        await self.pipe.execute("DEL", self.k.failures(kind, who))
 
 
 class Admin:

@@ -103,7 +103,11 @@ class PipelinedRedis:
     async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """The replies to several commands sent together (one round trip); the first error raises."""
         protocol = await self._connected()
-        return list(await asyncio.gather(*protocol.send(commands)))
+        replies = await asyncio.gather(*protocol.send(commands), return_exceptions=True)
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        return replies
 
     async def run_script(self, sha: str, source: str, keys: list[str], args: list[Any]) -> Any:
         """EVALSHA, falling back to EVAL (which loads the script) when Redis does not know it yet,

@@ -111,7 +111,7 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
         prefix = config["redis"]["prefix"]
         app.ctx.redis = client
         app.ctx.redis_pipe = PipelinedRedis(redis_url)
-        app.ctx.lookups = Lookups(client, app.ctx.redis_pipe, prefix, lookup_order(config))
+        app.ctx.lookups = Lookups(app.ctx.redis_pipe, prefix, lookup_order(config))
         app.ctx.admin = Admin(client, prefix, [s["name"] for s in config["stores"]])
         app.ctx.read_through = ReadThrough(config, app.ctx.lookups)
         app.ctx.binding_mirror = BindingMirror(client, prefix)

@@ -59,10 +59,12 @@ class InviteWorker:
         self.keys = keys
         self.wake = asyncio.Event()
 
-    async def address_known(self, medium: str, address: str, mxid: str) -> None:
-        """The 3PID now maps to mxid: queue the delivery of its pending invites, if it has any."""
-        if await self.storage.run(self.storage.queue_delivery, medium, address, mxid, now_ms()):
+    async def addresses_known(self, threepids: list[tuple[str, str]], mxid: str) -> None:
+        """These (medium, address) now map to mxid: queue the delivery of their pending invites."""
+        queued = await self.storage.run(self.storage.queue_deliveries, threepids, mxid, now_ms())
+        for medium, address in queued:
             log.info("invites for %s %s queued for delivery to %s", medium, address, mxid)
+        if queued:
             self.wake.set()
 
     async def run(self) -> None:
@@ -99,7 +101,7 @@ class InviteWorker:
             return
         for (medium, address), mxid in zip(threepids, await self.lookups.by_address(threepids)):
             if mxid is not None:
-                await self.address_known(medium, address, mxid)
+                await self.addresses_known([(medium, address)], mxid)
 
     async def send_due(self) -> None:
         now = now_ms()

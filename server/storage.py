@@ -411,26 +411,30 @@ class Storage:
 
     # -- onbind deliveries ------------------------------------------------------------------------
 
-    def queue_delivery(self, medium: str, address: str, mxid: str, now: int) -> bool:
-        """Queue a delivery of the 3PID's invites to mxid, due now, when it has unsettled invites
-        (a queued one for the 3PID is pointed at mxid); whether one is queued."""
-        with self.engine.begin() as conn:
-            if conn.execute(sa.select(invites.c.token).where(
-                    invites.c.medium == medium, invites.c.address == address,
-                    invites.c.settled_at.is_(None)).limit(1)).first() is None:
-                return False
-            changed = conn.execute(onbind_deliveries.update().where(
-                onbind_deliveries.c.medium == medium, onbind_deliveries.c.address == address,
-                onbind_deliveries.c.mxid != mxid).values(mxid=mxid, attempts=0, next_at=now)).rowcount
-            if changed:
-                return True
-        try:
+    def queue_deliveries(self, threepids: list[tuple[str, str]], mxid: str, now: int) -> list[tuple[str, str]]:
+        """Queue a delivery to mxid, due now, of the invites of each (medium, address) that has
+        unsettled invites (a queued one for the 3PID is pointed at mxid); the 3PIDs queued. One
+        query when none has invites, as on nearly every login."""
+        if not threepids:
+            return []
+        with self.engine.connect() as conn:
+            pending = [(m, a) for m, a in conn.execute(
+                sa.select(invites.c.medium, invites.c.address).distinct().where(
+                    sa.tuple_(invites.c.medium, invites.c.address).in_(threepids), invites.c.settled_at.is_(None)))]
+        for medium, address in pending:
             with self.engine.begin() as conn:
-                conn.execute(onbind_deliveries.insert().values(medium=medium, address=address, mxid=mxid,
-                                                               attempts=0, next_at=now, created_at=now))
-        except sa.exc.IntegrityError:
-            pass  # already queued (by another worker, or earlier)
-        return True
+                changed = conn.execute(onbind_deliveries.update().where(
+                    onbind_deliveries.c.medium == medium, onbind_deliveries.c.address == address,
+                    onbind_deliveries.c.mxid != mxid).values(mxid=mxid, attempts=0, next_at=now)).rowcount
+            if changed:
+                continue
+            try:
+                with self.engine.begin() as conn:
+                    conn.execute(onbind_deliveries.insert().values(medium=medium, address=address, mxid=mxid,
+                                                                   attempts=0, next_at=now, created_at=now))
+            except sa.exc.IntegrityError:
+                pass  # already queued (by another worker, or earlier)
+        return pending
 
     def claim_due_deliveries(self, now: int, lease_until: int) -> list[Delivery]:
         """Deliveries due by now, each taken for this caller until lease_until (so that another

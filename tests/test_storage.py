@@ -94,6 +94,7 @@ def test_a_version_1_database_is_upgraded_keeping_its_invites(storage):
     assert storage.upgrade() == 1
     [invite] = storage.unsettled_invites("email", "a@example.net")
     assert (invite.token, invite.settled_at) == ("t1", None)
-    assert storage.queue_delivery("email", "a@example.net", "@a:example.org", 5)
+    assert storage.queue_deliveries([("email", "a@example.net"), ("email", "b@example.net")], "@a:example.org",
+                                    5) == [("email", "a@example.net")]
     [delivery] = storage.claim_due_deliveries(5, 100)
     assert delivery.mxid == "@a:example.org" and storage.claim_due_deliveries(5, 100) == []

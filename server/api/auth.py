@@ -41,8 +41,7 @@ async def check_credentials(request: Request) -> HTTPResponse:
         return json({"auth": {"success": False, "profile": {}}})
     log.info("check_credentials: %s authenticated as %s", user["id"], identity.mxid)
     # A login proves who owns these 3PIDs: invites waiting for them go to the user's homeserver.
-    for medium, address in identity.threepids:
-        await request.app.ctx.invites.address_known(medium, address, identity.mxid)
+    await request.app.ctx.invites.addresses_known(list(identity.threepids), identity.mxid)
     return json({"auth": {"success": True, "mxid": identity.mxid, "profile": _profile(identity)}})
 
 

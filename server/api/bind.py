@@ -39,7 +39,7 @@ async def bind(request: Request) -> HTTPResponse:
         log.info("%s %s rebound from %s to %s", session.medium, session.address, replaced.mxid, body["mxid"])
     else:
         log.info("%s %s bound to %s", session.medium, session.address, body["mxid"])
-    await request.app.ctx.invites.address_known(session.medium, session.address, body["mxid"])
+    await request.app.ctx.invites.addresses_known([(session.medium, session.address)], body["mxid"])
     association = {"address": session.address, "medium": session.medium, "mxid": body["mxid"],
                    "not_before": ts, "not_after": ts + ASSOCIATION_LIFETIME_MS, "ts": ts}
     return json(request.app.ctx.keys.sign(association))
