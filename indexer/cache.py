@@ -27,7 +27,6 @@ window, with a TTL; kind is "user" or "ip").
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 import string
@@ -74,28 +73,6 @@ def connect(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
 
 
-# Lookups in one command: KEYS = [pepper, store hash in lookup order...], ARGV = fields. Returns
-# [pepper, the first store's answer for each field..., the 1-based index of that store or 0...].
-# HMGET takes the fields in slices, as Lua's unpack() is limited to a few thousand values.
-_FIRST_MATCH = """
-local n = #ARGV
-local found, from = {}, {}
-for s = 2, #KEYS do
-  for first = 1, n, 1000 do
-    local last = math.min(first + 999, n)
-    local got = redis.call('HMGET', KEYS[s], unpack(ARGV, first, last))
-    for j = 1, last - first + 1 do
-      local i = first + j - 1
-      if not found[i] and got[j] then found[i], from[i] = got[j], s - 1 end
-    end
-  end
-end
-local reply = {redis.call('GET', KEYS[1])}
-for i = 1, n do reply[1 + i] = found[i] or false end
-for i = 1, n do reply[1 + n + i] = from[i] or 0 end
-return reply
-"""
-_FIRST_MATCH_SHA = hashlib.sha1(_FIRST_MATCH.encode()).hexdigest()
 
 
 def connect_async(url: str) -> redis.asyncio.Redis:
@@ -571,8 +548,7 @@ class Lookups:
         self.pipe = pipe
         self.k = Keys(prefix)
         self.stores = stores
-        self._store_keys = {part: [self.k.pepper, *(self.k.store(s, part) for s in stores)]
-                            for part in ("3pid", "sha256")}
+        self._store_keys = {part: [self.k.store(s, part) for s in stores] for part in ("3pid", "sha256")}
 
     async def pepper(self) -> str | None:
         return await self.pipe.execute("GET", self.k.pepper)
@@ -580,13 +556,23 @@ class Lookups:
     async def _first_match(
         self, part: str, fields: list[str], with_pepper: bool, sources: list[str | None] | None
     ) -> tuple[str | None, list[str | None]]:
-        # One command rather than one HMGET per store: the fields are sent once.
-        reply = await self.pipe.run_script(_FIRST_MATCH_SHA, _FIRST_MATCH, self._store_keys[part], fields)
-        n = len(fields)
-        found: list[str | None] = reply[1:n + 1]
+        # One HMGET per store, sent together: a Lua script doing the same in one command cost Redis
+        # five times the CPU, whatever the number of fields.
+        commands: list[tuple[Any, ...]] = [("HMGET", key, *fields) for key in self._store_keys[part]]
+        if with_pepper:
+            commands.append(("GET", self.k.pepper))
+        replies = await self.pipe.execute_many(commands)
+        found: list[str | None] = replies[0]
+        origin: list[str | None] = [self.stores[0] if mxid is not None else None for mxid in found]
+        for store, answers in zip(self.stores[1:], replies[1:len(self.stores)]):
+            if None not in found:
+                break
+            for i, mxid in enumerate(answers):
+                if found[i] is None and mxid is not None:
+                    found[i], origin[i] = mxid, store
         if sources is not None:
-            sources[:] = [self.stores[i - 1] if i else None for i in reply[n + 1:]]
-        return (reply[0] if with_pepper else None), found
+            sources[:] = origin
+        return (replies[-1] if with_pepper else None), found
 
     async def by_address(
         self, pairs: list[tuple[str, str]], sources: list[str | None] | None = None

@@ -79,8 +79,6 @@ class _Protocol(asyncio.Protocol):
 
 
 def _error(message: str) -> redis.exceptions.RedisError:
-    if message.startswith("NOSCRIPT"):
-        return redis.exceptions.NoScriptError(message)
     if message.startswith(("WRONGPASS", "NOAUTH")) or "invalid password" in message:
         return redis.exceptions.AuthenticationError(message)
     return redis.exceptions.ResponseError(message)
@@ -97,8 +95,9 @@ class PipelinedRedis:
 
     async def execute(self, *command: Any) -> Any:
         """The reply to one command."""
-        [reply] = await self.execute_many([command])
-        return reply
+        protocol = await self._connected()
+        [waiter] = protocol.send([command])
+        return await waiter
 
     async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """The replies to several commands sent together (one round trip); the first error raises."""
@@ -108,14 +107,6 @@ class PipelinedRedis:
             if isinstance(reply, BaseException):
                 raise reply
         return replies
-
-    async def run_script(self, sha: str, source: str, keys: list[str], args: list[Any]) -> Any:
-        """EVALSHA, falling back to EVAL (which loads the script) when Redis does not know it yet,
-        as after a restart or SCRIPT FLUSH."""
-        try:
-            return await self.execute("EVALSHA", sha, len(keys), *keys, *args)
-        except redis.exceptions.NoScriptError:
-            return await self.execute("EVAL", source, len(keys), *keys, *args)
 
     async def _connected(self) -> _Protocol:
         if self._protocol is not None and not self._protocol.lost:

@@ -4,7 +4,6 @@ are redis-py's, and a connection that is lost, refused or answers garbage fails 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import subprocess
 import uuid
 from pathlib import Path
@@ -62,23 +61,6 @@ def test_a_cancelled_request_leaves_the_next_replies_in_order(redis_url, prefix)
         return value
 
     assert asyncio.run(check()) == "B"
-
-
-def test_a_script_redis_does_not_know_yet_is_loaded(redis_url, prefix):
-    # A script of this test's own, so that Redis cannot have it cached from an earlier run.
-    source = f"-- {prefix}\nreturn redis.call('GET', KEYS[1]) .. ARGV[1]"
-    sha = hashlib.sha1(source.encode()).hexdigest()
-
-    async def check():
-        pipe = PipelinedRedis(redis_url)
-        await pipe.execute("SET", f"{prefix}s", "x")
-        first = await pipe.run_script(sha, source, [f"{prefix}s"], ["1"])
-        known = await pipe.execute("SCRIPT", "EXISTS", sha)
-        second = await pipe.run_script(sha, source, [f"{prefix}s"], ["2"])
-        pipe.close()
-        return first, known, second
-
-    assert asyncio.run(check()) == ("x1", [1], "x2")
 
 
 def test_a_connection_redis_drops_is_replaced_on_the_next_command(redis_url, prefix):
