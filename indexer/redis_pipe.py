@@ -88,10 +88,11 @@ class PipelinedRedis:
     """Connects on first use and again after the connection is lost (the commands in flight then
     fail with redis.exceptions.ConnectionError, as redis-py's would)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         self.options = parse_url(url)
+        self.connect_timeout_s = connect_timeout_s
         self._protocol: _Protocol | None = None
-        self._connecting = asyncio.Lock()
+        self._attempt: asyncio.Future[_Protocol] | None = None
 
     async def execute(self, *command: Any) -> Any:
         """The reply to one command."""
@@ -111,35 +112,43 @@ class PipelinedRedis:
     async def _connected(self) -> _Protocol:
         if self._protocol is not None and not self._protocol.lost:
             return self._protocol
-        async with self._connecting:
-            if self._protocol is None or self._protocol.lost:
-                self._protocol = await self._connect()
+        # Every request arriving while Redis is unreachable shares one attempt and its outcome:
+        # one after another, a burst would wait a connect timeout each.
+        if self._attempt is None:
+            self._attempt = asyncio.ensure_future(self._connect())
+        attempt = self._attempt
+        try:
+            self._protocol = await asyncio.shield(attempt)
+        finally:
+            if attempt.done() and self._attempt is attempt:
+                self._attempt = None
         return self._protocol
 
     async def _connect(self) -> _Protocol:
         loop = asyncio.get_running_loop()
         options = self.options
+        setup: list[tuple[Any, ...]] = []
+        if options.get("password"):
+            setup.append(("AUTH", *([options["username"]] if options.get("username") else []), options["password"]))
+        if options.get("db"):
+            setup.append(("SELECT", options["db"]))
+        protocol: _Protocol | None = None
         try:
-            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            async with asyncio.timeout(self.connect_timeout_s):
                 if "path" in options:
                     _, protocol = await loop.create_unix_connection(_Protocol, options["path"])
                 else:
                     _, protocol = await loop.create_connection(
                         _Protocol, options.get("host", "localhost"), options.get("port", 6379), ssl=self._tls())
-                setup: list[tuple[Any, ...]] = []
-                if options.get("password"):
-                    setup.append(("AUTH", *([options["username"]] if options.get("username") else []),
-                                  options["password"]))
-                if options.get("db"):
-                    setup.append(("SELECT", options["db"]))
-                if setup:
-                    try:
-                        await asyncio.gather(*protocol.send(setup))
-                    except redis.exceptions.RedisError:
-                        protocol.transport.close()
-                        raise
-        except (OSError, TimeoutError) as exc:
-            raise redis.exceptions.ConnectionError(f"Cannot connect to Redis: {exc or 'timed out'}") from None
+                for reply in await asyncio.gather(*protocol.send(setup), return_exceptions=True):
+                    if isinstance(reply, BaseException):
+                        raise reply
+        except BaseException as exc:
+            if protocol is not None and protocol.transport is not None:
+                protocol.transport.close()
+            if not isinstance(exc, (OSError, TimeoutError)):
+                raise
+            raise redis.exceptions.ConnectionError(f"Cannot connect to Redis: {str(exc) or 'timed out'}") from None
         return protocol
 
     def _tls(self) -> ssl.SSLContext | None:

@@ -126,3 +126,24 @@ def test_the_url_gives_password_and_database(tmp_path: Path):
     finally:
         process.terminate()
         process.wait()
+
+
+def test_requests_during_an_outage_share_one_connection_attempt():
+    async def check():
+        connections = []
+
+        async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            connections.append(writer)
+            await reader.read()  # takes AUTH and keeps quiet, like a Redis that hangs, until we hang up
+
+        server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pipe = PipelinedRedis(f"redis://:pw@127.0.0.1:{port}/0", connect_timeout_s=0.5)
+        results = await asyncio.gather(*(pipe.execute("GET", "k") for _ in range(20)), return_exceptions=True)
+        again = await asyncio.gather(pipe.execute("GET", "k"), return_exceptions=True)
+        server.close()
+        return results + again, len(connections)
+
+    results, attempts = asyncio.run(check())
+    assert all(isinstance(r, redis.exceptions.ConnectionError) and "timed out" in str(r) for r in results)
+    assert attempts == 2  # one shared by the twenty requests, then a new one for the next request
