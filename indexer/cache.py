@@ -38,8 +38,8 @@ import redis
 import redis.asyncio
 
 from indexer.identity import Identity
-from indexer.redis_pipe import PipelinedRedis
 from indexer.normalize import lookup_forms, lookup_hash
+from indexer.redis_pipe import PipelinedRedis
 
 STREAM_MAXLEN = 1_000_000
 PEPPER_LENGTH = 20
@@ -71,8 +71,6 @@ BINDINGS = "_bindings"
 def connect(url: str) -> redis.Redis:
     """A blocking client for the indexer and the command line."""
     return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
-
-
 
 
 def connect_async(url: str) -> redis.asyncio.Redis:
@@ -612,10 +610,9 @@ class Lookups:
         owners: list[tuple[str, str] | None] = [None] * len(mxids)
         for store, store_ids in zip(self.stores, replies):
             owners = [o if o is not None or i is None else (store, i) for o, i in zip(owners, store_ids)]
-        wanted = [(store, store_id) for store, store_id in (o for o in owners if o is not None)]
-        records = iter(await self.pipe.execute_many(
-            [c for store, store_id in wanted for c in (("HGET", self.k.store(store, "rec"), store_id),
-                                                     ("HGET", self.k.store(store, "locator"), store_id))]))
+        reads = [("HGET", self.k.store(store, part), store_id)
+                 for store, store_id in filter(None, owners) for part in ("rec", "locator")]
+        records = iter(await self.pipe.execute_many(reads))
         found: list[Identity | None] = []
         for owner in owners:
             raw, locator = (next(records), next(records)) if owner is not None else (None, None)

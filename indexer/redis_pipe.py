@@ -62,6 +62,8 @@ class _Protocol(asyncio.Protocol):
                 waiter.set_exception(error)
 
     def send(self, commands: list[tuple[Any, ...]]) -> list[asyncio.Future[Any]]:
+        if not commands:
+            return []
         loop = asyncio.get_running_loop()
         waiters = [loop.create_future() for _ in commands]
         self.waiting.extend(waiters)
@@ -84,6 +86,15 @@ def _error(message: str) -> redis.exceptions.RedisError:
     return redis.exceptions.ResponseError(message)
 
 
+async def _replies(waiters: list[asyncio.Future[Any]]) -> list[Any]:
+    """Every waiter's reply, or the first error once all have come back (none is left unread)."""
+    replies = await asyncio.gather(*waiters, return_exceptions=True)
+    for reply in replies:
+        if isinstance(reply, BaseException):
+            raise reply
+    return replies
+
+
 class PipelinedRedis:
     """Connects on first use and again after the connection is lost (the commands in flight then
     fail with redis.exceptions.ConnectionError, as redis-py's would)."""
@@ -103,11 +114,7 @@ class PipelinedRedis:
     async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """The replies to several commands sent together (one round trip); the first error raises."""
         protocol = await self._connected()
-        replies = await asyncio.gather(*protocol.send(commands), return_exceptions=True)
-        for reply in replies:
-            if isinstance(reply, BaseException):
-                raise reply
-        return replies
+        return await _replies(protocol.send(commands))
 
     async def _connected(self) -> _Protocol:
         if self._protocol is not None and not self._protocol.lost:
@@ -140,9 +147,7 @@ class PipelinedRedis:
                 else:
                     _, protocol = await loop.create_connection(
                         _Protocol, options.get("host", "localhost"), options.get("port", 6379), ssl=self._tls())
-                for reply in await asyncio.gather(*protocol.send(setup), return_exceptions=True):
-                    if isinstance(reply, BaseException):
-                        raise reply
+                await _replies(protocol.send(setup))
         except BaseException as exc:
             if protocol is not None and protocol.transport is not None:
                 protocol.transport.close()

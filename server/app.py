@@ -26,8 +26,8 @@ from indexer.cache import (BINDINGS, Admin, BindingMirror, Cache, Lookups, RateL
                            connect_async)
 from indexer.config import parse_duration
 from indexer.fulltext import DirectorySearch, HideRules
-from indexer.scheduler import fulltext_path
 from indexer.redis_pipe import PipelinedRedis
+from indexer.scheduler import fulltext_path
 from server import metrics
 from server.api import (account, admin, auth, bind, directory, health, identity_v1, identity_v2, profile, pubkey,
                         sessions, status, terms)
