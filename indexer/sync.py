@@ -91,6 +91,9 @@ def _locked_run(
     except redis.exceptions.RedisError as exc:
         result.outcome, result.error = "failed", f"redis: {exc}"
         log.error("store %s: %s sync failed on Redis: %s", store.name, kind, exc)
+    except Exception as exc:  # a store's bug or an emptied cache: that sync fails, the indexer carries on
+        result.outcome, result.error = "failed", f"{type(exc).__name__}: {exc}"
+        log.exception("store %s: %s sync failed on an unexpected error", store.name, kind)
     finally:
         result.ended = time.time()
         state = {f"last_{kind}": result.as_dict()}
