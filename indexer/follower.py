@@ -132,3 +132,7 @@ class Follower:
                 log.warning("fulltext follower: Redis unavailable (%s); retrying", exc)
                 self.epoch = ""
                 stop.wait(2)
+            except Exception:  # such as the cache emptied under it: this thread must go on
+                log.exception("fulltext follower: unexpected error; retrying in 5 s")
+                self.epoch = ""
+                stop.wait(5)

@@ -41,6 +41,10 @@ class JobRunner:
                 log.warning("sync jobs: Redis unavailable (%s); retrying", exc)
                 stop.wait(2)
                 continue
+            except Exception:  # this thread must go on, or queued jobs wait for nobody
+                log.exception("sync jobs: unexpected error; retrying in 5 s")
+                stop.wait(5)
+                continue
             if job is not None:
                 threading.Thread(target=self.execute, args=(job, stop), name=f"job-{job['id']}", daemon=True).start()
 

@@ -112,7 +112,8 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
         app.ctx.redis = client
         app.ctx.redis_pipe = PipelinedRedis(redis_url)
         app.ctx.lookups = Lookups(app.ctx.redis_pipe, prefix, lookup_order(config))
-        app.ctx.admin = Admin(client, prefix, [s["name"] for s in config["stores"]])
+        app.ctx.admin = Admin(client, prefix, [s["name"] for s in config["stores"]],
+                              parse_duration(config["admin"]["job_start_timeout"]))
         app.ctx.read_through = ReadThrough(config, app.ctx.lookups)
         app.ctx.binding_mirror = BindingMirror(client, prefix)
         app.ctx.rate_limits = RateLimits(client, prefix)

@@ -33,8 +33,9 @@ async def version(request: Request) -> HTTPResponse:
 
 @bp.get("/_mxisd/ready")
 async def ready(request: Request) -> HTTPResponse:
-    """GET /_mxisd/ready: 200 when Redis and the SQL database answer, every store has synced once and
-    this host's fulltext index keeps up; else 503. Each check's state is in the body."""
+    """GET /_mxisd/ready: 200 when Redis and the SQL database answer, this host's indexer is alive
+    (its heartbeat is recent), every store has synced once and this host's fulltext index keeps up;
+    else 503. Each check's state is in the body."""
     ctx = request.app.ctx
     checks: dict[str, Any] = {}
     try:
@@ -55,6 +56,13 @@ async def ready(request: Request) -> HTTPResponse:
             for name, s in state["stores"].items()
         }
         host = socket.gethostname()
+        indexer = next((i for i in state["indexers"] if i["host"] == host), None)
+        if indexer is not None and indexer["alive"]:
+            checks["indexer"] = {"ok": True, "host": host, "pid": indexer["pid"], "heartbeat": indexer["beat"]}
+        else:
+            last_exit = indexer and indexer["last_exit"]
+            checks["indexer"] = {"ok": False, "host": host, "error": "the indexer of this host is not running" + (
+                f" (it {last_exit['reason']})" if last_exit else ": no recent heartbeat")}
         mine = next((f for f in state["followers"] if f["host"] == host), None)
         limit = ctx.max_follower_lag
         checks["fulltext"] = (
@@ -62,6 +70,6 @@ async def ready(request: Request) -> HTTPResponse:
             else {"ok": mine["lag_seconds"] <= limit, "host": host, "lag_seconds": mine["lag_seconds"],
                   "max_lag_seconds": limit}
         )
-    is_ready = (state is not None and checks["sql"]["ok"] and checks["fulltext"]["ok"]
+    is_ready = (state is not None and checks["sql"]["ok"] and checks["fulltext"]["ok"] and checks["indexer"]["ok"]
                 and all(c["ok"] for c in checks["stores"].values()))
     return json({"ready": is_ready, "checks": checks}, status=200 if is_ready else 503)
