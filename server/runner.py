@@ -86,12 +86,12 @@ STOP_GRACE = 5.0
 TICK = 0.2
 
 
-def _spawn(module: str, config: dict[str, Any], redis_url: str) -> subprocess.Popen[bytes]:
-    """`python -m module REDIS_URL OUR_PID` in a session of its own (a terminal's Ctrl-C or hangup
-    reaches this process alone, which decides), with the config on a pipe: it may hold secrets,
-    which must not show in the process list."""
-    process = subprocess.Popen([sys.executable, "-m", module, redis_url, str(os.getpid())],
-                               stdin=subprocess.PIPE, start_new_session=True)
+def _spawn(module: str, config: dict[str, Any], redis_url: str, *extra: int) -> subprocess.Popen[bytes]:
+    """`python -m module REDIS_URL OUR_PID [FD...]` in a session of its own (a terminal's Ctrl-C or
+    hangup reaches this process alone, which decides), with the config on a pipe: it may hold
+    secrets, which must not show in the process list. The file descriptors in extra are passed on."""
+    process = subprocess.Popen([sys.executable, "-m", module, redis_url, str(os.getpid()), *map(str, extra)],
+                               stdin=subprocess.PIPE, start_new_session=True, pass_fds=extra)
     assert process.stdin is not None
     process.stdin.write(json.dumps(config).encode())
     process.stdin.close()
@@ -113,13 +113,14 @@ class Child:
 
     def __init__(self, name: str, spawn: Callable[[], subprocess.Popen[bytes] | None], restart_first: float,
                  restart_max: float, on_exit: Callable[[str, float], None] | None = None,
-                 group: bool = False) -> None:
+                 group: bool = False, give_up: Callable[[], bool] = lambda: False) -> None:
         self.name = name
         self.spawn = spawn
         self.first, self.most = restart_first, restart_max
         self.delay = restart_first
         self.on_exit = on_exit
         self.group = group  # stop its whole process group (the HTTP server's workers)
+        self.give_up = give_up  # whether a death is fatal (a server that never came up will not)
         self.process: subprocess.Popen[bytes] | None = None
         self.started = 0.0
         self.restart_at: float | None = None
@@ -161,6 +162,8 @@ class Child:
             return
         self._sweep()
         self.process = None
+        if self.give_up():
+            raise StartupError(f"the {self.name} {describe_exit(status)} before it answered; see the lines above")
         if self.replacing:
             self.replacing, self.kill_at = False, None
             self.start()
@@ -317,11 +320,21 @@ class Supervisor:
                             on_exit=self._indexer_exited)
             self.children.append(indexer)
             indexer.start()
-            server = Child("HTTP server", lambda: _spawn("server.serve", self.config, redis_url), first, most,
-                           group=True)
+            # The server writes to this pipe once it listens: dying before that (its port taken, say)
+            # is fatal, since starting it again would not help.
+            listening, told = os.pipe()
+            os.set_blocking(listening, False)
+            up: list[bool] = []
+            server = Child("HTTP server", lambda: _spawn("server.serve", self.config, redis_url, *([] if up else [told])),
+                           first, most, group=True, give_up=lambda: not up)
             self.children.append(server)
             server.start()
+            os.close(told)
             while not self.signals.stopping():
+                if not up:
+                    with contextlib.suppress(BlockingIOError):
+                        if os.read(listening, 16):
+                            up.append(True)
                 self.signals.wake.wait(TICK)
                 self.signals.wake.clear()
                 if self.signals.reload:

@@ -27,10 +27,17 @@ log = logging.getLogger(__name__)
 ORPHAN_GRACE = 10.0
 
 
-def serve(config: dict[str, Any], redis_url: str) -> None:
+def serve(config: dict[str, Any], redis_url: str, listening: int | None = None) -> None:
+    """Serve until stopped; write a byte to the file descriptor listening once the port is bound."""
     server = config["server"]
     loader = AppLoader(factory=partial(create_app, config, redis_url))
     app = loader.load()
+
+    async def tell(*_: Any) -> None:
+        if listening is not None:
+            os.write(listening, b"1")
+            os.close(listening)
+
     app.prepare(
         host=server["bind"],
         port=server["port"],
@@ -41,8 +48,11 @@ def serve(config: dict[str, Any], redis_url: str) -> None:
     )
     log.info("serving %s on http://%s:%d", server["name"], server["bind"], server["port"])
     if server["workers"] == 1:
+        app.after_server_start(tell)
         Sanic.serve_single(primary=app)
     else:
+        # Sanic's main process binds the port before its workers start, and before this event.
+        app.main_process_ready(tell)
         app.main_process_ready(_stop_at_once_while_starting)
         Sanic.serve(primary=app, app_loader=loader)
 
@@ -90,15 +100,16 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 def main() -> None:
-    """`python -m server.serve REDIS_URL PARENT_PID` with the config as JSON on stdin (it may hold
-    secrets, which must not show in the process list)."""
+    """`python -m server.serve REDIS_URL PARENT_PID [LISTENING_FD]` with the config as JSON on stdin
+    (it may hold secrets, which must not show in the process list)."""
     redis_url, parent_pid = sys.argv[1], int(sys.argv[2])
+    listening = int(sys.argv[3]) if len(sys.argv) > 3 else None
     config = json.load(sys.stdin)
     logs.setup(config["log_level"], "server", config["log_format"])
     # A hangup of the terminal reaches `mxisd run` alone, which decides what it means.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="watch-parent", daemon=True).start()
-    serve(config, redis_url)
+    serve(config, redis_url, listening)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -212,3 +213,17 @@ def test_a_job_no_indexer_takes_fails_with_a_message(make_server, redis_url, pre
     assert "people: sync failed: no indexer took this job within 2 s: the indexer is not running" in done.stderr
     # The failed job is no longer queued: an indexer started later does not run it after all.
     assert redis.Redis.from_url(redis_url).llen(f"{prefix}jobs") == 0
+
+
+def test_an_http_server_that_cannot_listen_ends_mxisd_run(make_server):
+    """Starting it again would not help: the port is taken."""
+    srv = make_server(embedded_redis=True)
+    srv.config_path.write_text(yaml.safe_dump(srv.config))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", srv.port))
+        taken.listen()
+        run = subprocess.run([sys.executable, "-m", "server.cli", "run", "--config", str(srv.config_path)],
+                             capture_output=True, text=True, timeout=120, cwd=srv.root)
+    assert run.returncode == 1
+    assert "the HTTP server exited with status 1 before it answered" in run.stderr
+    assert "Address already in use" in run.stderr and "embedded Redis stopped" in run.stderr
