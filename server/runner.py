@@ -325,7 +325,8 @@ class Supervisor:
             listening, told = os.pipe()
             os.set_blocking(listening, False)
             up: list[bool] = []
-            server = Child("HTTP server", lambda: _spawn("server.serve", self.config, redis_url, *([] if up else [told])),
+            server = Child("HTTP server",
+                           lambda: _spawn("server.serve", self.config, redis_url, *([] if up else [told])),
                            first, most, group=True, give_up=lambda: not up)
             self.children.append(server)
             server.start()
