@@ -291,6 +291,10 @@ class Supervisor:
         use_directory(config["data_dir"])
         url, embedded = config["redis"]["url"], None
         redis_child = None
+        # The server writes to this pipe once it listens: dying before that (its port taken, say) is
+        # fatal, since starting it again would not help.
+        listening, told = os.pipe()
+        os.set_blocking(listening, False)
         try:
             if not url:
                 embedded = EmbeddedRedis(config["data_dir"])
@@ -320,17 +324,12 @@ class Supervisor:
                             on_exit=self._indexer_exited)
             self.children.append(indexer)
             indexer.start()
-            # The server writes to this pipe once it listens: dying before that (its port taken, say)
-            # is fatal, since starting it again would not help.
-            listening, told = os.pipe()
-            os.set_blocking(listening, False)
             up: list[bool] = []
             server = Child("HTTP server",
                            lambda: _spawn("server.serve", self.config, redis_url, *([] if up else [told])),
                            first, most, group=True, give_up=lambda: not up)
             self.children.append(server)
             server.start()
-            os.close(told)
             while not self.signals.stopping():
                 if not up:
                     with contextlib.suppress(BlockingIOError):
@@ -355,6 +354,8 @@ class Supervisor:
                 child.finish(self.signals.hurry)
             if embedded is not None:
                 embedded.stop()
+            os.close(listening)
+            os.close(told)
             lock.close()
             log.info("stopped")
 
