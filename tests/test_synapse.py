@@ -15,8 +15,9 @@ import ssl
 import subprocess
 import threading
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import quote
 
 import bcrypt
@@ -79,7 +80,7 @@ class TlsTerminator:
     async def _serve(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.target_port), 5)
-        except (OSError, asyncio.TimeoutError):
+        except OSError:  # TimeoutError included
             client_writer.close()
             return
 
@@ -112,7 +113,8 @@ class TlsTerminator:
 class Synapse:
     """A Synapse for example.org: client API over plain HTTP on loopback, federation over TLS."""
 
-    def __init__(self, root: Path, ca: trustme.CA, identity_port: int, identity_server: str) -> None:
+    def __init__(self, root: Path, ca: trustme.CA, identity_port: int, identity_server: str,
+                 **module_config: Any) -> None:
         self.root = root
         self.client_port, self.federation_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.client_port}"
@@ -162,23 +164,26 @@ class Synapse:
                 "per_room": lots, "per_user": lots, "per_issuer": lots},
             "rc_3pid_validation": lots,
             "modules": [{"module": "mxisd_synapse.PasswordProvider",
-                         "config": {"endpoint": f"http://127.0.0.1:{identity_port}", "timeout_s": 5}}],
+                         "config": {"endpoint": f"http://127.0.0.1:{identity_port}", "timeout_s": 5,
+                                    **module_config}}],
         }
         self.identity_server = identity_server
         (root / "homeserver.yaml").write_text(yaml.safe_dump(config))
         self.http = httpx.Client(base_url=self.url, timeout=30)
         self.process: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> None:
+    def start(self, ready: bool = True) -> None:
         # Synapse trusts identity servers by the system's CAs (OpenSSL's default paths, which
         # SSL_CERT_FILE replaces), the way a private CA is trusted in production.
         env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
         env["SSL_CERT_FILE"] = str(self.root / "ca.pem")
-        out = open(self.root / "stdout.log", "ab")
-        self.process = subprocess.Popen(
-            [str(synapse_python()), "-m", "synapse.app.homeserver", "--config-path", str(self.root / "homeserver.yaml")],
-            cwd=self.root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_until(self._ready, 120, f"Synapse on port {self.client_port} (log: {self.log_path})")
+        with open(self.root / "stdout.log", "ab") as out:
+            self.process = subprocess.Popen(
+                [str(synapse_python()), "-m", "synapse.app.homeserver", "--config-path",
+                 str(self.root / "homeserver.yaml")],
+                cwd=self.root, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        if ready:
+            wait_until(self._ready, 120, f"Synapse on port {self.client_port} (log: {self.log_path})")
 
     def _ready(self) -> bool:
         assert self.process is not None
@@ -191,14 +196,16 @@ class Synapse:
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
+        self.http.close()
+        if self.process is None:
             return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(10)
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
 
     def login(self, identifier: dict[str, Any], password: str = PASSWORD) -> httpx.Response:
         return self.http.post("/_matrix/client/v3/login", json={
@@ -317,8 +324,8 @@ def test_wrong_empty_and_unknown_refused(stack: Stack) -> None:
                                  ({"type": "m.id.user", "user": "bob"}, ""),
                                  ({"type": "m.id.thirdparty", "medium": "email", "address": "bob@example.com"}, "x"),
                                  ({"type": "m.id.user", "user": "nobody"}, PASSWORD),
-                                 ({"type": "m.id.phone", "country": "GB", "phone": "07700 900999", "number": "07700 900999"},
-                                  PASSWORD)]:
+                                 ({"type": "m.id.phone", "country": "GB", "phone": "07700 900999",
+                                   "number": "07700 900999"}, PASSWORD)]:
         response = synapse.login(identifier, password)
         assert response.status_code == 403, (identifier, response.text)
         assert response.json()["errcode"] == "M_FORBIDDEN"
@@ -402,7 +409,9 @@ def test_email_invite_in_a_default_room_bind_onbind_and_unbind(stack: Stack) -> 
     sid = requested.json()["sid"]
     [mail] = wait_until(lambda: [m for m in stack.mailbox.to(address) if "submitToken" in m.get_content()],
                         20, "the validation email")
-    token = re.search(r"token=([0-9A-Za-z._=-]+)", mail.get_content()).group(1)
+    link = re.search(r"token=([0-9A-Za-z._=-]+)", mail.get_content())
+    assert link is not None, mail.get_content()
+    token = link.group(1)
     submitted = identity.post("/_matrix/identity/v2/validate/email/submitToken", headers=dave_token,
                               json={"sid": sid, "client_secret": secret, "token": token})
     assert submitted.status_code == 200 and submitted.json() == {"success": True}, submitted.text
@@ -432,3 +441,13 @@ def test_email_invite_in_a_default_room_bind_onbind_and_unbind(stack: Stack) -> 
     assert unbound.status_code == 200 and unbound.json() == {"id_server_unbind_result": "success"}, unbound.text
     assert stack.server.lookup_v1("email", address) == {}
     clean(synapse.log())
+
+
+def test_a_mistake_in_the_module_config_stops_synapse(tmp_path: Path) -> None:
+    synapse = Synapse(tmp_path, trustme.CA(), free_port(), "localhost", update_threepid=True)
+    synapse.start(ready=False)
+    assert synapse.process is not None
+    assert synapse.process.wait(120) != 0
+    synapse.stop()
+    output = (tmp_path / "stdout.log").read_text(errors="replace")
+    assert "mxisd_synapse: unknown config key(s): update_threepid" in output

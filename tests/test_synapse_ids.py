@@ -30,13 +30,14 @@ def test_room_and_user_ids_of_every_room_version(make_server, redis_url, prefix,
     server = started(make_server, redis_url, prefix)
     rooms = [ROOM_V12, "!abc:example.org", "!abc:[2001:db8::1]:8448"]
     senders = ["@tester:example.org", "@Old=Style/Name+x:example.org", "@t:[2001:db8::1]:8448", "@t:10.0.0.1:80"]
-    for room, sender in zip(rooms + rooms[:1], senders):
+    for room, sender in zip([*rooms, ROOM_V12], senders, strict=True):
         stored = server.http.post(V1 + "/store-invite", json={
             "medium": "email", "address": f"guest{len(mailbox.messages)}@example.net", "room_id": room,
             "sender": sender})
         assert stored.status_code == 200, (room, sender, stored.text)
     for room, sender, what in [("room", "@tester:example.org", "room_id"), ("!", "@tester:example.org", "room_id"),
-                               ("!a b", "@tester:example.org", "room_id"), (ROOM_V12 + "\n", "@t:example.org", "room_id"),
+                               ("!a b", "@tester:example.org", "room_id"),
+                               (ROOM_V12 + "\n", "@t:example.org", "room_id"),
                                (ROOM_V12, "@tester", "sender"), (ROOM_V12, "@te ster:example.org", "sender"),
                                (ROOM_V12, "@tester:exa mple.org", "sender"), (ROOM_V12, "@t:a:b", "sender")]:
         refused = server.http.post(V1 + "/store-invite", json={

@@ -16,10 +16,9 @@ In homeserver.yaml:
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Optional, Tuple
-
-from twisted.internet import defer, reactor
+from typing import Any
 
 from synapse.module_api import (
     ModuleApi,
@@ -28,11 +27,12 @@ from synapse.module_api import (
     run_in_background,
 )
 from synapse.module_api.errors import ConfigError
+from twisted.internet import defer, reactor
 
 logger = logging.getLogger(__name__)
 
 CHECK_CREDENTIALS = "/_matrix-internal/identity/v1/check_credentials"
-LoginResult = Optional[Tuple[str, Optional[Callable[[Any], Awaitable[None]]]]]
+LoginResult = tuple[str, Callable[[Any], Awaitable[None]] | None] | None
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ class PasswordProvider:
             return None
         return await self._login("+" + address if medium == "msisdn" else address, password)
 
-    async def _ask(self, user: str, password: str) -> Optional[dict[str, Any]]:
+    async def _ask(self, user: str, password: str) -> dict[str, Any] | None:
         """mxisd's answer, or None when it cannot be had (logged: the login then fails)."""
         body = {"user": {"id": user, "password": password}}
         request = run_in_background(self.api.http_client.post_json_get_json, self.url, body)
@@ -104,7 +104,7 @@ class PasswordProvider:
         except defer.TimeoutError:
             logger.error("mxisd at %s did not answer within %.0f s: login refused", self.url, self.config.timeout_s)
             return None
-        except Exception as exc:  # noqa: BLE001 - any failure to reach mxisd is a refused login, never a crash
+        except Exception as exc:  # noqa: BLE001 - any failure to reach mxisd refuses the login, never a crash
             logger.error("mxisd at %s could not be asked (%s: %s): login refused",
                          self.url, type(exc).__name__, exc)
             return None
@@ -121,7 +121,9 @@ class PasswordProvider:
         if not isinstance(mxid, str) or not self.api.is_mine(mxid):
             logger.error("mxisd accepted %r as %r, which is not a user of this homeserver: login refused", user, mxid)
             return None
-        profile = auth.get("profile") if isinstance(auth.get("profile"), dict) else {}
+        profile = auth.get("profile")
+        if not isinstance(profile, dict):
+            profile = {}
         name = profile.get("display_name") if isinstance(profile.get("display_name"), str) else None
         threepids = [(t["medium"], t["address"]) for t in profile.get("three_pids") or []
                      if isinstance(t, dict) and t.get("medium") in ("email", "msisdn")
@@ -159,7 +161,7 @@ class PasswordProvider:
         missing = [t for t in threepids if t not in have]
         if not missing:
             return
-        hs = self.api._hs  # noqa: SLF001 - no module API adds a 3PID
+        hs = self.api._hs
         store, auth_handler = hs.get_datastores().main, hs.get_auth_handler()
         for medium, address in missing:
             owner = await store.get_user_id_by_threepid(medium, address)
