@@ -164,7 +164,7 @@ class Synapse:
                 "per_room": lots, "per_user": lots, "per_issuer": lots},
             "rc_3pid_validation": lots,
             "modules": [{"module": "mxisd_synapse.PasswordProvider",
-                         "config": {"endpoint": f"http://127.0.0.1:{identity_port}", "timeout_s": 5,
+                         "config": {"endpoint": f"http://127.0.0.1:{identity_port}", "timeout_s": 2,
                                     **module_config}}],
         }
         self.identity_server = identity_server
@@ -339,28 +339,42 @@ def test_display_name_at_first_login_and_kept_in_step(stack: Stack) -> None:
     session = synapse.session("bob")
     path = "/_matrix/client/v3/profile/" + quote("@bob:example.org") + "/displayname"
     assert synapse.http.get(path, headers=session).json() == {"displayname": "Bob Builder"}
-    renamed = [dict(p, display_name="Robert Builder") if p["localpart"] == "bob" else p for p in PEOPLE]
-    server.write_people(renamed)
+    changed = dict(PEOPLE[1], display_name="Robert Builder", emails=["bob@example.com", "rob@example.com"],
+                   phones=["+44 7700 900123"])
+    server.write_people([changed if p["localpart"] == "bob" else p for p in PEOPLE])
     try:
         assert server.cli("index").returncode == 0
         synapse.session("bob")
         assert synapse.http.get(path, headers=session).json() == {"displayname": "Robert Builder"}
+        threepids = synapse.http.get("/_matrix/client/v3/account/3pid", headers=session).json()["threepids"]
+        assert {(t["medium"], t["address"]) for t in threepids} == {
+            ("email", "bob@example.com"), ("email", "rob@example.com"), ("msisdn", "447700900123")}
     finally:
         server.write_people(PEOPLE)
         assert server.cli("index").returncode == 0
 
 
 def test_directory_unreachable_is_a_clean_refusal(stack: Stack) -> None:
+    erin = {"type": "m.id.user", "user": "erin"}
     stack.server.stop()
     try:
-        response = stack.synapse.login({"type": "m.id.user", "user": "erin"})
+        response = stack.synapse.login(erin)
         assert response.status_code == 403, response.text
     finally:
         stack.server.start()
-    wait_until(lambda: "could not be asked" in stack.synapse.log(), 10, "the refusal in Synapse's log")
+    assert "could not be asked (ConnectionRefusedError" in stack.synapse.log()
+    assert stack.server.process is not None
+    group = os.getpgid(stack.server.process.pid)
+    os.killpg(group, signal.SIGSTOP)  # connections are accepted, nothing answers
+    try:
+        response = stack.synapse.login(erin)
+        assert response.status_code == 403, response.text
+    finally:
+        os.killpg(group, signal.SIGCONT)
+    assert "did not answer within 2 s: login refused" in stack.synapse.log()
     clean(stack.synapse.log())
     # Back up: the same login works.
-    assert stack.synapse.login({"type": "m.id.user", "user": "erin"}).status_code == 200
+    assert stack.synapse.login(erin).status_code == 200
 
 
 def test_v2_account_with_a_synapse_openid_token(stack: Stack) -> None:

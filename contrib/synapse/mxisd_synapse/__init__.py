@@ -27,7 +27,7 @@ from synapse.module_api import (
     run_in_background,
 )
 from synapse.module_api.errors import ConfigError
-from twisted.internet import defer, reactor
+from twisted.internet import reactor
 
 logger = logging.getLogger(__name__)
 
@@ -98,16 +98,20 @@ class PasswordProvider:
         """mxisd's answer, or None when it cannot be had (logged: the login then fails)."""
         body = {"user": {"id": user, "password": password}}
         request = run_in_background(self.api.http_client.post_json_get_json, self.url, body)
-        request.addTimeout(self.config.timeout_s, reactor)
+        timer = reactor.callLater(self.config.timeout_s, request.cancel)
         try:
             answer = await make_deferred_yieldable(request)
-        except defer.TimeoutError:
-            logger.error("mxisd at %s did not answer within %.0f s: login refused", self.url, self.config.timeout_s)
-            return None
         except Exception as exc:  # noqa: BLE001 - any failure to reach mxisd refuses the login, never a crash
-            logger.error("mxisd at %s could not be asked (%s: %s): login refused",
-                         self.url, type(exc).__name__, exc)
+            if not timer.active():
+                # Cancelled by the timer (Synapse 1.163's client then raises an IndexError, not CancelledError).
+                logger.error("mxisd at %s did not answer within %g s: login refused", self.url, self.config.timeout_s)
+            else:
+                logger.error("mxisd at %s could not be asked (%s: %s): login refused",
+                             self.url, type(exc).__name__, exc)
             return None
+        finally:
+            if timer.active():
+                timer.cancel()
         if not isinstance(answer, dict) or not isinstance(answer.get("auth"), dict):
             logger.error("mxisd at %s answered something other than {\"auth\": {...}}: login refused", self.url)
             return None
