@@ -51,6 +51,10 @@ class PasswordProvider:
         self.config = config
         self.api = api
         self.url = config.endpoint.rstrip("/") + CHECK_CREDENTIALS
+        # What is wrong with mxisd right now (None: nothing) and how many logins it has cost: a
+        # fault is logged when it starts or changes, not at every login it refuses.
+        self.fault: str | None = None
+        self.refused = 0
         api.register_password_auth_provider_callbacks(
             auth_checkers={("m.login.password", ("password",)): self.check_password},
             check_3pid_auth=self.check_3pid,
@@ -104,18 +108,27 @@ class PasswordProvider:
         except Exception as exc:  # noqa: BLE001 - any failure to reach mxisd refuses the login, never a crash
             if not timer.active():
                 # Cancelled by the timer (Synapse 1.163's client then raises an IndexError, not CancelledError).
-                logger.error("mxisd at %s did not answer within %g s: login refused", self.url, self.config.timeout_s)
+                self._unavailable(f"did not answer within {self.config.timeout_s:g} s")
             else:
-                logger.error("mxisd at %s could not be asked (%s: %s): login refused",
-                             self.url, type(exc).__name__, exc)
+                self._unavailable(f"could not be asked ({type(exc).__name__}: {exc})")
             return None
         finally:
             if timer.active():
                 timer.cancel()
         if not isinstance(answer, dict) or not isinstance(answer.get("auth"), dict):
-            logger.error("mxisd at %s answered something other than {\"auth\": {...}}: login refused", self.url)
+            self._unavailable('answered something other than {"auth": {...}}')
             return None
+        if self.fault is not None:
+            logger.warning("mxisd at %s answers again; %d login(s) refused while it did not", self.url, self.refused)
+            self.fault, self.refused = None, 0
         return answer["auth"]
+
+    def _unavailable(self, fault: str) -> None:
+        self.refused += 1
+        if fault != self.fault:
+            self.fault = fault
+            logger.error("mxisd at %s %s: login refused (until it answers again, further refusals are only counted)",
+                         self.url, fault)
 
     async def _login(self, user: str, password: str) -> LoginResult:
         auth = await self._ask(user, password)
