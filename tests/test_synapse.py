@@ -23,6 +23,7 @@ from urllib.parse import quote
 import bcrypt
 import httpx
 import pytest
+import redis
 import trustme
 import yaml
 from signedjson.key import generate_signing_key, write_signing_keys
@@ -255,7 +256,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
     prefix = f"test:{uuid.uuid4().hex[:12]}:"
     config = {
         "matrix": {"domain": "example.org"},
-        "server": {"name": id_server, "port": server_port, "public_url": f"https://{id_server}"},
+        # As docs/synapse.md says: public_url is what clients are told, id_server its host and port.
+        "server": {"name": "id.example.org", "port": server_port, "public_url": f"https://{id_server}"},
         "data_dir": "data",
         "redis": {"url": redis_url, "prefix": prefix},
         "threepids": {"msisdn": {"default_region": "GB"}},
@@ -280,6 +282,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
         server.http.close()
         terminator.close()
         mailbox.close()
+        client = redis.Redis.from_url(redis_url)
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+        client.close()
 
 
 def clean(log: str) -> None:
