@@ -42,6 +42,8 @@ PEOPLE = [
     {"localpart": "bob", "display_name": "Bob Builder", "emails": ["bob@example.com"], "password": HASH},
     {"localpart": "dave", "display_name": "Dave Lister", "emails": ["dave@example.com"], "password": HASH},
     {"localpart": "erin", "display_name": "Erin Brockovich", "emails": ["erin@example.com"], "password": HASH},
+    {"localpart": "frank", "display_name": "Frank Zappa", "emails": ["desk@example.com"], "password": HASH},
+    {"localpart": "grace", "display_name": "Grace Hopper", "emails": [], "password": HASH},
 ]
 ALICE = "@alice:example.org"
 
@@ -356,6 +358,27 @@ def test_display_name_at_first_login_and_kept_in_step(stack: Stack) -> None:
         threepids = synapse.http.get("/_matrix/client/v3/account/3pid", headers=session).json()["threepids"]
         assert {(t["medium"], t["address"]) for t in threepids} == {
             ("email", "bob@example.com"), ("email", "rob@example.com"), ("msisdn", "447700900123")}
+    finally:
+        server.write_people(PEOPLE)
+        assert server.cli("index").returncode == 0
+
+
+def test_a_3pid_another_account_holds_stays_with_it(stack: Stack) -> None:
+    synapse, server = stack.synapse, stack.server
+    frank = synapse.session("frank")
+    # The address moves to Grace in the directory; Frank's account keeps it, Grace still logs in.
+    moved = [dict(p, emails=[]) if p["localpart"] == "frank" else
+             dict(p, emails=["desk@example.com"]) if p["localpart"] == "grace" else p for p in PEOPLE]
+    server.write_people(moved)
+    try:
+        assert server.cli("index").returncode == 0
+        grace = synapse.session("grace")
+        for session, held in [(frank, [{"medium": "email", "address": "desk@example.com"}]), (grace, [])]:
+            threepids = synapse.http.get("/_matrix/client/v3/account/3pid", headers=session).json()["threepids"]
+            assert [{k: t[k] for k in ("medium", "address")} for t in threepids] == held
+        assert "email desk@example.com not added to @grace:example.org: account @frank:example.org has it" \
+            in synapse.log()
+        clean(synapse.log())
     finally:
         server.write_people(PEOPLE)
         assert server.cli("index").returncode == 0

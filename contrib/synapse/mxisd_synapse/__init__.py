@@ -27,9 +27,11 @@ from synapse.module_api import (
     run_in_background,
 )
 from synapse.module_api.errors import ConfigError
-from twisted.internet import reactor
+from twisted.internet import reactor as twisted_reactor
 
 logger = logging.getLogger(__name__)
+# Typed through zope interfaces, which mypy understands only with the mypy-zope plugin.
+reactor: Any = twisted_reactor
 
 CHECK_CREDENTIALS = "/_matrix-internal/identity/v1/check_credentials"
 LoginResult = tuple[str, Callable[[Any], Awaitable[None]] | None] | None
@@ -151,7 +153,10 @@ class PasswordProvider:
                 if not self.config.create_users:
                     logger.info("%s has no account here and create_users is off: login refused", mxid)
                     return None
-                emails = [a for m, a in threepids if m == "email"] if self.config.update_threepids else []
+                # Registration would take an address from the account holding it: only free ones.
+                store = self.api._hs.get_datastores().main
+                emails = [a for m, a in threepids if m == "email" and self.config.update_threepids
+                          and await store.get_user_id_by_threepid(m, a) is None]
                 account = await self.api.register_user(UserID.from_string(mxid).localpart, name, emails)
                 logger.info("created %s at first login (as %r)", account, user)
             elif self.config.update_display_name and name:
@@ -172,14 +177,14 @@ class PasswordProvider:
             logger.info("display name of %s set from the directory", account)
 
     async def _add_threepids(self, account: str, threepids: list[tuple[str, str]]) -> None:
-        """Add the directory's 3PIDs the account lacks. The module API cannot add 3PIDs, so this goes
-        through Synapse's auth handler; a 3PID another account holds is left with that account."""
+        """Add the directory's 3PIDs the account lacks; a 3PID another account holds is left with that
+        account. The module API can neither add 3PIDs nor say who holds one, so this (and the check
+        before registering) goes through Synapse's own store and auth handler."""
         have = {(t["medium"], t["address"]) for t in await self.api.get_threepids_for_user(account)}
         missing = [t for t in threepids if t not in have]
         if not missing:
             return
-        hs = self.api._hs
-        store, auth_handler = hs.get_datastores().main, hs.get_auth_handler()
+        store, auth_handler = self.api._hs.get_datastores().main, self.api._hs.get_auth_handler()
         for medium, address in missing:
             owner = await store.get_user_id_by_threepid(medium, address)
             if owner is not None:
