@@ -327,6 +327,21 @@ def test_login_by_localpart_email_and_phone_lands_in_one_account(stack: Stack) -
     clean(synapse.log())
 
 
+def test_login_through_the_optional_mxisd_login_route(stack: Stack) -> None:
+    """docs/synapse.md's optional /login route: mxisd names the account before Synapse sees the login
+    (so a phone identifier needs no "number" key there)."""
+    for identifier in [{"type": "m.id.phone", "country": "GB", "phone": "07700 900456"},
+                       {"type": "m.id.thirdparty", "medium": "email", "address": "alice@example.com"},
+                       {"type": "m.id.user", "user": "+44 7700 900456"}]:
+        response = stack.server.http.post("/_matrix/client/v3/login", json={
+            "type": "m.login.password", "identifier": identifier, "password": PASSWORD})
+        assert response.status_code == 200, (identifier, response.text)
+        assert response.json()["user_id"] == ALICE
+    refused = stack.server.http.post("/_matrix/client/v3/login", json={
+        "type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": "wrong"})
+    assert refused.status_code == 403 and refused.json()["errcode"] == "M_FORBIDDEN"
+
+
 def test_wrong_empty_and_unknown_refused(stack: Stack) -> None:
     synapse = stack.synapse
     for identifier, password in [({"type": "m.id.user", "user": "bob"}, "wrong"),
