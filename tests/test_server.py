@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -36,8 +37,14 @@ def auth(server, homeserver):
 
 
 def test_versions_and_pings(server):
-    versions = server.http.get("/_matrix/identity/versions").json()["versions"]
-    assert "r0.3.0" in versions and "v1.1" in versions
+    # As the spec has it: no token, CORS like every answer, the versions served in vX.Y (rX.Y.Z) form.
+    response = server.http.get("/_matrix/identity/versions", headers={"Origin": "https://app.element.io"})
+    assert response.status_code == 200 and response.headers["access-control-allow-origin"] == "*"
+    assert response.headers["content-type"] == "application/json"
+    versions = response.json()["versions"]
+    assert {"r0.3.0", "v1.1", "v1.18"} <= set(versions)  # the legacy v1 API, the v2 API, M_TOKEN_INCORRECT
+    assert all(re.fullmatch(r"r0\.\d\.\d|v1\.\d+", v) for v in versions)
+    assert server.http.options("/_matrix/identity/versions").status_code == 200
     assert server.http.get(V2).json() == {}
     assert server.http.get(V1).json() == {}
     assert server.http.get(V1 + "/").json() == {}
