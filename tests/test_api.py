@@ -17,6 +17,7 @@ from unpaddedbase64 import decode_base64
 
 from indexer.cache import Cache
 from indexer.normalize import lookup_hash
+from server.api.bind import our_names
 from server.token_cache import TOKEN_TRUST_S
 from tests.conftest import V1, V2, wait_until
 
@@ -281,6 +282,50 @@ def test_unbind_by_homeserver_signature(server, homeserver, mailbox):
     signed = homeserver.x_matrix(uri, "id.example.org", body)
     assert server.http.post(uri, json=body, headers={"Authorization": signed}).status_code == 200
     assert server.lookup_v1("email", "dave@example.net") == {}
+
+
+def test_unbind_signed_for_any_of_our_names(server, homeserver, mailbox):
+    server.config["server"]["public_url"] = "https://Identity.Example.NET:8443/"
+    started(server)
+    sid = validate_email(server, mailbox, "dave@example.net", "abc", prefix=V1)
+    body = {"mxid": DAVE, "threepid": {"medium": "email", "address": "dave@example.net"}}
+    uri = V2 + "/3pid/unbind"
+
+    def bind():
+        bound = server.http.post(V1 + "/3pid/bind", json={"sid": sid, "client_secret": "abc", "mxid": DAVE})
+        assert bound.status_code == 200 and server.lookup_v1("email", "dave@example.net")["mxid"] == DAVE
+
+    # What a homeserver was told to reach us by: server.name, or public_url's host with or without its port.
+    for destination in ("id.example.org", "identity.example.net", "identity.example.net:8443", "IDENTITY.example.net"):
+        bind()
+        signed = homeserver.x_matrix(uri, destination, body)
+        unbound = server.http.post(uri, json=body, headers={"Authorization": signed})
+        assert unbound.status_code == 200, (destination, unbound.text)
+        assert server.lookup_v1("email", "dave@example.net") == {}
+    # A homeserver that does not say which name it signed for may have used any of them.
+    bind()
+    unnamed = re.sub(r',destination="[^"]*"', "", homeserver.x_matrix(uri, "identity.example.net:8443", body))
+    assert server.http.post(uri, json=body, headers={"Authorization": unnamed}).status_code == 200
+
+    bind()
+    elsewhere = homeserver.x_matrix(uri, "other.example.com", body)
+    refused = server.http.post(uri, json=body, headers={"Authorization": elsewhere})
+    assert refused.status_code == 403 and refused.json()["errcode"] == "M_FORBIDDEN"
+    accepted = "id.example.org, identity.example.net, identity.example.net:8443"
+    assert "'other.example.com'" in refused.json()["error"] and accepted in refused.json()["error"]
+    assert f"unbind refused: signed for 'other.example.com', which is not a name of this server " \
+           f"(it answers to {accepted})" in server.log()
+    assert server.lookup_v1("email", "dave@example.net")["mxid"] == DAVE
+    # The session is proof enough whatever name the client used.
+    by_session = server.http.post(V1 + "/3pid/unbind", json={**body, "sid": sid, "client_secret": "abc"})
+    assert by_session.status_code == 200 and server.lookup_v1("email", "dave@example.net") == {}
+
+
+def test_our_names_default_ports():
+    assert our_names({"name": "Example.org", "public_url": "https://id.example.org"}) == [
+        "example.org", "id.example.org", "id.example.org:443"]
+    assert our_names({"name": "id.example.org", "public_url": "http://[::1]:8090/"}) == [
+        "id.example.org", "[::1]", "[::1]:8090"]
 
 
 def test_unbind_needs_a_session_for_that_3pid(server, mailbox):
