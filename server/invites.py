@@ -16,7 +16,7 @@ import sqlalchemy
 
 from indexer.cache import Lookups
 from indexer.config import parse_duration
-from server.api.bind import ASSOCIATION_LIFETIME_MS
+from server.bindings import ASSOCIATION_LIFETIME_MS
 from server.federation import Federation, FederationError, split_server_name
 from server.keys import Keys
 from server.storage import Delivery, Invite, Storage, now_ms

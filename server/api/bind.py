@@ -12,16 +12,14 @@ from sanic.response import HTTPResponse, json
 from indexer.normalize import query_address
 from server.api import V1, V2, authenticate_v2, json_body
 from server.api.sessions import live_session, validated_session
+from server.bindings import bound_association
 from server.errors import MatrixError, shown
 from server.federation import BadSignature, FederationError, WrongDestination
-from server.storage import now_ms
+from server.storage import Binding, now_ms
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("bind")
-
-ASSOCIATION_LIFETIME_MS = 100 * 365 * 24 * 3600 * 1000  # as Sydent: bindings do not lapse by themselves
-
 
 @bp.post(V1 + "/3pid/bind", name="bind_v1")
 @bp.post(V2 + "/3pid/bind", name="bind_v2")
@@ -41,9 +39,7 @@ async def bind(request: Request) -> HTTPResponse:
     else:
         log.info("%s %s bound to %s", session.medium, session.address, body["mxid"])
     await request.app.ctx.invites.addresses_known([(session.medium, session.address)], body["mxid"])
-    association = {"address": session.address, "medium": session.medium, "mxid": body["mxid"],
-                   "not_before": ts, "not_after": ts + ASSOCIATION_LIFETIME_MS, "ts": ts}
-    return json(request.app.ctx.keys.sign(association))
+    return json(bound_association(request.app.ctx.keys, Binding(session.medium, session.address, body["mxid"], ts)))
 
 
 def our_names(server: dict[str, Any]) -> list[str]:
