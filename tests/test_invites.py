@@ -114,6 +114,9 @@ def test_invite_email_keys_and_delivery_on_bind(server, homeserver, mailbox):
     assert bound.status_code == 200, bound.text
     [onbind] = wait_until(lambda: homeserver.onbinds("zoe.q@example.net"), what="the onbind callback")
     check_onbind(server, onbind, "zoe.q@example.net", INVITER, answer["token"])
+    # The association the bind answered, with the invites inside.
+    assert {k: onbind[k] for k in ("ts", "not_before", "not_after")} == {
+        k: bound.json()[k] for k in ("ts", "not_before", "not_after")}
     # The invitee's homeserver still checks the ephemeral key when she joins.
     assert httpx.get(ephemeral["key_validity_url"], params={"public_key": ephemeral["public_key"]}).json() == {
         "valid": True}
