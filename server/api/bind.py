@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("bind")
 
+
 @bp.post(V1 + "/3pid/bind", name="bind_v1")
 @bp.post(V2 + "/3pid/bind", name="bind_v2")
 async def bind(request: Request) -> HTTPResponse:
