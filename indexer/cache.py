@@ -70,7 +70,7 @@ return {ARGV[2], 1}
 # Atomically: claim a queued job for this indexer (nothing when it was failed for waiting too long).
 _CLAIM = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return nil end
-redis.call('HSET', KEYS[1], 'state', 'running', 'started', ARGV[1])
+redis.call('HSET', KEYS[1], 'state', 'running', 'started', ARGV[1], 'host', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return redis.call('HGETALL', KEYS[1])
 """
@@ -498,13 +498,14 @@ class Cache:
 
     # -- sync jobs (admin-triggered syncs run by an indexer) -----------------------------------
 
-    def next_job(self, timeout: int) -> dict[str, str] | None:
-        """Wait up to timeout seconds for a queued job and claim it: its fields, now "running"."""
+    def next_job(self, timeout: int, host: str) -> dict[str, str] | None:
+        """Wait up to timeout seconds for a queued job and claim it for host's indexer: its fields,
+        now "running"."""
         reply = self.r.brpop([self.k.jobs], timeout=timeout)
         if not reply:
             return None
         # Expired while queued, or failed for waiting too long: nothing to run.
-        fields = self.r.eval(_CLAIM, 1, self.k.job(reply[1]), time.time(), JOB_RUNNING_TTL)
+        fields = self.r.eval(_CLAIM, 1, self.k.job(reply[1]), time.time(), JOB_RUNNING_TTL, host)
         return dict(zip(fields[::2], fields[1::2])) if fields else None
 
     # -- the indexer's heartbeat ---------------------------------------------------------------
@@ -523,6 +524,19 @@ class Cache:
         tx.set(self.k.indexer_exit(host), json.dumps(dict(fields, at=time.time())))
         tx.sadd(self.k.indexer_hosts, host)
         tx.execute()
+
+    def fail_running_jobs(self, host: str, stores: list[str], error: str) -> list[str]:
+        """Fail the jobs that host's indexer was running (it died); their ids."""
+        failed = []
+        for store in stores:
+            job_id = self.r.get(self.k.store(store, "job"))
+            if job_id is None:
+                continue
+            job = self.r.hmget(self.k.job(job_id), ["state", "host"])
+            if job == ["running", host]:
+                self.finish_job(store, job_id, None, error)
+                failed.append(job_id)
+        return failed
 
     def update_job(self, job_id: str, **fields: Any) -> None:
         """Record progress of a running job and keep it alive."""

@@ -4,6 +4,7 @@ recording progress and outcome in the job for the API to report."""
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from typing import Any, Callable
 
@@ -36,7 +37,7 @@ class JobRunner:
         """Wait for jobs until stop is set; Redis outages are waited out."""
         while not stop.is_set():
             try:
-                job = self.cache.next_job(timeout=1)
+                job = self.cache.next_job(timeout=1, host=socket.gethostname())
             except redis.exceptions.RedisError as exc:
                 log.warning("sync jobs: Redis unavailable (%s); retrying", exc)
                 stop.wait(2)

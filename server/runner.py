@@ -360,11 +360,15 @@ class Supervisor:
             log.info("stopped")
 
     def _indexer_exited(self, what: str, restart_in: float) -> None:
-        """Readiness fails from now on: the indexer's heartbeat is gone."""
+        """Readiness fails from now on (the indexer's heartbeat is gone), and its running jobs."""
         if self.cache is None:
             return
         try:
             self.cache.indexer_exited(self.host, reason=what, restart_in=restart_in)
+            # Those following its jobs (`mxisd index`) learn it now, not when the jobs expire.
+            for job_id in self.cache.fail_running_jobs(self.host, [s["name"] for s in self.config["stores"]],
+                                                       f"the indexer running this job {what}"):
+                log.error("job %s failed: the indexer running it %s", job_id, what)
         except redis.exceptions.RedisError as exc:
             log.warning("could not record the indexer's exit: %s", exc)
 

@@ -199,6 +199,32 @@ def test_a_stop_signal_during_start_up_leaves_no_process(make_server, moment, si
             os.killpg(process.pid, signal.SIGKILL)
 
 
+def test_a_job_whose_indexer_dies_fails_at_once(make_server):
+    srv = make_server()
+    srv.config["admin"] = {"token": ADMIN_TOKEN}
+    srv.start()
+    wait_until(lambda: readiness(srv)[0] == 200, what="readiness after the first sync")
+    srv.people_path.unlink()
+    os.mkfifo(srv.people_path)  # reading it waits for a writer that never comes: the job hangs
+    following = subprocess.Popen([sys.executable, "-m", "server.cli", "index", "--config", str(srv.config_path)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=srv.root)
+    try:
+        def job_state() -> str | None:
+            stores = srv.http.get("/_mxisd/admin/v1/stores", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+            job = stores.json()["stores"][0]["job"]
+            return job and job["state"]
+
+        wait_until(lambda: job_state() == "running", what="the job to run")
+        child(srv, "indexer.scheduler").kill()
+        _, stderr = following.communicate(timeout=30)  # well before the job would expire (a minute)
+    finally:
+        following.kill()
+    assert following.returncode == 1
+    assert "people: sync failed: the indexer running this job was killed by SIGKILL" in stderr
+    indexers = srv.http.get("/_mxisd/admin/v1/stores", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
+    assert indexers["indexers"][0]["last_exit"]["reason"] == "was killed by SIGKILL"
+
+
 def test_a_job_no_indexer_takes_fails_with_a_message(make_server, redis_url, prefix):
     srv = make_server()
     srv.config["supervisor"] = {"restart_first": "1h"}  # the indexer stays down once killed

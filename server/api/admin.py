@@ -77,10 +77,12 @@ def _stores_config(request: Request) -> list[dict[str, Any]]:
 
 @bp.get("/v1/stores")
 async def stores(request: Request) -> HTTPResponse:
-    """GET /_mxisd/admin/v1/stores: each store's size, last syncs, next runs and active job; follower lag."""
+    """GET /_mxisd/admin/v1/stores: each store's size, last syncs, next runs and active job; follower
+    lag; whether each host's indexer runs."""
     status = await request.app.ctx.admin.status()
     listed = [{"name": s["name"], "kind": s["kind"], **status["stores"][s["name"]]} for s in _stores_config(request)]
-    return json({"stores": listed, "followers": status["followers"], "last_change_id": status["last_change_id"]})
+    return json({"stores": listed, "followers": status["followers"], "last_change_id": status["last_change_id"],
+                 "indexers": status["indexers"]})
 
 
 @bp.post("/v1/stores/<name>/sync")
