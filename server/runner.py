@@ -86,16 +86,30 @@ STOP_GRACE = 5.0
 TICK = 0.2
 
 
-def _spawn(module: str, config: dict[str, Any], redis_url: str, *extra: int) -> subprocess.Popen[bytes]:
+def _spawn(module: str, config: dict[str, Any], redis_url: str, *extra: int,
+           keep_stdin: bool = False) -> subprocess.Popen[bytes]:
     """`python -m module REDIS_URL OUR_PID [FD...]` in a session of its own (a terminal's Ctrl-C or
-    hangup reaches this process alone, which decides), with the config on a pipe: it may hold
-    secrets, which must not show in the process list. The file descriptors in extra are passed on."""
+    hangup reaches this process alone, which decides), with the config on a pipe as a line of JSON:
+    it may hold secrets, which must not show in the process list. The file descriptors in extra are
+    passed on; with keep_stdin, the pipe stays open for configs re-read later."""
     process = subprocess.Popen([sys.executable, "-m", module, redis_url, str(os.getpid()), *map(str, extra)],
                                stdin=subprocess.PIPE, start_new_session=True, pass_fds=extra)
     assert process.stdin is not None
-    process.stdin.write(json.dumps(config).encode())
-    process.stdin.close()
+    process.stdin.write(json.dumps(config).encode() + b"\n")
+    if keep_stdin:
+        process.stdin.flush()
+    else:
+        process.stdin.close()
     return process
+
+
+def _send_config(process: subprocess.Popen[bytes] | None, config: dict[str, Any]) -> None:
+    """Hand a re-read config to a child started with keep_stdin."""
+    if process is None or process.stdin is None or process.poll() is not None:
+        return  # it starts with the new config when it is started again
+    with contextlib.suppress(BrokenPipeError):
+        process.stdin.write(json.dumps(config).encode() + b"\n")
+        process.stdin.flush()
 
 
 def describe_exit(status: int) -> str:
@@ -249,11 +263,18 @@ class Stopped(Exception):
 
 def reloadable(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """The config to go on with after a reload (old, with the changes that can be applied without a
-    restart: log_level and each store's sync settings) and the keys whose changes cannot."""
+    restart: log_level, each store's sync settings, sessions.rate_limit and auth.rate_limit) and the
+    keys whose changes cannot."""
     merged, ignored = copy.deepcopy(old), []
     for key in sorted(set(old) | set(new)):
         if key == "log_level":
             merged[key] = new[key]
+        elif key in ("sessions", "auth"):
+            if {k: v for k, v in old[key].items() if k != "rate_limit"} == \
+                    {k: v for k, v in new[key].items() if k != "rate_limit"}:
+                merged[key] = new[key]
+            else:
+                ignored.append(f"{key} (other than rate_limit)")
         elif key == "stores":
             def without_sync(stores: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 return [{k: v for k, v in store.items() if k != "sync"} for store in stores]
@@ -326,7 +347,8 @@ class Supervisor:
             indexer.start()
             up: list[bool] = []
             server = Child("HTTP server",
-                           lambda: _spawn("server.serve", self.config, redis_url, *([] if up else [told])),
+                           lambda: _spawn("server.serve", self.config, redis_url, *([] if up else [told]),
+                                          keep_stdin=True),
                            first, most, group=True, give_up=lambda: not up)
             self.children.append(server)
             server.start()
@@ -339,7 +361,7 @@ class Supervisor:
                 self.signals.wake.clear()
                 if self.signals.reload:
                     self.signals.reload = False
-                    self.reload(indexer)
+                    self.reload(indexer, server)
                 for child in self.children:
                     if not self.signals.stopping():
                         child.check()
@@ -372,7 +394,7 @@ class Supervisor:
         except redis.exceptions.RedisError as exc:
             log.warning("could not record the indexer's exit: %s", exc)
 
-    def reload(self, indexer: Child) -> None:
+    def reload(self, indexer: Child, server: Child) -> None:
         """SIGHUP: apply what can change without a restart; say what cannot."""
         if self.path is None:
             log.info("received SIGHUP: no config file to re-read; ignored")
@@ -388,12 +410,16 @@ class Supervisor:
         if merged == self.config:
             log.info("received SIGHUP: config %s re-read, nothing to apply", self.path)
             return
-        applied = [key for key in ("log_level", "stores") if merged[key] != self.config[key]]
+        applied = [key for key in ("log_level", "stores", "sessions", "auth") if merged[key] != self.config[key]]
         self.config = merged
         logging.getLogger().setLevel(merged["log_level"])
-        log.info("received SIGHUP: config %s re-read; %s applied (the indexer restarts with them; the HTTP "
-                 "server keeps its log level until a restart)", self.path, " and ".join(applied))
-        indexer.replace()
+        log.info("received SIGHUP: config %s re-read; %s applied", self.path,
+                 ", ".join({"stores": "store sync settings", "sessions": "sessions.rate_limit",
+                            "auth": "auth.rate_limit"}.get(key, key) for key in applied))
+        if {"log_level", "stores"} & set(applied):
+            indexer.replace()  # it has nothing else to lose: everything it knows is in Redis
+        if {"log_level", "sessions", "auth"} & set(applied):
+            _send_config(server.process, merged)
 
 
 def run(config: dict[str, Any], config_path: str | None = None) -> None:

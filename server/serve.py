@@ -47,6 +47,8 @@ def serve(config: dict[str, Any], redis_url: str, listening: int | None = None) 
         single_process=server["workers"] == 1,
     )
     log.info("serving %s on http://%s:%d", server["name"], server["bind"], server["port"])
+    threading.Thread(target=_follow_config, args=(app, config, server["workers"] == 1), name="config",
+                     daemon=True).start()
     if server["workers"] == 1:
         app.after_server_start(tell)
         Sanic.serve_single(primary=app)
@@ -88,6 +90,29 @@ async def _stop_at_once_while_starting(app: Sanic, _: Any) -> None:
         signal.signal(signum, handler)
 
 
+def _follow_config(app: Sanic, config: dict[str, Any], single: bool) -> None:
+    """Apply each config `mxisd run` re-reads on SIGHUP (a line of JSON on stdin): log_level and
+    the rate limits. One process applies them in place; workers are replaced by new ones started with
+    them, each new one before its old one stops, so that nothing stops answering."""
+    for line in sys.stdin:
+        new = json.loads(line)
+        config["log_level"] = new["log_level"]
+        for section in ("sessions", "auth"):
+            config[section]["rate_limit"] = new[section]["rate_limit"]
+        logging.getLogger().setLevel(new["log_level"])
+        try:
+            if single:
+                app.ctx.credentials.set_limits(config["auth"]["rate_limit"])
+                log.info("log_level and rate limits re-read")
+            else:
+                # Sanic's own message for a restart of every worker, new ones first (as its
+                # auto-reload does); they are made by the app loader, which holds this config.
+                app.manager.monitor_publisher.send("__ALL_PROCESSES__::STARTUP_FIRST")
+                log.info("log_level and rate limits re-read; the workers are replaced by new ones")
+        except AttributeError:  # still starting: the workers it starts have the new config
+            log.info("log_level and rate limits re-read while starting")
+
+
 def _watch_parent(parent_pid: int) -> None:
     """Stop this server when `mxisd run` is gone (killed, so it could not stop us itself)."""
     stop = threading.Event()
@@ -104,7 +129,7 @@ def main() -> None:
     (it may hold secrets, which must not show in the process list)."""
     redis_url, parent_pid = sys.argv[1], int(sys.argv[2])
     listening = int(sys.argv[3]) if len(sys.argv) > 3 else None
-    config = json.load(sys.stdin)
+    config = json.loads(sys.stdin.readline())
     logs.setup(config["log_level"], "server", config["log_format"])
     # A hangup of the terminal reaches `mxisd run` alone, which decides what it means.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

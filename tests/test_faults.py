@@ -134,18 +134,34 @@ def test_a_store_raising_an_unexpected_error_fails_that_sync_only(make_server):
     assert child(srv, "indexer.scheduler").pid == indexer.pid
 
 
-def test_sighup_reloads_what_it_can_and_never_stops_the_server(make_server):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sighup_reloads_what_it_can_and_never_stops_the_server(make_server, workers):
     srv = make_server()
+    srv.config["server"]["workers"] = workers
     srv.start()
     assert srv.process is not None
+    probes = iter(range(1000))
+
+    def second_request_refused() -> bool:
+        """Whether an address's second validation request is refused (the default allows 5)."""
+        address = f"probe{next(probes)}@example.net"
+        answers = [srv.http.post(V1 + "/validate/email/requestToken",
+                                 json={"client_secret": "s3cret", "email": address, "send_attempt": attempt})
+                   for attempt in (1, 2)]
+        assert answers[0].status_code == 200, answers[0].text
+        return answers[1].status_code == 429 and f"(per_address) for email:{address}" in srv.log()
+    assert not second_request_refused()
 
     srv.config["stores"][0]["sync"]["full_every"] = "2h"
+    srv.config["sessions"] = {"rate_limit": {"per_address": {"requests": 1, "window": "1h"}}}
     srv.config["lookup"]["bulk_max"] = 7
     srv.config_path.write_text(yaml.safe_dump(srv.config))
     srv.process.send_signal(signal.SIGHUP)
-    wait_until(lambda: "re-read; stores applied" in srv.log(), what="the reload's log line")
+    wait_until(lambda: "re-read; store sync settings, sessions.rate_limit applied" in srv.log(),
+               what="the reload's log line")
     assert "changes to lookup need a restart of mxisd run; not applied" in srv.log()
     wait_until(lambda: "next full sync in 71" in srv.log(), what="the indexer on the new sync settings")
+    wait_until(second_request_refused, 60, "the HTTP server on the new rate limit")
 
     srv.config_path.write_text(srv.config_path.read_text().replace("full_every: 2h", "full_every: 12"))
     srv.process.send_signal(signal.SIGHUP)
