@@ -18,6 +18,7 @@ import pytest
 import redis
 import yaml
 
+from indexer.redis_server import EmbeddedRedis
 from tests.conftest import PEOPLE, V1, Server, wait_until
 
 pytestmark = pytest.mark.faults
@@ -77,7 +78,7 @@ def test_a_killed_embedded_redis_is_restarted_with_its_data(make_server):
     srv.config["supervisor"] = {"heartbeat": "1s", "restart_first": "3s"}
     srv.start()
     wait_until(lambda: readiness(srv)[0] == 200, what="readiness after the first sync")
-    redis_server = child(srv, "redis-server")
+    redis_server, indexer = child(srv, "redis-server"), child(srv, "indexer.scheduler")
 
     redis_server.kill()
     status, body = wait_until(lambda: (r := readiness(srv))[0] == 503 and r, what="readiness to fail")
@@ -90,6 +91,23 @@ def test_a_killed_embedded_redis_is_restarted_with_its_data(make_server):
     # Its append-only file brought the cache back: bob is known although nothing synced since.
     assert srv.lookup_v1("email", "bob@example.com")["mxid"] == "@bob:example.org"
     assert srv.log().count("full sync started") == 1
+    # The indexer waited Redis out: the same process goes on.
+    assert child(srv, "indexer.scheduler").pid == indexer.pid
+
+
+def test_the_indexer_outlives_an_emptied_cache(make_server):
+    srv = make_server(embedded_redis=True)
+    srv.config["stores"][0]["sync"]["full_every"] = "2s"
+    srv.config["supervisor"] = {"heartbeat": "1s"}
+    srv.start()
+    wait_until(lambda: readiness(srv)[0] == 200, what="readiness after the first sync")
+    indexer = child(srv, "indexer.scheduler")
+    syncs = srv.log().count("full sync started")
+
+    redis.Redis(unix_socket_path=str(EmbeddedRedis(srv.root / "data").socket)).flushdb()
+    wait_until(lambda: srv.log().count("full sync started") >= syncs + 2, what="syncs after the flush")
+    assert indexer.is_running() and child(srv, "indexer.scheduler").pid == indexer.pid
+    wait_until(lambda: readiness(srv)[1]["checks"].get("indexer", {}).get("ok"), what="the indexer's heartbeat again")
 
 
 def test_a_store_raising_an_unexpected_error_fails_that_sync_only(make_server):
