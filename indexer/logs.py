@@ -10,6 +10,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 # The id of the HTTP request (or of the job it started) being handled, for every log line it causes.
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
@@ -86,10 +87,13 @@ def setup(level: str, role: str, fmt: str = "text") -> None:
 
 class Repeated:
     """Logs an error at its first occurrence, then at most once per interval with how many times it
-    came meanwhile, so that an outage hit by every request writes a line a minute, not a line a request."""
+    came meanwhile, so that an outage hit by every request writes a line a minute, not a line a request.
+    The count is written with the next occurrence after the interval (an outage that ends leaves its
+    last count unwritten: the lines before it said the fault was going on)."""
 
-    def __init__(self, interval_s: float = 60.0) -> None:
+    def __init__(self, interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.interval_s = interval_s
+        self.clock = clock
         self._lock = threading.Lock()
         self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}  # key -> (last logged, since then)
 
@@ -97,7 +101,7 @@ class Repeated:
         """Log msg % args unless the same message (or key) was logged less than interval_s ago."""
         text = msg % args if args else msg
         ident = (logger.name, level, key if key is not None else text)
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             last, count = self._seen.get(ident, (None, 0))
             if last is not None and now - last < self.interval_s:

@@ -60,7 +60,8 @@ class Indexer:
         except SyncBusy as exc:
             log.info("%s; skipping this run", exc)
         except redis.exceptions.RedisError as exc:
-            log.error("store %s: sync not started, Redis unavailable: %s", store.name, exc)
+            logs.repeated.error(log, "store %s: sync not started, Redis unavailable: %s", store.name, exc,
+                                key=f"{store.name} full redis")
 
     def sync_changes(self, store: Store) -> None:
         try:
@@ -70,7 +71,8 @@ class Indexer:
         except SyncBusy as exc:
             log.info("%s; skipping this run", exc)
         except redis.exceptions.RedisError as exc:
-            log.error("store %s: incremental sync not started, Redis unavailable: %s", store.name, exc)
+            logs.repeated.error(log, "store %s: incremental sync not started, Redis unavailable: %s", store.name, exc,
+                                key=f"{store.name} incremental redis")
 
     def _first_delay(self, store: Store, every: int | None) -> float | None:
         last = self.cache.state(store.name).get("last_full") or {}

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import redis
 
+from indexer import logs
 from indexer.cache import Cache
 from indexer.identity import Identity
 from indexer.stores import Store, StoreError
@@ -87,10 +88,12 @@ def _locked_run(
             body(result)
     except StoreError as exc:
         result.outcome, result.error = "failed", str(exc)
-        log.error("store %s: %s sync failed, cache left as it was: %s", store.name, kind, exc)
+        logs.repeated.error(log, "store %s: %s sync failed, cache left as it was: %s", store.name, kind, exc,
+                            key=f"{store.name} {kind} store")
     except redis.exceptions.RedisError as exc:
         result.outcome, result.error = "failed", f"redis: {exc}"
-        log.error("store %s: %s sync failed on Redis: %s", store.name, kind, exc)
+        logs.repeated.error(log, "store %s: %s sync failed on Redis: %s", store.name, kind, exc,
+                            key=f"{store.name} {kind} redis")
     finally:
         result.ended = time.time()
         state = {f"last_{kind}": result.as_dict()}

@@ -201,7 +201,7 @@ async def maintenance(app: Sanic, redis_url: str) -> None:
                     if purged:
                         log.info("forgot %d expired validation sessions", purged)
             except (redis.exceptions.RedisError, sqlalchemy.exc.SQLAlchemyError) as exc:
-                logs.repeated.warning(log, "cache check skipped: %s", exc)
+                logs.repeated.warning(log, "cache check skipped: %s", exc, key="cache check")
     finally:
         cache.r.close()
 
@@ -242,13 +242,13 @@ def error_response(request: Request, exc: Exception) -> HTTPResponse:
     elif isinstance(exc, BadRequest):
         error = MatrixError(400, "M_BAD_JSON", str(exc) or "Bad request")
     elif isinstance(exc, redis.exceptions.TimeoutError):
-        logs.repeated.error(log, "requests failed: the cache did not answer in time: %s", exc)
+        logs.repeated.error(log, "requests failed: the cache did not answer in time: %s", exc, key="redis timeout")
         error = MatrixError(503, "M_UNKNOWN", "The cache did not answer in time, try again shortly")
     elif isinstance(exc, redis.exceptions.RedisError):
-        logs.repeated.error(log, "requests failed: cache unavailable: %s", exc)
+        logs.repeated.error(log, "requests failed: cache unavailable: %s", exc, key=f"redis {type(exc).__name__}")
         error = MatrixError(503, "M_UNKNOWN", "The lookup cache is unavailable, try again shortly")
     elif isinstance(exc, sqlalchemy.exc.OperationalError):
-        logs.repeated.error(log, "requests failed: database unavailable: %s", exc.orig)
+        logs.repeated.error(log, "requests failed: database unavailable: %s", exc.orig, key="sql unavailable")
         error = MatrixError(503, "M_UNKNOWN", "The database is unavailable, try again shortly")
     elif isinstance(exc, ServiceUnavailable):  # Sanic's response timeout
         logs.repeated.error(log, "requests failed: no answer within the response timeout: %s", exc)
