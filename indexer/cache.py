@@ -316,7 +316,9 @@ class Cache:
     def pepper(self) -> str:
         value = self.r.get(self.k.pepper)
         if not value:
-            raise RuntimeError("the cache has no lookup pepper: it was emptied while running")
+            # A Redis failure like any other: the sync fails, and the indexer syncs again in full
+            # once it has given the emptied cache a new epoch and pepper.
+            raise redis.exceptions.ResponseError("the cache has no lookup pepper: it was emptied while running")
         return value
 
     # -- records -------------------------------------------------------------------------------

@@ -58,9 +58,12 @@ async def ready(request: Request) -> HTTPResponse:
     if state is not None:
         if generation is not None:
             checks["bindings"] = {"ok": behind is None, **({"error": behind} if behind else {})}
+        never_synced = {service.name for service in ctx.read_through.services}  # asked on cache misses instead
         checks["stores"] = {
-            name: {"ok": s["complete"], "last_success": s["last_success"], "identities": s["identities"],
-                   **({} if s["complete"] else {"error": "no full sync has completed into this cache yet"})}
+            name: {"ok": s["complete"] or name in never_synced, "last_success": s["last_success"],
+                   "identities": s["identities"],
+                   **({} if s["complete"] or name in never_synced
+                      else {"error": "no full sync has completed into this cache yet"})}
             for name, s in state["stores"].items()
         }
         host = socket.gethostname()
