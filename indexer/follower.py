@@ -10,6 +10,7 @@ import time
 
 import redis
 
+from indexer import logs
 from indexer.cache import Cache
 from indexer.fulltext import SCHEMA_VERSION, FullText, document_key
 from indexer.identity import Identity
@@ -129,10 +130,11 @@ class Follower:
                     self.start()
                 self.step(block_ms=1000)
             except redis.exceptions.RedisError as exc:
-                log.warning("fulltext follower: Redis unavailable (%s); retrying", exc)
+                logs.repeated.warning(log, "fulltext follower: Redis unavailable (%s); retrying", exc, key="follower redis")
                 self.epoch = ""
                 stop.wait(2)
-            except Exception:  # such as the cache emptied under it: this thread must go on
-                log.exception("fulltext follower: unexpected error; retrying in 5 s")
+            except Exception as exc:  # this thread must go on
+                logs.repeated.error(log, "fulltext follower: unexpected error (%s: %s); retrying in 5 s",
+                                    type(exc).__name__, exc, key=f"follower {type(exc).__name__}", exc_info=True)
                 self.epoch = ""
                 stop.wait(5)

@@ -39,11 +39,12 @@ class JobRunner:
             try:
                 job = self.cache.next_job(timeout=1, host=socket.gethostname())
             except redis.exceptions.RedisError as exc:
-                log.warning("sync jobs: Redis unavailable (%s); retrying", exc)
+                logs.repeated.warning(log, "sync jobs: Redis unavailable (%s); retrying", exc, key="jobs redis")
                 stop.wait(2)
                 continue
-            except Exception:  # this thread must go on, or queued jobs wait for nobody
-                log.exception("sync jobs: unexpected error; retrying in 5 s")
+            except Exception as exc:  # this thread must go on, or queued jobs wait for nobody
+                logs.repeated.error(log, "sync jobs: unexpected error (%s: %s); retrying in 5 s", type(exc).__name__,
+                                    exc, key=f"jobs {type(exc).__name__}", exc_info=True)
                 stop.wait(5)
                 continue
             if job is not None:

@@ -18,7 +18,7 @@ import redis
 import schedule
 
 from indexer import logs
-from indexer.cache import Cache, connect
+from indexer.cache import Cache, connect, timeout_of
 from indexer.config import parse_duration
 from indexer.follower import Follower
 from indexer.fulltext import FullText
@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 # How long the indexer's loop waits after an unexpected error (such as Redis being down) before it
 # tries again.
 RETRY_AFTER = 5.0
+# A store that cannot be synced in full while it is missing from the cache is tried again after this
+# long, twice as long each time, up to RESYNC_RETRY_MAX_S.
+RESYNC_RETRY_FIRST_S = 10.0
+RESYNC_RETRY_MAX_S = 300.0
 
 
 def fulltext_path(config: dict[str, Any]) -> Path:
@@ -55,6 +59,9 @@ class Indexer:
         self.scheduler = schedule.Scheduler()
         self.published: dict[str, dict[str, float | None]] = {}
         self.stop = threading.Event()
+        self.check_every = max(1, parse_duration(config["redis"]["check_every"]))
+        self.next_check = 0.0
+        self.retry_after: dict[str, tuple[float, float]] = {}  # store -> (monotonic time, next delay)
 
     def _progress(self, read: int, applied: int) -> None:
         # Between two batches: a sync asked to stop fails there, and frees its store's lock, instead
@@ -72,9 +79,11 @@ class Indexer:
         except SyncBusy as exc:
             log.info("%s; skipping this run", exc)
         except redis.exceptions.RedisError as exc:
-            log.error("store %s: sync not started, Redis unavailable: %s", store.name, exc)
-        except Exception:
-            log.exception("store %s: sync not started", store.name)
+            logs.repeated.error(log, "store %s: sync not started, Redis unavailable: %s", store.name, exc,
+                                key=f"{store.name} full redis")
+        except Exception as exc:
+            logs.repeated.error(log, "store %s: sync not started: %s: %s", store.name, type(exc).__name__, exc,
+                                key=f"{store.name} full {type(exc).__name__}", exc_info=True)
         return False
 
     def first_sync(self, store: Store, sync_config: dict[str, Any], every: int | None) -> type[schedule.CancelJob]:
@@ -98,9 +107,12 @@ class Indexer:
         except SyncBusy as exc:
             log.info("%s; skipping this run", exc)
         except redis.exceptions.RedisError as exc:
-            log.error("store %s: incremental sync not started, Redis unavailable: %s", store.name, exc)
-        except Exception:
-            log.exception("store %s: incremental sync not started", store.name)
+            logs.repeated.error(log, "store %s: incremental sync not started, Redis unavailable: %s", store.name, exc,
+                                key=f"{store.name} incremental redis")
+        except Exception as exc:
+            logs.repeated.error(log, "store %s: incremental sync not started: %s: %s", store.name,
+                                type(exc).__name__, exc, key=f"{store.name} incremental {type(exc).__name__}",
+                                exc_info=True)
 
     def _first_delay(self, store: Store, every: int | None) -> float | None:
         last = self.cache.state(store.name).get("last_full") or {}
@@ -131,6 +143,27 @@ class Indexer:
                 self.first_sync, store, sync_config, every).tag(store.name, "full")
             log.info("store %s: next full sync in %d s", store.name, int(delay))
 
+    def resync_incomplete(self) -> None:
+        """Every redis.check_every: sync in full, now, each store that is not wholly in the cache (the
+        cache was emptied, or a server found it restored from an older copy)."""
+        now = time.monotonic()
+        if now < self.next_check:
+            return
+        self.next_check = now + self.check_every
+        self.cache.initialize()  # an emptied cache gets its epoch and pepper before anything is written
+        enumerable = {store.name: (store, sync_config) for store, sync_config in self.stores if store.enumerable}
+        for name in self.cache.incomplete_stores(list(enumerable)):
+            when, delay = self.retry_after.get(name, (0.0, RESYNC_RETRY_FIRST_S))
+            if now < when:
+                continue
+            log.warning("store %s is not wholly in the cache (emptied, or restored from an older copy): "
+                        "full sync now", name)
+            self.sync(*enumerable[name])
+            if self.cache.incomplete_stores([name]):
+                self.retry_after[name] = (time.monotonic() + delay, min(delay * 2, RESYNC_RETRY_MAX_S))
+            else:
+                self.retry_after.pop(name, None)
+
     def publish_schedule(self) -> None:
         """Record each store's next scheduled full and incremental sync (epoch seconds) for status."""
         for store, _ in self.stores:
@@ -154,14 +187,18 @@ class Indexer:
                 if not planned:
                     self.plan()
                     planned = True
+                self.resync_incomplete()
                 self.scheduler.run_pending()
                 self.publish_schedule()
             except redis.exceptions.RedisError as exc:
-                log.error("indexer: Redis unavailable (%s); trying again in %.0f s", exc, RETRY_AFTER)
+                logs.repeated.error(log, "indexer: Redis unavailable (%s); trying again in %.0f s", exc, RETRY_AFTER,
+                                    key="indexer loop redis")
                 stop.wait(RETRY_AFTER)
                 continue
-            except Exception:
-                log.exception("indexer: unexpected error; trying again in %.0f s", RETRY_AFTER)
+            except Exception as exc:
+                logs.repeated.error(log, "indexer: unexpected error (%s: %s); trying again in %.0f s",
+                                    type(exc).__name__, exc, RETRY_AFTER, key=f"indexer loop {type(exc).__name__}",
+                                    exc_info=True)
                 stop.wait(RETRY_AFTER)
                 continue
             idle = self.scheduler.idle_seconds
@@ -175,13 +212,14 @@ class Indexer:
 def run_indexer(config: dict[str, Any], redis_url: str, stop: threading.Event, parent_pid: int | None = None) -> None:
     """The body of the indexer process: follower thread plus scheduled syncs, until stop is set
     (or the parent process has gone away)."""
-    cache = Cache(connect(redis_url), config["redis"]["prefix"])
+    cache = Cache(connect(redis_url, timeout_of(config), blocking=True), config["redis"]["prefix"])
     while not stop.is_set():
         try:
             cache.initialize()
             break
         except redis.exceptions.RedisError as exc:
-            log.error("indexer: Redis unavailable (%s); trying again in %.0f s", exc, RETRY_AFTER)
+            logs.repeated.error(log, "indexer: Redis unavailable (%s); trying again in %.0f s", exc, RETRY_AFTER,
+                                key="indexer start redis")
             stop.wait(RETRY_AFTER)
     store_names = [s["name"] for s in config["stores"]]
     follower = Follower(cache, FullText(fulltext_path(config)), store_names)

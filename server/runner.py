@@ -21,10 +21,10 @@ from typing import Any, TextIO
 
 import redis
 
-from indexer.cache import Cache, connect
+from indexer.cache import Cache, connect, timeout_of
 from indexer.config import ConfigError, load_config, parse_duration
 from indexer.redis_server import EmbeddedRedis
-from server.bindings import restore_mirror
+from server.bindings import check_cache
 from server.keys import Keys
 from server.metrics import use_directory
 from server.storage import Storage, StorageError
@@ -51,9 +51,10 @@ def hold_data_dir(data_dir: str) -> TextIO:
     return handle
 
 
-def wait_for_redis(url: str, timeout: float = 10.0, cancelled: Callable[[], bool] = lambda: False) -> redis.Redis:
+def wait_for_redis(url: str, timeout_s: float, timeout: float = 10.0,
+                   cancelled: Callable[[], bool] = lambda: False) -> redis.Redis:
     """A connected client, or StartupError naming the URL."""
-    client = connect(url)
+    client = connect(url, timeout_s)
     deadline = time.monotonic() + timeout
     while not cancelled():
         try:
@@ -67,12 +68,13 @@ def wait_for_redis(url: str, timeout: float = 10.0, cancelled: Callable[[], bool
 
 
 def prepare_storage(config: dict[str, Any], cache: Cache) -> None:
-    """Upgrade the SQL schema, and rebuild the Redis mirror of bindings when the cache lost it."""
+    """Upgrade the SQL schema, rebuild the Redis mirror of bindings, and have every store synced in
+    full when Redis is behind what SQL saw."""
     storage = Storage(config["storage"]["url"], config["data_dir"], threads=1)
     try:
         storage.upgrade()
         log.info("storage: %s", storage.describe())
-        restore_mirror(storage, cache)
+        check_cache(storage, cache, [s["name"] for s in config["stores"]], rebuild=True)
     except StorageError as exc:
         raise StartupError(str(exc)) from None
     finally:
@@ -334,7 +336,7 @@ class Supervisor:
                     self.children.append(redis_child)
                 url = embedded.url
             self.checkpoint()
-            client = wait_for_redis(url, cancelled=self.signals.stopping)
+            client = wait_for_redis(url, timeout_of(config), cancelled=self.signals.stopping)
             self.checkpoint()
             self.cache = Cache(client, config["redis"]["prefix"])
             self.cache.initialize()
