@@ -25,7 +25,7 @@ from indexer.fulltext import FullText
 from indexer.jobs import JobRunner
 from indexer.metrics import observe_sync
 from indexer.stores import Store, build_store
-from indexer.sync import LOCK_TIMEOUT, SyncBusy, SyncResult, full_sync, incremental_sync
+from indexer.sync import SyncBusy, SyncResult, full_sync, incremental_sync
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +71,9 @@ class Indexer:
 
     # A scheduled job must never raise: `schedule` would then run it again at once, in a loop, and
     # the loop itself would end.
-    def sync(self, store: Store, sync_config: dict[str, Any]) -> bool:
-        """A full sync; whether it ran (whatever its outcome)."""
+    def sync(self, store: Store, sync_config: dict[str, Any]) -> None:
         try:
             observe_sync(full_sync(self.cache, store, sync_config["max_delete_ratio"], self._progress))
-            return True
         except SyncBusy as exc:
             log.info("%s; skipping this run", exc)
         except redis.exceptions.RedisError as exc:
@@ -84,20 +82,6 @@ class Indexer:
         except Exception as exc:
             logs.repeated.error(log, "store %s: sync not started: %s: %s", store.name, type(exc).__name__, exc,
                                 key=f"{store.name} full {type(exc).__name__}", exc_info=True)
-        return False
-
-    def first_sync(self, store: Store, sync_config: dict[str, Any], every: int | None) -> type[schedule.CancelJob]:
-        """A store's first full sync here, then one every `every`. One that could not start (its lock
-        held by another indexer, or by one killed mid-sync until the lock expires; Redis down) is
-        tried again after LOCK_TIMEOUT, not a whole full_every later."""
-        if self.sync(store, sync_config):
-            if every:
-                self.scheduler.every(every).seconds.do(self.sync, store, sync_config).tag(store.name, "full")
-        else:
-            log.info("store %s: first full sync tried again in %d s", store.name, LOCK_TIMEOUT)
-            self.scheduler.every(int(LOCK_TIMEOUT)).seconds.do(
-                self.first_sync, store, sync_config, every).tag(store.name, "full")
-        return schedule.CancelJob
 
     def sync_changes(self, store: Store) -> None:
         try:
@@ -137,10 +121,17 @@ class Indexer:
             if delay is None:
                 continue
             if delay == 0:
-                self.first_sync(store, sync_config, every)
+                self.sync(store, sync_config)
+                if every:
+                    self.scheduler.every(every).seconds.do(self.sync, store, sync_config).tag(store.name, "full")
                 continue
-            self.scheduler.every(max(1, int(delay))).seconds.do(
-                self.first_sync, store, sync_config, every).tag(store.name, "full")
+
+            def first(store: Store = store, sync_config: dict[str, Any] = sync_config, every: int = every):
+                self.sync(store, sync_config)
+                self.scheduler.every(every).seconds.do(self.sync, store, sync_config).tag(store.name, "full")
+                return schedule.CancelJob
+
+            self.scheduler.every(max(1, int(delay))).seconds.do(first).tag(store.name, "full")
             log.info("store %s: next full sync in %d s", store.name, int(delay))
 
     def resync_incomplete(self) -> None:
