@@ -7,9 +7,11 @@ Per store S (all keys under the configured prefix):
   s:S:3pid    hash  "<address> <medium>" -> mxid (the v2 "none" form, also used by v1 lookups)
   s:S:sha256  hash  base64url(sha256("<address> <medium> <pepper>")) -> mxid
   s:S:mxid    hash  mxid -> store_id
+  s:S:claims  hash  "<medium> <canonical address>" or mxid -> JSON list of the store_ids whose records
+                    hold it, the one answering lookups last (ownership is by record, not by mxid)
   s:S:locator hash  store_id -> where the store finds the person for a password check (an LDAP DN)
   s:S:state   hash  generation, last_full, last_incremental, last_success, high_water_mark,
-                    next_full, next_incremental (each JSON)
+                    next_full, next_incremental, claims (s:S:claims is built) (each JSON)
   s:S:lock    the sync lock (redis-py Lock)
   s:S:job     the id of the store's queued or running admin-triggered sync job
   s:S:rt:<address> <medium>  string, with a TTL: a read-through store's answer, mxid or "" (not found)
@@ -245,6 +247,12 @@ def _inspect_plan(k: Keys, stores: list[str], medium: str | None, address: str) 
                         "identity": json.loads(record) if record else None})
     return matches
 
+def _claim_key(medium: str, address: str) -> str:
+    """The field of s:S:claims for a 3PID: "<medium> <canonical address>" (a Matrix ID's field is
+    the mxid itself, which no medium name starts like)."""
+    return f"{medium} {address}"
+
+
 def _binding_fields(medium: str, address: str, pepper: str) -> tuple[list[str], list[str]]:
     forms = lookup_forms(medium, address)
     return [_plain_key(f, medium) for f in forms], [lookup_hash(f, medium, pepper) for f in forms]
@@ -333,62 +341,101 @@ class Cache:
         generation: int | None,
     ) -> None:
         """Write new and changed identities (with the records they replace) and remove deleted ones,
-        all in one transaction, so a lookup sees every identity either before or after."""
+        all in one transaction, so a lookup sees every identity either before or after.
+
+        Who answers for an address or a Matrix ID is decided by store record: each keeps the list
+        of the records that hold it (s:S:claims), so a record that stops holding it (changed,
+        deleted, or re-created under a new stable id) removes only itself, and the address goes
+        only when no record holds it any more. The record written last answers while several do."""
         if not upserts and not deletes:
             return
         pepper = self.pepper()
-        k3, kh, km = self.k.store(store, "3pid"), self.k.store(store, "sha256"), self.k.store(store, "mxid")
+        kc, km = self.k.store(store, "claims"), self.k.store(store, "mxid")
+        k3, kh = self.k.store(store, "3pid"), self.k.store(store, "sha256")
+        # Every claim an identity makes, with what it stands for: ("3pid", medium, address) or ("mxid", mxid).
+        meaning: dict[str, tuple[str, ...]] = {}
 
-        def keys_of(identity: Identity) -> tuple[set[str], set[str]]:
-            plain, hashed = set(), set()
+        def claims_of(identity: Identity | None) -> set[str]:
+            if identity is None:
+                return set()
+            keys = {identity.mxid}
+            meaning[identity.mxid] = ("mxid", identity.mxid)
             for medium, address in identity.threepids:
-                for form in lookup_forms(medium, address):
-                    plain.add(_plain_key(form, medium))
-                    hashed.add(lookup_hash(form, medium, pepper))
-            return plain, hashed
+                key = _claim_key(medium, address)
+                meaning[key] = ("3pid", medium, address)
+                keys.add(key)
+            return keys
 
-        # What each changed identity stops claiming; removed only where it still points at it.
-        dropped: list[tuple[str, str, str]] = []  # (redis key, field, mxid that must own it)
-        claims: list[tuple[Identity, set[str], set[str]]] = []
-        for new, old in upserts:
-            plain, hashed = keys_of(new)
-            claims.append((new, plain, hashed))
-            if old is not None:
-                old_plain, old_hashed = keys_of(old)
-                dropped += [(k3, f, old.mxid) for f in old_plain - plain]
-                dropped += [(kh, f, old.mxid) for f in old_hashed - hashed]
-                if old.mxid != new.mxid:
-                    dropped.append((km, old.mxid, old.store_id))
-        for gone in deletes:
-            plain, hashed = keys_of(gone)
-            dropped += [(k3, f, gone.mxid) for f in plain] + [(kh, f, gone.mxid) for f in hashed]
-            dropped.append((km, gone.mxid, gone.store_id))
+        # In order: each record's claims before and after this batch (after: none for a deletion).
+        steps = [(new.store_id, claims_of(old), claims_of(new)) for new, old in upserts]
+        steps += [(gone.store_id, claims_of(gone), set()) for gone in deletes]
+        touched = list(meaning)
+        self._ensure_claims(store)
+        lists = {key: json.loads(raw) if raw else [] for key, raw in zip(touched, self.r.hmget(kc, touched))}
+        answered = {key: held[-1] if held else None for key, held in lists.items()}
+        for store_id, before, after in steps:
+            for key in before | after:
+                held = lists[key]
+                if store_id in held:
+                    held.remove(store_id)
+                if key in after:
+                    held.append(store_id)
 
-        owners: list[Any] = []
-        if dropped:
-            check = self.r.pipeline(transaction=False)
-            for key, field, _ in dropped:
-                check.hget(key, field)
-            owners = check.execute()
+        # The mxid of each record that answers for an address: written in this batch, or read.
+        written = {new.store_id: new for new, _ in upserts}
+        deleted = {gone.store_id for gone in deletes}
+        mxids = {store_id: identity.mxid for store_id, identity in written.items() if store_id not in deleted}
+        unread = sorted({held[-1] for key, held in lists.items()
+                         if held and held[-1] not in mxids and held[-1] != answered[key]})
+        for store_id, raw in zip(unread, self.r.hmget(self.k.store(store, "rec"), unread) if unread else []):
+            if raw:
+                mxids[store_id] = Identity.from_json(raw).mxid
+
+        set_claims: dict[str, str] = {}
+        set_plain: dict[str, str] = {}
+        set_hashed: dict[str, str] = {}
+        set_mxid: dict[str, str] = {}
+        drop_claims: list[str] = []
+        drop_plain: list[str] = []
+        drop_hashed: list[str] = []
+        drop_mxid: list[str] = []
+        for key, held in lists.items():
+            what = meaning[key]
+            owner = held[-1] if held else None
+            if owner is None:
+                drop_claims.append(key)
+            else:
+                set_claims[key] = json.dumps(held, separators=(",", ":"))
+            if owner == answered[key] and owner not in written:
+                continue  # the same unchanged record still answers
+            if what[0] == "mxid":
+                if owner is None:
+                    drop_mxid.append(what[1])
+                else:
+                    set_mxid[what[1]] = owner
+                continue
+            plain, hashed = _binding_fields(what[1], what[2], pepper)
+            mxid = mxids.get(owner) if owner is not None else None
+            if mxid is None:
+                drop_plain += plain
+                drop_hashed += hashed
+            else:
+                set_plain.update((f, mxid) for f in plain)
+                set_hashed.update((h, mxid) for h in hashed)
 
         tx = self.r.pipeline(transaction=True)
-        for (key, field, owner), current in zip(dropped, owners):
-            if current == owner:
-                tx.hdel(key, field)
-        # One command per key for the whole batch (later identities win a shared field, as they
-        # would written one by one): a full sync of a large store is mostly these writes.
-        if claims:
-            plain_owners = {f: new.mxid for new, plain, _ in claims for f in plain}
-            hashed_owners = {f: new.mxid for new, _, hashed in claims for f in hashed}
-            tx.hset(self.k.store(store, "rec"), mapping={new.store_id: new.to_json() for new, _, _ in claims})
-            tx.hset(self.k.store(store, "chash"), mapping={new.store_id: new.hash for new, _, _ in claims})
-            if plain_owners:
-                tx.hset(k3, mapping=plain_owners)
-                tx.hset(kh, mapping=hashed_owners)
-            tx.hset(km, mapping={new.mxid: new.store_id for new, _, _ in claims})
+        for key, fields in ((kc, drop_claims), (k3, drop_plain), (kh, drop_hashed), (km, drop_mxid)):
+            if fields:
+                tx.hdel(key, *fields)
+        for key, mapping in ((kc, set_claims), (k3, set_plain), (kh, set_hashed), (km, set_mxid)):
+            if mapping:
+                tx.hset(key, mapping=mapping)
+        if written:
+            tx.hset(self.k.store(store, "rec"), mapping={i: new.to_json() for i, new in written.items()})
+            tx.hset(self.k.store(store, "chash"), mapping={i: new.hash for i, new in written.items()})
             if generation is not None:
-                tx.zadd(self.k.store(store, "gen"), {new.store_id: generation for new, _, _ in claims})
-        for new, _, _ in claims:
+                tx.zadd(self.k.store(store, "gen"), {i: generation for i in written})
+        for new, _ in upserts:
             tx.xadd(self.k.changes, {"store": store, "id": new.store_id, "op": "upsert"},
                     maxlen=STREAM_MAXLEN, approximate=True)
         for gone in deletes:
@@ -399,6 +446,37 @@ class Cache:
             tx.xadd(self.k.changes, {"store": store, "id": gone.store_id, "op": "delete"},
                     maxlen=STREAM_MAXLEN, approximate=True)
         tx.execute()
+
+    def _ensure_claims(self, store: str) -> None:
+        """Build the store's claim lists from its records when the cache was written by a version
+        without them; the records that answer today stay the ones that answer."""
+        state = self.k.store(store, "state")
+        if self.r.hexists(state, "claims"):
+            return
+        held: dict[str, list[str]] = {}
+        plain: dict[str, str] = {}  # claim of a 3PID -> its field in s:S:3pid
+        mxids: dict[str, str] = {}
+        for identity in self.iter_identities(store):
+            mxids[identity.store_id] = identity.mxid
+            held.setdefault(identity.mxid, []).append(identity.store_id)
+            for medium, address in identity.threepids:
+                key = _claim_key(medium, address)
+                held.setdefault(key, []).append(identity.store_id)
+                plain[key] = _plain_key(address, medium)
+        shared = [key for key, ids in held.items() if len(ids) > 1]
+        if shared:
+            read = self.r.pipeline(transaction=False)
+            for key in shared:
+                if key in plain:
+                    read.hget(self.k.store(store, "3pid"), plain[key])
+                else:
+                    read.hget(self.k.store(store, "mxid"), key)
+            for key, answer in zip(shared, read.execute()):
+                held[key].sort(key=lambda i: (mxids[i] if key in plain else i) == answer)
+        items = [(key, json.dumps(ids, separators=(",", ":"))) for key, ids in held.items()]
+        for start in range(0, len(items), 1000):
+            self.r.hset(self.k.store(store, "claims"), mapping=dict(items[start:start + 1000]))
+        self.r.hset(state, "claims", json.dumps(1))
 
     # -- sync state and locks -----------------------------------------------------------------
 

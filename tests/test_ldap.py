@@ -404,3 +404,41 @@ def test_the_admin_api_syncs_a_directory_and_reports_progress(directory, make_se
     reads = [job["read"] for job in seen]
     assert reads == sorted(reads)
     assert server.lookup_v1("email", "newbie@example.org")["mxid"] == "@newbie:example.org"
+
+
+def test_an_entry_deleted_and_created_again_keeps_its_addresses_and_logins(directory, make_server: Callable[..., Any]):
+    def entry() -> str:
+        return directory.add("jdoe", mail=["john.doe@example.org"], phones=["+44 7700 900123"], password="ldap-pw",
+                             displayName="John Doe")
+
+    def logs_in(login: str) -> bool:
+        response = server.http.post("/_matrix-internal/identity/v1/check_credentials",
+                                    json={"user": {"id": login, "password": "ldap-pw"}})
+        assert response.status_code == 200, response.text
+        return response.json()["auth"]["success"]
+
+    def entry_uuid(dn: str) -> str:
+        directory.conn.search(dn, "(objectClass=*)", attributes=["entryUUID"])
+        return str(directory.conn.entries[0].entryUUID.value)
+
+    dn = entry()
+    directory.add("other")
+    before = entry_uuid(dn)
+    server = make_server([])
+    server.config["stores"] = [{
+        "name": "corp", "kind": "ldap", "preset": "openldap", "uri": directory.server.uri,
+        "bind": {"dn": READER_DN, "password": READER_PASSWORD}, "base_dns": [directory.base],
+        "sync": {"full_every": "6h", "changes_every": "1h", "max_delete_ratio": 0.5},
+    }]
+    server.start()
+    wait_until(lambda: server.lookup_v1("email", "john.doe@example.org").get("mxid"), 60, "the first sync")
+    directory.delete(dn)
+    entry()
+    assert entry_uuid(dn) != before
+    for run in range(2):  # the full sync that sees the re-created entry, and the one after
+        done = server.cli("index", "--full")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert ("added 1, changed 0, removed 1" if run == 0 else "added 0, changed 0, removed 0") in done.stderr
+        assert server.lookup_v1("email", "john.doe@example.org").get("mxid") == "@jdoe:example.org"
+        assert server.lookup_v1("msisdn", "447700900123").get("mxid") == "@jdoe:example.org"
+        assert logs_in("john.doe@example.org") and logs_in("+44 7700 900123") and logs_in("@jdoe:example.org")
