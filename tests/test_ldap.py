@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -12,8 +13,9 @@ from typing import Any, Callable, Iterator
 import ldap3
 import pytest
 
+from indexer.identity import Identity
 from indexer.normalize import lookup_hash
-from indexer.stores import build_store
+from indexer.stores import StoreUnavailable, build_store
 from indexer.stores.ldap import LdapStore, filter_value, normalize_time
 from indexer.sync import full_sync, incremental_sync
 from tests.conftest import wait_until
@@ -235,9 +237,10 @@ def test_an_empty_password_never_reaches_the_directory(cache, caplog):
                          "base_dns": ["dc=example,dc=org"]}, CONFIG)
     someone = store.build_identity("x", "alice", None, [], locator="uid=alice,dc=example,dc=org")
     assert store.authenticate(someone, "") is False
-    assert store.authenticate(someone, "something") is False
-    assert "password check for @alice:example.org failed" in caplog.text
-    assert caplog.text.count("failed") == 1
+    assert "empty password for @alice:example.org refused" in caplog.text and "cannot reach" not in caplog.text
+    with pytest.raises(StoreUnavailable):
+        store.authenticate(someone, "something")  # this one is sent, to a directory that is not there
+    assert caplog.text.count("password checks fail until the directory answers again: cannot reach") == 1
     closed.close()
 
 
@@ -349,6 +352,36 @@ def test_a_directory_that_never_answers_times_out(cache):
     silent.close()
 
 
+def test_a_directory_that_never_answers_bounds_a_login_by_the_timeout(caplog):
+    caplog.set_level(logging.DEBUG)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(5)  # connections complete in the backlog, but nothing ever answers
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        refused = f"ldap://127.0.0.1:{unused.getsockname()[1]}"
+    silent_uri = f"ldap://127.0.0.1:{silent.getsockname()[1]}"
+    jdoe = Identity.build(mxid="@jdoe:example.org", localpart="jdoe", display_name=None, threepids=[], store="dir",
+                          store_id="0b5b1c3e-0000-4000-8000-000000000001", locator=f"uid=jdoe,{SUFFIX}")
+    for uris, reason in (([silent_uri], "no answer to a bind: .*timed out"),
+                         ([refused, silent_uri], "no answer to a bind"),
+                         ([refused], f"cannot reach the directory: {refused}: .*refused")):
+        store = build_store({"name": "dir", "kind": "ldap", "uri": uris, "base_dns": [SUFFIX], "timeout": "1s",
+                             "bind": {"dn": READER_DN, "password": READER_PASSWORD}}, CONFIG)
+        for _ in range(3):
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match=reason):
+                store.authenticate(jdoe, "secret")
+            assert time.monotonic() - started < 20  # only a hang guard: the bound is the 1 s timeout
+        store.close()
+    # One line per store when the directory became unreachable, not one per login, and none at ERROR.
+    warnings = [r for r in caplog.records if r.name == "indexer.stores.ldap" and r.levelno >= logging.WARNING]
+    assert [r.levelname for r in warnings] == ["WARNING"] * 3
+    assert all("password checks fail until the directory answers again" in r.getMessage() for r in warnings)
+    assert "secret" not in caplog.text
+    silent.close()
+
+
 def test_generalized_times_sort_as_times():
     assert normalize_time("20240102030405Z") == "20240102030405.000000Z"
     assert normalize_time("20240102030405.5Z") == "20240102030405.500000Z"
@@ -442,3 +475,35 @@ def test_an_entry_deleted_and_created_again_keeps_its_addresses_and_logins(direc
         assert server.lookup_v1("email", "john.doe@example.org").get("mxid") == "@jdoe:example.org"
         assert server.lookup_v1("msisdn", "447700900123").get("mxid") == "@jdoe:example.org"
         assert logs_in("john.doe@example.org") and logs_in("+44 7700 900123") and logs_in("@jdoe:example.org")
+
+
+def test_logins_while_the_directory_hangs_fail_with_503_and_are_not_counted(own_slapd, make_server: Callable[..., Any]):
+    server = make_server([])
+    server.config["stores"] = [{
+        "name": "corp", "kind": "ldap", "uri": own_slapd.uri, "base_dns": [f"ou=people,{SUFFIX}"], "timeout": "2s",
+        "bind": {"dn": READER_DN, "password": READER_PASSWORD}, "sync": {"full_every": "6h", "changes_every": None},
+    }]
+    server.start()
+    wait_until(lambda: server.lookup_v1("email", "p7@example.org").get("mxid"), 60, "the first sync")
+
+    def check(user: str) -> Any:
+        return server.http.post("/_matrix-internal/identity/v1/check_credentials",
+                                json={"user": {"id": user, "password": "pw7"}})
+
+    assert check("@p7:example.org").json()["auth"]["success"] is True  # leaves a pooled connection open
+    own_slapd.freeze()
+    try:
+        for user in ["@p7:example.org", "p7@example.org"] * 4:  # more than auth.rate_limit.per_user
+            started = time.monotonic()
+            answer = check(user)
+            assert time.monotonic() - started < 30  # only a hang guard: the bound is the 2 s timeout
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["errcode"] == "M_UNKNOWN" and "directory does not answer" in answer.json()["error"]
+    finally:
+        own_slapd.thaw()
+    # The refused checks were not counted as failed logins: the right password is taken at once.
+    assert check("p7@example.org").json()["auth"]["success"] is True
+    log = server.log()
+    assert log.count("password checks fail until the directory answers again") == 1, log
+    assert log.count("password checks reach the directory again (8 failed while it was unreachable)") == 1, log
+    assert " ERROR " not in log, log

@@ -366,20 +366,18 @@ def test_a_person_moving_between_stores_keeps_their_addresses(cache, tmp_path, o
 
 
 def test_a_cache_written_before_records_owned_addresses_is_upgraded(cache, people_file):
-    full_sync(cache, people_file([{"id": "u1", "localpart": "alice", "emails": ["alice@example.org", "desk@example.org"]},
-                                  {"id": "u2", "localpart": "bob", "emails": ["desk@example.org"]},
+    alice = {"localpart": "alice", "emails": ["alice@example.org", "desk@example.org"]}
+    full_sync(cache, people_file([{"id": "u1", **alice}, {"id": "u2", "localpart": "bob", "emails": ["desk@example.org"]},
                                   {"id": "u3", "localpart": "carol"}]), 0.5)
     # As an older version left it: no claim lists, desk@ answered by alice.
     cache.r.delete(cache.k.store("hr", "claims"))
     cache.r.hdel(cache.k.store("hr", "state"), "claims")
     cache.r.hset(cache.k.store("hr", "3pid"), "desk@example.org email", "@alice:example.org")
     result = full_sync(cache, people_file([
-        {"id": "u9", "localpart": "alice", "emails": ["alice@example.org", "desk@example.org"]},
-        {"id": "u2", "localpart": "bob", "emails": ["desk@example.org"], "display_name": "Bob"},
+        {"id": "u9", **alice}, {"id": "u2", "localpart": "bob", "emails": ["desk@example.org"], "display_name": "Bob"},
         {"id": "u3", "localpart": "carol"}]), 0.5)
     assert (result.added, result.changed, result.removed) == (1, 1, 1)
     assert answers(cache, "hr", "email", "alice@example.org") == "@alice:example.org"
     assert answers(cache, "hr", "email", "desk@example.org") == "@bob:example.org"
-    full_sync(cache, people_file([{"id": "u9", "localpart": "alice", "emails": ["alice@example.org", "desk@example.org"]},
-                                  {"id": "u3", "localpart": "carol"}]), 0.5)
+    full_sync(cache, people_file([{"id": "u9", **alice}, {"id": "u3", "localpart": "carol"}]), 0.5)
     assert answers(cache, "hr", "email", "desk@example.org") == "@alice:example.org"
