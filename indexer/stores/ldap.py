@@ -499,7 +499,8 @@ class LdapStore(Store):
                     except LDAPException:
                         pass
                 conn = None
-                if not reused:
+                # A pooled connection the directory closed is replaced, if there is time left.
+                if not reused or time.monotonic() >= deadline:
                     raise StoreUnavailable(
                         f"cannot reach the directory: {', '.join(self.uris)}: no answer to a bind: {exc}") from None
         if not ok and conn.result.get("result") != INVALID_CREDENTIALS:
