@@ -164,6 +164,34 @@ def test_deleted_entries_leave_with_the_next_full_sync(directory, cache):
     store.close()
 
 
+def test_an_entry_deleted_and_created_again_answers_throughout(directory, cache):
+    def entry() -> str:
+        return directory.add("jdoe", mail=["john.doe@example.org"], phones=["+44 7700 900123"])
+
+    def answers() -> tuple[str | None, str | None, str | None]:
+        hashed = cache.r.hget(cache.k.store("dir", "sha256"), lookup_hash("john.doe@example.org", "email", "pepper"))
+        return cache.mxid_of("dir", "email", "john.doe@example.org"), cache.mxid_of("dir", "msisdn", "447700900123"), \
+            hashed
+
+    dn = entry()
+    directory.add("other")
+    store = directory.store()
+    full_sync(cache, store, 0.5)
+    old = cache.identity_by_mxid("dir", "@jdoe:example.org").store_id
+    directory.delete(dn)
+    entry()
+    both = incremental_sync(cache, store)  # OpenLDAP does not tell deletions: the new entry comes alone
+    assert (both.outcome, both.added, both.removed) == ("ok", 1, 0) and cache.count("dir") == 3
+    assert answers() == ("@jdoe:example.org",) * 3
+    new = cache.identity_by_mxid("dir", "@jdoe:example.org").store_id
+    assert new != old
+    swept = full_sync(cache, store, 0.5)
+    assert (swept.outcome, swept.removed) == ("ok", 1) and cache.get("dir", [old]) == [None]
+    assert answers() == ("@jdoe:example.org",) * 3
+    assert cache.identity_by_mxid("dir", "@jdoe:example.org").store_id == new
+    store.close()
+
+
 def test_a_mistyped_filter_cannot_wipe_the_cache(directory, cache):
     people(directory, 10)
     full_sync(cache, directory.store(), 0.2)
