@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from typing import Iterator
 
 import bcrypt
@@ -381,3 +382,45 @@ def test_a_cache_written_before_records_owned_addresses_is_upgraded(cache, peopl
     assert answers(cache, "hr", "email", "desk@example.org") == "@bob:example.org"
     full_sync(cache, people_file([{"id": "u9", **alice}, {"id": "u3", "localpart": "carol"}]), 0.5)
     assert answers(cache, "hr", "email", "desk@example.org") == "@alice:example.org"
+
+
+@pytest.mark.parametrize("seed", [15, 16, 17])
+def test_lookups_answer_exactly_what_live_records_hold_through_random_changes(cache, people_file, monkeypatch, seed):
+    """Deletions, re-creations under new ids, renames, shared addresses and Matrix IDs, in random
+    batches: after every sync, each address and Matrix ID a record holds answers with a record that
+    holds it, and nothing else answers."""
+    rng = random.Random(seed)
+    names, addresses = ["ann", "ben", "cid", "dee", "eve"], [f"a{i}@example.org" for i in range(8)]
+    people: dict[str, dict] = {}
+    next_id = 0
+    for _ in range(40):
+        monkeypatch.setattr("indexer.sync.BATCH", rng.choice([1, 2, 500]))
+        for _ in range(rng.randint(1, 4)):
+            action = rng.random()
+            if action < 0.4 or not people:
+                next_id += 1
+                people[f"id{next_id}"] = {"localpart": rng.choice(names),
+                                          "emails": rng.sample(addresses, rng.randint(0, 3))}
+            elif action < 0.6:
+                del people[rng.choice(sorted(people))]
+            elif action < 0.8:  # deleted and created again: the same person under a new id
+                old = rng.choice(sorted(people))
+                next_id += 1
+                people[f"id{next_id}"] = people.pop(old)
+            else:
+                person = people[rng.choice(sorted(people))]
+                person["localpart"] = rng.choice(names)
+                person["emails"] = rng.sample(addresses, rng.randint(0, 3))
+        order = sorted(people, key=lambda _: rng.random())
+        assert full_sync(cache, people_file([{"id": i, **people[i]} for i in order]), 1.0).outcome == "ok"
+        holders: dict[str, set[str]] = {}
+        for person in people.values():
+            for address in person["emails"]:
+                holders.setdefault(address, set()).add(f"@{person['localpart']}:example.org")
+        for address in addresses:
+            answer = answers(cache, "hr", "email", address)
+            assert (answer in holders[address]) if address in holders else answer is None, (address, people)
+        mxids = cache.r.hgetall(cache.k.store("hr", "mxid"))
+        assert set(mxids) == {f"@{p['localpart']}:example.org" for p in people.values()}
+        for mxid, store_id in mxids.items():
+            assert f"@{people[store_id]['localpart']}:example.org" == mxid
