@@ -7,11 +7,12 @@ Per store S (all keys under the configured prefix):
   s:S:3pid    hash  "<address> <medium>" -> mxid (the v2 "none" form, also used by v1 lookups)
   s:S:sha256  hash  base64url(sha256("<address> <medium> <pepper>")) -> mxid
   s:S:mxid    hash  mxid -> store_id
-  s:S:claims  hash  "<medium> <canonical address>" or mxid -> JSON list of the store_ids whose records
-                    hold it, the one answering lookups last (ownership is by record, not by mxid)
+  s:S:claims  hash  "<medium> <canonical address>" or mxid held by several records -> JSON list of
+                    their store_ids, the one answering last (one holder needs no list: s:S:mxid
+                    names it, or s:S:3pid its mxid); ownership is by record, not by mxid
   s:S:locator hash  store_id -> where the store finds the person for a password check (an LDAP DN)
   s:S:state   hash  generation, last_full, last_incremental, last_success, high_water_mark,
-                    next_full, next_incremental, claims (s:S:claims is built) (each JSON)
+                    next_full, next_incremental, claims (s:S:claims was built) (each JSON)
   s:S:lock    the sync lock (redis-py Lock)
   s:S:job     the id of the store's queued or running admin-triggered sync job
   s:S:rt:<address> <medium>  string, with a TTL: a read-through store's answer, mxid or "" (not found)
@@ -343,10 +344,10 @@ class Cache:
         """Write new and changed identities (with the records they replace) and remove deleted ones,
         all in one transaction, so a lookup sees every identity either before or after.
 
-        Who answers for an address or a Matrix ID is decided by store record: each keeps the list
-        of the records that hold it (s:S:claims), so a record that stops holding it (changed,
-        deleted, or re-created under a new stable id) removes only itself, and the address goes
-        only when no record holds it any more. The record written last answers while several do."""
+        Who answers for an address or a Matrix ID is decided by store record, not by mxid: a record
+        that stops holding it (changed, deleted, or re-created under a new stable id) gives up only
+        its own hold, and the address goes only when no record holds it any more. While several
+        records hold one, s:S:claims lists them, and the one written last answers."""
         if not upserts and not deletes:
             return
         pepper = self.pepper()
@@ -369,9 +370,8 @@ class Cache:
         # In order: each record's claims before and after this batch (after: none for a deletion).
         steps = [(new.store_id, claims_of(old), claims_of(new)) for new, old in upserts]
         steps += [(gone.store_id, claims_of(gone), set()) for gone in deletes]
-        touched = list(meaning)
         self._ensure_claims(store)
-        lists = {key: json.loads(raw) if raw else [] for key, raw in zip(touched, self.r.hmget(kc, touched))}
+        lists, with_list = self._holders(store, meaning, steps)
         answered = {key: held[-1] if held else None for key, held in lists.items()}
         for store_id, before, after in steps:
             for key in before | after:
@@ -402,10 +402,10 @@ class Cache:
         for key, held in lists.items():
             what = meaning[key]
             owner = held[-1] if held else None
-            if owner is None:
-                drop_claims.append(key)
-            else:
+            if len(held) > 1:
                 set_claims[key] = json.dumps(held, separators=(",", ":"))
+            elif key in with_list:
+                drop_claims.append(key)
             if owner == answered[key] and owner not in written:
                 continue  # the same unchanged record still answers
             if what[0] == "mxid":
@@ -447,9 +447,59 @@ class Cache:
                     maxlen=STREAM_MAXLEN, approximate=True)
         tx.execute()
 
+    def _holders(self, store: str, meaning: dict[str, tuple[str, ...]],
+                 steps: list[tuple[str, set[str], set[str]]]) -> tuple[dict[str, list[str]], set[str]]:
+        """Which records hold each claim before this batch (the one answering last), and which
+        claims have a list in s:S:claims. Only claims that several records hold have one; a claim
+        held once is known from what answers it: s:S:mxid for a Matrix ID; for an address, the
+        record of this batch that held it, else the record with the answering mxid that holds it."""
+        keys = list(meaning)
+        mxid_keys = [k for k in keys if meaning[k][0] == "mxid"]
+        addresses = [k for k in keys if meaning[k][0] == "3pid"]
+        read = self.r.pipeline(transaction=False)
+        read.hmget(self.k.store(store, "claims"), keys)
+        read.hmget(self.k.store(store, "mxid"), mxid_keys)
+        if addresses:
+            read.hmget(self.k.store(store, "3pid"), [_plain_key(meaning[k][2], meaning[k][1]) for k in addresses])
+        listed, owners, *rest = read.execute()
+        holders = {key: json.loads(raw) for key, raw in zip(keys, listed) if raw}
+        with_list = set(holders)
+        for key, owner in zip(mxid_keys, owners):
+            holders.setdefault(key, [owner] if owner else [])
+        held_before: dict[str, list[str]] = {}
+        for store_id, before, _ in steps:
+            for key in before:
+                held_before.setdefault(key, []).append(store_id)
+        unknown: dict[str, str] = {}  # address claim -> the mxid answering it, whose record is to be found
+        for key, answer in zip(addresses, rest[0] if rest else []):
+            if key in holders:
+                continue
+            if answer is None:
+                holders[key] = []
+            elif key in held_before:
+                holders[key] = held_before[key]
+            else:
+                unknown[key] = answer
+        if unknown:
+            # A record outside this batch holds the address alone: one of those with its mxid.
+            mxids = sorted(set(unknown.values()))
+            read = self.r.pipeline(transaction=False)
+            read.hmget(self.k.store(store, "claims"), mxids)
+            read.hmget(self.k.store(store, "mxid"), mxids)
+            listed_ids, single_ids = read.execute()
+            candidates = {m: json.loads(raw) if raw else [i] if i else []
+                          for m, raw, i in zip(mxids, listed_ids, single_ids)}
+            ids = sorted({i for found in candidates.values() for i in found})
+            records = {i: Identity.from_json(raw)
+                       for i, raw in zip(ids, self.r.hmget(self.k.store(store, "rec"), ids) if ids else []) if raw}
+            for key, mxid in unknown.items():
+                claim = (meaning[key][1], meaning[key][2])
+                holders[key] = [i for i in candidates[mxid] if i in records and claim in records[i].threepids][-1:]
+        return holders, with_list
+
     def _ensure_claims(self, store: str) -> None:
-        """Build the store's claim lists from its records when the cache was written by a version
-        without them; the records that answer today stay the ones that answer."""
+        """Build the store's lists of what several records hold, from its records, when the cache
+        was written by a version without them; the records that answer today keep answering."""
         state = self.k.store(store, "state")
         if self.r.hexists(state, "claims"):
             return
@@ -473,7 +523,7 @@ class Cache:
                     read.hget(self.k.store(store, "mxid"), key)
             for key, answer in zip(shared, read.execute()):
                 held[key].sort(key=lambda i: (mxids[i] if key in plain else i) == answer)
-        items = [(key, json.dumps(ids, separators=(",", ":"))) for key, ids in held.items()]
+        items = [(key, json.dumps(held[key], separators=(",", ":"))) for key in shared]
         for start in range(0, len(items), 1000):
             self.r.hset(self.k.store(store, "claims"), mapping=dict(items[start:start + 1000]))
         self.r.hset(state, "claims", json.dumps(1))

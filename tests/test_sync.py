@@ -17,7 +17,7 @@ from indexer.config import load_schema
 from indexer.identity import Identity
 from indexer.normalize import lookup_hash
 from indexer.stores import Change, Store, StoreError, build_store
-from indexer.sync import SyncBusy, full_sync, incremental_sync
+from indexer.sync import SyncBusy, full_sync, incremental_sync, sync_store
 
 CONFIG = {"matrix": {"domain": "example.org"}, "threepids": {"msisdn": {"default_region": "GB"}}}
 
@@ -335,6 +335,7 @@ def test_an_address_two_records_hold_stays_until_neither_holds_it(cache, people_
             {"id": "u4", "localpart": "carol"}]
     full_sync(cache, people_file(both), 1.0)
     assert answers(cache, "hr", "email", "desk@example.org") == "@bob:example.org"  # the record written last
+    assert sorted(cache.r.hkeys(cache.k.store("hr", "claims"))) == ["@alice:example.org", "email desk@example.org"]
     full_sync(cache, people_file([p for p in both if p["id"] != "u2"]), 1.0)
     assert answers(cache, "hr", "email", "desk@example.org") == "@alice:example.org"
     full_sync(cache, people_file([p for p in both if p["id"] not in ("u2", "u3")]), 1.0)
@@ -342,7 +343,7 @@ def test_an_address_two_records_hold_stays_until_neither_holds_it(cache, people_
     full_sync(cache, people_file([both[3]]), 1.0)
     assert answers(cache, "hr", "email", "desk@example.org") is None
     assert cache.identity_by_mxid("hr", "@alice:example.org") is None
-    assert cache.r.hkeys(cache.k.store("hr", "claims")) == ["@carol:example.org"]
+    assert cache.r.hkeys(cache.k.store("hr", "claims")) == []  # lists are kept only while several records hold
 
 
 @pytest.mark.parametrize("order", [("a", "b"), ("b", "a")])
@@ -384,14 +385,49 @@ def test_a_cache_written_before_records_owned_addresses_is_upgraded(cache, peopl
     assert answers(cache, "hr", "email", "desk@example.org") == "@alice:example.org"
 
 
+class Scripted(Store):
+    """People changed by a test, listing its changes in the order they were made, as a directory
+    with a USN does (deletions included)."""
+
+    kind = "test"
+
+    def __init__(self, people: dict[str, dict]) -> None:
+        super().__init__({"name": "hr"}, CONFIG)
+        self.people = people
+        self.changed: dict[str, int] = {}
+        self.sequence = 0
+        self.order: list[str] = []
+
+    def touch(self, store_id: str) -> None:
+        self.sequence += 1
+        self.changed[store_id] = self.sequence
+
+    def _identity(self, store_id: str) -> Identity | None:
+        return self.person_identity(store_id, self.people[store_id])
+
+    def enumerate(self) -> Iterator[Identity]:
+        for store_id in self.order:
+            if (identity := self._identity(store_id)) is not None:
+                yield identity
+
+    def high_water_mark(self) -> int:
+        return self.sequence
+
+    def changes_since(self, mark: int) -> Iterator[Change]:
+        for store_id, sequence in sorted(self.changed.items(), key=lambda c: c[1]):
+            if sequence > mark:
+                yield Change(store_id, self._identity(store_id) if store_id in self.people else None, sequence)
+
+
 @pytest.mark.parametrize("seed", [15, 16, 17])
-def test_lookups_answer_exactly_what_live_records_hold_through_random_changes(cache, people_file, monkeypatch, seed):
-    """Deletions, re-creations under new ids, renames, shared addresses and Matrix IDs, in random
-    batches: after every sync, each address and Matrix ID a record holds answers with a record that
-    holds it, and nothing else answers."""
+def test_lookups_answer_exactly_what_live_records_hold_through_random_changes(cache, monkeypatch, seed):
+    """Deletions, re-creations under new ids, renames and shared addresses and Matrix IDs, in random
+    batches of full and incremental syncs: after every sync, each address and Matrix ID a record
+    holds answers with a record that holds it, and nothing else answers."""
     rng = random.Random(seed)
     names, addresses = ["ann", "ben", "cid", "dee", "eve"], [f"a{i}@example.org" for i in range(8)]
     people: dict[str, dict] = {}
+    source = Scripted(people)
     next_id = 0
     for _ in range(40):
         monkeypatch.setattr("indexer.sync.BATCH", rng.choice([1, 2, 500]))
@@ -401,18 +437,26 @@ def test_lookups_answer_exactly_what_live_records_hold_through_random_changes(ca
                 next_id += 1
                 people[f"id{next_id}"] = {"localpart": rng.choice(names),
                                           "emails": rng.sample(addresses, rng.randint(0, 3))}
+                source.touch(f"id{next_id}")
             elif action < 0.6:
-                del people[rng.choice(sorted(people))]
+                gone = rng.choice(sorted(people))
+                del people[gone]
+                source.touch(gone)
             elif action < 0.8:  # deleted and created again: the same person under a new id
                 old = rng.choice(sorted(people))
                 next_id += 1
                 people[f"id{next_id}"] = people.pop(old)
+                source.touch(old)
+                source.touch(f"id{next_id}")
             else:
-                person = people[rng.choice(sorted(people))]
-                person["localpart"] = rng.choice(names)
-                person["emails"] = rng.sample(addresses, rng.randint(0, 3))
-        order = sorted(people, key=lambda _: rng.random())
-        assert full_sync(cache, people_file([{"id": i, **people[i]} for i in order]), 1.0).outcome == "ok"
+                changed = rng.choice(sorted(people))
+                people[changed] = {"localpart": rng.choice(names), "emails": rng.sample(addresses, rng.randint(0, 3))}
+                source.touch(changed)
+        source.order = sorted(people, key=lambda _: rng.random())
+        if rng.random() < 0.5:
+            assert full_sync(cache, source, 1.0).outcome == "ok"
+        else:
+            assert sync_store(cache, source, {"max_delete_ratio": 1.0}, False).outcome == "ok"
         holders: dict[str, set[str]] = {}
         for person in people.values():
             for address in person["emails"]:
@@ -424,3 +468,10 @@ def test_lookups_answer_exactly_what_live_records_hold_through_random_changes(ca
         assert set(mxids) == {f"@{p['localpart']}:example.org" for p in people.values()}
         for mxid, store_id in mxids.items():
             assert f"@{people[store_id]['localpart']}:example.org" == mxid
+        # Lists of holders are kept exactly for what several records hold.
+        shared: dict[str, set[str]] = {}
+        for store_id, person in people.items():
+            for claim in [f"@{person['localpart']}:example.org"] + [f"email {a}" for a in person["emails"]]:
+                shared.setdefault(claim, set()).add(store_id)
+        listed = {k: set(json.loads(v)) for k, v in cache.r.hgetall(cache.k.store("hr", "claims")).items()}
+        assert listed == {claim: ids for claim, ids in shared.items() if len(ids) > 1}
