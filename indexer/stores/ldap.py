@@ -193,8 +193,8 @@ class LdapStore(Store):
         )
         # timeout bounds connecting (every URI in turn), binding and searching together: a password
         # check as a whole, a sync's connection, and each page a sync reads.
-        self.timeout = parse_duration(store_config.get("timeout", "10s"))
-        self.connect_timeout = min(parse_duration(store_config.get("connect_timeout", "5s")), self.timeout)
+        self.timeout = parse_duration(store_config.get("timeout", "8s"))
+        self.connect_timeout = min(parse_duration(store_config.get("connect_timeout", "3s")), self.timeout)
         bind = store_config.get("bind") or {}
         self.bind_dn: str | None = bind.get("dn")
         self.bind_password: str | None = bind.get("password")
