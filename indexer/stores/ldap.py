@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import ssl
 import threading
@@ -230,9 +231,11 @@ class LdapStore(Store):
                 continue
             server = ldap3.Server(uri, connect_timeout=min(self.connect_timeout, left), tls=self.tls,
                                   get_info=ldap3.NONE)
+            # The TLS handshake of ldaps:// may take what is left (ldap3 wants whole seconds here).
             conn = ldap3.Connection(server, user=dn, password=password,
                                     authentication=ldap3.SIMPLE if dn else ldap3.ANONYMOUS,
-                                    read_only=True, raise_exceptions=False, auto_referrals=False)
+                                    read_only=True, raise_exceptions=False, auto_referrals=False,
+                                    receive_timeout=math.ceil(left))
             try:
                 conn.open()
                 self._wait_at_most(conn, deadline)
