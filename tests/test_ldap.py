@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -402,9 +403,30 @@ def test_a_directory_that_never_answers_bounds_a_login_by_the_timeout(caplog):
                 store.authenticate(jdoe, "secret")
             assert time.monotonic() - started < 20  # only a hang guard: the bound is the 1 s timeout
         store.close()
+    # While one check tries the unreachable directory, others fail at once instead of queueing.
+    store = build_store({"name": "dir", "kind": "ldap", "uri": silent_uri, "base_dns": [SUFFIX], "timeout": "2s"},
+                        CONFIG)
+    with pytest.raises(StoreUnavailable):
+        store.authenticate(jdoe, "secret")
+    outcome: list[str] = []
+
+    def attempt() -> None:
+        try:
+            store.authenticate(jdoe, "secret")
+        except StoreUnavailable as exc:
+            outcome.append(str(exc))
+
+    trying = threading.Thread(target=attempt)
+    trying.start()
+    wait_until(store._probing.locked, 10, "the check trying the directory again")
+    with pytest.raises(StoreUnavailable, match="another password check is trying it again"):
+        store.authenticate(jdoe, "secret")
+    trying.join(20)
+    assert not trying.is_alive() and len(outcome) == 1 and "cannot reach the directory" in outcome[0]
+    store.close()
     # One line per store when the directory became unreachable, not one per login, and none at ERROR.
     warnings = [r for r in caplog.records if r.name == "indexer.stores.ldap" and r.levelno >= logging.WARNING]
-    assert [r.levelname for r in warnings] == ["WARNING"] * 3
+    assert [r.levelname for r in warnings] == ["WARNING"] * 4
     assert all("password checks fail until the directory answers again" in r.getMessage() for r in warnings)
     assert "secret" not in caplog.text
     silent.close()

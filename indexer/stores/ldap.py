@@ -207,6 +207,7 @@ class LdapStore(Store):
         self._unreachable: str | None = None
         self._failed_checks = 0
         self._state_lock = threading.Lock()
+        self._probing = threading.Lock()  # held by the one check trying an unreachable directory
 
     # -- connections ------------------------------------------------------------------------
 
@@ -535,10 +536,23 @@ class LdapStore(Store):
         """Bind as the identity's entry; when that fails and the entry has moved (found by its
         stable id), bind once more at its new DN. An empty password never reaches the directory.
         All of it within the store's timeout; StoreUnavailable when the directory cannot be
-        reached or does not answer in time."""
+        reached or does not answer in time. While it cannot, one check at a time tries it and
+        the others fail at once, rather than each holding a thread and a login for the timeout."""
         if not password:
             log.info("store %s: empty password for %s refused", self.name, identity.mxid)
             return False
+        probe = self._unreachable is not None
+        if probe and not self._probing.acquire(blocking=False):
+            busy = StoreUnavailable(f"{self._unreachable} (another password check is trying it again)")
+            self._reached(busy)
+            raise busy
+        try:
+            return self._authenticate(identity, password)
+        finally:
+            if probe:
+                self._probing.release()
+
+    def _authenticate(self, identity: Identity, password: str) -> bool:
         started = time.monotonic()
         deadline = self._deadline()
         try:
