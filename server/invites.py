@@ -1,6 +1,7 @@
-"""Resolving stored 3PID invites: when the invited address becomes known, POST the signed invites to
-the homeserver of its Matrix ID (`/_matrix/federation/v1/3pid/onbind`), from a delivery queue in SQL
-retried with exponential backoff across restarts; and forgetting invites once they expire.
+"""Resolving stored 3PID invites: when the invited address becomes known (or was known already, under
+a spelling the homeserver's lookup missed), POST the signed invites to the homeserver of its Matrix
+ID (`/_matrix/federation/v1/3pid/onbind`), from a delivery queue in SQL retried with exponential
+backoff across restarts; and forgetting invites once they expire.
 
 Every worker process runs one `InviteWorker`; a delivery is leased in SQL by the worker sending it.
 """
