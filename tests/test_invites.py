@@ -139,13 +139,13 @@ def test_an_invite_for_an_address_known_in_another_letter_case_is_delivered_by_o
     started(server)  # the store writes Carol's address as Carol@Example.ORG
     stored = store_invite(server, "cAROL@example.ORG", room_name="Project X")
     assert stored.status_code == 200, stored.text
+    assert homeserver.onbinds("carol@example.org") == []  # not before the homeserver can know the invite
     answer = stored.json()
     assert answer["display_name"] == "car...@exa..."
     long_term, ephemeral = answer["public_keys"]
     assert long_term["public_key"] == server.http.get(V2 + "/pubkey/ed25519:0").json()["public_key"]
     assert httpx.get(ephemeral["key_validity_url"], params={"public_key": ephemeral["public_key"]}).json() == {
         "valid": True}
-    assert homeserver.onbinds("carol@example.org") == []  # not before the homeserver can know the invite
     [onbind] = wait_until(lambda: homeserver.onbinds("carol@example.org"), what="the onbind after the delay")
     check_onbind(server, onbind, "carol@example.org", "@carol:example.org", answer["token"])
     # Carol already has an account: nobody is asked by email to make one.
