@@ -27,13 +27,13 @@ import ldap3
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.latency_proxy import LatencyProxy  # noqa: E402
 from indexer.cache import Cache, connect  # noqa: E402
 from indexer.follower import Follower  # noqa: E402
 from indexer.fulltext import FullText  # noqa: E402
 from indexer.redis_server import EmbeddedRedis  # noqa: E402
 from indexer.stores import build_store  # noqa: E402
 from indexer.sync import full_sync, incremental_sync  # noqa: E402
-from bench.latency_proxy import LatencyProxy  # noqa: E402
 from tests.slapd import ADMIN_DN, ADMIN_PASSWORD, READER_DN, READER_PASSWORD, SUFFIX, Slapd  # noqa: E402
 
 BASE = f"ou=people,{SUFFIX}"
@@ -145,7 +145,7 @@ def run(args: argparse.Namespace, slapd: Slapd, uri: str, cache: Cache, root: Pa
         ["ldapsearch", "-LLL", "-x", "-H", uri, "-D", READER_DN, "-w", READER_PASSWORD, "-b", BASE,
          "-E", f"pr={args.page_size}/noprompt", "(objectClass=inetOrgPerson)",
          "uid", "entryUUID", "modifyTimestamp", "displayName", "cn", "mail", "telephoneNumber", "mobile"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=True,
+        capture_output=True, check=True,
     )
     floor = time.perf_counter() - started
     assert dump.stdout.count(b"\ndn: ") + 1 >= args.n, "ldapsearch did not return every entry"

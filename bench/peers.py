@@ -266,7 +266,8 @@ def scenarios(n: int, token: str, pepper: str, rng: random.Random) -> dict[str, 
     singles = [f"/_matrix/identity/api/v1/lookup?medium=email&address={address(i).replace('@', '%40')}"
                for i in picks(1000)]
     bulks = [{"threepids": [["email", address(i)] for i in picks(100)]} for _ in range(BODIES)]
-    v2 = {k: [{"algorithm": "sha256", "pepper": pepper, "addresses": [lookup_hash(address(i), pepper) for i in picks(k)]}
+    v2 = {k: [{"algorithm": "sha256", "pepper": pepper,
+               "addresses": [lookup_hash(address(i), pepper) for i in picks(k)]}
               for _ in range(BODIES)] for k in (100, 1000)}
     return {
         "v1 lookup": (lua("GET", "", None, paths=singles), ("GET", singles[0], None), 1),
@@ -276,7 +277,8 @@ def scenarios(n: int, token: str, pepper: str, rng: random.Random) -> dict[str, 
                                  ("POST", "/_matrix/identity/v2/lookup", v2[100][0]), 100),
         "v2 sha256 lookup 1000": (lua("POST", "/_matrix/identity/v2/lookup", token, bodies=v2[1000]),
                                   ("POST", "/_matrix/identity/v2/lookup", v2[1000][0]), 1000),
-        "hash_details": (lua("GET", "/_matrix/identity/v2/hash_details", token), ("GET", "/_matrix/identity/v2/hash_details", None), 0),
+        "hash_details": (lua("GET", "/_matrix/identity/v2/hash_details", token),
+                         ("GET", "/_matrix/identity/v2/hash_details", None), 0),
     }
 
 
@@ -290,8 +292,8 @@ def check(name: str, base: str, token: str, probe: tuple[str, str, Any], expecte
 
 
 def wrk(binary: str, script: Path, url: str, duration: int, connections: int) -> dict[str, float]:
-    result = subprocess.run([binary, "-t2", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "-s", str(script), url],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run([binary, "-t2", f"-c{connections}", f"-d{duration}s", "--timeout", "10s", "-s", str(script),
+                             url], capture_output=True, text=True, check=True)
     line = next((x for x in result.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         sys.exit(f"wrk printed no result:\n{result.stdout}\n{result.stderr}")

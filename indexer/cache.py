@@ -41,8 +41,9 @@ import json
 import secrets
 import string
 import time
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any, Generator, Iterable, Iterator
+from typing import Any
 
 import redis
 import redis.asyncio
@@ -996,7 +997,8 @@ class BindingMirror:
         return None
 
     def _state_plan(self) -> Plan:
-        epoch, state = yield [("get", self.k.epoch), ("hmget", self.k.store(BINDINGS, "state"), ["epoch", "generation"])]
+        epoch, state = yield [("get", self.k.epoch),
+                              ("hmget", self.k.store(BINDINGS, "state"), ["epoch", "generation"])]
         return epoch, state
 
 

@@ -7,7 +7,7 @@ import ipaddress
 import json
 import os
 import re
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,7 @@ class ConfigError(Exception):
     """A config that cannot be used; the message names the key path."""
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_schema(name: str) -> dict[str, Any]:
     """Read one of the JSON Schemas in schemas/ (callers must not modify it)."""
     return json.loads((SCHEMA_DIR / name).read_text(encoding="utf-8"))

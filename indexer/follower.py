@@ -130,7 +130,8 @@ class Follower:
                     self.start()
                 self.step(block_ms=1000)
             except redis.exceptions.RedisError as exc:
-                logs.repeated.warning(log, "fulltext follower: Redis unavailable (%s); retrying", exc, key="follower redis")
+                logs.repeated.warning(log, "fulltext follower: Redis unavailable (%s); retrying", exc,
+                                      key="follower redis")
                 self.epoch = ""
                 stop.wait(2)
             except Exception as exc:  # this thread must go on

@@ -19,9 +19,10 @@ import re
 import shutil
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from pyroaring import FrozenBitMap
 from whoosh import index

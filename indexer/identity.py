@@ -36,7 +36,7 @@ class Identity:
         store: str,
         store_id: str,
         locator: str | None = None,
-    ) -> "Identity":
+    ) -> Identity:
         """An identity with duplicate 3PIDs removed, 3PIDs in a stable order, and its content hash."""
         unique = tuple(sorted(set(threepids)))
         body = {
@@ -71,7 +71,7 @@ class Identity:
         )
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "Identity":
+    def from_json(cls, text: str | bytes) -> Identity:
         """Read back a record written by to_json."""
         data: dict[str, Any] = json.loads(text)
         return cls(

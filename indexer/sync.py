@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import redis
 
@@ -61,7 +62,7 @@ class _Heartbeat:
             except (redis.exceptions.LockError, redis.exceptions.RedisError) as exc:
                 log.warning("could not extend sync lock %s: %s", self.lock.name, exc)
 
-    def __enter__(self) -> "_Heartbeat":
+    def __enter__(self) -> _Heartbeat:
         self.thread.start()
         return self
 

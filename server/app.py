@@ -18,27 +18,49 @@ import orjson
 import redis
 import sqlalchemy
 from sanic import Request, Sanic
-from sanic.exceptions import (BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, SanicException,
-                              ServiceUnavailable)
+from sanic.exceptions import BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, SanicException, ServiceUnavailable
 from sanic.response import HTTPResponse, empty, json
 
 from indexer import logs
-from indexer.cache import (BINDINGS, Admin, BindingMirror, Cache, Lookups, RateLimits, RemoteAnswers, connect,
-                           connect_async, timeout_of)
+from indexer.cache import (
+    BINDINGS,
+    Admin,
+    BindingMirror,
+    Cache,
+    Lookups,
+    RateLimits,
+    RemoteAnswers,
+    connect,
+    connect_async,
+    timeout_of,
+)
 from indexer.config import parse_duration
 from indexer.fulltext import DirectorySearch, HideRules
 from indexer.redis_pipe import PipelinedRedis
 from indexer.scheduler import fulltext_path
 from server import metrics
-from server.api import (account, admin, auth, bind, directory, health, identity_v1, identity_v2, profile, pubkey,
-                        sessions, status, terms)
+from server.api import (
+    account,
+    admin,
+    auth,
+    bind,
+    directory,
+    health,
+    identity_v1,
+    identity_v2,
+    profile,
+    pubkey,
+    sessions,
+    status,
+    terms,
+)
 from server.api import invites as invites_api
 from server.api import metrics as metrics_api
 from server.bindings import check_cache
 from server.credentials import Credentials
-from server.homeserver import Homeserver
 from server.errors import MatrixError, log_bad_request
 from server.federation import Federation
+from server.homeserver import Homeserver
 from server.invites import InviteWorker
 from server.keys import Keys
 from server.notify.email import EmailSender

@@ -10,17 +10,18 @@ import logging
 import os
 import sys
 import time
-from typing import Any, Iterator, TextIO
+from collections.abc import Iterator
+from typing import Any, TextIO
 
 import httpx
 
 from indexer import logs
 from indexer.cache import Cache, timeout_of
 from indexer.config import ConfigError, load_config
-from indexer.redis_server import EmbeddedRedis, EmbeddedRedisError
-from indexer.stores import build_store
 from indexer.normalize import InvalidAddress
 from indexer.normalize import email as canonical_email
+from indexer.redis_server import EmbeddedRedis, EmbeddedRedisError
+from indexer.stores import build_store
 from indexer.sync import SyncBusy, SyncResult, sync_store
 from server.notify import SendError
 from server.notify.email import EmailSender

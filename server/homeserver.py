@@ -29,7 +29,8 @@ class Homeserver:
         settings = config["homeserver"]
         self.url: str | None = settings["url"]
         self.whoami_ttl = parse_duration(settings["whoami_cache"])
-        self.http = httpx.AsyncClient(base_url=self.url, timeout=parse_duration(settings["timeout"])) if self.url else None
+        self.http = (httpx.AsyncClient(base_url=self.url, timeout=parse_duration(settings["timeout"]))
+                     if self.url else None)
         self._tokens: dict[bytes, tuple[float, str]] = {}
 
     async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -39,8 +40,8 @@ class Homeserver:
         try:
             return await self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
-            logs.repeated.warning(log, "homeserver %s: %s %s failed: %s: %s", self.url, method, path, type(exc).__name__,
-                                  exc, key=f"homeserver {type(exc).__name__}")
+            logs.repeated.warning(log, "homeserver %s: %s %s failed: %s: %s", self.url, method, path,
+                                  type(exc).__name__, exc, key=f"homeserver {type(exc).__name__}")
             raise MatrixError(502, "M_UNKNOWN", "The homeserver did not answer") from None
 
     async def whoami(self, token: str) -> str:

@@ -99,7 +99,7 @@ class InviteWorker:
             self.wake.clear()
             try:
                 await asyncio.wait_for(self.wake.wait(), timeout=max(wait, 0.05))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def check_pending(self) -> None:
@@ -122,8 +122,8 @@ class InviteWorker:
         for delivery, outcome in zip(due, outcomes):
             if isinstance(outcome, Exception):
                 # The lease runs out and the delivery is tried again then.
-                logs.repeated.error(log, "onbind delivery for %s %s failed: %r", delivery.medium, delivery.address, outcome,
-                                    key=f"onbind {type(outcome).__name__}")
+                logs.repeated.error(log, "onbind delivery for %s %s failed: %r", delivery.medium, delivery.address,
+                                    outcome, key=f"onbind {type(outcome).__name__}")
 
     async def deliver(self, delivery: Delivery) -> None:
         """One attempt: POST onbind; settle the invites on success or a permanent refusal, else retry later."""

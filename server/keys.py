@@ -35,7 +35,7 @@ class Keys:
         self._associations: OrderedDict[tuple[str, str, str], dict[str, Any]] = OrderedDict()
 
     @classmethod
-    def load_or_create(cls, data_dir: str | Path, server_name: str) -> "Keys":
+    def load_or_create(cls, data_dir: str | Path, server_name: str) -> Keys:
         """Read data_dir/keys/signing.key, generating it (mode 0600) on first start."""
         path = Path(data_dir) / "keys" / "signing.key"
         if path.exists():

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, values
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -24,12 +25,14 @@ LATENCY = Histogram("mxisd_http_request_duration_seconds", "Time to answer HTTP 
                     ["method", "endpoint"],
                     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 LOOKUPS = Counter("mxisd_lookups",
-                  "3PIDs looked up, by where the answer came from (binding, store_cache, read_through, federation, miss)",
+                  "3PIDs looked up, by where the answer came from "
+                  "(binding, store_cache, read_through, federation, miss)",
                   ["source"])
 NOTIFICATIONS = Counter("mxisd_notifications", "Emails and SMS messages, by medium and outcome (sent, failed)",
                         ["medium", "outcome"])
 OUTGOING_FAILURES = Counter("mxisd_outgoing_request_failures",
-                            "Outgoing requests that failed, by purpose (homeserver, identity, bridge, read_through, twilio)", ["purpose"])
+                            "Outgoing requests that failed, by purpose "
+                            "(homeserver, identity, bridge, read_through, twilio)", ["purpose"])
 
 
 def use_directory(data_dir: str) -> Path:

@@ -97,7 +97,8 @@ class Recursion:
     async def fill(self, pairs: list[tuple[str, str]], found: list[str | None],
                    request: Request | None = None) -> list[str | None]:
         """found with the misses answered by other identity servers; for a request only when its
-        client may recurse (internal callers pass none); nothing while recursion is off (no `allow`). Within the time budget: what is late is a miss."""
+        client may recurse (internal callers pass none); nothing while recursion is off (no `allow`). Within the
+        time budget: what is late is a miss."""
         if not self.allowed:
             return found
         misses = [i for i, (pair, mxid) in enumerate(zip(pairs, found)) if mxid is None and self._asks(*pair)]
@@ -156,7 +157,8 @@ class Recursion:
             try:
                 mxid = await self.ask_v1(bridge, medium, address, signed=False)
             except (FederationError, Unusable) as exc:
-                logs.repeated.warning(log, "bridge lookup of %s %s failed: %s", medium, address, exc, key=f"bridge {bridge}")
+                logs.repeated.warning(log, "bridge lookup of %s %s failed: %s", medium, address, exc,
+                                      key=f"bridge {bridge}")
                 return None
             if mxid:
                 await self.answers.remember(medium, address, mxid, self.ttl)
@@ -221,7 +223,8 @@ class Recursion:
             for key_id in keys if isinstance(keys, dict) else {}:
                 if not key_id.startswith("ed25519:"):
                     continue
-                status, key = await self.federation.request_url("GET", base, f"/_matrix/identity/api/v1/pubkey/{key_id}")
+                status, key = await self.federation.request_url("GET", base,
+                                                                f"/_matrix/identity/api/v1/pubkey/{key_id}")
                 public = key.get("public_key") if status == 200 and isinstance(key, dict) else None
                 if not isinstance(public, str):
                     raise Unusable(f"no public key {key_id}")

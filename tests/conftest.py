@@ -10,8 +10,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import httpx
 import psycopg
@@ -34,10 +35,17 @@ TWILIO_TOKEN = "twilio-auth-token-for-tests"
 TWILIO_NUMBER = "+15005550006"
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line("markers", "synapse: runs a real Synapse (slow to start); -m 'not synapse' leaves these out")
-    config.addinivalue_line("markers", "faults: fault-injection tests over a real `mxisd run` (slow; "
-                                       "a quick run leaves them out with -m 'not faults')")
+# Tests using any of these start a process or a server of their own (`mxisd run`, slapd, Samba, Chromium,
+# Synapse) and are marked `slow`: `./run-tests --quick` leaves them out. The markers are registered in
+# pyproject.toml.
+SLOW_FIXTURES = {"make_server", "slapd", "own_slapd", "samba_dc", "browser", "stack"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if (SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+                or item.get_closest_marker("synapse") or item.get_closest_marker("faults")):
+            item.add_marker(pytest.mark.slow)
 
 
 def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
@@ -195,7 +203,7 @@ class Server:
             return self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            raise AssertionError(f"server did not stop on SIGTERM:\n{self.log()}")
+            raise AssertionError(f"server did not stop on SIGTERM:\n{self.log()}") from None
 
     def register(self, homeserver: FakeHomeserver, user_id: str) -> dict[str, str]:
         """Register user_id with an OpenID token from the homeserver; Authorization headers for the token."""

@@ -12,6 +12,7 @@ from urllib.parse import unquote
 
 import httpx
 
+UNKNOWN_TOKEN = {"errcode": "M_UNKNOWN_TOKEN", "error": "Invalid access token passed."}
 
 class ClientHomeserver:
     """Serves on 127.0.0.1:<free port> until stop(); tests fill tokens, directory and profiles."""
@@ -47,7 +48,7 @@ class ClientHomeserver:
                 if self.path == "/_matrix/client/v3/account/whoami":
                     user = self._user()
                     if user is None:
-                        return self._answer(401, {"errcode": "M_UNKNOWN_TOKEN", "error": "Invalid access token passed."})
+                        return self._answer(401, UNKNOWN_TOKEN)
                     return self._answer(200, {"user_id": user, "is_guest": False, "device_id": "DEVICE"})
                 if self.path.endswith("/login"):
                     return self._answer(200, {"flows": [{"type": "m.login.password"}]})
@@ -63,7 +64,7 @@ class ClientHomeserver:
                 fake.requests.append(("POST", self.path, body))
                 if self.path.endswith("/user_directory/search"):
                     if self._user() is None:
-                        return self._answer(401, {"errcode": "M_UNKNOWN_TOKEN", "error": "Invalid access token passed."})
+                        return self._answer(401, UNKNOWN_TOKEN)
                     if fake.search_error is not None:
                         return self._answer(*fake.search_error)
                     term, limit = body["search_term"].lower(), body.get("limit", 10)

@@ -10,8 +10,9 @@ import ssl
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import ldap3
 import pytest

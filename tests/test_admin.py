@@ -206,7 +206,8 @@ def test_index_command_uses_the_running_servers_indexer(server, rclient, prefix)
     earlier = server.http.post(f"{API}/stores/people/sync", headers=ADMIN, json={"full": True}).json()["job"]
     primary, secondary = pty.openpty()
     process = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "index", "--store", "people", "--full", "--config", str(server.config_path)],
+        [sys.executable, "-m", "server.cli", "index", "--store", "people", "--full",
+         "--config", str(server.config_path)],
         stdout=secondary, stderr=secondary, cwd=server.root)
     os.close(secondary)
     output = b""

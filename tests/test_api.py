@@ -565,7 +565,8 @@ def test_homeserver_with_an_untrusted_certificate_is_refused(server, homeserver,
 def test_binding_survives_kill_and_a_lost_cache(server, mailbox, redis_url, prefix):
     started(server)
     sid = validate_email(server, mailbox, "dave@example.net", "abc", prefix=V1)
-    assert server.http.post(V1 + "/3pid/bind", json={"sid": sid, "client_secret": "abc", "mxid": DAVE}).status_code == 200
+    bind = {"sid": sid, "client_secret": "abc", "mxid": DAVE}
+    assert server.http.post(V1 + "/3pid/bind", json=bind).status_code == 200
     server.process.send_signal(signal.SIGKILL)
     server.process.wait(timeout=30)
     client = redis.Redis.from_url(redis_url)

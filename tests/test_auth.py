@@ -79,9 +79,11 @@ def test_failed_logins_are_limited_per_user_and_per_address(started, client_home
     # Logins through us are counted per client address as well: the fourth failure is the last.
     login = {"type": "m.login.password", "password": "wrong"}
     for name in ("carol", "dave", "erin", "frank"):
-        response = server.http.post("/_matrix/client/v3/login", json={**login, "identifier": {"type": "m.id.user", "user": name}})
+        response = server.http.post("/_matrix/client/v3/login",
+                                    json={**login, "identifier": {"type": "m.id.user", "user": name}})
         assert response.status_code == 403, response.text
-    response = server.http.post("/_matrix/client/v3/login", json={**login, "identifier": {"type": "m.id.user", "user": "gina"}})
+    response = server.http.post("/_matrix/client/v3/login",
+                                json={**login, "identifier": {"type": "m.id.user", "user": "gina"}})
     assert response.status_code == 429
     body = response.json()
     assert body["errcode"] == "M_LIMIT_EXCEEDED" and 0 < body["retry_after_ms"] <= 3_600_000

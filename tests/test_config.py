@@ -64,7 +64,8 @@ def with_changes(**changes: object) -> dict:
         ({"stores": VALID["stores"]}, "matrix: missing required key"),
         (with_changes(matrix={}), "matrix.domain: missing required key"),
         (with_changes(stores__0={"name": "people", "kind": "file"}), "stores[0].path: missing required key"),
-        (with_changes(stores__0__kind="ldapp"), 'stores[0].kind: expected one of "file", "ldap", "sql", "rest", got "ldapp"'),
+        (with_changes(stores__0__kind="ldapp"),
+         'stores[0].kind: expected one of "file", "ldap", "sql", "rest", got "ldapp"'),
         (with_changes(stores__0=dict(LDAP, uri="http://dc1")),
          'stores[0].uri: expected an ldap:// or ldaps:// URI, or a list of them, got "http://dc1"'),
         (with_changes(stores__0=dict(LDAP, preset="openldapp")),
@@ -111,8 +112,10 @@ def with_changes(**changes: object) -> dict:
          "federation.allow_private_networks[0]: '10.0.0.0/33' does not appear to be an IPv4 or IPv6 network"),
         (with_changes(recursion__proxies=["10.0.0.0/33"]),
          'recursion.proxies[0]: expected an address or network like "10.0.0.0/8", got "10.0.0.0/33"'),
-        (with_changes(recursion__forwarders=["matrix.org"]), 'recursion.forwarders[0]: expected an http(s) URL, got "matrix.org"'),
-        (with_changes(invites__expire_after="a week"), 'invites.expire_after: expected a duration like "1h", got "a week"'),
+        (with_changes(recursion__forwarders=["matrix.org"]),
+         'recursion.forwarders[0]: expected an http(s) URL, got "matrix.org"'),
+        (with_changes(invites__expire_after="a week"),
+         'invites.expire_after: expected a duration like "1h", got "a week"'),
     ],
 )
 def test_mistakes_are_named_with_their_key_path(tmp_path, config, message):
@@ -131,7 +134,8 @@ def test_unparseable_yaml_and_missing_file(tmp_path):
 
 def test_environment_variables_fill_strings(tmp_path, monkeypatch):
     monkeypatch.setenv("TEST_DOMAIN", "corp.example")
-    path = write(tmp_path, with_changes(matrix__domain="${TEST_DOMAIN}", server={"name": "${UNSET_NAME:-id.corp.example}"}))
+    path = write(tmp_path, with_changes(matrix__domain="${TEST_DOMAIN}",
+                                        server={"name": "${UNSET_NAME:-id.corp.example}"}))
     config = load_config(path)
     assert config["matrix"]["domain"] == "corp.example"
     assert config["server"]["name"] == "id.corp.example"

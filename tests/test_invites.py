@@ -271,7 +271,8 @@ def test_invites_expire(server):
     wait_until(lambda: server.http.get(V2 + "/pubkey/ephemeral/isvalid", params={"public_key": ephemeral})
                .json() == {"valid": False}, what="the invite to expire")
     signed = server.http.post(V2 + "/sign-ed25519", headers=server.auth(), json={
-        "mxid": "@x:example.org", "token": answer["token"], "private_key": "YJDBA9Xnr2sVqXD9Vj7XVUnmFZcZrlw8Md7kMW+3XA1"})
+        "mxid": "@x:example.org", "token": answer["token"],
+        "private_key": "YJDBA9Xnr2sVqXD9Vj7XVUnmFZcZrlw8Md7kMW+3XA1"})
     assert signed.status_code == 404
     assert "forgot 1 expired invites" in server.log()
 

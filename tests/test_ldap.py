@@ -8,8 +8,9 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import ldap3
 import pytest
@@ -114,7 +115,8 @@ def test_attribute_mapping_overrides_the_preset(directory, cache):
     directory.add("bob", mail=["bob@example.org"], phones=["+44 7700 900555"], description="@Bob.B:Example.org",
                   employeeNumber="E-1234")
     store = directory.store(attributes={"user_id": "description", "user_id_type": "mxid", "lowercase": False,
-                                        "display_name": ["sn"], "threepids": {"msisdn": [], "employee": ["employeeNumber"]}})
+                                        "display_name": ["sn"],
+                                        "threepids": {"msisdn": [], "employee": ["employeeNumber"]}})
     assert full_sync(cache, store, 0.2).added == 1
     bob = cache.identity_by_mxid("dir", "@Bob.B:example.org")
     assert bob.display_name == "Person"

@@ -174,7 +174,8 @@ def test_lookup_of_another_organisation_through_dns(server, peer, dns, homeserve
     assert v2.json()["mappings"] == {"pat@other.example email": PAT}
 
     invite = server.http.post(V2 + "/store-invite", headers=server.auth(), json={
-        "medium": "email", "address": "pat@other.example", "room_id": "!r:example.org", "sender": "@tester:example.org"})
+        "medium": "email", "address": "pat@other.example", "room_id": "!r:example.org",
+        "sender": "@tester:example.org"})
     # A homeserver's hashed lookup never recurses, so it missed Pat: the invite goes to Pat by onbind, not by email.
     assert invite.status_code == 200 and invite.json()["token"]
     wait_until(lambda: f"queued for delivery to {PAT}" in server.log(), what="the onbind queued for Pat")

@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -299,12 +300,14 @@ def test_read_through_failures_answer_not_found_and_are_not_cached(make_server, 
     ({}, "stores[0].url: missing required key"),
     ({"url": "ftp://app"}, 'stores[0].url: expected an http:// or https:// URL, got "ftp://app"'),
     ({"url": "http://app", "endpoints": {"search": "/x"}}, "stores[0].endpoints.search: unknown key"),
-    ({"url": "http://app", "read_through": {"ttl": 60}}, 'stores[0].read_through.ttl: expected a duration like "1h", got 60'),
+    ({"url": "http://app", "read_through": {"ttl": 60}},
+     'stores[0].read_through.ttl: expected a duration like "1h", got 60'),
     ({"url": "http://app", "headers": {"X-Token": 5}}, "stores[0].headers.X-Token: expected string, got 5"),
 ])
 def test_config_mistakes_name_the_key(tmp_path, store, message):
     path = tmp_path / "config.yml"
-    path.write_text(json.dumps({"matrix": {"domain": "example.org"}, "stores": [{"name": "app", "kind": "rest", **store}]}))
+    path.write_text(json.dumps({"matrix": {"domain": "example.org"},
+                                "stores": [{"name": "app", "kind": "rest", **store}]}))
     with pytest.raises(ConfigError) as error:
         load_config(path)
     assert str(error.value) == message

@@ -9,8 +9,8 @@ from base64 import urlsafe_b64encode
 import bcrypt
 import pytest
 import sqlalchemy
-
 from conftest import wait_until
+
 from indexer.cache import Cache
 from indexer.stores import build_store
 from indexer.sync import full_sync, incremental_sync

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import random
-from typing import Iterator
+from collections.abc import Iterator
 
 import bcrypt
 import jsonschema
@@ -205,7 +205,8 @@ def test_file_store_checks_bcrypt_passwords(people_file):
 
 
 def test_identity_records_match_their_schema(cache, people_file):
-    full_sync(cache, people_file([{"localpart": "alice", "emails": ["a@example.org"], "phones": ["+447700900123"]}]), 0.2)
+    alice = {"localpart": "alice", "emails": ["a@example.org"], "phones": ["+447700900123"]}
+    full_sync(cache, people_file([alice]), 0.2)
     raw = cache.r.hget(cache.k.store("hr", "rec"), "alice")
     jsonschema.validate(json.loads(raw), load_schema("identity.schema.json"))
 
@@ -395,7 +396,8 @@ def test_a_person_moving_between_stores_keeps_their_addresses(cache, tmp_path, o
 
 def test_a_cache_written_before_records_owned_addresses_is_upgraded(cache, people_file):
     alice = {"localpart": "alice", "emails": ["alice@example.org", "desk@example.org"]}
-    full_sync(cache, people_file([{"id": "u1", **alice}, {"id": "u2", "localpart": "bob", "emails": ["desk@example.org"]},
+    full_sync(cache, people_file([{"id": "u1", **alice},
+                                  {"id": "u2", "localpart": "bob", "emails": ["desk@example.org"]},
                                   {"id": "u3", "localpart": "carol"}]), 0.5)
     # As an older version left it: no claim lists, desk@ answered by alice.
     cache.r.delete(cache.k.store("hr", "claims"))

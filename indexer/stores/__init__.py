@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any, Iterable, Iterator
+from functools import cache
+from typing import Any
 
 import jsonschema
 
@@ -73,10 +74,10 @@ class Store(ABC):
         log.info("store %s cannot check passwords", self.name)
         return False
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (a hook: stores holding connections override it)
         """Release connections; the default store holds none."""
 
-    @classmethod
+    @classmethod  # noqa: B027 (a hook, like close)
     def check_config(cls, store_config: dict[str, Any], path: str) -> None:
         """Raise ConfigError naming path for what the JSON Schema cannot check; nothing by default."""
 
@@ -131,7 +132,7 @@ class Store(ABC):
         )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _person_validator() -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(load_schema("file-store.schema.json")["$defs"]["person"])
 

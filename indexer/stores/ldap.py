@@ -9,9 +9,10 @@ import ssl
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Any, Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import ldap3
 from ldap3.core.exceptions import LDAPException
@@ -71,7 +72,7 @@ def filter_value(value: str | bytes) -> str:
 def normalize_time(value: str) -> str:
     """A generalizedTime as UTC "YYYYMMDDHHMMSS.ffffffZ", so that string order is time order."""
     text = value.strip().replace(",", ".")
-    offset = timezone.utc
+    offset = UTC
     if text.endswith("Z"):
         text = text[:-1]
     elif len(text) > 5 and text[-5] in "+-":
@@ -81,7 +82,7 @@ def normalize_time(value: str) -> str:
     whole, _, fraction = text.partition(".")
     moment = datetime.strptime(whole.ljust(14, "0"), "%Y%m%d%H%M%S").replace(tzinfo=offset)
     moment += timedelta(seconds=float(f"0.{fraction or 0}"))
-    return moment.astimezone(timezone.utc).strftime("%Y%m%d%H%M%S.%fZ")
+    return moment.astimezone(UTC).strftime("%Y%m%d%H%M%S.%fZ")
 
 
 def _first(values: list[bytes] | None) -> str | None:
@@ -402,7 +403,7 @@ class LdapStore(Store):
             if value is None:
                 raise StoreError("the root DSE has no highestCommittedUSN: is this Active Directory?")
             return int(value)
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         for window in MARK_WINDOWS:
             since = (now - window).strftime("%Y%m%d%H%M%SZ") if window else None
             search_filter = f"({self.mapping.changed}>={since})" if since else "(objectClass=*)"

@@ -14,7 +14,8 @@ misses (server/read_through.py), with the request and answer helpers below.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 

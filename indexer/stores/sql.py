@@ -15,17 +15,16 @@ import datetime
 import logging
 import os
 import re
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import sqlalchemy
 from sqlalchemy.engine import make_url
 
-from indexer import logs
-from indexer import passwords
+from indexer import logs, passwords
 from indexer.config import ConfigError, parse_duration
 from indexer.identity import Identity
-from indexer.stores import Change, Store, StoreError
-from indexer.stores import synapse
+from indexer.stores import Change, Store, StoreError, synapse
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ def _mark_out(value: Any) -> Any:
     """A mark as kept in the cache: JSON, and ordered by max() like the column it came from."""
     if isinstance(value, datetime.datetime):
         if value.tzinfo is not None:
-            value = value.astimezone(datetime.timezone.utc)
+            value = value.astimezone(datetime.UTC)
         return value.isoformat(timespec="microseconds")
     if isinstance(value, datetime.date):
         return datetime.datetime.combine(value, datetime.time()).isoformat(timespec="microseconds")

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
-from functools import lru_cache
-from typing import Any, Union
+from functools import cache
+from typing import Any
 
 import jsonschema
 import jsonschema_rs
@@ -14,15 +14,15 @@ from sanic.exceptions import BadRequest
 from indexer.config import explain, load_schema
 from server.errors import MatrixError
 
-IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-@lru_cache(maxsize=None)
+@cache
 def _validator(name: str) -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(load_schema(f"api/{name}.json"))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _fast_validator(name: str) -> Any:
     # Compiled (Rust) validation of the same schema is hundreds of times faster on a bulk lookup's
     # hundreds of items; jsonschema only explains the bodies it rejects.

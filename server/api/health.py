@@ -45,14 +45,14 @@ async def ready(request: Request) -> HTTPResponse:
     try:
         generation = await asyncio.wait_for(ctx.storage.run(ctx.storage.counter, BINDINGS_GENERATION), SQL_TIMEOUT)
         checks["sql"] = {"ok": True}
-    except (sqlalchemy.exc.SQLAlchemyError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, sqlalchemy.exc.SQLAlchemyError, OSError) as exc:
         checks["sql"] = {"ok": False, "error": str(getattr(exc, "orig", None) or exc) or "no answer in time"}
     try:
         state = await asyncio.wait_for(ctx.admin.status(), REDIS_TIMEOUT)
         behind = None if generation is None else await asyncio.wait_for(ctx.binding_mirror.behind(generation),
                                                                          REDIS_TIMEOUT)
         checks["redis"] = {"ok": True}
-    except (redis.exceptions.RedisError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, redis.exceptions.RedisError, OSError) as exc:
         state = None
         checks["redis"] = {"ok": False, "error": str(exc) or "no answer in time"}
     if state is not None:

@@ -15,7 +15,8 @@ from signedjson.key import decode_signing_key_base64, encode_verify_key_base64, 
 from signedjson.sign import sign_json
 from unpaddedbase64 import encode_base64
 
-from indexer.normalize import InvalidAddress, email as canonical_email
+from indexer.normalize import InvalidAddress
+from indexer.normalize import email as canonical_email
 from server.api import V1, V2, authenticate_v2, json_body
 from server.errors import MatrixError
 from server.notify import SendError

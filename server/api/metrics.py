@@ -22,7 +22,7 @@ async def metrics(request: Request) -> HTTPResponse:
     require_client_in(request, request.app.ctx.metrics_networks)
     try:
         status = await asyncio.wait_for(request.app.ctx.admin.status(), REDIS_TIMEOUT)
-    except (redis.exceptions.RedisError, OSError, asyncio.TimeoutError):
+    except (TimeoutError, redis.exceptions.RedisError, OSError):
         status = None
     body = await asyncio.get_running_loop().run_in_executor(None, exposition, status)
     return raw(body, content_type=CONTENT_TYPE_LATEST)

@@ -6,8 +6,9 @@ from __future__ import annotations
 import html
 import logging
 import secrets
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from typing import Any, Awaitable, Callable
+from typing import Any
 from urllib.parse import urlencode
 
 import phonenumbers
@@ -17,7 +18,8 @@ from sanic.response import html as html_response
 
 from indexer import logs
 from indexer.config import parse_duration
-from indexer.normalize import InvalidAddress, email as canonical_email
+from indexer.normalize import InvalidAddress
+from indexer.normalize import email as canonical_email
 from server.api import V1, V2, authenticate_v2, check_params, json_body
 from server.errors import MatrixError, log_bad_request
 from server.notify import SendError, read_template, render
@@ -102,8 +104,8 @@ async def _start(request: Request, medium: str, address: str, body: dict[str, An
     try:
         await send(session)
     except SendError as exc:
-        logs.repeated.error(log, "could not send the %s validation message for session %s: %s", medium, session.sid, exc,
-                            key=f"send {medium}")
+        logs.repeated.error(log, "could not send the %s validation message for session %s: %s", medium, session.sid,
+                            exc, key=f"send {medium}")
         raise
     changes = {"send_attempt": attempt, "modified_at": now_ms()}
     if next_link is not None:

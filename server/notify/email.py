@@ -13,8 +13,8 @@ from urllib.parse import quote
 
 import aiosmtplib
 
-from server.notify import SendError, read_template, render
 from server.metrics import NOTIFICATIONS
+from server.notify import SendError, read_template, render
 
 log = logging.getLogger(__name__)
 

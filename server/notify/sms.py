@@ -7,8 +7,8 @@ from typing import Any
 
 import httpx
 
-from server.notify import SendError, read_template, render
 from server.metrics import NOTIFICATIONS, OUTGOING_FAILURES
+from server.notify import SendError, read_template, render
 
 log = logging.getLogger(__name__)
 
