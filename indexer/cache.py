@@ -43,13 +43,14 @@ import string
 import time
 from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio
 from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
+from redis.typing import EncodableT, FieldT
 
 from indexer.config import parse_duration
 from indexer.identity import Identity
@@ -346,7 +347,7 @@ class Cache:
         self.r = client
         self.k = Keys(prefix)
 
-    def initialize(self, pepper: str | None = None) -> str:
+    def initialize(self, pepper: str | None = None) -> str | None:
         """Create the epoch and the lookup pepper (random unless given) if this cache has none yet;
         return the epoch."""
         self.r.set(self.k.epoch, secrets.token_hex(8), nx=True)
@@ -357,7 +358,7 @@ class Cache:
         return self.epoch()
 
     def epoch(self) -> str | None:
-        return self.r.get(self.k.epoch)
+        return cast("str | None", self.r.get(self.k.epoch))
 
     def pepper(self) -> str:
         value = self.r.get(self.k.pepper)
@@ -365,7 +366,7 @@ class Cache:
             # A Redis failure like any other: the sync fails, and the indexer syncs again in full
             # once it has given the emptied cache a new epoch and pepper.
             raise redis.exceptions.ResponseError("the cache has no lookup pepper: it was emptied while running")
-        return value
+        return cast(str, value)
 
     # -- records -------------------------------------------------------------------------------
 
@@ -373,7 +374,7 @@ class Cache:
         return self.r.hlen(self.k.store(store, "rec"))
 
     def content_hashes(self, store: str) -> dict[str, str]:
-        return self.r.hgetall(self.k.store(store, "chash"))
+        return cast("dict[str, str]", self.r.hgetall(self.k.store(store, "chash")))
 
     def get(self, store: str, store_ids: list[str]) -> list[Identity | None]:
         if not store_ids:
@@ -386,7 +387,7 @@ class Cache:
             yield Identity.from_json(raw)
 
     def mxid_of(self, store: str, medium: str, address: str) -> str | None:
-        return self.r.hget(self.k.store(store, "3pid"), _plain_key(address, medium))
+        return cast("str | None", self.r.hget(self.k.store(store, "3pid"), _plain_key(address, medium)))
 
     def identity_by_mxid(self, store: str, mxid: str) -> Identity | None:
         """The store's identity for mxid with its locator (for a password check), or None."""
@@ -409,12 +410,12 @@ class Cache:
     def set_locators(self, store: str, identities: Iterable[Identity]) -> None:
         """Record where the store finds these people (unchanged records too: an entry can move
         without its content changing)."""
-        locators = {i.store_id: i.locator for i in identities if i.locator is not None}
+        locators: dict[FieldT, EncodableT] = {i.store_id: i.locator for i in identities if i.locator is not None}
         if locators:
             self.r.hset(self.k.store(store, "locator"), mapping=locators)
 
     def stale_ids(self, store: str, generation: int) -> list[str]:
-        return self.r.zrangebyscore(self.k.store(store, "gen"), "-inf", f"({generation}")
+        return cast("list[str]", self.r.zrangebyscore(self.k.store(store, "gen"), "-inf", f"({generation}"))
 
     def apply(
         self,
@@ -473,10 +474,10 @@ class Cache:
             if raw:
                 mxids[store_id] = Identity.from_json(raw).mxid
 
-        set_claims: dict[str, str] = {}
-        set_plain: dict[str, str] = {}
-        set_hashed: dict[str, str] = {}
-        set_mxid: dict[str, str] = {}
+        set_claims: dict[FieldT, EncodableT] = {}
+        set_plain: dict[FieldT, EncodableT] = {}
+        set_hashed: dict[FieldT, EncodableT] = {}
+        set_mxid: dict[FieldT, EncodableT] = {}
         drop_claims: list[str] = []
         drop_plain: list[str] = []
         drop_hashed: list[str] = []
@@ -621,7 +622,7 @@ class Cache:
     def state(self, store: str) -> dict[str, Any]:
         """last_full, last_incremental (dicts), high_water_mark (as the store gave it), generation."""
         raw = self.r.hgetall(self.k.store(store, "state"))
-        return {k: json.loads(v) for k, v in raw.items()}
+        return {cast(str, k): json.loads(v) for k, v in raw.items()}
 
     def set_state(self, store: str, **fields: Any) -> None:
         self.r.hset(self.k.store(store, "state"), mapping={k: json.dumps(v) for k, v in fields.items()})
@@ -632,7 +633,8 @@ class Cache:
 
     def lock(self, store: str, timeout: float) -> redis.lock.Lock:
         """The lock that lets only one indexer sync a store at a time (extend it while working)."""
-        return self.r.lock(self.k.store(store, "lock"), timeout=timeout, thread_local=False)
+        lock: redis.lock.Lock = self.r.lock(self.k.store(store, "lock"), timeout=timeout, thread_local=False)
+        return lock
 
     # -- the change stream -------------------------------------------------------------------
 
@@ -642,7 +644,7 @@ class Cache:
 
     def first_change_id(self) -> str | None:
         first = self.r.xrange(self.k.changes, count=1)
-        return first[0][0] if first else None
+        return cast(str, first[0][0]) if first else None
 
     def changes_lost_after(self, last_id: str) -> bool:
         """Whether stream entries after last_id may have been trimmed away (only past STREAM_MAXLEN)."""
@@ -652,7 +654,8 @@ class Cache:
         return first is not None and _stream_id(first) > _stream_id(last_id)
 
     def read_changes(self, after: str, count: int, block_ms: int | None) -> list[Change]:
-        reply = self.r.xread({self.k.changes: after}, count=count, block=block_ms)
+        reply: list[tuple[str, list[tuple[str, dict[str, str]]]]] | None = cast(
+            Any, self.r.xread({self.k.changes: after}, count=count, block=block_ms))
         if not reply:
             return []
         return [Change(i, f["store"], f["id"], f["op"]) for i, f in reply[0][1]]
@@ -665,7 +668,7 @@ class Cache:
 
     def status(self, stores: list[str]) -> dict[str, Any]:
         """Each store's size, sync state and active job; each follower's lag (see Admin.status)."""
-        return _run_plan(self.r, _status_plan(self.k, stores, time.time()))
+        return cast("dict[str, Any]", _run_plan(self.r, _status_plan(self.k, stores, time.time())))
 
     def rebuild_requests(self) -> int:
         """How many fulltext rebuilds were ever requested (a follower rebuilds when this moves)."""
@@ -680,7 +683,7 @@ class Cache:
         if not reply:
             return None
         # Expired while queued, or failed for waiting too long: nothing to run.
-        fields = self.r.eval(_CLAIM, 1, self.k.job(reply[1]), time.time(), JOB_RUNNING_TTL, host)
+        fields = self.r.eval(_CLAIM, 1, self.k.job(cast(str, reply[1])), time.time(), JOB_RUNNING_TTL, host)
         return dict(zip(fields[::2], fields[1::2])) if fields else None
 
     # -- the indexer's heartbeat ---------------------------------------------------------------
@@ -704,7 +707,7 @@ class Cache:
         """Fail the jobs that host's indexer was running (it died); their ids."""
         failed = []
         for store in stores:
-            job_id = self.r.get(self.k.store(store, "job"))
+            job_id = cast("str | None", self.r.get(self.k.store(store, "job")))
             if job_id is None:
                 continue
             job = self.r.hmget(self.k.job(job_id), ["state", "host"])
@@ -759,8 +762,8 @@ class Cache:
         """Replace the mirror with these (medium, address, mxid) bindings, read at the SQL bindings
         generation given (or later); how many lookup keys were written."""
         pepper, epoch = self.pepper(), self.epoch()
-        plain: dict[str, str] = {}
-        hashed: dict[str, str] = {}
+        plain: dict[FieldT, EncodableT] = {}
+        hashed: dict[FieldT, EncodableT] = {}
         for medium, address, mxid in bindings:
             fields, hashes = _binding_fields(medium, address, pepper)
             plain.update((f, mxid) for f in fields)
@@ -821,7 +824,7 @@ class Lookups:
         self._store_keys = {part: [self.k.store(s, part) for s in stores] for part in ("3pid", "sha256")}
 
     async def pepper(self) -> str | None:
-        return await self.pipe.execute("GET", self.k.pepper)
+        return cast("str | None", await self.pipe.execute("GET", self.k.pepper))
 
     async def _first_match(
         self, part: str, fields: list[str], with_pepper: bool, sources: list[str | None] | None
@@ -867,7 +870,8 @@ class Lookups:
         cached "not found", or None when the store has not been asked (or the answer expired)."""
         if not pairs:
             return []
-        return await self.pipe.execute("MGET", *(self.k.store(store, f"rt:{_plain_key(a, m)}") for m, a in pairs))
+        return cast("list[str | None]",
+                    await self.pipe.execute("MGET", *(self.k.store(store, f"rt:{_plain_key(a, m)}") for m, a in pairs)))
 
     async def remember_answer(self, store: str, medium: str, address: str, mxid: str | None, ttl: int) -> None:
         """Cache a read-through store's answer (None: not found) for ttl seconds."""
@@ -922,7 +926,7 @@ class Admin:
     async def status(self) -> dict[str, Any]:
         """{"stores": {name: {identities, last_full, last_incremental, last_success, next_full,
         next_incremental, job}}, "followers": [{host, last_id, lag_seconds, ...}], "last_change_id"}."""
-        return await _run_plan_async(self.r, _status_plan(self.k, self.stores, time.time()))
+        return cast("dict[str, Any]", await _run_plan_async(self.r, _status_plan(self.k, self.stores, time.time())))
 
     async def start_job(self, store: str, full: bool, request_id: str | None) -> tuple[dict[str, Any], bool]:
         """The store's queued or running job, or a new queued one; (job, whether it is new)."""
@@ -940,18 +944,19 @@ class Admin:
     async def job(self, job_id: str) -> dict[str, Any] | None:
         """A job as the admin API shows it; a job queued for longer than job_start_timeout is failed
         first, since no live indexer took it (one that is down would otherwise leave it waiting)."""
-        view = _job_view(job_id, await self.r.hgetall(self.k.job(job_id)))
+        view = _job_view(job_id, cast("dict[str, str]", await self.r.hgetall(self.k.job(job_id))))
         if view is None or view["state"] != "queued" or time.time() - (view["created"] or 0) < self.job_start_timeout:
             return view
         error = (f"no indexer took this job within {self.job_start_timeout:g} s: the indexer is not running "
                  "(see `mxisd status` and the server's log)")
         await self._abandon(keys=[self.k.job(job_id), self.k.jobs, self.k.store(view["store"], "job")],
                             args=[job_id, error, time.time(), JOB_DONE_TTL])
-        return _job_view(job_id, await self.r.hgetall(self.k.job(job_id)))
+        return _job_view(job_id, cast("dict[str, str]", await self.r.hgetall(self.k.job(job_id))))
 
     async def inspect(self, medium: str | None, address: str) -> list[dict[str, Any]]:
         """Per store that has it: the mxid, store id and record cached for a 3PID or an mxid."""
-        return await _run_plan_async(self.r, _inspect_plan(self.k, self.stores, medium, address))
+        return cast("list[dict[str, Any]]",
+                    await _run_plan_async(self.r, _inspect_plan(self.k, self.stores, medium, address)))
 
     async def request_rebuild(self) -> int:
         """Ask every host's follower to rebuild its fulltext index from the cache."""
@@ -966,7 +971,7 @@ class BindingMirror:
 
     async def put(self, medium: str, address: str, mxid: str, generation: int) -> None:
         """Mirror one bind, made at this SQL bindings generation."""
-        pepper = await self.r.get(self.k.pepper)
+        pepper = cast("str | None", await self.r.get(self.k.pepper))
         if not pepper:
             raise redis.exceptions.RedisError("the cache has no lookup pepper yet")
         fields, hashes = _binding_fields(medium, address, pepper)
@@ -978,7 +983,7 @@ class BindingMirror:
 
     async def remove(self, medium: str, address: str, generation: int) -> None:
         """Mirror one unbind, made at this SQL bindings generation."""
-        pepper = await self.r.get(self.k.pepper) or ""
+        pepper = cast(str, await self.r.get(self.k.pepper) or "")
         fields, hashes = _binding_fields(medium, address, pepper)
         tx = self.r.pipeline(transaction=True)
         tx.hdel(self.k.store(BINDINGS, "3pid"), *fields)
@@ -1033,7 +1038,7 @@ class RemoteAnswers:
         """For (medium, address) pairs: an mxid, "" for a remembered "not found", or None when not asked lately."""
         if not pairs:
             return []
-        return await self.r.mget([self.k.remote(m, a) for m, a in pairs])
+        return cast("list[str | None]", await self.r.mget([self.k.remote(m, a) for m, a in pairs]))
 
     async def remember(self, medium: str, address: str, mxid: str | None, ttl: int) -> None:
         await self.r.set(self.k.remote(medium, address), mxid or "", ex=ttl)

@@ -7,6 +7,7 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import redis
 
@@ -52,7 +53,7 @@ class Follower:
 
     def start(self, reason: str | None = None) -> None:
         """Open the index where it left off, or rebuild it from the cache (always when a reason is given)."""
-        self.epoch = self.cache.initialize()
+        self.epoch = self.cache.initialize() or ""  # none: emptied meanwhile; the loop starts over
         self.rebuilds_seen = self.cache.rebuild_requests()
         reason = reason or self._needs_rebuild()
         if reason is None:
@@ -69,7 +70,7 @@ class Follower:
         started = time.time()
         self.last_id = self.cache.last_change_id()
 
-        def everyone():
+        def everyone() -> Iterator[Identity]:
             for store in self.stores:
                 yield from self.cache.iter_identities(store)
 
