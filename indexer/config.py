@@ -9,7 +9,7 @@ import os
 import re
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import jsonschema
 import yaml
@@ -30,7 +30,8 @@ class ConfigError(Exception):
 @cache
 def load_schema(name: str) -> dict[str, Any]:
     """Read one of the JSON Schemas in schemas/ (callers must not modify it)."""
-    return json.loads((SCHEMA_DIR / name).read_text(encoding="utf-8"))
+    schema: dict[str, Any] = json.loads((SCHEMA_DIR / name).read_text(encoding="utf-8"))
+    return schema
 
 
 def parse_duration(text: str) -> int:
@@ -81,7 +82,8 @@ def explain(error: jsonschema.ValidationError, root: dict[str, Any] | None = Non
     """One line naming the key path and what was expected (root: the schema, to follow its $refs)."""
     path = list(error.absolute_path)
     if error.validator in ("additionalProperties", "unevaluatedProperties") and isinstance(error.instance, dict):
-        allowed = _declared_properties(error.schema, root or error.schema)
+        schema = cast("dict[str, Any]", error.schema)
+        allowed = _declared_properties(schema, root or schema)
         unknown = sorted(k for k in error.instance if k not in allowed)
         if unknown:
             return f"{format_path(path + [unknown[0]])}: unknown key"
@@ -91,7 +93,7 @@ def explain(error: jsonschema.ValidationError, root: dict[str, Any] | None = Non
         return f"{format_path(path + [name])}: missing required key"
     # The widest description wins: an anyOf's x-expected covers all of its branches.
     expected = None
-    node: jsonschema.ValidationError | None = error
+    node: jsonschema.exceptions._Error | None = error
     while node is not None:
         if isinstance(node.schema, dict) and node.schema.get("x-expected"):
             expected = node.schema["x-expected"]
@@ -100,9 +102,9 @@ def explain(error: jsonschema.ValidationError, root: dict[str, Any] | None = Non
         return f"{format_path(path)}: expected {expected}, got {_describe(error.instance)}"
     if error.validator == "type":
         types = error.validator_value if isinstance(error.validator_value, list) else [error.validator_value]
-        return f"{format_path(path)}: expected {' or '.join(types)}, got {_describe(error.instance)}"
+        return f"{format_path(path)}: expected {' or '.join(map(str, types))}, got {_describe(error.instance)}"
     if error.validator == "enum":
-        choices = ", ".join(_describe(c) for c in error.validator_value)
+        choices = ", ".join(_describe(c) for c in cast("list[Any]", error.validator_value))
         return f"{format_path(path)}: expected one of {choices}, got {_describe(error.instance)}"
     return f"{format_path(path)}: {error.message}"
 
@@ -121,7 +123,8 @@ def _first_error(validator: jsonschema.protocols.Validator, instance: Any) -> js
         return None
     # A property that fails its own schema also counts as "unevaluated": report the real failure.
     errors = [e for e in errors if e.validator != "unevaluatedProperties"] or errors
-    return jsonschema.exceptions.best_match(errors)
+    best: jsonschema.ValidationError | None = jsonschema.exceptions.best_match(errors)
+    return best
 
 
 def validate(instance: Any, schema_name: str) -> None:

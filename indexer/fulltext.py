@@ -274,7 +274,7 @@ class HideRules:
         values = {"mxid": [mxid], "display_name": [display_name or ""], "threepid": list(threepids)}
         for rule in self.rules:
             if all(
-                store == condition if key == "store" else any(condition.fullmatch(v) for v in values[key])
+                store == condition if isinstance(condition, str) else any(condition.fullmatch(v) for v in values[key])
                 for key, condition in rule.items()
             ):
                 return True
@@ -293,8 +293,8 @@ def _search(opened: _OpenIndex, text: str, threepids: bool, limit: int, hide: Hi
     """The best limit visible hits for a search term, and whether there were more."""
     hits: list[Hit] = []
     for docnum in _ranked(opened, text, threepids):
-        hit, threepids = opened.person(docnum)
-        if hide and hide.hides(hit.store, hit.mxid, hit.display_name, threepids):
+        hit, hit_threepids = opened.person(docnum)
+        if hide and hide.hides(hit.store, hit.mxid, hit.display_name, hit_threepids):
             continue
         hits.append(hit)
         if len(hits) > limit:
@@ -358,7 +358,7 @@ class FullText:
         self._save_position(self.path, epoch, last_id)
 
     def count(self) -> int:
-        return index.open_dir(str(self.path)).doc_count()
+        return int(index.open_dir(str(self.path)).doc_count())
 
     def search(self, text: str, limit: int = 10, threepids: bool = False) -> list[Hit]:
         """The best matches for a search term, with the index opened for this one search."""

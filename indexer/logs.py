@@ -11,6 +11,8 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from types import TracebackType
+from typing import Any
 
 # The id of the HTTP request (or of the job it started) being handled, for every log line it causes.
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
@@ -44,15 +46,24 @@ class _Context(logging.Filter):
         return True
 
 
+_ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None] | tuple[None, None, None]
+
+
+def _added(record: logging.LogRecord, name: str) -> Any:
+    """An attribute _Context added to the record (the type of LogRecord does not know them)."""
+    return record.__dict__[name]
+
+
 class _Text(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(role)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
-        return line if record.request_id is None else f"{line} [request {record.request_id}]"
+        request = _added(record, "request_id")
+        return line if request is None else f"{line} [request {request}]"
 
-    def formatException(self, ei) -> str:  # noqa: N802 (logging's name)
+    def formatException(self, ei: _ExcInfo) -> str:  # noqa: N802 (logging's name)
         return redact(super().formatException(ei))
 
 
@@ -61,13 +72,13 @@ class _Json(logging.Formatter):
         event = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
-            "process": record.role,
+            "process": _added(record, "role"),
             "pid": record.process,
             "logger": record.name,
             "message": record.getMessage(),
         }
-        if record.request_id is not None:
-            event["request_id"] = record.request_id
+        if _added(record, "request_id") is not None:
+            event["request_id"] = _added(record, "request_id")
         if hasattr(record, "http"):  # the access log's fields
             event["http"] = record.http
         if record.exc_info:

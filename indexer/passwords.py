@@ -12,10 +12,13 @@ import hashlib
 import hmac
 import logging
 import unicodedata
+from typing import Literal, cast
 
 import argon2
 import bcrypt
 from passlib.hash import sha512_crypt
+
+NormalForm = Literal["NFC", "NFD", "NFKC", "NFKD"]
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +84,7 @@ def verify(password: str, stored: str | None, *, pepper: str = "", normalize: st
         log.info("login for %s refused: the account has no password hash", who)
         return False
     if normalize:
-        password = unicodedata.normalize(normalize, password)
+        password = unicodedata.normalize(cast(NormalForm, normalize), password)  # the schema lists the forms
     secret = password.encode("utf-8") + pepper.encode("utf-8")
     for prefixes, name, check in _FORMATS:
         if stored.startswith(prefixes):

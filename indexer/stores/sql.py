@@ -15,7 +15,7 @@ import datetime
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from typing import Any
 
 import sqlalchemy
@@ -114,7 +114,7 @@ class SqlStore(Store):
         if "changes" in queries and "high_water_mark" not in queries:
             raise ConfigError(f"{path}.queries.high_water_mark: missing required key (needed by queries.changes)")
 
-    def _rows(self, query: str, stream: bool = True, **params: Any) -> Iterator[dict[str, Any]]:
+    def _rows(self, query: str, stream: bool = True, **params: Any) -> Generator[dict[str, Any], None, None]:
         """The rows of one configured query, as dicts; any database failure is a StoreError."""
         try:
             with self.engine.connect() as connection:
