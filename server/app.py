@@ -12,14 +12,16 @@ import signal
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
 import redis
 import sqlalchemy
 from sanic import Request, Sanic
+from sanic.config import Config
 from sanic.exceptions import BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, SanicException, ServiceUnavailable
-from sanic.response import HTTPResponse, empty, json
+from sanic.response import BaseHTTPResponse, HTTPResponse, empty, json
 
 from indexer import logs
 from indexer.cache import (
@@ -93,7 +95,11 @@ def lookup_order(config: dict[str, Any]) -> list[str]:
     return [BINDINGS, *stores] if config["lookup"]["prefer"] == "binding" else [*stores, BINDINGS]
 
 
-def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
+# The application with Sanic's own config and context types (the services hang untyped off app.ctx).
+App = Sanic[Config, SimpleNamespace]
+
+
+def create_app(config: dict[str, Any], redis_url: str) -> App:
     """The Sanic application for one worker."""
     logs.setup(config["log_level"], "server", config["log_format"])  # spawned workers start with no logging set up
     app = Sanic("mxisd", configure_logging=False, dumps=orjson.dumps, loads=orjson.loads)  # fast JSON
@@ -129,7 +135,7 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
         app.blueprint(module.bp)
 
     @app.before_server_start
-    async def open_connections(app: Sanic) -> None:
+    async def open_connections(app: App) -> None:
         client = connect_async(redis_url, timeout_of(config))
         prefix = config["redis"]["prefix"]
         app.ctx.redis = client
@@ -152,13 +158,13 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
         app.ctx.invites = InviteWorker(config, app.ctx.storage, app.ctx.lookups, app.ctx.federation, app.ctx.keys)
 
     @app.after_server_start
-    async def start_maintenance(app: Sanic) -> None:
+    async def start_maintenance(app: App) -> None:
         app.ctx.maintenance = asyncio.create_task(maintenance(app, redis_url))
         app.ctx.invite_worker = asyncio.create_task(app.ctx.invites.run())
         log.info("worker %d ready", os.getpid())
 
     @app.before_server_stop
-    async def stop_maintenance(app: Sanic) -> None:
+    async def stop_maintenance(app: App) -> None:
         # Ctrl-C reaches each worker twice, from the terminal and from Sanic's manager: the second
         # must not abort the clean stop that the first began.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -168,7 +174,7 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
                 await task
 
     @app.after_server_stop
-    async def close_connections(app: Sanic) -> None:
+    async def close_connections(app: App) -> None:
         await app.ctx.read_through.close()
         await app.ctx.homeserver.close()
         app.ctx.search_executor.shutdown(wait=True)
@@ -179,7 +185,7 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
         await app.ctx.federation.close()
         app.ctx.storage.close()
 
-    @app.on_request(priority=10)
+    @app.middleware("request", priority=10)
     async def identify(request: Request) -> HTTPResponse | None:
         given = request.headers.get(REQUEST_ID_HEADER, "")
         request.ctx.request_id = given if _GOOD_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
@@ -191,8 +197,8 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
             return empty(status=200)
         return None
 
-    @app.on_response
-    async def finish(request: Request, response: HTTPResponse) -> None:
+    @app.middleware("response")
+    async def finish(request: Request, response: BaseHTTPResponse) -> None:
         response.headers.update(CORS_HEADERS)
         record_response(request, response)
 
@@ -203,7 +209,7 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
     return app
 
 
-async def maintenance(app: Sanic, redis_url: str) -> None:
+async def maintenance(app: App, redis_url: str) -> None:
     """Every redis.check_every: have Redis rebuilt if it was emptied or went back in time while we
     run (see server.bindings); every minute: forget validation sessions a week past their lifetime."""
     config = app.ctx.config
@@ -229,7 +235,7 @@ async def maintenance(app: Sanic, redis_url: str) -> None:
         cache.r.close()
 
 
-def record_response(request: Request, response: HTTPResponse) -> None:
+def record_response(request: Request, response: BaseHTTPResponse) -> None:
     """The request id header, the request metrics and the access log line of one answered request."""
     request_id = getattr(request.ctx, "request_id", None)
     if request_id is None:  # the request failed before any middleware ran (such as a 404)

@@ -117,7 +117,7 @@ class Federation:
             infos = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
         except socket.gaierror as exc:
             raise FederationError(f"cannot resolve {host}: {exc.strerror}") from None
-        return list(dict.fromkeys(info[4][0] for info in infos))
+        return list(dict.fromkeys(str(info[4][0]) for info in infos))
 
     async def _connectable(self, host: str) -> str:
         """The first address of host that policy allows connecting to."""

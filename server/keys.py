@@ -9,9 +9,9 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-from nacl.signing import SigningKey
 from signedjson.key import decode_signing_key_base64, encode_verify_key_base64, generate_signing_key, get_verify_key
 from signedjson.sign import sign_json
+from signedjson.types import SigningKey
 from unpaddedbase64 import encode_base64
 
 log = logging.getLogger(__name__)

@@ -213,7 +213,8 @@ class Recursion:
             raise Unusable("an association for another 3PID or without mxid")
         if signed:
             await self._verify(base, body)
-        return body["mxid"]
+        mxid: str = body["mxid"]
+        return mxid
 
     async def _verify(self, base: str, body: dict[str, Any]) -> None:
         signatures = body.get("signatures")

@@ -19,7 +19,7 @@ from sanic import Sanic
 from sanic.worker.loader import AppLoader
 
 from indexer import logs
-from server.app import create_app
+from server.app import App, create_app
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def serve(config: dict[str, Any], redis_url: str, listening: int | None = None) 
         Sanic.serve(primary=app, app_loader=loader)
 
 
-async def _stop_at_once_while_starting(app: Sanic, _: Any) -> None:
+async def _stop_at_once_while_starting(app: App, _: Any) -> None:
     """Sanic's worker manager loses a stop signal that comes before every worker has said it is
     ready (it waits for them forever, at full speed): until then, a stop signal kills this process
     group at once. Nothing has been served yet, so nothing is cut short."""
@@ -90,7 +90,7 @@ async def _stop_at_once_while_starting(app: Sanic, _: Any) -> None:
         signal.signal(signum, handler)
 
 
-def _follow_config(app: Sanic, config: dict[str, Any], single: bool) -> None:
+def _follow_config(app: App, config: dict[str, Any], single: bool) -> None:
     """Apply each config `mxisd run` re-reads on SIGHUP (a line of JSON on stdin): log_level and
     the rate limits. One process applies them in place; workers are replaced by new ones started with
     them, each new one before its old one stops, so that nothing stops answering."""

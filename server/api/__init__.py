@@ -37,7 +37,7 @@ def json_body(request: Request, schema: str, allow_form: bool = False) -> dict[s
     """The request's JSON object (or, with allow_form, its legacy form-encoded fields), checked
     against schemas/api/<schema>.json."""
     if allow_form and request.content_type.startswith("application/x-www-form-urlencoded"):
-        body: Any = {k: v[0] for k, v in request.form.items()}
+        body: Any = {k: v[0] for k, v in (request.form or {}).items()}
     else:
         try:
             body = request.json
@@ -83,11 +83,11 @@ async def authenticate(request: Request, terms: bool = True) -> str:
     if token is None:
         raise MatrixError(401, "M_UNAUTHORIZED", "An identity server access token is required")
     tokens = request.app.ctx.tokens
-    known = tokens.get(token)
+    known: tuple[str, bool] | None = tokens.get(token)
     if known is not None and (known[1] or not terms):
         return known[0]
     storage = request.app.ctx.storage
-    user_id = await storage.run(storage.account_user, token)
+    user_id: str | None = await storage.run(storage.account_user, token)
     if user_id is None:
         tokens.forget(token)
         raise MatrixError(401, "M_UNAUTHORIZED", "Unrecognised access token")

@@ -72,7 +72,8 @@ async def page(request: Request) -> HTTPResponse:
 
 
 def _stores_config(request: Request) -> list[dict[str, Any]]:
-    return request.app.ctx.config["stores"]
+    stores: list[dict[str, Any]] = request.app.ctx.config["stores"]
+    return stores
 
 
 @bp.get("/v1/stores")

@@ -64,7 +64,9 @@ async def _rewrite(request: Request, body: dict[str, Any]) -> str | None:
         # Before identifiers existed: top-level "user", or "medium" and "address".
         identifier = {"type": "m.id.thirdparty", "medium": body.get("medium"), "address": body.get("address")} \
             if "address" in body else {"type": "m.id.user", "user": body.get("user")}
-    kind, mxid, name = identifier.get("type"), None, None
+    kind = identifier.get("type")
+    mxid: str | None = None
+    name: str | None = None
     if kind == "m.id.thirdparty" and isinstance(identifier.get("medium"), str) \
             and isinstance(identifier.get("address"), str):
         name = identifier["address"]
@@ -84,7 +86,7 @@ async def _rewrite(request: Request, body: dict[str, Any]) -> str | None:
         return mxid
     if name is None:
         return None
-    identity = await credentials.resolve(name)
+    identity: Identity | None = await credentials.resolve(name)
     return identity.mxid if identity is not None else name.strip().lower()
 
 

@@ -56,8 +56,9 @@ def our_names(server: dict[str, Any]) -> list[str]:
 async def _signing_homeserver(request: Request, authorization: str) -> str:
     uri = request.path + (f"?{request.query_string}" if request.query_string else "")
     try:
-        return await request.app.ctx.federation.verify_request(
+        signer: str = await request.app.ctx.federation.verify_request(
             authorization, request.method, uri, request.json, our_names(request.app.ctx.config["server"]))
+        return signer
     except ValueError as exc:
         raise MatrixError(403, "M_FORBIDDEN", f"Invalid X-Matrix authorization: {exc}") from None
     except WrongDestination as exc:

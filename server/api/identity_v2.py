@@ -16,7 +16,7 @@ ALGORITHMS = ["none", "sha256"]
 
 
 async def _pepper(request: Request) -> str:
-    pepper = await request.app.ctx.lookups.pepper()
+    pepper: str | None = await request.app.ctx.lookups.pepper()
     if not pepper:
         raise MatrixError(503, "M_UNKNOWN", "The lookup cache is not ready yet")
     return pepper

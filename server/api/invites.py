@@ -42,8 +42,8 @@ def redact(address: str) -> str:
 def template_values(body: dict[str, Any], register_url: str) -> dict[str, str]:
     """mxisd's invite placeholders, and every string field of the request as %FIELD_NAME%."""
     values = {_PLACEHOLDER_NAME.sub("_", k.upper()): v for k, v in body.items() if isinstance(v, str)}
-    sender_name = body.get("sender_display_name") if isinstance(body.get("sender_display_name"), str) else ""
-    room_name = body.get("room_name") if isinstance(body.get("room_name"), str) else ""
+    sender_name = given if isinstance(given := body.get("sender_display_name"), str) else ""
+    room_name = given if isinstance(given := body.get("room_name"), str) else ""
     values.update({
         "SENDER_ID": body["sender"],
         "SENDER_NAME": sender_name,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import html
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from typing import Any
 from urllib.parse import urlencode
@@ -32,7 +32,7 @@ bp = Blueprint("sessions")
 NOT_SENT = -1  # send_attempt of a session whose first message has not gone out
 
 
-Handler = Callable[[Request], Awaitable[HTTPResponse]]
+Handler = Callable[[Request], Coroutine[Any, Any, HTTPResponse]]
 
 
 def _route(path: str, methods: list[str]) -> Callable[[Handler], Handler]:
@@ -85,7 +85,7 @@ async def _start(request: Request, medium: str, address: str, body: dict[str, An
     secret = body["client_secret"]
     next_link = body.get("next_link")
     now = now_ms()
-    session = await storage.run(storage.find_session, medium, address, secret)
+    session: Session | None = await storage.run(storage.find_session, medium, address, secret)
     if session is None:
         fresh = Session(sid=secrets.token_urlsafe(18), medium=medium, address=address, client_secret=secret,
                         token=_new_token(medium), send_attempt=NOT_SENT, next_link=next_link, failed_attempts=0,
@@ -95,8 +95,8 @@ async def _start(request: Request, medium: str, address: str, body: dict[str, An
             session.failed_attempts >= request.app.ctx.config["sessions"]["max_token_attempts"]
             and attempt > session.send_attempt):
         # A dead session starts over under the same sid, with a token nobody has guessed at.
-        changes = dict(token=_new_token(medium), send_attempt=NOT_SENT, failed_attempts=0, created_at=now,
-                       modified_at=now, validated_at=None, next_link=next_link)
+        changes: dict[str, Any] = dict(token=_new_token(medium), send_attempt=NOT_SENT, failed_attempts=0,
+                                       created_at=now, modified_at=now, validated_at=None, next_link=next_link)
         await storage.run(storage.update_session, session.sid, changes)
         session = replace(session, **changes)
     if attempt <= session.send_attempt:
@@ -175,7 +175,7 @@ async def request_msisdn_token(request: Request) -> HTTPResponse:
 async def live_session(request: Request, sid: str, client_secret: str) -> Session:
     """The session for sid and secret: 404 M_NO_VALID_SESSION, or 400 M_SESSION_EXPIRED."""
     storage = request.app.ctx.storage
-    session = await storage.run(storage.session, sid, client_secret)
+    session: Session | None = await storage.run(storage.session, sid, client_secret)
     if session is None:
         raise MatrixError(404, "M_NO_VALID_SESSION", "No session with that sid and client_secret")
     if _expired(request, session):

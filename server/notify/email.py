@@ -27,7 +27,7 @@ def render_message(template: str, values: dict[str, str]) -> EmailMessage:
     head, sep, body = text.partition("\n\n")
     safe = {k: _LINE_BREAKS.sub(" ", v) for k, v in values.items()}
     message = Parser(policy=email.policy.default).parsestr(render(head, safe) + sep + render(body, values))
-    return message  # type: ignore[return-value]
+    return message
 
 
 class EmailSender:
