@@ -383,6 +383,7 @@ def test_a_directory_that_never_answers_times_out(cache):
     silent.close()
 
 
+@pytest.mark.slow  # waits out a 10 s timeout
 def test_a_directory_that_never_answers_bounds_a_login_by_the_timeout(caplog):
     caplog.set_level(logging.DEBUG)
     silent = socket.socket()
