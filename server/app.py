@@ -18,7 +18,8 @@ import orjson
 import redis
 import sqlalchemy
 from sanic import Request, Sanic
-from sanic.exceptions import BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, SanicException
+from sanic.exceptions import (BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, SanicException,
+                              ServiceUnavailable)
 from sanic.response import HTTPResponse, empty, json
 
 from indexer import logs
@@ -29,8 +30,8 @@ from indexer.fulltext import DirectorySearch, HideRules
 from indexer.redis_pipe import PipelinedRedis
 from indexer.scheduler import fulltext_path
 from server import metrics
-from server.api import (account, admin, auth, bind, directory, health, identity_v1, identity_v2, profile, pubkey,
-                        sessions, status, terms)
+from server.api import (account, admin, auth, bind, directory, health, identity_v1, identity_v2, load_json, profile,
+                        pubkey, sessions, status, terms)
 from server.api import invites as invites_api
 from server.api import metrics as metrics_api
 from server.bindings import restore_mirror
@@ -73,9 +74,9 @@ def lookup_order(config: dict[str, Any]) -> list[str]:
 def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
     """The Sanic application for one worker."""
     logs.setup(config["log_level"], "server", config["log_format"])  # spawned workers start with no logging set up
-    app = Sanic("mxisd", configure_logging=False, dumps=orjson.dumps, loads=orjson.loads)  # fast JSON
+    app = Sanic("mxisd", configure_logging=False, dumps=orjson.dumps, loads=load_json)  # fast JSON
     app.config.FALLBACK_ERROR_FORMAT = "json"
-    app.config.REQUEST_MAX_SIZE = 16 * 1024 * 1024
+    app.config.REQUEST_MAX_SIZE = config["server"]["max_body_size"]
     # uvloop installs SIGTERM handling only once the loop runs, after Sanic has set SIGTERM to
     # "ignore" and begun answering: a SIGTERM in that window was lost and the server never stopped.
     app.config.USE_UVLOOP = False
@@ -243,6 +244,9 @@ def error_response(request: Request, exc: Exception) -> HTTPResponse:
         error = MatrixError(503, "M_UNKNOWN", "The database is unavailable, try again shortly")
     elif isinstance(exc, SanicException) and 400 <= exc.status_code < 500:
         error = MatrixError(exc.status_code, "M_UNKNOWN", str(exc))
+    elif isinstance(exc, ServiceUnavailable):  # Sanic's response timeout: the request took too long
+        log.warning("%s %s: no answer within the response timeout", request.method, request.path)
+        error = MatrixError(503, "M_UNKNOWN", "The server took too long to answer, try again shortly")
     else:
         log.exception("%s %s failed", request.method, request.path)
         error = MatrixError(500, "M_UNKNOWN", "Internal server error")

@@ -8,6 +8,7 @@ from typing import Any, Union
 
 import jsonschema
 import jsonschema_rs
+import orjson
 from sanic import Request
 from sanic.exceptions import BadRequest
 
@@ -32,6 +33,26 @@ def _fast_validator(name: str) -> Any:
 V1 = "/_matrix/identity/api/v1"
 V2 = "/_matrix/identity/v2"
 
+# Far deeper than any request of the APIs (4 levels at most), far shallower than what exhausts the
+# stack of the schema checks and encoders that walk a value recursively.
+MAX_JSON_DEPTH = 64
+
+
+def load_json(body: bytes) -> Any:
+    """A request body's JSON value; ValueError (400 from Sanic) when it is nested deeper than
+    MAX_JSON_DEPTH."""
+    value = orjson.loads(body)
+    # Counting brackets costs little and clears nearly every body; only a larger one is walked.
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH:
+        level = [value]
+        for _ in range(MAX_JSON_DEPTH):
+            level = [child for v in level for child in (v.values() if type(v) is dict else v)
+                     if type(child) is list or type(child) is dict]
+            if not level:
+                return value
+        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
 
 def json_body(request: Request, schema: str, allow_form: bool = False) -> dict[str, Any]:
     """The request's JSON object (or, with allow_form, its legacy form-encoded fields), checked
@@ -42,7 +63,7 @@ def json_body(request: Request, schema: str, allow_form: bool = False) -> dict[s
         try:
             body = request.json
         except BadRequest:
-            raise MatrixError(400, "M_NOT_JSON", "The request body is not valid JSON") from None
+            raise MatrixError(400, "M_NOT_JSON", "The request body is not valid JSON (or is nested too deeply)") from None
     if not isinstance(body, dict):
         raise MatrixError(400, "M_BAD_JSON", "The request body must be a JSON object")
     return check_params(body, schema)
@@ -69,6 +90,13 @@ def access_token(request: Request) -> str | None:
     return request.args.get("access_token") or None
 
 
+def usable_token(token: str) -> bool:
+    """Whether a token can be one we or the homeserver handed out: printable ASCII. Anything else
+    (bytes that are not UTF-8 arrive as surrogates) is refused as unknown before it is hashed,
+    stored or sent on."""
+    return token.isascii() and token.isprintable()
+
+
 def unsigned_policies(policies: dict[str, Any], accepted: set[str]) -> list[str]:
     """Ids of the policies of which the user has accepted no language."""
     return [pid for pid, policy in policies.items()
@@ -82,6 +110,8 @@ async def authenticate(request: Request, terms: bool = True) -> str:
     token = access_token(request)
     if token is None:
         raise MatrixError(401, "M_UNAUTHORIZED", "An identity server access token is required")
+    if not usable_token(token):
+        raise MatrixError(401, "M_UNAUTHORIZED", "Unrecognised access token")
     tokens = request.app.ctx.tokens
     known = tokens.get(token)
     if known is not None and (known[1] or not terms):
