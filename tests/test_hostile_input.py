@@ -190,3 +190,17 @@ def test_an_unexpected_failure_is_a_matrix_error_without_traceback(make_server):
     assert response.json() == {"errcode": "M_UNKNOWN", "error": "Internal server error"}
     assert "failure.html" not in response.text
     assert srv.log().count("FileNotFoundError") >= 1  # the traceback is in the log instead
+
+
+def test_an_address_the_smtp_client_refuses_is_a_400_and_stores_no_invite(server, mailbox):
+    address = "a\x00b@example.com"  # a control character: no SMTP server can take it
+    response = server.http.post(V1 + "/validate/email/requestToken",
+                                json={"client_secret": "abc", "email": address, "send_attempt": 1})
+    assert response.status_code == 400
+    assert response.json()["errcode"] in ("M_INVALID_EMAIL", "M_EMAIL_SEND_ERROR")
+    response = server.http.post(V2 + "/store-invite", headers=server.auth(), json={
+        "medium": "email", "address": address, "room_id": "!room:example.org", "sender": "@tester:example.org"})
+    assert response.status_code == 400
+    assert response.json()["errcode"] in ("M_INVALID_EMAIL", "M_EMAIL_SEND_ERROR")
+    assert mailbox.messages == []
+    assert "stored invite" not in server.log()
