@@ -47,56 +47,95 @@ class Op:
     html_errors: bool = False  # errors answered as an HTML page (a link opened in a browser)
     relayed: bool = False  # the homeserver's answer is passed on as it is: any 4xx
     ready: bool = False  # 503 with the readiness checks, not a Matrix error
+    answer: dict[str, Any] | None = None  # the schema of a JSON success body (default: any object)
 
 
 STRING = {"type": "string"}
+BOOLEAN = {"type": "boolean"}
+INTEGER = {"type": "integer"}
+
+
+def _object(required: list[str], **properties: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "required": required, "properties": properties}
+
+
+SIGNED = {"type": "object", "additionalProperties": {"type": "object", "additionalProperties": STRING}}
+ASSOCIATION = _object(["address", "medium", "mxid", "not_before", "not_after", "ts", "signatures"],
+                      address=STRING, medium=STRING, mxid=STRING, not_before=INTEGER, not_after=INTEGER, ts=INTEGER,
+                      signatures=SIGNED)
+VALID = _object(["valid"], valid=BOOLEAN)
+EMPTY = {"type": "object", "maxProperties": 0}
+DIRECTORY_HIT = _object(["user_id"], user_id=STRING, display_name={"type": ["string", "null"]},
+                        avatar_url={"type": ["string", "null"]})
+SUCCESS = _object(["success"], success=BOOLEAN)
 PUBLIC_KEY = (("public_key", True, STRING),)
 ANY_OBJECT = {"type": "object", "description": "Passed on to the homeserver as it is."}
 
 # Handler name -> description. Every registered route's handler must be here.
 OPERATIONS: dict[str, Op] = {
-    "versions": Op(),
-    "ping_v1": Op(),
-    "ping_v2": Op(),
+    "versions": Op(answer=_object(["versions"], versions={"type": "array", "items": STRING})),
+    "ping_v1": Op(answer=EMPTY),
+    "ping_v2": Op(answer=EMPTY),
     "status": Op(),
     "version": Op(),
     "openapi": Op(),
     "ready": Op(ready=True),
     "metrics": Op(errors=(403,), ok_type="text/plain"),
-    "get_key": Op(errors=(404,)),
-    "is_valid": Op(query=PUBLIC_KEY, errors=(400,)),
-    "ephemeral_is_valid": Op(query=PUBLIC_KEY, errors=(400,)),
-    "lookup": Op(query=(("medium", True, STRING), ("address", True, STRING)), errors=(400,)),
-    "bulk_lookup": Op(body="v1_bulk_lookup", errors=(400, 413)),
-    "hash_details": Op(auth=IDENTITY, errors=(401, 403)),
-    "lookup_v2": Op(body="v2_lookup", auth=IDENTITY, errors=(400, 401, 403, 413)),
-    "register": Op(body="v2_account_register", errors=(400, 401, 403, 413, 502)),
-    "account": Op(auth=IDENTITY, errors=(401, 403)),
-    "logout": Op(auth=IDENTITY, errors=(401,)),
-    "get_terms": Op(),
-    "accept_terms": Op(body="v2_terms", auth=IDENTITY, errors=(400, 401, 413)),
+    "get_key": Op(errors=(404,), answer=_object(["public_key"], public_key=STRING)),
+    "is_valid": Op(query=PUBLIC_KEY, errors=(400,), answer=VALID),
+    "ephemeral_is_valid": Op(query=PUBLIC_KEY, errors=(400,), answer=VALID),
+    "lookup": Op(query=(("medium", True, STRING), ("address", True, STRING)), errors=(400,),
+                 answer={"anyOf": [EMPTY, ASSOCIATION]}),
+    "bulk_lookup": Op(body="v1_bulk_lookup", errors=(400, 413), answer=_object(
+        ["threepids"], threepids={"type": "array", "items": {"type": "array", "items": STRING, "minItems": 3,
+                                                                   "maxItems": 3}})),
+    "hash_details": Op(auth=IDENTITY, errors=(401, 403), answer=_object(
+        ["lookup_pepper", "algorithms"], lookup_pepper=STRING, algorithms={"type": "array", "items": STRING})),
+    "lookup_v2": Op(body="v2_lookup", auth=IDENTITY, errors=(400, 401, 403, 413),
+                    answer=_object(["mappings"], mappings={"type": "object", "additionalProperties": STRING})),
+    "register": Op(body="v2_account_register", errors=(400, 401, 403, 413, 502),
+                   answer=_object(["token", "access_token"], token=STRING, access_token=STRING)),
+    "account": Op(auth=IDENTITY, errors=(401, 403), answer=_object(["user_id"], user_id=STRING)),
+    "logout": Op(auth=IDENTITY, errors=(401,), answer=EMPTY),
+    "get_terms": Op(answer=_object(["policies"], policies={"type": "object"})),
+    "accept_terms": Op(body="v2_terms", auth=IDENTITY, errors=(400, 401, 413), answer=EMPTY),
     "request_email_token": Op(body="request_email_token", auth=IDENTITY, v1_open=True,
-                              errors=(400, 401, 403, 413, 429, 500)),
+                              errors=(400, 401, 403, 413, 429, 500), answer=_object(["sid"], sid=STRING)),
     "request_msisdn_token": Op(body="request_msisdn_token", auth=IDENTITY, v1_open=True,
-                               errors=(400, 401, 403, 413, 429)),
+                               errors=(400, 401, 403, 413, 429),
+                               answer=_object(["sid", "msisdn", "intl_fmt"], sid=STRING, msisdn=STRING,
+                                              intl_fmt=STRING)),
     "submit_email_token": Op(body="submit_token", form=True, auth=IDENTITY, v1_open=True,
-                             errors=(400, 401, 403, 404, 413)),
+                             errors=(400, 401, 403, 404, 413), answer=SUCCESS),
     "submit_msisdn_token": Op(body="submit_token", form=True, auth=IDENTITY, v1_open=True,
-                              errors=(400, 401, 403, 404, 413)),
+                              errors=(400, 401, 403, 404, 413), answer=SUCCESS),
     "submit_email_token_link": Op(query_schema="submit_token", ok_type="text/html", ok=(200, 302),
                                   errors=(400, 404), html_errors=True),
     "submit_msisdn_token_link": Op(query_schema="submit_token", ok_type="text/html", ok=(200, 302),
                                    errors=(400, 404), html_errors=True),
     "get_validated": Op(query_schema="get_validated_3pid", auth=IDENTITY, v1_open=True,
-                        errors=(400, 401, 403, 404)),
-    "bind": Op(body="bind", form=True, auth=IDENTITY, v1_open=True, errors=(400, 401, 403, 404, 413)),
-    "unbind": Op(body="unbind", errors=(400, 403, 404, 413, 502)),
+                        errors=(400, 401, 403, 404),
+                        answer=_object(["medium", "address", "validated_at"], medium=STRING, address=STRING,
+                                       validated_at=INTEGER)),
+    "bind": Op(body="bind", form=True, auth=IDENTITY, v1_open=True, errors=(400, 401, 403, 404, 413),
+               answer=ASSOCIATION),
+    "unbind": Op(body="unbind", errors=(400, 403, 404, 413, 502), answer=EMPTY),
     "store_invite": Op(body="store_invite", form=True, auth=IDENTITY, v1_open=True,
-                       errors=(400, 401, 403, 413, 429, 500)),
-    "sign_ed25519": Op(body="sign_ed25519", auth=IDENTITY, v1_open=True, errors=(400, 401, 403, 404, 413)),
-    "check_credentials": Op(body="check_credentials", errors=(400, 413)),
-    "internal_profile": Op(errors=(404,)),
-    "search": Op(body="user_directory_search", auth=HOMESERVER, errors=(400, 401, 413, 502), relayed=True),
+                       errors=(400, 401, 403, 413, 429, 500), answer=_object(
+                           ["token", "public_keys", "public_key", "display_name"], token=STRING, public_key=STRING,
+                           display_name=STRING, public_keys={"type": "array", "items": _object(
+                               ["public_key", "key_validity_url"], public_key=STRING, key_validity_url=STRING)})),
+    "sign_ed25519": Op(body="sign_ed25519", auth=IDENTITY, v1_open=True, errors=(400, 401, 403, 404, 413),
+                       answer=_object(["mxid", "sender", "token", "signatures"], mxid=STRING, sender=STRING,
+                                      token=STRING, signatures=SIGNED)),
+    "check_credentials": Op(body="check_credentials", errors=(400, 413), answer=_object(
+        ["auth"], auth=_object(["success", "profile"], success=BOOLEAN, mxid=STRING, profile={"type": "object"}))),
+    "internal_profile": Op(errors=(404,), answer=_object(["user_id", "display_name", "threepids"], user_id=STRING,
+                                                         display_name={"type": ["string", "null"]},
+                                                         threepids={"type": "array"})),
+    "search": Op(body="user_directory_search", auth=HOMESERVER, errors=(400, 401, 413, 502), relayed=True,
+                 answer=_object(["results", "limited"], results={"type": "array", "items": DIRECTORY_HIT},
+                                limited=BOOLEAN)),
     "login": Op(body=ANY_OBJECT, errors=(400, 413, 429, 502), relayed=True),
     "login_flows": Op(errors=(401, 502), relayed=True),
     "profile": Op(errors=(401, 404, 502), relayed=True),
@@ -142,8 +181,11 @@ def _responses(op: Op, errors: set[int]) -> dict[str, Any]:
         if status == 302:
             responses["302"] = {"description": STATUS_TEXT[302], "headers": {"Location": {"schema": STRING}}}
         elif op.ok_type == "application/json":
+            answer = op.answer if op.answer is not None and status == 200 else {"type": "object"}
+            if op.ready:
+                answer = {"$ref": "#/components/schemas/Ready"}
             responses[str(status)] = {"description": STATUS_TEXT[status],
-                                      "content": {"application/json": {"schema": {"type": "object"}}}}
+                                      "content": {"application/json": {"schema": answer}}}
         else:
             responses[str(status)] = {"description": STATUS_TEXT[status], "content": {op.ok_type: {"schema": STRING}}}
     error_content = {"application/json": {"schema": {"$ref": "#/components/schemas/MatrixError"}}}
