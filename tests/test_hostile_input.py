@@ -4,6 +4,7 @@ Matrix error with the right status, never a 500 or a traceback, and nothing odd 
 from __future__ import annotations
 
 import json
+import re
 import socket
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 import redis
 
 from indexer.cache import Cache
-from tests.conftest import V1, V2, wait_until
+from tests.conftest import REPO, V1, V2, wait_until
 from tests.fake_homeserver import ClientHomeserver
 
 HS_TOKEN = "syt_searcher_token"
@@ -20,7 +21,7 @@ MAX_BODY = 64 * 1024
 
 def raw_request(port: int, head: bytes, body: bytes = b"", timeout: float = 10.0) -> tuple[int, dict[str, str], Any]:
     """Send bytes as they are (headers httpx would refuse to send) and read one answer: status,
-    headers (lower-case names) and the JSON body."""
+    headers (lower-case names) and the body (parsed when it is JSON)."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
         sock.sendall(head + b"\r\n" + body)
         data = b""
@@ -39,7 +40,8 @@ def raw_request(port: int, head: bytes, body: bytes = b"", timeout: float = 10.0
             if not chunk:
                 break
             rest += chunk
-    return status, headers, json.loads(rest[:length]) if length else None
+    content = rest[:length]
+    return status, headers, json.loads(content) if headers.get("content-type") == "application/json" else content
 
 
 def head(method: str, path: str, *headers: bytes, length: int | None = None) -> bytes:
@@ -204,3 +206,31 @@ def test_an_address_the_smtp_client_refuses_is_a_400_and_stores_no_invite(server
     assert response.json()["errcode"] in ("M_INVALID_EMAIL", "M_EMAIL_SEND_ERROR")
     assert mailbox.messages == []
     assert "stored invite" not in server.log()
+
+
+HOSTILE_HEADERS = [
+    UNDECODABLE, NON_ASCII, b"Authorization: Bearer ", b"Authorization: \xff",
+    b'Authorization: X-Matrix origin=\xff,key="ed25519:\xfe",sig="\x01"', b"Authorization: X-Matrix ,,,=",
+    b"Content-Type: \xff/\xfe", b"Content-Type: application/x-www-form-urlencoded; charset=\xff",
+    b"X-Forwarded-For: \xff, not-an-address", b"X-Request-ID: \xff\xfe", b"Accept-Language: \xff",
+    b"User-Agent: \x01\x02", b"Cookie: \xff=\xfe",
+]
+
+
+def test_hostile_headers_and_query_strings_on_every_route_get_no_5xx(server, client_homeserver):
+    """Each route of the OpenAPI document, with header bytes and query strings no library would send."""
+    document = json.loads((REPO / "schemas" / "openapi.json").read_text(encoding="utf-8"))
+    bodies = [b"{}", b'{"threepids": [["email", "\\u0000\xff"]], "search_term": "\\ud800", "user": {"id": 1}}']
+    answered = 0
+    for template, methods in document["paths"].items():
+        path = re.sub(r"\{[^}]+\}", "%ff%fe%00", template)
+        for method in methods:
+            query = "?access_token=%ff%fe&medium=%ff&address=%00%ff&public_key=%fe&q=%00&sid=%ff&token=%ff"
+            for header in HOSTILE_HEADERS:
+                for body in bodies if method == "post" else [b""]:
+                    status, headers, _ = raw_request(
+                        server.port, head(method.upper(), path + query, header, length=len(body)), body)
+                    assert status < 500, (method, path, header, body, status)
+                    answered += 1
+    assert answered > 1000
+    assert "Traceback" not in server.log()
