@@ -16,8 +16,11 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation import GenerationMode
-from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
-                                               status_code_conformance)
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from indexer.cache import Cache
 from server.openapi import ADMIN, HOMESERVER, IDENTITY
@@ -66,7 +69,7 @@ def test_generated_requests_get_no_5xx_and_answers_the_document_describes(server
             @settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
                       phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
             @given(case=operation.as_strategy(generation_mode=mode))
-            def call(case: Any) -> None:
+            def call(case: Any, headers: dict[str, str] = headers) -> None:
                 response = case.call(base_url=server.url, headers=headers, timeout=ANSWER_WITHIN_S)
                 statuses[response.status_code] += 1
                 case.validate_response(response, checks=CHECKS)
@@ -77,7 +80,7 @@ def test_generated_requests_get_no_5xx_and_answers_the_document_describes(server
                 # Negative mode only: the operation takes nothing that can be made invalid (no
                 # parameters, or only path strings, which any string satisfies).
                 assert mode is GenerationMode.NEGATIVE, operation.label
-            except (Exception, BaseExceptionGroup) as exc:  # every operation's failures are reported together
+            except (Exception, BaseExceptionGroup) as exc:  # noqa: BLE001 - all operations' failures, together
                 failures.append(f"{operation.label} ({mode.value}): {exc}")
     assert not failures, "\n\n".join(failures)
     assert statuses[200] and statuses[400] and statuses[401], statuses  # both good and bad requests were made
