@@ -234,3 +234,24 @@ def test_hostile_headers_and_query_strings_on_every_route_get_no_5xx(server, cli
                     answered += 1
     assert answered > 1000
     assert "Traceback" not in server.log()
+
+
+MALFORMED = [
+    b"GARBAGE\r\n",
+    b"GET /_matrix/identity/versions HTTP/9.9\r\nHost: x\r\n",
+    b"GET /_matrix/identity/\xff\xfe HTTP/1.1\r\nHost: x\r\n",
+    b"POST /_matrix/identity/api/v1/bulk_lookup HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n",
+    b"POST /_matrix/identity/api/v1/bulk_lookup HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 2\r\n",
+    b"POST /_matrix/identity/api/v1/bulk_lookup HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n",
+    b"GET /_matrix/identity/versions HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n",
+    b"POST /_matrix/identity/api/v1/bulk_lookup HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 999-no\r\n",
+]
+
+
+def test_malformed_http_is_a_4xx_matrix_error(server):
+    for request in MALFORMED:
+        body = b"zz\r\n" if b"chunked" in request else b"{}" if b"POST" in request else b""
+        status, headers, answer = raw_request(server.port, request, body)
+        assert 400 <= status < 500, (request[:80], status, answer)
+        assert headers["content-type"] == "application/json" and answer["errcode"].startswith("M_"), answer
+    assert "Traceback" not in server.log()
