@@ -34,6 +34,10 @@ TWILIO_TOKEN = "twilio-auth-token-for-tests"
 TWILIO_NUMBER = "+15005550006"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "synapse: runs a real Synapse (slow to start); -m 'not synapse' leaves these out")
+
+
 def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
     """Poll check() until it returns something truthy; fail the test after timeout seconds."""
     deadline = time.monotonic() + timeout
