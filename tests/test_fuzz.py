@@ -34,6 +34,19 @@ ADMIN_TOKEN = "admin-token-of-the-fuzzer"
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
+def fuzz(operation: Any, mode: GenerationMode, url: str, headers: dict[str, str], statuses: Counter[int]) -> None:
+    """EXAMPLES requests of one operation in one mode; the first failure found is raised."""
+    @settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
+              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(case=operation.as_strategy(generation_mode=mode))
+    def call(case: Any) -> None:
+        response = case.call(base_url=url, headers=headers, timeout=ANSWER_WITHIN_S)
+        statuses[response.status_code] += 1
+        case.validate_response(response, checks=CHECKS)
+
+    call()
+
+
 def _last(operation: Any) -> bool:
     # Logging the tester's token out would leave the operations after it nothing but 401s.
     return operation.path.endswith("/account/logout")
@@ -66,16 +79,8 @@ def test_generated_requests_get_no_5xx_and_answers_the_document_describes(server
         schemes = [name for requirement in operation.definition.raw.get("security", []) for name in requirement]
         headers = {"Authorization": f"Bearer {tokens[schemes[0]]}"} if schemes else {}
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
-            @settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
-                      phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
-            @given(case=operation.as_strategy(generation_mode=mode))
-            def call(case: Any, headers: dict[str, str] = headers) -> None:
-                response = case.call(base_url=server.url, headers=headers, timeout=ANSWER_WITHIN_S)
-                statuses[response.status_code] += 1
-                case.validate_response(response, checks=CHECKS)
-
             try:
-                call()
+                fuzz(operation, mode, server.url, headers, statuses)
             except Unsatisfiable:
                 # Negative mode only: the operation takes nothing that can be made invalid (no
                 # parameters, or only path strings, which any string satisfies).
