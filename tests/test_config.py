@@ -149,7 +149,7 @@ def test_defaults_and_relative_paths(tmp_path):
     config = load_config(write(tmp_path, VALID))
     assert config["server"] == {
         "name": "example.org", "public_url": "https://example.org", "bind": "127.0.0.1", "port": 8090,
-        "workers": 1, "access_log": False, "proxies_count": 0,
+        "workers": 1, "access_log": False, "max_body_size": 4 * 1024 * 1024, "proxies_count": 0,
     }
     assert config["homeserver"] == {"url": None, "timeout": "10s", "whoami_cache": "1m"}
     assert config["directory"] == {"homeserver": True, "threepids": False, "hide": []}
