@@ -61,6 +61,8 @@ def with_changes(**changes: object) -> dict:
         (with_changes(stores__0__colour="blue"), "stores[0].colour: unknown key"),
         (with_changes(server__port="eighty"), 'server.port: expected integer, got "eighty"'),
         (with_changes(server__port=70000), "server.port: 70000 is greater than the maximum of 65535"),
+        (with_changes(server__max_body_size="4M"),
+         'server.max_body_size: expected a number of bytes, at least 1024, got "4M"'),
         ({"stores": VALID["stores"]}, "matrix: missing required key"),
         (with_changes(matrix={}), "matrix.domain: missing required key"),
         (with_changes(stores__0={"name": "people", "kind": "file"}), "stores[0].path: missing required key"),
