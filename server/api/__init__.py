@@ -140,6 +140,16 @@ async def authenticate_v2(request: Request) -> str | None:
     return None if request.path.startswith(V1) else await authenticate(request)
 
 
+def client_address(request: Request) -> str:
+    """The client's address: from X-Forwarded-For behind server.proxies_count proxies, else the
+    peer's. A forwarded value that is not an IP address (any bytes a client sent) counts as the peer's."""
+    forwarded = request.remote_addr
+    try:
+        return str(ipaddress.ip_address(forwarded)) if forwarded else request.ip
+    except ValueError:
+        return request.ip
+
+
 def require_client_in(request: Request, networks: list[IPNetwork]) -> None:
     """403 M_FORBIDDEN unless the client's address is in one of networks."""
     try:
