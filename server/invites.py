@@ -1,6 +1,7 @@
-"""Resolving stored 3PID invites: when the invited address becomes known, POST the signed invites to
-the homeserver of its Matrix ID (`/_matrix/federation/v1/3pid/onbind`), from a delivery queue in SQL
-retried with exponential backoff across restarts; and forgetting invites once they expire.
+"""Resolving stored 3PID invites: when the invited address becomes known (or was known already, under
+a spelling the homeserver's lookup missed), POST the signed invites to the homeserver of its Matrix
+ID (`/_matrix/federation/v1/3pid/onbind`), from a delivery queue in SQL retried with exponential
+backoff across restarts; and forgetting invites once they expire.
 
 Every worker process runs one `InviteWorker`; a delivery is leased in SQL by the worker sending it.
 """
@@ -14,6 +15,7 @@ from typing import Any
 import redis
 import sqlalchemy
 
+from indexer import logs
 from indexer.cache import Lookups
 from indexer.config import parse_duration
 from server.bindings import ASSOCIATION_LIFETIME_MS
@@ -51,6 +53,8 @@ class InviteWorker:
         self.check_every_s = parse_duration(settings["check_every"])
         self.retry_first_ms = parse_duration(settings["retry_first"]) * 1000
         self.retry_max_ms = parse_duration(settings["retry_max"]) * 1000
+        self.known_delay_ms = parse_duration(settings["known_address_delay"]) * 1000
+        self.known_retry_for_ms = parse_duration(settings["known_address_retry_for"]) * 1000
         # A sender that died mid-request releases its lease after this: longer than any request.
         self.lease_ms = int((2 * config["federation"]["timeout_s"] + 60) * 1000)
         self.storage = storage
@@ -67,6 +71,14 @@ class InviteWorker:
         if queued:
             self.wake.set()
 
+    async def stored_for_known_address(self, medium: str, address: str, mxid: str) -> None:
+        """An invite was just stored for an address already known to mxid: deliver it after
+        known_address_delay, once the homeserver has recorded the room's invite event, which it does
+        only after store-invite has answered."""
+        await self.storage.run(self.storage.queue_deliveries, [(medium, address)], mxid, now_ms(), self.known_delay_ms)
+        log.info("invite for %s %s queued for delivery to %s in %d ms", medium, address, mxid, self.known_delay_ms)
+        self.wake.set()  # so that the loop's next wait ends when this delivery is due
+
     async def run(self) -> None:
         """Until cancelled: check pending invites every check_every, send deliveries when due."""
         next_check = 0.0
@@ -79,7 +91,7 @@ class InviteWorker:
                 await self.send_due()
                 earliest = await self.storage.run(self.storage.next_delivery_at)
             except (redis.exceptions.RedisError, sqlalchemy.exc.SQLAlchemyError) as exc:
-                log.warning("invite delivery paused: %s", exc)
+                logs.repeated.warning(log, "invite delivery paused: %s", exc, key="invites paused")
                 earliest = None
             wait = min(IDLE_WAKE_S, max(0.0, next_check - loop.time()))
             if earliest is not None:
@@ -110,7 +122,8 @@ class InviteWorker:
         for delivery, outcome in zip(due, outcomes):
             if isinstance(outcome, Exception):
                 # The lease runs out and the delivery is tried again then.
-                log.error("onbind delivery for %s %s failed: %r", delivery.medium, delivery.address, outcome)
+                logs.repeated.error(log, "onbind delivery for %s %s failed: %r", delivery.medium, delivery.address, outcome,
+                                    key=f"onbind {type(outcome).__name__}")
 
     async def deliver(self, delivery: Delivery) -> None:
         """One attempt: POST onbind; settle the invites on success or a permanent refusal, else retry later."""
@@ -138,6 +151,10 @@ class InviteWorker:
         if 200 <= status < 300:
             log.info("%d invites for %s %s delivered to %s (attempt %d)", len(pending), delivery.medium,
                      delivery.address, delivery.mxid, delivery.attempts + 1)
+        elif permanent(status) and self._early(pending):
+            # The homeserver may not have recorded the room's invite event yet.
+            await self._retry(delivery, f"HTTP {status}, within known_address_retry_for of the invite")
+            return
         elif permanent(status):
             errcode = answer.get("errcode") if isinstance(answer, dict) else None
             log.warning("invites for %s %s refused by the homeserver of %s (HTTP %d %s): not retried",
@@ -146,6 +163,12 @@ class InviteWorker:
             await self._retry(delivery, f"HTTP {status}")
             return
         await self.storage.run(self.storage.finish_delivery, delivery.id, tokens, now_ms())
+
+    def _early(self, pending: list[Invite]) -> bool:
+        """Whether one of these invites was stored for an already known address less than
+        known_address_retry_for ago."""
+        since = now_ms() - self.known_retry_for_ms
+        return any(i.known_mxid is not None and i.created_at > since for i in pending)
 
     async def _retry(self, delivery: Delivery, error: str) -> None:
         attempts = delivery.attempts + 1

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 4
 
 metadata = sa.MetaData()
 
@@ -83,6 +83,10 @@ invites = sa.Table(
     sa.Column("created_at", sa.BigInteger, nullable=False),
     # Version 2: when the invite was delivered to the invitee's homeserver, or refused for good by it.
     sa.Column("settled_at", sa.BigInteger, nullable=True),
+    # Version 4: the Matrix ID the address was already known to when the invite was stored (sent in
+    # another letter case, or known only to a read-through store or another identity server, so the
+    # homeserver's own lookup missed it); null for an address nobody knew.
+    sa.Column("known_mxid", sa.String(255), nullable=True),
     sa.Index("invites_threepid", "medium", "address"),
 )
 
@@ -99,6 +103,26 @@ onbind_deliveries = sa.Table(
     sa.UniqueConstraint("medium", "address", name="onbind_threepid"),
 )
 
+# Version 3: counters that Redis copies are checked against, to tell a Redis that lost or went back
+# in time (restored from an older copy) from one that is up to date.
+counters = sa.Table(
+    "counters", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.BigInteger, nullable=False),
+)
+# Moves with every bind and unbind, in the same transaction.
+BINDINGS_GENERATION = "bindings"
+# The highest cache generation (a Redis counter moved by every completed sync) any server has seen.
+CACHE_GENERATION = "cache"
+
+
+def _add_counters(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[counters])
+    present = set(conn.execute(sa.select(counters.c.name)).scalars())
+    missing = [{"name": name, "value": 0} for name in (BINDINGS_GENERATION, CACHE_GENERATION) if name not in present]
+    if missing:
+        conn.execute(counters.insert(), missing)
+
 
 def _add_onbind_deliveries(conn: Connection) -> None:
     # Version 1 of a new database already created invites as they are now.
@@ -107,11 +131,29 @@ def _add_onbind_deliveries(conn: Connection) -> None:
     metadata.create_all(conn, tables=[onbind_deliveries])
 
 
+def _add_known_mxid(conn: Connection) -> None:
+    # A database created at an earlier version by this code already has the column.
+    if "known_mxid" not in {c["name"] for c in sa.inspect(conn).get_columns("invites")}:
+        conn.execute(sa.text("ALTER TABLE invites ADD COLUMN known_mxid VARCHAR(255) NULL"))
+
+
 # version -> the upgrade from version-1; version 1 creates everything.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: lambda conn: metadata.create_all(conn, tables=[accounts, accepted_terms, sessions, bindings, invites]),
     2: _add_onbind_deliveries,
+    3: _add_counters,
+    4: _add_known_mxid,
 }
+
+
+def _counter(conn: Connection, name: str) -> int:
+    return int(conn.execute(sa.select(counters.c.value).where(counters.c.name == name)).scalar() or 0)
+
+
+def _next_generation(conn: Connection) -> int:
+    # The update takes the row's lock: concurrent binds get distinct generations in commit order.
+    conn.execute(counters.update().where(counters.c.name == BINDINGS_GENERATION).values(value=counters.c.value + 1))
+    return _counter(conn, BINDINGS_GENERATION)
 
 
 def now_ms() -> int:
@@ -161,6 +203,7 @@ class Invite:
     properties: dict[str, Any]
     created_at: int
     settled_at: int | None
+    known_mxid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -333,30 +376,33 @@ class Storage:
 
     # -- bindings ---------------------------------------------------------------------------------
 
-    def bind(self, medium: str, address: str, mxid: str, ts: int) -> Binding | None:
-        """Bind the 3PID to mxid (replacing any earlier binding); the binding it replaced."""
+    def bind(self, medium: str, address: str, mxid: str, ts: int) -> tuple[Binding | None, int]:
+        """Bind the 3PID to mxid (replacing any earlier binding); the binding it replaced and the
+        bindings generation this bind made."""
         try:
             return self._bind(medium, address, mxid, ts)
         except sa.exc.IntegrityError:
             # Another request bound the same new 3PID at the same moment: now there is a row to replace.
             return self._bind(medium, address, mxid, ts)
 
-    def _bind(self, medium: str, address: str, mxid: str, ts: int) -> Binding | None:
+    def _bind(self, medium: str, address: str, mxid: str, ts: int) -> tuple[Binding | None, int]:
         with self.engine.begin() as conn:
             row = conn.execute(sa.select(bindings).where(
                 bindings.c.medium == medium, bindings.c.address == address).with_for_update()).first()
             if row is None:
                 conn.execute(bindings.insert().values(medium=medium, address=address, mxid=mxid, ts=ts))
-                return None
+                return None, _next_generation(conn)
             conn.execute(bindings.update().where(bindings.c.medium == medium, bindings.c.address == address)
                          .values(mxid=mxid, ts=ts))
-            return Binding(**row._mapping)
+            return Binding(**row._mapping), _next_generation(conn)
 
-    def unbind(self, medium: str, address: str, mxid: str) -> bool:
-        """Remove the binding of the 3PID if it is bound to mxid; whether one was removed."""
+    def unbind(self, medium: str, address: str, mxid: str) -> int | None:
+        """Remove the binding of the 3PID if it is bound to mxid; the bindings generation this made,
+        or None when there was no such binding."""
         with self.engine.begin() as conn:
-            return conn.execute(bindings.delete().where(
-                bindings.c.medium == medium, bindings.c.address == address, bindings.c.mxid == mxid)).rowcount > 0
+            removed = conn.execute(bindings.delete().where(
+                bindings.c.medium == medium, bindings.c.address == address, bindings.c.mxid == mxid)).rowcount
+            return _next_generation(conn) if removed else None
 
     def binding(self, medium: str, address: str) -> Binding | None:
         with self.engine.connect() as conn:
@@ -367,6 +413,17 @@ class Storage:
     def all_bindings(self) -> list[Binding]:
         with self.engine.connect() as conn:
             return [Binding(**row._mapping) for row in conn.execute(sa.select(bindings))]
+
+    # -- counters ---------------------------------------------------------------------------------
+
+    def counter(self, name: str) -> int:
+        with self.engine.connect() as conn:
+            return _counter(conn, name)
+
+    def raise_counter(self, name: str, value: int) -> None:
+        """Set the counter to value unless it is already at least that."""
+        with self.engine.begin() as conn:
+            conn.execute(counters.update().where(counters.c.name == name, counters.c.value < value).values(value=value))
 
     # -- invites ----------------------------------------------------------------------------------
 
@@ -417,10 +474,11 @@ class Storage:
 
     # -- onbind deliveries ------------------------------------------------------------------------
 
-    def queue_deliveries(self, threepids: list[tuple[str, str]], mxid: str, now: int) -> list[tuple[str, str]]:
-        """Queue a delivery to mxid, due now, of the invites of each (medium, address) that has
-        unsettled invites (a queued one for the 3PID is pointed at mxid); the 3PIDs queued. One
-        query when none has invites, as on nearly every login."""
+    def queue_deliveries(self, threepids: list[tuple[str, str]], mxid: str, now: int,
+                         delay_ms: int = 0) -> list[tuple[str, str]]:
+        """Queue a delivery to mxid, due delay_ms after now, of the invites of each (medium, address)
+        that has unsettled invites (a queued one for the 3PID is pointed at mxid); the 3PIDs queued.
+        One query when none has invites, as on nearly every login."""
         if not threepids:
             return []
         with self.engine.connect() as conn:
@@ -431,13 +489,15 @@ class Storage:
             with self.engine.begin() as conn:
                 changed = conn.execute(onbind_deliveries.update().where(
                     onbind_deliveries.c.medium == medium, onbind_deliveries.c.address == address,
-                    onbind_deliveries.c.mxid != mxid).values(mxid=mxid, attempts=0, next_at=now)).rowcount
+                    onbind_deliveries.c.mxid != mxid)
+                    .values(mxid=mxid, attempts=0, next_at=now + delay_ms)).rowcount
             if changed:
                 continue
             try:
                 with self.engine.begin() as conn:
-                    conn.execute(onbind_deliveries.insert().values(medium=medium, address=address, mxid=mxid,
-                                                                   attempts=0, next_at=now, created_at=now))
+                    conn.execute(onbind_deliveries.insert().values(
+                        medium=medium, address=address, mxid=mxid, attempts=0, next_at=now + delay_ms,
+                        created_at=now))
             except sa.exc.IntegrityError:
                 pass  # already queued (by another worker, or earlier)
         return pending
