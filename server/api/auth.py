@@ -13,7 +13,7 @@ from sanic.response import HTTPResponse, json
 
 from indexer.identity import Identity
 from indexer.stores import StoreUnavailable
-from server.api import json_body
+from server.api import client_address, json_body
 from server.credentials import Limited
 from server.errors import MatrixError
 from server.homeserver import forwarded_headers, relay
@@ -48,11 +48,6 @@ async def check_credentials(request: Request) -> HTTPResponse:
     # A login proves who owns these 3PIDs: invites waiting for them go to the user's homeserver.
     await request.app.ctx.invites.addresses_known(list(identity.threepids), identity.mxid)
     return json({"auth": {"success": True, "mxid": identity.mxid, "profile": _profile(identity)}})
-
-
-def client_address(request: Request) -> str:
-    """The client's address: from X-Forwarded-For behind server.proxies_count proxies, else the peer's."""
-    return request.remote_addr or request.ip
 
 
 async def _rewrite(request: Request, body: dict[str, Any]) -> str | None:

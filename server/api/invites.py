@@ -18,7 +18,7 @@ from unpaddedbase64 import encode_base64
 from indexer.normalize import InvalidAddress, email as canonical_email
 from server.api import V1, V2, authenticate_v2, json_body
 from server.errors import MatrixError
-from server.notify import SendError
+from server.notify import AddressRefused, SendError
 from server.storage import Invite, now_ms
 
 log = logging.getLogger(__name__)
@@ -111,6 +111,8 @@ async def store_invite(request: Request) -> HTTPResponse:
     except SendError as exc:
         await storage.run(storage.delete_invite, invite.token)
         log.error("invite from %s to %s not stored: %s", invite.sender, address, exc)
+        if isinstance(exc, AddressRefused):
+            raise MatrixError(400, "M_EMAIL_SEND_ERROR", "No email can be sent to this address") from None
         raise MatrixError(500, "M_EMAIL_SEND_ERROR", "The invite email could not be sent") from None
     log.info("stored invite from %s to room %s for email %s", invite.sender, invite.room_id, address)
     return json(_stored_answer(request, invite.token, ephemeral_public, address))

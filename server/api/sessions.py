@@ -18,9 +18,9 @@ from sanic.response import html as html_response
 from indexer import logs
 from indexer.config import parse_duration
 from indexer.normalize import InvalidAddress, email as canonical_email
-from server.api import V1, V2, authenticate_v2, check_params, json_body
+from server.api import V1, V2, authenticate_v2, check_params, client_address, json_body
 from server.errors import MatrixError, log_bad_request
-from server.notify import SendError, read_template, render
+from server.notify import AddressRefused, SendError, read_template, render
 from server.storage import Session, now_ms
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def _send_attempt(value: Any) -> int:
 
 async def _rate_limit(request: Request, address_key: str) -> None:
     limits = request.app.ctx.config["sessions"]["rate_limit"]
-    for kind, key in (("per_ip", request.remote_addr or request.ip), ("per_address", address_key)):
+    for kind, key in (("per_ip", client_address(request)), ("per_address", address_key)):
         limit = limits[kind]
         wait_ms = await request.app.ctx.rate_limits.hit(
             f"requestToken:{kind}", key, limit["requests"], parse_duration(limit["window"]))
@@ -137,6 +137,8 @@ async def request_email_token(request: Request) -> HTTPResponse:
 
     try:
         session = await _start(request, "email", address, body, send)
+    except AddressRefused:
+        raise MatrixError(400, "M_EMAIL_SEND_ERROR", "No email can be sent to this address") from None
     except SendError:
         raise MatrixError(500, "M_EMAIL_SEND_ERROR", "The verification email could not be sent") from None
     return json({"sid": session.sid})

@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 import aiosmtplib
 
-from server.notify import SendError, read_template, render
+from server.notify import AddressRefused, SendError, read_template, render
 from server.metrics import NOTIFICATIONS
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,12 @@ class EmailSender:
                 username=self.smtp.get("login"), password=self.smtp.get("password"),
                 cert_bundle=self.smtp.get("ca_file"), timeout=self.smtp["timeout_s"],
             )
+        except (ValueError, aiosmtplib.SMTPRecipientRefused) as exc:
+            # ValueError: an address beyond ASCII (UnicodeError) or with control characters, which
+            # the SMTP client refuses to send.
+            NOTIFICATIONS.labels("email", "failed").inc()
+            raise AddressRefused(f"SMTP server {self.smtp['host']}:{self.smtp['port']} cannot take this address: "
+                                 f"{type(exc).__name__}") from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             NOTIFICATIONS.labels("email", "failed").inc()
             raise SendError(f"SMTP server {self.smtp['host']}:{self.smtp['port']} refused or failed: {exc}") from None
