@@ -78,6 +78,9 @@ def connect_async(url: str) -> redis.asyncio.Redis:
     return redis.asyncio.Redis.from_url(url, decode_responses=True, health_check_interval=30)
 
 
+_DECR_IF_EXISTS = "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('DECR', KEYS[1]) end return 0"
+
+
 @dataclass(frozen=True)
 class Change:
     """One entry of the change stream."""
@@ -625,11 +628,20 @@ class Lookups:
                                                    ("PTTL", self.k.failures(kind, who))])
         return int(count or 0), max(int(ttl), 0)
 
-    async def add_failure(self, kind: str, who: str, window: int) -> None:
-        """Count one failed login of who; the window of window seconds starts at the first."""
+    async def claim_attempt(self, kind: str, who: str, window: int, most: int) -> int | None:
+        """Count one login attempt of who, before its outcome is known: None while within most per
+        window, else milliseconds until the window ends. The count and the check are one
+        transaction, so a burst sent at once gets no more attempts than one sent after another."""
         key = self.k.failures(kind, who)
-        # INCR keeps the TTL that SET ... NX sets for the first failure of a window.
-        await self.pipe.execute_many([("MULTI",), ("SET", key, 0, "EX", window, "NX"), ("INCR", key), ("EXEC",)])
+        # INCR keeps the TTL that SET ... NX sets for the first attempt of a window.
+        replies = await self.pipe.execute_many([("MULTI",), ("SET", key, 0, "EX", window, "NX"), ("INCR", key),
+                                                ("PTTL", key), ("EXEC",)])
+        _, count, ttl = replies[-1]
+        return None if int(count) <= most else max(int(ttl), 1)
+
+    async def return_attempt(self, kind: str, who: str) -> None:
+        """Uncount an attempt that did not fail (nothing once its window has ended)."""
+        await self.pipe.execute("EVAL", _DECR_IF_EXISTS, 1, self.k.failures(kind, who))
 
     async def clear_failures(self, kind: str, who: str) -> None:
         await self.pipe.execute("DEL", self.k.failures(kind, who))

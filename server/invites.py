@@ -52,7 +52,7 @@ class InviteWorker:
         self.retry_first_ms = parse_duration(settings["retry_first"]) * 1000
         self.retry_max_ms = parse_duration(settings["retry_max"]) * 1000
         # A sender that died mid-request releases its lease after this: longer than any request.
-        self.lease_ms = int((2 * config["federation"]["timeout_s"] + 60) * 1000)
+        self.lease_ms = int((config["federation"]["deadline_s"] + 60) * 1000)
         self.storage = storage
         self.lookups = lookups
         self.federation = federation

@@ -10,6 +10,11 @@ class SendError(Exception):
     """The message could not be handed over; the message says why (no secrets)."""
 
 
+class BadRecipient(SendError):
+    """This address cannot be sent to (no IDNA form, refused by the SMTP server, or beyond ASCII
+    where the server does not offer SMTPUTF8): the client's to change, not a fault of ours."""
+
+
 def read_template(path: str | None, default: str) -> str:
     """The configured template file, or the one shipped in server/notify/templates/."""
     if path:

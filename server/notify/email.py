@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import email.errors
 import email.policy
 import email.utils
 import logging
@@ -12,8 +13,9 @@ from typing import Any
 from urllib.parse import quote
 
 import aiosmtplib
+import idna
 
-from server.notify import SendError, read_template, render
+from server.notify import BadRecipient, SendError, read_template, render
 from server.metrics import NOTIFICATIONS
 
 log = logging.getLogger(__name__)
@@ -56,8 +58,15 @@ class EmailSender:
         }
 
     async def send(self, kind: str, address: str, values: dict[str, str]) -> None:
-        """Render the template of this kind for address and send it, to address only."""
-        message = render_message(self.template(kind), {**self.base_values(address), **values})
+        """Render the template of this kind for address and send it, to address only. The domain goes
+        out in its ASCII (IDNA) form; a local part beyond ASCII needs an SMTP server offering SMTPUTF8."""
+        local, _, domain = address.rpartition("@")
+        try:
+            address = f"{local}@{idna.encode(domain, uts46=True).decode('ascii')}"
+        except idna.IDNAError as exc:
+            raise BadRecipient(f"the domain of {address!r} has no IDNA form: {exc}") from None
+        # The config's values win: what a caller passes never replaces the sender or the recipient.
+        message = render_message(self.template(kind), {**values, **self.base_values(address)})
         if "From" not in message:
             message["From"] = email.utils.formataddr((self.sender_name, self.sender))
         if "To" not in message:
@@ -75,6 +84,11 @@ class EmailSender:
                 username=self.smtp.get("login"), password=self.smtp.get("password"),
                 cert_bundle=self.smtp.get("ca_file"), timeout=self.smtp["timeout_s"],
             )
+        except (aiosmtplib.SMTPNotSupported, aiosmtplib.SMTPRecipientsRefused, ValueError,
+                email.errors.MessageError) as exc:
+            # ValueError and MessageError: an address the message cannot carry (UnicodeError is one).
+            NOTIFICATIONS.labels("email", "failed").inc()
+            raise BadRecipient(f"{address!r} cannot be sent to: {exc}") from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             NOTIFICATIONS.labels("email", "failed").inc()
             raise SendError(f"SMTP server {self.smtp['host']}:{self.smtp['port']} refused or failed: {exc}") from None
