@@ -27,6 +27,7 @@ window, with a TTL; kind is "user" or "ip").
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import string
@@ -78,6 +79,11 @@ def connect_async(url: str) -> redis.asyncio.Redis:
     return redis.asyncio.Redis.from_url(url, decode_responses=True, health_check_interval=30)
 
 
+def _short(name: str) -> str:
+    """A client-chosen name as part of a key: a long one (a megabyte of login ID) by its digest."""
+    return name if len(name) <= 256 else "sha256:" + hashlib.sha256(name.encode("utf-8", "replace")).hexdigest()
+
+
 _DECR_IF_EXISTS = "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('DECR', KEYS[1]) end return 0"
 
 
@@ -114,10 +120,10 @@ class Keys:
         return f"{self.job_prefix}{job_id}"
 
     def rate(self, kind: str, key: str) -> str:
-        return f"{self.prefix}rate:{kind}:{key}"
+        return f"{self.prefix}rate:{kind}:{_short(key)}"
 
     def failures(self, kind: str, who: str) -> str:
-        return f"{self.prefix}fail:{kind}:{who}"
+        return f"{self.prefix}fail:{kind}:{_short(who)}"
 
     def remote(self, medium: str, address: str) -> str:
         return f"{self.prefix}remote:{_plain_key(address, medium)}"

@@ -8,7 +8,7 @@ import email.utils
 import logging
 import re
 from email.message import EmailMessage
-from email.parser import Parser
+from email.parser import BytesParser, Parser
 from typing import Any
 from urllib.parse import quote
 
@@ -28,7 +28,16 @@ def render_message(template: str, values: dict[str, str]) -> EmailMessage:
     text = template.replace("\r\n", "\n")
     head, sep, body = text.partition("\n\n")
     safe = {k: _LINE_BREAKS.sub(" ", v) for k, v in values.items()}
-    message = Parser(policy=email.policy.default).parsestr(render(head, safe) + sep + render(body, values))
+    head = render(head, safe) + sep
+    # The body as UTF-8 bytes: text beyond ASCII then goes out 8-bit, or re-encoded in its charset
+    # where the SMTP server cannot take 8-bit. Headers set again through the API are encoded (RFC
+    # 2047) where they go beyond ASCII: as parsed, they would go out raw.
+    message = BytesParser(policy=email.policy.default).parsebytes((head + render(body, values)).encode("utf-8"))
+    headers = list(Parser(policy=email.policy.default).parsestr(head, headersonly=True).items())
+    for name in {name for name, _ in headers}:
+        del message[name]
+    for name, value in headers:
+        message[name] = str(value)
     return message  # type: ignore[return-value]
 
 
