@@ -12,8 +12,9 @@ import re
 import socket
 import ssl
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any
 
 import dns.asyncresolver
 import dns.exception

@@ -10,10 +10,10 @@ import socket
 import sqlite3
 import ssl
 import threading
-import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -21,7 +21,6 @@ import redis
 
 from indexer.cache import Cache
 from tests.conftest import V1, V2, free_port, wait_until
-from tests.fake_homeserver import ClientHomeserver
 from tests.fakes import Mailbox
 from tests.test_federation import TinyDns
 
