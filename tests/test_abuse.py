@@ -198,8 +198,10 @@ def test_recursion_and_store_invite_ask_only_for_allowed_clients(server, mailbox
 # -- 4. attempts counted atomically ----------------------------------------------------------------
 
 
-def test_a_burst_of_wrong_tokens_gets_no_more_tries_than_the_limit(server, mailbox):
+def test_a_burst_of_wrong_tokens_gets_no_more_tries_than_the_limit(server, mailbox, postgres_url):
     server.config["sessions"] = {"max_token_attempts": 5}
+    server.config["server"]["workers"] = 2
+    server.config["storage"] = {"url": postgres_url}
     started(server)
     response = request_token(server, "burst@corp.example", secret="burstsecret")
     sid = response.json()["sid"]
