@@ -36,7 +36,7 @@ from server.api import metrics as metrics_api
 from server.bindings import restore_mirror
 from server.credentials import Credentials
 from server.homeserver import Homeserver
-from server.errors import MatrixError
+from server.errors import MatrixError, log_bad_request
 from server.federation import Federation
 from server.invites import InviteWorker
 from server.keys import Keys
@@ -246,6 +246,8 @@ def error_response(request: Request, exc: Exception) -> HTTPResponse:
     else:
         log.exception("%s %s failed", request.method, request.path)
         error = MatrixError(500, "M_UNKNOWN", "Internal server error")
+    if error.status == 400:
+        log_bad_request(request, error)
     response = json(error.body(), status=error.status)
     response.headers.update(CORS_HEADERS)
     return response

@@ -49,6 +49,15 @@ class BadSignature(FederationError):
     """A request's X-Matrix signature does not verify with the homeserver's key."""
 
 
+class WrongDestination(FederationError):
+    """A request signed for a server name that is not one of ours."""
+
+    def __init__(self, destination: str, our_names: list[str]) -> None:
+        super().__init__(f"signed for {destination!r}, not one of {', '.join(our_names)}")
+        self.destination = destination
+        self.our_names = our_names
+
+
 @dataclass(frozen=True)
 class Target:
     """Where to connect for a server name, and the name its certificate must carry."""
@@ -333,13 +342,17 @@ class Federation:
             raise ValueError("the X-Matrix authorization lacks origin, key or sig")
         split_server_name(origin)  # ValueError: not a server name
         destination = params.get("destination")
-        # Synapse signs "destination_is" with the name it was told to reach us by.
-        signed = {"method": method, "uri": uri, "origin": origin,
-                  "destination_is": destination if destination in our_names else our_names[0],
-                  "content": content, "signatures": {origin: {key_id: sig}}}
+        if destination is not None and destination.lower() not in our_names:
+            raise WrongDestination(destination, our_names)
         key = await self.verify_key(origin, key_id)
-        try:
-            verify_signed_json(signed, origin, decode_verify_key_bytes(key_id, decode_base64(key)))
-        except (SignatureVerifyException, ValueError) as exc:
-            raise BadSignature(f"bad X-Matrix signature from {origin}: {exc}") from None
-        return origin
+        # Synapse signs "destination_is" with the name it was told to reach us by, and says which;
+        # a homeserver that does not say may have used any of our names.
+        for name in [destination] if destination is not None else our_names:
+            signed = {"method": method, "uri": uri, "origin": origin, "destination_is": name,
+                      "content": content, "signatures": {origin: {key_id: sig}}}
+            try:
+                verify_signed_json(signed, origin, decode_verify_key_bytes(key_id, decode_base64(key)))
+                return origin
+            except (SignatureVerifyException, ValueError) as exc:
+                failure = str(exc)
+        raise BadSignature(f"bad X-Matrix signature from {origin}: {failure}")

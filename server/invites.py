@@ -16,7 +16,7 @@ import sqlalchemy
 
 from indexer.cache import Lookups
 from indexer.config import parse_duration
-from server.api.bind import ASSOCIATION_LIFETIME_MS
+from server.bindings import ASSOCIATION_LIFETIME_MS
 from server.federation import Federation, FederationError, split_server_name
 from server.keys import Keys
 from server.storage import Delivery, Invite, Storage, now_ms
@@ -119,7 +119,10 @@ class InviteWorker:
         if not pending:
             await self.storage.run(self.storage.finish_delivery, delivery.id, tokens, now_ms())
             return
-        body = onbind_body(self.keys, delivery.medium, delivery.address, delivery.mxid, pending, now_ms())
+        # A binding's association was made when it was bound; one a store made known is new now.
+        binding = await self.storage.run(self.storage.binding, delivery.medium, delivery.address)
+        ts = binding.ts if binding is not None and binding.mxid == delivery.mxid else now_ms()
+        body = onbind_body(self.keys, delivery.medium, delivery.address, delivery.mxid, pending, ts)
         try:
             server_name = delivery.mxid.partition(":")[2]
             split_server_name(server_name)

@@ -367,6 +367,12 @@ class Storage:
             return conn.execute(bindings.delete().where(
                 bindings.c.medium == medium, bindings.c.address == address, bindings.c.mxid == mxid)).rowcount > 0
 
+    def binding(self, medium: str, address: str) -> Binding | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(bindings).where(
+                bindings.c.medium == medium, bindings.c.address == address)).first()
+        return Binding(**row._mapping) if row is not None else None
+
     def all_bindings(self) -> list[Binding]:
         with self.engine.connect() as conn:
             return [Binding(**row._mapping) for row in conn.execute(sa.select(bindings))]

@@ -17,6 +17,7 @@ from unpaddedbase64 import decode_base64
 
 from indexer.cache import Cache
 from indexer.normalize import lookup_hash
+from server.api.bind import our_names
 from server.token_cache import TOKEN_TRUST_S
 from tests.conftest import V1, V2, wait_until
 
@@ -110,12 +111,8 @@ def test_email_flow_on_v2_register_validate_bind_find_unbind(server, homeserver,
     public = server.http.get(V2 + "/pubkey/ed25519:0").json()["public_key"]
     verify_signed_json(association, "id.example.org", decode_verify_key_bytes("ed25519:0", decode_base64(public)))
 
-    looked_up = server.lookup_v1("email", "dave@example.net")
-    assert looked_up["mxid"] == DAVE
-    verify_signed_json(looked_up, "id.example.org", decode_verify_key_bytes("ed25519:0", decode_base64(public)))
-    # Signed once and handed out again (for a minute at most), still valid for most of its 10 minutes.
-    assert server.lookup_v1("email", "dave@example.net") == looked_up
-    assert looked_up["not_after"] > time.time() * 1000 + 8 * 60 * 1000
+    # A v1 lookup answers the association the bind made, signature and all.
+    assert server.lookup_v1("email", "dave@example.net") == association
     assert v2_lookup(server, auth, "dave@example.net") == DAVE
     bulk = server.http.post(V1 + "/bulk_lookup", json={"threepids": [["email", "DAVE@example.net"]]}).json()
     assert bulk == {"threepids": [["email", "DAVE@example.net", DAVE]]}
@@ -197,6 +194,27 @@ def test_bad_addresses_and_secrets_send_nothing(server, homeserver, mailbox):
     assert missing.status_code == 400 and missing.json()["errcode"] == "M_MISSING_PARAMS"
     time.sleep(1)
     assert mailbox.messages == []
+
+
+def test_v1_lookups_of_a_binding_answer_the_association_the_bind_made(server, mailbox):
+    started(server)
+    sid = validate_email(server, mailbox, "erin@example.net", "abc", prefix=V1)
+    before = int(time.time() * 1000)
+    bound = server.http.post(V1 + "/3pid/bind", json={"sid": sid, "client_secret": "abc", "mxid": DAVE})
+    after = int(time.time() * 1000)
+    assert bound.status_code == 200, bound.text
+    association = bound.json()
+    # ts is when the association was made; it holds from then on (bindings do not lapse by themselves).
+    assert before <= association["ts"] == association["not_before"] <= after
+    assert association["not_after"] == association["ts"] + 100 * 365 * 24 * 3600 * 1000
+    time.sleep(0.1)  # a lookup signing anew would now show another ts
+    assert server.lookup_v1("email", "Erin@Example.NET") == association
+    assert server.stop() == 0
+    server.start()  # not a copy a worker kept: made again from the binding, with the same signature
+    assert server.lookup_v1("email", "erin@example.net") == association
+    # A store identity still gets an association signed for association_validity from now.
+    store = server.lookup_v1("email", "alice@example.com")
+    assert store["not_after"] - store["ts"] == 10 * 60 * 1000 and store["ts"] >= after
 
 
 def test_v2_sessions_and_bind_need_a_token(server):
@@ -281,6 +299,50 @@ def test_unbind_by_homeserver_signature(server, homeserver, mailbox):
     signed = homeserver.x_matrix(uri, "id.example.org", body)
     assert server.http.post(uri, json=body, headers={"Authorization": signed}).status_code == 200
     assert server.lookup_v1("email", "dave@example.net") == {}
+
+
+def test_unbind_signed_for_any_of_our_names(server, homeserver, mailbox):
+    server.config["server"]["public_url"] = "https://Identity.Example.NET:8443/"
+    started(server)
+    sid = validate_email(server, mailbox, "dave@example.net", "abc", prefix=V1)
+    body = {"mxid": DAVE, "threepid": {"medium": "email", "address": "dave@example.net"}}
+    uri = V2 + "/3pid/unbind"
+
+    def bind():
+        bound = server.http.post(V1 + "/3pid/bind", json={"sid": sid, "client_secret": "abc", "mxid": DAVE})
+        assert bound.status_code == 200 and server.lookup_v1("email", "dave@example.net")["mxid"] == DAVE
+
+    # What a homeserver was told to reach us by: server.name, or public_url's host with or without its port.
+    for destination in ("id.example.org", "identity.example.net", "identity.example.net:8443", "IDENTITY.example.net"):
+        bind()
+        signed = homeserver.x_matrix(uri, destination, body)
+        unbound = server.http.post(uri, json=body, headers={"Authorization": signed})
+        assert unbound.status_code == 200, (destination, unbound.text)
+        assert server.lookup_v1("email", "dave@example.net") == {}
+    # A homeserver that does not say which name it signed for may have used any of them.
+    bind()
+    unnamed = re.sub(r',destination="[^"]*"', "", homeserver.x_matrix(uri, "identity.example.net:8443", body))
+    assert server.http.post(uri, json=body, headers={"Authorization": unnamed}).status_code == 200
+
+    bind()
+    elsewhere = homeserver.x_matrix(uri, "other.example.com", body)
+    refused = server.http.post(uri, json=body, headers={"Authorization": elsewhere})
+    assert refused.status_code == 403 and refused.json()["errcode"] == "M_FORBIDDEN"
+    accepted = "id.example.org, identity.example.net, identity.example.net:8443"
+    assert "'other.example.com'" in refused.json()["error"] and accepted in refused.json()["error"]
+    assert f"unbind refused: signed for 'other.example.com', which is not a name of this server " \
+           f"(it answers to {accepted})" in server.log()
+    assert server.lookup_v1("email", "dave@example.net")["mxid"] == DAVE
+    # The session is proof enough whatever name the client used.
+    by_session = server.http.post(V1 + "/3pid/unbind", json={**body, "sid": sid, "client_secret": "abc"})
+    assert by_session.status_code == 200 and server.lookup_v1("email", "dave@example.net") == {}
+
+
+def test_our_names_default_ports():
+    assert our_names({"name": "Example.org", "public_url": "https://id.example.org"}) == [
+        "example.org", "id.example.org", "id.example.org:443"]
+    assert our_names({"name": "id.example.org", "public_url": "http://[::1]:8090/"}) == [
+        "id.example.org", "[::1]", "[::1]:8090"]
 
 
 def test_unbind_needs_a_session_for_that_3pid(server, mailbox):

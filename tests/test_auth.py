@@ -117,9 +117,18 @@ def test_login_with_an_email_or_phone_number(started, client_homeserver):
 
 def test_profiles_with_threepids(started, client_homeserver):
     client_homeserver.profiles["@alice:example.org"] = {"displayname": "Alice L.", "avatar_url": "mxc://example.org/a"}
+    client_homeserver.tokens["bobs-token"] = "@bob:example.org"
     server = started(profile={"threepids": True})
-    assert server.http.get("/_matrix/client/v3/profile/@alice:example.org").json() == {
-        "displayname": "Alice L.", "avatar_url": "mxc://example.org/a", "threepids": ALICE_PROFILE["three_pids"]}
+    plain = {"displayname": "Alice L.", "avatar_url": "mxc://example.org/a"}
+    signed_in = {"Authorization": "Bearer bobs-token"}
+    assert server.http.get("/_matrix/client/v3/profile/@alice:example.org", headers=signed_in).json() == {
+        **plain, "threepids": ALICE_PROFILE["three_pids"]}
+    assert server.http.get("/_matrix/client/r0/profile/@alice:example.org",
+                           params={"access_token": "bobs-token"}).json()["threepids"] == ALICE_PROFILE["three_pids"]
+    # The homeserver shows profiles to anyone; the 3PIDs are only for its users.
+    assert server.http.get("/_matrix/client/v3/profile/@alice:example.org").json() == plain
+    assert server.http.get("/_matrix/client/v3/profile/@alice:example.org",
+                           headers={"Authorization": "Bearer forged"}).json() == plain
     response = server.http.get("/_matrix/client/r0/profile/%40nobody%3Aexample.org")
     assert response.status_code == 404 and response.json()["errcode"] == "M_NOT_FOUND"  # the homeserver's answer
     assert server.http.get("/_matrix-internal/profile/v1/@alice:example.org").json() == {

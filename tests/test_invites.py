@@ -114,6 +114,9 @@ def test_invite_email_keys_and_delivery_on_bind(server, homeserver, mailbox):
     assert bound.status_code == 200, bound.text
     [onbind] = wait_until(lambda: homeserver.onbinds("zoe.q@example.net"), what="the onbind callback")
     check_onbind(server, onbind, "zoe.q@example.net", INVITER, answer["token"])
+    # The association the bind answered, with the invites inside.
+    assert {k: onbind[k] for k in ("ts", "not_before", "not_after")} == {
+        k: bound.json()[k] for k in ("ts", "not_before", "not_after")}
     # The invitee's homeserver still checks the ephemeral key when she joins.
     assert httpx.get(ephemeral["key_validity_url"], params={"public_key": ephemeral["public_key"]}).json() == {
         "valid": True}
@@ -127,6 +130,24 @@ def test_invite_for_a_known_address_is_refused_without_mail(server, mailbox):
                               "error": refused.json()["error"]}
     time.sleep(0.5)
     assert mailbox.to("alice@example.com") == []
+
+
+def test_an_address_in_another_letter_case_is_the_same_address(server, homeserver, mailbox):
+    started(server)  # the store writes Carol's address as Carol@Example.ORG
+    refused = store_invite(server, "cAROL@example.ORG")
+    assert refused.status_code == 400
+    assert refused.json()["errcode"] == "M_THREEPID_IN_USE" and refused.json()["mxid"] == "@carol:example.org"
+    # An invite for an unknown address, which a store then lists in capitals: delivered for that address.
+    token = store_invite(server, "Frank.Smith@Example.NET", prefix=V1).json()["token"]
+    wait_until(lambda: mailbox.to("frank.smith@example.net"), what="the invite email")
+    server.write_people(PEOPLE + [{"localpart": "frank", "emails": ["FRANK.SMITH@EXAMPLE.NET"]}])
+    assert server.cli("index", "--store", "people").returncode == 0
+    [onbind] = wait_until(lambda: homeserver.onbinds("frank.smith@example.net"), what="the onbind after the sync")
+    check_onbind(server, onbind, "frank.smith@example.net", "@frank:example.org", token)
+    # Once known, the address is in use under any spelling.
+    again = store_invite(server, "frank.smith@EXAMPLE.net", prefix=V1)
+    assert again.status_code == 400 and again.json()["mxid"] == "@frank:example.org"
+    assert len(mailbox.to("frank.smith@example.net")) == 1 and mailbox.to("carol@example.org") == []
 
 
 def test_invite_errors(server, homeserver, mailbox):

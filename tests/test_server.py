@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -36,8 +37,14 @@ def auth(server, homeserver):
 
 
 def test_versions_and_pings(server):
-    versions = server.http.get("/_matrix/identity/versions").json()["versions"]
-    assert "r0.3.0" in versions and "v1.1" in versions
+    # As the spec has it: no token, CORS like every answer, the versions served in vX.Y (rX.Y.Z) form.
+    response = server.http.get("/_matrix/identity/versions", headers={"Origin": "https://app.element.io"})
+    assert response.status_code == 200 and response.headers["access-control-allow-origin"] == "*"
+    assert response.headers["content-type"] == "application/json"
+    versions = response.json()["versions"]
+    assert {"r0.3.0", "v1.1", "v1.18"} <= set(versions)  # the legacy v1 API, the v2 API, M_TOKEN_INCORRECT
+    assert all(re.fullmatch(r"r0\.\d\.\d|v1\.\d+", v) for v in versions)
+    assert server.http.options("/_matrix/identity/versions").status_code == 200
     assert server.http.get(V2).json() == {}
     assert server.http.get(V1).json() == {}
     assert server.http.get(V1 + "/").json() == {}
@@ -278,3 +285,23 @@ def test_two_workers_and_ctrl_c_stop_everything(make_server):
     wait_until(group_gone, 15, "every process of the server to exit")
     wait_until(lambda: not (srv.root / "data" / "redis" / "redis.sock").exists(), 15, "the embedded Redis to stop")
     assert "embedded Redis stopped" in srv.log()
+
+
+def test_every_400_is_logged_once_with_its_reason(server):
+    # A value echoed in the reason cannot start a log line of its own (U+2028 is a line break to many
+    # readers, and JSON leaves it as it is), nor fill the log.
+    forged = "\u20282026-11-29 12:00:00,000 ERROR server.app: FORGED " + "x" * 1000
+    bad_mxid = server.http.post(V2 + "/3pid/unbind", json={
+        "mxid": forged, "threepid": {"medium": "email", "address": "a@example.com"}})
+    assert bad_mxid.status_code == 400 and bad_mxid.json()["errcode"] == "M_INVALID_PARAM"
+    missing = server.http.get(V1 + "/lookup", params={"medium": "email"})
+    assert missing.status_code == 400
+    link = server.http.get(V2 + "/validate/email/submitToken", params={"sid": "1"})  # an HTML answer
+    assert link.status_code == 400 and link.headers["content-type"].startswith("text/html")
+    wait_until(lambda: server.log().count(" 400 M_") == 3, what="the log lines of the 400s")
+    lines = [line for line in server.log().splitlines() if " 400 M_" in line]
+    assert "400 M_INVALID_PARAM for POST /_matrix/identity/v2/3pid/unbind: 'mxid: expected a Matrix ID" in lines[0]
+    assert "\\u2028" in lines[0] and len(lines[0]) < 400
+    assert "400 M_MISSING_PARAMS for GET /_matrix/identity/api/v1/lookup: 'Missing parameters: address'" in lines[1]
+    assert "400 M_MISSING_PARAMS for GET /_matrix/identity/v2/validate/email/submitToken: 'Missing " in lines[2]
+    assert [line for line in server.log().splitlines() if "FORGED" in line] == [lines[0]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 from urllib.parse import urlsplit
 
 from sanic import Blueprint, Request
@@ -11,15 +12,14 @@ from sanic.response import HTTPResponse, json
 from indexer.normalize import query_address
 from server.api import V1, V2, authenticate_v2, json_body
 from server.api.sessions import live_session, validated_session
-from server.errors import MatrixError
-from server.federation import BadSignature, FederationError
-from server.storage import now_ms
+from server.bindings import bound_association
+from server.errors import MatrixError, shown
+from server.federation import BadSignature, FederationError, WrongDestination
+from server.storage import Binding, now_ms
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("bind")
-
-ASSOCIATION_LIFETIME_MS = 100 * 365 * 24 * 3600 * 1000  # as Sydent: bindings do not lapse by themselves
 
 
 @bp.post(V1 + "/3pid/bind", name="bind_v1")
@@ -40,24 +40,32 @@ async def bind(request: Request) -> HTTPResponse:
     else:
         log.info("%s %s bound to %s", session.medium, session.address, body["mxid"])
     await request.app.ctx.invites.addresses_known([(session.medium, session.address)], body["mxid"])
-    association = {"address": session.address, "medium": session.medium, "mxid": body["mxid"],
-                   "not_before": ts, "not_after": ts + ASSOCIATION_LIFETIME_MS, "ts": ts}
-    return json(request.app.ctx.keys.sign(association))
+    return json(bound_association(request.app.ctx.keys, Binding(session.medium, session.address, body["mxid"], ts)))
 
 
-def _our_names(request: Request) -> list[str]:
-    """The names a homeserver may have been told to reach us by (for X-Matrix destination_is)."""
-    server = request.app.ctx.config["server"]
-    return list(dict.fromkeys([server["name"], urlsplit(server["public_url"]).netloc]))
+def our_names(server: dict[str, Any]) -> list[str]:
+    """The names a homeserver may have been told to reach us by (its X-Matrix "destination"), in
+    lower case: server.name, and public_url's host with and without its port."""
+    url = urlsplit(server["public_url"])
+    host = url.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    port = url.port or (443 if url.scheme == "https" else 80)
+    return list(dict.fromkeys(n.lower() for n in (server["name"], host, f"{host}:{port}") if n))
 
 
 async def _signing_homeserver(request: Request, authorization: str) -> str:
     uri = request.path + (f"?{request.query_string}" if request.query_string else "")
     try:
         return await request.app.ctx.federation.verify_request(
-            authorization, request.method, uri, request.json, _our_names(request))
+            authorization, request.method, uri, request.json, our_names(request.app.ctx.config["server"]))
     except ValueError as exc:
         raise MatrixError(403, "M_FORBIDDEN", f"Invalid X-Matrix authorization: {exc}") from None
+    except WrongDestination as exc:
+        accepted = ", ".join(exc.our_names)
+        log.warning("unbind refused: signed for %s, which is not a name of this server (it answers to %s)",
+                    shown(exc.destination), accepted)
+        raise MatrixError(403, "M_FORBIDDEN", f"The request was signed for {exc.destination!r}, which is not a name "
+                                              f"of this identity server; it answers to {accepted}") from None
     except BadSignature as exc:
         log.warning("unbind refused: %s", exc)
         raise MatrixError(403, "M_FORBIDDEN", "The homeserver signature does not verify") from None

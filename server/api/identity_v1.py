@@ -5,8 +5,10 @@ from __future__ import annotations
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
+from indexer.cache import BINDINGS
 from indexer.normalize import query_address
 from server.api import json_body
+from server.bindings import bound_association
 from server.errors import MatrixError
 from server.metrics import count_lookups
 
@@ -28,6 +30,12 @@ async def lookup(request: Request) -> HTTPResponse:
     count_lookups([mxid], sources, local)
     if mxid is None:
         return json({})
+    if sources[0] == BINDINGS:
+        # The association the bind answered, not a new one: ts is when it was made.
+        storage = request.app.ctx.storage
+        binding = await storage.run(storage.binding, medium, canonical)
+        if binding is not None and binding.mxid == mxid:
+            return json(bound_association(request.app.ctx.keys, binding))
     return json(request.app.ctx.keys.association(medium, canonical, mxid, request.app.ctx.association_validity_ms))
 
 

@@ -9,6 +9,7 @@ from urllib.parse import quote
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
+from server.api import access_token
 from server.errors import MatrixError
 from server.homeserver import answer_json, forwarded_headers, relay
 
@@ -28,10 +29,24 @@ async def profile(request: Request, user_id: str) -> HTTPResponse:
     body = answer_json(response)
     if response.status_code != 200 or not body or not request.app.ctx.config["profile"]["threepids"]:
         return relay(response)
+    if not await _signed_in(request):
+        return relay(response)  # a homeserver may show profiles to anyone; the 3PIDs only its users see
     identity = (await request.app.ctx.lookups.identities([user_id]))[0]
     if identity is not None:
         body["threepids"] = identity.threepid_objects()
     return json(body)
+
+
+async def _signed_in(request: Request) -> bool:
+    """Whether the request carries an access token the homeserver confirms (whoami, cached briefly)."""
+    token = access_token(request)
+    if token is None:
+        return False
+    try:
+        await request.app.ctx.homeserver.whoami(token)
+    except MatrixError:  # refused, or the homeserver cannot tell now (logged): no 3PIDs either way
+        return False
+    return True
 
 
 @bp.get("/_matrix-internal/profile/v1/<user_id>")

@@ -18,7 +18,7 @@ from sanic.response import html as html_response
 from indexer.config import parse_duration
 from indexer.normalize import InvalidAddress, email as canonical_email
 from server.api import V1, V2, authenticate_v2, check_params, client_address, json_body
-from server.errors import MatrixError
+from server.errors import MatrixError, log_bad_request
 from server.notify import BadRecipient, SendError, read_template, render
 from server.storage import Session, now_ms
 
@@ -231,6 +231,8 @@ def _submit_routes(medium: str) -> None:
             params = check_params({k: v[0] for k, v in request.args.items()}, "submit_token")
             session = await _submit(request, params, medium)
         except MatrixError as exc:
+            if exc.status == 400:
+                log_bad_request(request, exc)
             page = read_template(pages["failure"], "submit-failure.html")
             return html_response(render(page, {"ERROR": html.escape(exc.error)}), status=exc.status)
         if session.next_link and session.next_link.lower().startswith(("https://", "http://")):

@@ -7,8 +7,9 @@ from sanic.response import HTTPResponse, json
 
 bp = Blueprint("status")
 
-# r0.x: the legacy v1 API (lookups, keys); v1.1 and later: the v2 API.
-SUPPORTED_VERSIONS = ["r0.1.0", "r0.2.0", "r0.2.1", "r0.3.0", "v1.1", "v1.2", "v1.3", "v1.4", "v1.5", "v1.6"]
+# r0.x: the legacy v1 API (lookups, keys); v1.1 and later: the v2 API, unchanged in its endpoints
+# since, with M_TOKEN_INCORRECT from v1.18.
+SUPPORTED_VERSIONS = ["r0.1.0", "r0.2.0", "r0.2.1", "r0.3.0", *(f"v1.{minor}" for minor in range(1, 20))]
 
 
 @bp.get("/_matrix/identity/versions")
