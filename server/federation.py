@@ -41,10 +41,6 @@ class FederationError(Exception):
     """The homeserver could not be reached or answered something unusable; the message says which."""
 
 
-class FederationTimeout(FederationError):
-    """The other server did not answer within federation.deadline_s."""
-
-
 class BadSignature(FederationError):
     """A request's X-Matrix signature does not verify with the homeserver's key."""
 
@@ -160,7 +156,7 @@ class Federation:
                     yield
         except TimeoutError:
             OUTGOING_FAILURES.labels(kind).inc()
-            raise FederationTimeout(f"{destination} did not answer within {self.deadline_s:g} s") from None
+            raise FederationError(f"{destination} did not answer within {self.deadline_s:g} s") from None
 
     # -- addresses --------------------------------------------------------------------------------
 
