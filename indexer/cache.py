@@ -9,14 +9,19 @@ Per store S (all keys under the configured prefix):
   s:S:mxid    hash  mxid -> store_id
   s:S:locator hash  store_id -> where the store finds the person for a password check (an LDAP DN)
   s:S:state   hash  generation, last_full, last_incremental, last_success, high_water_mark,
-                    next_full, next_incremental (each JSON)
+                    next_full, next_incremental, synced_epoch (the cache epoch the last complete
+                    full sync wrote into: the store is wholly in this cache only when it is the
+                    current epoch) (each JSON)
   s:S:lock    the sync lock (redis-py Lock)
   s:S:job     the id of the store's queued or running admin-triggered sync job
   s:S:rt:<address> <medium>  string, with a TTL: a read-through store's answer, mxid or "" (not found)
 Bindings made with /3pid/bind (SQL is their truth) are mirrored as the pseudo-store "_bindings",
 which no configured store can be named (store names start with [a-z0-9]): s:_bindings:3pid and
-s:_bindings:sha256 as above, and s:_bindings:state {epoch} naming the cache epoch they were rebuilt for.
+s:_bindings:sha256 as above, and s:_bindings:state {epoch, generation}: the cache epoch they were
+rebuilt for and the SQL bindings generation they hold (SQL counts every bind and unbind).
 Global: epoch (changes when the cache is emptied), pepper, changes (stream of upsert/delete events),
+generation (counts completed syncs; SQL keeps the highest any server saw, so a Redis restored from an
+older copy shows a lower one),
 fulltext:<host> (follower position, for status), fulltext-hosts (set of hosts with a follower),
 fulltext-rebuild (a counter: followers rebuild their index when it moves),
 jobs (list: ids of sync jobs waiting for an indexer), job:<id> (hash: one sync job, expiring),
@@ -37,7 +42,11 @@ from typing import Any, Generator, Iterable, Iterator
 
 import redis
 import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
+from indexer.config import parse_duration
 from indexer.identity import Identity
 from indexer.normalize import lookup_forms, lookup_hash
 from indexer.redis_pipe import PipelinedRedis
@@ -68,15 +77,46 @@ return {ARGV[2], 1}
 
 BINDINGS = "_bindings"
 
+# Raise a counter (a string key, or a hash field when ARGV[2] is given) to ARGV[1] unless it is higher.
+_RAISE = """
+local current
+if ARGV[2] then current = redis.call('HGET', KEYS[1], ARGV[2]) else current = redis.call('GET', KEYS[1]) end
+if tonumber(current or '0') < tonumber(ARGV[1]) then
+  if ARGV[2] then redis.call('HSET', KEYS[1], ARGV[2], ARGV[1]) else redis.call('SET', KEYS[1], ARGV[1]) end
+end
+"""
 
-def connect(url: str) -> redis.Redis:
-    """A blocking client for the indexer and the command line."""
-    return redis.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+
+DEFAULT_TIMEOUT_S = 5.0
+# Longest a command of ours asks Redis to block (XREAD BLOCK, BRPOP): a client that sends them waits
+# that much longer for a reply.
+MAX_BLOCK_S = 1.0
 
 
-def connect_async(url: str) -> redis.asyncio.Redis:
+def timeout_of(config: dict[str, Any]) -> float:
+    """The configured deadline of every Redis command (redis.timeout), in seconds."""
+    return float(parse_duration(config["redis"]["timeout"]))
+
+
+def _client_options(timeout_s: float, blocking: bool) -> dict[str, Any]:
+    # redis-py retries a timed-out command three times with backoff by default, so that a frozen
+    # Redis held a request for a minute; one retry on a dropped connection (Redis restarted) is kept.
+    return {"decode_responses": True, "health_check_interval": 30,
+            "socket_timeout": timeout_s + (MAX_BLOCK_S if blocking else 0), "socket_connect_timeout": timeout_s,
+            "retry": Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))}
+
+
+def connect(url: str, timeout_s: float = DEFAULT_TIMEOUT_S, blocking: bool = False) -> redis.Redis:
+    """A blocking client for the indexer and the command line; blocking: for a client that also
+    sends the indexer's blocking reads."""
+    return redis.Redis.from_url(url, **_client_options(timeout_s, blocking))
+
+
+def connect_async(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> redis.asyncio.Redis:
     """An asyncio client for the HTTP server."""
-    return redis.asyncio.Redis.from_url(url, decode_responses=True, health_check_interval=30)
+    options = _client_options(timeout_s, False)
+    options["retry"] = AsyncRetry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,))
+    return redis.asyncio.Redis.from_url(url, **options)
 
 
 def _short(name: str) -> str:
@@ -109,6 +149,7 @@ class Keys:
         self.rebuild = f"{prefix}fulltext-rebuild"
         self.jobs = f"{prefix}jobs"
         self.job_prefix = f"{prefix}job:"
+        self.generation = f"{prefix}generation"
 
     def store(self, store: str, part: str) -> str:
         return f"{self.prefix}s:{store}:{part}"
@@ -201,10 +242,10 @@ def _status_plan(k: Keys, stores: list[str], now: float) -> Plan:
     first: Commands = []
     for store in stores:
         first += [("hlen", k.store(store, "rec")), ("hgetall", k.store(store, "state")), ("get", k.store(store, "job"))]
-    first += [("smembers", k.followers), ("xrevrange", k.changes, "+", "-", 1)]
+    first += [("smembers", k.followers), ("xrevrange", k.changes, "+", "-", 1), ("get", k.epoch)]
     replies = yield first
     per_store = [replies[i:i + 3] for i in range(0, 3 * len(stores), 3)]
-    hosts, newest = sorted(replies[-2]), replies[-1]
+    hosts, newest, epoch = sorted(replies[-3]), replies[-2], replies[-1]
     newest_id = newest[0][0] if newest else "0-0"
     pointers = [job_id for _, _, job_id in per_store]
     second: Commands = [("hgetall", k.job(j)) for j in pointers if j] + [("hgetall", k.follower(h)) for h in hosts]
@@ -224,6 +265,8 @@ def _status_plan(k: Keys, stores: list[str], now: float) -> Plan:
             # Without a high-water mark (a store that cannot list changes) no incremental sync runs.
             "next_incremental": fields.get("next_incremental") if "high_water_mark" in fields else None,
             "job": job if job and job["state"] in JOB_ACTIVE else None,
+            # Whether a full sync completed into this cache (not one since emptied or replaced by an older copy).
+            "complete": epoch is not None and fields.get("synced_epoch") == epoch,
         }
     for follower in followers:
         pending = oldest_unapplied.get(follower["host"])
@@ -282,7 +325,9 @@ class Cache:
     def pepper(self) -> str:
         value = self.r.get(self.k.pepper)
         if not value:
-            raise RuntimeError("the cache has no lookup pepper: it was emptied while running")
+            # A Redis failure like any other: the sync fails, and the indexer syncs again in full
+            # once it has given the emptied cache a new epoch and pepper.
+            raise redis.exceptions.ResponseError("the cache has no lookup pepper: it was emptied while running")
         return value
 
     # -- records -------------------------------------------------------------------------------
@@ -524,12 +569,15 @@ class Cache:
 
     # -- the mirror of /3pid/bind bindings ----------------------------------------------------
 
-    def bindings_mirrored(self) -> bool:
-        """Whether the binding mirror was built for this cache's epoch (it is lost with the cache)."""
-        return self.r.hget(self.k.store(BINDINGS, "state"), "epoch") == self.epoch()
+    def bindings_mirrored(self, generation: int) -> bool:
+        """Whether the binding mirror was built for this cache's epoch (it is lost with the cache) and
+        holds the SQL bindings generation given (an older copy of Redis holds an older one)."""
+        epoch, held = self.r.hmget(self.k.store(BINDINGS, "state"), ["epoch", "generation"])
+        return epoch is not None and epoch == self.epoch() and int(held or 0) >= generation
 
-    def rebuild_bindings(self, bindings: Iterable[tuple[str, str, str]]) -> int:
-        """Replace the mirror with these (medium, address, mxid) bindings; how many were written."""
+    def rebuild_bindings(self, bindings: Iterable[tuple[str, str, str]], generation: int) -> int:
+        """Replace the mirror with these (medium, address, mxid) bindings, read at the SQL bindings
+        generation given (or later); how many lookup keys were written."""
         pepper, epoch = self.pepper(), self.epoch()
         plain: dict[str, str] = {}
         hashed: dict[str, str] = {}
@@ -542,9 +590,44 @@ class Cache:
         if plain:
             tx.hset(self.k.store(BINDINGS, "3pid"), mapping=plain)
             tx.hset(self.k.store(BINDINGS, "sha256"), mapping=hashed)
-        tx.hset(self.k.store(BINDINGS, "state"), "epoch", epoch or "")
+        tx.hset(self.k.store(BINDINGS, "state"), mapping={"epoch": epoch or "", "generation": generation})
         tx.execute()
         return len(plain)
+
+    # -- knowing whether this Redis holds everything it should ---------------------------------
+
+    def generation_counter(self) -> int:
+        """The cache generation: how many syncs completed into this Redis."""
+        return int(self.r.get(self.k.generation) or 0)
+
+    def advance_generation(self) -> None:
+        self.r.incr(self.k.generation)
+
+    def raise_generation(self, value: int) -> None:
+        self.r.eval(_RAISE, 1, self.k.generation, value)
+
+    def mark_synced(self, store: str, epoch: str | None) -> None:
+        """Record that a full sync begun in this epoch completed."""
+        self.set_state(store, synced_epoch=epoch)
+
+    def incomplete_stores(self, stores: list[str]) -> list[str]:
+        """The stores that no full sync completed into since this cache was emptied (or since it was
+        found behind)."""
+        pipe = self.r.pipeline(transaction=False)
+        pipe.get(self.k.epoch)
+        for store in stores:
+            pipe.hget(self.k.store(store, "state"), "synced_epoch")
+        epoch, *marks = pipe.execute()
+        return [s for s, m in zip(stores, marks) if epoch is None or m is None or json.loads(m) != epoch]
+
+    def forget_full_syncs(self, stores: list[str]) -> None:
+        """Let every store count as not wholly in the cache, so that the indexer syncs each in full,
+        and have every fulltext index rebuilt from what the cache holds now."""
+        pipe = self.r.pipeline(transaction=False)
+        for store in stores:
+            pipe.hdel(self.k.store(store, "state"), "synced_epoch")
+        pipe.incr(self.k.rebuild)
+        pipe.execute()
 
 
 class Lookups:
@@ -698,7 +781,8 @@ class BindingMirror:
         self.r = client
         self.k = Keys(prefix)
 
-    async def put(self, medium: str, address: str, mxid: str) -> None:
+    async def put(self, medium: str, address: str, mxid: str, generation: int) -> None:
+        """Mirror one bind, made at this SQL bindings generation."""
         pepper = await self.r.get(self.k.pepper)
         if not pepper:
             raise redis.exceptions.RedisError("the cache has no lookup pepper yet")
@@ -706,15 +790,32 @@ class BindingMirror:
         tx = self.r.pipeline(transaction=True)
         tx.hset(self.k.store(BINDINGS, "3pid"), mapping={f: mxid for f in fields})
         tx.hset(self.k.store(BINDINGS, "sha256"), mapping={h: mxid for h in hashes})
+        tx.eval(_RAISE, 1, self.k.store(BINDINGS, "state"), generation, "generation")
         await tx.execute()
 
-    async def remove(self, medium: str, address: str) -> None:
+    async def remove(self, medium: str, address: str, generation: int) -> None:
+        """Mirror one unbind, made at this SQL bindings generation."""
         pepper = await self.r.get(self.k.pepper) or ""
         fields, hashes = _binding_fields(medium, address, pepper)
         tx = self.r.pipeline(transaction=True)
         tx.hdel(self.k.store(BINDINGS, "3pid"), *fields)
         tx.hdel(self.k.store(BINDINGS, "sha256"), *hashes)
+        tx.eval(_RAISE, 1, self.k.store(BINDINGS, "state"), generation, "generation")
         await tx.execute()
+
+    async def behind(self, generation: int) -> str | None:
+        """Why the mirror does not hold SQL's bindings generation, or None when it does."""
+        epoch, (mirrored_epoch, held) = await _run_plan_async(self.r, self._state_plan())
+        if epoch is None or mirrored_epoch != epoch:
+            return "the cache lost the bindings mirror; it is being rebuilt from the database"
+        if int(held or 0) < generation:
+            return (f"the bindings mirror holds generation {int(held or 0)}, the database {generation}; "
+                    "it is being rebuilt from the database")
+        return None
+
+    def _state_plan(self) -> Plan:
+        epoch, state = yield [("get", self.k.epoch), ("hmget", self.k.store(BINDINGS, "state"), ["epoch", "generation"])]
+        return epoch, state
 
 
 class RateLimits:

@@ -10,6 +10,7 @@ import time
 
 import redis
 
+from indexer import logs
 from indexer.cache import Cache
 from indexer.fulltext import SCHEMA_VERSION, FullText, document_key
 from indexer.identity import Identity
@@ -129,6 +130,6 @@ class Follower:
                     self.start()
                 self.step(block_ms=1000)
             except redis.exceptions.RedisError as exc:
-                log.warning("fulltext follower: Redis unavailable (%s); retrying", exc)
+                logs.repeated.warning(log, "fulltext follower: Redis unavailable (%s); retrying", exc, key="follower redis")
                 self.epoch = ""
                 stop.wait(2)

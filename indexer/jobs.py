@@ -38,7 +38,7 @@ class JobRunner:
             try:
                 job = self.cache.next_job(timeout=1)
             except redis.exceptions.RedisError as exc:
-                log.warning("sync jobs: Redis unavailable (%s); retrying", exc)
+                logs.repeated.warning(log, "sync jobs: Redis unavailable (%s); retrying", exc, key="jobs redis")
                 stop.wait(2)
                 continue
             if job is not None:

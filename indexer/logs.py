@@ -8,7 +8,9 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
+from collections.abc import Callable
 
 # The id of the HTTP request (or of the job it started) being handled, for every log line it causes.
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
@@ -104,3 +106,43 @@ def setup(level: str, role: str, fmt: str = "text") -> None:
     logging.basicConfig(level=getattr(logging, level), handlers=[handler], force=True)
     # httpx logs every request at INFO: one line per read-through lookup or sync page is noise.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, getattr(logging, level)))
+
+
+class Repeated:
+    """Logs an error at its first occurrence, then at most once per interval with how many times it
+    came meanwhile, so that an outage hit by every request writes a line a minute, not a line a request.
+    The count is written with the next occurrence after the interval (an outage that ends leaves its
+    last count unwritten: the lines before it said the fault was going on)."""
+
+    def __init__(self, interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}  # key -> (last logged, since then)
+
+    def log(self, logger: logging.Logger, level: int, msg: str, *args: object, key: str | None = None) -> None:
+        """Log msg % args unless the same message (or key) was logged less than interval_s ago."""
+        text = msg % args if args else msg
+        ident = (logger.name, level, key if key is not None else text)
+        now = self.clock()
+        with self._lock:
+            last, count = self._seen.get(ident, (None, 0))
+            if last is not None and now - last < self.interval_s:
+                self._seen[ident] = (last, count + 1)
+                return
+            self._seen[ident] = (now, 0)
+            if len(self._seen) > 10_000:  # keys that carry a varying part must not grow without end
+                self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.interval_s}
+        if count:
+            text += f" ({count} more times in the last {now - last:.0f} s)"  # type: ignore[operator]
+        logger.log(level, "%s", text)
+
+    def error(self, logger: logging.Logger, msg: str, *args: object, key: str | None = None) -> None:
+        self.log(logger, logging.ERROR, msg, *args, key=key)
+
+    def warning(self, logger: logging.Logger, msg: str, *args: object, key: str | None = None) -> None:
+        self.log(logger, logging.WARNING, msg, *args, key=key)
+
+
+# Shared by every module of a process: one outage seen by several modules is still one line a minute each.
+repeated = Repeated()

@@ -6,6 +6,9 @@ command: about 60 us of CPU per command, which was most of what a single lookup 
 command is one write on a shared connection and its reply one item parsed by hiredis; concurrent
 requests' commands travel together, so the round trips overlap too (about 6 us per command). Errors
 are redis-py's exception classes, so callers and the error mapping treat both clients alike.
+
+Every call has a deadline (connecting included): past it the call raises redis.exceptions.TimeoutError
+and the connection is dropped, since the replies still owed on it would arrive out of step.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import hiredis
 import redis.exceptions
 from redis.asyncio.connection import SSLConnection, parse_url
 
-CONNECT_TIMEOUT_S = 5.0
+TIMEOUT_S = 5.0
 
 
 class _Protocol(asyncio.Protocol):
@@ -49,6 +52,12 @@ class _Protocol(asyncio.Protocol):
         except (hiredis.ProtocolError, IndexError) as exc:
             self._fail(redis.exceptions.ConnectionError(f"Redis sent what is not a reply: {exc}"))
             assert self.transport is not None
+            self.transport.abort()
+
+    def abandon(self, error: Exception) -> None:
+        """Give up on this connection: every command still waiting fails with error."""
+        self._fail(error)
+        if self.transport is not None:
             self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -99,31 +108,42 @@ class PipelinedRedis:
     """Connects on first use and again after the connection is lost (the commands in flight then
     fail with redis.exceptions.ConnectionError, as redis-py's would)."""
 
-    def __init__(self, url: str, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    def __init__(self, url: str, timeout_s: float = TIMEOUT_S) -> None:
         self.options = parse_url(url)
-        self.connect_timeout_s = connect_timeout_s
+        self.timeout_s = timeout_s
         self._protocol: _Protocol | None = None
         self._attempt: asyncio.Future[_Protocol] | None = None
 
     async def execute(self, *command: Any) -> Any:
         """The reply to one command."""
-        protocol = await self._connected()
-        [waiter] = protocol.send([command])
-        return await waiter
+        [reply] = await self.execute_many([command])
+        return reply
 
     async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
         """The replies to several commands sent together (one round trip); the first error raises."""
-        protocol = await self._connected()
-        return await _replies(protocol.send(commands))
+        protocol: _Protocol | None = None
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                protocol = await self._connected()
+                return await _replies(protocol.send(commands))
+        except TimeoutError:
+            error = redis.exceptions.TimeoutError(f"Redis did not answer within {self.timeout_s:g} s")
+            if protocol is not None:
+                protocol.abandon(error)
+            raise error from None
 
     async def _connected(self) -> _Protocol:
         if self._protocol is not None and not self._protocol.lost:
             return self._protocol
         # Every request arriving while Redis is unreachable shares one attempt and its outcome:
         # one after another, a burst would wait a connect timeout each.
-        if self._attempt is None:
-            self._attempt = asyncio.ensure_future(self._connect())
         attempt = self._attempt
+        # An attempt whose callers all gave up before it ended is still used if it succeeded.
+        if attempt is None or (attempt.done() and (attempt.cancelled() or attempt.exception() is not None
+                                                   or attempt.result().lost)):
+            attempt = self._attempt = asyncio.ensure_future(self._connect())
+            # Its failure is read here too, for when every caller's own deadline ended first.
+            attempt.add_done_callback(lambda done: done.cancelled() or done.exception())
         try:
             self._protocol = await asyncio.shield(attempt)
         finally:
@@ -141,7 +161,7 @@ class PipelinedRedis:
             setup.append(("SELECT", options["db"]))
         protocol: _Protocol | None = None
         try:
-            async with asyncio.timeout(self.connect_timeout_s):
+            async with asyncio.timeout(self.timeout_s):
                 if "path" in options:
                     _, protocol = await loop.create_unix_connection(_Protocol, options["path"])
                 else:

@@ -17,7 +17,7 @@ import redis
 import schedule
 
 from indexer import logs
-from indexer.cache import Cache, connect
+from indexer.cache import Cache, connect, timeout_of
 from indexer.config import parse_duration
 from indexer.follower import Follower
 from indexer.fulltext import FullText
@@ -27,6 +27,11 @@ from indexer.stores import Store, build_store
 from indexer.sync import SyncBusy, SyncResult, full_sync, incremental_sync
 
 log = logging.getLogger(__name__)
+
+# A store that cannot be synced in full while it is missing from the cache is tried again after this
+# long, twice as long each time, up to RESYNC_RETRY_MAX_S.
+RESYNC_RETRY_FIRST_S = 10.0
+RESYNC_RETRY_MAX_S = 300.0
 
 
 def fulltext_path(config: dict[str, Any]) -> Path:
@@ -45,6 +50,9 @@ class Indexer:
         ]
         self.scheduler = schedule.Scheduler()
         self.published: dict[str, dict[str, float | None]] = {}
+        self.check_every = max(1, parse_duration(config["redis"]["check_every"]))
+        self.next_check = 0.0
+        self.retry_after: dict[str, tuple[float, float]] = {}  # store -> (monotonic time, next delay)
 
     def sync(self, store: Store, sync_config: dict[str, Any]) -> None:
         try:
@@ -52,7 +60,8 @@ class Indexer:
         except SyncBusy as exc:
             log.info("%s; skipping this run", exc)
         except redis.exceptions.RedisError as exc:
-            log.error("store %s: sync not started, Redis unavailable: %s", store.name, exc)
+            logs.repeated.error(log, "store %s: sync not started, Redis unavailable: %s", store.name, exc,
+                                key=f"{store.name} full redis")
 
     def sync_changes(self, store: Store) -> None:
         try:
@@ -62,7 +71,8 @@ class Indexer:
         except SyncBusy as exc:
             log.info("%s; skipping this run", exc)
         except redis.exceptions.RedisError as exc:
-            log.error("store %s: incremental sync not started, Redis unavailable: %s", store.name, exc)
+            logs.repeated.error(log, "store %s: incremental sync not started, Redis unavailable: %s", store.name, exc,
+                                key=f"{store.name} incremental redis")
 
     def _first_delay(self, store: Store, every: int | None) -> float | None:
         last = self.cache.state(store.name).get("last_full") or {}
@@ -99,6 +109,27 @@ class Indexer:
             self.scheduler.every(max(1, int(delay))).seconds.do(first).tag(store.name, "full")
             log.info("store %s: next full sync in %d s", store.name, int(delay))
 
+    def resync_incomplete(self) -> None:
+        """Every redis.check_every: sync in full, now, each store that is not wholly in the cache (the
+        cache was emptied, or a server found it restored from an older copy)."""
+        now = time.monotonic()
+        if now < self.next_check:
+            return
+        self.next_check = now + self.check_every
+        self.cache.initialize()  # an emptied cache gets its epoch and pepper before anything is written
+        enumerable = {store.name: (store, sync_config) for store, sync_config in self.stores if store.enumerable}
+        for name in self.cache.incomplete_stores(list(enumerable)):
+            when, delay = self.retry_after.get(name, (0.0, RESYNC_RETRY_FIRST_S))
+            if now < when:
+                continue
+            log.warning("store %s is not wholly in the cache (emptied, or restored from an older copy): "
+                        "full sync now", name)
+            self.sync(*enumerable[name])
+            if self.cache.incomplete_stores([name]):
+                self.retry_after[name] = (time.monotonic() + delay, min(delay * 2, RESYNC_RETRY_MAX_S))
+            else:
+                self.retry_after.pop(name, None)
+
     def publish_schedule(self) -> None:
         """Record each store's next scheduled full and incremental sync (epoch seconds) for status."""
         for store, _ in self.stores:
@@ -115,11 +146,15 @@ class Indexer:
     def run(self, stop: threading.Event) -> None:
         self.plan()
         while not stop.is_set():
+            try:
+                self.resync_incomplete()
+            except redis.exceptions.RedisError as exc:
+                logs.repeated.warning(log, "could not check that every store is in the cache: %s", exc)
             self.scheduler.run_pending()
             try:
                 self.publish_schedule()
             except redis.exceptions.RedisError as exc:
-                log.warning("could not record the sync schedule: %s", exc)
+                logs.repeated.warning(log, "could not record the sync schedule: %s", exc)
             idle = self.scheduler.idle_seconds
             stop.wait(1.0 if idle is None else min(1.0, max(idle, 0.05)))
 
@@ -131,7 +166,7 @@ class Indexer:
 def run_indexer(config: dict[str, Any], redis_url: str, stop: threading.Event, parent_pid: int | None = None) -> None:
     """The body of the indexer process: follower thread plus scheduled syncs, until stop is set
     (or the parent process has gone away)."""
-    cache = Cache(connect(redis_url), config["redis"]["prefix"])
+    cache = Cache(connect(redis_url, timeout_of(config), blocking=True), config["redis"]["prefix"])
     cache.initialize()
     store_names = [s["name"] for s in config["stores"]]
     follower = Follower(cache, FullText(fulltext_path(config)), store_names)

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import redis
 
+from indexer import logs
 from indexer.cache import Cache
 from indexer.identity import Identity
 from indexer.stores import Store, StoreError
@@ -87,10 +88,12 @@ def _locked_run(
             body(result)
     except StoreError as exc:
         result.outcome, result.error = "failed", str(exc)
-        log.error("store %s: %s sync failed, cache left as it was: %s", store.name, kind, exc)
+        logs.repeated.error(log, "store %s: %s sync failed, cache left as it was: %s", store.name, kind, exc,
+                            key=f"{store.name} {kind} store")
     except redis.exceptions.RedisError as exc:
         result.outcome, result.error = "failed", f"redis: {exc}"
-        log.error("store %s: %s sync failed on Redis: %s", store.name, kind, exc)
+        logs.repeated.error(log, "store %s: %s sync failed on Redis: %s", store.name, kind, exc,
+                            key=f"{store.name} {kind} redis")
     finally:
         result.ended = time.time()
         state = {f"last_{kind}": result.as_dict()}
@@ -98,6 +101,8 @@ def _locked_run(
             state["last_success"] = result.ended
         try:
             cache.set_state(store.name, **state)
+            if result.outcome == "ok":
+                cache.advance_generation()
         except redis.exceptions.RedisError as exc:
             log.error("store %s: could not record sync state: %s", store.name, exc)
         try:
@@ -208,6 +213,7 @@ def _run_incremental(cache: Cache, store: Store, mark: Any, result: SyncResult, 
 
 def _run_full(cache: Cache, store: Store, ratio: float, result: SyncResult, progress: Progress) -> None:
     mark = store.high_water_mark()  # before reading: changes made meanwhile come in the next incremental
+    epoch = cache.epoch()  # a cache emptied during the sync does not hold what was written before
     generation = cache.next_generation(store.name)
     known = cache.content_hashes(store.name)
     before = len(known)
@@ -268,6 +274,7 @@ def _run_full(cache: Cache, store: Store, ratio: float, result: SyncResult, prog
     else:
         # A store renamed onto another kind must not keep a mark its new kind cannot follow.
         cache.forget_mark(store.name)
+    cache.mark_synced(store.name, epoch)
     result.outcome = "ok"
     log.info(
         "store %s: full sync done in %.1f s: read %d, added %d, changed %d, removed %d",

@@ -18,12 +18,13 @@ import orjson
 import redis
 import sqlalchemy
 from sanic import Request, Sanic
-from sanic.exceptions import BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, SanicException
+from sanic.exceptions import (BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, SanicException,
+                              ServiceUnavailable)
 from sanic.response import HTTPResponse, empty, json
 
 from indexer import logs
 from indexer.cache import (BINDINGS, Admin, BindingMirror, Cache, Lookups, RateLimits, RemoteAnswers, connect,
-                           connect_async)
+                           connect_async, timeout_of)
 from indexer.config import parse_duration
 from indexer.fulltext import DirectorySearch, HideRules
 from indexer.redis_pipe import PipelinedRedis
@@ -33,7 +34,7 @@ from server.api import (account, admin, auth, bind, directory, health, identity_
                         sessions, status, terms)
 from server.api import invites as invites_api
 from server.api import metrics as metrics_api
-from server.bindings import restore_mirror
+from server.bindings import check_cache
 from server.credentials import Credentials
 from server.homeserver import Homeserver
 from server.errors import MatrixError, log_bad_request
@@ -50,7 +51,7 @@ from server.token_cache import TokenCache
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("mxisd.access")
 
-MAINTENANCE_EVERY_S = 60
+PURGE_EVERY_S = 60
 # Expired sessions are kept a while longer so that clients still hear M_SESSION_EXPIRED, not "unknown".
 EXPIRED_SESSIONS_KEPT_MS = 7 * 24 * 3600 * 1000
 
@@ -107,10 +108,10 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
 
     @app.before_server_start
     async def open_connections(app: Sanic) -> None:
-        client = connect_async(redis_url)
+        client = connect_async(redis_url, timeout_of(config))
         prefix = config["redis"]["prefix"]
         app.ctx.redis = client
-        app.ctx.redis_pipe = PipelinedRedis(redis_url)
+        app.ctx.redis_pipe = PipelinedRedis(redis_url, timeout_of(config))
         app.ctx.lookups = Lookups(app.ctx.redis_pipe, prefix, lookup_order(config))
         app.ctx.admin = Admin(client, prefix, [s["name"] for s in config["stores"]])
         app.ctx.read_through = ReadThrough(config, app.ctx.lookups)
@@ -180,22 +181,27 @@ def create_app(config: dict[str, Any], redis_url: str) -> Sanic:
 
 
 async def maintenance(app: Sanic, redis_url: str) -> None:
-    """Every minute: put the binding mirror back if Redis was emptied while we run, and forget
-    validation sessions a week past their lifetime."""
+    """Every redis.check_every: have Redis rebuilt if it was emptied or went back in time while we
+    run (see server.bindings); every minute: forget validation sessions a week past their lifetime."""
     config = app.ctx.config
     storage: Storage = app.ctx.storage
-    cache = Cache(connect(redis_url), config["redis"]["prefix"])
+    cache = Cache(connect(redis_url, timeout_of(config)), config["redis"]["prefix"])
+    stores = [s["name"] for s in config["stores"]]
+    check_every = max(1, parse_duration(config["redis"]["check_every"]))
     keep_ms = parse_duration(config["sessions"]["lifetime"]) * 1000 + EXPIRED_SESSIONS_KEPT_MS
+    purged_at = time.monotonic()
     try:
         while True:
-            await asyncio.sleep(MAINTENANCE_EVERY_S)
+            await asyncio.sleep(check_every)
             try:
-                await storage.run(restore_mirror, storage, cache)
-                purged = await storage.run(storage.delete_sessions_before, now_ms() - keep_ms)
-                if purged:
-                    log.info("forgot %d expired validation sessions", purged)
+                await storage.run(check_cache, storage, cache, stores)
+                if time.monotonic() - purged_at >= PURGE_EVERY_S:
+                    purged_at = time.monotonic()
+                    purged = await storage.run(storage.delete_sessions_before, now_ms() - keep_ms)
+                    if purged:
+                        log.info("forgot %d expired validation sessions", purged)
             except (redis.exceptions.RedisError, sqlalchemy.exc.SQLAlchemyError) as exc:
-                log.warning("maintenance skipped: %s", exc)
+                logs.repeated.warning(log, "cache check skipped: %s", exc, key="cache check")
     finally:
         cache.r.close()
 
@@ -235,12 +241,18 @@ def error_response(request: Request, exc: Exception) -> HTTPResponse:
         error = MatrixError(413, "M_TOO_LARGE", "The request body is too large")
     elif isinstance(exc, BadRequest):
         error = MatrixError(400, "M_BAD_JSON", str(exc) or "Bad request")
+    elif isinstance(exc, redis.exceptions.TimeoutError):
+        logs.repeated.error(log, "requests failed: the cache did not answer in time: %s", exc, key="redis timeout")
+        error = MatrixError(503, "M_UNKNOWN", "The cache did not answer in time, try again shortly")
     elif isinstance(exc, redis.exceptions.RedisError):
-        log.error("%s %s: cache unavailable: %s", request.method, request.path, exc)
+        logs.repeated.error(log, "requests failed: cache unavailable: %s", exc, key=f"redis {type(exc).__name__}")
         error = MatrixError(503, "M_UNKNOWN", "The lookup cache is unavailable, try again shortly")
     elif isinstance(exc, sqlalchemy.exc.OperationalError):
-        log.error("%s %s: database unavailable: %s", request.method, request.path, exc.orig)
+        logs.repeated.error(log, "requests failed: database unavailable: %s", exc.orig, key="sql unavailable")
         error = MatrixError(503, "M_UNKNOWN", "The database is unavailable, try again shortly")
+    elif isinstance(exc, ServiceUnavailable):  # Sanic's response timeout
+        logs.repeated.error(log, "requests failed: no answer within the response timeout: %s", exc)
+        error = MatrixError(503, "M_UNKNOWN", "The server did not answer in time, try again shortly")
     elif isinstance(exc, SanicException) and 400 <= exc.status_code < 500:
         error = MatrixError(exc.status_code, "M_UNKNOWN", str(exc))
     else:

@@ -15,7 +15,7 @@ from typing import Any, Iterator, TextIO
 import httpx
 
 from indexer import logs
-from indexer.cache import Cache
+from indexer.cache import Cache, timeout_of
 from indexer.config import ConfigError, load_config
 from indexer.redis_server import EmbeddedRedis, EmbeddedRedisError
 from indexer.stores import build_store
@@ -108,7 +108,7 @@ def _open_cache(config: dict[str, Any]) -> Iterator[Cache]:
             candidate.start()
             embedded = candidate
     try:
-        cache = Cache(wait_for_redis(url), config["redis"]["prefix"])
+        cache = Cache(wait_for_redis(url, timeout_of(config)), config["redis"]["prefix"])
         cache.initialize()
         yield cache
     finally:

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 from sanic.response import HTTPResponse, raw
 
+from indexer import logs
 from indexer.config import parse_duration
 from server.errors import MatrixError
 
@@ -38,7 +39,8 @@ class Homeserver:
         try:
             return await self.http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
-            log.warning("homeserver %s: %s %s failed: %s: %s", self.url, method, path, type(exc).__name__, exc)
+            logs.repeated.warning(log, "homeserver %s: %s %s failed: %s: %s", self.url, method, path, type(exc).__name__,
+                                  exc, key=f"homeserver {type(exc).__name__}")
             raise MatrixError(502, "M_UNKNOWN", "The homeserver did not answer") from None
 
     async def whoami(self, token: str) -> str:

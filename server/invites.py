@@ -14,6 +14,7 @@ from typing import Any
 import redis
 import sqlalchemy
 
+from indexer import logs
 from indexer.cache import Lookups
 from indexer.config import parse_duration
 from server.bindings import ASSOCIATION_LIFETIME_MS
@@ -79,7 +80,7 @@ class InviteWorker:
                 await self.send_due()
                 earliest = await self.storage.run(self.storage.next_delivery_at)
             except (redis.exceptions.RedisError, sqlalchemy.exc.SQLAlchemyError) as exc:
-                log.warning("invite delivery paused: %s", exc)
+                logs.repeated.warning(log, "invite delivery paused: %s", exc, key="invites paused")
                 earliest = None
             wait = min(IDLE_WAKE_S, max(0.0, next_check - loop.time()))
             if earliest is not None:
@@ -110,7 +111,8 @@ class InviteWorker:
         for delivery, outcome in zip(due, outcomes):
             if isinstance(outcome, Exception):
                 # The lease runs out and the delivery is tried again then.
-                log.error("onbind delivery for %s %s failed: %r", delivery.medium, delivery.address, outcome)
+                logs.repeated.error(log, "onbind delivery for %s %s failed: %r", delivery.medium, delivery.address, outcome,
+                                    key=f"onbind {type(outcome).__name__}")
 
     async def deliver(self, delivery: Delivery) -> None:
         """One attempt: POST onbind; settle the invites on success or a permanent refusal, else retry later."""

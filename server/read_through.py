@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from indexer import logs
 from indexer.cache import Lookups
 from indexer.config import parse_duration
 from indexer.stores.rest import BadAnswer, client_options, decode, lookup_answer, lookup_request
@@ -90,8 +91,9 @@ class ReadThrough:
                     service.path, json=lookup_request(medium, address))), self.domain)
             except (httpx.HTTPError, BadAnswer) as exc:
                 OUTGOING_FAILURES.labels("read_through").inc()
-                log.warning("store %s: %s lookup failed, answered not found and not cached: %s: %s",
-                            service.name, medium, type(exc).__name__, exc)
+                logs.repeated.warning(log, "store %s: %s lookup failed, answered not found and not cached: %s: %s",
+                                      service.name, medium, type(exc).__name__, exc,
+                                      key=f"{service.name} lookup {type(exc).__name__}")
                 return None
         await self.lookups.remember_answer(service.name, medium, address, mxid,
                                            service.ttl if mxid else service.miss_ttl)

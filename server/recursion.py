@@ -26,6 +26,7 @@ from signedjson.key import decode_verify_key_bytes
 from signedjson.sign import SignatureVerifyException, verify_signed_json
 from unpaddedbase64 import decode_base64
 
+from indexer import logs
 from indexer.cache import RemoteAnswers
 from indexer.config import parse_duration
 from indexer.normalize import lookup_hash
@@ -124,7 +125,8 @@ class Recursion:
                 if task not in done:
                     continue
                 if task.exception() is not None:
-                    log.error("recursive lookup of %s %s failed: %s", *pairs[i], task.exception())
+                    logs.repeated.error(log, "recursive lookup of %s %s failed: %s", *pairs[i], task.exception(),
+                                        key=f"recursion {type(task.exception()).__name__}")
                 else:
                     result[i] = task.result()
         return result
@@ -146,7 +148,8 @@ class Recursion:
             try:
                 mxid = await self.ask_identity_server(base, medium, address)
             except (FederationError, Unusable) as exc:
-                log.warning("recursive lookup of %s %s at %s failed: %s", medium, address, base, exc)
+                logs.repeated.warning(log, "recursive lookup of %s %s at %s failed: %s", medium, address, base, exc,
+                                      key=f"recursion at {base}")
                 clean = False
                 continue
             if mxid:
@@ -157,7 +160,7 @@ class Recursion:
             try:
                 mxid = await self.ask_v1(bridge, medium, address, signed=False)
             except (FederationError, Unusable) as exc:
-                log.warning("bridge lookup of %s %s failed: %s", medium, address, exc)
+                logs.repeated.warning(log, "bridge lookup of %s %s failed: %s", medium, address, exc, key=f"bridge {bridge}")
                 return None
             if mxid:
                 await self.answers.remember(medium, address, mxid, self.ttl)

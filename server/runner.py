@@ -18,10 +18,10 @@ import redis
 from sanic import Sanic
 from sanic.worker.loader import AppLoader
 
-from indexer.cache import Cache, connect
+from indexer.cache import Cache, connect, timeout_of
 from indexer.redis_server import EmbeddedRedis
 from server.app import create_app
-from server.bindings import restore_mirror
+from server.bindings import check_cache
 from server.keys import Keys
 from server.metrics import use_directory
 from server.storage import Storage, StorageError
@@ -48,9 +48,9 @@ def hold_data_dir(data_dir: str) -> TextIO:
     return handle
 
 
-def wait_for_redis(url: str, timeout: float = 10.0) -> redis.Redis:
+def wait_for_redis(url: str, timeout_s: float, timeout: float = 10.0) -> redis.Redis:
     """A connected client, or StartupError naming the URL."""
-    client = connect(url)
+    client = connect(url, timeout_s)
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -63,12 +63,13 @@ def wait_for_redis(url: str, timeout: float = 10.0) -> redis.Redis:
 
 
 def prepare_storage(config: dict[str, Any], cache: Cache) -> None:
-    """Upgrade the SQL schema, and rebuild the Redis mirror of bindings when the cache lost it."""
+    """Upgrade the SQL schema, rebuild the Redis mirror of bindings, and have every store synced in
+    full when Redis is behind what SQL saw."""
     storage = Storage(config["storage"]["url"], config["data_dir"], threads=1)
     try:
         storage.upgrade()
         log.info("storage: %s", storage.describe())
-        restore_mirror(storage, cache)
+        check_cache(storage, cache, [s["name"] for s in config["stores"]], rebuild=True)
     except StorageError as exc:
         raise StartupError(str(exc)) from None
     finally:
@@ -106,7 +107,7 @@ def run(config: dict[str, Any]) -> None:
             embedded = EmbeddedRedis(config["data_dir"])
             embedded.start()
             url = embedded.url
-        client = wait_for_redis(url)
+        client = wait_for_redis(url, timeout_of(config))
         cache = Cache(client, config["redis"]["prefix"])
         cache.initialize()
         prepare_storage(config, cache)

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 metadata = sa.MetaData()
 
@@ -99,6 +99,26 @@ onbind_deliveries = sa.Table(
     sa.UniqueConstraint("medium", "address", name="onbind_threepid"),
 )
 
+# Version 3: counters that Redis copies are checked against, to tell a Redis that lost or went back
+# in time (restored from an older copy) from one that is up to date.
+counters = sa.Table(
+    "counters", metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.BigInteger, nullable=False),
+)
+# Moves with every bind and unbind, in the same transaction.
+BINDINGS_GENERATION = "bindings"
+# The highest cache generation (a Redis counter moved by every completed sync) any server has seen.
+CACHE_GENERATION = "cache"
+
+
+def _add_counters(conn: Connection) -> None:
+    metadata.create_all(conn, tables=[counters])
+    present = set(conn.execute(sa.select(counters.c.name)).scalars())
+    missing = [{"name": name, "value": 0} for name in (BINDINGS_GENERATION, CACHE_GENERATION) if name not in present]
+    if missing:
+        conn.execute(counters.insert(), missing)
+
 
 def _add_onbind_deliveries(conn: Connection) -> None:
     # Version 1 of a new database already created invites as they are now.
@@ -111,7 +131,18 @@ def _add_onbind_deliveries(conn: Connection) -> None:
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: lambda conn: metadata.create_all(conn, tables=[accounts, accepted_terms, sessions, bindings, invites]),
     2: _add_onbind_deliveries,
+    3: _add_counters,
 }
+
+
+def _counter(conn: Connection, name: str) -> int:
+    return int(conn.execute(sa.select(counters.c.value).where(counters.c.name == name)).scalar() or 0)
+
+
+def _next_generation(conn: Connection) -> int:
+    # The update takes the row's lock: concurrent binds get distinct generations in commit order.
+    conn.execute(counters.update().where(counters.c.name == BINDINGS_GENERATION).values(value=counters.c.value + 1))
+    return _counter(conn, BINDINGS_GENERATION)
 
 
 def now_ms() -> int:
@@ -342,30 +373,33 @@ class Storage:
 
     # -- bindings ---------------------------------------------------------------------------------
 
-    def bind(self, medium: str, address: str, mxid: str, ts: int) -> Binding | None:
-        """Bind the 3PID to mxid (replacing any earlier binding); the binding it replaced."""
+    def bind(self, medium: str, address: str, mxid: str, ts: int) -> tuple[Binding | None, int]:
+        """Bind the 3PID to mxid (replacing any earlier binding); the binding it replaced and the
+        bindings generation this bind made."""
         try:
             return self._bind(medium, address, mxid, ts)
         except sa.exc.IntegrityError:
             # Another request bound the same new 3PID at the same moment: now there is a row to replace.
             return self._bind(medium, address, mxid, ts)
 
-    def _bind(self, medium: str, address: str, mxid: str, ts: int) -> Binding | None:
+    def _bind(self, medium: str, address: str, mxid: str, ts: int) -> tuple[Binding | None, int]:
         with self.engine.begin() as conn:
             row = conn.execute(sa.select(bindings).where(
                 bindings.c.medium == medium, bindings.c.address == address).with_for_update()).first()
             if row is None:
                 conn.execute(bindings.insert().values(medium=medium, address=address, mxid=mxid, ts=ts))
-                return None
+                return None, _next_generation(conn)
             conn.execute(bindings.update().where(bindings.c.medium == medium, bindings.c.address == address)
                          .values(mxid=mxid, ts=ts))
-            return Binding(**row._mapping)
+            return Binding(**row._mapping), _next_generation(conn)
 
-    def unbind(self, medium: str, address: str, mxid: str) -> bool:
-        """Remove the binding of the 3PID if it is bound to mxid; whether one was removed."""
+    def unbind(self, medium: str, address: str, mxid: str) -> int | None:
+        """Remove the binding of the 3PID if it is bound to mxid; the bindings generation this made,
+        or None when there was no such binding."""
         with self.engine.begin() as conn:
-            return conn.execute(bindings.delete().where(
-                bindings.c.medium == medium, bindings.c.address == address, bindings.c.mxid == mxid)).rowcount > 0
+            removed = conn.execute(bindings.delete().where(
+                bindings.c.medium == medium, bindings.c.address == address, bindings.c.mxid == mxid)).rowcount
+            return _next_generation(conn) if removed else None
 
     def binding(self, medium: str, address: str) -> Binding | None:
         with self.engine.connect() as conn:
@@ -376,6 +410,17 @@ class Storage:
     def all_bindings(self) -> list[Binding]:
         with self.engine.connect() as conn:
             return [Binding(**row._mapping) for row in conn.execute(sa.select(bindings))]
+
+    # -- counters ---------------------------------------------------------------------------------
+
+    def counter(self, name: str) -> int:
+        with self.engine.connect() as conn:
+            return _counter(conn, name)
+
+    def raise_counter(self, name: str, value: int) -> None:
+        """Set the counter to value unless it is already at least that."""
+        with self.engine.begin() as conn:
+            conn.execute(counters.update().where(counters.c.name == name, counters.c.value < value).values(value=value))
 
     # -- invites ----------------------------------------------------------------------------------
 

@@ -34,6 +34,12 @@ TWILIO_TOKEN = "twilio-auth-token-for-tests"
 TWILIO_NUMBER = "+15005550006"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "synapse: runs a real Synapse (slow to start); -m 'not synapse' leaves these out")
+    config.addinivalue_line("markers", "faults: fault-injection tests over a real `mxisd run` (slow; "
+                                       "a quick run leaves them out with -m 'not faults')")
+
+
 def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
     """Poll check() until it returns something truthy; fail the test after timeout seconds."""
     deadline = time.monotonic() + timeout

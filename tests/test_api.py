@@ -600,8 +600,8 @@ def test_bindings_come_back_when_redis_is_emptied_while_running(server, mailbox,
     client.delete(*client.scan_iter(match=f"{prefix}*"))
     client.close()
     assert server.lookup_v1("email", "dave@example.net") == {}
-    # The server checks every minute.
-    wait_until(lambda: server.lookup_v1("email", "dave@example.net").get("mxid") == DAVE, timeout=150,
+    # The server checks every redis.check_every (5 s by default).
+    wait_until(lambda: server.lookup_v1("email", "dave@example.net").get("mxid") == DAVE, timeout=30,
                what="the binding mirror to be rebuilt")
 
 

@@ -157,7 +157,7 @@ def test_defaults_and_relative_paths(tmp_path):
     assert config["stores"][0]["sync"] == {"full_every": "6h", "changes_every": "1m", "max_delete_ratio": 0.2}
     assert config["data_dir"] == str(tmp_path / "data")
     assert config["stores"][0]["path"] == str(tmp_path / "people.yml")
-    assert config["redis"] == {"url": None, "prefix": "mxisd:"}
+    assert config["redis"] == {"url": None, "prefix": "mxisd:", "timeout": "5s", "check_every": "5s"}
     assert config["lookup"]["bulk_max"] == 10000
 
 

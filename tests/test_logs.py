@@ -45,3 +45,21 @@ def test_json_events_carry_the_request_id_and_mask_tracebacks(capsys):
     assert "hunter2" not in json.dumps(first) and "ValueError" in first["exception"]
     assert "request_id" not in second and second["message"] == "no request"
     logging.getLogger().handlers.clear()
+
+
+def test_a_repeated_error_is_logged_once_per_interval_with_a_count(caplog):
+    now = [0.0]
+    repeated = logs.Repeated(interval_s=60, clock=lambda: now[0])
+    log = logging.getLogger("mxisd.test")
+    with caplog.at_level(logging.WARNING, logger="mxisd.test"):
+        for second in (0, 1, 2, 30):
+            now[0] = second
+            repeated.error(log, "cache unavailable: %s", f"timeout {second}", key="redis")
+            repeated.warning(log, "homeserver %s failed", "hs.example.org")
+        now[0] = 61
+        repeated.error(log, "cache unavailable: %s", "refused", key="redis")
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("ERROR", "cache unavailable: timeout 0"),
+        ("WARNING", "homeserver hs.example.org failed"),
+        ("ERROR", "cache unavailable: refused (3 more times in the last 61 s)"),
+    ]

@@ -138,12 +138,45 @@ def test_requests_during_an_outage_share_one_connection_attempt():
 
         server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        pipe = PipelinedRedis(f"redis://:pw@127.0.0.1:{port}/0", connect_timeout_s=0.5)
+        pipe = PipelinedRedis(f"redis://:pw@127.0.0.1:{port}/0", timeout_s=0.5)
         results = await asyncio.gather(*(pipe.execute("GET", "k") for _ in range(20)), return_exceptions=True)
+        await asyncio.sleep(0.1)  # the attempt's own deadline ends just after its callers'
         again = await asyncio.gather(pipe.execute("GET", "k"), return_exceptions=True)
         server.close()
         return results + again, len(connections)
 
     results, attempts = asyncio.run(check())
-    assert all(isinstance(r, redis.exceptions.ConnectionError) and "timed out" in str(r) for r in results)
+    assert all(isinstance(r, redis.exceptions.TimeoutError) and "did not answer within 0.5 s" in str(r)
+               for r in results)
     assert attempts == 2  # one shared by the twenty requests, then a new one for the next request
+
+
+def test_a_command_without_an_answer_times_out_and_the_connection_is_made_again():
+    async def check():
+        connections: list[asyncio.StreamReader] = []
+        hung_up = asyncio.Event()
+
+        async def answer_once_then_hang(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            connections.append(reader)
+            if len(connections) == 1:
+                await reader.read()  # keeps quiet, like a frozen Redis, until the client hangs up
+                hung_up.set()
+                return
+            await reader.readuntil(b"k\r\n")
+            writer.write(b"$5\r\nvalue\r\n")
+            await writer.drain()
+            await reader.read()
+
+        server = await asyncio.start_server(answer_once_then_hang, "127.0.0.1", 0)
+        pipe = PipelinedRedis(f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0", timeout_s=0.5)
+        frozen = await asyncio.gather(pipe.execute("GET", "k"), pipe.execute_many([("GET", "k"), ("GET", "k")]),
+                                      return_exceptions=True)
+        await asyncio.wait_for(hung_up.wait(), 5)
+        answered = await pipe.execute("GET", "k")
+        pipe.close()
+        server.close()
+        return frozen, answered, len(connections)
+
+    frozen, answered, connections = asyncio.run(check())
+    assert all(isinstance(r, redis.exceptions.TimeoutError) for r in frozen)
+    assert answered == "value" and connections == 2

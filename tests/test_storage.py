@@ -43,12 +43,13 @@ def test_tokens_are_stored_hashed(storage):
 
 def test_bind_replaces_and_unbind_checks_the_owner(storage):
     storage.upgrade()
-    assert storage.bind("email", "a@example.net", "@one:example.org", 1) is None
-    assert storage.bind("email", "a@example.net", "@two:example.org", 2).mxid == "@one:example.org"
-    assert not storage.unbind("email", "a@example.net", "@one:example.org")
+    assert storage.bind("email", "a@example.net", "@one:example.org", 1) == (None, 1)
+    replaced, generation = storage.bind("email", "a@example.net", "@two:example.org", 2)
+    assert replaced.mxid == "@one:example.org" and generation == 2
+    assert storage.unbind("email", "a@example.net", "@one:example.org") is None
     assert [(b.address, b.mxid) for b in storage.all_bindings()] == [("a@example.net", "@two:example.org")]
-    assert storage.unbind("email", "a@example.net", "@two:example.org")
-    assert storage.all_bindings() == []
+    assert storage.unbind("email", "a@example.net", "@two:example.org") == 3
+    assert storage.all_bindings() == [] and storage.counter("bindings") == 3
 
 
 def test_a_second_session_for_the_same_3pid_and_secret_returns_the_first(storage):

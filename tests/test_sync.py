@@ -131,6 +131,32 @@ def test_a_failed_sync_removes_nothing(cache, people_file):
     assert cache.state("hr")["last_full"]["error"] == "connection reset by peer"
 
 
+class EmptiedMidway(Store):
+    """A source read while someone empties the cache (FLUSHDB) between two batches."""
+
+    kind = "test"
+
+    def __init__(self, store_config, config, cache: Cache) -> None:
+        super().__init__(store_config, config)
+        self.cache = cache
+
+    def enumerate(self) -> Iterator[Identity]:
+        for i in range(600):  # more than one batch
+            yield self.build_identity(f"p{i}", f"p{i}", f"Person {i}", [("email", f"p{i}@example.org")])
+            if i == 550:
+                self.cache.r.delete(*self.cache.r.scan_iter(match=f"{self.cache.k.prefix}*"))
+
+
+def test_a_cache_emptied_during_a_full_sync_fails_it_and_leaves_the_store_incomplete(cache):
+    assert cache.incomplete_stores(["hr"]) == ["hr"]
+    result = full_sync(cache, EmptiedMidway({"name": "hr"}, CONFIG, cache), 0.2)
+    assert result.outcome == "failed" and "emptied while running" in result.error
+    cache.initialize()  # as the indexer does before it syncs it in full again
+    assert cache.incomplete_stores(["hr"]) == ["hr"]
+    people = build_store({"name": "hr", "kind": "file", "path": "/dev/null"}, CONFIG)
+    assert full_sync(cache, people, 0.2).outcome == "ok" and cache.incomplete_stores(["hr"]) == []
+
+
 def test_unreadable_file_fails_the_sync(cache, tmp_path):
     store = build_store({"name": "hr", "kind": "file", "path": str(tmp_path / "missing.yml")}, CONFIG)
     result = full_sync(cache, store, 0.2)

@@ -16,6 +16,7 @@ import ldap3
 from ldap3.core.exceptions import LDAPException
 from ldap3.utils.conv import escape_filter_chars
 
+from indexer import logs
 from indexer.config import parse_duration
 from indexer.identity import Identity
 from indexer.stores import Change, Store, StoreError
@@ -492,7 +493,8 @@ class LdapStore(Store):
                 return True
             current = self._find_dn(identity.store_id)
         except StoreError as exc:
-            log.error("store %s: password check for %s failed: %s", self.name, identity.mxid, exc)
+            logs.repeated.error(log, "store %s: password check for %s failed: %s", self.name, identity.mxid, exc,
+                                key=f"{self.name} password check")
             return False
         if current is None or current == identity.locator:
             log.info("store %s: wrong password for %s", self.name, identity.mxid)
@@ -501,7 +503,8 @@ class LdapStore(Store):
         try:
             ok = self._bind(current, password)
         except StoreError as exc:
-            log.error("store %s: password check for %s failed: %s", self.name, identity.mxid, exc)
+            logs.repeated.error(log, "store %s: password check for %s failed: %s", self.name, identity.mxid, exc,
+                                key=f"{self.name} password check")
             return False
         log.info("store %s: %s %s", self.name, identity.mxid, "authenticated" if ok else "wrong password")
         return ok

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import httpx
 
-from indexer import normalize
+from indexer import logs, normalize
 from indexer.config import parse_duration
 from indexer.identity import Identity
 from indexer.stores import Change, Store, StoreError
@@ -156,7 +156,8 @@ class RestStore(Store):
         try:
             answer = self._post("auth", body)
         except StoreError as exc:
-            log.warning("store %s: login for %s refused: %s", self.name, identity.mxid, exc)
+            logs.repeated.warning(log, "store %s: login for %s refused: %s", self.name, identity.mxid, exc,
+                                  key=f"{self.name} auth request")
             return False
         auth = answer.get("auth") if isinstance(answer, dict) else None
         if not isinstance(auth, dict) or not isinstance(auth.get("success"), bool):

@@ -20,6 +20,7 @@ from typing import Any, Iterable, Iterator
 import sqlalchemy
 from sqlalchemy.engine import make_url
 
+from indexer import logs
 from indexer import passwords
 from indexer.config import ConfigError, parse_duration
 from indexer.identity import Identity
@@ -207,7 +208,8 @@ class SqlStore(Store):
             stored = self._first_value("password", id=identity.store_id, user_id=identity.mxid,
                                        localpart=identity.localpart)
         except StoreError as exc:
-            log.error("store %s: login for %s refused: %s", self.name, identity.mxid, exc)
+            logs.repeated.error(log, "store %s: login for %s refused: %s", self.name, identity.mxid, exc,
+                                key=f"{self.name} password query")
             return False
         return passwords.verify(password, stored if isinstance(stored, str) else None,
                                 pepper=self.password.get("pepper") or "",

@@ -8,6 +8,7 @@ import secrets
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
+from indexer import logs
 from indexer.normalize import InvalidAddress, mxid as parse_mxid
 from server.api import V2, access_token, authenticate, json_body
 from server.errors import MatrixError
@@ -34,7 +35,7 @@ async def register(request: Request) -> HTTPResponse:
     try:
         sub = await request.app.ctx.federation.openid_user(server_name, body["access_token"])
     except FederationError as exc:
-        log.warning("register: OpenID check with %s failed: %s", server_name, exc)
+        logs.repeated.warning(log, "register: OpenID check with %s failed: %s", server_name, exc, key=f"openid {server_name}")
         raise MatrixError(502, "M_UNKNOWN", f"Could not check the OpenID token with {server_name}") from None
     if sub is None:
         raise MatrixError(401, "M_UNAUTHORIZED", f"{server_name} does not recognise the OpenID token")

@@ -1,4 +1,4 @@
-"""Authentication for the homeserver: the Synapse REST password provider's check_credentials, and
+"""Authentication for the homeserver: check_credentials for the Synapse module in contrib/synapse, and
 client logins with an email address or phone number rewritten to the Matrix ID (client-server API
 "Login")."""
 
@@ -30,7 +30,7 @@ def _profile(identity: Identity) -> dict[str, Any]:
 
 @bp.post("/_matrix-internal/identity/v1/check_credentials")
 async def check_credentials(request: Request) -> HTTPResponse:
-    """POST /_matrix-internal/identity/v1/check_credentials: whether a password is the user's (REST password provider)."""
+    """POST /_matrix-internal/identity/v1/check_credentials: whether a password is the user's (Synapse module)."""
     user = json_body(request, "check_credentials")["user"]
     try:
         # Only the homeserver calls here: its address says nothing about who is logging in.

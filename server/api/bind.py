@@ -33,8 +33,8 @@ async def bind(request: Request) -> HTTPResponse:
     session = await validated_session(request, body["sid"], body["client_secret"])
     ts = now_ms()
     storage = request.app.ctx.storage
-    replaced = await storage.run(storage.bind, session.medium, session.address, body["mxid"], ts)
-    await request.app.ctx.binding_mirror.put(session.medium, session.address, body["mxid"])
+    replaced, generation = await storage.run(storage.bind, session.medium, session.address, body["mxid"], ts)
+    await request.app.ctx.binding_mirror.put(session.medium, session.address, body["mxid"], generation)
     if replaced is not None and replaced.mxid != body["mxid"]:
         log.info("%s %s rebound from %s to %s", session.medium, session.address, replaced.mxid, body["mxid"])
     else:
@@ -99,7 +99,8 @@ async def unbind(request: Request) -> HTTPResponse:
         raise MatrixError(403, "M_FORBIDDEN", "Unbinding needs a validated session (sid, client_secret) "
                                               "or the homeserver's X-Matrix signature")
     storage = request.app.ctx.storage
-    if await storage.run(storage.unbind, medium, address, mxid):
-        await request.app.ctx.binding_mirror.remove(medium, address)
+    generation = await storage.run(storage.unbind, medium, address, mxid)
+    if generation is not None:
+        await request.app.ctx.binding_mirror.remove(medium, address, generation)
         log.info("%s %s unbound from %s (%s)", medium, address, mxid, proof)
     return json({})

@@ -12,6 +12,8 @@ import sqlalchemy
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
+from server.storage import BINDINGS_GENERATION
+
 bp = Blueprint("health")
 
 REDIS_TIMEOUT = 2.0
@@ -33,25 +35,35 @@ async def version(request: Request) -> HTTPResponse:
 
 @bp.get("/_mxisd/ready")
 async def ready(request: Request) -> HTTPResponse:
-    """GET /_mxisd/ready: 200 when Redis and the SQL database answer, every store has synced once and
-    this host's fulltext index keeps up; else 503. Each check's state is in the body."""
+    """GET /_mxisd/ready: 200 when Redis and the SQL database answer, Redis holds every binding SQL
+    has and a full sync of every store completed into it (since it was last emptied or found
+    restored from an older copy), and this host's fulltext index keeps up; else 503. Each check's
+    state is in the body."""
     ctx = request.app.ctx
     checks: dict[str, Any] = {}
+    generation = None
     try:
-        await asyncio.wait_for(ctx.storage.run(ctx.storage.ping), SQL_TIMEOUT)
+        generation = await asyncio.wait_for(ctx.storage.run(ctx.storage.counter, BINDINGS_GENERATION), SQL_TIMEOUT)
         checks["sql"] = {"ok": True}
     except (sqlalchemy.exc.SQLAlchemyError, OSError, asyncio.TimeoutError) as exc:
         checks["sql"] = {"ok": False, "error": str(getattr(exc, "orig", None) or exc) or "no answer in time"}
     try:
         state = await asyncio.wait_for(ctx.admin.status(), REDIS_TIMEOUT)
+        behind = None if generation is None else await asyncio.wait_for(ctx.binding_mirror.behind(generation),
+                                                                         REDIS_TIMEOUT)
         checks["redis"] = {"ok": True}
     except (redis.exceptions.RedisError, OSError, asyncio.TimeoutError) as exc:
         state = None
         checks["redis"] = {"ok": False, "error": str(exc) or "no answer in time"}
     if state is not None:
+        if generation is not None:
+            checks["bindings"] = {"ok": behind is None, **({"error": behind} if behind else {})}
+        never_synced = {service.name for service in ctx.read_through.services}  # asked on cache misses instead
         checks["stores"] = {
-            name: {"ok": s["last_success"] is not None, "last_success": s["last_success"],
-                   "identities": s["identities"]}
+            name: {"ok": s["complete"] or name in never_synced, "last_success": s["last_success"],
+                   "identities": s["identities"],
+                   **({} if s["complete"] or name in never_synced
+                      else {"error": "no full sync has completed into this cache yet"})}
             for name, s in state["stores"].items()
         }
         host = socket.gethostname()
@@ -62,6 +74,6 @@ async def ready(request: Request) -> HTTPResponse:
             else {"ok": mine["lag_seconds"] <= limit, "host": host, "lag_seconds": mine["lag_seconds"],
                   "max_lag_seconds": limit}
         )
-    is_ready = (state is not None and checks["sql"]["ok"] and checks["fulltext"]["ok"]
+    is_ready = (state is not None and checks["sql"]["ok"] and checks["fulltext"]["ok"] and checks["bindings"]["ok"]
                 and all(c["ok"] for c in checks["stores"].values()))
     return json({"ready": is_ready, "checks": checks}, status=200 if is_ready else 503)

@@ -15,6 +15,7 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json, redirect
 from sanic.response import html as html_response
 
+from indexer import logs
 from indexer.config import parse_duration
 from indexer.normalize import InvalidAddress, email as canonical_email
 from server.api import V1, V2, authenticate_v2, check_params, client_address, json_body
@@ -101,7 +102,8 @@ async def _start(request: Request, medium: str, address: str, body: dict[str, An
     try:
         await send(session)
     except SendError as exc:
-        log.error("could not send the %s validation message for session %s: %s", medium, session.sid, exc)
+        logs.repeated.error(log, "could not send the %s validation message for session %s: %s", medium, session.sid, exc,
+                            key=f"send {medium}")
         raise
     changes = {"send_attempt": attempt, "modified_at": now_ms()}
     if next_link is not None:
