@@ -224,6 +224,15 @@ def test_a_burst_of_logins_reaches_the_homeserver_no_more_than_the_limit(make_se
     assert len([r for r in client_homeserver.requests if r[1].endswith("/login")]) == 4
 
 
+def test_a_burst_of_invites_gets_no_more_than_the_limit(server, mailbox):
+    server.config["invites"] = {"rate_limit": {"per_sender": {"requests": 3, "window": "1h"}}}
+    started(server)
+    answers = burst(10, lambda i: httpx.post(server.url + V1 + "/store-invite", timeout=30, json={
+        "medium": "email", "address": f"b{i}@corp.example", "room_id": ROOM, "sender": INVITER}))
+    assert sorted(r.status_code for r in answers) == [200] * 3 + [429] * 7
+    assert stored_invites(server) == 3
+
+
 # -- 5. patterns match the whole string ------------------------------------------------------------
 
 
