@@ -1,6 +1,7 @@
-"""Resolving stored 3PID invites: when the invited address becomes known, POST the signed invites to
-the homeserver of its Matrix ID (`/_matrix/federation/v1/3pid/onbind`), from a delivery queue in SQL
-retried with exponential backoff across restarts; and forgetting invites once they expire.
+"""Resolving stored 3PID invites: when the invited address becomes known (or was known already, under
+a spelling the homeserver's lookup missed), POST the signed invites to the homeserver of its Matrix
+ID (`/_matrix/federation/v1/3pid/onbind`), from a delivery queue in SQL retried with exponential
+backoff across restarts; and forgetting invites once they expire.
 
 Every worker process runs one `InviteWorker`; a delivery is leased in SQL by the worker sending it.
 """
@@ -52,6 +53,8 @@ class InviteWorker:
         self.check_every_s = parse_duration(settings["check_every"])
         self.retry_first_ms = parse_duration(settings["retry_first"]) * 1000
         self.retry_max_ms = parse_duration(settings["retry_max"]) * 1000
+        self.known_delay_ms = parse_duration(settings["known_address_delay"]) * 1000
+        self.known_retry_for_ms = parse_duration(settings["known_address_retry_for"]) * 1000
         # A sender that died mid-request releases its lease after this: longer than any request.
         self.lease_ms = int((config["federation"]["deadline_s"] + 60) * 1000)
         self.storage = storage
@@ -67,6 +70,14 @@ class InviteWorker:
             log.info("invites for %s %s queued for delivery to %s", medium, address, mxid)
         if queued:
             self.wake.set()
+
+    async def stored_for_known_address(self, medium: str, address: str, mxid: str) -> None:
+        """An invite was just stored for an address already known to mxid: deliver it after
+        known_address_delay, once the homeserver has recorded the room's invite event, which it does
+        only after store-invite has answered."""
+        await self.storage.run(self.storage.queue_deliveries, [(medium, address)], mxid, now_ms(), self.known_delay_ms)
+        log.info("invite for %s %s queued for delivery to %s in %d ms", medium, address, mxid, self.known_delay_ms)
+        self.wake.set()  # so that the loop's next wait ends when this delivery is due
 
     async def run(self) -> None:
         """Until cancelled: check pending invites every check_every, send deliveries when due."""
@@ -140,6 +151,10 @@ class InviteWorker:
         if 200 <= status < 300:
             log.info("%d invites for %s %s delivered to %s (attempt %d)", len(pending), delivery.medium,
                      delivery.address, delivery.mxid, delivery.attempts + 1)
+        elif permanent(status) and self._early(pending):
+            # The homeserver may not have recorded the room's invite event yet.
+            await self._retry(delivery, f"HTTP {status}, within known_address_retry_for of the invite")
+            return
         elif permanent(status):
             errcode = answer.get("errcode") if isinstance(answer, dict) else None
             log.warning("invites for %s %s refused by the homeserver of %s (HTTP %d %s): not retried",
@@ -148,6 +163,12 @@ class InviteWorker:
             await self._retry(delivery, f"HTTP {status}")
             return
         await self.storage.run(self.storage.finish_delivery, delivery.id, tokens, now_ms())
+
+    def _early(self, pending: list[Invite]) -> bool:
+        """Whether one of these invites was stored for an already known address less than
+        known_address_retry_for ago."""
+        since = now_ms() - self.known_retry_for_ms
+        return any(i.known_mxid is not None and i.created_at > since for i in pending)
 
     async def _retry(self, delivery: Delivery, error: str) -> None:
         attempts = delivery.attempts + 1

@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 metadata = sa.MetaData()
 
@@ -83,6 +83,10 @@ invites = sa.Table(
     sa.Column("created_at", sa.BigInteger, nullable=False),
     # Version 2: when the invite was delivered to the invitee's homeserver, or refused for good by it.
     sa.Column("settled_at", sa.BigInteger, nullable=True),
+    # Version 4: the Matrix ID the address was already known to when the invite was stored (sent in
+    # another letter case, or known only to a read-through store or another identity server, so the
+    # homeserver's own lookup missed it); null for an address nobody knew.
+    sa.Column("known_mxid", sa.String(255), nullable=True),
     sa.Index("invites_threepid", "medium", "address"),
 )
 
@@ -127,11 +131,18 @@ def _add_onbind_deliveries(conn: Connection) -> None:
     metadata.create_all(conn, tables=[onbind_deliveries])
 
 
+def _add_known_mxid(conn: Connection) -> None:
+    # A database created at an earlier version by this code already has the column.
+    if "known_mxid" not in {c["name"] for c in sa.inspect(conn).get_columns("invites")}:
+        conn.execute(sa.text("ALTER TABLE invites ADD COLUMN known_mxid VARCHAR(255) NULL"))
+
+
 # version -> the upgrade from version-1; version 1 creates everything.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: lambda conn: metadata.create_all(conn, tables=[accounts, accepted_terms, sessions, bindings, invites]),
     2: _add_onbind_deliveries,
     3: _add_counters,
+    4: _add_known_mxid,
 }
 
 
@@ -192,6 +203,7 @@ class Invite:
     properties: dict[str, Any]
     created_at: int
     settled_at: int | None
+    known_mxid: str | None = None
 
 
 @dataclass(frozen=True)
@@ -471,10 +483,11 @@ class Storage:
 
     # -- onbind deliveries ------------------------------------------------------------------------
 
-    def queue_deliveries(self, threepids: list[tuple[str, str]], mxid: str, now: int) -> list[tuple[str, str]]:
-        """Queue a delivery to mxid, due now, of the invites of each (medium, address) that has
-        unsettled invites (a queued one for the 3PID is pointed at mxid); the 3PIDs queued. One
-        query when none has invites, as on nearly every login."""
+    def queue_deliveries(self, threepids: list[tuple[str, str]], mxid: str, now: int,
+                         delay_ms: int = 0) -> list[tuple[str, str]]:
+        """Queue a delivery to mxid, due delay_ms after now, of the invites of each (medium, address)
+        that has unsettled invites (a queued one for the 3PID is pointed at mxid); the 3PIDs queued.
+        One query when none has invites, as on nearly every login."""
         if not threepids:
             return []
         with self.engine.connect() as conn:
@@ -485,13 +498,15 @@ class Storage:
             with self.engine.begin() as conn:
                 changed = conn.execute(onbind_deliveries.update().where(
                     onbind_deliveries.c.medium == medium, onbind_deliveries.c.address == address,
-                    onbind_deliveries.c.mxid != mxid).values(mxid=mxid, attempts=0, next_at=now)).rowcount
+                    onbind_deliveries.c.mxid != mxid)
+                    .values(mxid=mxid, attempts=0, next_at=now + delay_ms)).rowcount
             if changed:
                 continue
             try:
                 with self.engine.begin() as conn:
-                    conn.execute(onbind_deliveries.insert().values(medium=medium, address=address, mxid=mxid,
-                                                                   attempts=0, next_at=now, created_at=now))
+                    conn.execute(onbind_deliveries.insert().values(
+                        medium=medium, address=address, mxid=mxid, attempts=0, next_at=now + delay_ms,
+                        created_at=now))
             except sa.exc.IntegrityError:
                 pass  # already queued (by another worker, or earlier)
         return pending

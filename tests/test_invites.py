@@ -124,7 +124,7 @@ def test_invite_email_keys_and_delivery_on_bind(server, homeserver, mailbox):
 
 def test_invite_for_a_known_address_is_refused_without_mail(server, mailbox):
     started(server)
-    refused = store_invite(server, "Alice@example.com")
+    refused = store_invite(server, "alice@example.com")  # as the homeserver's hashed lookup found it
     assert refused.status_code == 400
     assert refused.json() == {"errcode": "M_THREEPID_IN_USE", "mxid": "@alice:example.org",
                               "error": refused.json()["error"]}
@@ -132,11 +132,25 @@ def test_invite_for_a_known_address_is_refused_without_mail(server, mailbox):
     assert mailbox.to("alice@example.com") == []
 
 
-def test_an_address_in_another_letter_case_is_the_same_address(server, homeserver, mailbox):
+def test_an_invite_for_an_address_known_in_another_letter_case_is_delivered_by_onbind(server, homeserver, mailbox):
+    # What Synapse does when a client invites Carol@Example.ORG as typed: its hashed lookup of that
+    # spelling misses, so it stores the invite here, and records the room's invite event only after our answer.
+    server.config["invites"]["known_address_delay"] = "3s"
     started(server)  # the store writes Carol's address as Carol@Example.ORG
-    refused = store_invite(server, "cAROL@example.ORG")
-    assert refused.status_code == 400
-    assert refused.json()["errcode"] == "M_THREEPID_IN_USE" and refused.json()["mxid"] == "@carol:example.org"
+    stored = store_invite(server, "cAROL@example.ORG", room_name="Project X")
+    assert stored.status_code == 200, stored.text
+    assert homeserver.onbinds("carol@example.org") == []  # not before the homeserver can know the invite
+    answer = stored.json()
+    assert answer["display_name"] == "car...@exa..."
+    long_term, ephemeral = answer["public_keys"]
+    assert long_term["public_key"] == server.http.get(V2 + "/pubkey/ed25519:0").json()["public_key"]
+    assert httpx.get(ephemeral["key_validity_url"], params={"public_key": ephemeral["public_key"]}).json() == {
+        "valid": True}
+    [onbind] = wait_until(lambda: homeserver.onbinds("carol@example.org"), what="the onbind after the delay")
+    check_onbind(server, onbind, "carol@example.org", "@carol:example.org", answer["token"])
+    # Carol already has an account: nobody is asked by email to make one.
+    assert mailbox.to("carol@example.org") == []
+
     # An invite for an unknown address, which a store then lists in capitals: delivered for that address.
     token = store_invite(server, "Frank.Smith@Example.NET", prefix=V1).json()["token"]
     wait_until(lambda: mailbox.to("frank.smith@example.net"), what="the invite email")
@@ -144,10 +158,35 @@ def test_an_address_in_another_letter_case_is_the_same_address(server, homeserve
     assert server.cli("index", "--store", "people").returncode == 0
     [onbind] = wait_until(lambda: homeserver.onbinds("frank.smith@example.net"), what="the onbind after the sync")
     check_onbind(server, onbind, "frank.smith@example.net", "@frank:example.org", token)
-    # Once known, the address is in use under any spelling.
+    # Once known, an invite for the address in another spelling goes to Frank by onbind, without a second email.
     again = store_invite(server, "frank.smith@EXAMPLE.net", prefix=V1)
-    assert again.status_code == 400 and again.json()["mxid"] == "@frank:example.org"
-    assert len(mailbox.to("frank.smith@example.net")) == 1 and mailbox.to("carol@example.org") == []
+    assert again.status_code == 200, again.text
+    second = wait_until(lambda: homeserver.onbinds("frank.smith@example.net")[1:], what="the second onbind")
+    check_onbind(server, second[0], "frank.smith@example.net", "@frank:example.org", again.json()["token"])
+    assert len(mailbox.to("frank.smith@example.net")) == 1
+    assert "known to @frank:example.org: no email" in server.log()
+
+
+def test_a_refused_onbind_of_an_invite_for_a_known_address_is_retried_at_first(server, homeserver, mailbox):
+    server.config["invites"].update({"known_address_delay": "1s", "known_address_retry_for": "5s"})
+    started(server)
+    # The homeserver refuses the first onbind (it has not recorded the room's invite event yet).
+    homeserver.onbind_status = 403
+    token = store_invite(server, "Alice@Example.COM").json()["token"]
+    wait_until(lambda: homeserver.onbinds("alice@example.com", 403), what="the refused onbind")
+    homeserver.onbind_status = 200
+    [onbind] = wait_until(lambda: homeserver.onbinds("alice@example.com"), what="the retried onbind")
+    check_onbind(server, onbind, "alice@example.com", "@alice:example.org", token)
+    # A refusal that goes on past known_address_retry_for is final.
+    homeserver.onbind_status = 403
+    assert store_invite(server, "BOB@example.com").status_code == 200
+    wait_until(lambda: "invites for email bob@example.com refused by the homeserver" in server.log(),
+               what="the final refusal")
+    refused = len(homeserver.onbinds("bob@example.com", 403))
+    assert refused > 1
+    time.sleep(3)  # retry_first is 1s: a retry would have come by now
+    assert len(homeserver.onbinds("bob@example.com", 403)) == refused
+    assert mailbox.messages == []
 
 
 def test_invite_errors(server, homeserver, mailbox):

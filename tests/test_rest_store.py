@@ -17,6 +17,7 @@ from indexer.config import ConfigError, load_config
 from indexer.normalize import lookup_hash
 from indexer.stores import build_store
 from indexer.sync import full_sync, incremental_sync
+from tests.conftest import wait_until
 
 CONFIG = {"matrix": {"domain": "example.org"}, "threepids": {"msisdn": {"default_region": "GB"}}}
 AUTH = "/_mxisd/backend/api/v1/auth/login"
@@ -222,11 +223,12 @@ def test_password_checks_ask_the_auth_endpoint(service, rest_store, caplog):
     assert "login for @user1:example.org refused" in caplog.text
 
 
-def test_read_through_lookups_cache_hits_and_misses(make_server, service):
+def test_read_through_lookups_cache_hits_and_misses(make_server, service, homeserver, mailbox):
     service.directory[("email", "ann@example.org")] = {"type": "localpart", "value": "ann"}
     service.directory[("msisdn", "447700900123")] = {"type": "mxid", "value": "@ann:example.org"}
     service.delay = 1.0
     server = make_server()
+    server.config["invites"] = {"known_address_delay": "1s"}
     rest = store_config(service, enumerate=None, changes=None)
     rest["read_through"] = {"ttl": "1h", "miss_ttl": "2s"}
     server.config["stores"].append(rest)
@@ -264,6 +266,15 @@ def test_read_through_lookups_cache_hits_and_misses(make_server, service):
     hashed = lookup_hash("ann@example.org", "email", pepper)
     assert server.http.post("/_matrix/identity/v2/lookup", headers=auth, json={
         "algorithm": "sha256", "pepper": pepper, "addresses": [hashed]}).json() == {"mappings": {}}
+    # So a homeserver that looked Ann up that way stores an invite for her: it reaches her by onbind, not by email.
+    stored = server.http.post("/_matrix/identity/v2/store-invite", headers=auth, json={
+        "medium": "email", "address": "ann@example.org", "room_id": "!room:example.org",
+        "sender": "@tester:example.org"})
+    assert stored.status_code == 200, stored.text
+    [onbind] = wait_until(lambda: homeserver.onbinds("ann@example.org"), what="the onbind for Ann")
+    assert onbind["mxid"] == "@ann:example.org"
+    assert [i["token"] for i in onbind["invites"]] == [stored.json()["token"]]
+    assert mailbox.messages == []
 
 
 def test_read_through_failures_answer_not_found_and_are_not_cached(make_server, service):

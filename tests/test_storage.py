@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from server.storage import SCHEMA_VERSION, Session, Storage, StorageError, schema_version
+from server.storage import SCHEMA_VERSION, Invite, Session, Storage, StorageError, schema_version
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -87,15 +87,29 @@ def test_a_version_1_database_is_upgraded_keeping_its_invites(storage):
     storage.upgrade()
     with storage.engine.begin() as conn:  # back to what version 1 created
         conn.execute(sa.text("DROP TABLE onbind_deliveries"))
+        conn.execute(sa.text("DROP TABLE counters"))
         conn.execute(sa.text("ALTER TABLE invites DROP COLUMN settled_at"))
+        conn.execute(sa.text("ALTER TABLE invites DROP COLUMN known_mxid"))
         conn.execute(sa.text("INSERT INTO invites (token, medium, address, room_id, sender, ephemeral_public_key, "
                              "properties, created_at) VALUES ('t1', 'email', 'a@example.net', '!r:example.org', "
                              "'@s:example.org', 'key', '{}', 1)"))
         conn.execute(schema_version.update().values(version=1))
     assert storage.upgrade() == 1
     [invite] = storage.unsettled_invites("email", "a@example.net")
-    assert (invite.token, invite.settled_at) == ("t1", None)
+    assert (invite.token, invite.settled_at, invite.known_mxid) == ("t1", None, None)
     assert storage.queue_deliveries([("email", "a@example.net"), ("email", "b@example.net")], "@a:example.org",
                                     5) == [("email", "a@example.net")]
     [delivery] = storage.claim_due_deliveries(5, 100)
     assert delivery.mxid == "@a:example.org" and storage.claim_due_deliveries(5, 100) == []
+
+
+def test_a_delivery_can_be_queued_for_later(storage):
+    storage.upgrade()
+    storage.add_invite(Invite("t1", "email", "a@example.net", "!r:example.org", "@s:example.org", "key", {}, 1, None,
+                              known_mxid="@a:example.org"))
+    assert storage.queue_deliveries([("email", "a@example.net")], "@a:example.org", 10, 5) == [
+        ("email", "a@example.net")]
+    assert storage.next_delivery_at() == 15 and storage.claim_due_deliveries(14, 100) == []
+    [delivery] = storage.claim_due_deliveries(15, 100)
+    [invite] = storage.unsettled_invites("email", "a@example.net")
+    assert delivery.mxid == invite.known_mxid == "@a:example.org"

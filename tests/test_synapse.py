@@ -505,6 +505,37 @@ def test_email_invite_in_a_default_room_bind_onbind_and_unbind(stack: Stack) -> 
     clean(synapse.log())
 
 
+def test_an_email_invite_for_a_known_address_in_other_letters_reaches_the_account(stack: Stack) -> None:
+    """A client that sends the address as typed (Element lowercases it, /invite by API need not):
+    Synapse's hashed lookup of that spelling misses and it stores a 3PID invite with us. The address
+    is Alice's, so she gets no email: the invite reaches her account by onbind once Synapse has
+    recorded the room's invite event."""
+    synapse = stack.synapse
+    bob = synapse.session("bob")
+    bob_token = stack.identity_token(bob, "@bob:example.org")
+    created = synapse.http.post("/_matrix/client/v3/createRoom", headers=bob, json={"name": "Mad hatters"})
+    assert created.status_code == 200, created.text
+    room_id = created.json()["room_id"]
+    invited = synapse.http.post(f"/_matrix/client/v3/rooms/{quote(room_id)}/invite", headers=bob, json={
+        "id_server": stack.id_server, "id_access_token": bob_token, "medium": "email",
+        "address": "Alice@Example.COM"})
+    assert invited.status_code == 200, invited.text + "\n" + stack.server.log()[-3000:]
+
+    alice = synapse.session("alice")  # through the module, by localpart
+    since: dict[str, str] = {}
+
+    def invited_rooms() -> dict[str, Any]:
+        sync = synapse.http.get("/_matrix/client/v3/sync", headers=alice, params={"timeout": 1000, **since}).json()
+        since["since"] = sync["next_batch"]
+        return sync.get("rooms", {}).get("invite", {})
+
+    wait_until(lambda: room_id in invited_rooms(), 40, "the room invite at Alice's")
+    joined = synapse.http.post(f"/_matrix/client/v3/join/{quote(room_id)}", headers=alice, json={})
+    assert joined.status_code == 200, joined.text
+    assert not [m for m in stack.mailbox.to("alice@example.com") if "Mad hatters" in m.get_content()]
+    clean(synapse.log())
+
+
 def test_a_mistake_in_the_module_config_stops_synapse(tmp_path: Path) -> None:
     synapse = Synapse(tmp_path, trustme.CA(), free_port(), "localhost", update_threepid=True)
     synapse.start(ready=False)

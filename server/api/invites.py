@@ -88,7 +88,8 @@ async def _rate_limit(request: Request, sender: str, address: str) -> None:
 @bp.post(V1 + "/store-invite", name="store_invite_v1")
 @bp.post(V2 + "/store-invite", name="store_invite_v2")
 async def store_invite(request: Request) -> HTTPResponse:
-    """POST /_matrix/identity/v2/store-invite (and v1): store a 3PID invite and email the invitee."""
+    """POST /_matrix/identity/v2/store-invite (and v1): store a 3PID invite and email the invitee, or,
+    for an address the homeserver's lookup missed but we know, deliver it to the Matrix ID by onbind."""
     owner = await authenticate_v2(request)
     body = json_body(request, "store_invite", allow_form=True)
     if owner is not None and body["sender"] != owner:
@@ -101,21 +102,32 @@ async def store_invite(request: Request) -> HTTPResponse:
         raise MatrixError(400, "M_INVALID_EMAIL", "Not a valid email address") from None
     await _rate_limit(request, body["sender"], address)
     pair = [("email", address)]
-    known = await request.app.ctx.read_through.fill(pair, await request.app.ctx.lookups.by_address(pair))
+    synced = await request.app.ctx.lookups.by_address(pair)
+    if synced[0] is not None and body["address"] == address:
+        # The homeserver's own (hashed) lookup of this address found it: it should have invited the Matrix ID.
+        raise MatrixError(400, "M_THREEPID_IN_USE", "This email address is already bound to a Matrix ID",
+                          mxid=synced[0])
+    # Known only under another spelling, or only to a read-through store or another identity server,
+    # none of which a hashed lookup reaches: the homeserver missed it, and refusing would fail the invite.
+    known = await request.app.ctx.read_through.fill(pair, synced)
     [mxid] = await request.app.ctx.recursion.fill(pair, known, request)
-    if mxid is not None:
-        raise MatrixError(400, "M_THREEPID_IN_USE", "This email address is already bound to a Matrix ID", mxid=mxid)
-    sender = request.app.ctx.email
-    if sender is None:
-        raise MatrixError(500, "M_EMAIL_SEND_ERROR", "The invite email could not be sent: email is not configured")
 
     ephemeral = generate_signing_key("0")
     ephemeral_public = encode_verify_key_base64(get_verify_key(ephemeral))
     invite = Invite(token=secrets.token_urlsafe(48), medium="email", address=address, room_id=body["room_id"],
                     sender=body["sender"], ephemeral_public_key=ephemeral_public,
                     properties={k: body[k] for k in TEMPLATE_FIELDS if isinstance(body.get(k), str)},
-                    created_at=now_ms(), settled_at=None)
+                    created_at=now_ms(), settled_at=None, known_mxid=mxid)
     storage = request.app.ctx.storage
+    if mxid is not None:
+        await storage.run(storage.add_invite, invite)
+        log.info("stored invite from %s to room %s for email %s, known to %s: no email, delivered by onbind",
+                 invite.sender, invite.room_id, logs.untrusted(address), mxid)
+        await request.app.ctx.invites.stored_for_known_address("email", address, mxid)
+        return json(_stored_answer(request, invite.token, ephemeral_public, address))
+    sender = request.app.ctx.email
+    if sender is None:
+        raise MatrixError(500, "M_EMAIL_SEND_ERROR", "The invite email could not be sent: email is not configured")
     await storage.run(storage.add_invite, invite)
     config = request.app.ctx.config
     values = template_values({**body, "address": address}, config["invites"]["register_url"]
@@ -135,16 +147,20 @@ async def store_invite(request: Request) -> HTTPResponse:
         if not sent:  # whatever stopped the message, no invite waits for a message never sent
             await storage.run(storage.delete_invite, invite.token)
     log.info("stored invite from %s to room %s for email %s", invite.sender, invite.room_id, logs.untrusted(address))
+    return json(_stored_answer(request, invite.token, ephemeral_public, address))
 
-    base = config["server"]["public_url"].rstrip("/") + request.path.rsplit("/store-invite", 1)[0]
+
+def _stored_answer(request: Request, token: str, ephemeral_public: str, address: str) -> dict[str, Any]:
+    """The spec's answer for a stored invite: its token, our long-term and its ephemeral key, a display name."""
+    base = request.app.ctx.config["server"]["public_url"].rstrip("/") + request.path.rsplit("/store-invite", 1)[0]
     server_key = {"public_key": request.app.ctx.keys.public_key, "key_validity_url": base + "/pubkey/isvalid"}
-    return json({
-        "token": invite.token,
+    return {
+        "token": token,
         "public_keys": [server_key, {"public_key": ephemeral_public,
                                      "key_validity_url": base + "/pubkey/ephemeral/isvalid"}],
         "public_key": server_key["public_key"],
         "display_name": redact(address),
-    })
+    }
 
 
 @bp.get(V1 + "/pubkey/ephemeral/isvalid", name="ephemeral_isvalid_v1")
