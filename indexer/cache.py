@@ -7,11 +7,14 @@ Per store S (all keys under the configured prefix):
   s:S:3pid    hash  "<address> <medium>" -> mxid (the v2 "none" form, also used by v1 lookups)
   s:S:sha256  hash  base64url(sha256("<address> <medium> <pepper>")) -> mxid
   s:S:mxid    hash  mxid -> store_id
+  s:S:claims  hash  "<medium> <canonical address>" or mxid held by several records -> JSON list of
+                    their store_ids, the one answering last (one holder needs no list: s:S:mxid
+                    names it, or s:S:3pid its mxid); ownership is by record, not by mxid
   s:S:locator hash  store_id -> where the store finds the person for a password check (an LDAP DN)
   s:S:state   hash  generation, last_full, last_incremental, last_success, high_water_mark,
-                    next_full, next_incremental, synced_epoch (the cache epoch the last complete
-                    full sync wrote into: the store is wholly in this cache only when it is the
-                    current epoch) (each JSON)
+                    next_full, next_incremental, claims (s:S:claims was built), synced_epoch
+                    (the cache epoch the last complete full sync wrote into: the store is wholly
+                    in this cache only when it is the current epoch) (each JSON)
   s:S:lock    the sync lock (redis-py Lock)
   s:S:job     the id of the store's queued or running admin-triggered sync job
   s:S:rt:<address> <medium>  string, with a TTL: a read-through store's answer, mxid or "" (not found)
@@ -297,6 +300,12 @@ def _inspect_plan(k: Keys, stores: list[str], medium: str | None, address: str) 
                         "identity": json.loads(record) if record else None})
     return matches
 
+def _claim_key(medium: str, address: str) -> str:
+    """The field of s:S:claims for a 3PID: "<medium> <canonical address>" (a Matrix ID's field is
+    the mxid itself, which no medium name starts like)."""
+    return f"{medium} {address}"
+
+
 def _binding_fields(medium: str, address: str, pepper: str) -> tuple[list[str], list[str]]:
     forms = lookup_forms(medium, address)
     return [_plain_key(f, medium) for f in forms], [lookup_hash(f, medium, pepper) for f in forms]
@@ -387,62 +396,100 @@ class Cache:
         generation: int | None,
     ) -> None:
         """Write new and changed identities (with the records they replace) and remove deleted ones,
-        all in one transaction, so a lookup sees every identity either before or after."""
+        all in one transaction, so a lookup sees every identity either before or after.
+
+        Who answers for an address or a Matrix ID is decided by store record, not by mxid: a record
+        that stops holding it (changed, deleted, or re-created under a new stable id) gives up only
+        its own hold, and the address goes only when no record holds it any more. While several
+        records hold one, s:S:claims lists them, and the one written last answers."""
         if not upserts and not deletes:
             return
         pepper = self.pepper()
-        k3, kh, km = self.k.store(store, "3pid"), self.k.store(store, "sha256"), self.k.store(store, "mxid")
+        kc, km = self.k.store(store, "claims"), self.k.store(store, "mxid")
+        k3, kh = self.k.store(store, "3pid"), self.k.store(store, "sha256")
+        # Every claim an identity makes, with what it stands for: ("3pid", medium, address) or ("mxid", mxid).
+        meaning: dict[str, tuple[str, ...]] = {}
 
-        def keys_of(identity: Identity) -> tuple[set[str], set[str]]:
-            plain, hashed = set(), set()
+        def claims_of(identity: Identity | None) -> set[str]:
+            if identity is None:
+                return set()
+            keys = {identity.mxid}
+            meaning[identity.mxid] = ("mxid", identity.mxid)
             for medium, address in identity.threepids:
-                for form in lookup_forms(medium, address):
-                    plain.add(_plain_key(form, medium))
-                    hashed.add(lookup_hash(form, medium, pepper))
-            return plain, hashed
+                key = _claim_key(medium, address)
+                meaning[key] = ("3pid", medium, address)
+                keys.add(key)
+            return keys
 
-        # What each changed identity stops claiming; removed only where it still points at it.
-        dropped: list[tuple[str, str, str]] = []  # (redis key, field, mxid that must own it)
-        claims: list[tuple[Identity, set[str], set[str]]] = []
-        for new, old in upserts:
-            plain, hashed = keys_of(new)
-            claims.append((new, plain, hashed))
-            if old is not None:
-                old_plain, old_hashed = keys_of(old)
-                dropped += [(k3, f, old.mxid) for f in old_plain - plain]
-                dropped += [(kh, f, old.mxid) for f in old_hashed - hashed]
-                if old.mxid != new.mxid:
-                    dropped.append((km, old.mxid, old.store_id))
-        for gone in deletes:
-            plain, hashed = keys_of(gone)
-            dropped += [(k3, f, gone.mxid) for f in plain] + [(kh, f, gone.mxid) for f in hashed]
-            dropped.append((km, gone.mxid, gone.store_id))
+        # In order: each record's claims before and after this batch (after: none for a deletion).
+        steps = [(new.store_id, claims_of(old), claims_of(new)) for new, old in upserts]
+        steps += [(gone.store_id, claims_of(gone), set()) for gone in deletes]
+        self._ensure_claims(store)
+        lists, with_list = self._holders(store, meaning, steps)
+        answered = {key: held[-1] if held else None for key, held in lists.items()}
+        for store_id, before, after in steps:
+            for key in before | after:
+                held = lists[key]
+                if store_id in held:
+                    held.remove(store_id)
+                if key in after:
+                    held.append(store_id)
 
-        owners: list[Any] = []
-        if dropped:
-            check = self.r.pipeline(transaction=False)
-            for key, field, _ in dropped:
-                check.hget(key, field)
-            owners = check.execute()
+        # The mxid of each record that answers for an address: written in this batch, or read.
+        written = {new.store_id: new for new, _ in upserts}
+        deleted = {gone.store_id for gone in deletes}
+        mxids = {store_id: identity.mxid for store_id, identity in written.items() if store_id not in deleted}
+        unread = sorted({held[-1] for key, held in lists.items()
+                         if held and held[-1] not in mxids and held[-1] != answered[key]})
+        for store_id, raw in zip(unread, self.r.hmget(self.k.store(store, "rec"), unread) if unread else []):
+            if raw:
+                mxids[store_id] = Identity.from_json(raw).mxid
+
+        set_claims: dict[str, str] = {}
+        set_plain: dict[str, str] = {}
+        set_hashed: dict[str, str] = {}
+        set_mxid: dict[str, str] = {}
+        drop_claims: list[str] = []
+        drop_plain: list[str] = []
+        drop_hashed: list[str] = []
+        drop_mxid: list[str] = []
+        for key, held in lists.items():
+            what = meaning[key]
+            owner = held[-1] if held else None
+            if len(held) > 1:
+                set_claims[key] = json.dumps(held, separators=(",", ":"))
+            elif key in with_list:
+                drop_claims.append(key)
+            if owner == answered[key] and owner not in written:
+                continue  # the same unchanged record still answers
+            if what[0] == "mxid":
+                if owner is None:
+                    drop_mxid.append(what[1])
+                else:
+                    set_mxid[what[1]] = owner
+                continue
+            plain, hashed = _binding_fields(what[1], what[2], pepper)
+            mxid = mxids.get(owner) if owner is not None else None
+            if mxid is None:
+                drop_plain += plain
+                drop_hashed += hashed
+            else:
+                set_plain.update((f, mxid) for f in plain)
+                set_hashed.update((h, mxid) for h in hashed)
 
         tx = self.r.pipeline(transaction=True)
-        for (key, field, owner), current in zip(dropped, owners):
-            if current == owner:
-                tx.hdel(key, field)
-        # One command per key for the whole batch (later identities win a shared field, as they
-        # would written one by one): a full sync of a large store is mostly these writes.
-        if claims:
-            plain_owners = {f: new.mxid for new, plain, _ in claims for f in plain}
-            hashed_owners = {f: new.mxid for new, _, hashed in claims for f in hashed}
-            tx.hset(self.k.store(store, "rec"), mapping={new.store_id: new.to_json() for new, _, _ in claims})
-            tx.hset(self.k.store(store, "chash"), mapping={new.store_id: new.hash for new, _, _ in claims})
-            if plain_owners:
-                tx.hset(k3, mapping=plain_owners)
-                tx.hset(kh, mapping=hashed_owners)
-            tx.hset(km, mapping={new.mxid: new.store_id for new, _, _ in claims})
+        for key, fields in ((kc, drop_claims), (k3, drop_plain), (kh, drop_hashed), (km, drop_mxid)):
+            if fields:
+                tx.hdel(key, *fields)
+        for key, mapping in ((kc, set_claims), (k3, set_plain), (kh, set_hashed), (km, set_mxid)):
+            if mapping:
+                tx.hset(key, mapping=mapping)
+        if written:
+            tx.hset(self.k.store(store, "rec"), mapping={i: new.to_json() for i, new in written.items()})
+            tx.hset(self.k.store(store, "chash"), mapping={i: new.hash for i, new in written.items()})
             if generation is not None:
-                tx.zadd(self.k.store(store, "gen"), {new.store_id: generation for new, _, _ in claims})
-        for new, _, _ in claims:
+                tx.zadd(self.k.store(store, "gen"), {i: generation for i in written})
+        for new, _ in upserts:
             tx.xadd(self.k.changes, {"store": store, "id": new.store_id, "op": "upsert"},
                     maxlen=STREAM_MAXLEN, approximate=True)
         for gone in deletes:
@@ -453,6 +500,87 @@ class Cache:
             tx.xadd(self.k.changes, {"store": store, "id": gone.store_id, "op": "delete"},
                     maxlen=STREAM_MAXLEN, approximate=True)
         tx.execute()
+
+    def _holders(self, store: str, meaning: dict[str, tuple[str, ...]],
+                 steps: list[tuple[str, set[str], set[str]]]) -> tuple[dict[str, list[str]], set[str]]:
+        """Which records hold each claim before this batch (the one answering last), and which
+        claims have a list in s:S:claims. Only claims that several records hold have one; a claim
+        held once is known from what answers it: s:S:mxid for a Matrix ID; for an address, the
+        record of this batch that held it, else the record with the answering mxid that holds it."""
+        keys = list(meaning)
+        mxid_keys = [k for k in keys if meaning[k][0] == "mxid"]
+        addresses = [k for k in keys if meaning[k][0] == "3pid"]
+        read = self.r.pipeline(transaction=False)
+        read.hmget(self.k.store(store, "claims"), keys)
+        read.hmget(self.k.store(store, "mxid"), mxid_keys)
+        if addresses:
+            read.hmget(self.k.store(store, "3pid"), [_plain_key(meaning[k][2], meaning[k][1]) for k in addresses])
+        listed, owners, *rest = read.execute()
+        holders = {key: json.loads(raw) for key, raw in zip(keys, listed) if raw}
+        with_list = set(holders)
+        for key, owner in zip(mxid_keys, owners):
+            holders.setdefault(key, [owner] if owner else [])
+        held_before: dict[str, list[str]] = {}
+        for store_id, before, _ in steps:
+            for key in before:
+                held_before.setdefault(key, []).append(store_id)
+        unknown: dict[str, str] = {}  # address claim -> the mxid answering it, whose record is to be found
+        for key, answer in zip(addresses, rest[0] if rest else []):
+            if key in holders:
+                continue
+            if answer is None:
+                holders[key] = []
+            elif key in held_before:
+                holders[key] = held_before[key]
+            else:
+                unknown[key] = answer
+        if unknown:
+            # A record outside this batch holds the address alone: one of those with its mxid.
+            mxids = sorted(set(unknown.values()))
+            read = self.r.pipeline(transaction=False)
+            read.hmget(self.k.store(store, "claims"), mxids)
+            read.hmget(self.k.store(store, "mxid"), mxids)
+            listed_ids, single_ids = read.execute()
+            candidates = {m: json.loads(raw) if raw else [i] if i else []
+                          for m, raw, i in zip(mxids, listed_ids, single_ids)}
+            ids = sorted({i for found in candidates.values() for i in found})
+            records = {i: Identity.from_json(raw)
+                       for i, raw in zip(ids, self.r.hmget(self.k.store(store, "rec"), ids) if ids else []) if raw}
+            for key, mxid in unknown.items():
+                claim = (meaning[key][1], meaning[key][2])
+                holders[key] = [i for i in candidates[mxid] if i in records and claim in records[i].threepids][-1:]
+        return holders, with_list
+
+    def _ensure_claims(self, store: str) -> None:
+        """Build the store's lists of what several records hold, from its records, when the cache
+        was written by a version without them; the records that answer today keep answering."""
+        state = self.k.store(store, "state")
+        if self.r.hexists(state, "claims"):
+            return
+        held: dict[str, list[str]] = {}
+        plain: dict[str, str] = {}  # claim of a 3PID -> its field in s:S:3pid
+        mxids: dict[str, str] = {}
+        for identity in self.iter_identities(store):
+            mxids[identity.store_id] = identity.mxid
+            held.setdefault(identity.mxid, []).append(identity.store_id)
+            for medium, address in identity.threepids:
+                key = _claim_key(medium, address)
+                held.setdefault(key, []).append(identity.store_id)
+                plain[key] = _plain_key(address, medium)
+        shared = [key for key, ids in held.items() if len(ids) > 1]
+        if shared:
+            read = self.r.pipeline(transaction=False)
+            for key in shared:
+                if key in plain:
+                    read.hget(self.k.store(store, "3pid"), plain[key])
+                else:
+                    read.hget(self.k.store(store, "mxid"), key)
+            for key, answer in zip(shared, read.execute()):
+                held[key].sort(key=lambda i: (mxids[i] if key in plain else i) == answer)
+        items = [(key, json.dumps(held[key], separators=(",", ":"))) for key in shared]
+        for start in range(0, len(items), 1000):
+            self.r.hset(self.k.store(store, "claims"), mapping=dict(items[start:start + 1000]))
+        self.r.hset(state, "claims", json.dumps(1))
 
     # -- sync state and locks -----------------------------------------------------------------
 

@@ -2,12 +2,13 @@
 
 Matching rules of a directory search: every word of the query must match a word of the person
 (display name and localpart, and their 3PIDs where the config allows) exactly, as a prefix, inside a
-word (3 letters or more, through trigrams) or, for words of 5 letters or more, with one typo; the
-last two only for query words that nobody has as a whole word. Case and diacritics are folded on
-both sides. Exact words rank above prefixes, which rank above matches inside a word, which rank
-above typos: each query word counts once per person, by how well the person's best-matching word
-matches it, and a person ranks by the sum over the query's words. People who rank alike come in
-index order.
+word (3 letters or more, through trigrams) or, for words of 5 letters or more, with one typo (a
+letter wrong, missing or extra, or two adjacent letters swapped); the last two only for query words
+that nobody in the index has as a whole word (deleted people do not count). Case and diacritics are
+folded on both sides. Exact words rank above prefixes, which rank above matches inside a word, which
+rank above typos: each query word counts once per person, by how well the person's best-matching
+word matches it, and a person ranks by the sum over the query's words. People who rank alike come
+in index order.
 """
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ def query_words(text: str) -> list[str]:
     return [token.text for token in _words(text)]
 
 
+def _swaps(word: str) -> list[str]:
+    """word with each pair of adjacent (different) letters swapped."""
+    return [word[:i] + word[i + 1] + word[i] + word[i + 2:] for i in range(len(word) - 1) if word[i] != word[i + 1]]
+
+
 def _union(bitmaps: list[FrozenBitMap]) -> FrozenBitMap:
     return FrozenBitMap.union(*bitmaps) if bitmaps else _NOBODY
 
@@ -160,9 +166,15 @@ class _OpenIndex:
         return self._kept(("inside", field, word), read)
 
     def near(self, field: str, word: str) -> FrozenBitMap:
-        """Who has a word one edit away from word, with the same first letter."""
-        return self._kept(("near", field, word), lambda: _union(
-            [self.exact(field, t) for t in self.reader.terms_within(field, word, maxdist=1, prefix=1)]))
+        """Who has a word one typo away from word: one letter wrong, missing or extra (with the same
+        first letter), or two adjacent letters swapped."""
+        def read() -> FrozenBitMap:
+            terms = set(self.reader.terms_within(field, word, maxdist=1, prefix=1))
+            # Whoosh's automaton counts a swap as two edits; each swapped spelling is one term lookup.
+            terms.update(t for t in _swaps(word) if (field, t) in self.reader)
+            return _union([self.exact(field, t) for t in terms])
+
+        return self._kept(("near", field, word), read)
 
     def person(self, docnum: int) -> tuple[Hit, tuple[str, ...]]:
         """The person of one document, and their 3PIDs ("medium:address") for the hide rules."""
@@ -184,8 +196,9 @@ def _tiers(opened: _OpenIndex, word: str, fields: list[tuple[str, str]]) -> Iter
     the first tiers never pays for the others."""
     # A word that someone has is taken as typed whole and spelt right: it is looked for as a word
     # and as a prefix only. Looking inside words and for near misses finds little more for it.
-    known = any(opened.has(words, word) for words, _ in fields)
-    found = _union([opened.exact(words, word) for words, _ in fields]) if known else _NOBODY
+    # Only people still in the index count: a term that deleted documents alone hold is unknown.
+    found = _union([opened.exact(words, word) for words, _ in fields if opened.has(words, word)])
+    known = bool(found)
     yield EXACT, found
     prefixed = _union([opened.prefixed(words, word) for words, _ in fields]) - found
     yield PREFIX, prefixed

@@ -40,8 +40,10 @@ class Credentials:
         self.per_ip: int = limits["per_ip"]
         self.window = parse_duration(limits["window"])
         self.stores: dict[str, Store] = {s["name"]: build_store(s, config) for s in config["stores"]}
-        # Password checks block (a bind, a query, an HTTP call): a few threads, never the event loop.
-        self.executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="auth")
+        # Password checks block (a bind, a query, an HTTP call): threads, never the event loop. Each
+        # waits on its store for at most that store's timeout, so these many bound how many logins a
+        # slow directory can hold up at once.
+        self.executor = ThreadPoolExecutor(max_workers=config["auth"]["threads"], thread_name_prefix="auth")
 
     def threepid(self, login: str) -> tuple[str, str] | None:
         """(medium, canonical address) when a login identifier is an email address or a phone number."""
@@ -120,12 +122,13 @@ class Credentials:
 
     async def authenticate(self, login: str, password: str, ip: str | None) -> Identity | None:
         """The identity when password is the password of whoever login names, else None (an
-        unknown user and a wrong password look the same); raises Limited first when over a limit."""
+        unknown user and a wrong password look the same); raises Limited first when over a limit,
+        and StoreUnavailable (not counted as a failed login) when the store could not check it."""
         identity = await self.resolve(login)
         # One count per person however they name themselves; unknown names are counted as typed.
         user = identity.mxid if identity is not None else login.strip().lower()
         await self.claim(user, ip)
-        ok = False
+        ok = checked = False
         try:
             if identity is None:
                 log.info("login for %s refused: no such user in the cache", logs.untrusted(user))
@@ -135,8 +138,14 @@ class Credentials:
                 store = self.stores[identity.store]
                 ok = await asyncio.get_running_loop().run_in_executor(
                     self.executor, store.authenticate, identity, password)
+            checked = True
         finally:
-            await self.settle(user, ip, ok)
+            if checked:
+                await self.settle(user, ip, ok)
+            else:  # the store could not check the password: nothing against it, the attempt is returned
+                for kind, who in (("user", user), ("ip", ip)):
+                    if who is not None:
+                        await self.lookups.return_attempt(kind, who)
         return identity if ok else None
 
     def close(self) -> None:

@@ -122,6 +122,7 @@ class Slapd:
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # a frozen slapd handles SIGTERM only once thawed
             self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=30)
@@ -129,6 +130,16 @@ class Slapd:
                 self.process.kill()
                 self.process.wait()
         self.process = None
+
+    def freeze(self) -> None:
+        """Stop answering while keeping the port: connections are still accepted (by the kernel,
+        into the listen backlog) and nothing is ever answered, as a hung directory does."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
 
     def kill(self) -> None:
         """Stop at once, as a crashed or unplugged directory does."""

@@ -153,7 +153,7 @@ def test_defaults_and_relative_paths(tmp_path):
     }
     assert config["homeserver"] == {"url": None, "timeout": "10s", "whoami_cache": "1m"}
     assert config["directory"] == {"homeserver": True, "threepids": False, "hide": []}
-    assert config["auth"] == {"rate_limit": {"per_user": 5, "per_ip": 20, "window": "5m"}}
+    assert config["auth"] == {"threads": 16, "rate_limit": {"per_user": 5, "per_ip": 20, "window": "5m"}}
     assert config["stores"][0]["sync"] == {"full_every": "6h", "changes_every": "1m", "max_delete_ratio": 0.2}
     assert config["data_dir"] == str(tmp_path / "data")
     assert config["stores"][0]["path"] == str(tmp_path / "people.yml")

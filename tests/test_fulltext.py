@@ -87,3 +87,31 @@ def test_a_kept_search_follows_the_index_as_it_changes(tmp_path):
     assert ids(search, "zoe") == ["zoe"]
     index.rebuild(PEOPLE[:2], "epoch", "0-2")
     assert ids(search, "smith") == ["msmith"]
+
+
+SEARCHED = ["berg", "berga", "bergamo", "johan", "smith", "smiht", "smoth", "mith", "mar", "mars", "rover",
+            "martin", "marti", "omar", "khan", "kahn", "smith m", "berg j", "maria smith", "ida", "umber", "o"]
+
+
+def test_search_after_deletions_equals_search_on_a_fresh_index(tmp_path):
+    kept = FullText(tmp_path / "kept")
+    kept.rebuild(PEOPLE, "epoch", "0-0")
+    gone = {"jberg", "omar", "msmith"}  # each holds words nobody else has whole
+    kept.apply([], [f"hr\x1f{p}" for p in sorted(gone)], "epoch", "0-1")
+    fresh = FullText(tmp_path / "fresh")
+    fresh.rebuild([p for p in PEOPLE if p.localpart not in gone], "epoch", "0-1")
+    after, new = DirectorySearch(kept.path, HideRules([]), True), DirectorySearch(fresh.path, HideRules([]), True)
+    for text in SEARCHED:
+        assert ids(after, text, 20) == ids(new, text, 20), text
+    # "berg" was Johan Berg's whole word: now it is looked for inside words, as in a fresh index.
+    assert ids(after, "berg") == ["lbergamo", "iumbergast"]
+
+
+def test_two_swapped_letters_are_one_typo(tmp_path):
+    FullText(tmp_path / "fulltext").rebuild(PEOPLE, "epoch", "0-0")
+    search = searcher(tmp_path)
+    assert sorted(ids(search, "smiht")) == ["asmith", "msmith"]
+    assert sorted(ids(search, "msith")) == ["asmith", "msmith"]  # the first two letters too
+    assert ids(search, "bregamo") == ["lbergamo"]
+    assert ids(search, "johan bregamo") == []  # every word must still match
+    assert ids(search, "rosa mraoo") == []  # a swap and another typo are two

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -12,8 +14,9 @@ from typing import Any, Callable, Iterator
 import ldap3
 import pytest
 
+from indexer.identity import Identity
 from indexer.normalize import lookup_hash
-from indexer.stores import build_store
+from indexer.stores import StoreUnavailable, build_store
 from indexer.stores.ldap import LdapStore, filter_value, normalize_time
 from indexer.sync import full_sync, incremental_sync
 from tests.conftest import wait_until
@@ -162,6 +165,34 @@ def test_deleted_entries_leave_with_the_next_full_sync(directory, cache):
     store.close()
 
 
+def test_an_entry_deleted_and_created_again_answers_throughout(directory, cache):
+    def entry() -> str:
+        return directory.add("jdoe", mail=["john.doe@example.org"], phones=["+44 7700 900123"])
+
+    def answers() -> tuple[str | None, str | None, str | None]:
+        hashed = cache.r.hget(cache.k.store("dir", "sha256"), lookup_hash("john.doe@example.org", "email", "pepper"))
+        return cache.mxid_of("dir", "email", "john.doe@example.org"), cache.mxid_of("dir", "msisdn", "447700900123"), \
+            hashed
+
+    dn = entry()
+    directory.add("other")
+    store = directory.store()
+    full_sync(cache, store, 0.5)
+    old = cache.identity_by_mxid("dir", "@jdoe:example.org").store_id
+    directory.delete(dn)
+    entry()
+    both = incremental_sync(cache, store)  # OpenLDAP does not tell deletions: the new entry comes alone
+    assert (both.outcome, both.added, both.removed) == ("ok", 1, 0) and cache.count("dir") == 3
+    assert answers() == ("@jdoe:example.org",) * 3
+    new = cache.identity_by_mxid("dir", "@jdoe:example.org").store_id
+    assert new != old
+    swept = full_sync(cache, store, 0.5)
+    assert (swept.outcome, swept.removed) == ("ok", 1) and cache.get("dir", [old]) == [None]
+    assert answers() == ("@jdoe:example.org",) * 3
+    assert cache.identity_by_mxid("dir", "@jdoe:example.org").store_id == new
+    store.close()
+
+
 def test_a_mistyped_filter_cannot_wipe_the_cache(directory, cache):
     people(directory, 10)
     full_sync(cache, directory.store(), 0.2)
@@ -235,9 +266,10 @@ def test_an_empty_password_never_reaches_the_directory(cache, caplog):
                          "base_dns": ["dc=example,dc=org"]}, CONFIG)
     someone = store.build_identity("x", "alice", None, [], locator="uid=alice,dc=example,dc=org")
     assert store.authenticate(someone, "") is False
-    assert store.authenticate(someone, "something") is False
-    assert "password check for @alice:example.org failed" in caplog.text
-    assert caplog.text.count("failed") == 1
+    assert "empty password for @alice:example.org refused" in caplog.text and "cannot reach" not in caplog.text
+    with pytest.raises(StoreUnavailable):
+        store.authenticate(someone, "something")  # this one is sent, to a directory that is not there
+    assert caplog.text.count("password checks fail until the directory answers again: cannot reach") == 1
     closed.close()
 
 
@@ -349,6 +381,57 @@ def test_a_directory_that_never_answers_times_out(cache):
     silent.close()
 
 
+def test_a_directory_that_never_answers_bounds_a_login_by_the_timeout(caplog):
+    caplog.set_level(logging.DEBUG)
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(5)  # connections complete in the backlog, but nothing ever answers
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        refused = f"ldap://127.0.0.1:{unused.getsockname()[1]}"
+    silent_uri = f"ldap://127.0.0.1:{silent.getsockname()[1]}"
+    jdoe = Identity.build(mxid="@jdoe:example.org", localpart="jdoe", display_name=None, threepids=[], store="dir",
+                          store_id="0b5b1c3e-0000-4000-8000-000000000001", locator=f"uid=jdoe,{SUFFIX}")
+    for uris, reason in (([silent_uri], "no answer to a bind: .*timed out"),
+                         ([refused, silent_uri], "no answer to a bind"),
+                         ([refused], f"cannot reach the directory: {refused}: .*refused")):
+        store = build_store({"name": "dir", "kind": "ldap", "uri": uris, "base_dns": [SUFFIX], "timeout": "1s",
+                             "bind": {"dn": READER_DN, "password": READER_PASSWORD}}, CONFIG)
+        for _ in range(3):
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable, match=reason):
+                store.authenticate(jdoe, "secret")
+            assert time.monotonic() - started < 20  # only a hang guard: the bound is the 1 s timeout
+        store.close()
+    # While one check tries the unreachable directory, others fail at once instead of queueing.
+    store = build_store({"name": "dir", "kind": "ldap", "uri": silent_uri, "base_dns": [SUFFIX], "timeout": "2s"},
+                        CONFIG)
+    with pytest.raises(StoreUnavailable):
+        store.authenticate(jdoe, "secret")
+    outcome: list[str] = []
+
+    def attempt() -> None:
+        try:
+            store.authenticate(jdoe, "secret")
+        except StoreUnavailable as exc:
+            outcome.append(str(exc))
+
+    trying = threading.Thread(target=attempt)
+    trying.start()
+    wait_until(store._probing.locked, 10, "the check trying the directory again")
+    with pytest.raises(StoreUnavailable, match="another password check is trying it again"):
+        store.authenticate(jdoe, "secret")
+    trying.join(20)
+    assert not trying.is_alive() and len(outcome) == 1 and "cannot reach the directory" in outcome[0]
+    store.close()
+    # One line per store when the directory became unreachable, not one per login, and none at ERROR.
+    warnings = [r for r in caplog.records if r.name == "indexer.stores.ldap" and r.levelno >= logging.WARNING]
+    assert [r.levelname for r in warnings] == ["WARNING"] * 4
+    assert all("password checks fail until the directory answers again" in r.getMessage() for r in warnings)
+    assert "secret" not in caplog.text
+    silent.close()
+
+
 def test_generalized_times_sort_as_times():
     assert normalize_time("20240102030405Z") == "20240102030405.000000Z"
     assert normalize_time("20240102030405.5Z") == "20240102030405.500000Z"
@@ -404,3 +487,73 @@ def test_the_admin_api_syncs_a_directory_and_reports_progress(directory, make_se
     reads = [job["read"] for job in seen]
     assert reads == sorted(reads)
     assert server.lookup_v1("email", "newbie@example.org")["mxid"] == "@newbie:example.org"
+
+
+def test_an_entry_deleted_and_created_again_keeps_its_addresses_and_logins(directory, make_server: Callable[..., Any]):
+    def entry() -> str:
+        return directory.add("jdoe", mail=["john.doe@example.org"], phones=["+44 7700 900123"], password="ldap-pw",
+                             displayName="John Doe")
+
+    def logs_in(login: str) -> bool:
+        response = server.http.post("/_matrix-internal/identity/v1/check_credentials",
+                                    json={"user": {"id": login, "password": "ldap-pw"}})
+        assert response.status_code == 200, response.text
+        return response.json()["auth"]["success"]
+
+    def entry_uuid(dn: str) -> str:
+        directory.conn.search(dn, "(objectClass=*)", attributes=["entryUUID"])
+        return str(directory.conn.entries[0].entryUUID.value)
+
+    dn = entry()
+    directory.add("other")
+    before = entry_uuid(dn)
+    server = make_server([])
+    server.config["stores"] = [{
+        "name": "corp", "kind": "ldap", "preset": "openldap", "uri": directory.server.uri,
+        "bind": {"dn": READER_DN, "password": READER_PASSWORD}, "base_dns": [directory.base],
+        "sync": {"full_every": "6h", "changes_every": "1h", "max_delete_ratio": 0.5},
+    }]
+    server.start()
+    wait_until(lambda: server.lookup_v1("email", "john.doe@example.org").get("mxid"), 60, "the first sync")
+    directory.delete(dn)
+    entry()
+    assert entry_uuid(dn) != before
+    for run in range(2):  # the full sync that sees the re-created entry, and the one after
+        done = server.cli("index", "--full")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert ("added 1, changed 0, removed 1" if run == 0 else "added 0, changed 0, removed 0") in done.stderr
+        assert server.lookup_v1("email", "john.doe@example.org").get("mxid") == "@jdoe:example.org"
+        assert server.lookup_v1("msisdn", "447700900123").get("mxid") == "@jdoe:example.org"
+        assert logs_in("john.doe@example.org") and logs_in("+44 7700 900123") and logs_in("@jdoe:example.org")
+
+
+def test_logins_while_the_directory_hangs_fail_with_503_and_are_not_counted(own_slapd, make_server: Callable[..., Any]):
+    server = make_server([])
+    server.config["stores"] = [{
+        "name": "corp", "kind": "ldap", "uri": own_slapd.uri, "base_dns": [f"ou=people,{SUFFIX}"], "timeout": "2s",
+        "bind": {"dn": READER_DN, "password": READER_PASSWORD}, "sync": {"full_every": "6h", "changes_every": None},
+    }]
+    server.start()
+    wait_until(lambda: server.lookup_v1("email", "p7@example.org").get("mxid"), 60, "the first sync")
+
+    def check(user: str) -> Any:
+        return server.http.post("/_matrix-internal/identity/v1/check_credentials",
+                                json={"user": {"id": user, "password": "pw7"}})
+
+    assert check("@p7:example.org").json()["auth"]["success"] is True  # leaves a pooled connection open
+    own_slapd.freeze()
+    try:
+        for user in ["@p7:example.org", "p7@example.org"] * 4:  # more than auth.rate_limit.per_user
+            started = time.monotonic()
+            answer = check(user)
+            assert time.monotonic() - started < 30  # only a hang guard: the bound is the 2 s timeout
+            assert answer.status_code == 503, answer.text
+            assert answer.json()["errcode"] == "M_UNKNOWN" and "directory does not answer" in answer.json()["error"]
+    finally:
+        own_slapd.thaw()
+    # The refused checks were not counted as failed logins: the right password is taken at once.
+    assert check("p7@example.org").json()["auth"]["success"] is True
+    log = server.log()
+    assert log.count("password checks fail until the directory answers again") == 1, log
+    assert log.count("password checks reach the directory again (8 failed while it was unreachable)") == 1, log
+    assert " ERROR " not in log, log

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from typing import Iterator
 
 import bcrypt
@@ -16,7 +17,7 @@ from indexer.config import load_schema
 from indexer.identity import Identity
 from indexer.normalize import lookup_hash
 from indexer.stores import Change, Store, StoreError, build_store
-from indexer.sync import SyncBusy, full_sync, incremental_sync
+from indexer.sync import SyncBusy, full_sync, incremental_sync, sync_store
 
 CONFIG = {"matrix": {"domain": "example.org"}, "threepids": {"msisdn": {"default_region": "GB"}}}
 
@@ -309,3 +310,194 @@ def test_a_mark_left_by_another_kind_fails_cleanly_and_a_full_sync_drops_it(cach
     assert full_sync(cache, store, 0.2).outcome == "ok"
     assert "high_water_mark" not in cache.state("hr")
     assert incremental_sync(cache, store) is None
+
+
+def answers(cache: Cache, store: str, medium: str, address: str) -> str | None:
+    """The mxid a v1 lookup and a v2 sha256 lookup find in one store's cache for a 3PID; both must agree."""
+    plain = cache.mxid_of(store, medium, address)
+    hashed = cache.r.hget(cache.k.store(store, "sha256"), lookup_hash(address, medium, "pepper"))
+    assert plain == hashed, (address, plain, hashed)
+    return plain
+
+
+@pytest.mark.parametrize("batch", [1, 500])
+def test_a_person_deleted_and_created_again_keeps_their_addresses(cache, people_file, monkeypatch, batch):
+    monkeypatch.setattr("indexer.sync.BATCH", batch)
+    person = {"localpart": "alice", "emails": ["alice@example.org"], "phones": ["+44 7700 900123"]}
+    full_sync(cache, people_file([{"id": "old-uuid", **person}, {"id": "b", "localpart": "bob"}]), 0.5)
+    # The directory entry was deleted and made again: same user id and addresses, a new stable id.
+    store = people_file([{"id": "new-uuid", **person}, {"id": "b", "localpart": "bob"}])
+    result = full_sync(cache, store, 0.5)
+    assert (result.outcome, result.added, result.removed) == ("ok", 1, 1)
+    for _ in range(2):  # and later syncs keep it so
+        assert answers(cache, "hr", "email", "alice@example.org") == "@alice:example.org"
+        assert answers(cache, "hr", "msisdn", "447700900123") == "@alice:example.org"
+        assert cache.identity_by_mxid("hr", "@alice:example.org").store_id == "new-uuid"
+        assert full_sync(cache, store, 0.5).outcome == "ok"
+
+
+def test_a_rename_never_drops_an_address_that_a_live_record_holds(cache, people_file, monkeypatch):
+    monkeypatch.setattr("indexer.sync.BATCH", 1)  # the two records are written in separate batches
+    full_sync(cache, people_file([{"id": "u1", "localpart": "alice", "emails": ["alice@example.org", "a@example.org"]},
+                                  {"id": "u3", "localpart": "carol"}]), 0.5)
+    # alice is renamed alicia; a newcomer gets her old user id and address, and is read first.
+    result = full_sync(cache, people_file([
+        {"id": "u2", "localpart": "alice", "emails": ["alice@example.org"]},
+        {"id": "u1", "localpart": "alicia", "emails": ["alicia@example.org", "a@example.org"]},
+        {"id": "u3", "localpart": "carol"},
+    ]), 0.5)
+    assert (result.outcome, result.added, result.changed, result.removed) == ("ok", 1, 1, 0)
+    assert answers(cache, "hr", "email", "alice@example.org") == "@alice:example.org"
+    assert answers(cache, "hr", "email", "alicia@example.org") == "@alicia:example.org"
+    assert answers(cache, "hr", "email", "a@example.org") == "@alicia:example.org"
+    assert cache.identity_by_mxid("hr", "@alice:example.org").store_id == "u2"
+    assert cache.identity_by_mxid("hr", "@alicia:example.org").store_id == "u1"
+
+
+def test_an_address_two_records_hold_stays_until_neither_holds_it(cache, people_file):
+    both = [{"id": "u1", "localpart": "alice", "emails": ["desk@example.org"]},
+            {"id": "u2", "localpart": "bob", "emails": ["desk@example.org"]},
+            {"id": "u3", "localpart": "alice"},  # the same user id twice, in two places of a directory
+            {"id": "u4", "localpart": "carol"}]
+    full_sync(cache, people_file(both), 1.0)
+    assert answers(cache, "hr", "email", "desk@example.org") == "@bob:example.org"  # the record written last
+    assert sorted(cache.r.hkeys(cache.k.store("hr", "claims"))) == ["@alice:example.org", "email desk@example.org"]
+    full_sync(cache, people_file([p for p in both if p["id"] != "u2"]), 1.0)
+    assert answers(cache, "hr", "email", "desk@example.org") == "@alice:example.org"
+    full_sync(cache, people_file([p for p in both if p["id"] not in ("u2", "u3")]), 1.0)
+    assert cache.identity_by_mxid("hr", "@alice:example.org").store_id == "u1"
+    full_sync(cache, people_file([both[3]]), 1.0)
+    assert answers(cache, "hr", "email", "desk@example.org") is None
+    assert cache.identity_by_mxid("hr", "@alice:example.org") is None
+    assert cache.r.hkeys(cache.k.store("hr", "claims")) == []  # lists are kept only while several records hold
+
+
+@pytest.mark.parametrize("order", [("a", "b"), ("b", "a")])
+def test_a_person_moving_between_stores_keeps_their_addresses(cache, tmp_path, order):
+    def store(name: str, people: list[dict]) -> Store:
+        path = tmp_path / f"{name}.yml"
+        path.write_text(yaml.safe_dump(people))
+        return build_store({"name": name, "kind": "file", "path": str(path)}, CONFIG)
+
+    alice = {"id": "u1", "localpart": "alice", "emails": ["alice@example.org"], "phones": ["+44 7700 900123"]}
+    others = {"a": [{"localpart": "ann"}], "b": [{"localpart": "ben"}]}
+    full_sync(cache, store("a", [alice, *others["a"]]), 0.5)
+    full_sync(cache, store("b", others["b"]), 0.5)
+    now = {"a": others["a"], "b": [alice, *others["b"]]}
+    for name in order:
+        full_sync(cache, store(name, now[name]), 0.5)
+    assert answers(cache, "b", "email", "alice@example.org") == "@alice:example.org"
+    assert answers(cache, "b", "msisdn", "447700900123") == "@alice:example.org"
+    assert answers(cache, "a", "email", "alice@example.org") is None
+    assert cache.identity_by_mxid("b", "@alice:example.org").store_id == "u1"
+    assert cache.identity_by_mxid("a", "@alice:example.org") is None
+
+
+def test_a_cache_written_before_records_owned_addresses_is_upgraded(cache, people_file):
+    alice = {"localpart": "alice", "emails": ["alice@example.org", "desk@example.org"]}
+    full_sync(cache, people_file([{"id": "u1", **alice}, {"id": "u2", "localpart": "bob", "emails": ["desk@example.org"]},
+                                  {"id": "u3", "localpart": "carol"}]), 0.5)
+    # As an older version left it: no claim lists, desk@ answered by alice.
+    cache.r.delete(cache.k.store("hr", "claims"))
+    cache.r.hdel(cache.k.store("hr", "state"), "claims")
+    cache.r.hset(cache.k.store("hr", "3pid"), "desk@example.org email", "@alice:example.org")
+    result = full_sync(cache, people_file([
+        {"id": "u9", **alice}, {"id": "u2", "localpart": "bob", "emails": ["desk@example.org"], "display_name": "Bob"},
+        {"id": "u3", "localpart": "carol"}]), 0.5)
+    assert (result.added, result.changed, result.removed) == (1, 1, 1)
+    assert answers(cache, "hr", "email", "alice@example.org") == "@alice:example.org"
+    assert answers(cache, "hr", "email", "desk@example.org") == "@bob:example.org"
+    full_sync(cache, people_file([{"id": "u9", **alice}, {"id": "u3", "localpart": "carol"}]), 0.5)
+    assert answers(cache, "hr", "email", "desk@example.org") == "@alice:example.org"
+
+
+class Scripted(Store):
+    """People changed by a test, listing its changes in the order they were made, as a directory
+    with a USN does (deletions included)."""
+
+    kind = "test"
+
+    def __init__(self, people: dict[str, dict]) -> None:
+        super().__init__({"name": "hr"}, CONFIG)
+        self.people = people
+        self.changed: dict[str, int] = {}
+        self.sequence = 0
+        self.order: list[str] = []
+
+    def touch(self, store_id: str) -> None:
+        self.sequence += 1
+        self.changed[store_id] = self.sequence
+
+    def _identity(self, store_id: str) -> Identity | None:
+        return self.person_identity(store_id, self.people[store_id])
+
+    def enumerate(self) -> Iterator[Identity]:
+        for store_id in self.order:
+            if (identity := self._identity(store_id)) is not None:
+                yield identity
+
+    def high_water_mark(self) -> int:
+        return self.sequence
+
+    def changes_since(self, mark: int) -> Iterator[Change]:
+        for store_id, sequence in sorted(self.changed.items(), key=lambda c: c[1]):
+            if sequence > mark:
+                yield Change(store_id, self._identity(store_id) if store_id in self.people else None, sequence)
+
+
+@pytest.mark.parametrize("seed", [15, 16, 17])
+def test_lookups_answer_exactly_what_live_records_hold_through_random_changes(cache, monkeypatch, seed):
+    """Deletions, re-creations under new ids, renames and shared addresses and Matrix IDs, in random
+    batches of full and incremental syncs: after every sync, each address and Matrix ID a record
+    holds answers with a record that holds it, and nothing else answers."""
+    rng = random.Random(seed)
+    names, addresses = ["ann", "ben", "cid", "dee", "eve"], [f"a{i}@example.org" for i in range(8)]
+    people: dict[str, dict] = {}
+    source = Scripted(people)
+    next_id = 0
+    for _ in range(40):
+        monkeypatch.setattr("indexer.sync.BATCH", rng.choice([1, 2, 500]))
+        for _ in range(rng.randint(1, 4)):
+            action = rng.random()
+            if action < 0.4 or not people:
+                next_id += 1
+                people[f"id{next_id}"] = {"localpart": rng.choice(names),
+                                          "emails": rng.sample(addresses, rng.randint(0, 3))}
+                source.touch(f"id{next_id}")
+            elif action < 0.6:
+                gone = rng.choice(sorted(people))
+                del people[gone]
+                source.touch(gone)
+            elif action < 0.8:  # deleted and created again: the same person under a new id
+                old = rng.choice(sorted(people))
+                next_id += 1
+                people[f"id{next_id}"] = people.pop(old)
+                source.touch(old)
+                source.touch(f"id{next_id}")
+            else:
+                changed = rng.choice(sorted(people))
+                people[changed] = {"localpart": rng.choice(names), "emails": rng.sample(addresses, rng.randint(0, 3))}
+                source.touch(changed)
+        source.order = sorted(people, key=lambda _: rng.random())
+        if rng.random() < 0.5:
+            assert full_sync(cache, source, 1.0).outcome == "ok"
+        else:
+            assert sync_store(cache, source, {"max_delete_ratio": 1.0}, False).outcome == "ok"
+        holders: dict[str, set[str]] = {}
+        for person in people.values():
+            for address in person["emails"]:
+                holders.setdefault(address, set()).add(f"@{person['localpart']}:example.org")
+        for address in addresses:
+            answer = answers(cache, "hr", "email", address)
+            assert (answer in holders[address]) if address in holders else answer is None, (address, people)
+        mxids = cache.r.hgetall(cache.k.store("hr", "mxid"))
+        assert set(mxids) == {f"@{p['localpart']}:example.org" for p in people.values()}
+        for mxid, store_id in mxids.items():
+            assert f"@{people[store_id]['localpart']}:example.org" == mxid
+        # Lists of holders are kept exactly for what several records hold.
+        shared: dict[str, set[str]] = {}
+        for store_id, person in people.items():
+            for claim in [f"@{person['localpart']}:example.org"] + [f"email {a}" for a in person["emails"]]:
+                shared.setdefault(claim, set()).add(store_id)
+        listed = {k: set(json.loads(v)) for k, v in cache.r.hgetall(cache.k.store("hr", "claims")).items()}
+        assert listed == {claim: ids for claim, ids in shared.items() if len(ids) > 1}

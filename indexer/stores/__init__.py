@@ -21,6 +21,11 @@ class StoreError(Exception):
     """The source could not be read completely; a sync that sees this changes nothing."""
 
 
+class StoreUnavailable(StoreError):
+    """The source could not be reached or did not answer in time: a password check it raises this
+    from was not made (neither accepted nor refused)."""
+
+
 @dataclass(frozen=True)
 class Change:
     """One entry of the source that changed after a high-water mark."""
@@ -63,7 +68,8 @@ class Store(ABC):
 
     def authenticate(self, identity: Identity, password: str) -> bool:
         """Whether password is this identity's password; stores without passwords refuse. identity
-        comes from the cache (Cache.identity_by_mxid), with the locator the sync recorded."""
+        comes from the cache (Cache.identity_by_mxid), with the locator the sync recorded. May raise
+        StoreUnavailable when the source cannot answer."""
         log.info("store %s cannot check passwords", self.name)
         return False
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import ssl
 import threading
@@ -16,10 +17,9 @@ import ldap3
 from ldap3.core.exceptions import LDAPException
 from ldap3.utils.conv import escape_filter_chars
 
-from indexer import logs
 from indexer.config import parse_duration
 from indexer.identity import Identity
-from indexer.stores import Change, Store, StoreError
+from indexer.stores import Change, Store, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -192,53 +192,86 @@ class LdapStore(Store):
             validate=ssl.CERT_REQUIRED if tls.get("verify", True) else ssl.CERT_NONE,
             ca_certs_file=tls.get("ca_file"),
         )
-        self.connect_timeout = parse_duration(store_config.get("connect_timeout", "5s"))
-        self.timeout = parse_duration(store_config.get("timeout", "30s"))
+        # timeout bounds connecting (every URI in turn), binding and searching together: a password
+        # check as a whole, a sync's connection, and each page a sync reads.
+        self.timeout = parse_duration(store_config.get("timeout", "8s"))
+        self.connect_timeout = min(parse_duration(store_config.get("connect_timeout", "3s")), self.timeout)
         bind = store_config.get("bind") or {}
         self.bind_dn: str | None = bind.get("dn")
         self.bind_password: str | None = bind.get("password")
-        self.servers = ldap3.ServerPool(
-            [ldap3.Server(u, connect_timeout=self.connect_timeout, tls=self.tls, get_info=ldap3.NONE)
-             for u in self.uris],
-            ldap3.FIRST, active=1, exhaust=False,
-        )
         self._conn: ldap3.Connection | None = None
         self._auth_pool: queue.LifoQueue[ldap3.Connection] = queue.LifoQueue()
         self._auth_pool_size: int = store_config.get("auth_pool_size", 4)
+        # Why password checks cannot reach the directory (None while they can), and how many failed
+        # so: an outage is logged when it starts and when it ends, not once per login.
+        self._unreachable: str | None = None
+        self._failed_checks = 0
+        self._state_lock = threading.Lock()
+        self._probing = threading.Lock()  # held by the one check trying an unreachable directory
 
     # -- connections ------------------------------------------------------------------------
 
-    def _connect(self, dn: str | None, password: str | None) -> ldap3.Connection:
-        """An open connection (TLS started when configured) that binds as dn, or anonymously."""
-        conn = ldap3.Connection(
-            self.servers, user=dn, password=password,
-            authentication=ldap3.SIMPLE if dn else ldap3.ANONYMOUS,
-            read_only=True, receive_timeout=self.timeout, raise_exceptions=False,
-            auto_referrals=False,
-        )
-        conn.open()
-        if self.start_tls and not conn.server.ssl and not conn.start_tls():
-            conn.unbind()
-            raise StoreError(f"STARTTLS refused by {conn.server.host}: {conn.result.get('description')}")
-        return conn
+    def _deadline(self) -> float:
+        return time.monotonic() + self.timeout
+
+    @staticmethod
+    def _wait_at_most(conn: ldap3.Connection, deadline: float) -> None:
+        """Let the connection's next answers take no longer than until deadline."""
+        conn.socket.settimeout(max(deadline - time.monotonic(), 0.001))
+
+    def _connect(self, dn: str | None, password: str | None, deadline: float) -> ldap3.Connection:
+        """An open connection (TLS started when configured) to the first URI that accepts one, that
+        binds as dn, or anonymously. Each URI may take connect_timeout, all of them together no
+        longer than until deadline. (ldap3's ServerPool is not used: when no server answers, it
+        waits 10 s more before giving up, whatever the timeouts say.)"""
+        failures = []
+        for uri in self.uris:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                failures.append(f"{uri}: not tried, the {self.timeout} s timeout was up")
+                continue
+            server = ldap3.Server(uri, connect_timeout=min(self.connect_timeout, left), tls=self.tls,
+                                  get_info=ldap3.NONE)
+            # The TLS handshake of ldaps:// may take what is left (ldap3 wants whole seconds here).
+            conn = ldap3.Connection(server, user=dn, password=password,
+                                    authentication=ldap3.SIMPLE if dn else ldap3.ANONYMOUS,
+                                    read_only=True, raise_exceptions=False, auto_referrals=False,
+                                    receive_timeout=math.ceil(left))
+            try:
+                conn.open()
+                self._wait_at_most(conn, deadline)
+                if self.start_tls and not server.ssl and not conn.start_tls():
+                    conn.unbind()
+                    raise StoreError(f"STARTTLS refused by {server.host}: {conn.result.get('description')}")
+                return conn
+            except LDAPException as exc:
+                failures.append(f"{uri}: {exc}")
+                try:
+                    conn.unbind()  # a socket opened before STARTTLS failed
+                except LDAPException:
+                    pass
+        raise StoreUnavailable(f"cannot reach the directory: {'; '.join(failures)}")
 
     def _service(self) -> ldap3.Connection:
         """The sync's connection, bound as the service account (reopened after a failure)."""
         if self._conn is not None and not self._conn.closed and self._conn.bound:
             return self._conn
-        self._conn = self._bind_service()
+        self._conn = self._bind_service(self._deadline())
+        # Each page of a sync's searches may take the whole timeout.
+        self._conn.socket.settimeout(self.timeout)
         return self._conn
 
-    def _bind_service(self) -> ldap3.Connection:
+    def _bind_service(self, deadline: float) -> ldap3.Connection:
+        conn = self._connect(self.bind_dn, self.bind_password, deadline)
         try:
-            conn = self._connect(self.bind_dn, self.bind_password)
             if not conn.bind():
                 who = self.bind_dn or "anonymous"
                 reason = conn.result.get("description") or conn.last_error
                 conn.unbind()
                 raise StoreError(f"bind as {who} refused: {reason}")
         except LDAPException as exc:
-            raise StoreError(f"cannot reach {', '.join(self.uris)}: {exc}") from None
+            raise StoreUnavailable(
+                f"cannot reach the directory: {', '.join(self.uris)}: no answer to a bind: {exc}") from None
         return conn
 
     def _drop_service(self) -> None:
@@ -294,13 +327,13 @@ class LdapStore(Store):
         except LDAPException as exc:
             if own is None:
                 self._drop_service()
-            raise StoreError(f"directory {', '.join(self.uris)} failed mid-read: {exc}") from None
+            raise StoreUnavailable(f"directory {', '.join(self.uris)} failed mid-read: {exc}") from None
         except StoreError:
             if own is None:
                 self._drop_service()
             raise
         finally:
-            if not pages.close(self.timeout + self.connect_timeout) and own is None:
+            if not pages.close(2 * self.timeout) and own is None:
                 self._drop_service()  # the page being read still uses the connection: never share it
 
     def _store_id(self, entry: dict[str, Any]) -> str | None:
@@ -356,7 +389,7 @@ class LdapStore(Store):
             conn.search("", "(objectClass=*)", ldap3.BASE, attributes=attributes)
         except LDAPException as exc:
             self._drop_service()
-            raise StoreError(f"cannot read the root DSE: {exc}") from None
+            raise StoreUnavailable(f"cannot read the root DSE: {exc}") from None
         if conn.result.get("result") != 0 or not conn.response:
             raise StoreError(f"cannot read the root DSE: {conn.result.get('description')}")
         return conn.response[0]["raw_attributes"]
@@ -428,7 +461,7 @@ class LdapStore(Store):
 
     # -- authentication ---------------------------------------------------------------------
 
-    def _find_dn(self, store_id: str) -> str | None:
+    def _find_dn(self, store_id: str, deadline: float) -> str | None:
         """The current DN of the entry with this stable id (one search on a connection of its own:
         password checks run in several threads), or None."""
         try:
@@ -436,18 +469,19 @@ class LdapStore(Store):
         except ValueError:
             return None
         search_filter = f"(&{self.mapping.filter}({self.mapping.stable_id}={filter_value(value)}))"
-        conn = self._bind_service()
+        conn = self._bind_service(deadline)
         try:
             for base in self.base_dns:
+                self._wait_at_most(conn, deadline)
                 for entry in self._search(base, search_filter, [self.mapping.stable_id], own=conn):
                     return entry["dn"]
             return None
         finally:
             conn.unbind()
 
-    def _bind(self, dn: str, password: str) -> bool:
+    def _bind(self, dn: str, password: str, deadline: float) -> bool:
         """One simple bind as dn, on a pooled connection when one is open (a pooled connection the
-        directory has meanwhile closed is replaced by a new one)."""
+        directory has meanwhile closed is replaced by a new one), answered before deadline."""
         try:
             conn: ldap3.Connection | None = self._auth_pool.get_nowait()
         except queue.Empty:
@@ -456,8 +490,9 @@ class LdapStore(Store):
             reused = conn is not None and not conn.closed
             try:
                 if not reused:
-                    conn = self._connect(None, None)
+                    conn = self._connect(None, None, deadline)
                 assert conn is not None
+                self._wait_at_most(conn, deadline)
                 conn.user, conn.password, conn.authentication = dn, password, ldap3.SIMPLE
                 ok = bool(conn.bind())
                 break
@@ -468,8 +503,10 @@ class LdapStore(Store):
                     except LDAPException:
                         pass
                 conn = None
-                if not reused:
-                    raise StoreError(f"cannot reach {', '.join(self.uris)}: {exc}") from None
+                # A pooled connection the directory closed is replaced, if there is time left.
+                if not reused or time.monotonic() >= deadline:
+                    raise StoreUnavailable(
+                        f"cannot reach the directory: {', '.join(self.uris)}: no answer to a bind: {exc}") from None
         if not ok and conn.result.get("result") != INVALID_CREDENTIALS:
             log.warning("store %s: bind as %s refused: %s %s", self.name, dn,
                         conn.result.get("description"), conn.result.get("message") or "")
@@ -479,32 +516,61 @@ class LdapStore(Store):
             conn.unbind()
         return ok
 
+    def _reached(self, error: StoreUnavailable | None) -> None:
+        """Record whether a password check reached the directory; log only when that changes."""
+        with self._state_lock:
+            if error is None:
+                if self._unreachable is not None:
+                    log.warning("store %s: password checks reach the directory again (%d failed while it was "
+                                "unreachable)", self.name, self._failed_checks)
+                    self._unreachable, self._failed_checks = None, 0
+                return
+            self._failed_checks += 1
+            if self._unreachable is None:
+                self._unreachable = str(error)
+                log.warning("store %s: password checks fail until the directory answers again: %s", self.name, error)
+            else:
+                log.debug("store %s: password check failed, the directory is still unreachable: %s", self.name, error)
+
     def authenticate(self, identity: Identity, password: str) -> bool:
         """Bind as the identity's entry; when that fails and the entry has moved (found by its
-        stable id), bind once more at its new DN. An empty password never reaches the directory."""
+        stable id), bind once more at its new DN. An empty password never reaches the directory.
+        All of it within the store's timeout; StoreUnavailable when the directory cannot be
+        reached or does not answer in time. While it cannot, one check at a time tries it and
+        the others fail at once, rather than each holding a thread and a login for the timeout."""
         if not password:
             log.info("store %s: empty password for %s refused", self.name, identity.mxid)
             return False
+        probe = self._unreachable is not None
+        if probe and not self._probing.acquire(blocking=False):
+            busy = StoreUnavailable(f"{self._unreachable} (another password check is trying it again)")
+            self._reached(busy)
+            raise busy
+        try:
+            return self._authenticate(identity, password)
+        finally:
+            if probe:
+                self._probing.release()
+
+    def _authenticate(self, identity: Identity, password: str) -> bool:
         started = time.monotonic()
+        deadline = self._deadline()
         try:
-            if identity.locator and self._bind(identity.locator, password):
-                log.info("store %s: %s authenticated in %.0f ms", self.name, identity.mxid,
-                         1000 * (time.monotonic() - started))
-                return True
-            current = self._find_dn(identity.store_id)
+            ok = bool(identity.locator) and self._bind(identity.locator or "", password, deadline)
+            current = None if ok else self._find_dn(identity.store_id, deadline)
+            moved = current is not None and current != identity.locator
+            if moved:
+                log.info("store %s: %s moved from %s to %s", self.name, identity.mxid, identity.locator, current)
+                ok = self._bind(current or "", password, deadline)
         except StoreError as exc:
-            logs.repeated.error(log, "store %s: password check for %s failed: %s", self.name, identity.mxid, exc,
-                                key=f"{self.name} password check")
-            return False
-        if current is None or current == identity.locator:
+            # A refused service account or a failed search stops password checks as an outage does.
+            unavailable = exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(str(exc))
+            self._reached(unavailable)
+            raise unavailable from None
+        self._reached(None)
+        if ok:
+            log.info("store %s: %s authenticated in %.0f ms", self.name, identity.mxid,
+                     1000 * (time.monotonic() - started))
+        else:
             log.info("store %s: wrong password for %s", self.name, identity.mxid)
-            return False
-        log.info("store %s: %s moved from %s to %s", self.name, identity.mxid, identity.locator, current)
-        try:
-            ok = self._bind(current, password)
-        except StoreError as exc:
-            logs.repeated.error(log, "store %s: password check for %s failed: %s", self.name, identity.mxid, exc,
-                                key=f"{self.name} password check")
-            return False
-        log.info("store %s: %s %s", self.name, identity.mxid, "authenticated" if ok else "wrong password")
         return ok

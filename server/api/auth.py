@@ -13,6 +13,7 @@ from sanic.response import HTTPResponse, json
 
 from indexer import logs
 from indexer.identity import Identity
+from indexer.stores import StoreUnavailable
 from server.api import client_address, json_body
 from server.credentials import Limited
 from server.errors import MatrixError
@@ -37,6 +38,10 @@ async def check_credentials(request: Request) -> HTTPResponse:
         identity = await request.app.ctx.credentials.authenticate(user["id"], user["password"], None)
     except Limited:
         identity = None
+    except StoreUnavailable:
+        # Not "wrong password": the homeserver fails this login with an error, and the user may retry.
+        raise MatrixError(503, "M_UNKNOWN", "The password could not be checked: the user directory does not "
+                          "answer. Try again later.") from None
     if identity is None:
         # Always 200 with a profile: the provider treats any other answer as an error, and reads profile.
         return json({"auth": {"success": False, "profile": {}}})
