@@ -38,7 +38,8 @@ setup(
         "aiosmtplib>=3.0",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "selenium>=4.20", "aiosmtpd>=1.4", "trustme>=1.1"],
+        "test": ["pytest>=8.0", "selenium>=4.20", "aiosmtpd>=1.4", "trustme>=1.1", "psutil>=5.9",
+                 "schemathesis>=4.0"],
     },
     entry_points={"console_scripts": ["mxisd = server.cli:main"]},
 )

@@ -28,6 +28,8 @@ older copy shows a lower one),
 fulltext:<host> (follower position, for status), fulltext-hosts (set of hosts with a follower),
 fulltext-rebuild (a counter: followers rebuild their index when it moves),
 jobs (list: ids of sync jobs waiting for an indexer), job:<id> (hash: one sync job, expiring),
+indexer:<host> (the indexer's heartbeat: JSON, expiring unless renewed), indexer-exit:<host> (JSON: how
+the host's indexer last ended, written by `mxisd run`'s supervisor), indexer-hosts (set of hosts),
 rate:<kind>:<key> (rate-limit windows),
 fail:<kind>:<who> (failed logins counted in a
 window, with a TTL; kind is "user" or "ip").
@@ -76,6 +78,24 @@ redis.call('EXPIRE', key, ARGV[3])
 redis.call('SET', KEYS[1], ARGV[2])
 redis.call('LPUSH', KEYS[2], ARGV[2])
 return {ARGV[2], 1}
+"""
+
+# Atomically: claim a queued job for this indexer (nothing when it was failed for waiting too long).
+_CLAIM = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return nil end
+redis.call('HSET', KEYS[1], 'state', 'running', 'started', ARGV[1], 'host', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return redis.call('HGETALL', KEYS[1])
+"""
+
+# Atomically: fail a job that is still queued, take it off the queue and free its store.
+_ABANDON = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
+redis.call('LREM', KEYS[2], 0, ARGV[1])
+redis.call('HSET', KEYS[1], 'state', 'done', 'outcome', 'failed', 'error', ARGV[2], 'ended', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
+return 1
 """
 
 BINDINGS = "_bindings"
@@ -153,6 +173,13 @@ class Keys:
         self.jobs = f"{prefix}jobs"
         self.job_prefix = f"{prefix}job:"
         self.generation = f"{prefix}generation"
+        self.indexer_hosts = f"{prefix}indexer-hosts"
+
+    def indexer(self, host: str) -> str:
+        return f"{self.prefix}indexer:{host}"
+
+    def indexer_exit(self, host: str) -> str:
+        return f"{self.prefix}indexer-exit:{host}"
 
     def store(self, store: str, part: str) -> str:
         return f"{self.prefix}s:{store}:{part}"
@@ -245,20 +272,29 @@ def _status_plan(k: Keys, stores: list[str], now: float) -> Plan:
     first: Commands = []
     for store in stores:
         first += [("hlen", k.store(store, "rec")), ("hgetall", k.store(store, "state")), ("get", k.store(store, "job"))]
-    first += [("smembers", k.followers), ("xrevrange", k.changes, "+", "-", 1), ("get", k.epoch)]
+    first += [("smembers", k.followers), ("xrevrange", k.changes, "+", "-", 1), ("get", k.epoch),
+              ("smembers", k.indexer_hosts)]
     replies = yield first
     per_store = [replies[i:i + 3] for i in range(0, 3 * len(stores), 3)]
-    hosts, newest, epoch = sorted(replies[-3]), replies[-2], replies[-1]
+    hosts, newest, epoch, indexer_hosts = sorted(replies[-4]), replies[-3], replies[-2], sorted(replies[-1])
     newest_id = newest[0][0] if newest else "0-0"
     pointers = [job_id for _, _, job_id in per_store]
-    second: Commands = [("hgetall", k.job(j)) for j in pointers if j] + [("hgetall", k.follower(h)) for h in hosts]
+    job_ids = [j for j in pointers if j]
+    second: Commands = ([("hgetall", k.job(j)) for j in job_ids] + [("hgetall", k.follower(h)) for h in hosts]
+                        + [("get", key(h)) for h in indexer_hosts for key in (k.indexer, k.indexer_exit)])
     replies = yield second
-    jobs = dict(zip([j for j in pointers if j], replies[:len(second) - len(hosts)]))
-    followers = [dict(raw, host=h) for h, raw in zip(hosts, replies[len(second) - len(hosts):])]
+    jobs = dict(zip(job_ids, replies[:len(job_ids)]))
+    followers = [dict(raw, host=h) for h, raw in zip(hosts, replies[len(job_ids):len(job_ids) + len(hosts)])]
+    indexer_replies = replies[len(job_ids) + len(hosts):]
     behind = [f for f in followers if _stream_id(f.get("last_id") or "0-0") < _stream_id(newest_id)]
     replies = yield [("xrange", k.changes, "(" + f.get("last_id", "0-0"), "+", 1) for f in behind]
     oldest_unapplied = {f["host"]: (r[0][0] if r else newest_id) for f, r in zip(behind, replies)}
-    result: dict[str, Any] = {"stores": {}, "followers": [], "last_change_id": newest_id}
+    result: dict[str, Any] = {"stores": {}, "followers": [], "last_change_id": newest_id, "indexers": []}
+    for i, host in enumerate(indexer_hosts):
+        beat, last_exit = indexer_replies[2 * i], indexer_replies[2 * i + 1]
+        result["indexers"].append({"host": host, "alive": beat is not None,
+                                   **(json.loads(beat) if beat else {}),
+                                   "last_exit": json.loads(last_exit) if last_exit else None})
     for store, (count, state, job_id) in zip(stores, per_store):
         fields = {name: json.loads(value) for name, value in state.items()}
         job = _job_view(job_id, jobs[job_id]) if job_id else None
@@ -645,21 +681,45 @@ class Cache:
 
     # -- sync jobs (admin-triggered syncs run by an indexer) -----------------------------------
 
-    def next_job(self, timeout: int) -> dict[str, str] | None:
-        """Wait up to timeout seconds for a queued job and claim it: its fields, now "running"."""
+    def next_job(self, timeout: int, host: str) -> dict[str, str] | None:
+        """Wait up to timeout seconds for a queued job and claim it for host's indexer: its fields,
+        now "running"."""
         reply = self.r.brpop([self.k.jobs], timeout=timeout)
         if not reply:
             return None
-        key = self.k.job(reply[1])
+        # Expired while queued, or failed for waiting too long: nothing to run.
+        fields = self.r.eval(_CLAIM, 1, self.k.job(reply[1]), time.time(), JOB_RUNNING_TTL, host)
+        return dict(zip(fields[::2], fields[1::2])) if fields else None
+
+    # -- the indexer's heartbeat ---------------------------------------------------------------
+
+    def beat(self, host: str, ttl: int, **fields: Any) -> None:
+        """Say that host's indexer is alive (with fields such as its pid) for the next ttl seconds."""
         tx = self.r.pipeline(transaction=True)
-        tx.hset(key, mapping={"state": "running", "started": time.time()})
-        tx.expire(key, JOB_RUNNING_TTL)
-        tx.hgetall(key)
-        job = tx.execute()[2]
-        if not job.get("store"):  # expired while queued: nothing to run
-            self.r.delete(key)
-            return None
-        return job
+        tx.set(self.k.indexer(host), json.dumps(dict(fields, beat=time.time())), ex=ttl)
+        tx.sadd(self.k.indexer_hosts, host)
+        tx.execute()
+
+    def indexer_exited(self, host: str, **fields: Any) -> None:
+        """Record how host's indexer ended, and forget its heartbeat: it is down from now on."""
+        tx = self.r.pipeline(transaction=True)
+        tx.delete(self.k.indexer(host))
+        tx.set(self.k.indexer_exit(host), json.dumps(dict(fields, at=time.time())))
+        tx.sadd(self.k.indexer_hosts, host)
+        tx.execute()
+
+    def fail_running_jobs(self, host: str, stores: list[str], error: str) -> list[str]:
+        """Fail the jobs that host's indexer was running (it died); their ids."""
+        failed = []
+        for store in stores:
+            job_id = self.r.get(self.k.store(store, "job"))
+            if job_id is None:
+                continue
+            job = self.r.hmget(self.k.job(job_id), ["state", "host"])
+            if job == ["running", host]:
+                self.finish_job(store, job_id, None, error)
+                failed.append(job_id)
+        return failed
 
     def update_job(self, job_id: str, **fields: Any) -> None:
         """Record progress of a running job and keep it alive."""
@@ -867,11 +927,14 @@ class Lookups:
 class Admin:
     """Non-blocking reads and requests for the admin API and the readiness check."""
 
-    def __init__(self, client: redis.asyncio.Redis, prefix: str, stores: list[str]) -> None:
+    def __init__(self, client: redis.asyncio.Redis, prefix: str, stores: list[str],
+                 job_start_timeout: float = 30.0) -> None:
         self.r = client
         self.k = Keys(prefix)
         self.stores = stores
+        self.job_start_timeout = job_start_timeout
         self._enqueue = client.register_script(_ENQUEUE)
+        self._abandon = client.register_script(_ABANDON)
 
     async def status(self) -> dict[str, Any]:
         """{"stores": {name: {identities, last_full, last_incremental, last_success, next_full,
@@ -892,6 +955,15 @@ class Admin:
         return job, bool(created)
 
     async def job(self, job_id: str) -> dict[str, Any] | None:
+        """A job as the admin API shows it; a job queued for longer than job_start_timeout is failed
+        first, since no live indexer took it (one that is down would otherwise leave it waiting)."""
+        view = _job_view(job_id, await self.r.hgetall(self.k.job(job_id)))
+        if view is None or view["state"] != "queued" or time.time() - (view["created"] or 0) < self.job_start_timeout:
+            return view
+        error = (f"no indexer took this job within {self.job_start_timeout:g} s: the indexer is not running "
+                 "(see `mxisd status` and the server's log)")
+        await self._abandon(keys=[self.k.job(job_id), self.k.jobs, self.k.store(view["store"], "job")],
+                            args=[job_id, error, time.time(), JOB_DONE_TTL])
         return _job_view(job_id, await self.r.hgetall(self.k.job(job_id)))
 
     async def inspect(self, medium: str | None, address: str) -> list[dict[str, Any]]:

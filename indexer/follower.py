@@ -133,3 +133,8 @@ class Follower:
                 logs.repeated.warning(log, "fulltext follower: Redis unavailable (%s); retrying", exc, key="follower redis")
                 self.epoch = ""
                 stop.wait(2)
+            except Exception as exc:  # this thread must go on
+                logs.repeated.error(log, "fulltext follower: unexpected error (%s: %s); retrying in 5 s",
+                                    type(exc).__name__, exc, key=f"follower {type(exc).__name__}", exc_info=True)
+                self.epoch = ""
+                stop.wait(5)

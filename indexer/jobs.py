@@ -4,6 +4,7 @@ recording progress and outcome in the job for the API to report."""
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 from typing import Any, Callable
 
@@ -36,10 +37,15 @@ class JobRunner:
         """Wait for jobs until stop is set; Redis outages are waited out."""
         while not stop.is_set():
             try:
-                job = self.cache.next_job(timeout=1)
+                job = self.cache.next_job(timeout=1, host=socket.gethostname())
             except redis.exceptions.RedisError as exc:
                 logs.repeated.warning(log, "sync jobs: Redis unavailable (%s); retrying", exc, key="jobs redis")
                 stop.wait(2)
+                continue
+            except Exception as exc:  # this thread must go on, or queued jobs wait for nobody
+                logs.repeated.error(log, "sync jobs: unexpected error (%s: %s); retrying in 5 s", type(exc).__name__,
+                                    exc, key=f"jobs {type(exc).__name__}", exc_info=True)
+                stop.wait(5)
                 continue
             if job is not None:
                 threading.Thread(target=self.execute, args=(job, stop), name=f"job-{job['id']}", daemon=True).start()

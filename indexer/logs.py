@@ -120,8 +120,10 @@ class Repeated:
         self._lock = threading.Lock()
         self._seen: dict[tuple[str, int, str], tuple[float, int]] = {}  # key -> (last logged, since then)
 
-    def log(self, logger: logging.Logger, level: int, msg: str, *args: object, key: str | None = None) -> None:
-        """Log msg % args unless the same message (or key) was logged less than interval_s ago."""
+    def log(self, logger: logging.Logger, level: int, msg: str, *args: object, key: str | None = None,
+            exc_info: bool = False) -> None:
+        """Log msg % args unless the same message (or key) was logged less than interval_s ago (with
+        exc_info, the exception being handled is logged with it)."""
         text = msg % args if args else msg
         ident = (logger.name, level, key if key is not None else text)
         now = self.clock()
@@ -135,10 +137,11 @@ class Repeated:
                 self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.interval_s}
         if count:
             text += f" ({count} more times in the last {now - last:.0f} s)"  # type: ignore[operator]
-        logger.log(level, "%s", text)
+        logger.log(level, "%s", text, exc_info=exc_info)
 
-    def error(self, logger: logging.Logger, msg: str, *args: object, key: str | None = None) -> None:
-        self.log(logger, logging.ERROR, msg, *args, key=key)
+    def error(self, logger: logging.Logger, msg: str, *args: object, key: str | None = None,
+              exc_info: bool = False) -> None:
+        self.log(logger, logging.ERROR, msg, *args, key=key, exc_info=exc_info)
 
     def warning(self, logger: logging.Logger, msg: str, *args: object, key: str | None = None) -> None:
         self.log(logger, logging.WARNING, msg, *args, key=key)

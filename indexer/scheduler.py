@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -28,6 +29,9 @@ from indexer.sync import SyncBusy, SyncResult, full_sync, incremental_sync
 
 log = logging.getLogger(__name__)
 
+# How long the indexer's loop waits after an unexpected error (such as Redis being down) before it
+# tries again.
+RETRY_AFTER = 5.0
 # A store that cannot be synced in full while it is missing from the cache is tried again after this
 # long, twice as long each time, up to RESYNC_RETRY_MAX_S.
 RESYNC_RETRY_FIRST_S = 10.0
@@ -36,6 +40,10 @@ RESYNC_RETRY_MAX_S = 300.0
 
 def fulltext_path(config: dict[str, Any]) -> Path:
     return Path(config["data_dir"]) / "fulltext"
+
+
+class Stopping(Exception):
+    """The indexer was asked to stop while a sync ran."""
 
 
 class Indexer:
@@ -50,22 +58,34 @@ class Indexer:
         ]
         self.scheduler = schedule.Scheduler()
         self.published: dict[str, dict[str, float | None]] = {}
+        self.stop = threading.Event()
         self.check_every = max(1, parse_duration(config["redis"]["check_every"]))
         self.next_check = 0.0
         self.retry_after: dict[str, tuple[float, float]] = {}  # store -> (monotonic time, next delay)
 
+    def _progress(self, read: int, applied: int) -> None:
+        # Between two batches: a sync asked to stop fails there, and frees its store's lock, instead
+        # of being killed when `mxisd run` stops waiting for it.
+        if self.stop.is_set():
+            raise Stopping("the indexer was stopped during this sync")
+
+    # A scheduled job must never raise: `schedule` would then run it again at once, in a loop, and
+    # the loop itself would end.
     def sync(self, store: Store, sync_config: dict[str, Any]) -> None:
         try:
-            observe_sync(full_sync(self.cache, store, sync_config["max_delete_ratio"]))
+            observe_sync(full_sync(self.cache, store, sync_config["max_delete_ratio"], self._progress))
         except SyncBusy as exc:
             log.info("%s; skipping this run", exc)
         except redis.exceptions.RedisError as exc:
             logs.repeated.error(log, "store %s: sync not started, Redis unavailable: %s", store.name, exc,
                                 key=f"{store.name} full redis")
+        except Exception as exc:
+            logs.repeated.error(log, "store %s: sync not started: %s: %s", store.name, type(exc).__name__, exc,
+                                key=f"{store.name} full {type(exc).__name__}", exc_info=True)
 
     def sync_changes(self, store: Store) -> None:
         try:
-            result: SyncResult | None = incremental_sync(self.cache, store)
+            result: SyncResult | None = incremental_sync(self.cache, store, self._progress)
             if result is not None:
                 observe_sync(result)
         except SyncBusy as exc:
@@ -73,6 +93,10 @@ class Indexer:
         except redis.exceptions.RedisError as exc:
             logs.repeated.error(log, "store %s: incremental sync not started, Redis unavailable: %s", store.name, exc,
                                 key=f"{store.name} incremental redis")
+        except Exception as exc:
+            logs.repeated.error(log, "store %s: incremental sync not started: %s: %s", store.name,
+                                type(exc).__name__, exc, key=f"{store.name} incremental {type(exc).__name__}",
+                                exc_info=True)
 
     def _first_delay(self, store: Store, every: int | None) -> float | None:
         last = self.cache.state(store.name).get("last_full") or {}
@@ -84,6 +108,7 @@ class Indexer:
 
     def plan(self) -> None:
         """Schedule each store's first run for when it is due, and every full_every after that."""
+        self.scheduler.clear()  # planning again after a failure must not double the jobs
         for store, sync_config in self.stores:
             if not store.enumerable:
                 log.info("store %s cannot be enumerated: lookups ask it on cache misses instead", store.name)
@@ -144,17 +169,29 @@ class Indexer:
                 self.published[store.name] = planned
 
     def run(self, stop: threading.Event) -> None:
-        self.plan()
+        """Run the syncs when they are due until stop is set. Nothing ends this loop but stop: an
+        error (Redis down or emptied meanwhile) is logged and the loop tries again a little later."""
+        self.stop = stop
+        planned = False
         while not stop.is_set():
             try:
+                if not planned:
+                    self.plan()
+                    planned = True
                 self.resync_incomplete()
-            except redis.exceptions.RedisError as exc:
-                logs.repeated.warning(log, "could not check that every store is in the cache: %s", exc)
-            self.scheduler.run_pending()
-            try:
+                self.scheduler.run_pending()
                 self.publish_schedule()
             except redis.exceptions.RedisError as exc:
-                logs.repeated.warning(log, "could not record the sync schedule: %s", exc)
+                logs.repeated.error(log, "indexer: Redis unavailable (%s); trying again in %.0f s", exc, RETRY_AFTER,
+                                    key="indexer loop redis")
+                stop.wait(RETRY_AFTER)
+                continue
+            except Exception as exc:
+                logs.repeated.error(log, "indexer: unexpected error (%s: %s); trying again in %.0f s",
+                                    type(exc).__name__, exc, RETRY_AFTER, key=f"indexer loop {type(exc).__name__}",
+                                    exc_info=True)
+                stop.wait(RETRY_AFTER)
+                continue
             idle = self.scheduler.idle_seconds
             stop.wait(1.0 if idle is None else min(1.0, max(idle, 0.05)))
 
@@ -167,7 +204,14 @@ def run_indexer(config: dict[str, Any], redis_url: str, stop: threading.Event, p
     """The body of the indexer process: follower thread plus scheduled syncs, until stop is set
     (or the parent process has gone away)."""
     cache = Cache(connect(redis_url, timeout_of(config), blocking=True), config["redis"]["prefix"])
-    cache.initialize()
+    while not stop.is_set():
+        try:
+            cache.initialize()
+            break
+        except redis.exceptions.RedisError as exc:
+            logs.repeated.error(log, "indexer: Redis unavailable (%s); trying again in %.0f s", exc, RETRY_AFTER,
+                                key="indexer start redis")
+            stop.wait(RETRY_AFTER)
     store_names = [s["name"] for s in config["stores"]]
     follower = Follower(cache, FullText(fulltext_path(config)), store_names)
     follower_thread = threading.Thread(target=follower.run, args=(stop,), name="fulltext-follower", daemon=True)
@@ -177,6 +221,10 @@ def run_indexer(config: dict[str, Any], redis_url: str, stop: threading.Event, p
     jobs = threading.Thread(target=JobRunner(config, cache, observe_sync).run, args=(stop,), name="sync-jobs",
                             daemon=True)
     jobs.start()
+    heartbeat = threading.Thread(target=_heartbeat, name="heartbeat", daemon=True,
+                                 args=(cache, parse_duration(config["supervisor"]["heartbeat"]),
+                                       [follower_thread, jobs], stop))
+    heartbeat.start()
     indexer = Indexer(config, cache)
     try:
         indexer.run(stop)
@@ -185,6 +233,29 @@ def run_indexer(config: dict[str, Any], redis_url: str, stop: threading.Event, p
         follower_thread.join(timeout=10)
         jobs.join(timeout=10)
         indexer.close()
+
+
+def _heartbeat(cache: Cache, every: int, threads: list[threading.Thread], stop: threading.Event) -> None:
+    """Tell Redis that this host's indexer is alive every `every` seconds, while each of its threads
+    is: readiness fails, and `mxisd status` says the indexer is down, once three beats are missed."""
+    host, started, failing = socket.gethostname(), time.time(), False
+    while not stop.is_set():
+        dead = [t.name for t in threads if not t.is_alive()]
+        if dead:
+            # Its loops catch every error, so this is a bug: end the process, and `mxisd run` restarts it.
+            log.error("indexer: thread %s ended; stopping so that the indexer is restarted", ", ".join(dead))
+            stop.set()
+            return
+        try:
+            cache.beat(host, 3 * every, pid=os.getpid(), started=started)
+            if failing:
+                log.info("indexer: heartbeat recorded again")
+            failing = False
+        except redis.exceptions.RedisError as exc:
+            if not failing:  # once per outage, not once per beat
+                log.warning("indexer: could not record its heartbeat: %s", exc)
+            failing = True
+        stop.wait(every)
 
 
 def _watch_parent(parent_pid: int, stop: threading.Event) -> None:

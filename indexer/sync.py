@@ -94,6 +94,10 @@ def _locked_run(
         result.outcome, result.error = "failed", f"redis: {exc}"
         logs.repeated.error(log, "store %s: %s sync failed on Redis: %s", store.name, kind, exc,
                             key=f"{store.name} {kind} redis")
+    except Exception as exc:  # a store's bug: that sync fails, the indexer carries on
+        result.outcome, result.error = "failed", f"{type(exc).__name__}: {exc}"
+        logs.repeated.error(log, "store %s: %s sync failed on an unexpected error: %s", store.name, kind,
+                            result.error, key=f"{store.name} {kind} {type(exc).__name__}", exc_info=True)
     finally:
         result.ended = time.time()
         state = {f"last_{kind}": result.as_dict()}

@@ -257,7 +257,22 @@ def _status(config: dict[str, Any]) -> int:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     for follower in state["followers"]:
         print(f"fulltext index on {follower['host']}: {follower['lag_seconds']:.1f} s behind the cache")
+    for indexer in state["indexers"]:
+        print(_indexer_line(indexer))
     return 0
+
+
+def _indexer_line(indexer: dict[str, Any]) -> str:
+    """Whether a host's indexer runs (its heartbeat is recent), and how it last ended."""
+    last_exit = indexer["last_exit"]
+    ended = f"{last_exit['reason']} at {_when(last_exit['at'])}" if last_exit else None
+    if indexer["alive"]:
+        line = (f"indexer on {indexer['host']}: running (pid {indexer['pid']}, since {_when(indexer['started'])}, "
+                f"heartbeat {time.time() - indexer['beat']:.0f} s ago)")
+        return line + (f"; before that it {ended}" if ended else "")
+    if ended:
+        return f"indexer on {indexer['host']}: NOT RUNNING: it {ended}; mxisd run starts it again"
+    return f"indexer on {indexer['host']}: NOT RUNNING: no recent heartbeat"
 
 
 def _test_email(config: dict[str, Any], address: str) -> int:
@@ -294,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per admin API call
     try:
         if args.command == "run":
-            run(config)
+            run(config, path)
             return 0
         if args.command == "status":
             return _status(config)

@@ -35,15 +35,18 @@ class Credentials:
         self.lookups = lookups
         self.domain: str = config["matrix"]["domain"]
         self.region: str | None = config["threepids"]["msisdn"]["default_region"]
-        limits = config["auth"]["rate_limit"]
-        self.per_user: int = limits["per_user"]
-        self.per_ip: int = limits["per_ip"]
-        self.window = parse_duration(limits["window"])
+        self.set_limits(config["auth"]["rate_limit"])
         self.stores: dict[str, Store] = {s["name"]: build_store(s, config) for s in config["stores"]}
         # Password checks block (a bind, a query, an HTTP call): threads, never the event loop. Each
         # waits on its store for at most that store's timeout, so these many bound how many logins a
         # slow directory can hold up at once.
         self.executor = ThreadPoolExecutor(max_workers=config["auth"]["threads"], thread_name_prefix="auth")
+
+    def set_limits(self, limits: dict[str, Any]) -> None:
+        """auth.rate_limit (again on SIGHUP)."""
+        self.per_user: int = limits["per_user"]
+        self.per_ip: int = limits["per_ip"]
+        self.window = parse_duration(limits["window"])
 
     def threepid(self, login: str) -> tuple[str, str] | None:
         """(medium, canonical address) when a login identifier is an email address or a phone number."""

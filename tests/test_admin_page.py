@@ -63,6 +63,7 @@ def test_admin_page_login_sync_and_search(make_server, browser):
     assert text_of(people + " .identities") == "3"
     wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, people), "ok"))
     assert "file" in text_of(people)
+    wait.until(ec.text_to_be_present_in_element((By.ID, "indexers"), "running (pid"))
     # The token is not in the address or the page, only in this tab's session storage.
     assert ADMIN_TOKEN not in browser.current_url and ADMIN_TOKEN not in browser.page_source
 

@@ -86,6 +86,8 @@ def test_metrics_start_from_zero_after_a_restart(make_server):
 
 def test_status_version_and_readiness_follow_redis(make_server):
     srv = make_server(embedded_redis=True)
+    # The test restarts the embedded Redis itself, well before `mxisd run` would (test_faults.py has that).
+    srv.config["supervisor"] = {"restart_first": "1h"}
     srv.people_path.write_text("- localpart: [unclosed\n")  # the store cannot be read yet
     srv.start()
     assert srv.http.get("/status").json() == {"status": {"health": "OK"}}

@@ -167,6 +167,28 @@ def test_incremental_sync_by_timestamp_and_deletion(cache, directory, make_store
     assert cache.mxid_of("hr", "email", "user3@example.org") is None
 
 
+def test_a_row_without_a_mark_takes_the_person_s_other_rows_mark(cache, directory, make_store):
+    """A LEFT JOIN whose mark comes from the joined table gives NULL on some rows of a person: that
+    used to end the indexer with TypeError (max of a mark and None)."""
+    directory.add("1", "alice", "Alice", T0, ("email", "alice@example.org"))
+    store = make_store(directory.url, queries=dict(
+        QUERIES, changes=QUERIES["changes"].replace(
+            "p.updated_at AS mark", "CASE WHEN a.medium = 'msisdn' THEN NULL ELSE p.updated_at END AS mark")))
+    assert full_sync(cache, store, 0.5).outcome == "ok"
+    later = T0 + datetime.timedelta(minutes=5)
+    directory.add("2", "bob", "Bob", later, ("email", "bob@example.org"), ("msisdn", "07700 900123"))
+    result = incremental_sync(cache, store)
+    assert (result.outcome, result.added) == ("ok", 1)
+    assert cache.mxid_of("hr", "msisdn", "447700900123") == "@bob:example.org"
+    assert cache.state("hr")["high_water_mark"] == stamp(directory, "2026-01-01T12:05:00.000000")
+
+    # Only NULL marks for a person: that sync fails and says why; the mark stays where it was.
+    directory.add("3", "carol", "Carol", later + datetime.timedelta(seconds=1), ("msisdn", "07700 900124"))
+    failed = incremental_sync(cache, store)
+    assert failed.outcome == "failed" and "no mark for record 3" in failed.error
+    assert cache.state("hr")["high_water_mark"] == stamp(directory, "2026-01-01T12:05:00.000000")
+
+
 def test_each_hash_format_and_wrong_passwords(directory, make_store, caplog):
     hashes = {
         "bcrypt": bcrypt.hashpw("pässword".encode(), bcrypt.gensalt(4)).decode(),

@@ -158,7 +158,8 @@ class SqlStore(Store):
                     person[key] = str(row[key])
             if row["medium"] is not None and row["address"] is not None:
                 person["threepids"].append((str(row["medium"]), str(row["address"])))
-            if query == "changes":
+            # A row of a LEFT JOIN may carry no mark (NULL): the person's mark is that of their others.
+            if query == "changes" and row["mark"] is not None:
                 mark = _mark_out(row["mark"])
                 person["mark"] = mark if person["mark"] is None else max(person["mark"], mark)
         return people

@@ -5,9 +5,11 @@ from __future__ import annotations
 import ipaddress
 from functools import lru_cache
 from typing import Any, Union
+from urllib.parse import parse_qs
 
 import jsonschema
 import jsonschema_rs
+import orjson
 from sanic import Request
 from sanic.exceptions import BadRequest
 
@@ -32,17 +34,42 @@ def _fast_validator(name: str) -> Any:
 V1 = "/_matrix/identity/api/v1"
 V2 = "/_matrix/identity/v2"
 
+# Far deeper than any request of the APIs (4 levels at most), far shallower than what exhausts the
+# stack of the schema checks and encoders that walk a value recursively.
+MAX_JSON_DEPTH = 64
+
+
+def load_json(body: bytes) -> Any:
+    """A request body's JSON value; ValueError (400 from Sanic) when it is nested deeper than
+    MAX_JSON_DEPTH."""
+    value = orjson.loads(body)
+    # Counting brackets costs little and clears nearly every body; only a larger one is walked.
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH:
+        level = [value]
+        for _ in range(MAX_JSON_DEPTH):
+            level = [child for v in level for child in (v.values() if type(v) is dict else v)
+                     if type(child) is list or type(child) is dict]
+            if not level:
+                return value
+        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
 
 def json_body(request: Request, schema: str, allow_form: bool = False) -> dict[str, Any]:
     """The request's JSON object (or, with allow_form, its legacy form-encoded fields), checked
     against schemas/api/<schema>.json."""
     if allow_form and request.content_type.startswith("application/x-www-form-urlencoded"):
-        body: Any = {k: v[0] for k, v in request.form.items()}
+        # Parsed here, not by Sanic: Sanic logs a traceback for every form that is not UTF-8.
+        try:
+            text = request.body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MatrixError(400, "M_INVALID_PARAM", "The form body is not UTF-8") from None
+        body: Any = {k: v[0] for k, v in parse_qs(text).items()}
     else:
         try:
             body = request.json
         except BadRequest:
-            raise MatrixError(400, "M_NOT_JSON", "The request body is not valid JSON") from None
+            raise MatrixError(400, "M_NOT_JSON", "The request body is not valid JSON (or is nested too deeply)") from None
     if not isinstance(body, dict):
         raise MatrixError(400, "M_BAD_JSON", "The request body must be a JSON object")
     return check_params(body, schema)
@@ -70,6 +97,13 @@ def access_token(request: Request) -> str | None:
     return request.args.get("access_token") or None
 
 
+def usable_token(token: str) -> bool:
+    """Whether a token can be one we or the homeserver handed out: printable ASCII. Anything else
+    (bytes that are not UTF-8 arrive as surrogates) is refused as unknown before it is hashed,
+    stored or sent on."""
+    return token.isascii() and token.isprintable()
+
+
 def unsigned_policies(policies: dict[str, Any], accepted: set[str]) -> list[str]:
     """Ids of the policies of which the user has accepted no language."""
     return [pid for pid, policy in policies.items()
@@ -83,6 +117,8 @@ async def authenticate(request: Request, terms: bool = True) -> str:
     token = access_token(request)
     if token is None:
         raise MatrixError(401, "M_UNAUTHORIZED", "An identity server access token is required")
+    if not usable_token(token):
+        raise MatrixError(401, "M_UNAUTHORIZED", "Unrecognised access token")
     tokens = request.app.ctx.tokens
     known = tokens.get(token)
     if known is not None and (known[1] or not terms):
@@ -108,13 +144,17 @@ async def authenticate_v2(request: Request) -> str | None:
 def client_address(request: Request) -> str:
     """The client's address for per-client limits: behind server.proxies_count reverse proxies, the
     X-Forwarded-For entry that many hops from the right (each proxy appends the address it was reached
-    from; entries further left are whatever the client wrote, so they never count); else the TCP peer's."""
+    from; entries further left are whatever the client wrote, so they never count); else the TCP peer's.
+    A forwarded value that is not an IP address (any bytes a client sent) counts as the peer's."""
     count = request.app.ctx.config["server"]["proxies_count"]
     if count:
         hops = [hop.strip() for header in request.headers.getall("x-forwarded-for", []) for hop in header.split(",")]
         hops = [hop for hop in hops if hop]
         if len(hops) >= count:
-            return hops[-count]
+            try:
+                return str(ipaddress.ip_address(hops[-count]))
+            except ValueError:
+                pass
     return request.ip
 
 

@@ -15,7 +15,7 @@ from sanic.response import HTTPResponse, html, json, redirect
 
 from indexer import logs, normalize
 from indexer.normalize import query_address
-from server.api import json_body, require_client_in
+from server.api import json_body, require_client_in, usable_token
 from server.errors import MatrixError
 
 bp = Blueprint("admin", url_prefix="/_mxisd/admin")
@@ -55,7 +55,7 @@ async def gate(request: Request) -> None:
     if not given:
         raise MatrixError(401, "M_UNAUTHORIZED", "The admin token is required (Authorization: Bearer ...)")
     # Digests of equal length, compared in constant time: the token's length leaks nothing either.
-    if not hmac.compare_digest(token_digest(given), ctx.admin_token_digest):
+    if not usable_token(given) or not hmac.compare_digest(token_digest(given), ctx.admin_token_digest):
         raise MatrixError(401, "M_UNAUTHORIZED", "Unrecognised admin token")
 
 
@@ -77,10 +77,12 @@ def _stores_config(request: Request) -> list[dict[str, Any]]:
 
 @bp.get("/v1/stores")
 async def stores(request: Request) -> HTTPResponse:
-    """GET /_mxisd/admin/v1/stores: each store's size, last syncs, next runs and active job; follower lag."""
+    """GET /_mxisd/admin/v1/stores: each store's size, last syncs, next runs and active job; follower
+    lag; whether each host's indexer runs."""
     status = await request.app.ctx.admin.status()
     listed = [{"name": s["name"], "kind": s["kind"], **status["stores"][s["name"]]} for s in _stores_config(request)]
-    return json({"stores": listed, "followers": status["followers"], "last_change_id": status["last_change_id"]})
+    return json({"stores": listed, "followers": status["followers"], "last_change_id": status["last_change_id"],
+                 "indexers": status["indexers"]})
 
 
 @bp.post("/v1/stores/<name>/sync")

@@ -37,8 +37,8 @@ async def version(request: Request) -> HTTPResponse:
 async def ready(request: Request) -> HTTPResponse:
     """GET /_mxisd/ready: 200 when Redis and the SQL database answer, Redis holds every binding SQL
     has and a full sync of every store completed into it (since it was last emptied or found
-    restored from an older copy), and this host's fulltext index keeps up; else 503. Each check's
-    state is in the body."""
+    restored from an older copy), this host's indexer is alive (its heartbeat is recent) and this
+    host's fulltext index keeps up; else 503. Each check's state is in the body."""
     ctx = request.app.ctx
     checks: dict[str, Any] = {}
     generation = None
@@ -67,6 +67,13 @@ async def ready(request: Request) -> HTTPResponse:
             for name, s in state["stores"].items()
         }
         host = socket.gethostname()
+        indexer = next((i for i in state["indexers"] if i["host"] == host), None)
+        if indexer is not None and indexer["alive"]:
+            checks["indexer"] = {"ok": True, "host": host, "pid": indexer["pid"], "heartbeat": indexer["beat"]}
+        else:
+            last_exit = indexer and indexer["last_exit"]
+            checks["indexer"] = {"ok": False, "host": host, "error": "the indexer of this host is not running" + (
+                f" (it {last_exit['reason']})" if last_exit else ": no recent heartbeat")}
         mine = next((f for f in state["followers"] if f["host"] == host), None)
         limit = ctx.max_follower_lag
         checks["fulltext"] = (
@@ -75,5 +82,5 @@ async def ready(request: Request) -> HTTPResponse:
                   "max_lag_seconds": limit}
         )
     is_ready = (state is not None and checks["sql"]["ok"] and checks["fulltext"]["ok"] and checks["bindings"]["ok"]
-                and all(c["ok"] for c in checks["stores"].values()))
+                and checks["indexer"]["ok"] and all(c["ok"] for c in checks["stores"].values()))
     return json({"ready": is_ready, "checks": checks}, status=200 if is_ready else 503)

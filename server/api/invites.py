@@ -20,7 +20,7 @@ from indexer.config import parse_duration
 from indexer.normalize import InvalidAddress, email as canonical_email
 from server.api import V1, V2, authenticate_v2, client_address, json_body
 from server.errors import MatrixError
-from server.notify import BadRecipient, SendError
+from server.notify import AddressRefused, SendError
 from server.storage import Invite, now_ms
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ async def store_invite(request: Request) -> HTTPResponse:
     try:
         await sender.send("invite", address, values)
         sent = True
-    except BadRecipient as exc:
+    except AddressRefused as exc:
         log.info("invite from %s to %s not stored: %s", invite.sender, logs.untrusted(address), exc)
         raise MatrixError(400, "M_EMAIL_SEND_ERROR", "No email can be sent to this address") from None
     except SendError as exc:

@@ -20,7 +20,7 @@ from indexer.config import parse_duration
 from indexer.normalize import InvalidAddress, email as canonical_email
 from server.api import V1, V2, authenticate_v2, check_params, client_address, json_body
 from server.errors import MatrixError, log_bad_request
-from server.notify import BadRecipient, SendError, read_template, render
+from server.notify import AddressRefused, SendError, read_template, render
 from server.storage import Session, now_ms
 
 log = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ async def request_email_token(request: Request) -> HTTPResponse:
 
     try:
         session = await _start(request, "email", address, body, send)
-    except BadRecipient:
+    except AddressRefused:
         raise MatrixError(400, "M_EMAIL_SEND_ERROR", "No email can be sent to this address") from None
     except SendError:
         raise MatrixError(500, "M_EMAIL_SEND_ERROR", "The verification email could not be sent") from None

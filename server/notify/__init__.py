@@ -10,9 +10,9 @@ class SendError(Exception):
     """The message could not be handed over; the message says why (no secrets)."""
 
 
-class BadRecipient(SendError):
-    """This address cannot be sent to (no IDNA form, refused by the SMTP server, or beyond ASCII
-    where the server does not offer SMTPUTF8): the client's to change, not a fault of ours."""
+class AddressRefused(SendError):
+    """Nothing can be sent to this address the way the server is set up (no IDNA form, refused by
+    the SMTP server, or beyond ASCII where it does not offer SMTPUTF8): the client's to fix (400)."""
 
 
 def read_template(path: str | None, default: str) -> str:

@@ -15,7 +15,7 @@ from urllib.parse import quote
 import aiosmtplib
 import idna
 
-from server.notify import BadRecipient, SendError, read_template, render
+from server.notify import AddressRefused, SendError, read_template, render
 from server.metrics import NOTIFICATIONS
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ class EmailSender:
         try:
             address = f"{local}@{idna.encode(domain, uts46=True).decode('ascii')}"
         except idna.IDNAError as exc:
-            raise BadRecipient(f"the domain of {address!r} has no IDNA form: {exc}") from None
+            raise AddressRefused(f"the domain of {address!r} has no IDNA form: {exc}") from None
         # The config's values win: what a caller passes never replaces the sender or the recipient.
         message = render_message(self.template(kind), {**values, **self.base_values(address)})
         if "From" not in message:
@@ -93,11 +93,11 @@ class EmailSender:
                 username=self.smtp.get("login"), password=self.smtp.get("password"),
                 cert_bundle=self.smtp.get("ca_file"), timeout=self.smtp["timeout_s"],
             )
-        except (aiosmtplib.SMTPNotSupported, aiosmtplib.SMTPRecipientsRefused, ValueError,
-                email.errors.MessageError) as exc:
+        except (aiosmtplib.SMTPNotSupported, aiosmtplib.SMTPRecipientsRefused, aiosmtplib.SMTPRecipientRefused,
+                ValueError, email.errors.MessageError) as exc:
             # ValueError and MessageError: an address the message cannot carry (UnicodeError is one).
             NOTIFICATIONS.labels("email", "failed").inc()
-            raise BadRecipient(f"{address!r} cannot be sent to: {exc}") from None
+            raise AddressRefused(f"{address!r} cannot be sent to: {exc}") from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             NOTIFICATIONS.labels("email", "failed").inc()
             raise SendError(f"SMTP server {self.smtp['host']}:{self.smtp['port']} refused or failed: {exc}") from None

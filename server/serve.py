@@ -1,0 +1,141 @@
+"""The HTTP server process that `mxisd run` starts: Sanic, in one process or with its workers.
+
+It runs in a process group of its own, so that `mxisd run` can stop all of it (Sanic's worker
+manager, its workers and its state-sharing process) with one signal when Sanic itself does not
+stop: Sanic loses a stop signal that comes while its workers are still starting."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+from functools import partial
+from typing import Any
+
+from sanic import Sanic
+from sanic.worker.loader import AppLoader
+
+from indexer import logs
+from server.app import create_app
+
+log = logging.getLogger(__name__)
+
+# How long the server may take to stop by itself once `mxisd run` has gone away.
+ORPHAN_GRACE = 10.0
+
+
+def serve(config: dict[str, Any], redis_url: str, listening: int | None = None) -> None:
+    """Serve until stopped; write a byte to the file descriptor listening once the port is bound."""
+    server = config["server"]
+    loader = AppLoader(factory=partial(create_app, config, redis_url))
+    app = loader.load()
+
+    async def tell(*_: Any) -> None:
+        if listening is not None:
+            os.write(listening, b"1")
+            os.close(listening)
+
+    app.prepare(
+        host=server["bind"],
+        port=server["port"],
+        workers=server["workers"],
+        access_log=False,  # the app logs each request itself, with secrets masked
+        motd=False,
+        single_process=server["workers"] == 1,
+    )
+    log.info("serving %s on http://%s:%d", server["name"], server["bind"], server["port"])
+    threading.Thread(target=_follow_config, args=(app, config, server["workers"] == 1), name="config",
+                     daemon=True).start()
+    if server["workers"] == 1:
+        app.after_server_start(tell)
+        Sanic.serve_single(primary=app)
+    else:
+        # Sanic's main process binds the port before its workers start, and before this event.
+        app.main_process_ready(tell)
+        app.main_process_ready(_stop_at_once_while_starting)
+        Sanic.serve(primary=app, app_loader=loader)
+
+
+async def _stop_at_once_while_starting(app: Sanic, _: Any) -> None:
+    """Sanic's worker manager loses a stop signal that comes before every worker has said it is
+    ready (it waits for them forever, at full speed): until then, a stop signal kills this process
+    group at once. Nothing has been served yet, so nothing is cut short."""
+    manager = app.manager
+    sanic_handlers: dict[int, Any] = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+
+    seen: list[bool] = []  # once every worker was ready, a worker restarting later is no start-up
+
+    def started() -> bool:
+        if not seen:
+            servers = [s for s in manager.worker_state.values() if s.get("server")]
+            if len(servers) == manager.num_server and all(s.get("state") == "ACKED" for s in servers):
+                seen.append(True)
+        return bool(seen)
+
+    def handler(signum: int, frame: Any) -> None:
+        try:
+            ready = started()
+        except (OSError, EOFError):  # Sanic's state process is gone already
+            ready = False
+        if not ready:
+            os.killpg(0, signal.SIGKILL)
+        sanic = sanic_handlers[signum]
+        if callable(sanic):
+            sanic(signum, frame)
+
+    for signum in sanic_handlers:
+        signal.signal(signum, handler)
+
+
+def _follow_config(app: Sanic, config: dict[str, Any], single: bool) -> None:
+    """Apply each config `mxisd run` re-reads on SIGHUP (a line of JSON on stdin): log_level and
+    the rate limits. One process applies them in place; workers are replaced by new ones started with
+    them, each new one before its old one stops, so that nothing stops answering."""
+    for line in sys.stdin:
+        new = json.loads(line)
+        config["log_level"] = new["log_level"]
+        for section in ("sessions", "auth"):
+            config[section]["rate_limit"] = new[section]["rate_limit"]
+        logging.getLogger().setLevel(new["log_level"])
+        try:
+            if single:
+                app.ctx.credentials.set_limits(config["auth"]["rate_limit"])
+                log.info("log_level and rate limits re-read")
+            else:
+                # Sanic's own message for a restart of every worker, new ones first (as its
+                # auto-reload does); they are made by the app loader, which holds this config.
+                app.manager.monitor_publisher.send("__ALL_PROCESSES__::STARTUP_FIRST")
+                log.info("log_level and rate limits re-read; the workers are replaced by new ones")
+        except AttributeError:  # still starting: the workers it starts have the new config
+            log.info("log_level and rate limits re-read while starting")
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """Stop this server when `mxisd run` is gone (killed, so it could not stop us itself)."""
+    stop = threading.Event()
+    while not stop.wait(1.0):
+        if os.getppid() != parent_pid:
+            log.warning("mxisd run is gone; the HTTP server stops")
+            os.kill(os.getpid(), signal.SIGTERM)
+            if not stop.wait(ORPHAN_GRACE):
+                os.killpg(0, signal.SIGKILL)
+
+
+def main() -> None:
+    """`python -m server.serve REDIS_URL PARENT_PID [LISTENING_FD]` with the config as JSON on stdin
+    (it may hold secrets, which must not show in the process list)."""
+    redis_url, parent_pid = sys.argv[1], int(sys.argv[2])
+    listening = int(sys.argv[3]) if len(sys.argv) > 3 else None
+    config = json.loads(sys.stdin.readline())
+    logs.setup(config["log_level"], "server", config["log_format"])
+    # A hangup of the terminal reaches `mxisd run` alone, which decides what it means.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="watch-parent", daemon=True).start()
+    serve(config, redis_url, listening)
+
+
+if __name__ == "__main__":
+    main()
