@@ -13,15 +13,15 @@ import orjson
 from sanic import Request
 from sanic.exceptions import BadRequest
 
-from indexer.config import explain, load_schema
+from indexer.config import Validator, explain, load_schema
 from server.errors import MatrixError
 
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
 @lru_cache(maxsize=None)
-def _validator(name: str) -> jsonschema.Draft202012Validator:
-    return jsonschema.Draft202012Validator(load_schema(f"api/{name}.json"))
+def _validator(name: str) -> jsonschema.protocols.Validator:
+    return Validator(load_schema(f"api/{name}.json"))
 
 
 @lru_cache(maxsize=None)
@@ -85,7 +85,8 @@ def check_params(body: dict[str, Any], schema: str) -> dict[str, Any]:
         raise MatrixError(400, "M_MISSING_PARAMS", f"Missing parameters: {','.join(missing)}")
     if errors:
         raise MatrixError(400, "M_INVALID_PARAM", explain(jsonschema.exceptions.best_match(errors)))
-    return body
+    # The compiled validator refused what the explaining one accepts: refuse it all the same.
+    raise MatrixError(400, "M_INVALID_PARAM", "The request does not match its schema")
 
 
 def access_token(request: Request) -> str | None:
@@ -141,13 +142,20 @@ async def authenticate_v2(request: Request) -> str | None:
 
 
 def client_address(request: Request) -> str:
-    """The client's address: from X-Forwarded-For behind server.proxies_count proxies, else the
-    peer's. A forwarded value that is not an IP address (any bytes a client sent) counts as the peer's."""
-    forwarded = request.remote_addr
-    try:
-        return str(ipaddress.ip_address(forwarded)) if forwarded else request.ip
-    except ValueError:
-        return request.ip
+    """The client's address for per-client limits: behind server.proxies_count reverse proxies, the
+    X-Forwarded-For entry that many hops from the right (each proxy appends the address it was reached
+    from; entries further left are whatever the client wrote, so they never count); else the TCP peer's.
+    A forwarded value that is not an IP address (any bytes a client sent) counts as the peer's."""
+    count = request.app.ctx.config["server"]["proxies_count"]
+    if count:
+        hops = [hop.strip() for header in request.headers.getall("x-forwarded-for", []) for hop in header.split(",")]
+        hops = [hop for hop in hops if hop]
+        if len(hops) >= count:
+            try:
+                return str(ipaddress.ip_address(hops[-count]))
+            except ValueError:
+                pass
+    return request.ip
 
 
 def require_client_in(request: Request, networks: list[IPNetwork]) -> None:

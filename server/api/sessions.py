@@ -197,13 +197,16 @@ async def _submit(request: Request, params: dict[str, Any], medium: str) -> Sess
         raise MatrixError(404, "M_NO_VALID_SESSION", "No session with that sid and client_secret")
     storage = request.app.ctx.storage
     max_attempts = request.app.ctx.config["sessions"]["max_token_attempts"]
-    if session.failed_attempts >= max_attempts:
+    # The attempt is counted before the token is compared: a burst of guesses sent at once gets
+    # no more tries than one sent after another.
+    attempts = await storage.run(storage.claim_token_attempt, session.sid, max_attempts)
+    if attempts is None:
         raise MatrixError(400, "M_SESSION_EXPIRED",
                           "Too many wrong tokens for this session; request a new token")
-    if not secrets.compare_digest(params["token"].strip(), session.token):
-        failures = await storage.run(storage.record_wrong_token, session.sid)
-        log.info("wrong token for session %s (%d of %d allowed)", session.sid, failures, max_attempts)
+    if not secrets.compare_digest(params["token"].strip().encode(), session.token.encode()):
+        log.info("wrong token for session %s (%d of %d allowed)", session.sid, attempts, max_attempts)
         raise MatrixError(400, "M_TOKEN_INCORRECT", "The token is incorrect", success=False)
+    await storage.run(storage.return_token_attempt, session.sid)
     if session.validated_at is None:
         now = now_ms()
         await storage.run(storage.update_session, session.sid, {"validated_at": now, "modified_at": now})

@@ -11,7 +11,8 @@ class SendError(Exception):
 
 
 class AddressRefused(SendError):
-    """Nothing can be sent to this address the way the server is set up: the client's to fix (400)."""
+    """Nothing can be sent to this address the way the server is set up (no IDNA form, refused by
+    the SMTP server, or beyond ASCII where it does not offer SMTPUTF8): the client's to fix (400)."""
 
 
 def read_template(path: str | None, default: str) -> str:
