@@ -37,6 +37,7 @@ window, with a TTL; kind is "user" or "ip").
 
 from __future__ import annotations
 
+import hashlib
 import json
 import secrets
 import string
@@ -143,6 +144,14 @@ def connect_async(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> redis.async
     return redis.asyncio.Redis.from_url(url, **options)
 
 
+def _short(name: str) -> str:
+    """A client-chosen name as part of a key: a long one (a megabyte of login ID) by its digest."""
+    return name if len(name) <= 256 else "sha256:" + hashlib.sha256(name.encode("utf-8", "replace")).hexdigest()
+
+
+_DECR_IF_EXISTS = "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('DECR', KEYS[1]) end return 0"
+
+
 @dataclass(frozen=True)
 class Change:
     """One entry of the change stream."""
@@ -184,10 +193,10 @@ class Keys:
         return f"{self.job_prefix}{job_id}"
 
     def rate(self, kind: str, key: str) -> str:
-        return f"{self.prefix}rate:{kind}:{key}"
+        return f"{self.prefix}rate:{kind}:{_short(key)}"
 
     def failures(self, kind: str, who: str) -> str:
-        return f"{self.prefix}fail:{kind}:{who}"
+        return f"{self.prefix}fail:{kind}:{_short(who)}"
 
     def remote(self, medium: str, address: str) -> str:
         return f"{self.prefix}remote:{_plain_key(address, medium)}"
@@ -901,11 +910,20 @@ class Lookups:
                                                    ("PTTL", self.k.failures(kind, who))])
         return int(count or 0), max(int(ttl), 0)
 
-    async def add_failure(self, kind: str, who: str, window: int) -> None:
-        """Count one failed login of who; the window of window seconds starts at the first."""
+    async def claim_attempt(self, kind: str, who: str, window: int, most: int) -> int | None:
+        """Count one login attempt of who, before its outcome is known: None while within most per
+        window, else milliseconds until the window ends. The count and the check are one
+        transaction, so a burst sent at once gets no more attempts than one sent after another."""
         key = self.k.failures(kind, who)
-        # INCR keeps the TTL that SET ... NX sets for the first failure of a window.
-        await self.pipe.execute_many([("MULTI",), ("SET", key, 0, "EX", window, "NX"), ("INCR", key), ("EXEC",)])
+        # INCR keeps the TTL that SET ... NX sets for the first attempt of a window.
+        replies = await self.pipe.execute_many([("MULTI",), ("SET", key, 0, "EX", window, "NX"), ("INCR", key),
+                                                ("PTTL", key), ("EXEC",)])
+        _, count, ttl = replies[-1]
+        return None if int(count) <= most else max(int(ttl), 1)
+
+    async def return_attempt(self, kind: str, who: str) -> None:
+        """Uncount an attempt that did not fail (nothing once its window has ended)."""
+        await self.pipe.execute("EVAL", _DECR_IF_EXISTS, 1, self.k.failures(kind, who))
 
     async def clear_failures(self, kind: str, who: str) -> None:
         await self.pipe.execute("DEL", self.k.failures(kind, who))

@@ -34,6 +34,43 @@ def load_schema(name: str) -> dict[str, Any]:
     return schema
 
 
+def _end_anchored(pattern: str) -> str:
+    """pattern with every "$" outside a character class made "\\Z" (the very end of the text)."""
+    out: list[str] = []
+    escaped = in_class = False
+    for char in pattern:
+        if escaped:
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif in_class:
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+        elif char == "$":
+            char = r"\Z"
+        out.append(char)
+    return "".join(out)
+
+
+@cache
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    return re.compile(_end_anchored(pattern))
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, schema: dict[str, Any]) -> Any:
+    # JSON Schema patterns are ECMA-262 regular expressions, whose "$" is the very end of the
+    # text; Python's "$" also matches before a final newline and would let "abc\n" through (the
+    # compiled jsonschema_rs validator, like ECMA-262, refuses it).
+    if validator.is_type(instance, "string") and not _pattern_regex(pattern).search(instance):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+# The validator every schema of the project is checked with.
+Validator: type[jsonschema.protocols.Validator] = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator, {"pattern": _pattern})
+
+
 def parse_duration(text: str) -> int:
     """Seconds in a duration written like "30s", "5m", "1h30m" or "1d"."""
     if not re.fullmatch(r"([0-9]+[smhd])+", text or ""):
@@ -130,7 +167,7 @@ def _first_error(validator: jsonschema.protocols.Validator, instance: Any) -> js
 def validate(instance: Any, schema_name: str) -> None:
     """Raise ConfigError with one explained message when instance does not match the schema."""
     schema = load_schema(schema_name)
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = Validator(schema)
     error = _first_error(validator, instance)
     if error is not None:
         raise ConfigError(explain(error, schema))
@@ -152,7 +189,7 @@ def apply_defaults(instance: Any, schema: dict[str, Any], root: dict[str, Any]) 
     for sub in schema.get("allOf", []):
         sub = _resolve(sub, root)
         if "if" in sub:
-            branch = "then" if jsonschema.Draft202012Validator(sub["if"]).is_valid(instance) else "else"
+            branch = "then" if Validator(sub["if"]).is_valid(instance) else "else"
             if branch in sub:
                 apply_defaults(instance, sub[branch], root)
         else:

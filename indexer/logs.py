@@ -25,6 +25,29 @@ _SECRET_PARAM = re.compile(
 _BEARER = re.compile(r"(?P<key>\bBearer\s+)(?P<value>[^\s\"',]+)", re.IGNORECASE)
 REDACTED = "<redacted>"
 
+UNTRUSTED_MAX = 200  # characters of a client-supplied value in a log line
+MESSAGE_MAX = 8192  # characters of any one message: no event can flood the log
+# Line and paragraph separators, and every C0/C1 control character: none may start a forged line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _escape(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
+
+
+def untrusted(value: object, limit: int = UNTRUSTED_MAX) -> str:
+    """A client-supplied value (login ID, address, path) as it may appear in a log line: control
+    characters escaped as \\n, \\x00 and so on, and cut after limit characters, saying how many more."""
+    text = value if isinstance(value, str) else str(value)
+    more = len(text) - limit
+    text = _CONTROL.sub(_escape, text[:limit] if more > 0 else text)
+    return f"{text}...(+{more} characters)" if more > 0 else text
+
+
+def one_line(message: str) -> str:
+    """message escaped and capped as untrusted() does, for values that reached a message unescaped."""
+    return untrusted(message, MESSAGE_MAX)
+
 
 def redact(text: str) -> str:
     """text with the values of token, password and secret parameters (and bearer tokens) masked."""
@@ -42,7 +65,7 @@ class _Context(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.role = self.role
         record.request_id = request_id.get()
-        record.msg, record.args = redact(record.getMessage()), None
+        record.msg, record.args = one_line(redact(record.getMessage())), None
         return True
 
 

@@ -13,7 +13,7 @@ import phonenumbers
 _LOCALPART = re.compile(r"^[a-z0-9._=\-/+]+$")
 _MXID = re.compile(r"^@([^:\s]+):(\S+)$")
 _MEDIUM = re.compile(r"^[a-z][a-z0-9_.-]{0,31}$")
-_EMAIL_LOCAL_FORBIDDEN = re.compile(r"[\s<>()\[\],;:\\\"@]")
+_EMAIL_LOCAL_FORBIDDEN = re.compile(r"[\s<>()\[\],;:\\\"@\x00-\x1f\x7f-\x9f]")
 
 
 class InvalidAddress(ValueError):

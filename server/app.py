@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import redis
 import sqlalchemy
-from sanic import Request, Sanic
+from sanic import Blueprint, Request, Sanic
 from sanic.config import Config
 from sanic.exceptions import BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, SanicException, ServiceUnavailable
 from sanic.response import BaseHTTPResponse, HTTPResponse, empty, json
@@ -50,6 +50,7 @@ from server.api import (
     health,
     identity_v1,
     identity_v2,
+    load_json,
     profile,
     pubkey,
     sessions,
@@ -58,6 +59,7 @@ from server.api import (
 )
 from server.api import invites as invites_api
 from server.api import metrics as metrics_api
+from server.api import openapi as openapi_api
 from server.bindings import check_cache
 from server.credentials import Credentials
 from server.errors import MatrixError, log_bad_request
@@ -95,6 +97,17 @@ def lookup_order(config: dict[str, Any]) -> list[str]:
     return [BINDINGS, *stores] if config["lookup"]["prefer"] == "binding" else [*stores, BINDINGS]
 
 
+def blueprints(with_admin: bool, with_metrics: bool) -> list[Blueprint]:
+    """Every route the server answers, by area (server/openapi.py documents them all)."""
+    modules = [status, health, pubkey, identity_v1, identity_v2, account, terms, sessions, bind, directory, auth,
+               profile, invites_api, openapi_api]
+    if with_admin:
+        modules.append(admin)
+    if with_metrics:
+        modules.append(metrics_api)
+    return [module.bp for module in modules]
+
+
 # The application with Sanic's own config and context types (the services hang untyped off app.ctx).
 App = Sanic[Config, SimpleNamespace]
 
@@ -102,9 +115,9 @@ App = Sanic[Config, SimpleNamespace]
 def create_app(config: dict[str, Any], redis_url: str) -> App:
     """The Sanic application for one worker."""
     logs.setup(config["log_level"], "server", config["log_format"])  # spawned workers start with no logging set up
-    app = Sanic("mxisd", configure_logging=False, dumps=orjson.dumps, loads=orjson.loads)  # fast JSON
+    app = Sanic("mxisd", configure_logging=False, dumps=orjson.dumps, loads=load_json)  # fast JSON
     app.config.FALLBACK_ERROR_FORMAT = "json"
-    app.config.REQUEST_MAX_SIZE = 16 * 1024 * 1024
+    app.config.REQUEST_MAX_SIZE = config["server"]["max_body_size"]
     # uvloop installs SIGTERM handling only once the loop runs, after Sanic has set SIGTERM to
     # "ignore" and begun answering: a SIGTERM in that window was lost and the server never stopped.
     app.config.USE_UVLOOP = False
@@ -124,15 +137,10 @@ def create_app(config: dict[str, Any], redis_url: str) -> App:
     if config["server"]["proxies_count"]:
         app.config.PROXIES_COUNT = config["server"]["proxies_count"]
 
-    modules = [status, health, pubkey, identity_v1, identity_v2, account, terms, sessions, bind, directory, auth,
-               profile, invites_api]
     if config["admin"]["token"]:
         app.ctx.admin_token_digest = admin.token_digest(config["admin"]["token"])
-        modules.append(admin)
-    if config["metrics"]["enabled"]:
-        modules.append(metrics_api)
-    for module in modules:
-        app.blueprint(module.bp)
+    for blueprint in blueprints(bool(config["admin"]["token"]), config["metrics"]["enabled"]):
+        app.blueprint(blueprint)
 
     @app.before_server_start
     async def open_connections(app: App) -> None:

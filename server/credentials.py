@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from indexer import normalize
+from indexer import logs, normalize
 from indexer.cache import Lookups
 from indexer.config import parse_duration
 from indexer.identity import Identity
@@ -90,26 +90,38 @@ class Credentials:
                 return None
         return (await self.lookups.identities([mxid]))[0] if mxid else None
 
-    async def check_limits(self, user: str | None, ip: str | None) -> None:
-        """Raise Limited when user or ip has used up its failed logins for now."""
+    async def check_limits(self, user: str | None) -> None:
+        """Raise Limited when user has used up its failed logins for now (counting nothing)."""
+        if user is None:
+            return
+        count, ttl_ms = await self.lookups.failures("user", user)
+        if count >= self.per_user:
+            log.warning("login for %s refused: too many failed logins", logs.untrusted(user))
+            raise Limited(max(ttl_ms, 1000))
+
+    async def claim(self, user: str | None, ip: str | None) -> None:
+        """Count one attempt against user and ip (each where given) before its outcome is known;
+        Limited (counting nothing) when either has used up its failed logins for now."""
+        claimed: list[tuple[str, str]] = []
         for kind, who, most in (("user", user, self.per_user), ("ip", ip, self.per_ip)):
             if who is None:
                 continue
-            count, ttl_ms = await self.lookups.failures(kind, who)
-            if count >= most:
-                log.warning("login for %s refused: too many failed logins by this %s", user, kind)
-                raise Limited(max(ttl_ms, 1000))
+            wait_ms = await self.lookups.claim_attempt(kind, who, self.window, most)
+            claimed.append((kind, who))
+            if wait_ms is not None:
+                log.warning("login for %s refused: too many failed logins by this %s", logs.untrusted(user), kind)
+                for taken in claimed:
+                    await self.lookups.return_attempt(*taken)
+                raise Limited(max(wait_ms, 1000))
 
-    async def record(self, user: str | None, ip: str | None, success: bool) -> None:
-        """Count a failed login against user and ip (each where given); a success clears the user's count."""
-        if success:
-            if user is not None:
-                await self.lookups.clear_failures("user", user)
+    async def settle(self, user: str | None, ip: str | None, success: bool) -> None:
+        """After claim(): a failure stays counted; a success clears the user's count and returns the ip's."""
+        if not success:
             return
         if user is not None:
-            await self.lookups.add_failure("user", user, self.window)
+            await self.lookups.clear_failures("user", user)
         if ip is not None:
-            await self.lookups.add_failure("ip", ip, self.window)
+            await self.lookups.return_attempt("ip", ip)
 
     async def authenticate(self, login: str, password: str, ip: str | None) -> Identity | None:
         """The identity when password is the password of whoever login names, else None (an
@@ -118,17 +130,25 @@ class Credentials:
         identity = await self.resolve(login)
         # One count per person however they name themselves; unknown names are counted as typed.
         user = identity.mxid if identity is not None else login.strip().lower()
-        await self.check_limits(user, ip)
-        ok = False
-        if identity is None:
-            log.info("login for %s refused: no such user in the cache", user)
-        elif not password:
-            log.info("login for %s refused: empty password", identity.mxid)
-        else:
-            store = self.stores[identity.store]
-            ok = await asyncio.get_running_loop().run_in_executor(
-                self.executor, store.authenticate, identity, password)
-        await self.record(user, ip, ok)
+        await self.claim(user, ip)
+        ok = checked = False
+        try:
+            if identity is None:
+                log.info("login for %s refused: no such user in the cache", logs.untrusted(user))
+            elif not password:
+                log.info("login for %s refused: empty password", identity.mxid)
+            else:
+                store = self.stores[identity.store]
+                ok = await asyncio.get_running_loop().run_in_executor(
+                    self.executor, store.authenticate, identity, password)
+            checked = True
+        finally:
+            if checked:
+                await self.settle(user, ip, ok)
+            else:  # the store could not check the password: nothing against it, the attempt is returned
+                for kind, who in (("user", user), ("ip", ip)):
+                    if who is not None:
+                        await self.lookups.return_attempt(kind, who)
         return identity if ok else None
 
     def close(self) -> None:

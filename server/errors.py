@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from indexer import logs
+
 if TYPE_CHECKING:
     from sanic import Request
 
@@ -29,10 +31,9 @@ class MatrixError(Exception):
 
 
 def shown(value: str) -> str:
-    """An untrusted value as a log line may carry it: repr() escapes line breaks and control
-    characters (a client cannot forge a line of its own), cut to SHOWN_CHARS."""
-    text = repr(value)
-    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "..."
+    """An untrusted value as a log line may carry it: quoted, line breaks and control characters
+    escaped (a client cannot forge a line of its own), cut to SHOWN_CHARS (logs.untrusted)."""
+    return logs.untrusted(repr(value), SHOWN_CHARS)
 
 
 def log_bad_request(request: Request, error: MatrixError) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -11,6 +12,7 @@ import re
 import socket
 import ssl
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,7 +66,7 @@ class Target:
 
 def split_server_name(name: str) -> tuple[str, int | None]:
     """(host, port or None) of a valid server name; ValueError otherwise."""
-    match = _SERVER_NAME.match(name)
+    match = _SERVER_NAME.fullmatch(name)
     if not match or (match.group("port") and int(match.group("port")) > 65535):
         raise ValueError(f"not a valid server name: {name!r}")
     host = match.group("host")
@@ -74,6 +76,25 @@ def split_server_name(name: str) -> tuple[str, int | None]:
     return host, int(port) if port else None
 
 
+NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")
+
+
+def embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses a connection to this IPv6 address may end up at: IPv4-mapped and
+    IPv4-compatible addresses, NAT64 (64:ff9b::/96), 6to4 (2002::/16) and Teredo (2001::/32, its
+    server and its client)."""
+    if address.ipv4_mapped is not None:
+        return [address.ipv4_mapped]
+    if address in NAT64 or (address in IPV4_COMPATIBLE and int(address) > 1):
+        return [ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)]
+    if address.sixtofour is not None:
+        return [address.sixtofour]
+    if address.teredo is not None:
+        return list(address.teredo)
+    return []
+
+
 def _ip_literal(host: str) -> str | None:
     try:
         return str(ipaddress.ip_address(host.strip("[]")))
@@ -81,13 +102,36 @@ def _ip_literal(host: str) -> str | None:
         return None
 
 
+class _Slots:
+    """A semaphore per destination, kept only while someone holds or waits for it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._slots: dict[str, tuple[asyncio.Semaphore, list[int]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, destination: str) -> AsyncIterator[None]:
+        semaphore, users = self._slots.setdefault(destination, (asyncio.Semaphore(self.limit), [0]))
+        users[0] += 1
+        try:
+            async with semaphore:
+                yield
+        finally:
+            users[0] -= 1
+            if not users[0]:
+                del self._slots[destination]
+
+
 class Federation:
-    """Outgoing requests to homeservers, with the config's overrides, TLS and address policy."""
+    """Outgoing requests to homeservers, with the config's overrides, TLS and address policy; each
+    within an overall deadline, and only a few at a time to any one destination."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.overrides: dict[str, str] = config["overrides"]
         self.allowed_private = [ipaddress.ip_network(n, strict=False) for n in config["allow_private_networks"]]
         self.timeout = config["timeout_s"]
+        self.deadline_s: float = config["deadline_s"]
+        self._slots = _Slots(config["max_in_flight"])
         if not config["verify_tls"]:
             self.tls: ssl.SSLContext | bool = False
         else:
@@ -101,12 +145,29 @@ class Federation:
     async def close(self) -> None:
         await self.http.aclose()
 
+    @contextlib.asynccontextmanager
+    async def _bounded(self, destination: str, kind: str = "homeserver") -> AsyncIterator[None]:
+        """Within deadline_s (waiting for a turn included), as one of at most max_in_flight requests
+        to destination: a peer that answers a byte at a time holds a few connections for a bounded
+        time, never the requests to everyone else."""
+        try:
+            async with asyncio.timeout(self.deadline_s):
+                async with self._slots.hold(destination):
+                    yield
+        except TimeoutError:
+            OUTGOING_FAILURES.labels(kind).inc()
+            raise FederationError(f"{destination} did not answer within {self.deadline_s:g} s") from None
+
     # -- addresses --------------------------------------------------------------------------------
 
     def _allowed(self, ip: str) -> bool:
         address = ipaddress.ip_address(ip)
         if any(address in net for net in self.allowed_private):
             return True
+        if isinstance(address, ipaddress.IPv6Address):
+            inner = embedded_ipv4(address)
+            if inner:
+                return all(self._allowed(str(v4)) for v4 in inner)
         return address.is_global
 
     async def _addresses(self, host: str) -> list[str]:
@@ -210,9 +271,10 @@ class Federation:
 
     async def openid_user(self, server_name: str, access_token: str) -> str | None:
         """The Matrix ID the homeserver's OpenID userinfo gives for the token, or None if it refuses it."""
-        target = await self.resolve(server_name)
         query = httpx.QueryParams({"access_token": access_token})
-        status, body = await self._get(target, f"/_matrix/federation/v1/openid/userinfo?{query}")
+        async with self._bounded(server_name):
+            target = await self.resolve(server_name)
+            status, body = await self._get(target, f"/_matrix/federation/v1/openid/userinfo?{query}")
         if status != 200:
             log.info("OpenID token refused by %s (HTTP %d)", server_name, status)
             return None
@@ -223,7 +285,8 @@ class Federation:
 
     async def post(self, server_name: str, path: str, body: Any) -> tuple[int, Any]:
         """POST body as JSON to the homeserver; its status and JSON answer (None if not JSON)."""
-        return await self._request("POST", await self.resolve(server_name), path, body)
+        async with self._bounded(server_name):
+            return await self._request("POST", await self.resolve(server_name), path, body)
 
     async def request_url(self, method: str, base_url: str, path_and_query: str, body: Any = None,
                           kind: str = "identity") -> tuple[int, Any]:
@@ -234,16 +297,18 @@ class Federation:
             raise FederationError(f"not an http(s) URL: {base_url}")
         port = parts.port or (443 if parts.scheme == "https" else 80)
         host_header = parts.host if parts.port is None else f"{parts.host}:{parts.port}"
-        target = Target(await self._connectable(parts.host), port, parts.host, host_header)
-        return await self._request(method, target, parts.raw_path.decode().rstrip("/") + path_and_query, body,
-                                   parts.scheme, kind)
+        async with self._bounded(host_header, kind):
+            target = Target(await self._connectable(parts.host), port, parts.host, host_header)
+            return await self._request(method, target, parts.raw_path.decode().rstrip("/") + path_and_query, body,
+                                       parts.scheme, kind)
 
     async def verify_key(self, server_name: str, key_id: str) -> str:
         """The base64 public key key_id of the homeserver, from its /_matrix/key/v2/server."""
         cached = self._keys.get((server_name, key_id))
         if cached and cached[0] > time.time() * 1000:
             return cached[1]
-        status, body = await self._get(await self.resolve(server_name), "/_matrix/key/v2/server")
+        async with self._bounded(server_name):
+            status, body = await self._get(await self.resolve(server_name), "/_matrix/key/v2/server")
         if status != 200 or not isinstance(body, dict) or body.get("server_name") != server_name:
             raise FederationError(f"{server_name} did not answer its server keys")
         key = (body.get("verify_keys") or {}).get(key_id, {}).get("key")

@@ -13,6 +13,7 @@ from sanic.response import HTTPResponse, raw
 
 from indexer import logs
 from indexer.config import parse_duration
+from server.api import usable_token
 from server.errors import MatrixError
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class Homeserver:
 
     async def whoami(self, token: str) -> str:
         """The user id a client access token belongs to; 401 M_UNKNOWN_TOKEN when the homeserver refuses it."""
+        if not usable_token(token):
+            raise MatrixError(401, "M_UNKNOWN_TOKEN", "Unrecognised access token")
         key = hashlib.sha256(token.encode()).digest()
         now = time.monotonic()
         cached = self._tokens.get(key)
@@ -81,8 +84,25 @@ def answer_json(response: httpx.Response) -> dict[str, Any]:
 
 
 def forwarded_headers(headers: Any) -> dict[str, str]:
-    """The headers of a client request to pass on to the homeserver."""
-    return {name: headers[name] for name in FORWARDED_REQUEST_HEADERS if name in headers}
+    """The headers of a client request to pass on to the homeserver. An Authorization that is not a
+    usable Bearer token is refused here as Synapse would (401), and never sent; other values that
+    could not be sent as they are (bytes that are not ASCII, control characters) are left out."""
+    forwarded = {}
+    for name in FORWARDED_REQUEST_HEADERS:
+        value = headers.get(name)
+        if value is None:
+            continue
+        if name == "authorization":
+            scheme, _, token = value.partition(" ")
+            token = token.strip()
+            if scheme.lower() != "bearer" or not token:
+                raise MatrixError(401, "M_MISSING_TOKEN", "Missing access token")
+            if not usable_token(token):
+                raise MatrixError(401, "M_UNKNOWN_TOKEN", "Unrecognised access token")
+            value = f"Bearer {token}"
+        if value.isascii() and value.isprintable() and value == value.strip():
+            forwarded[name] = value
+    return forwarded
 
 
 def relay(response: httpx.Response) -> HTTPResponse:

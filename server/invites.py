@@ -56,7 +56,7 @@ class InviteWorker:
         self.known_delay_ms = parse_duration(settings["known_address_delay"]) * 1000
         self.known_retry_for_ms = parse_duration(settings["known_address_retry_for"]) * 1000
         # A sender that died mid-request releases its lease after this: longer than any request.
-        self.lease_ms = int((2 * config["federation"]["timeout_s"] + 60) * 1000)
+        self.lease_ms = int((config["federation"]["deadline_s"] + 60) * 1000)
         self.storage = storage
         self.lookups = lookups
         self.federation = federation

@@ -30,6 +30,7 @@ from indexer import logs
 from indexer.cache import RemoteAnswers
 from indexer.config import parse_duration
 from indexer.normalize import lookup_hash
+from server.api import client_address
 from server.federation import Federation, FederationError
 
 log = logging.getLogger(__name__)
@@ -84,12 +85,15 @@ class Recursion:
         return any(address in n for n in networks)
 
     def client_allowed(self, request: Request) -> bool:
-        """Whether the requester may recurse: its address, or the one a trusted proxy forwarded, is allowed."""
-        client = request.ip
-        if self._in(client, self.proxies):
-            # The nearest hop that is not one of our proxies is the client.
-            for hop in reversed(request.headers.get("x-forwarded-for", "").split(",")):
-                client = hop.strip()
+        """Whether the requester may recurse. Behind recursion.proxies: the nearest X-Forwarded-For hop
+        that is not one of them (read from the right: the left is whatever the client wrote); else the
+        client address of server.proxies_count (the TCP peer's without proxies)."""
+        client = client_address(request)
+        if self._in(request.ip, self.proxies):
+            client = request.ip
+            hops = [h.strip() for header in request.headers.getall("x-forwarded-for", []) for h in header.split(",")]
+            for hop in reversed(hops):
+                client = hop
                 if not self._in(client, self.proxies):
                     break
         return self._in(client, self.allowed)

@@ -363,12 +363,21 @@ class Storage:
         with self.engine.begin() as conn:
             conn.execute(sessions.update().where(sessions.c.sid == sid).values(**values))
 
-    def record_wrong_token(self, sid: str) -> int:
-        """Count one more wrong token for the session; the new count."""
+    def claim_token_attempt(self, sid: str, most: int) -> int | None:
+        """Count one token attempt of the session when it has had fewer than most: the new count,
+        else None. One conditional UPDATE, so concurrent attempts can never exceed most."""
         with self.engine.begin() as conn:
-            conn.execute(sessions.update().where(sessions.c.sid == sid)
-                         .values(failed_attempts=sessions.c.failed_attempts + 1))
+            claimed = conn.execute(sessions.update().where(sessions.c.sid == sid, sessions.c.failed_attempts < most)
+                                   .values(failed_attempts=sessions.c.failed_attempts + 1)).rowcount
+            if not claimed:
+                return None
             return conn.execute(sa.select(sessions.c.failed_attempts).where(sessions.c.sid == sid)).scalar() or 0
+
+    def return_token_attempt(self, sid: str) -> None:
+        """Uncount an attempt that brought the right token."""
+        with self.engine.begin() as conn:
+            conn.execute(sessions.update().where(sessions.c.sid == sid, sessions.c.failed_attempts > 0)
+                         .values(failed_attempts=sessions.c.failed_attempts - 1))
 
     def delete_sessions_before(self, modified_before: int) -> int:
         """Forget sessions last changed before this time (ms); how many."""

@@ -72,7 +72,10 @@ class ClientHomeserver:
                              if term in r["user_id"].lower() or term in (r.get("display_name") or "").lower()]
                     return self._answer(200, {"results": found[:limit], "limited": len(found) > limit})
                 if self.path.endswith("/login"):
-                    return self._login(body)
+                    try:
+                        return self._login(body)
+                    except (AttributeError, KeyError, TypeError):  # a body of the wrong shape, as Synapse
+                        return self._answer(400, {"errcode": "M_BAD_JSON", "error": "Invalid login submission"})
                 self._answer(404, {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"})
 
             def _login(self, body: dict[str, Any]) -> None:

@@ -122,17 +122,19 @@ class FakeHomeserver:
 
 class Mailbox:
     """A real SMTP listener (aiosmtpd) keeping every message it receives; with a certificate it
-    speaks STARTTLS (required) or implicit TLS, and requires a login."""
+    speaks STARTTLS (required) or implicit TLS, and requires a login; SMTPUTF8 only when asked."""
 
     def __init__(self, port: int, tls: str = "none", cert: Any = None,
-                 login: tuple[str, str] | None = None) -> None:
+                 login: tuple[str, str] | None = None, smtputf8: bool = False) -> None:
         self.messages: list[tuple[list[str], EmailMessage]] = []
+        self.raw: list[bytes] = []  # each message as it came over the wire
         self.logins: list[str] = []
         mailbox = self
 
         class Handler:
             async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
                 message = message_from_bytes(envelope.content, policy=policy.default)
+                mailbox.raw.append(envelope.content)
                 mailbox.messages.append((list(envelope.rcpt_tos), message))
                 return "250 OK"
 
@@ -154,7 +156,7 @@ class Mailbox:
                 # aiosmtpd counts only STARTTLS as TLS for AUTH; this connection is TLS from the start.
                 options.update(ssl_context=context, auth_require_tls=False)
         self.controller = Controller(Handler(), hostname="127.0.0.1", port=port, server_hostname="localhost",
-                                     **options)
+                                     enable_SMTPUTF8=smtputf8, **options)
         self.controller.start()
         self.port = port
 

@@ -61,6 +61,8 @@ def with_changes(**changes: object) -> dict:
         (with_changes(stores__0__colour="blue"), "stores[0].colour: unknown key"),
         (with_changes(server__port="eighty"), 'server.port: expected integer, got "eighty"'),
         (with_changes(server__port=70000), "server.port: 70000 is greater than the maximum of 65535"),
+        (with_changes(server__max_body_size="4M"),
+         'server.max_body_size: expected a number of bytes, at least 1024, got "4M"'),
         ({"stores": VALID["stores"]}, "matrix: missing required key"),
         (with_changes(matrix={}), "matrix.domain: missing required key"),
         (with_changes(stores__0={"name": "people", "kind": "file"}), "stores[0].path: missing required key"),
@@ -153,7 +155,7 @@ def test_defaults_and_relative_paths(tmp_path):
     config = load_config(write(tmp_path, VALID))
     assert config["server"] == {
         "name": "example.org", "public_url": "https://example.org", "bind": "127.0.0.1", "port": 8090,
-        "workers": 1, "access_log": False, "proxies_count": 0,
+        "workers": 1, "access_log": False, "max_body_size": 4 * 1024 * 1024, "proxies_count": 0,
     }
     assert config["homeserver"] == {"url": None, "timeout": "10s", "whoami_cache": "1m"}
     assert config["directory"] == {"homeserver": True, "threepids": False, "hide": []}

@@ -16,7 +16,7 @@ import pytest
 from indexer.cache import Cache
 from indexer.config import ConfigError, load_config
 from indexer.normalize import lookup_hash
-from indexer.stores import build_store
+from indexer.stores import StoreUnavailable, build_store
 from indexer.sync import full_sync, incremental_sync
 from tests.conftest import wait_until
 
@@ -217,9 +217,15 @@ def test_password_checks_ask_the_auth_endpoint(service, rest_store, caplog):
     assert store.authenticate(user, "wrong") is False
     assert service.asked(AUTH)[0] == {"auth": {"mxid": "@user1:example.org", "localpart": "user1",
                                                "domain": "example.org", "password": "s3cret"}}
-    for fault in ("garbage", "error", "shape"):
+    # An auth endpoint that fails or answers what is not JSON has not checked the password: the
+    # login is unavailable (503, counted against nobody), not refused.
+    for fault in ("garbage", "error"):
         service.fault[AUTH] = fault
-        assert store.authenticate(user, "s3cret") is False
+        with pytest.raises(StoreUnavailable):
+            store.authenticate(user, "s3cret")
+    assert "cannot check the password of @user1:example.org" in caplog.text
+    service.fault[AUTH] = "shape"
+    assert store.authenticate(user, "s3cret") is False
     assert "s3cret" not in caplog.text
     assert "login for @user1:example.org refused" in caplog.text
 

@@ -18,7 +18,7 @@ from indexer.cache import Cache
 from indexer.config import ConfigError, load_config
 from indexer.identity import Identity
 from indexer.normalize import lookup_hash
-from indexer.stores import StoreError, build_store
+from indexer.stores import StoreError, StoreUnavailable, build_store
 from indexer.sync import full_sync, incremental_sync
 
 CONFIG = {"matrix": {"domain": "example.org"}, "threepids": {"msisdn": {"default_region": "GB"}}}
@@ -277,6 +277,11 @@ def test_a_database_that_is_down_fails_the_sync(cache, tmp_path):
     assert result.outcome == "failed" and "127.0.0.1" in result.error and "secret" not in result.error
     assert incremental_sync(cache, store).outcome == "failed"
     assert cache.state("hr")["high_water_mark"] == 5
+    # A password check it cannot make is not a wrong password: the login answers 503, not counted.
+    bob = Identity(mxid="@bob:example.org", localpart="bob", display_name=None, threepids=(), store="hr",
+                   store_id="2")
+    with pytest.raises(StoreUnavailable, match="store hr"):
+        store.authenticate(bob, "bob's password")
     store.close()
 
 

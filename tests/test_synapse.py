@@ -22,6 +22,7 @@ from urllib.parse import quote
 
 import bcrypt
 import httpx
+import psutil
 import pytest
 import redis
 import trustme
@@ -409,14 +410,19 @@ def test_directory_unreachable_is_a_clean_refusal(stack: Stack) -> None:
         stack.server.start()
     assert "could not be asked (ConnectionRefusedError" in stack.synapse.log()
     assert stack.server.process is not None
-    group = os.getpgid(stack.server.process.pid)
-    os.killpg(group, signal.SIGSTOP)  # connections are accepted, nothing answers
+    # `mxisd run` starts its children in sessions of their own: freeze the whole tree, so that
+    # connections are accepted and nothing answers.
+    supervisor = psutil.Process(stack.server.process.pid)
+    frozen = [supervisor, *supervisor.children(recursive=True)]
+    for process in frozen:
+        process.send_signal(signal.SIGSTOP)
     try:
         response = stack.synapse.login(erin)
         assert response.status_code == 403, response.text
         assert stack.synapse.login(erin).status_code == 403
     finally:
-        os.killpg(group, signal.SIGCONT)
+        for process in frozen:
+            process.send_signal(signal.SIGCONT)
     log = stack.synapse.log()
     assert log.count("did not answer within 2 s: login refused") == 1  # the second refusal is counted
     clean(log)

@@ -12,7 +12,7 @@ from typing import Any
 import jsonschema
 
 from indexer import normalize
-from indexer.config import explain, load_schema
+from indexer.config import Validator, explain, load_schema
 from indexer.identity import Identity
 
 log = logging.getLogger(__name__)
@@ -133,8 +133,8 @@ class Store(ABC):
 
 
 @cache
-def _person_validator() -> jsonschema.Draft202012Validator:
-    return jsonschema.Draft202012Validator(load_schema("file-store.schema.json")["$defs"]["person"])
+def _person_validator() -> jsonschema.protocols.Validator:
+    return Validator(load_schema("file-store.schema.json")["$defs"]["person"])
 
 
 def store_class(kind: str) -> type[Store]:

@@ -22,7 +22,7 @@ import httpx
 from indexer import logs, normalize
 from indexer.config import parse_duration
 from indexer.identity import Identity
-from indexer.stores import Change, Store, StoreError
+from indexer.stores import Change, Store, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -158,9 +158,10 @@ class RestStore(Store):
         try:
             answer = self._post("auth", body)
         except StoreError as exc:
-            logs.repeated.warning(log, "store %s: login for %s refused: %s", self.name, identity.mxid, exc,
-                                  key=f"{self.name} auth request")
-            return False
+            # Not a wrong password: the login is answered 503 and counts against nobody's limit.
+            logs.repeated.warning(log, "store %s: cannot check the password of %s: %s", self.name, identity.mxid,
+                                  exc, key=f"{self.name} auth request")
+            raise StoreUnavailable(f"store {self.name}: {exc}") from None
         auth = answer.get("auth") if isinstance(answer, dict) else None
         if not isinstance(auth, dict) or not isinstance(auth.get("success"), bool):
             log.warning("store %s: login for %s refused: auth endpoint answered without auth.success",

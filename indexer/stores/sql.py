@@ -24,7 +24,7 @@ from sqlalchemy.engine import make_url
 from indexer import logs, passwords
 from indexer.config import ConfigError, parse_duration
 from indexer.identity import Identity
-from indexer.stores import Change, Store, StoreError, synapse
+from indexer.stores import Change, Store, StoreError, StoreUnavailable, synapse
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +208,10 @@ class SqlStore(Store):
             stored = self._first_value("password", id=identity.store_id, user_id=identity.mxid,
                                        localpart=identity.localpart)
         except StoreError as exc:
-            logs.repeated.error(log, "store %s: login for %s refused: %s", self.name, identity.mxid, exc,
-                                key=f"{self.name} password query")
-            return False
+            # Not a wrong password: the login is answered 503 and counts against nobody's limit.
+            logs.repeated.error(log, "store %s: cannot check the password of %s: %s", self.name, identity.mxid,
+                                exc, key=f"{self.name} password query")
+            raise StoreUnavailable(f"store {self.name}: {exc}") from None
         return passwords.verify(password, stored if isinstance(stored, str) else None,
                                 pepper=self.password.get("pepper") or "",
                                 normalize=self.password.get("normalize"), who=identity.mxid)

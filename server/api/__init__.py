@@ -5,21 +5,23 @@ from __future__ import annotations
 import ipaddress
 from functools import cache
 from typing import Any
+from urllib.parse import parse_qs
 
 import jsonschema
 import jsonschema_rs
+import orjson
 from sanic import Request
 from sanic.exceptions import BadRequest
 
-from indexer.config import explain, load_schema
+from indexer.config import Validator, explain, load_schema
 from server.errors import MatrixError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @cache
-def _validator(name: str) -> jsonschema.Draft202012Validator:
-    return jsonschema.Draft202012Validator(load_schema(f"api/{name}.json"))
+def _validator(name: str) -> jsonschema.protocols.Validator:
+    return Validator(load_schema(f"api/{name}.json"))
 
 
 @cache
@@ -32,17 +34,43 @@ def _fast_validator(name: str) -> Any:
 V1 = "/_matrix/identity/api/v1"
 V2 = "/_matrix/identity/v2"
 
+# Far deeper than any request of the APIs (4 levels at most), far shallower than what exhausts the
+# stack of the schema checks and encoders that walk a value recursively.
+MAX_JSON_DEPTH = 64
+
+
+def load_json(body: bytes) -> Any:
+    """A request body's JSON value; ValueError (400 from Sanic) when it is nested deeper than
+    MAX_JSON_DEPTH."""
+    value = orjson.loads(body)
+    # Counting brackets costs little and clears nearly every body; only a larger one is walked.
+    if body.count(b"[") + body.count(b"{") > MAX_JSON_DEPTH:
+        level = [value]
+        for _ in range(MAX_JSON_DEPTH):
+            level = [child for v in level for child in (v.values() if type(v) is dict else v)
+                     if type(child) is list or type(child) is dict]
+            if not level:
+                return value
+        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
 
 def json_body(request: Request, schema: str, allow_form: bool = False) -> dict[str, Any]:
     """The request's JSON object (or, with allow_form, its legacy form-encoded fields), checked
     against schemas/api/<schema>.json."""
     if allow_form and request.content_type.startswith("application/x-www-form-urlencoded"):
-        body: Any = {k: v[0] for k, v in (request.form or {}).items()}
+        # Parsed here, not by Sanic: Sanic logs a traceback for every form that is not UTF-8.
+        try:
+            text = request.body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MatrixError(400, "M_INVALID_PARAM", "The form body is not UTF-8") from None
+        body: Any = {k: v[0] for k, v in parse_qs(text).items()}
     else:
         try:
             body = request.json
         except BadRequest:
-            raise MatrixError(400, "M_NOT_JSON", "The request body is not valid JSON") from None
+            raise MatrixError(400, "M_NOT_JSON",
+                              "The request body is not valid JSON (or is nested too deeply)") from None
     if not isinstance(body, dict):
         raise MatrixError(400, "M_BAD_JSON", "The request body must be a JSON object")
     return check_params(body, schema)
@@ -58,7 +86,8 @@ def check_params(body: dict[str, Any], schema: str) -> dict[str, Any]:
         raise MatrixError(400, "M_MISSING_PARAMS", f"Missing parameters: {','.join(missing)}")
     if errors:
         raise MatrixError(400, "M_INVALID_PARAM", explain(jsonschema.exceptions.best_match(errors)))
-    return body
+    # The compiled validator refused what the explaining one accepts: refuse it all the same.
+    raise MatrixError(400, "M_INVALID_PARAM", "The request does not match its schema")
 
 
 def access_token(request: Request) -> str | None:
@@ -67,6 +96,13 @@ def access_token(request: Request) -> str | None:
     if header[:7].lower() == "bearer ":
         return header[7:].strip() or None
     return request.args.get("access_token") or None
+
+
+def usable_token(token: str) -> bool:
+    """Whether a token can be one we or the homeserver handed out: printable ASCII. Anything else
+    (bytes that are not UTF-8 arrive as surrogates) is refused as unknown before it is hashed,
+    stored or sent on."""
+    return token.isascii() and token.isprintable()
 
 
 def unsigned_policies(policies: dict[str, Any], accepted: set[str]) -> list[str]:
@@ -82,6 +118,8 @@ async def authenticate(request: Request, terms: bool = True) -> str:
     token = access_token(request)
     if token is None:
         raise MatrixError(401, "M_UNAUTHORIZED", "An identity server access token is required")
+    if not usable_token(token):
+        raise MatrixError(401, "M_UNAUTHORIZED", "Unrecognised access token")
     tokens = request.app.ctx.tokens
     known: tuple[str, bool] | None = tokens.get(token)
     if known is not None and (known[1] or not terms):
@@ -102,6 +140,23 @@ async def authenticate(request: Request, terms: bool = True) -> str:
 async def authenticate_v2(request: Request) -> str | None:
     """authenticate() on the v2 paths; None on the unauthenticated legacy v1 paths."""
     return None if request.path.startswith(V1) else await authenticate(request)
+
+
+def client_address(request: Request) -> str:
+    """The client's address for per-client limits: behind server.proxies_count reverse proxies, the
+    X-Forwarded-For entry that many hops from the right (each proxy appends the address it was reached
+    from; entries further left are whatever the client wrote, so they never count); else the TCP peer's.
+    A forwarded value that is not an IP address (any bytes a client sent) counts as the peer's."""
+    count = request.app.ctx.config["server"]["proxies_count"]
+    if count:
+        hops = [hop.strip() for header in request.headers.getall("x-forwarded-for", []) for hop in header.split(",")]
+        hops = [hop for hop in hops if hop]
+        if len(hops) >= count:
+            try:
+                return str(ipaddress.ip_address(hops[-count]))
+            except ValueError:
+                pass
+    return request.ip
 
 
 def require_client_in(request: Request, networks: list[IPNetwork]) -> None:

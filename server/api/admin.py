@@ -15,7 +15,7 @@ from sanic.response import HTTPResponse, html, json, redirect
 
 from indexer import logs, normalize
 from indexer.normalize import query_address
-from server.api import json_body, require_client_in
+from server.api import json_body, require_client_in, usable_token
 from server.errors import MatrixError
 
 bp = Blueprint("admin", url_prefix="/_mxisd/admin")
@@ -55,7 +55,7 @@ async def gate(request: Request) -> None:
     if not given:
         raise MatrixError(401, "M_UNAUTHORIZED", "The admin token is required (Authorization: Bearer ...)")
     # Digests of equal length, compared in constant time: the token's length leaks nothing either.
-    if not hmac.compare_digest(token_digest(given), ctx.admin_token_digest):
+    if not usable_token(given) or not hmac.compare_digest(token_digest(given), ctx.admin_token_digest):
         raise MatrixError(401, "M_UNAUTHORIZED", "Unrecognised admin token")
 
 

@@ -11,9 +11,10 @@ from sanic import Blueprint, Request
 from sanic.exceptions import BadRequest
 from sanic.response import HTTPResponse, json
 
+from indexer import logs
 from indexer.identity import Identity
 from indexer.stores import StoreUnavailable
-from server.api import json_body
+from server.api import client_address, json_body
 from server.credentials import Limited
 from server.errors import MatrixError
 from server.homeserver import forwarded_headers, relay
@@ -44,15 +45,10 @@ async def check_credentials(request: Request) -> HTTPResponse:
     if identity is None:
         # Always 200 with a profile: the provider treats any other answer as an error, and reads profile.
         return json({"auth": {"success": False, "profile": {}}})
-    log.info("check_credentials: %s authenticated as %s", user["id"], identity.mxid)
+    log.info("check_credentials: %s authenticated as %s", logs.untrusted(user["id"]), identity.mxid)
     # A login proves who owns these 3PIDs: invites waiting for them go to the user's homeserver.
     await request.app.ctx.invites.addresses_known(list(identity.threepids), identity.mxid)
     return json({"auth": {"success": True, "mxid": identity.mxid, "profile": _profile(identity)}})
-
-
-def client_address(request: Request) -> str:
-    """The client's address: from X-Forwarded-For behind server.proxies_count proxies, else the peer's."""
-    return request.remote_addr or request.ip
 
 
 async def _rewrite(request: Request, body: dict[str, Any]) -> str | None:
@@ -78,7 +74,7 @@ async def _rewrite(request: Request, body: dict[str, Any]) -> str | None:
     elif kind == "m.id.user" and isinstance(identifier.get("user"), str):
         name = identifier["user"]
     if mxid is not None:
-        log.info("login: %s identifier rewritten to %s", kind, mxid)
+        log.info("login: %s identifier rewritten to %s", logs.untrusted(kind), mxid)
         body.pop("medium", None)
         body.pop("address", None)
         body.pop("user", None)
@@ -106,14 +102,20 @@ async def login(request: Request) -> HTTPResponse:
     user = await _rewrite(request, body) if password else None
     if password:
         try:
-            await credentials.check_limits(user, ip)
+            # The user's failures are counted by check_credentials, which the homeserver calls.
+            await credentials.check_limits(user)
+            await credentials.claim(None, ip)
         except Limited as limited:
             raise MatrixError(429, "M_LIMIT_EXCEEDED", "Too many failed logins, try again later",
                               retry_after_ms=limited.retry_after_ms) from None
-    response = await request.app.ctx.homeserver.request(
-        "POST", request.path, json=body, headers=forwarded_headers(request.headers))
-    if password and response.status_code == 403:
-        await credentials.record(None, ip, success=False)
+    failed = False  # a homeserver that cannot answer says nothing against the password
+    try:
+        response = await request.app.ctx.homeserver.request(
+            "POST", request.path, json=body, headers=forwarded_headers(request.headers))
+        failed = response.status_code == 403
+    finally:
+        if password:
+            await credentials.settle(None, ip, not failed)
     return relay(response)
 
 

@@ -15,18 +15,26 @@ from signedjson.key import decode_signing_key_base64, encode_verify_key_base64, 
 from signedjson.sign import sign_json
 from unpaddedbase64 import encode_base64
 
+from indexer import logs
+from indexer.config import parse_duration
 from indexer.normalize import InvalidAddress
 from indexer.normalize import email as canonical_email
-from server.api import V1, V2, authenticate_v2, json_body
+from server.api import V1, V2, authenticate_v2, client_address, json_body
 from server.errors import MatrixError
-from server.notify import SendError
+from server.notify import AddressRefused, SendError
 from server.storage import Invite, now_ms
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("invites")
 
-_PLACEHOLDER_NAME = re.compile(r"[^A-Z0-9]+")
+# The request fields the spec's store-invite defines for the message; each fills %FIELD_NAME%.
+# Nothing else a request sends reaches the message: From, To, the subject and the rest of the
+# template come from the config.
+TEMPLATE_FIELDS = ("room_alias", "room_avatar_url", "room_join_rules", "room_name", "room_type",
+                   "sender_avatar_url", "sender_display_name")
+MAX_FIELD_LENGTH = 200  # characters of a request field in a message; more is cut
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 
 
 def redact(address: str) -> str:
@@ -39,25 +47,43 @@ def redact(address: str) -> str:
     return f"{part(local)}@{part(domain)}"
 
 
+def clean(value: Any) -> str:
+    """A request field as it may appear in a message: one line of printable text, length-limited."""
+    if not isinstance(value, str):
+        return ""
+    text = _CONTROL.sub(" ", value).strip()
+    return text if len(text) <= MAX_FIELD_LENGTH else text[:MAX_FIELD_LENGTH - 1] + "…"
+
+
 def template_values(body: dict[str, Any], register_url: str) -> dict[str, str]:
-    """mxisd's invite placeholders, and every string field of the request as %FIELD_NAME%."""
-    values = {_PLACEHOLDER_NAME.sub("_", k.upper()): v for k, v in body.items() if isinstance(v, str)}
-    sender_name = given if isinstance(given := body.get("sender_display_name"), str) else ""
-    room_name = given if isinstance(given := body.get("room_name"), str) else ""
+    """mxisd's invite placeholders, and the spec's optional fields as %FIELD_NAME%."""
+    values = {field.upper(): clean(body.get(field)) for field in TEMPLATE_FIELDS}
+    sender, room_id, address = clean(body["sender"]), clean(body["room_id"]), body["address"]
+    sender_name, room_name = values["SENDER_DISPLAY_NAME"], values["ROOM_NAME"]
     values.update({
-        "SENDER_ID": body["sender"],
+        "SENDER_ID": sender,
         "SENDER_NAME": sender_name,
-        "SENDER_NAME_OR_ID": sender_name or body["sender"],
-        "INVITE_MEDIUM": body["medium"],
-        "INVITE_MEDIUM_URL_ENCODED": quote(body["medium"], safe=""),
-        "INVITE_ADDRESS": body["address"],
-        "INVITE_ADDRESS_URL_ENCODED": quote(body["address"], safe=""),
-        "ROOM_ID": body["room_id"],
-        "ROOM_NAME": room_name,
-        "ROOM_NAME_OR_ID": room_name or body.get("room_alias") or body["room_id"],
+        "SENDER_NAME_OR_ID": sender_name or sender,
+        "INVITE_MEDIUM": "email",
+        "INVITE_MEDIUM_URL_ENCODED": "email",
+        "INVITE_ADDRESS": address,
+        "INVITE_ADDRESS_URL_ENCODED": quote(address, safe=""),
+        "ROOM_ID": room_id,
+        "ROOM_NAME_OR_ID": room_name or values["ROOM_ALIAS"] or room_id,
         "REGISTER_URL": register_url,
     })
     return values
+
+
+async def _rate_limit(request: Request, sender: str, address: str) -> None:
+    limits = request.app.ctx.config["invites"]["rate_limit"]
+    for kind, key in (("per_sender", sender), ("per_ip", client_address(request)), ("per_address", address)):
+        limit = limits[kind]
+        wait_ms = await request.app.ctx.rate_limits.hit(
+            f"store-invite:{kind}", key, limit["requests"], parse_duration(limit["window"]))
+        if wait_ms is not None:
+            log.info("store-invite rate limited (%s) for %s", kind, logs.untrusted(key))
+            raise MatrixError(429, "M_LIMIT_EXCEEDED", "Too many invites; try again later", retry_after_ms=wait_ms)
 
 
 @bp.post(V1 + "/store-invite", name="store_invite_v1")
@@ -75,6 +101,7 @@ async def store_invite(request: Request) -> HTTPResponse:
         address = canonical_email(body["address"])
     except InvalidAddress:
         raise MatrixError(400, "M_INVALID_EMAIL", "Not a valid email address") from None
+    await _rate_limit(request, body["sender"], address)
     pair = [("email", address)]
     synced = await request.app.ctx.lookups.by_address(pair)
     if synced[0] is not None and body["address"] == address:
@@ -84,19 +111,19 @@ async def store_invite(request: Request) -> HTTPResponse:
     # Known only under another spelling, or only to a read-through store or another identity server,
     # none of which a hashed lookup reaches: the homeserver missed it, and refusing would fail the invite.
     known = await request.app.ctx.read_through.fill(pair, synced)
-    [mxid] = await request.app.ctx.recursion.fill(pair, known)
+    [mxid] = await request.app.ctx.recursion.fill(pair, known, request)
 
     ephemeral = generate_signing_key("0")
     ephemeral_public = encode_verify_key_base64(get_verify_key(ephemeral))
     invite = Invite(token=secrets.token_urlsafe(48), medium="email", address=address, room_id=body["room_id"],
                     sender=body["sender"], ephemeral_public_key=ephemeral_public,
-                    properties={k: v for k, v in body.items() if k not in ("medium", "address", "room_id", "sender")},
+                    properties={k: body[k] for k in TEMPLATE_FIELDS if isinstance(body.get(k), str)},
                     created_at=now_ms(), settled_at=None, known_mxid=mxid)
     storage = request.app.ctx.storage
     if mxid is not None:
         await storage.run(storage.add_invite, invite)
         log.info("stored invite from %s to room %s for email %s, known to %s: no email, delivered by onbind",
-                 invite.sender, invite.room_id, address, mxid)
+                 invite.sender, invite.room_id, logs.untrusted(address), mxid)
         await request.app.ctx.invites.stored_for_known_address("email", address, mxid)
         return json(_stored_answer(request, invite.token, ephemeral_public, address))
     sender = request.app.ctx.email
@@ -107,13 +134,20 @@ async def store_invite(request: Request) -> HTTPResponse:
     values = template_values({**body, "address": address}, config["invites"]["register_url"]
                              or f"https://{config['matrix']['domain']}")
     values.update({"TOKEN": invite.token, "EPHEMERAL_PRIVATE_KEY": encode_base64(ephemeral.encode())})
+    sent = False
     try:
         await sender.send("invite", address, values)
+        sent = True
+    except AddressRefused as exc:
+        log.info("invite from %s to %s not stored: %s", invite.sender, logs.untrusted(address), exc)
+        raise MatrixError(400, "M_EMAIL_SEND_ERROR", "No email can be sent to this address") from None
     except SendError as exc:
-        await storage.run(storage.delete_invite, invite.token)
-        log.error("invite from %s to %s not stored: %s", invite.sender, address, exc)
+        log.error("invite from %s to %s not stored: %s", invite.sender, logs.untrusted(address), exc)
         raise MatrixError(500, "M_EMAIL_SEND_ERROR", "The invite email could not be sent") from None
-    log.info("stored invite from %s to room %s for email %s", invite.sender, invite.room_id, address)
+    finally:
+        if not sent:  # whatever stopped the message, no invite waits for a message never sent
+            await storage.run(storage.delete_invite, invite.token)
+    log.info("stored invite from %s to room %s for email %s", invite.sender, invite.room_id, logs.untrusted(address))
     return json(_stored_answer(request, invite.token, ephemeral_public, address))
 
 

@@ -20,9 +20,9 @@ from indexer import logs
 from indexer.config import parse_duration
 from indexer.normalize import InvalidAddress
 from indexer.normalize import email as canonical_email
-from server.api import V1, V2, authenticate_v2, check_params, json_body
+from server.api import V1, V2, authenticate_v2, check_params, client_address, json_body
 from server.errors import MatrixError, log_bad_request
-from server.notify import SendError, read_template, render
+from server.notify import AddressRefused, SendError, read_template, render
 from server.storage import Session, now_ms
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def _send_attempt(value: Any) -> int:
 
 async def _rate_limit(request: Request, address_key: str) -> None:
     limits = request.app.ctx.config["sessions"]["rate_limit"]
-    for kind, key in (("per_ip", request.remote_addr or request.ip), ("per_address", address_key)):
+    for kind, key in (("per_ip", client_address(request)), ("per_address", address_key)):
         limit = limits[kind]
         wait_ms = await request.app.ctx.rate_limits.hit(
             f"requestToken:{kind}", key, limit["requests"], parse_duration(limit["window"]))
@@ -139,6 +139,8 @@ async def request_email_token(request: Request) -> HTTPResponse:
 
     try:
         session = await _start(request, "email", address, body, send)
+    except AddressRefused:
+        raise MatrixError(400, "M_EMAIL_SEND_ERROR", "No email can be sent to this address") from None
     except SendError:
         raise MatrixError(500, "M_EMAIL_SEND_ERROR", "The verification email could not be sent") from None
     return json({"sid": session.sid})
@@ -197,13 +199,16 @@ async def _submit(request: Request, params: dict[str, Any], medium: str) -> Sess
         raise MatrixError(404, "M_NO_VALID_SESSION", "No session with that sid and client_secret")
     storage = request.app.ctx.storage
     max_attempts = request.app.ctx.config["sessions"]["max_token_attempts"]
-    if session.failed_attempts >= max_attempts:
+    # The attempt is counted before the token is compared: a burst of guesses sent at once gets
+    # no more tries than one sent after another.
+    attempts = await storage.run(storage.claim_token_attempt, session.sid, max_attempts)
+    if attempts is None:
         raise MatrixError(400, "M_SESSION_EXPIRED",
                           "Too many wrong tokens for this session; request a new token")
-    if not secrets.compare_digest(params["token"].strip(), session.token):
-        failures = await storage.run(storage.record_wrong_token, session.sid)
-        log.info("wrong token for session %s (%d of %d allowed)", session.sid, failures, max_attempts)
+    if not secrets.compare_digest(params["token"].strip().encode(), session.token.encode()):
+        log.info("wrong token for session %s (%d of %d allowed)", session.sid, attempts, max_attempts)
         raise MatrixError(400, "M_TOKEN_INCORRECT", "The token is incorrect", success=False)
+    await storage.run(storage.return_token_attempt, session.sid)
     if session.validated_at is None:
         now = now_ms()
         await storage.run(storage.update_session, session.sid, {"validated_at": now, "modified_at": now})

@@ -10,6 +10,11 @@ class SendError(Exception):
     """The message could not be handed over; the message says why (no secrets)."""
 
 
+class AddressRefused(SendError):
+    """Nothing can be sent to this address the way the server is set up (no IDNA form, refused by
+    the SMTP server, or beyond ASCII where it does not offer SMTPUTF8): the client's to fix (400)."""
+
+
 def read_template(path: str | None, default: str) -> str:
     """The configured template file, or the one shipped in server/notify/templates/."""
     if path:

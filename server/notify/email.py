@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import email.errors
 import email.policy
 import email.utils
 import logging
 import re
 from email.message import EmailMessage
-from email.parser import Parser
+from email.parser import BytesParser, Parser
 from typing import Any
 from urllib.parse import quote
 
 import aiosmtplib
+import idna
 
 from server.metrics import NOTIFICATIONS
-from server.notify import SendError, read_template, render
+from server.notify import AddressRefused, SendError, read_template, render
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +28,16 @@ def render_message(template: str, values: dict[str, str]) -> EmailMessage:
     text = template.replace("\r\n", "\n")
     head, sep, body = text.partition("\n\n")
     safe = {k: _LINE_BREAKS.sub(" ", v) for k, v in values.items()}
-    message = Parser(policy=email.policy.default).parsestr(render(head, safe) + sep + render(body, values))
+    head = render(head, safe) + sep
+    # The body as UTF-8 bytes: text beyond ASCII then goes out 8-bit, or re-encoded in its charset
+    # where the SMTP server cannot take 8-bit. Headers set again through the API are encoded (RFC
+    # 2047) where they go beyond ASCII: as parsed, they would go out raw.
+    message = BytesParser(policy=email.policy.default).parsebytes((head + render(body, values)).encode("utf-8"))
+    headers = list(Parser(policy=email.policy.default).parsestr(head, headersonly=True).items())
+    for name in {name for name, _ in headers}:
+        del message[name]
+    for name, value in headers:
+        message[name] = str(value)
     return message
 
 
@@ -56,8 +67,15 @@ class EmailSender:
         }
 
     async def send(self, kind: str, address: str, values: dict[str, str]) -> None:
-        """Render the template of this kind for address and send it, to address only."""
-        message = render_message(self.template(kind), {**self.base_values(address), **values})
+        """Render the template of this kind for address and send it, to address only. The domain goes
+        out in its ASCII (IDNA) form; a local part beyond ASCII needs an SMTP server offering SMTPUTF8."""
+        local, _, domain = address.rpartition("@")
+        try:
+            address = f"{local}@{idna.encode(domain, uts46=True).decode('ascii')}"
+        except idna.IDNAError as exc:
+            raise AddressRefused(f"the domain of {address!r} has no IDNA form: {exc}") from None
+        # The config's values win: what a caller passes never replaces the sender or the recipient.
+        message = render_message(self.template(kind), {**values, **self.base_values(address)})
         if "From" not in message:
             message["From"] = email.utils.formataddr((self.sender_name, self.sender))
         if "To" not in message:
@@ -75,6 +93,11 @@ class EmailSender:
                 username=self.smtp.get("login"), password=self.smtp.get("password"),
                 cert_bundle=self.smtp.get("ca_file"), timeout=self.smtp["timeout_s"],
             )
+        except (aiosmtplib.SMTPNotSupported, aiosmtplib.SMTPRecipientsRefused, aiosmtplib.SMTPRecipientRefused,
+                ValueError, email.errors.MessageError) as exc:
+            # ValueError and MessageError: an address the message cannot carry (UnicodeError is one).
+            NOTIFICATIONS.labels("email", "failed").inc()
+            raise AddressRefused(f"{address!r} cannot be sent to: {exc}") from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             NOTIFICATIONS.labels("email", "failed").inc()
             raise SendError(f"SMTP server {self.smtp['host']}:{self.smtp['port']} refused or failed: {exc}") from None
