@@ -58,7 +58,11 @@ def test_a_second_session_for_the_same_3pid_and_secret_returns_the_first(storage
     assert storage.create_session(first) == first
     assert storage.create_session(Session(**{**first.__dict__, "sid": "sid2", "token": "other"})) == first
     assert storage.session("sid1", "wrong") is None
-    assert storage.record_wrong_token("sid1") == 1
+    assert storage.claim_token_attempt("sid1", most=2) == 1
+    assert storage.claim_token_attempt("sid1", most=2) == 2
+    assert storage.claim_token_attempt("sid1", most=2) is None  # the limit reached: nothing counted
+    storage.return_token_attempt("sid1")
+    assert storage.claim_token_attempt("sid1", most=2) == 2
 
 
 def test_accepted_terms_accumulate(storage):
