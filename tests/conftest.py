@@ -227,6 +227,13 @@ class Server:
         return response.json()
 
 
+def started(srv: Server) -> Server:
+    """Start srv and wait until its first sync answers lookups of the default people (alice)."""
+    srv.start()
+    wait_until(lambda: srv.lookup_v1("email", "alice@example.com").get("mxid"), what="the first sync")
+    return srv
+
+
 @pytest.fixture
 def make_server(tmp_path: Path, redis_url: str, prefix: str, homeserver: FakeHomeserver, mailbox: Mailbox,
                 twilio: FakeTwilio) -> Iterator[Callable[..., Server]]:

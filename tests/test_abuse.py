@@ -20,7 +20,7 @@ import pytest
 import redis
 
 from indexer.cache import Cache
-from tests.conftest import V1, V2, free_port, wait_until
+from tests.conftest import V1, V2, free_port, started, wait_until
 from tests.fakes import Mailbox
 from tests.test_federation import TinyDns
 
@@ -33,12 +33,6 @@ def server(make_server, redis_url, prefix):
     srv = make_server()
     srv.config["server"]["public_url"] = srv.url
     Cache(redis.Redis.from_url(redis_url, decode_responses=True), prefix).initialize(pepper="matrixrocks")
-    return srv
-
-
-def started(srv):
-    srv.start()
-    wait_until(lambda: srv.lookup_v1("email", "alice@example.com").get("mxid"), what="the first sync")
     return srv
 
 

@@ -19,7 +19,7 @@ from indexer.cache import Cache
 from indexer.normalize import lookup_hash
 from server.api.bind import our_names
 from server.token_cache import TOKEN_TRUST_S
-from tests.conftest import V1, V2, wait_until
+from tests.conftest import V1, V2, started, wait_until
 
 DAVE = "@dave:example.org"
 TERMS = {
@@ -34,12 +34,6 @@ TERMS = {
 def server(make_server, redis_url, prefix):
     srv = make_server()
     Cache(redis.Redis.from_url(redis_url, decode_responses=True), prefix).initialize(pepper="matrixrocks")
-    return srv
-
-
-def started(srv):
-    srv.start()
-    wait_until(lambda: srv.lookup_v1("email", "alice@example.com").get("mxid"), what="the first sync")
     return srv
 
 

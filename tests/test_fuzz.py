@@ -24,7 +24,7 @@ from schemathesis.specs.openapi.checks import (
 
 from indexer.cache import Cache
 from server.openapi import ADMIN, HOMESERVER, IDENTITY
-from tests.conftest import REPO, wait_until
+from tests.conftest import REPO, started
 from tests.fake_homeserver import ClientHomeserver
 
 EXAMPLES = 25  # per operation and generation mode (62 operations): some 2,000 requests
@@ -60,9 +60,7 @@ def server(make_server, client_homeserver: ClientHomeserver, redis_url, prefix):
     client_homeserver.tokens[HS_TOKEN] = "@fuzzer:example.org"
     client_homeserver.identity_server = srv.url
     Cache(redis.Redis.from_url(redis_url, decode_responses=True), prefix).initialize(pepper="pepper")
-    srv.start()
-    wait_until(lambda: srv.lookup_v1("email", "alice@example.com").get("mxid"), what="the first sync")
-    return srv
+    return started(srv)
 
 
 def test_generated_requests_get_no_5xx_and_answers_the_document_describes(server):

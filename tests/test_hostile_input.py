@@ -12,7 +12,7 @@ import pytest
 import redis
 
 from indexer.cache import Cache
-from tests.conftest import REPO, V1, V2, wait_until
+from tests.conftest import REPO, V1, V2, started
 from tests.fake_homeserver import ClientHomeserver
 
 HS_TOKEN = "syt_searcher_token"
@@ -62,9 +62,7 @@ def server(make_server, client_homeserver: ClientHomeserver, redis_url, prefix):
     client_homeserver.tokens[HS_TOKEN] = "@searcher:example.org"
     client_homeserver.identity_server = srv.url
     Cache(redis.Redis.from_url(redis_url, decode_responses=True), prefix).initialize(pepper="pepper")
-    srv.start()
-    wait_until(lambda: srv.lookup_v1("email", "alice@example.com").get("mxid"), what="the first sync")
-    return srv
+    return started(srv)
 
 
 def nested(depth: int) -> bytes:
