@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ipaddress
 import logging
 import os
 import re
 import signal
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -24,22 +20,8 @@ from sanic.exceptions import BadRequest, MethodNotAllowed, NotFound, PayloadTooL
 from sanic.response import BaseHTTPResponse, HTTPResponse, empty, json
 
 from indexer import logs
-from indexer.cache import (
-    BINDINGS,
-    Admin,
-    BindingMirror,
-    Cache,
-    Lookups,
-    RateLimits,
-    RemoteAnswers,
-    connect,
-    connect_async,
-    timeout_of,
-)
+from indexer.cache import Cache, connect, timeout_of
 from indexer.config import parse_duration
-from indexer.fulltext import DirectorySearch, HideRules
-from indexer.redis_pipe import PipelinedRedis
-from indexer.scheduler import fulltext_path
 from server import metrics
 from server.api import (
     account,
@@ -61,18 +43,9 @@ from server.api import invites as invites_api
 from server.api import metrics as metrics_api
 from server.api import openapi as openapi_api
 from server.bindings import check_cache
-from server.credentials import Credentials
+from server.container import Context, Services, services
 from server.errors import MatrixError, log_bad_request
-from server.federation import Federation
-from server.homeserver import Homeserver
-from server.invites import InviteWorker
-from server.keys import Keys
-from server.notify.email import EmailSender
-from server.notify.sms import SmsSender
-from server.read_through import ReadThrough
-from server.recursion import Recursion
-from server.storage import Storage, now_ms
-from server.token_cache import TokenCache
+from server.storage import now_ms
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("mxisd.access")
@@ -91,12 +64,6 @@ CORS_HEADERS = {
 }
 
 
-def lookup_order(config: dict[str, Any]) -> list[str]:
-    """The stores lookups ask, first match wins: bindings before or after the configured stores."""
-    stores = [s["name"] for s in config["stores"]]
-    return [BINDINGS, *stores] if config["lookup"]["prefer"] == "binding" else [*stores, BINDINGS]
-
-
 def blueprints(with_admin: bool, with_metrics: bool) -> list[Blueprint]:
     """Every route the server answers, by area (server/openapi.py documents them all)."""
     modules = [status, health, pubkey, identity_v1, identity_v2, account, terms, sessions, bind, directory, auth,
@@ -108,67 +75,32 @@ def blueprints(with_admin: bool, with_metrics: bool) -> list[Blueprint]:
     return [module.bp for module in modules]
 
 
-# The application with Sanic's own config and context types (the services hang untyped off app.ctx).
-App = Sanic[Config, SimpleNamespace]
+# The application with Sanic's own config type and our context: the services, once it has started.
+App = Sanic[Config, Context]
 
 
 def create_app(config: dict[str, Any], redis_url: str) -> App:
     """The Sanic application for one worker."""
     logs.setup(config["log_level"], "server", config["log_format"])  # spawned workers start with no logging set up
-    app = Sanic("mxisd", configure_logging=False, dumps=orjson.dumps, loads=load_json)  # fast JSON
+    app = Sanic("mxisd", ctx=Context(), configure_logging=False, dumps=orjson.dumps, loads=load_json)  # fast JSON
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.config.REQUEST_MAX_SIZE = config["server"]["max_body_size"]
     # uvloop installs SIGTERM handling only once the loop runs, after Sanic has set SIGTERM to
     # "ignore" and begun answering: a SIGTERM in that window was lost and the server never stopped.
     app.config.USE_UVLOOP = False
-    app.ctx.config = config
-    app.ctx.bulk_max = config["lookup"]["bulk_max"]
-    app.ctx.association_validity_ms = parse_duration(config["lookup"]["association_validity"]) * 1000
-    app.ctx.keys = Keys.load_or_create(config["data_dir"], config["server"]["name"])
-    app.ctx.tokens = TokenCache()
-    app.ctx.admin_networks = [ipaddress.ip_network(n, strict=False) for n in config["admin"]["allow"]]
-    app.ctx.metrics_networks = [ipaddress.ip_network(n, strict=False) for n in config["metrics"]["allow"]]
-    app.ctx.max_follower_lag = parse_duration(config["health"]["max_follower_lag"])
-    app.ctx.access_log = config["server"]["access_log"]
-    domain = config["matrix"]["domain"]
-    app.ctx.email = EmailSender(config["email"], domain) if "email" in config else None
-    app.ctx.sms = SmsSender(config["sms"], domain) if "sms" in config else None
-
     if config["server"]["proxies_count"]:
         app.config.PROXIES_COUNT = config["server"]["proxies_count"]
-
-    if config["admin"]["token"]:
-        app.ctx.admin_token_digest = admin.token_digest(config["admin"]["token"])
     for blueprint in blueprints(bool(config["admin"]["token"]), config["metrics"]["enabled"]):
         app.blueprint(blueprint)
 
     @app.before_server_start
     async def open_connections(app: App) -> None:
-        client = connect_async(redis_url, timeout_of(config))
-        prefix = config["redis"]["prefix"]
-        app.ctx.redis = client
-        app.ctx.redis_pipe = PipelinedRedis(redis_url, timeout_of(config))
-        app.ctx.lookups = Lookups(app.ctx.redis_pipe, prefix, lookup_order(config))
-        app.ctx.admin = Admin(client, prefix, [s["name"] for s in config["stores"]],
-                              parse_duration(config["admin"]["job_start_timeout"]))
-        app.ctx.read_through = ReadThrough(config, app.ctx.lookups)
-        app.ctx.binding_mirror = BindingMirror(client, prefix)
-        app.ctx.rate_limits = RateLimits(client, prefix)
-        app.ctx.storage = Storage(config["storage"]["url"], config["data_dir"])
-        app.ctx.federation = Federation(config["federation"])
-        app.ctx.homeserver = Homeserver(config)
-        settings = config["directory"]
-        app.ctx.directory = DirectorySearch(fulltext_path(config), HideRules(settings["hide"]), settings["threepids"])
-        # Whoosh blocks: searches run in a thread of their own, taking turns on one open reader.
-        app.ctx.search_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
-        app.ctx.credentials = Credentials(config, app.ctx.lookups)
-        app.ctx.recursion = Recursion(config, app.ctx.federation, RemoteAnswers(client, prefix))
-        app.ctx.invites = InviteWorker(config, app.ctx.storage, app.ctx.lookups, app.ctx.federation, app.ctx.keys)
+        app.ctx.services = Services.build(config, redis_url)
 
     @app.after_server_start
     async def start_maintenance(app: App) -> None:
-        app.ctx.maintenance = asyncio.create_task(maintenance(app, redis_url))
-        app.ctx.invite_worker = asyncio.create_task(app.ctx.invites.run())
+        built = app.ctx.services
+        built.run_in_background(maintenance(built, redis_url), built.invites.run())
         log.info("worker %d ready", os.getpid())
 
     @app.before_server_stop
@@ -176,22 +108,11 @@ def create_app(config: dict[str, Any], redis_url: str) -> App:
         # Ctrl-C reaches each worker twice, from the terminal and from Sanic's manager: the second
         # must not abort the clean stop that the first began.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for task in (app.ctx.maintenance, app.ctx.invite_worker):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await app.ctx.services.stop_background()
 
     @app.after_server_stop
     async def close_connections(app: App) -> None:
-        await app.ctx.read_through.close()
-        await app.ctx.homeserver.close()
-        app.ctx.search_executor.shutdown(wait=True)
-        app.ctx.directory.close()
-        await asyncio.get_running_loop().run_in_executor(None, app.ctx.credentials.close)
-        await app.ctx.redis.aclose()
-        app.ctx.redis_pipe.close()
-        await app.ctx.federation.close()
-        app.ctx.storage.close()
+        await app.ctx.services.close()
 
     @app.middleware("request", priority=10)
     async def identify(request: Request) -> HTTPResponse | None:
@@ -217,11 +138,11 @@ def create_app(config: dict[str, Any], redis_url: str) -> App:
     return app
 
 
-async def maintenance(app: App, redis_url: str) -> None:
+async def maintenance(built: Services, redis_url: str) -> None:
     """Every redis.check_every: have Redis rebuilt if it was emptied or went back in time while we
     run (see server.bindings); every minute: forget validation sessions a week past their lifetime."""
-    config = app.ctx.config
-    storage: Storage = app.ctx.storage
+    config = built.config
+    storage = built.storage
     cache = Cache(connect(redis_url, timeout_of(config)), config["redis"]["prefix"])
     stores = [s["name"] for s in config["stores"]]
     check_every = max(1, parse_duration(config["redis"]["check_every"]))
@@ -256,7 +177,7 @@ def record_response(request: Request, response: BaseHTTPResponse) -> None:
     metrics.REQUESTS.labels(request.method, endpoint, str(response.status)).inc()
     if took is not None:
         metrics.LATENCY.labels(request.method, endpoint).observe(took)
-    if request.app.ctx.access_log:
+    if services(request).config["server"]["access_log"]:
         target = logs.redact(request.path + (f"?{request.query_string}" if request.query_string else ""))
         access_log.info(
             "%s %s %s %d %s", request.ip, request.method, target, response.status,

@@ -30,7 +30,7 @@ from indexer import logs
 from indexer.cache import RemoteAnswers
 from indexer.config import parse_duration
 from indexer.normalize import lookup_hash
-from server.api import client_address
+from server.clients import forwarded_client
 from server.federation import Federation, FederationError
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class Recursion:
         self.budget_s: float = settings["budget_s"]
         self.ttl = parse_duration(settings["ttl"])
         self.miss_ttl = parse_duration(settings["miss_ttl"])
+        self.proxies_count: int = config["server"]["proxies_count"]
         self.federation = federation
         self.answers = answers
         self.resolver = dns.asyncresolver.Resolver(configure=not settings["resolvers"])
@@ -88,7 +89,7 @@ class Recursion:
         """Whether the requester may recurse. Behind recursion.proxies: the nearest X-Forwarded-For hop
         that is not one of them (read from the right: the left is whatever the client wrote); else the
         client address of server.proxies_count (the TCP peer's without proxies)."""
-        client = client_address(request)
+        client = forwarded_client(request, self.proxies_count)
         if self._in(request.ip, self.proxies):
             client = request.ip
             hops = [h.strip() for header in request.headers.getall("x-forwarded-for", []) for h in header.split(",")]

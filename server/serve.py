@@ -102,7 +102,7 @@ def _follow_config(app: App, config: dict[str, Any], single: bool) -> None:
         logging.getLogger().setLevel(new["log_level"])
         try:
             if single:
-                app.ctx.credentials.set_limits(config["auth"]["rate_limit"])
+                app.ctx.services.credentials.set_limits(config["auth"]["rate_limit"])
                 log.info("log_level and rate limits re-read")
             else:
                 # Sanic's own message for a restart of every worker, new ones first (as its

@@ -14,6 +14,8 @@ from sanic import Request
 from sanic.exceptions import BadRequest
 
 from indexer.config import Validator, explain, load_schema
+from server.clients import forwarded_client, usable_token
+from server.container import services
 from server.errors import MatrixError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -98,11 +100,14 @@ def access_token(request: Request) -> str | None:
     return request.args.get("access_token") or None
 
 
-def usable_token(token: str) -> bool:
-    """Whether a token can be one we or the homeserver handed out: printable ASCII. Anything else
-    (bytes that are not UTF-8 arrive as surrogates) is refused as unknown before it is hashed,
-    stored or sent on."""
-    return token.isascii() and token.isprintable()
+def identity_token(request: Request) -> str:
+    """The request's identity-server token: 401 M_UNAUTHORIZED without one, or with one that cannot be ours."""
+    token = access_token(request)
+    if token is None:
+        raise MatrixError(401, "M_UNAUTHORIZED", "An identity server access token is required")
+    if not usable_token(token):
+        raise MatrixError(401, "M_UNAUTHORIZED", "Unrecognised access token")
+    return token
 
 
 def unsigned_policies(policies: dict[str, Any], accepted: set[str]) -> list[str]:
@@ -115,21 +120,18 @@ async def authenticate(request: Request, terms: bool = True) -> str:
     """The Matrix ID owning the request's identity-server token: 401 M_UNAUTHORIZED without a known
     token, and (unless terms=False) 403 M_TERMS_NOT_SIGNED until every policy is accepted. A token
     checked in the last TOKEN_TRUST_S seconds is answered from the worker's TokenCache."""
-    token = access_token(request)
-    if token is None:
-        raise MatrixError(401, "M_UNAUTHORIZED", "An identity server access token is required")
-    if not usable_token(token):
-        raise MatrixError(401, "M_UNAUTHORIZED", "Unrecognised access token")
-    tokens = request.app.ctx.tokens
-    known: tuple[str, bool] | None = tokens.get(token)
+    token = identity_token(request)
+    built = services(request)
+    tokens = built.tokens
+    known = tokens.get(token)
     if known is not None and (known[1] or not terms):
         return known[0]
-    storage = request.app.ctx.storage
-    user_id: str | None = await storage.run(storage.account_user, token)
+    storage = built.storage
+    user_id = await storage.run(storage.account_user, token)
     if user_id is None:
         tokens.forget(token)
         raise MatrixError(401, "M_UNAUTHORIZED", "Unrecognised access token")
-    policies = request.app.ctx.config["terms"]["policies"]
+    policies = built.config["terms"]["policies"]
     missing = unsigned_policies(policies, await storage.run(storage.accepted_urls, user_id)) if policies else []
     tokens.put(token, user_id, not missing)
     if terms and missing:
@@ -143,20 +145,8 @@ async def authenticate_v2(request: Request) -> str | None:
 
 
 def client_address(request: Request) -> str:
-    """The client's address for per-client limits: behind server.proxies_count reverse proxies, the
-    X-Forwarded-For entry that many hops from the right (each proxy appends the address it was reached
-    from; entries further left are whatever the client wrote, so they never count); else the TCP peer's.
-    A forwarded value that is not an IP address (any bytes a client sent) counts as the peer's."""
-    count = request.app.ctx.config["server"]["proxies_count"]
-    if count:
-        hops = [hop.strip() for header in request.headers.getall("x-forwarded-for", []) for hop in header.split(",")]
-        hops = [hop for hop in hops if hop]
-        if len(hops) >= count:
-            try:
-                return str(ipaddress.ip_address(hops[-count]))
-            except ValueError:
-                pass
-    return request.ip
+    """The client's address for per-client limits, behind server.proxies_count reverse proxies."""
+    return forwarded_client(request, services(request).config["server"]["proxies_count"])
 
 
 def require_client_in(request: Request, networks: list[IPNetwork]) -> None:

@@ -11,7 +11,8 @@ from sanic.response import HTTPResponse, json
 from indexer import logs
 from indexer.normalize import InvalidAddress
 from indexer.normalize import mxid as parse_mxid
-from server.api import V2, access_token, authenticate, json_body
+from server.api import V2, authenticate, identity_token, json_body
+from server.container import services
 from server.errors import MatrixError
 from server.federation import FederationError, split_server_name
 
@@ -29,12 +30,12 @@ async def register(request: Request) -> HTTPResponse:
         split_server_name(server_name)
     except ValueError:
         raise MatrixError(400, "M_INVALID_PARAM", f"Not a valid server name: {server_name!r}") from None
-    allowed = request.app.ctx.config["accounts"]["homeservers"]
+    allowed = services(request).config["accounts"]["homeservers"]
     if "*" not in allowed and server_name not in allowed:
         log.info("register refused: homeserver %s is not in accounts.homeservers", server_name)
         raise MatrixError(403, "M_UNAUTHORIZED", f"Users of {server_name} cannot register with this identity server")
     try:
-        sub = await request.app.ctx.federation.openid_user(server_name, body["access_token"])
+        sub = await services(request).federation.openid_user(server_name, body["access_token"])
     except FederationError as exc:
         logs.repeated.warning(log, "register: OpenID check with %s failed: %s", server_name, exc,
                               key=f"openid {server_name}")
@@ -49,7 +50,7 @@ async def register(request: Request) -> HTTPResponse:
         log.warning("register refused: %s answered sub %r, not a user of its own", server_name, sub)
         raise MatrixError(403, "M_UNAUTHORIZED", f"{server_name} answered a user that is not its own")
     token = secrets.token_urlsafe(32)
-    storage = request.app.ctx.storage
+    storage = services(request).storage
     await storage.run(storage.add_account, token, sub)
     log.info("registered an identity-server token for %s", sub)
     return json({"token": token, "access_token": token})
@@ -65,9 +66,9 @@ async def account(request: Request) -> HTTPResponse:
 async def logout(request: Request) -> HTTPResponse:
     """POST /_matrix/identity/v2/account/logout: forget the token."""
     user_id = await authenticate(request, terms=False)
-    storage = request.app.ctx.storage
-    token = access_token(request)
+    storage = services(request).storage
+    token = identity_token(request)
     await storage.run(storage.remove_account, token)
-    request.app.ctx.tokens.forget(token)
+    services(request).tokens.forget(token)
     log.info("token of %s logged out", user_id)
     return json({})

@@ -15,6 +15,7 @@ from indexer import logs
 from indexer.identity import Identity
 from indexer.stores import StoreUnavailable
 from server.api import client_address, json_body
+from server.container import services
 from server.credentials import Limited
 from server.errors import MatrixError
 from server.homeserver import forwarded_headers, relay
@@ -35,7 +36,7 @@ async def check_credentials(request: Request) -> HTTPResponse:
     user = json_body(request, "check_credentials")["user"]
     try:
         # Only the homeserver calls here: its address says nothing about who is logging in.
-        identity = await request.app.ctx.credentials.authenticate(user["id"], user["password"], None)
+        identity = await services(request).credentials.authenticate(user["id"], user["password"], None)
     except Limited:
         identity = None
     except StoreUnavailable:
@@ -47,14 +48,14 @@ async def check_credentials(request: Request) -> HTTPResponse:
         return json({"auth": {"success": False, "profile": {}}})
     log.info("check_credentials: %s authenticated as %s", logs.untrusted(user["id"]), identity.mxid)
     # A login proves who owns these 3PIDs: invites waiting for them go to the user's homeserver.
-    await request.app.ctx.invites.addresses_known(list(identity.threepids), identity.mxid)
+    await services(request).invites.addresses_known(list(identity.threepids), identity.mxid)
     return json({"auth": {"success": True, "mxid": identity.mxid, "profile": _profile(identity)}})
 
 
 async def _rewrite(request: Request, body: dict[str, Any]) -> str | None:
     """Replace a third-party identifier with the Matrix ID the cache holds for it; the name the
     login is counted under (None when the body names nobody)."""
-    credentials = request.app.ctx.credentials
+    credentials = services(request).credentials
     identifier = body.get("identifier")
     if not isinstance(identifier, dict):
         # Before identifiers existed: top-level "user", or "medium" and "address".
@@ -96,7 +97,7 @@ async def login(request: Request) -> HTTPResponse:
         body = None
     if not isinstance(body, dict):
         raise MatrixError(400, "M_NOT_JSON", "The request body must be a JSON object")
-    credentials = request.app.ctx.credentials
+    credentials = services(request).credentials
     ip = client_address(request)
     password = body.get("type") == "m.login.password"
     user = await _rewrite(request, body) if password else None
@@ -110,7 +111,7 @@ async def login(request: Request) -> HTTPResponse:
                               retry_after_ms=limited.retry_after_ms) from None
     failed = False  # a homeserver that cannot answer says nothing against the password
     try:
-        response = await request.app.ctx.homeserver.request(
+        response = await services(request).homeserver.request(
             "POST", request.path, json=body, headers=forwarded_headers(request.headers))
         failed = response.status_code == 403
     finally:
@@ -123,5 +124,5 @@ async def login(request: Request) -> HTTPResponse:
 @bp.get("/_matrix/client/v3/login", name="flows_v3")
 async def login_flows(request: Request) -> HTTPResponse:
     """GET /_matrix/client/v3/login: the homeserver's login flows, passed through."""
-    return relay(await request.app.ctx.homeserver.request(
+    return relay(await services(request).homeserver.request(
         "GET", request.path, headers=forwarded_headers(request.headers)))

@@ -13,6 +13,7 @@ from indexer.normalize import query_address
 from server.api import V1, V2, authenticate_v2, json_body
 from server.api.sessions import live_session, validated_session
 from server.bindings import bound_association
+from server.container import services
 from server.errors import MatrixError, shown
 from server.federation import BadSignature, FederationError, WrongDestination
 from server.storage import Binding, now_ms
@@ -32,15 +33,15 @@ async def bind(request: Request) -> HTTPResponse:
         raise MatrixError(403, "M_UNAUTHORIZED", "A token can only bind 3PIDs to its own Matrix ID")
     session = await validated_session(request, body["sid"], body["client_secret"])
     ts = now_ms()
-    storage = request.app.ctx.storage
+    storage = services(request).storage
     replaced, generation = await storage.run(storage.bind, session.medium, session.address, body["mxid"], ts)
-    await request.app.ctx.binding_mirror.put(session.medium, session.address, body["mxid"], generation)
+    await services(request).binding_mirror.put(session.medium, session.address, body["mxid"], generation)
     if replaced is not None and replaced.mxid != body["mxid"]:
         log.info("%s %s rebound from %s to %s", session.medium, session.address, replaced.mxid, body["mxid"])
     else:
         log.info("%s %s bound to %s", session.medium, session.address, body["mxid"])
-    await request.app.ctx.invites.addresses_known([(session.medium, session.address)], body["mxid"])
-    return json(bound_association(request.app.ctx.keys, Binding(session.medium, session.address, body["mxid"], ts)))
+    await services(request).invites.addresses_known([(session.medium, session.address)], body["mxid"])
+    return json(bound_association(services(request).keys, Binding(session.medium, session.address, body["mxid"], ts)))
 
 
 def our_names(server: dict[str, Any]) -> list[str]:
@@ -56,8 +57,8 @@ def our_names(server: dict[str, Any]) -> list[str]:
 async def _signing_homeserver(request: Request, authorization: str) -> str:
     uri = request.path + (f"?{request.query_string}" if request.query_string else "")
     try:
-        signer: str = await request.app.ctx.federation.verify_request(
-            authorization, request.method, uri, request.json, our_names(request.app.ctx.config["server"]))
+        signer: str = await services(request).federation.verify_request(
+            authorization, request.method, uri, request.json, our_names(services(request).config["server"]))
         return signer
     except ValueError as exc:
         raise MatrixError(403, "M_FORBIDDEN", f"Invalid X-Matrix authorization: {exc}") from None
@@ -99,9 +100,9 @@ async def unbind(request: Request) -> HTTPResponse:
     else:
         raise MatrixError(403, "M_FORBIDDEN", "Unbinding needs a validated session (sid, client_secret) "
                                               "or the homeserver's X-Matrix signature")
-    storage = request.app.ctx.storage
+    storage = services(request).storage
     generation = await storage.run(storage.unbind, medium, address, mxid)
     if generation is not None:
-        await request.app.ctx.binding_mirror.remove(medium, address, generation)
+        await services(request).binding_mirror.remove(medium, address, generation)
         log.info("%s %s unbound from %s (%s)", medium, address, mxid, proof)
     return json({})

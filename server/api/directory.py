@@ -12,6 +12,7 @@ from sanic.response import HTTPResponse, json
 
 from indexer.fulltext import Hit, IndexNotReady
 from server.api import access_token, json_body
+from server.container import services
 from server.errors import MatrixError
 from server.homeserver import answer_json, relay
 
@@ -31,10 +32,10 @@ class _Relayed(Exception):
 
 async def _homeserver_results(request: Request, token: str, term: str, limit: int) -> tuple[list[dict[str, Any]], bool]:
     """The homeserver's own results for the same search; none when it cannot search or fails."""
-    if not request.app.ctx.config["directory"]["homeserver"]:
+    if not services(request).config["directory"]["homeserver"]:
         return [], False
     try:
-        response = await request.app.ctx.homeserver.request(
+        response = await services(request).homeserver.request(
             "POST", request.path, json={"search_term": term, "limit": limit},
             headers={"Authorization": f"Bearer {token}"})
     except MatrixError:
@@ -53,18 +54,18 @@ async def _homeserver_results(request: Request, token: str, term: str, limit: in
 
 async def _visible(request: Request, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The homeserver's results less the people that directory.hide leaves out."""
-    hide = request.app.ctx.directory.hide
+    hide = services(request).directory.hide
     if not hide or not results:
         return results
-    identities = await request.app.ctx.lookups.identities([r["user_id"] for r in results])
+    identities = await services(request).lookups.identities([r["user_id"] for r in results])
     return [r for r, i in zip(results, identities) if i is None or not hide.hides_identity(i)]
 
 
 async def _search(request: Request, term: str, limit: int) -> tuple[list[Hit], bool]:
     loop = asyncio.get_running_loop()
     try:
-        return await loop.run_in_executor(request.app.ctx.search_executor, request.app.ctx.directory.search,
-                                          term, limit)
+        svc = services(request)
+        return await loop.run_in_executor(svc.search_executor, svc.directory.search, term, limit)
     except IndexNotReady as exc:
         log.warning("directory search: %s", exc)
         raise MatrixError(503, "M_UNKNOWN", "The directory index is not ready yet, try again shortly") from None
@@ -78,7 +79,7 @@ async def search(request: Request) -> HTTPResponse:
     if token is None:
         raise MatrixError(401, "M_MISSING_TOKEN", "An access token is required")
     body = json_body(request, "user_directory_search")
-    await request.app.ctx.homeserver.whoami(token)
+    await services(request).homeserver.whoami(token)
     limit = min(max(body.get("limit", DEFAULT_LIMIT), 0), MAX_LIMIT)
     term = body["search_term"].strip().removeprefix("@")
     try:

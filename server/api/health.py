@@ -12,6 +12,8 @@ import sqlalchemy
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
+from indexer.config import parse_duration
+from server.container import services
 from server.storage import BINDINGS_GENERATION
 
 bp = Blueprint("health")
@@ -39,17 +41,17 @@ async def ready(request: Request) -> HTTPResponse:
     has and a full sync of every store completed into it (since it was last emptied or found
     restored from an older copy), this host's indexer is alive (its heartbeat is recent) and this
     host's fulltext index keeps up; else 503. Each check's state is in the body."""
-    ctx = request.app.ctx
+    svc = services(request)
     checks: dict[str, Any] = {}
     generation = None
     try:
-        generation = await asyncio.wait_for(ctx.storage.run(ctx.storage.counter, BINDINGS_GENERATION), SQL_TIMEOUT)
+        generation = await asyncio.wait_for(svc.storage.run(svc.storage.counter, BINDINGS_GENERATION), SQL_TIMEOUT)
         checks["sql"] = {"ok": True}
     except (TimeoutError, sqlalchemy.exc.SQLAlchemyError, OSError) as exc:
         checks["sql"] = {"ok": False, "error": str(getattr(exc, "orig", None) or exc) or "no answer in time"}
     try:
-        state = await asyncio.wait_for(ctx.admin.status(), REDIS_TIMEOUT)
-        behind = None if generation is None else await asyncio.wait_for(ctx.binding_mirror.behind(generation),
+        state = await asyncio.wait_for(svc.admin.status(), REDIS_TIMEOUT)
+        behind = None if generation is None else await asyncio.wait_for(svc.binding_mirror.behind(generation),
                                                                          REDIS_TIMEOUT)
         checks["redis"] = {"ok": True}
     except (TimeoutError, redis.exceptions.RedisError, OSError) as exc:
@@ -58,7 +60,7 @@ async def ready(request: Request) -> HTTPResponse:
     if state is not None:
         if generation is not None:
             checks["bindings"] = {"ok": behind is None, **({"error": behind} if behind else {})}
-        never_synced = {service.name for service in ctx.read_through.services}  # asked on cache misses instead
+        never_synced = {service.name for service in svc.read_through.services}  # asked on cache misses instead
         checks["stores"] = {
             name: {"ok": s["complete"] or name in never_synced, "last_success": s["last_success"],
                    "identities": s["identities"],
@@ -75,7 +77,7 @@ async def ready(request: Request) -> HTTPResponse:
             checks["indexer"] = {"ok": False, "host": host, "error": "the indexer of this host is not running" + (
                 f" (it {last_exit['reason']})" if last_exit else ": no recent heartbeat")}
         mine = next((f for f in state["followers"] if f["host"] == host), None)
-        limit = ctx.max_follower_lag
+        limit = parse_duration(svc.config["health"]["max_follower_lag"])
         checks["fulltext"] = (
             {"ok": False, "host": host, "error": "no fulltext follower has reported from this host"} if mine is None
             else {"ok": mine["lag_seconds"] <= limit, "host": host, "lag_seconds": mine["lag_seconds"],

@@ -20,6 +20,7 @@ from indexer.config import parse_duration
 from indexer.normalize import InvalidAddress
 from indexer.normalize import email as canonical_email
 from server.api import V1, V2, authenticate_v2, client_address, json_body
+from server.container import services
 from server.errors import MatrixError
 from server.notify import AddressRefused, SendError
 from server.storage import Invite, now_ms
@@ -76,10 +77,10 @@ def template_values(body: dict[str, Any], register_url: str) -> dict[str, str]:
 
 
 async def _rate_limit(request: Request, sender: str, address: str) -> None:
-    limits = request.app.ctx.config["invites"]["rate_limit"]
+    limits = services(request).config["invites"]["rate_limit"]
     for kind, key in (("per_sender", sender), ("per_ip", client_address(request)), ("per_address", address)):
         limit = limits[kind]
-        wait_ms = await request.app.ctx.rate_limits.hit(
+        wait_ms = await services(request).rate_limits.hit(
             f"store-invite:{kind}", key, limit["requests"], parse_duration(limit["window"]))
         if wait_ms is not None:
             log.info("store-invite rate limited (%s) for %s", kind, logs.untrusted(key))
@@ -103,15 +104,15 @@ async def store_invite(request: Request) -> HTTPResponse:
         raise MatrixError(400, "M_INVALID_EMAIL", "Not a valid email address") from None
     await _rate_limit(request, body["sender"], address)
     pair = [("email", address)]
-    synced = await request.app.ctx.lookups.by_address(pair)
+    synced = await services(request).lookups.by_address(pair)
     if synced[0] is not None and body["address"] == address:
         # The homeserver's own (hashed) lookup of this address found it: it should have invited the Matrix ID.
         raise MatrixError(400, "M_THREEPID_IN_USE", "This email address is already bound to a Matrix ID",
                           mxid=synced[0])
     # Known only under another spelling, or only to a read-through store or another identity server,
     # none of which a hashed lookup reaches: the homeserver missed it, and refusing would fail the invite.
-    known = await request.app.ctx.read_through.fill(pair, synced)
-    [mxid] = await request.app.ctx.recursion.fill(pair, known, request)
+    known = await services(request).read_through.fill(pair, synced)
+    [mxid] = await services(request).recursion.fill(pair, known, request)
 
     ephemeral = generate_signing_key("0")
     ephemeral_public = encode_verify_key_base64(get_verify_key(ephemeral))
@@ -119,18 +120,18 @@ async def store_invite(request: Request) -> HTTPResponse:
                     sender=body["sender"], ephemeral_public_key=ephemeral_public,
                     properties={k: body[k] for k in TEMPLATE_FIELDS if isinstance(body.get(k), str)},
                     created_at=now_ms(), settled_at=None, known_mxid=mxid)
-    storage = request.app.ctx.storage
+    storage = services(request).storage
     if mxid is not None:
         await storage.run(storage.add_invite, invite)
         log.info("stored invite from %s to room %s for email %s, known to %s: no email, delivered by onbind",
                  invite.sender, invite.room_id, logs.untrusted(address), mxid)
-        await request.app.ctx.invites.stored_for_known_address("email", address, mxid)
+        await services(request).invites.stored_for_known_address("email", address, mxid)
         return json(_stored_answer(request, invite.token, ephemeral_public, address))
-    sender = request.app.ctx.email
+    sender = services(request).email
     if sender is None:
         raise MatrixError(500, "M_EMAIL_SEND_ERROR", "The invite email could not be sent: email is not configured")
     await storage.run(storage.add_invite, invite)
-    config = request.app.ctx.config
+    config = services(request).config
     values = template_values({**body, "address": address}, config["invites"]["register_url"]
                              or f"https://{config['matrix']['domain']}")
     values.update({"TOKEN": invite.token, "EPHEMERAL_PRIVATE_KEY": encode_base64(ephemeral.encode())})
@@ -153,8 +154,8 @@ async def store_invite(request: Request) -> HTTPResponse:
 
 def _stored_answer(request: Request, token: str, ephemeral_public: str, address: str) -> dict[str, Any]:
     """The spec's answer for a stored invite: its token, our long-term and its ephemeral key, a display name."""
-    base = request.app.ctx.config["server"]["public_url"].rstrip("/") + request.path.rsplit("/store-invite", 1)[0]
-    server_key = {"public_key": request.app.ctx.keys.public_key, "key_validity_url": base + "/pubkey/isvalid"}
+    base = services(request).config["server"]["public_url"].rstrip("/") + request.path.rsplit("/store-invite", 1)[0]
+    server_key = {"public_key": services(request).keys.public_key, "key_validity_url": base + "/pubkey/isvalid"}
     return {
         "token": token,
         "public_keys": [server_key, {"public_key": ephemeral_public,
@@ -171,7 +172,7 @@ async def ephemeral_is_valid(request: Request) -> HTTPResponse:
     public_key = request.args.get("public_key")
     if public_key is None:
         raise MatrixError(400, "M_MISSING_PARAMS", "Missing parameters: public_key")
-    storage = request.app.ctx.storage
+    storage = services(request).storage
     # A "+" sent unencoded in a query string arrives as a space.
     return json({"valid": await storage.run(storage.ephemeral_key_known, public_key.replace(" ", "+"))})
 
@@ -182,7 +183,7 @@ async def sign_ed25519(request: Request) -> HTTPResponse:
     """POST /_matrix/identity/v2/sign-ed25519 (and v1): sign {mxid, sender, token} with an invite's ephemeral key."""
     await authenticate_v2(request)
     body = json_body(request, "sign_ed25519")
-    storage = request.app.ctx.storage
+    storage = services(request).storage
     invite = await storage.run(storage.invite, body["token"])
     if invite is None:
         raise MatrixError(404, "M_UNRECOGNIZED", "Didn't recognize token")
@@ -191,4 +192,4 @@ async def sign_ed25519(request: Request) -> HTTPResponse:
     except (ValueError, CryptoError):
         raise MatrixError(400, "M_INVALID_PARAM", "private_key is not an unpadded base64 ed25519 seed") from None
     signed = {"mxid": body["mxid"], "sender": invite.sender, "token": invite.token}
-    return json(sign_json(signed, request.app.ctx.keys.server_name, key))
+    return json(sign_json(signed, services(request).keys.server_name, key))

@@ -11,6 +11,7 @@ from sanic.response import HTTPResponse, raw
 
 from server.api import require_client_in
 from server.api.health import REDIS_TIMEOUT
+from server.container import services
 from server.metrics import exposition
 
 bp = Blueprint("metrics")
@@ -19,9 +20,9 @@ bp = Blueprint("metrics")
 @bp.get("/metrics")
 async def metrics(request: Request) -> HTTPResponse:
     """GET /metrics: this host's processes' metrics and the cache's gauges, in Prometheus text format."""
-    require_client_in(request, request.app.ctx.metrics_networks)
+    require_client_in(request, services(request).metrics_networks)
     try:
-        status = await asyncio.wait_for(request.app.ctx.admin.status(), REDIS_TIMEOUT)
+        status = await asyncio.wait_for(services(request).admin.status(), REDIS_TIMEOUT)
     except (TimeoutError, redis.exceptions.RedisError, OSError):
         status = None
     body = await asyncio.get_running_loop().run_in_executor(None, exposition, status)

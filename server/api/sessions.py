@@ -21,6 +21,7 @@ from indexer.config import parse_duration
 from indexer.normalize import InvalidAddress
 from indexer.normalize import email as canonical_email
 from server.api import V1, V2, authenticate_v2, check_params, client_address, json_body
+from server.container import services
 from server.errors import MatrixError, log_bad_request
 from server.notify import AddressRefused, SendError, read_template, render
 from server.storage import Session, now_ms
@@ -53,10 +54,10 @@ def _send_attempt(value: Any) -> int:
 
 
 async def _rate_limit(request: Request, address_key: str) -> None:
-    limits = request.app.ctx.config["sessions"]["rate_limit"]
+    limits = services(request).config["sessions"]["rate_limit"]
     for kind, key in (("per_ip", client_address(request)), ("per_address", address_key)):
         limit = limits[kind]
-        wait_ms = await request.app.ctx.rate_limits.hit(
+        wait_ms = await services(request).rate_limits.hit(
             f"requestToken:{kind}", key, limit["requests"], parse_duration(limit["window"]))
         if wait_ms is not None:
             log.info("requestToken rate limited (%s) for %s", kind, address_key if kind == "per_address" else key)
@@ -65,7 +66,7 @@ async def _rate_limit(request: Request, address_key: str) -> None:
 
 
 def _expired(request: Request, session: Session) -> bool:
-    lifetime_ms = parse_duration(request.app.ctx.config["sessions"]["lifetime"]) * 1000
+    lifetime_ms = parse_duration(services(request).config["sessions"]["lifetime"]) * 1000
     return now_ms() - session.modified_at > lifetime_ms
 
 
@@ -81,7 +82,7 @@ async def _start(request: Request, medium: str, address: str, body: dict[str, An
     or send_attempt went up, else nothing."""
     attempt = _send_attempt(body["send_attempt"])
     await _rate_limit(request, f"{medium}:{address}")
-    storage = request.app.ctx.storage
+    storage = services(request).storage
     secret = body["client_secret"]
     next_link = body.get("next_link")
     now = now_ms()
@@ -92,7 +93,7 @@ async def _start(request: Request, medium: str, address: str, body: dict[str, An
                         created_at=now, modified_at=now, validated_at=None)
         session = await storage.run(storage.create_session, fresh)
     elif _expired(request, session) or (
-            session.failed_attempts >= request.app.ctx.config["sessions"]["max_token_attempts"]
+            session.failed_attempts >= services(request).config["sessions"]["max_token_attempts"]
             and attempt > session.send_attempt):
         # A dead session starts over under the same sid, with a token nobody has guessed at.
         changes: dict[str, Any] = dict(token=_new_token(medium), send_attempt=NOT_SENT, failed_attempts=0,
@@ -116,7 +117,7 @@ async def _start(request: Request, medium: str, address: str, body: dict[str, An
 
 def _validation_link(request: Request, session: Session) -> str:
     query = urlencode({"sid": session.sid, "client_secret": session.client_secret, "token": session.token})
-    return f"{request.app.ctx.config['server']['public_url']}{V2}/validate/{session.medium}/submitToken?{query}"
+    return f"{services(request).config['server']['public_url']}{V2}/validate/{session.medium}/submitToken?{query}"
 
 
 @_route("/validate/email/requestToken", ["POST"])
@@ -128,7 +129,7 @@ async def request_email_token(request: Request) -> HTTPResponse:
         address = canonical_email(body["email"])
     except InvalidAddress:
         raise MatrixError(400, "M_INVALID_EMAIL", "Not a valid email address") from None
-    sender = request.app.ctx.email
+    sender = services(request).email
 
     async def send(session: Session) -> None:
         if sender is None:
@@ -158,7 +159,7 @@ async def request_msisdn_token(request: Request) -> HTTPResponse:
     if number is None or not phonenumbers.is_valid_number(number):
         raise MatrixError(400, "M_INVALID_ADDRESS", "Not a valid phone number for that country")
     msisdn = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164).lstrip("+")
-    sender = request.app.ctx.sms
+    sender = services(request).sms
 
     async def send(session: Session) -> None:
         if sender is None:
@@ -176,7 +177,7 @@ async def request_msisdn_token(request: Request) -> HTTPResponse:
 
 async def live_session(request: Request, sid: str, client_secret: str) -> Session:
     """The session for sid and secret: 404 M_NO_VALID_SESSION, or 400 M_SESSION_EXPIRED."""
-    storage = request.app.ctx.storage
+    storage = services(request).storage
     session: Session | None = await storage.run(storage.session, sid, client_secret)
     if session is None:
         raise MatrixError(404, "M_NO_VALID_SESSION", "No session with that sid and client_secret")
@@ -197,8 +198,8 @@ async def _submit(request: Request, params: dict[str, Any], medium: str) -> Sess
     session = await live_session(request, params["sid"], params["client_secret"])
     if session.medium != medium:
         raise MatrixError(404, "M_NO_VALID_SESSION", "No session with that sid and client_secret")
-    storage = request.app.ctx.storage
-    max_attempts = request.app.ctx.config["sessions"]["max_token_attempts"]
+    storage = services(request).storage
+    max_attempts = services(request).config["sessions"]["max_token_attempts"]
     # The attempt is counted before the token is compared: a burst of guesses sent at once gets
     # no more tries than one sent after another.
     attempts = await storage.run(storage.claim_token_attempt, session.sid, max_attempts)
@@ -230,7 +231,7 @@ def _submit_routes(medium: str) -> None:
 
     async def submit_token_link(request: Request) -> HTTPResponse:
         # The link in the message: opened in a browser, so no token and an HTML answer.
-        pages = request.app.ctx.config["sessions"]["pages"]
+        pages = services(request).config["sessions"]["pages"]
         try:
             params = check_params({k: v[0] for k, v in request.args.items()}, "submit_token")
             session = await _submit(request, params, medium)

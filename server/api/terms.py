@@ -6,6 +6,7 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
 from server.api import V2, authenticate, json_body
+from server.container import services
 from server.errors import MatrixError
 
 bp = Blueprint("terms", url_prefix=V2 + "/terms")
@@ -14,7 +15,7 @@ bp = Blueprint("terms", url_prefix=V2 + "/terms")
 @bp.get("")
 async def get_terms(request: Request) -> HTTPResponse:
     """GET /_matrix/identity/v2/terms: the policies users must accept."""
-    return json({"policies": request.app.ctx.config["terms"]["policies"]})
+    return json({"policies": services(request).config["terms"]["policies"]})
 
 
 @bp.post("")
@@ -24,11 +25,11 @@ async def accept_terms(request: Request) -> HTTPResponse:
     urls = json_body(request, "v2_terms")["user_accepts"]
     if isinstance(urls, str):
         urls = [urls]
-    known = {lang["url"] for policy in request.app.ctx.config["terms"]["policies"].values()
+    known = {lang["url"] for policy in services(request).config["terms"]["policies"].values()
              for lang in policy.values() if isinstance(lang, dict)}
     unknown = [u for u in urls if u not in known]
     if unknown:
         raise MatrixError(400, "M_INVALID_PARAM", f"Unrecognised policy URLs: {', '.join(unknown)}")
-    storage = request.app.ctx.storage
+    storage = services(request).storage
     await storage.run(storage.accept_terms, user_id, urls)
     return json({})

@@ -1,0 +1,162 @@
+"""The services of one server worker, built once when it starts (`Services.build`), and the typed
+accessor through which handlers reach them (`services(request)`); app.ctx holds nothing else."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio
+from sanic import Request
+
+from indexer.cache import (
+    BINDINGS,
+    Admin,
+    BindingMirror,
+    Lookups,
+    RateLimits,
+    RemoteAnswers,
+    connect_async,
+    timeout_of,
+)
+from indexer.config import parse_duration
+from indexer.fulltext import DirectorySearch, HideRules
+from indexer.redis_pipe import PipelinedRedis
+from indexer.scheduler import fulltext_path
+from server.credentials import Credentials
+from server.federation import Federation
+from server.homeserver import Homeserver
+from server.invites import InviteWorker
+from server.keys import Keys
+from server.notify.email import EmailSender
+from server.notify.sms import SmsSender
+from server.read_through import ReadThrough
+from server.recursion import Recursion
+from server.storage import Storage
+from server.token_cache import TokenCache
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def lookup_order(config: dict[str, Any]) -> list[str]:
+    """The stores lookups ask, first match wins: bindings before or after the configured stores."""
+    stores = [s["name"] for s in config["stores"]]
+    return [BINDINGS, *stores] if config["lookup"]["prefer"] == "binding" else [*stores, BINDINGS]
+
+
+def networks(texts: list[str]) -> list[IPNetwork]:
+    return [ipaddress.ip_network(n, strict=False) for n in texts]
+
+
+@dataclass
+class Services:
+    """Everything the handlers of one worker use. The email and SMS senders are None when their
+    section is absent from the config."""
+
+    config: dict[str, Any]
+    keys: Keys
+    tokens: TokenCache
+    email: EmailSender | None
+    sms: SmsSender | None
+    admin_networks: list[IPNetwork]
+    metrics_networks: list[IPNetwork]
+    bulk_max: int
+    association_validity_ms: int
+    redis: redis.asyncio.Redis
+    redis_pipe: PipelinedRedis
+    lookups: Lookups
+    admin: Admin
+    read_through: ReadThrough
+    binding_mirror: BindingMirror
+    rate_limits: RateLimits
+    storage: Storage
+    federation: Federation
+    homeserver: Homeserver
+    directory: DirectorySearch
+    # Whoosh blocks: searches run in a thread of their own, taking turns on one open reader.
+    search_executor: ThreadPoolExecutor
+    credentials: Credentials
+    recursion: Recursion
+    invites: InviteWorker
+    _background: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, config: dict[str, Any], redis_url: str) -> Services:
+        """The services for config, with their clients of Redis (at redis_url), SQL and the homeserver."""
+        client = connect_async(redis_url, timeout_of(config))
+        prefix = config["redis"]["prefix"]
+        domain = config["matrix"]["domain"]
+        keys = Keys.load_or_create(config["data_dir"], config["server"]["name"])
+        redis_pipe = PipelinedRedis(redis_url, timeout_of(config))
+        lookups = Lookups(redis_pipe, prefix, lookup_order(config))
+        storage = Storage(config["storage"]["url"], config["data_dir"])
+        federation = Federation(config["federation"])
+        directory = config["directory"]
+        return cls(
+            config=config,
+            keys=keys,
+            tokens=TokenCache(),
+            email=EmailSender(config["email"], domain) if "email" in config else None,
+            sms=SmsSender(config["sms"], domain) if "sms" in config else None,
+            admin_networks=networks(config["admin"]["allow"]),
+            metrics_networks=networks(config["metrics"]["allow"]),
+            bulk_max=config["lookup"]["bulk_max"],
+            association_validity_ms=parse_duration(config["lookup"]["association_validity"]) * 1000,
+            redis=client,
+            redis_pipe=redis_pipe,
+            lookups=lookups,
+            admin=Admin(client, prefix, [s["name"] for s in config["stores"]],
+                        parse_duration(config["admin"]["job_start_timeout"])),
+            read_through=ReadThrough(config, lookups),
+            binding_mirror=BindingMirror(client, prefix),
+            rate_limits=RateLimits(client, prefix),
+            storage=storage,
+            federation=federation,
+            homeserver=Homeserver(config),
+            directory=DirectorySearch(fulltext_path(config), HideRules(directory["hide"]), directory["threepids"]),
+            search_executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix="search"),
+            credentials=Credentials(config, lookups),
+            recursion=Recursion(config, federation, RemoteAnswers(client, prefix)),
+            invites=InviteWorker(config, storage, lookups, federation, keys),
+        )
+
+    def run_in_background(self, *jobs: Coroutine[Any, Any, None]) -> None:
+        """Run jobs as tasks until stop_background."""
+        self._background.extend(asyncio.create_task(job) for job in jobs)
+
+    async def stop_background(self) -> None:
+        """Cancel the background tasks and wait for each to end."""
+        for task in self._background:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._background.clear()
+
+    async def close(self) -> None:
+        """Close every client and pool."""
+        await self.read_through.close()
+        await self.homeserver.close()
+        self.search_executor.shutdown(wait=True)
+        self.directory.close()
+        await asyncio.get_running_loop().run_in_executor(None, self.credentials.close)
+        await self.redis.aclose()
+        self.redis_pipe.close()
+        await self.federation.close()
+        self.storage.close()
+
+
+class Context:
+    """app.ctx: the worker's services, from the moment it starts."""
+
+    services: Services
+
+
+def services(request: Request) -> Services:
+    """The services of the worker answering request."""
+    built: Services = request.app.ctx.services
+    return built
