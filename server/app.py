@@ -42,7 +42,7 @@ from server.api import (
 from server.api import invites as invites_api
 from server.api import metrics as metrics_api
 from server.api import openapi as openapi_api
-from server.bindings import check_cache
+from server.cache_check import check_cache
 from server.container import Context, Services, services
 from server.errors import MatrixError, log_bad_request
 from server.storage import now_ms
@@ -100,7 +100,7 @@ def create_app(config: dict[str, Any], redis_url: str) -> App:
     @app.after_server_start
     async def start_maintenance(app: App) -> None:
         built = app.ctx.services
-        built.run_in_background(maintenance(built, redis_url), built.invites.run())
+        built.run_in_background(maintenance(built, redis_url), built.invite_worker.run())
         log.info("worker %d ready", os.getpid())
 
     @app.before_server_stop
@@ -140,7 +140,7 @@ def create_app(config: dict[str, Any], redis_url: str) -> App:
 
 async def maintenance(built: Services, redis_url: str) -> None:
     """Every redis.check_every: have Redis rebuilt if it was emptied or went back in time while we
-    run (see server.bindings); every minute: forget validation sessions a week past their lifetime."""
+    run (see server.cache_check); every minute: forget validation sessions a week past their lifetime."""
     config = built.config
     storage = built.storage
     cache = Cache(connect(redis_url, timeout_of(config)), config["redis"]["prefix"])

@@ -31,12 +31,17 @@ from indexer.scheduler import fulltext_path
 from server.credentials import Credentials
 from server.federation import Federation
 from server.homeserver import Homeserver
-from server.invites import InviteWorker
 from server.keys import Keys
 from server.notify.email import EmailSender
 from server.notify.sms import SmsSender
 from server.read_through import ReadThrough
 from server.recursion import Recursion
+from server.services.accounts import Accounts
+from server.services.binding import Bindings
+from server.services.invitations import Invitations
+from server.services.onbind import InviteWorker
+from server.services.terms_of_service import TermsOfService
+from server.services.validation import ValidationSessions
 from server.storage import Storage
 from server.token_cache import TokenCache
 
@@ -82,7 +87,12 @@ class Services:
     search_executor: ThreadPoolExecutor
     credentials: Credentials
     recursion: Recursion
-    invites: InviteWorker
+    invite_worker: InviteWorker
+    sessions: ValidationSessions
+    binding: Bindings
+    invitations: Invitations
+    accounts: Accounts
+    terms: TermsOfService
     _background: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -92,17 +102,27 @@ class Services:
         prefix = config["redis"]["prefix"]
         domain = config["matrix"]["domain"]
         keys = Keys.load_or_create(config["data_dir"], config["server"]["name"])
+        tokens = TokenCache()
+        email = EmailSender(config["email"], domain) if "email" in config else None
+        sms = SmsSender(config["sms"], domain) if "sms" in config else None
         redis_pipe = PipelinedRedis(redis_url, timeout_of(config))
         lookups = Lookups(redis_pipe, prefix, lookup_order(config))
+        read_through = ReadThrough(config, lookups)
+        binding_mirror = BindingMirror(client, prefix)
+        rate_limits = RateLimits(client, prefix)
         storage = Storage(config["storage"]["url"], config["data_dir"])
         federation = Federation(config["federation"])
+        recursion = Recursion(config, federation, RemoteAnswers(client, prefix))
+        invite_worker = InviteWorker(config, storage, lookups, federation, keys)
+        sessions = ValidationSessions(config, storage, rate_limits, email, sms)
+        terms = TermsOfService(config, storage)
         directory = config["directory"]
         return cls(
             config=config,
             keys=keys,
-            tokens=TokenCache(),
-            email=EmailSender(config["email"], domain) if "email" in config else None,
-            sms=SmsSender(config["sms"], domain) if "sms" in config else None,
+            tokens=tokens,
+            email=email,
+            sms=sms,
             admin_networks=networks(config["admin"]["allow"]),
             metrics_networks=networks(config["metrics"]["allow"]),
             bulk_max=config["lookup"]["bulk_max"],
@@ -112,17 +132,23 @@ class Services:
             lookups=lookups,
             admin=Admin(client, prefix, [s["name"] for s in config["stores"]],
                         parse_duration(config["admin"]["job_start_timeout"])),
-            read_through=ReadThrough(config, lookups),
-            binding_mirror=BindingMirror(client, prefix),
-            rate_limits=RateLimits(client, prefix),
+            read_through=read_through,
+            binding_mirror=binding_mirror,
+            rate_limits=rate_limits,
             storage=storage,
             federation=federation,
             homeserver=Homeserver(config),
             directory=DirectorySearch(fulltext_path(config), HideRules(directory["hide"]), directory["threepids"]),
             search_executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix="search"),
             credentials=Credentials(config, lookups),
-            recursion=Recursion(config, federation, RemoteAnswers(client, prefix)),
-            invites=InviteWorker(config, storage, lookups, federation, keys),
+            recursion=recursion,
+            invite_worker=invite_worker,
+            sessions=sessions,
+            binding=Bindings(config, storage, binding_mirror, sessions, invite_worker, keys, federation),
+            invitations=Invitations(config, storage, rate_limits, lookups, read_through, recursion, invite_worker,
+                                    email, keys),
+            accounts=Accounts(config, storage, federation, terms, tokens),
+            terms=terms,
         )
 
     def run_in_background(self, *jobs: Coroutine[Any, Any, None]) -> None:

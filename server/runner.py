@@ -24,7 +24,7 @@ import redis
 from indexer.cache import Cache, connect, timeout_of
 from indexer.config import ConfigError, load_config, parse_duration
 from indexer.redis_server import EmbeddedRedis
-from server.bindings import check_cache
+from server.cache_check import check_cache
 from server.keys import Keys
 from server.metrics import use_directory
 from server.storage import Storage, StorageError

@@ -110,33 +110,10 @@ def identity_token(request: Request) -> str:
     return token
 
 
-def unsigned_policies(policies: dict[str, Any], accepted: set[str]) -> list[str]:
-    """Ids of the policies of which the user has accepted no language."""
-    return [pid for pid, policy in policies.items()
-            if not any(isinstance(v, dict) and v["url"] in accepted for v in policy.values())]
-
-
 async def authenticate(request: Request, terms: bool = True) -> str:
-    """The Matrix ID owning the request's identity-server token: 401 M_UNAUTHORIZED without a known
-    token, and (unless terms=False) 403 M_TERMS_NOT_SIGNED until every policy is accepted. A token
-    checked in the last TOKEN_TRUST_S seconds is answered from the worker's TokenCache."""
-    token = identity_token(request)
-    built = services(request)
-    tokens = built.tokens
-    known = tokens.get(token)
-    if known is not None and (known[1] or not terms):
-        return known[0]
-    storage = built.storage
-    user_id = await storage.run(storage.account_user, token)
-    if user_id is None:
-        tokens.forget(token)
-        raise MatrixError(401, "M_UNAUTHORIZED", "Unrecognised access token")
-    policies = built.config["terms"]["policies"]
-    missing = unsigned_policies(policies, await storage.run(storage.accepted_urls, user_id)) if policies else []
-    tokens.put(token, user_id, not missing)
-    if terms and missing:
-        raise MatrixError(403, "M_TERMS_NOT_SIGNED", f"Accept the terms first: {', '.join(missing)}")
-    return user_id
+    """The Matrix ID owning the request's identity-server token: the errors of identity_token and
+    Accounts.authenticate (401 M_UNAUTHORIZED; unless terms=False, 403 M_TERMS_NOT_SIGNED)."""
+    return await services(request).accounts.authenticate(identity_token(request), terms)
 
 
 async def authenticate_v2(request: Request) -> str | None:

@@ -48,7 +48,7 @@ async def check_credentials(request: Request) -> HTTPResponse:
         return json({"auth": {"success": False, "profile": {}}})
     log.info("check_credentials: %s authenticated as %s", logs.untrusted(user["id"]), identity.mxid)
     # A login proves who owns these 3PIDs: invites waiting for them go to the user's homeserver.
-    await services(request).invites.addresses_known(list(identity.threepids), identity.mxid)
+    await services(request).invite_worker.addresses_known(list(identity.threepids), identity.mxid)
     return json({"auth": {"success": True, "mxid": identity.mxid, "profile": _profile(identity)}})
 
 

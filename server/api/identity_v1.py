@@ -8,7 +8,6 @@ from sanic.response import HTTPResponse, json
 from indexer.cache import BINDINGS
 from indexer.normalize import query_address
 from server.api import json_body
-from server.bindings import bound_association
 from server.container import services
 from server.errors import MatrixError
 from server.metrics import count_lookups
@@ -34,9 +33,9 @@ async def lookup(request: Request) -> HTTPResponse:
         return json({})
     if sources[0] == BINDINGS:
         # The association the bind answered, not a new one: ts is when it was made.
-        binding = await svc.storage.run(svc.storage.binding, medium, canonical)
-        if binding is not None and binding.mxid == mxid:
-            return json(bound_association(svc.keys, binding))
+        bound = await svc.binding.association(medium, canonical, mxid)
+        if bound is not None:
+            return json(bound)
     return json(svc.keys.association(medium, canonical, mxid, svc.association_validity_ms))
 
 

@@ -7,7 +7,6 @@ from sanic.response import HTTPResponse, json
 
 from server.api import V2, authenticate, json_body
 from server.container import services
-from server.errors import MatrixError
 
 bp = Blueprint("terms", url_prefix=V2 + "/terms")
 
@@ -15,7 +14,7 @@ bp = Blueprint("terms", url_prefix=V2 + "/terms")
 @bp.get("")
 async def get_terms(request: Request) -> HTTPResponse:
     """GET /_matrix/identity/v2/terms: the policies users must accept."""
-    return json({"policies": services(request).config["terms"]["policies"]})
+    return json({"policies": services(request).terms.policies()})
 
 
 @bp.post("")
@@ -23,13 +22,5 @@ async def accept_terms(request: Request) -> HTTPResponse:
     """POST /_matrix/identity/v2/terms: add policy URLs to those the user has accepted."""
     user_id = await authenticate(request, terms=False)
     urls = json_body(request, "v2_terms")["user_accepts"]
-    if isinstance(urls, str):
-        urls = [urls]
-    known = {lang["url"] for policy in services(request).config["terms"]["policies"].values()
-             for lang in policy.values() if isinstance(lang, dict)}
-    unknown = [u for u in urls if u not in known]
-    if unknown:
-        raise MatrixError(400, "M_INVALID_PARAM", f"Unrecognised policy URLs: {', '.join(unknown)}")
-    storage = services(request).storage
-    await storage.run(storage.accept_terms, user_id, urls)
+    await services(request).terms.accept(user_id, [urls] if isinstance(urls, str) else urls)
     return json({})

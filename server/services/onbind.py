@@ -18,9 +18,9 @@ import sqlalchemy
 from indexer import logs
 from indexer.cache import Lookups
 from indexer.config import parse_duration
-from server.bindings import ASSOCIATION_LIFETIME_MS
 from server.federation import Federation, FederationError, split_server_name
 from server.keys import Keys
+from server.services.binding import ASSOCIATION_LIFETIME_MS
 from server.storage import Delivery, Invite, Storage, now_ms
 
 log = logging.getLogger(__name__)
