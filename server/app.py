@@ -178,7 +178,7 @@ def record_response(request: Request, response: BaseHTTPResponse) -> None:
     if took is not None:
         metrics.LATENCY.labels(request.method, endpoint).observe(took)
     if services(request).config["server"]["access_log"]:
-        target = logs.redact(request.path + (f"?{request.query_string}" if request.query_string else ""))
+        target = logs.mask_secrets(request.path + (f"?{request.query_string}" if request.query_string else ""))
         access_log.info(
             "%s %s %s %d %s", request.ip, request.method, target, response.status,
             f"{took * 1000:.1f} ms" if took is not None else "-",

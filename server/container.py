@@ -14,34 +14,27 @@ from typing import Any
 import redis.asyncio
 from sanic import Request
 
-from indexer.cache import (
-    BINDINGS,
-    Admin,
-    BindingMirror,
-    Lookups,
-    RateLimits,
-    RemoteAnswers,
-    connect_async,
-    timeout_of,
-)
+from indexer.cache import Admin, BindingMirror, RateLimits, RemoteAnswers, connect_async, timeout_of
 from indexer.config import parse_duration
-from indexer.fulltext import DirectorySearch, HideRules
-from indexer.redis_pipe import PipelinedRedis
-from indexer.scheduler import fulltext_path
+from indexer.fulltext import fulltext_path
+from indexer.rediskeys import BINDINGS
 from server.credentials import Credentials
 from server.federation import Federation
 from server.homeserver import Homeserver
-from server.keys import Keys
 from server.notify.email import EmailSender
 from server.notify.sms import SmsSender
 from server.read_through import ReadThrough
 from server.recursion import Recursion
+from server.redis_pipe import PipelinedRedis
 from server.services.accounts import Accounts
 from server.services.binding import Bindings
+from server.services.directory_search import DirectorySearch, HideRules
 from server.services.invitations import Invitations
+from server.services.lookups import Lookups
 from server.services.onbind import InviteWorker
 from server.services.terms_of_service import TermsOfService
 from server.services.validation import ValidationSessions
+from server.signing import SigningKeys
 from server.storage import Storage
 from server.token_cache import TokenCache
 
@@ -64,7 +57,7 @@ class Services:
     section is absent from the config."""
 
     config: dict[str, Any]
-    keys: Keys
+    keys: SigningKeys
     tokens: TokenCache
     email: EmailSender | None
     sms: SmsSender | None
@@ -101,7 +94,7 @@ class Services:
         client = connect_async(redis_url, timeout_of(config))
         prefix = config["redis"]["prefix"]
         domain = config["matrix"]["domain"]
-        keys = Keys.load_or_create(config["data_dir"], config["server"]["name"])
+        keys = SigningKeys.load_or_create(config["data_dir"], config["server"]["name"])
         tokens = TokenCache()
         email = EmailSender(config["email"], domain) if "email" in config else None
         sms = SmsSender(config["sms"], domain) if "sms" in config else None

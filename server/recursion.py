@@ -30,7 +30,7 @@ from indexer import logs
 from indexer.cache import RemoteAnswers
 from indexer.config import parse_duration
 from indexer.normalize import lookup_hash
-from server.clients import forwarded_client
+from server.caller import client_address
 from server.federation import Federation, FederationError
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class Recursion:
         """Whether the requester may recurse. Behind recursion.proxies: the nearest X-Forwarded-For hop
         that is not one of them (read from the right: the left is whatever the client wrote); else the
         client address of server.proxies_count (the TCP peer's without proxies)."""
-        client = forwarded_client(request, self.proxies_count)
+        client = client_address(request, self.proxies_count)
         if self._in(request.ip, self.proxies):
             client = request.ip
             hops = [h.strip() for header in request.headers.getall("x-forwarded-for", []) for h in header.split(",")]

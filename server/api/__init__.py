@@ -14,7 +14,7 @@ from sanic import Request
 from sanic.exceptions import BadRequest
 
 from indexer.config import Validator, explain, load_schema
-from server.clients import forwarded_client, usable_token
+from server.caller import usable_token
 from server.container import services
 from server.errors import MatrixError
 
@@ -119,11 +119,6 @@ async def authenticate(request: Request, terms: bool = True) -> str:
 async def authenticate_v2(request: Request) -> str | None:
     """authenticate() on the v2 paths; None on the unauthenticated legacy v1 paths."""
     return None if request.path.startswith(V1) else await authenticate(request)
-
-
-def client_address(request: Request) -> str:
-    """The client's address for per-client limits, behind server.proxies_count reverse proxies."""
-    return forwarded_client(request, services(request).config["server"]["proxies_count"])
 
 
 def require_client_in(request: Request, networks: list[IPNetwork]) -> None:

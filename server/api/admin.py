@@ -16,7 +16,7 @@ from sanic.response import HTTPResponse, html, json, redirect
 from indexer import logs, normalize
 from indexer.normalize import query_address
 from server.api import json_body, require_client_in
-from server.clients import usable_token
+from server.caller import usable_token
 from server.container import services
 from server.errors import MatrixError
 

@@ -14,7 +14,8 @@ from sanic.response import HTTPResponse, json
 from indexer import logs
 from indexer.identity import Identity
 from indexer.stores import StoreUnavailable
-from server.api import client_address, json_body
+from server.api import json_body
+from server.caller import client_address
 from server.container import services
 from server.credentials import Limited
 from server.errors import MatrixError
@@ -97,8 +98,9 @@ async def login(request: Request) -> HTTPResponse:
         body = None
     if not isinstance(body, dict):
         raise MatrixError(400, "M_NOT_JSON", "The request body must be a JSON object")
-    credentials = services(request).credentials
-    ip = client_address(request)
+    svc = services(request)
+    credentials = svc.credentials
+    ip = client_address(request, svc.config["server"]["proxies_count"])
     password = body.get("type") == "m.login.password"
     user = await _rewrite(request, body) if password else None
     if password:

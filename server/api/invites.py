@@ -7,7 +7,8 @@ from typing import Any
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
-from server.api import V1, V2, authenticate_v2, client_address, json_body
+from server.api import V1, V2, authenticate_v2, json_body
+from server.caller import client_address
 from server.container import services
 from server.errors import MatrixError
 from server.services.invitations import redact
@@ -23,7 +24,8 @@ async def store_invite(request: Request) -> HTTPResponse:
     owner = await authenticate_v2(request)
     body = json_body(request, "store_invite", allow_form=True)
     svc = services(request)
-    invite = await svc.invitations.store(body, owner, client_address(request), svc.recursion.client_allowed(request))
+    client = client_address(request, svc.config["server"]["proxies_count"])
+    invite = await svc.invitations.store(body, owner, client, svc.recursion.client_allowed(request))
     return json(_stored_answer(request, invite))
 
 

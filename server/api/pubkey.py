@@ -7,7 +7,7 @@ from sanic.response import HTTPResponse, json
 
 from server.container import services
 from server.errors import MatrixError
-from server.keys import KEY_ID
+from server.signing import KEY_ID
 
 bp = Blueprint("pubkey")
 PREFIXES = ("/_matrix/identity/v2", "/_matrix/identity/api/v1")

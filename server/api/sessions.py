@@ -14,7 +14,8 @@ from sanic.response import html as html_response
 
 from indexer.normalize import InvalidAddress
 from indexer.normalize import email as canonical_email
-from server.api import V1, V2, authenticate_v2, check_params, client_address, json_body
+from server.api import V1, V2, authenticate_v2, check_params, json_body
+from server.caller import client_address
 from server.container import services
 from server.errors import MatrixError, log_bad_request
 from server.notify import read_template, render
@@ -50,9 +51,10 @@ async def request_email_token(request: Request) -> HTTPResponse:
         address = canonical_email(body["email"])
     except InvalidAddress:
         raise MatrixError(400, "M_INVALID_EMAIL", "Not a valid email address") from None
-    session = await services(request).sessions.request_token(
+    svc = services(request)
+    session = await svc.sessions.request_token(
         "email", address, body["client_secret"], _send_attempt(body["send_attempt"]), body.get("next_link"),
-        client_address(request))
+        client_address(request, svc.config["server"]["proxies_count"]))
     return json({"sid": session.sid})
 
 
@@ -68,9 +70,10 @@ async def request_msisdn_token(request: Request) -> HTTPResponse:
     if number is None or not phonenumbers.is_valid_number(number):
         raise MatrixError(400, "M_INVALID_ADDRESS", "Not a valid phone number for that country")
     msisdn = phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164).lstrip("+")
-    session = await services(request).sessions.request_token(
+    svc = services(request)
+    session = await svc.sessions.request_token(
         "msisdn", msisdn, body["client_secret"], _send_attempt(body["send_attempt"]), body.get("next_link"),
-        client_address(request))
+        client_address(request, svc.config["server"]["proxies_count"]))
     return json({"sid": session.sid, "msisdn": msisdn,
                  "intl_fmt": phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.INTERNATIONAL)})
 

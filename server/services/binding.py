@@ -11,19 +11,20 @@ from urllib.parse import urlsplit
 from indexer.cache import BindingMirror
 from server.errors import MatrixError, shown
 from server.federation import BadSignature, Federation, FederationError, WrongDestination
-from server.keys import Keys
 from server.services.validation import ValidationSessions
+from server.signing import SigningKeys
 from server.storage import Binding, Storage, now_ms
 
 if TYPE_CHECKING:  # the worker signs associations with ASSOCIATION_LIFETIME_MS from here
-    from server.services.onbind import InviteWorker
+    pass
+from server.services.onbind import InviteWorker
 
 log = logging.getLogger(__name__)
 
 ASSOCIATION_LIFETIME_MS = 100 * 365 * 24 * 3600 * 1000  # as Sydent: bindings do not lapse by themselves
 
 
-def bound_association(keys: Keys, binding: Binding) -> dict[str, Any]:
+def bound_association(keys: SigningKeys, binding: Binding) -> dict[str, Any]:
     """The signed association of a binding, made at its ts: the bind answer and every later v1
     lookup of it carry the same one (ed25519 signatures are deterministic)."""
     return keys.sign({"address": binding.address, "medium": binding.medium, "mxid": binding.mxid,
@@ -54,7 +55,7 @@ class Bindings:
     """/3pid/bind and /3pid/unbind."""
 
     def __init__(self, config: dict[str, Any], storage: Storage, mirror: BindingMirror,
-                 sessions: ValidationSessions, invite_worker: InviteWorker, keys: Keys,
+                 sessions: ValidationSessions, invite_worker: InviteWorker, keys: SigningKeys,
                  federation: Federation) -> None:
         self.config = config
         self.storage = storage

@@ -15,17 +15,18 @@ from signedjson.sign import sign_json
 from unpaddedbase64 import encode_base64
 
 from indexer import logs
-from indexer.cache import Lookups, RateLimits
+from indexer.cache import RateLimits
 from indexer.config import parse_duration
 from indexer.normalize import InvalidAddress
 from indexer.normalize import email as canonical_email
 from server.errors import MatrixError
-from server.keys import Keys
 from server.notify import AddressRefused, SendError
 from server.notify.email import EmailSender
 from server.read_through import ReadThrough
 from server.recursion import Recursion
+from server.services.lookups import Lookups
 from server.services.onbind import InviteWorker
+from server.signing import SigningKeys
 from server.storage import Invite, Storage, now_ms
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class Invitations:
 
     def __init__(self, config: dict[str, Any], storage: Storage, rate_limits: RateLimits, lookups: Lookups,
                  read_through: ReadThrough, recursion: Recursion, invite_worker: InviteWorker,
-                 email: EmailSender | None, keys: Keys) -> None:
+                 email: EmailSender | None, keys: SigningKeys) -> None:
         self.config = config
         self.storage = storage
         self.rate_limits = rate_limits
