@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from dataclasses import dataclass
 from typing import Any
 
 from indexer import logs
@@ -19,17 +20,16 @@ from server.token_cache import TokenCache
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
 class Accounts:
     """Identity-server tokens, kept in SQL as digests, each checked token remembered briefly by the
     worker (TokenCache)."""
 
-    def __init__(self, config: dict[str, Any], storage: Storage, federation: Federation, terms: TermsOfService,
-                 tokens: TokenCache) -> None:
-        self.config = config
-        self.storage = storage
-        self.federation = federation
-        self.terms = terms
-        self.tokens = tokens
+    config: dict[str, Any]
+    storage: Storage
+    federation: Federation
+    terms: TermsOfService
+    tokens: TokenCache
 
     async def register(self, matrix_server_name: str, openid_token: str) -> str:
         """A new identity-server token for the user whom the homeserver matrix_server_name says owns

@@ -1,35 +1,22 @@
 """Binding 3PIDs to Matrix IDs and unbinding them: the binding in SQL (its truth), its mirror in
-Redis (what lookups read), the invites it resolves, and its signed association."""
+Redis (what lookups read), the invites it resolves, and its signed association (SigningKeys)."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit
 
 from indexer.cache import BindingMirror
 from server.errors import MatrixError, shown
 from server.federation import BadSignature, Federation, FederationError, WrongDestination
+from server.services.onbind import InviteWorker
 from server.services.validation import ValidationSessions
 from server.signing import SigningKeys
-from server.storage import Binding, Storage, now_ms
-
-if TYPE_CHECKING:  # the worker signs associations with ASSOCIATION_LIFETIME_MS from here
-    pass
-from server.services.onbind import InviteWorker
+from server.storage import Storage, now_ms
 
 log = logging.getLogger(__name__)
-
-ASSOCIATION_LIFETIME_MS = 100 * 365 * 24 * 3600 * 1000  # as Sydent: bindings do not lapse by themselves
-
-
-def bound_association(keys: SigningKeys, binding: Binding) -> dict[str, Any]:
-    """The signed association of a binding, made at its ts: the bind answer and every later v1
-    lookup of it carry the same one (ed25519 signatures are deterministic)."""
-    return keys.sign({"address": binding.address, "medium": binding.medium, "mxid": binding.mxid,
-                      "not_before": binding.ts, "not_after": binding.ts + ASSOCIATION_LIFETIME_MS, "ts": binding.ts})
-
 
 def our_names(server: dict[str, Any]) -> list[str]:
     """The names a homeserver may have been told to reach us by (its X-Matrix "destination"), in
@@ -51,19 +38,17 @@ class SignedRequest:
     body: Any
 
 
+@dataclass(frozen=True)
 class Bindings:
     """/3pid/bind and /3pid/unbind."""
 
-    def __init__(self, config: dict[str, Any], storage: Storage, mirror: BindingMirror,
-                 sessions: ValidationSessions, invite_worker: InviteWorker, keys: SigningKeys,
-                 federation: Federation) -> None:
-        self.config = config
-        self.storage = storage
-        self.mirror = mirror
-        self.sessions = sessions
-        self.invite_worker = invite_worker
-        self.keys = keys
-        self.federation = federation
+    config: dict[str, Any]
+    storage: Storage
+    mirror: BindingMirror
+    sessions: ValidationSessions
+    invite_worker: InviteWorker
+    keys: SigningKeys
+    federation: Federation
 
     async def bind(self, sid: str, client_secret: str, mxid: str, owner: str | None) -> dict[str, Any]:
         """Bind the 3PID that session sid validated to mxid (replacing its binding to anyone else),
@@ -83,7 +68,7 @@ class Bindings:
         else:
             log.info("%s %s bound to %s", session.medium, session.address, mxid)
         await self.invite_worker.addresses_known([(session.medium, session.address)], mxid)
-        return bound_association(self.keys, Binding(session.medium, session.address, mxid, ts))
+        return self.keys.bound_association(session.medium, session.address, mxid, ts)
 
     async def unbind_by_session(self, medium: str, address: str, mxid: str, sid: str, client_secret: str) -> None:
         """Remove the binding of (medium, address) to mxid, if there is one, proven by session sid
@@ -116,7 +101,7 @@ class Bindings:
         binding = await self.storage.run(self.storage.binding, medium, address)
         if binding is None or binding.mxid != mxid:
             return None
-        return bound_association(self.keys, binding)
+        return self.keys.bound_association(binding.medium, binding.address, binding.mxid, binding.ts)
 
     async def _unbind(self, medium: str, address: str, mxid: str, proof: str) -> None:
         generation = await self.storage.run(self.storage.unbind, medium, address, mxid)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
@@ -78,21 +79,19 @@ def template_values(body: dict[str, Any], register_url: str) -> dict[str, str]:
     return values
 
 
+@dataclass(frozen=True)
 class Invitations:
     """Invites stored in SQL until the invited address is bound; requests rate limited in Redis."""
 
-    def __init__(self, config: dict[str, Any], storage: Storage, rate_limits: RateLimits, lookups: Lookups,
-                 read_through: ReadThrough, recursion: Recursion, invite_worker: InviteWorker,
-                 email: EmailSender | None, keys: SigningKeys) -> None:
-        self.config = config
-        self.storage = storage
-        self.rate_limits = rate_limits
-        self.lookups = lookups
-        self.read_through = read_through
-        self.recursion = recursion
-        self.invite_worker = invite_worker
-        self.email = email
-        self.keys = keys
+    config: dict[str, Any]
+    storage: Storage
+    rate_limits: RateLimits
+    lookups: Lookups
+    read_through: ReadThrough
+    recursion: Recursion
+    invite_worker: InviteWorker
+    email: EmailSender | None
+    keys: SigningKeys
 
     async def store(self, body: dict[str, Any], owner: str | None, client: str, may_recurse: bool) -> Invite:
         """Store the invite of body (a store-invite request: sender, medium, address, room_id, and

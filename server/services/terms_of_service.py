@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from server.errors import MatrixError
 from server.storage import Storage
 
 
+@dataclass(frozen=True)
 class TermsOfService:
     """The policies of `terms.policies` and the users' acceptance of them, kept in SQL."""
 
-    def __init__(self, config: dict[str, Any], storage: Storage) -> None:
-        self.config = config
-        self.storage = storage
+    config: dict[str, Any]
+    storage: Storage
 
     def policies(self) -> dict[str, Any]:
         """The policies users must accept: id -> {"version", language -> {"name", "url"}}."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlencode
 
@@ -30,18 +30,17 @@ def _new_token(medium: str) -> str:
     return secrets.token_urlsafe(24)
 
 
+@dataclass(frozen=True)
 class ValidationSessions:
     """Validation sessions in SQL; their messages sent by the email and SMS senders (None when their
     config section is absent); requests for them rate limited in Redis."""
 
-    def __init__(self, config: dict[str, Any], storage: Storage, rate_limits: RateLimits,
-                 email: EmailSender | None, sms: SmsSender | None) -> None:
-        # Read at each use: the rate limits are re-read from the config file on SIGHUP.
-        self.config = config
-        self.storage = storage
-        self.rate_limits = rate_limits
-        self.email = email
-        self.sms = sms
+    # Read at each use: the rate limits are re-read from the config file on SIGHUP.
+    config: dict[str, Any]
+    storage: Storage
+    rate_limits: RateLimits
+    email: EmailSender | None
+    sms: SmsSender | None
 
     async def request_token(self, medium: str, address: str, client_secret: str, send_attempt: int,
                             next_link: str | None, client: str) -> Session:
