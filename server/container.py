@@ -30,9 +30,12 @@ from server.services.accounts import Accounts
 from server.services.binding import Bindings
 from server.services.directory_search import DirectorySearch, HideRules
 from server.services.invitations import Invitations
+from server.services.logins import Logins
 from server.services.lookups import Lookups
 from server.services.onbind import InviteWorker
+from server.services.readiness import Readiness
 from server.services.terms_of_service import TermsOfService
+from server.services.user_directory import UserDirectory
 from server.services.validation import ValidationSessions
 from server.signing import SigningKeys
 from server.storage import Storage
@@ -76,7 +79,6 @@ class Services:
     federation: Federation
     homeserver: Homeserver
     directory: DirectorySearch
-    # Whoosh blocks: searches run in a thread of their own, taking turns on one open reader.
     search_executor: ThreadPoolExecutor
     credentials: Credentials
     recursion: Recursion
@@ -86,6 +88,9 @@ class Services:
     invitations: Invitations
     accounts: Accounts
     terms: TermsOfService
+    user_directory: UserDirectory
+    readiness: Readiness
+    logins: Logins
     _background: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -109,7 +114,15 @@ class Services:
         invite_worker = InviteWorker(config, storage, lookups, federation, keys)
         sessions = ValidationSessions(config, storage, rate_limits, email, sms)
         terms = TermsOfService(config, storage)
-        directory = config["directory"]
+        directory_config = config["directory"]
+        directory = DirectorySearch(fulltext_path(config), HideRules(directory_config["hide"]),
+                                    directory_config["threepids"])
+        # Whoosh blocks: searches run in a thread of their own, taking turns on one open reader.
+        search_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
+        homeserver = Homeserver(config)
+        credentials = Credentials(config, lookups)
+        admin = Admin(client, prefix, [s["name"] for s in config["stores"]],
+                      parse_duration(config["admin"]["job_start_timeout"]))
         return cls(
             config=config,
             keys=keys,
@@ -123,17 +136,16 @@ class Services:
             redis=client,
             redis_pipe=redis_pipe,
             lookups=lookups,
-            admin=Admin(client, prefix, [s["name"] for s in config["stores"]],
-                        parse_duration(config["admin"]["job_start_timeout"])),
+            admin=admin,
             read_through=read_through,
             binding_mirror=binding_mirror,
             rate_limits=rate_limits,
             storage=storage,
             federation=federation,
-            homeserver=Homeserver(config),
-            directory=DirectorySearch(fulltext_path(config), HideRules(directory["hide"]), directory["threepids"]),
-            search_executor=ThreadPoolExecutor(max_workers=1, thread_name_prefix="search"),
-            credentials=Credentials(config, lookups),
+            homeserver=homeserver,
+            directory=directory,
+            search_executor=search_executor,
+            credentials=credentials,
             recursion=recursion,
             invite_worker=invite_worker,
             sessions=sessions,
@@ -142,6 +154,9 @@ class Services:
                                     email, keys),
             accounts=Accounts(config, storage, federation, terms, tokens),
             terms=terms,
+            user_directory=UserDirectory(config, directory, search_executor, homeserver, lookups),
+            readiness=Readiness(config, storage, admin, binding_mirror, read_through),
+            logins=Logins(credentials, homeserver, invite_worker),
         )
 
     def run_in_background(self, *jobs: Coroutine[Any, Any, None]) -> None:

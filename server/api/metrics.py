@@ -10,9 +10,9 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, raw
 
 from server.api import require_client_in
-from server.api.health import REDIS_TIMEOUT
 from server.container import services
 from server.metrics import exposition
+from server.services.readiness import REDIS_TIMEOUT
 
 bp = Blueprint("metrics")
 
