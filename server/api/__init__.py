@@ -15,10 +15,8 @@ from sanic.exceptions import BadRequest
 
 from indexer.config import Validator, explain, load_schema
 from server.caller import usable_token
-from server.container import services
+from server.container import IPNetwork, services
 from server.errors import MatrixError
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @cache
