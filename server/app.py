@@ -20,8 +20,9 @@ from sanic.exceptions import BadRequest, MethodNotAllowed, NotFound, PayloadTooL
 from sanic.response import BaseHTTPResponse, HTTPResponse, empty, json
 
 from indexer import logs
-from indexer.cache import Cache, connect, timeout_of
+from indexer.cache import Cache
 from indexer.config import parse_duration
+from indexer.redis_clients import connect, timeout_of
 from server import metrics
 from server.api import (
     account,
@@ -42,7 +43,7 @@ from server.api import (
 from server.api import invites as invites_api
 from server.api import metrics as metrics_api
 from server.api import openapi as openapi_api
-from server.cache_check import check_cache
+from server.bindings import check_cache
 from server.container import Context, Services, services
 from server.errors import MatrixError, log_bad_request
 from server.storage import now_ms
@@ -140,7 +141,7 @@ def create_app(config: dict[str, Any], redis_url: str) -> App:
 
 async def maintenance(built: Services, redis_url: str) -> None:
     """Every redis.check_every: have Redis rebuilt if it was emptied or went back in time while we
-    run (see server.cache_check); every minute: forget validation sessions a week past their lifetime."""
+    run (see server.bindings); every minute: forget validation sessions a week past their lifetime."""
     config = built.config
     storage = built.storage
     cache = Cache(connect(redis_url, timeout_of(config)), config["redis"]["prefix"])

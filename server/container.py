@@ -14,19 +14,22 @@ from typing import Any
 import redis.asyncio
 from sanic import Request
 
-from indexer.cache import Admin, BindingMirror, RateLimits, RemoteAnswers, connect_async, timeout_of
 from indexer.config import parse_duration
 from indexer.fulltext import fulltext_path
+from indexer.redis_clients import connect_async, timeout_of
 from indexer.rediskeys import BINDINGS
+from server.bindings import BindingMirror
 from server.credentials import Credentials
 from server.federation import Federation
 from server.homeserver import Homeserver
 from server.notify.email import EmailSender
 from server.notify.sms import SmsSender
+from server.rate_limits import RateLimits
 from server.read_through import ReadThrough
-from server.recursion import Recursion
+from server.recursion import Recursion, RemoteAnswers
 from server.redis_pipe import PipelinedRedis
 from server.services.accounts import Accounts
+from server.services.admin import Admin
 from server.services.binding import Bindings
 from server.services.directory_search import DirectorySearch, HideRules
 from server.services.invitations import Invitations

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from indexer.cache import BindingMirror
+from server.bindings import BindingMirror
 from server.errors import MatrixError, shown
 from server.federation import BadSignature, Federation, FederationError, WrongDestination
 from server.services.onbind import InviteWorker

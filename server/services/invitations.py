@@ -16,13 +16,13 @@ from signedjson.sign import sign_json
 from unpaddedbase64 import encode_base64
 
 from indexer import logs
-from indexer.cache import RateLimits
 from indexer.config import parse_duration
 from indexer.normalize import InvalidAddress
 from indexer.normalize import email as canonical_email
 from server.errors import MatrixError
 from server.notify import AddressRefused, SendError
 from server.notify.email import EmailSender
+from server.rate_limits import RateLimits
 from server.read_through import ReadThrough
 from server.recursion import Recursion
 from server.services.lookups import Lookups

@@ -10,9 +10,10 @@ from typing import Any
 import redis
 import sqlalchemy
 
-from indexer.cache import Admin, BindingMirror
 from indexer.config import parse_duration
+from server.bindings import BindingMirror
 from server.read_through import ReadThrough
+from server.services.admin import Admin
 from server.storage import BINDINGS_GENERATION, Storage
 
 REDIS_TIMEOUT = 2.0

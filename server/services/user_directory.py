@@ -11,9 +11,9 @@ from typing import Any
 
 import httpx
 
-from indexer.fulltext import Hit, IndexNotReady
 from server.errors import MatrixError
 from server.homeserver import Homeserver, answer_json
+from server.services.directory_ranking import Hit, IndexNotReady
 from server.services.directory_search import DirectorySearch
 from server.services.lookups import Lookups
 

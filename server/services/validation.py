@@ -10,12 +10,12 @@ from typing import Any
 from urllib.parse import urlencode
 
 from indexer import logs
-from indexer.cache import RateLimits
 from indexer.config import parse_duration
 from server.errors import MatrixError
 from server.notify import AddressRefused, SendError
 from server.notify.email import EmailSender
 from server.notify.sms import SmsSender
+from server.rate_limits import RateLimits
 from server.storage import Session, Storage, now_ms
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,103 @@
+"""The Redis mirror of /3pid/bind bindings (SQL is their truth), and keeping Redis true to SQL:
+rebuilding the mirror, and noticing a Redis that was emptied or went back in time (restored from an
+older copy, a replica that was behind)."""
+
+from __future__ import annotations
+
+import logging
+from typing import cast
+
+import redis
+import redis.asyncio
+
+from indexer.cache import RAISE_SCRIPT, Cache
+from indexer.redis_clients import Plan, run_plan_async
+from indexer.rediskeys import BINDINGS, RedisKeys, lookup_fields
+from server.storage import BINDINGS_GENERATION, CACHE_GENERATION, Storage
+
+log = logging.getLogger(__name__)
+
+
+class BindingMirror:
+    """Writes /3pid/bind bindings into the "_bindings" pseudo-store, so lookups find them at once."""
+
+    def __init__(self, client: redis.asyncio.Redis, prefix: str) -> None:
+        self.r = client
+        self.k = RedisKeys(prefix)
+
+    async def put(self, medium: str, address: str, mxid: str, generation: int) -> None:
+        """Mirror one bind, made at this SQL bindings generation."""
+        pepper = cast("str | None", await self.r.get(self.k.pepper))
+        if not pepper:
+            raise redis.exceptions.RedisError("the cache has no lookup pepper yet")
+        fields, hashes = lookup_fields(medium, address, pepper)
+        tx = self.r.pipeline(transaction=True)
+        tx.hset(self.k.store(BINDINGS, "3pid"), mapping={f: mxid for f in fields})
+        tx.hset(self.k.store(BINDINGS, "sha256"), mapping={h: mxid for h in hashes})
+        tx.eval(RAISE_SCRIPT, 1, self.k.store(BINDINGS, "state"), generation, "generation")
+        await tx.execute()
+
+    async def remove(self, medium: str, address: str, generation: int) -> None:
+        """Mirror one unbind, made at this SQL bindings generation."""
+        pepper = cast(str, await self.r.get(self.k.pepper) or "")
+        fields, hashes = lookup_fields(medium, address, pepper)
+        tx = self.r.pipeline(transaction=True)
+        tx.hdel(self.k.store(BINDINGS, "3pid"), *fields)
+        tx.hdel(self.k.store(BINDINGS, "sha256"), *hashes)
+        tx.eval(RAISE_SCRIPT, 1, self.k.store(BINDINGS, "state"), generation, "generation")
+        await tx.execute()
+
+    async def behind(self, generation: int) -> str | None:
+        """Why the mirror does not hold SQL's bindings generation, or None when it does."""
+        epoch, (mirrored_epoch, held) = await run_plan_async(self.r, self._state_plan())
+        if epoch is None or mirrored_epoch != epoch:
+            return "the cache lost the bindings mirror; it is being rebuilt from the database"
+        if int(held or 0) < generation:
+            return (f"the bindings mirror holds generation {int(held or 0)}, the database {generation}; "
+                    "it is being rebuilt from the database")
+        return None
+
+    def _state_plan(self) -> Plan:
+        epoch, state = yield [("get", self.k.epoch),
+                              ("hmget", self.k.store(BINDINGS, "state"), ["epoch", "generation"])]
+        return epoch, state
+
+
+def restore_mirror(storage: Storage, cache: Cache, always: bool = False) -> bool:
+    """Rebuild the mirror from SQL when it was not built for the cache's epoch (the cache was emptied
+    or is new) or holds an older bindings generation than SQL (an older copy of Redis), or always;
+    whether it was rebuilt. Blocking."""
+    cache.initialize()  # an emptied cache gets its new epoch and pepper now, not at the next sync
+    # The generation is read before the bindings: a bind committed in between is in the rebuilt
+    # mirror, which then only counts as older than it is and is rebuilt once more.
+    generation = storage.counter(BINDINGS_GENERATION)
+    if not always and cache.bindings_mirrored(generation):
+        return False
+    count = cache.rebuild_bindings(((b.medium, b.address, b.mxid) for b in storage.all_bindings()), generation)
+    log.info("bindings: %d lookup keys rebuilt from the database (bindings generation %d)", count, generation)
+    return True
+
+
+def check_generation(storage: Storage, cache: Cache, stores: list[str]) -> bool:
+    """Whether Redis went back in time: its cache generation (counting completed syncs) is below the
+    highest one SQL recorded. Then every store counts as not synced, so that the indexer syncs each in
+    full now; else SQL records Redis's generation. Blocking."""
+    # SQL first: Redis's counter only grows, so read after it, it is at least what any server recorded.
+    recorded = storage.counter(CACHE_GENERATION)
+    current = cache.generation_counter()
+    if current < recorded:
+        log.warning("Redis is behind: its cache generation is %d, %d was seen before (emptied, or restored "
+                    "from an older copy); every store gets a full sync now", current, recorded)
+        cache.forget_full_syncs(stores)
+        cache.raise_generation(recorded)
+        return True
+    if current > recorded:
+        storage.raise_counter(CACHE_GENERATION, current)
+    return False
+
+
+def check_cache(storage: Storage, cache: Cache, stores: list[str], rebuild: bool = False) -> None:
+    """Both checks: stores resynced in full and the bindings mirror rebuilt (always, with rebuild)
+    where Redis lost them. Blocking."""
+    behind = check_generation(storage, cache, stores)
+    restore_mirror(storage, cache, always=behind or rebuild)
