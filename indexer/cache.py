@@ -53,7 +53,6 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 from redis.typing import EncodableT, FieldT
 
-from indexer.config import parse_duration
 from indexer.identity import Identity
 from indexer.normalize import lookup_forms, lookup_hash
 from indexer.redis_pipe import PipelinedRedis
@@ -116,11 +115,6 @@ DEFAULT_TIMEOUT_S = 5.0
 # Longest a command of ours asks Redis to block (XREAD BLOCK, BRPOP): a client that sends them waits
 # that much longer for a reply.
 MAX_BLOCK_S = 1.0
-
-
-def timeout_of(config: dict[str, Any]) -> float:
-    """The configured deadline of every Redis command (redis.timeout), in seconds."""
-    return float(parse_duration(config["redis"]["timeout"]))
 
 
 def _client_options(timeout_s: float, blocking: bool) -> dict[str, Any]:

@@ -18,8 +18,8 @@ import ldap3
 from ldap3.core.exceptions import LDAPException
 from ldap3.utils.conv import escape_filter_chars
 
-from indexer.config import parse_duration
 from indexer.identity import Identity
+from indexer.settings import Config, LdapStoreConfig
 from indexer.stores import Change, Store, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -167,42 +167,39 @@ class LdapStore(Store):
 
     kind = "ldap"
 
-    def __init__(self, store_config: dict[str, Any], config: dict[str, Any]) -> None:
-        super().__init__(store_config, config)
-        preset = PRESETS[store_config.get("preset", "openldap")]
-        attrs = {**preset["attributes"], **store_config.get("attributes", {})}
+    def __init__(self, settings: LdapStoreConfig, config: Config) -> None:
+        super().__init__(settings, config)
+        preset = PRESETS[settings.preset]
+        attrs = settings.attributes
         # Media merge one by one: adding a medium keeps the preset's email and msisdn attributes.
-        attrs["threepids"] = {**preset["attributes"]["threepids"], **attrs["threepids"]}
+        threepids = {**preset["attributes"]["threepids"], **(attrs.threepids or {})}
         self.mapping = Mapping(
-            filter=store_config.get("filter") or preset["filter"],
-            user_id=attrs["user_id"],
-            user_id_type=attrs.get("user_id_type", "localpart"),
-            lowercase=attrs.get("lowercase", True),
-            stable_id=attrs["stable_id"],
-            changed=attrs["changed"],
-            display_name=list(attrs["display_name"]),
-            threepids={m: list(a) for m, a in attrs["threepids"].items()},
+            filter=settings.filter or preset["filter"],
+            user_id=attrs.user_id or preset["attributes"]["user_id"],
+            user_id_type=attrs.user_id_type,
+            lowercase=attrs.lowercase,
+            stable_id=attrs.stable_id or preset["attributes"]["stable_id"],
+            changed=attrs.changed or preset["attributes"]["changed"],
+            display_name=list(attrs.display_name or preset["attributes"]["display_name"]),
+            threepids={m: list(a) for m, a in threepids.items()},
         )
-        uris = store_config["uri"]
-        self.uris: list[str] = [uris] if isinstance(uris, str) else list(uris)
-        self.base_dns: list[str] = list(store_config["base_dns"])
-        self.page_size: int = store_config.get("page_size", 500)
-        self.start_tls: bool = store_config.get("start_tls", False)
-        tls = store_config.get("tls", {})
+        self.uris = list(settings.uri)
+        self.base_dns = list(settings.base_dns)
+        self.page_size = settings.page_size
+        self.start_tls = settings.start_tls
         self.tls = ldap3.Tls(
-            validate=ssl.CERT_REQUIRED if tls.get("verify", True) else ssl.CERT_NONE,
-            ca_certs_file=tls.get("ca_file"),
+            validate=ssl.CERT_REQUIRED if settings.tls.verify else ssl.CERT_NONE,
+            ca_certs_file=settings.tls.ca_file,
         )
         # timeout bounds connecting (every URI in turn), binding and searching together: a password
         # check as a whole, a sync's connection, and each page a sync reads.
-        self.timeout = parse_duration(store_config.get("timeout", "8s"))
-        self.connect_timeout = min(parse_duration(store_config.get("connect_timeout", "3s")), self.timeout)
-        bind = store_config.get("bind") or {}
-        self.bind_dn: str | None = bind.get("dn")
-        self.bind_password: str | None = bind.get("password")
+        self.timeout = settings.timeout
+        self.connect_timeout = min(settings.connect_timeout, self.timeout)
+        self.bind_dn = settings.bind.dn if settings.bind else None
+        self.bind_password = settings.bind.password if settings.bind else None
         self._conn: ldap3.Connection | None = None
         self._auth_pool: queue.LifoQueue[ldap3.Connection] = queue.LifoQueue()
-        self._auth_pool_size: int = store_config.get("auth_pool_size", 4)
+        self._auth_pool_size = settings.auth_pool_size
         # Why password checks cannot reach the directory (None while they can), and how many failed
         # so: an outage is logged when it starts and when it ends, not once per login.
         self._unreachable: str | None = None

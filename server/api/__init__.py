@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable, Mapping
 from functools import cache
 from typing import Any
 from urllib.parse import parse_qs
@@ -14,9 +15,14 @@ from sanic import Request
 from sanic.exceptions import BadRequest
 
 from indexer.config import Validator, explain, load_schema
+from indexer.settings import Config, Network
 from server.errors import MatrixError
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+def config_of(request: Request) -> Config:
+    """The server's config."""
+    config: Config = request.app.ctx.config
+    return config
 
 
 @cache
@@ -105,7 +111,7 @@ def usable_token(token: str) -> bool:
     return token.isascii() and token.isprintable()
 
 
-def unsigned_policies(policies: dict[str, Any], accepted: set[str]) -> list[str]:
+def unsigned_policies(policies: Mapping[str, Mapping[str, Any]], accepted: set[str]) -> list[str]:
     """Ids of the policies of which the user has accepted no language."""
     return [pid for pid, policy in policies.items()
             if not any(isinstance(v, dict) and v["url"] in accepted for v in policy.values())]
@@ -129,7 +135,7 @@ async def authenticate(request: Request, terms: bool = True) -> str:
     if user_id is None:
         tokens.forget(token)
         raise MatrixError(401, "M_UNAUTHORIZED", "Unrecognised access token")
-    policies = request.app.ctx.config["terms"]["policies"]
+    policies = config_of(request).terms.policies
     missing = unsigned_policies(policies, await storage.run(storage.accepted_urls, user_id)) if policies else []
     tokens.put(token, user_id, not missing)
     if terms and missing:
@@ -147,7 +153,7 @@ def client_address(request: Request) -> str:
     X-Forwarded-For entry that many hops from the right (each proxy appends the address it was reached
     from; entries further left are whatever the client wrote, so they never count); else the TCP peer's.
     A forwarded value that is not an IP address (any bytes a client sent) counts as the peer's."""
-    count = request.app.ctx.config["server"]["proxies_count"]
+    count = config_of(request).server.proxies_count
     if count:
         hops = [hop.strip() for header in request.headers.getall("x-forwarded-for", []) for hop in header.split(",")]
         hops = [hop for hop in hops if hop]
@@ -159,7 +165,7 @@ def client_address(request: Request) -> str:
     return request.ip
 
 
-def require_client_in(request: Request, networks: list[IPNetwork]) -> None:
+def require_client_in(request: Request, networks: Iterable[Network]) -> None:
     """403 M_FORBIDDEN unless the client's address is in one of networks."""
     try:
         address = ipaddress.ip_address(request.ip)
