@@ -23,19 +23,16 @@ from sanic.response import BaseHTTPResponse, HTTPResponse, empty, json
 
 from indexer import logs
 from indexer.cache import (
-    BINDINGS,
     Admin,
     BindingMirror,
     Cache,
-    Lookups,
     RateLimits,
     RemoteAnswers,
     connect,
     connect_async,
 )
-from indexer.fulltext import DirectorySearch, HideRules
-from indexer.redis_pipe import PipelinedRedis
-from indexer.scheduler import fulltext_path
+from indexer.fulltext import fulltext_path
+from indexer.rediskeys import BINDINGS
 from indexer.settings import Config
 from server import metrics
 from server.api import (
@@ -63,11 +60,14 @@ from server.errors import MatrixError, log_bad_request
 from server.federation import Federation
 from server.homeserver import Homeserver
 from server.invites import InviteWorker
-from server.keys import Keys
 from server.notify.email import EmailSender
 from server.notify.sms import SmsSender
 from server.read_through import ReadThrough
 from server.recursion import Recursion
+from server.redis_pipe import PipelinedRedis
+from server.services.directory_search import DirectorySearch, HideRules
+from server.services.lookups import Lookups
+from server.signing import SigningKeys
 from server.storage import Storage, now_ms
 from server.token_cache import TokenCache
 
@@ -115,7 +115,7 @@ def create_app(config: Config, redis_url: str) -> App:
     # "ignore" and begun answering: a SIGTERM in that window was lost and the server never stopped.
     app.config.USE_UVLOOP = False
     app.ctx.config = config
-    app.ctx.keys = Keys.load_or_create(config.data_dir, config.server.name)
+    app.ctx.keys = SigningKeys.load_or_create(config.data_dir, config.server.name)
     app.ctx.tokens = TokenCache()
     domain = config.matrix.domain
     app.ctx.email = EmailSender(config.email, domain) if config.email else None
@@ -247,7 +247,7 @@ def record_response(request: Request, response: BaseHTTPResponse) -> None:
     if took is not None:
         metrics.LATENCY.labels(request.method, endpoint).observe(took)
     if request.app.ctx.config.server.access_log:
-        target = logs.redact(request.path + (f"?{request.query_string}" if request.query_string else ""))
+        target = logs.mask_secrets(request.path + (f"?{request.query_string}" if request.query_string else ""))
         access_log.info(
             "%s %s %s %d %s", request.ip, request.method, target, response.status,
             f"{took * 1000:.1f} ms" if took is not None else "-",

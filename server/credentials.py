@@ -10,10 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from indexer import logs, normalize
-from indexer.cache import Lookups
 from indexer.identity import Identity
 from indexer.settings import AuthRateLimitConfig, Config
 from indexer.stores import Store, build_store
+from server.services.lookups import Lookups
 
 log = logging.getLogger(__name__)
 

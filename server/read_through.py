@@ -15,10 +15,10 @@ import logging
 import httpx
 
 from indexer import logs
-from indexer.cache import Lookups
 from indexer.settings import Config, RestStoreConfig
 from indexer.stores.rest import BadAnswer, client_options, decode, lookup_answer, lookup_request
 from server.metrics import OUTGOING_FAILURES
+from server.services.lookups import Lookups
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from indexer import logs
 from indexer.cache import RemoteAnswers
 from indexer.normalize import lookup_hash
 from indexer.settings import Config, Network
-from server.api import client_address
+from server.caller import client_address
 from server.federation import Federation, FederationError
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,6 @@ import socket
 import sys
 import threading
 import time
-from pathlib import Path
 
 import redis
 import schedule
@@ -19,7 +18,7 @@ from indexer import logs
 from indexer.cache import Cache, connect
 from indexer.config import read_config
 from indexer.follower import Follower
-from indexer.fulltext import FullText
+from indexer.fulltext import FullText, fulltext_path
 from indexer.jobs import JobRunner
 from indexer.metrics import observe_sync
 from indexer.settings import Config, SyncConfig
@@ -35,10 +34,6 @@ RETRY_AFTER = 5.0
 # long, twice as long each time, up to RESYNC_RETRY_MAX_S.
 RESYNC_RETRY_FIRST_S = 10.0
 RESYNC_RETRY_MAX_S = 300.0
-
-
-def fulltext_path(config: Config) -> Path:
-    return Path(config.data_dir) / "fulltext"
 
 
 class Stopping(Exception):
@@ -266,8 +261,8 @@ def _watch_parent(parent_pid: int, stop: threading.Event) -> None:
 
 
 def main() -> None:
-    """`python -m indexer.scheduler REDIS_URL PARENT_PID` with the config on stdin (read_config):
-    the indexer process that `mxisd run` starts."""
+    """`python -m indexer.main REDIS_URL PARENT_PID` with the config on stdin (read_config): the
+    indexer process that `mxisd run` starts."""
     redis_url, parent_pid = sys.argv[1], int(sys.argv[2])
     config = read_config(sys.stdin.buffer)
     if config is None:

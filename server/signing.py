@@ -25,7 +25,7 @@ ASSOCIATION_REUSE_MS = 60_000
 ASSOCIATIONS_KEPT = 10_000
 
 
-class Keys:
+class SigningKeys:
     """The long-term key, loaded once and reused for every signature."""
 
     def __init__(self, signing_key: SigningKey, server_name: str) -> None:
@@ -35,7 +35,7 @@ class Keys:
         self._associations: OrderedDict[tuple[str, str, str], dict[str, Any]] = OrderedDict()
 
     @classmethod
-    def load_or_create(cls, data_dir: str | Path, server_name: str) -> Keys:
+    def load_or_create(cls, data_dir: str | Path, server_name: str) -> SigningKeys:
         """Read data_dir/keys/signing.key, generating it (mode 0600) on first start."""
         path = Path(data_dir) / "keys" / "signing.key"
         if path.exists():
