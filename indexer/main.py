@@ -15,12 +15,13 @@ import redis
 import schedule
 
 from indexer import logs
-from indexer.cache import Cache, connect
+from indexer.cache import Cache
 from indexer.config import read_config
 from indexer.follower import Follower
 from indexer.fulltext import FullText, fulltext_path
 from indexer.jobs import JobRunner
 from indexer.metrics import observe_sync
+from indexer.redis_clients import connect
 from indexer.settings import Config, SyncConfig
 from indexer.stores import Store, build_store
 from indexer.sync import SyncBusy, SyncResult, full_sync, incremental_sync

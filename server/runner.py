@@ -20,8 +20,9 @@ from typing import Any, TextIO
 
 import redis
 
-from indexer.cache import Cache, connect
+from indexer.cache import Cache
 from indexer.config import ConfigError, load_config, write_config
+from indexer.redis_clients import connect
 from indexer.redis_server import EmbeddedRedis
 from indexer.settings import Config
 from server.bindings import check_cache

@@ -25,6 +25,7 @@ from indexer.config import parse_config
 from indexer.redis_server import EmbeddedRedis
 from indexer.settings import Config, StoreConfig
 from indexer.stores import Store, build_store
+from server.services.directory_search import DirectorySearch, HideRules
 from tests.fake_homeserver import ClientHomeserver
 from tests.fakes import FakeHomeserver, FakeTwilio, Mailbox
 from tests.slapd import Slapd
@@ -83,6 +84,15 @@ def store_settings(store: dict[str, Any], sections: dict[str, Any]) -> tuple[Sto
 def make_store(store: dict[str, Any], sections: dict[str, Any]) -> Store:
     """The adapter for a store entry as written in YAML, in a config of sections."""
     return build_store(*store_settings(store, sections))
+
+
+def search_mxids(index_path: Path, text: str) -> list[str]:
+    """The mxids a directory search of the index at index_path finds, best first (no hide rules)."""
+    search = DirectorySearch(index_path, HideRules([]), threepids=False)
+    try:
+        return [hit.mxid for hit in search.search(text, 10)[0]]
+    finally:
+        search.close()
 
 
 def free_port() -> int:
