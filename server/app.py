@@ -9,20 +9,19 @@ import re
 import signal
 import time
 import uuid
-from typing import Any
 
 import orjson
 import redis
 import sqlalchemy
 from sanic import Blueprint, Request, Sanic
-from sanic.config import Config
+from sanic.config import Config as SanicConfig
 from sanic.exceptions import BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, SanicException, ServiceUnavailable
 from sanic.response import BaseHTTPResponse, HTTPResponse, empty, json
 
 from indexer import logs
 from indexer.cache import Cache
-from indexer.config import parse_duration
-from indexer.redis_clients import connect, timeout_of
+from indexer.redis_clients import connect
+from indexer.settings import Config
 from server import metrics
 from server.api import (
     account,
@@ -51,10 +50,6 @@ from server.storage import now_ms
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("mxisd.access")
 
-PURGE_EVERY_S = 60
-# Expired sessions are kept a while longer so that clients still hear M_SESSION_EXPIRED, not "unknown".
-EXPIRED_SESSIONS_KEPT_MS = 7 * 24 * 3600 * 1000
-
 REQUEST_ID_HEADER = "X-Request-ID"
 _GOOD_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -77,21 +72,21 @@ def blueprints(with_admin: bool, with_metrics: bool) -> list[Blueprint]:
 
 
 # The application with Sanic's own config type and our context: the services, once it has started.
-App = Sanic[Config, Context]
+App = Sanic[SanicConfig, Context]
 
 
-def create_app(config: dict[str, Any], redis_url: str) -> App:
+def create_app(config: Config, redis_url: str) -> App:
     """The Sanic application for one worker."""
-    logs.setup(config["log_level"], "server", config["log_format"])  # spawned workers start with no logging set up
+    logs.setup(config.log_level, "server", config.log_format)  # spawned workers start with no logging set up
     app = Sanic("mxisd", ctx=Context(), configure_logging=False, dumps=orjson.dumps, loads=load_json)  # fast JSON
     app.config.FALLBACK_ERROR_FORMAT = "json"
-    app.config.REQUEST_MAX_SIZE = config["server"]["max_body_size"]
+    app.config.REQUEST_MAX_SIZE = config.server.max_body_size
     # uvloop installs SIGTERM handling only once the loop runs, after Sanic has set SIGTERM to
     # "ignore" and begun answering: a SIGTERM in that window was lost and the server never stopped.
     app.config.USE_UVLOOP = False
-    if config["server"]["proxies_count"]:
-        app.config.PROXIES_COUNT = config["server"]["proxies_count"]
-    for blueprint in blueprints(bool(config["admin"]["token"]), config["metrics"]["enabled"]):
+    if config.server.proxies_count:
+        app.config.PROXIES_COUNT = config.server.proxies_count
+    for blueprint in blueprints(bool(config.admin.token), config.metrics.enabled):
         app.blueprint(blueprint)
 
     @app.before_server_start
@@ -141,21 +136,25 @@ def create_app(config: dict[str, Any], redis_url: str) -> App:
 
 async def maintenance(built: Services, redis_url: str) -> None:
     """Every redis.check_every: have Redis rebuilt if it was emptied or went back in time while we
-    run (see server.bindings); every minute: forget validation sessions a week past their lifetime."""
+    run (see server.bindings); every sessions.purge_every: forget validation sessions expired longer
+    than sessions.keep_expired ago."""
     config = built.config
     storage = built.storage
-    cache = Cache(connect(redis_url, timeout_of(config)), config["redis"]["prefix"])
-    stores = [s["name"] for s in config["stores"]]
-    check_every = max(1, parse_duration(config["redis"]["check_every"]))
-    keep_ms = parse_duration(config["sessions"]["lifetime"]) * 1000 + EXPIRED_SESSIONS_KEPT_MS
-    purged_at = time.monotonic()
+    cache = Cache(connect(redis_url, config.redis.timeout), config.redis.prefix)
+    stores = [s.name for s in config.stores]
+    check_every = max(1, config.redis.check_every)
+    purge_every = max(1, config.sessions.purge_every)
+    keep_ms = (config.sessions.lifetime + config.sessions.keep_expired) * 1000
+    next_check, next_purge = time.monotonic() + check_every, time.monotonic() + purge_every
     try:
         while True:
-            await asyncio.sleep(check_every)
+            await asyncio.sleep(max(0.0, min(next_check, next_purge) - time.monotonic()))
             try:
-                await storage.run(check_cache, storage, cache, stores)
-                if time.monotonic() - purged_at >= PURGE_EVERY_S:
-                    purged_at = time.monotonic()
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + check_every
+                    await storage.run(check_cache, storage, cache, stores)
+                if time.monotonic() >= next_purge:
+                    next_purge = time.monotonic() + purge_every
                     purged = await storage.run(storage.delete_sessions_before, now_ms() - keep_ms)
                     if purged:
                         log.info("forgot %d expired validation sessions", purged)
@@ -178,7 +177,7 @@ def record_response(request: Request, response: BaseHTTPResponse) -> None:
     metrics.REQUESTS.labels(request.method, endpoint, str(response.status)).inc()
     if took is not None:
         metrics.LATENCY.labels(request.method, endpoint).observe(took)
-    if services(request).config["server"]["access_log"]:
+    if services(request).config.server.access_log:
         target = logs.mask_secrets(request.path + (f"?{request.query_string}" if request.query_string else ""))
         access_log.info(
             "%s %s %s %d %s", request.ip, request.method, target, response.status,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -14,10 +13,10 @@ from typing import Any
 import redis.asyncio
 from sanic import Request
 
-from indexer.config import parse_duration
 from indexer.fulltext import fulltext_path
-from indexer.redis_clients import connect_async, timeout_of
+from indexer.redis_clients import connect_async
 from indexer.rediskeys import BINDINGS
+from indexer.settings import Config
 from server.bindings import BindingMirror
 from server.credentials import Credentials
 from server.federation import Federation
@@ -44,17 +43,11 @@ from server.signing import SigningKeys
 from server.storage import Storage
 from server.token_cache import TokenCache
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-
-def lookup_order(config: dict[str, Any]) -> list[str]:
+def lookup_order(config: Config) -> list[str]:
     """The stores lookups ask, first match wins: bindings before or after the configured stores."""
-    stores = [s["name"] for s in config["stores"]]
-    return [BINDINGS, *stores] if config["lookup"]["prefer"] == "binding" else [*stores, BINDINGS]
-
-
-def networks(texts: list[str]) -> list[IPNetwork]:
-    return [ipaddress.ip_network(n, strict=False) for n in texts]
+    stores = [s.name for s in config.stores]
+    return [BINDINGS, *stores] if config.lookup.prefer == "binding" else [*stores, BINDINGS]
 
 
 @dataclass
@@ -62,15 +55,11 @@ class Services:
     """Everything the handlers of one worker use. The email and SMS senders are None when their
     section is absent from the config."""
 
-    config: dict[str, Any]
+    config: Config
     keys: SigningKeys
     tokens: TokenCache
     email: EmailSender | None
     sms: SmsSender | None
-    admin_networks: list[IPNetwork]
-    metrics_networks: list[IPNetwork]
-    bulk_max: int
-    association_validity_ms: int
     redis: redis.asyncio.Redis
     redis_pipe: PipelinedRedis
     lookups: Lookups
@@ -97,45 +86,39 @@ class Services:
     _background: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
-    def build(cls, config: dict[str, Any], redis_url: str) -> Services:
+    def build(cls, config: Config, redis_url: str) -> Services:
         """The services for config, with their clients of Redis (at redis_url), SQL and the homeserver."""
-        client = connect_async(redis_url, timeout_of(config))
-        prefix = config["redis"]["prefix"]
-        domain = config["matrix"]["domain"]
-        keys = SigningKeys.load_or_create(config["data_dir"], config["server"]["name"])
+        client = connect_async(redis_url, config.redis.timeout)
+        prefix = config.redis.prefix
+        domain = config.matrix.domain
+        keys = SigningKeys.load_or_create(config.data_dir, config.server.name)
         tokens = TokenCache()
-        email = EmailSender(config["email"], domain) if "email" in config else None
-        sms = SmsSender(config["sms"], domain) if "sms" in config else None
-        redis_pipe = PipelinedRedis(redis_url, timeout_of(config))
+        email = EmailSender(config.email, domain) if config.email else None
+        sms = SmsSender(config.sms, domain) if config.sms else None
+        redis_pipe = PipelinedRedis(redis_url, config.redis.timeout)
         lookups = Lookups(redis_pipe, prefix, lookup_order(config))
         read_through = ReadThrough(config, lookups)
         binding_mirror = BindingMirror(client, prefix)
         rate_limits = RateLimits(client, prefix)
-        storage = Storage(config["storage"]["url"], config["data_dir"])
-        federation = Federation(config["federation"])
+        storage = Storage(config.storage.url, config.data_dir)
+        federation = Federation(config.federation)
         recursion = Recursion(config, federation, RemoteAnswers(client, prefix))
         invite_worker = InviteWorker(config, storage, lookups, federation, keys)
         sessions = ValidationSessions(config, storage, rate_limits, email, sms)
         terms = TermsOfService(config, storage)
-        directory_config = config["directory"]
-        directory = DirectorySearch(fulltext_path(config), HideRules(directory_config["hide"]),
-                                    directory_config["threepids"])
+        directory = DirectorySearch(fulltext_path(config), HideRules(config.directory.hide),
+                                    config.directory.threepids)
         # Whoosh blocks: searches run in a thread of their own, taking turns on one open reader.
         search_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
-        homeserver = Homeserver(config)
+        homeserver = Homeserver(config.homeserver)
         credentials = Credentials(config, lookups)
-        admin = Admin(client, prefix, [s["name"] for s in config["stores"]],
-                      parse_duration(config["admin"]["job_start_timeout"]))
+        admin = Admin(client, prefix, [s.name for s in config.stores], config.admin.job_start_timeout)
         return cls(
             config=config,
             keys=keys,
             tokens=tokens,
             email=email,
             sms=sms,
-            admin_networks=networks(config["admin"]["allow"]),
-            metrics_networks=networks(config["metrics"]["allow"]),
-            bulk_max=config["lookup"]["bulk_max"],
-            association_validity_ms=parse_duration(config["lookup"]["association_validity"]) * 1000,
             redis=client,
             redis_pipe=redis_pipe,
             lookups=lookups,
@@ -161,6 +144,13 @@ class Services:
             readiness=Readiness(config, storage, admin, binding_mirror, read_through),
             logins=Logins(credentials, homeserver, invite_worker),
         )
+
+    def reload(self, config: Config) -> None:
+        """Apply a config re-read on SIGHUP, which differs from this one only in what a reload
+        applies: the rate limits of validation sessions and of logins."""
+        self.config = config
+        self.sessions.config = config
+        self.credentials.set_limits(config.auth.rate_limit)
 
     def run_in_background(self, *jobs: Coroutine[Any, Any, None]) -> None:
         """Run jobs as tasks until stop_background."""

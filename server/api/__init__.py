@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from functools import cache
 from typing import Any
 from urllib.parse import parse_qs
@@ -14,8 +15,9 @@ from sanic import Request
 from sanic.exceptions import BadRequest
 
 from indexer.config import Validator, explain, load_schema
+from indexer.settings import Network
 from server.caller import usable_token
-from server.container import IPNetwork, services
+from server.container import services
 from server.errors import MatrixError
 
 
@@ -119,7 +121,7 @@ async def authenticate_v2(request: Request) -> str | None:
     return None if request.path.startswith(V1) else await authenticate(request)
 
 
-def require_client_in(request: Request, networks: list[IPNetwork]) -> None:
+def require_client_in(request: Request, networks: Iterable[Network]) -> None:
     """403 M_FORBIDDEN unless the client's address is in one of networks."""
     try:
         address = ipaddress.ip_address(request.ip)

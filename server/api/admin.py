@@ -8,7 +8,6 @@ import hashlib
 import hmac
 import re
 from pathlib import Path
-from typing import Any
 
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, html, json, redirect
@@ -48,8 +47,8 @@ def token_digest(token: str) -> bytes:
 
 @bp.on_request
 async def gate(request: Request) -> None:
-    svc = services(request)
-    require_client_in(request, svc.admin_networks)
+    config = services(request).config
+    require_client_in(request, config.admin.allow)
     if request.route is not None and request.route.name.endswith((".admin.page", ".admin.page_redirect")):
         return
     header = request.headers.get("authorization", "")
@@ -57,7 +56,7 @@ async def gate(request: Request) -> None:
     if not given:
         raise MatrixError(401, "M_UNAUTHORIZED", "The admin token is required (Authorization: Bearer ...)")
     # Digests of equal length, compared in constant time: the token's length leaks nothing either.
-    expected = token_digest(svc.config["admin"]["token"])
+    expected = token_digest(config.admin.token or "")
     if not usable_token(given) or not hmac.compare_digest(token_digest(given), expected):
         raise MatrixError(401, "M_UNAUTHORIZED", "Unrecognised admin token")
 
@@ -74,17 +73,12 @@ async def page(request: Request) -> HTTPResponse:
     return html(PAGE, headers=PAGE_HEADERS)
 
 
-def _stores_config(request: Request) -> list[dict[str, Any]]:
-    stores: list[dict[str, Any]] = services(request).config["stores"]
-    return stores
-
-
 @bp.get("/v1/stores")
 async def stores(request: Request) -> HTTPResponse:
     """GET /_mxisd/admin/v1/stores: each store's size, last syncs, next runs and active job; follower
     lag; whether each host's indexer runs."""
     status = await services(request).admin.status()
-    listed = [{"name": s["name"], "kind": s["kind"], **status["stores"][s["name"]]} for s in _stores_config(request)]
+    listed = [{"name": s.name, "kind": s.kind, **status["stores"][s.name]} for s in services(request).config.stores]
     return json({"stores": listed, "followers": status["followers"], "last_change_id": status["last_change_id"],
                  "indexers": status["indexers"]})
 
@@ -92,7 +86,7 @@ async def stores(request: Request) -> HTTPResponse:
 @bp.post("/v1/stores/<name>/sync")
 async def sync(request: Request, name: str) -> HTTPResponse:
     """POST /_mxisd/admin/v1/stores/{name}/sync: queue a sync for the indexer, or return the store's active one."""
-    if name not in {s["name"] for s in _stores_config(request)}:
+    if name not in {s.name for s in services(request).config.stores}:
         raise MatrixError(404, "M_NOT_FOUND", f"No store named {name!r}")
     body = json_body(request, "admin_sync") if request.body else {}
     job, created = await services(request).admin.start_job(name, bool(body.get("full")), logs.request_id.get())

@@ -47,7 +47,7 @@ async def login(request: Request) -> HTTPResponse:
     if not isinstance(body, dict):
         raise MatrixError(400, "M_NOT_JSON", "The request body must be a JSON object")
     svc = services(request)
-    client = client_address(request, svc.config["server"]["proxies_count"])
+    client = client_address(request, svc.config.server.proxies_count)
     return relay(await svc.logins.login(body, client, request.path, request.headers))
 
 

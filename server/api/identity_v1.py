@@ -36,7 +36,7 @@ async def lookup(request: Request) -> HTTPResponse:
         bound = await svc.binding.association(medium, canonical, mxid)
         if bound is not None:
             return json(bound)
-    return json(svc.keys.association(medium, canonical, mxid, svc.association_validity_ms))
+    return json(svc.keys.association(medium, canonical, mxid, svc.config.lookup.association_validity * 1000))
 
 
 @bp.post("/bulk_lookup")
@@ -44,8 +44,9 @@ async def bulk_lookup(request: Request) -> HTTPResponse:
     """POST /_matrix/identity/api/v1/bulk_lookup: [medium, address, mxid] for the 3PIDs that match."""
     pairs = json_body(request, "v1_bulk_lookup")["threepids"]
     svc = services(request)
-    if len(pairs) > svc.bulk_max:
-        raise MatrixError(400, "M_TOO_LARGE", f"At most {svc.bulk_max} 3PIDs per request")
+    bulk_max = svc.config.lookup.bulk_max
+    if len(pairs) > bulk_max:
+        raise MatrixError(400, "M_TOO_LARGE", f"At most {bulk_max} 3PIDs per request")
     canonical = [(m, query_address(m, a)) for m, a in pairs]
     sources: list[str | None] = []
     local = await svc.read_through.fill(canonical, await svc.lookups.by_address(canonical, sources))

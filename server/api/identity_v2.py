@@ -38,9 +38,10 @@ async def lookup(request: Request) -> HTTPResponse:
     algorithm, addresses = body["algorithm"], body["addresses"]
     svc = services(request)
     lookups = svc.lookups
+    bulk_max = svc.config.lookup.bulk_max
     found: list[str | None] = []
     sources: list[str | None] = []
-    if algorithm == "sha256" and len(addresses) <= svc.bulk_max:
+    if algorithm == "sha256" and len(addresses) <= bulk_max:
         pepper, found = await lookups.by_hash(addresses, sources)  # the pepper comes in the same round trip
         if not pepper:
             raise MatrixError(503, "M_UNKNOWN", "The lookup cache is not ready yet")
@@ -52,8 +53,8 @@ async def lookup(request: Request) -> HTTPResponse:
                           algorithm="sha256", lookup_pepper=pepper)
     if algorithm not in ALGORITHMS:
         raise MatrixError(400, "M_INVALID_PARAM", f"Unsupported algorithm {algorithm!r}; use one of {ALGORITHMS}")
-    if len(addresses) > svc.bulk_max:
-        raise MatrixError(400, "M_TOO_LARGE", f"At most {svc.bulk_max} addresses per request")
+    if len(addresses) > bulk_max:
+        raise MatrixError(400, "M_TOO_LARGE", f"At most {bulk_max} addresses per request")
     if algorithm == "none":
         pairs = []
         for item in addresses:

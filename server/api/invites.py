@@ -24,7 +24,7 @@ async def store_invite(request: Request) -> HTTPResponse:
     owner = await authenticate_v2(request)
     body = json_body(request, "store_invite", allow_form=True)
     svc = services(request)
-    client = client_address(request, svc.config["server"]["proxies_count"])
+    client = client_address(request, svc.config.server.proxies_count)
     invite = await svc.invitations.store(body, owner, client, svc.recursion.client_allowed(request))
     return json(_stored_answer(request, invite))
 
@@ -32,7 +32,7 @@ async def store_invite(request: Request) -> HTTPResponse:
 def _stored_answer(request: Request, invite: Invite) -> dict[str, Any]:
     """The spec's answer for a stored invite: its token, our long-term and its ephemeral key, a display name."""
     svc = services(request)
-    base = svc.config["server"]["public_url"].rstrip("/") + request.path.rsplit("/store-invite", 1)[0]
+    base = svc.config.server.public_url + request.path.rsplit("/store-invite", 1)[0]
     server_key = {"public_key": svc.keys.public_key, "key_validity_url": base + "/pubkey/isvalid"}
     return {
         "token": invite.token,

@@ -20,7 +20,7 @@ bp = Blueprint("metrics")
 @bp.get("/metrics")
 async def metrics(request: Request) -> HTTPResponse:
     """GET /metrics: this host's processes' metrics and the cache's gauges, in Prometheus text format."""
-    require_client_in(request, services(request).metrics_networks)
+    require_client_in(request, services(request).config.metrics.allow)
     try:
         status = await asyncio.wait_for(services(request).admin.status(), REDIS_TIMEOUT)
     except (TimeoutError, redis.exceptions.RedisError, OSError):

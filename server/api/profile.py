@@ -28,7 +28,7 @@ async def profile(request: Request, user_id: str) -> HTTPResponse:
         "GET", f"/_matrix/client/{version}/profile/{quote(user_id, safe='')}",
         headers=forwarded_headers(request.headers))
     body = answer_json(response)
-    if response.status_code != 200 or not body or not services(request).config["profile"]["threepids"]:
+    if response.status_code != 200 or not body or not services(request).config.profile.threepids:
         return relay(response)
     if not await _signed_in(request):
         return relay(response)  # a homeserver may show profiles to anyone; the 3PIDs only its users see

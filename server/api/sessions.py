@@ -54,7 +54,7 @@ async def request_email_token(request: Request) -> HTTPResponse:
     svc = services(request)
     session = await svc.sessions.request_token(
         "email", address, body["client_secret"], _send_attempt(body["send_attempt"]), body.get("next_link"),
-        client_address(request, svc.config["server"]["proxies_count"]))
+        client_address(request, svc.config.server.proxies_count))
     return json({"sid": session.sid})
 
 
@@ -73,7 +73,7 @@ async def request_msisdn_token(request: Request) -> HTTPResponse:
     svc = services(request)
     session = await svc.sessions.request_token(
         "msisdn", msisdn, body["client_secret"], _send_attempt(body["send_attempt"]), body.get("next_link"),
-        client_address(request, svc.config["server"]["proxies_count"]))
+        client_address(request, svc.config.server.proxies_count))
     return json({"sid": session.sid, "msisdn": msisdn,
                  "intl_fmt": phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.INTERNATIONAL)})
 
@@ -93,18 +93,18 @@ def _submit_routes(medium: str) -> None:
     async def submit_token_link(request: Request) -> HTTPResponse:
         # The link in the message: opened in a browser, so no token and an HTML answer.
         svc = services(request)
-        pages = svc.config["sessions"]["pages"]
+        pages = svc.config.sessions.pages
         try:
             params = check_params({k: v[0] for k, v in request.args.items()}, "submit_token")
             session = await svc.sessions.submit_token(medium, params["sid"], params["client_secret"], params["token"])
         except MatrixError as exc:
             if exc.status == 400:
                 log_bad_request(request, exc)
-            page = read_template(pages["failure"], "submit-failure.html")
+            page = read_template(pages.failure, "submit-failure.html")
             return html_response(render(page, {"ERROR": html.escape(exc.error)}), status=exc.status)
         if session.next_link and session.next_link.lower().startswith(("https://", "http://")):
             return redirect(session.next_link)
-        return html_response(read_template(pages["success"], "submit-success.html"))
+        return html_response(read_template(pages.success, "submit-success.html"))
 
     submit_token.__doc__ = f"POST /_matrix/identity/v2/validate/{medium}/submitToken (and v1): prove the token."
     submit_token_link.__doc__ = f"GET /_matrix/identity/v2/validate/{medium}/submitToken (and v1): the link."

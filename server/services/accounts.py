@@ -6,11 +6,11 @@ from __future__ import annotations
 import logging
 import secrets
 from dataclasses import dataclass
-from typing import Any
 
 from indexer import logs
 from indexer.normalize import InvalidAddress
 from indexer.normalize import mxid as parse_mxid
+from indexer.settings import Config
 from server.errors import MatrixError
 from server.federation import Federation, FederationError, split_server_name
 from server.services.terms_of_service import TermsOfService
@@ -25,7 +25,7 @@ class Accounts:
     """Identity-server tokens, kept in SQL as digests, each checked token remembered briefly by the
     worker (TokenCache)."""
 
-    config: dict[str, Any]
+    config: Config
     storage: Storage
     federation: Federation
     terms: TermsOfService
@@ -43,7 +43,7 @@ class Accounts:
             split_server_name(server_name)
         except ValueError:
             raise MatrixError(400, "M_INVALID_PARAM", f"Not a valid server name: {server_name!r}") from None
-        allowed = self.config["accounts"]["homeservers"]
+        allowed = self.config.accounts.homeservers
         if "*" not in allowed and server_name not in allowed:
             log.info("register refused: homeserver %s is not in accounts.homeservers", server_name)
             raise MatrixError(403, "M_UNAUTHORIZED",

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from indexer.settings import Config, ServerConfig
 from server.bindings import BindingMirror
 from server.errors import MatrixError, shown
 from server.federation import BadSignature, Federation, FederationError, WrongDestination
@@ -18,14 +19,14 @@ from server.storage import Storage, now_ms
 
 log = logging.getLogger(__name__)
 
-def our_names(server: dict[str, Any]) -> list[str]:
+def our_names(server: ServerConfig) -> list[str]:
     """The names a homeserver may have been told to reach us by (its X-Matrix "destination"), in
     lower case: server.name, and public_url's host with and without its port."""
-    url = urlsplit(server["public_url"])
+    url = urlsplit(server.public_url)
     host = url.hostname or ""
     host = f"[{host}]" if ":" in host else host
     port = url.port or (443 if url.scheme == "https" else 80)
-    return list(dict.fromkeys(n.lower() for n in (server["name"], host, f"{host}:{port}") if n))
+    return list(dict.fromkeys(n.lower() for n in (server.name, host, f"{host}:{port}") if n))
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class SignedRequest:
 class Bindings:
     """/3pid/bind and /3pid/unbind."""
 
-    config: dict[str, Any]
+    config: Config
     storage: Storage
     mirror: BindingMirror
     sessions: ValidationSessions
@@ -112,7 +113,7 @@ class Bindings:
     async def _signing_homeserver(self, request: SignedRequest) -> str:
         try:
             signer: str = await self.federation.verify_request(
-                request.authorization, request.method, request.uri, request.body, our_names(self.config["server"]))
+                request.authorization, request.method, request.uri, request.body, our_names(self.config.server))
             return signer
         except ValueError as exc:
             raise MatrixError(403, "M_FORBIDDEN", f"Invalid X-Matrix authorization: {exc}") from None

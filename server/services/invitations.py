@@ -16,9 +16,9 @@ from signedjson.sign import sign_json
 from unpaddedbase64 import encode_base64
 
 from indexer import logs
-from indexer.config import parse_duration
 from indexer.normalize import InvalidAddress
 from indexer.normalize import email as canonical_email
+from indexer.settings import Config, RequestLimitConfig
 from server.errors import MatrixError
 from server.notify import AddressRefused, SendError
 from server.notify.email import EmailSender
@@ -83,7 +83,7 @@ def template_values(body: dict[str, Any], register_url: str) -> dict[str, str]:
 class Invitations:
     """Invites stored in SQL until the invited address is bound; requests rate limited in Redis."""
 
-    config: dict[str, Any]
+    config: Config
     storage: Storage
     rate_limits: RateLimits
     lookups: Lookups
@@ -145,8 +145,8 @@ class Invitations:
                               "The invite email could not be sent: email is not configured")
         await storage.run(storage.add_invite, invite)
         config = self.config
-        values = template_values({**body, "address": address}, config["invites"]["register_url"]
-                                 or f"https://{config['matrix']['domain']}")
+        values = template_values({**body, "address": address}, config.invites.register_url
+                                 or f"https://{config.matrix.domain}")
         values.update({"TOKEN": invite.token, "EPHEMERAL_PRIVATE_KEY": encode_base64(ephemeral.encode())})
         sent = False
         try:
@@ -186,11 +186,10 @@ class Invitations:
         return sign_json(signed, self.keys.server_name, key)
 
     async def _rate_limit(self, sender: str, address: str, client: str) -> None:
-        limits = self.config["invites"]["rate_limit"]
+        limits = self.config.invites.rate_limit
         for kind, key in (("per_sender", sender), ("per_ip", client), ("per_address", address)):
-            limit = limits[kind]
-            wait_ms = await self.rate_limits.hit(
-                f"store-invite:{kind}", key, limit["requests"], parse_duration(limit["window"]))
+            limit: RequestLimitConfig = getattr(limits, kind)
+            wait_ms = await self.rate_limits.hit(f"store-invite:{kind}", key, limit.requests, limit.window)
             if wait_ms is not None:
                 log.info("store-invite rate limited (%s) for %s", kind, logs.untrusted(key))
                 raise MatrixError(429, "M_LIMIT_EXCEEDED", "Too many invites; try again later",

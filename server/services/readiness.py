@@ -10,7 +10,7 @@ from typing import Any
 import redis
 import sqlalchemy
 
-from indexer.config import parse_duration
+from indexer.settings import Config
 from server.bindings import BindingMirror
 from server.read_through import ReadThrough
 from server.services.admin import Admin
@@ -25,7 +25,7 @@ class Readiness:
     """The checks of SQL, Redis, the bindings mirror, the stores' syncs, this host's indexer and its
     fulltext follower, each bounded by a timeout."""
 
-    config: dict[str, Any]
+    config: Config
     storage: Storage
     admin: Admin
     binding_mirror: BindingMirror
@@ -72,7 +72,7 @@ class Readiness:
                 checks["indexer"] = {"ok": False, "host": host, "error": "the indexer of this host is not running" + (
                     f" (it {last_exit['reason']})" if last_exit else ": no recent heartbeat")}
             mine = next((f for f in state["followers"] if f["host"] == host), None)
-            limit = parse_duration(self.config["health"]["max_follower_lag"])
+            limit = self.config.health.max_follower_lag
             checks["fulltext"] = (
                 {"ok": False, "host": host, "error": "no fulltext follower has reported from this host"} if mine is None
                 else {"ok": mine["lag_seconds"] <= limit, "host": host, "lag_seconds": mine["lag_seconds"],

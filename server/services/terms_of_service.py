@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from indexer.settings import Config
 from server.errors import MatrixError
 from server.storage import Storage
 
@@ -13,13 +15,12 @@ from server.storage import Storage
 class TermsOfService:
     """The policies of `terms.policies` and the users' acceptance of them, kept in SQL."""
 
-    config: dict[str, Any]
+    config: Config
     storage: Storage
 
-    def policies(self) -> dict[str, Any]:
+    def policies(self) -> Mapping[str, Mapping[str, Any]]:
         """The policies users must accept: id -> {"version", language -> {"name", "url"}}."""
-        policies: dict[str, Any] = self.config["terms"]["policies"]
-        return policies
+        return self.config.terms.policies
 
     async def accept(self, user_id: str, urls: list[str]) -> None:
         """Record that user_id accepted the policy documents at urls.

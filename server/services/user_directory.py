@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from indexer.settings import Config
 from server.errors import MatrixError
 from server.homeserver import Homeserver, answer_json
 from server.services.directory_ranking import Hit, IndexNotReady
@@ -32,7 +33,7 @@ class HomeserverRefused(Exception):
 class UserDirectory:
     """Searches of the Whoosh index (in the executor's one thread: Whoosh blocks) and of the homeserver."""
 
-    config: dict[str, Any]
+    config: Config
     search_index: DirectorySearch
     search_executor: ThreadPoolExecutor
     homeserver: Homeserver
@@ -72,7 +73,7 @@ class UserDirectory:
     async def _homeserver_results(self, token: str, term: str, limit: int,
                                   path: str) -> tuple[list[dict[str, Any]], bool]:
         """The homeserver's own results for the same search; none when it cannot search or fails."""
-        if not self.config["directory"]["homeserver"]:
+        if not self.config.directory.homeserver:
             return [], False
         try:
             response = await self.homeserver.request(

@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from indexer import logs
-from indexer.config import parse_duration
+from indexer.settings import Config, RequestLimitConfig
 from server.errors import MatrixError
 from server.notify import AddressRefused, SendError
 from server.notify.email import EmailSender
@@ -30,13 +30,13 @@ def _new_token(medium: str) -> str:
     return secrets.token_urlsafe(24)
 
 
-@dataclass(frozen=True)
+@dataclass
 class ValidationSessions:
     """Validation sessions in SQL; their messages sent by the email and SMS senders (None when their
     config section is absent); requests for them rate limited in Redis."""
 
-    # Read at each use: the rate limits are re-read from the config file on SIGHUP.
-    config: dict[str, Any]
+    # Not frozen: a reload (Services.reload) replaces config, whose rate limits are read at each use.
+    config: Config
     storage: Storage
     rate_limits: RateLimits
     email: EmailSender | None
@@ -64,7 +64,7 @@ class ValidationSessions:
                             validated_at=None)
             session = await storage.run(storage.create_session, fresh)
         elif self._expired(session) or (
-                session.failed_attempts >= self.config["sessions"]["max_token_attempts"]
+                session.failed_attempts >= self.config.sessions.max_token_attempts
                 and send_attempt > session.send_attempt):
             # A dead session starts over under the same sid, with a token nobody has guessed at.
             changes: dict[str, Any] = dict(token=_new_token(medium), send_attempt=NOT_SENT, failed_attempts=0,
@@ -100,7 +100,7 @@ class ValidationSessions:
         if session.medium != medium:
             raise MatrixError(404, "M_NO_VALID_SESSION", "No session with that sid and client_secret")
         storage = self.storage
-        max_attempts = self.config["sessions"]["max_token_attempts"]
+        max_attempts = self.config.sessions.max_token_attempts
         # The attempt is counted before the token is compared: a burst of guesses sent at once gets
         # no more tries than one sent after another.
         attempts = await storage.run(storage.claim_token_attempt, session.sid, max_attempts)
@@ -139,15 +139,14 @@ class ValidationSessions:
         return session
 
     def _expired(self, session: Session) -> bool:
-        lifetime_ms = parse_duration(self.config["sessions"]["lifetime"]) * 1000
+        lifetime_ms = self.config.sessions.lifetime * 1000
         return now_ms() - session.modified_at > lifetime_ms
 
     async def _rate_limit(self, address_key: str, client: str) -> None:
-        limits = self.config["sessions"]["rate_limit"]
+        limits = self.config.sessions.rate_limit
         for kind, key in (("per_ip", client), ("per_address", address_key)):
-            limit = limits[kind]
-            wait_ms = await self.rate_limits.hit(
-                f"requestToken:{kind}", key, limit["requests"], parse_duration(limit["window"]))
+            limit: RequestLimitConfig = getattr(limits, kind)
+            wait_ms = await self.rate_limits.hit(f"requestToken:{kind}", key, limit.requests, limit.window)
             if wait_ms is not None:
                 log.info("requestToken rate limited (%s) for %s", kind, address_key if kind == "per_address" else key)
                 raise MatrixError(429, "M_LIMIT_EXCEEDED", "Too many verification requests; try again later",
@@ -155,7 +154,7 @@ class ValidationSessions:
 
     def _link(self, session: Session) -> str:
         query = urlencode({"sid": session.sid, "client_secret": session.client_secret, "token": session.token})
-        return f"{self.config['server']['public_url']}{SUBMIT_PATH.format(medium=session.medium)}?{query}"
+        return f"{self.config.server.public_url}{SUBMIT_PATH.format(medium=session.medium)}?{query}"
 
     async def _send(self, session: Session) -> None:
         """The session's token to its address, with the link that proves it."""
