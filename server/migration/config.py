@@ -264,8 +264,9 @@ def _ldap(old: OldConfig, root: str) -> dict[str, Any] | None:
                                    for medium in threepids}
     else:
         old.notes[f"{root}.attribute.threepid"] = (
-            f"not set: mxisd read {MXISD_LDAP_THREEPIDS}; the {preset} preset reads mail, telephoneNumber and "
-            "mobile: list the others under attributes.threepids if your entries use them")
+            "not set: mxisd read " + "; ".join(f"{m}: {', '.join(a)}" for m, a in MXISD_LDAP_THREEPIDS.items())
+            + f"; the {preset} preset reads mail, telephoneNumber and mobile: list the others under "
+            "attributes.threepids if your entries use them")
     store["attributes"] = attributes
     if root == "netiq":
         old.notes["netiq"] = "read as an LDAP directory (openldap preset, user ids lower-cased as NetIQ's were)"
