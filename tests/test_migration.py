@@ -28,7 +28,7 @@ from indexer.config import load_config
 from indexer.stores import build_store
 from indexer.sync import full_sync
 from server.keys import Keys
-from tests.conftest import V2, _database, wait_until
+from tests.conftest import V1, V2, _database, started, wait_until
 from tests.slapd import ADMIN_DN, ADMIN_PASSWORD, READER_DN, READER_PASSWORD, SUFFIX
 from tests.test_api import validate_email
 from tests.test_synapse_preset import Synapse
@@ -219,10 +219,26 @@ def test_rest_config_imported_answers_lookups(make_server, webapp, tmp_path):
     assert "rest.endpoints.identity.bulk" in stderr and "rest.endpoints.directory" in stderr
     srv = make_server()
     srv.config["stores"] += config["stores"]
-    srv.start()
-    wait_until(lambda: srv.lookup_v1("email", "alice@example.com").get("mxid"), what="the first sync")
+    started(srv)
     assert srv.lookup_v1("email", "dan@example.org")["mxid"] == "@dan:example.org"
     assert srv.lookup_v1("email", "nobody@example.org") == {}
+
+
+def test_an_mxisd_sms_template_works_unchanged(make_server, twilio, tmp_path):
+    template = tmp_path / "sms-validation.txt"
+    template.write_text("%DOMAIN_PRETTY% code for %RECIPIENT_ADDRESS_URL_ENCODED% (%RECIPIENT_MEDIUM%): "
+                        "%VALIDATION_TOKEN% or %NEXT_URL%\n")
+    srv = make_server()
+    srv.config["sms"]["templates"] = {"validation": str(template)}
+    started(srv)
+    response = srv.http.post(V1 + "/validate/msisdn/requestToken", json={
+        "client_secret": "abc", "country": "GB", "phone_number": "07400 123456", "send_attempt": 1})
+    assert response.status_code == 200, response.text
+    [sms] = twilio.sent
+    assert sms["Body"].startswith("Example.org code for 447400123456 (msisdn): ")
+    token, link = sms["Body"].split(": ", 1)[1].split(" or ")
+    assert token.isdigit() and link.startswith("http://127.0.0.1/_matrix/identity/v2/validate/msisdn/submitToken?")
+    assert f"token={token}" in link
 
 
 @pytest.mark.parametrize("content", ["matrix: [unclosed", "- just\n- a list\n", "server: {port: 8090}\n"])
@@ -395,8 +411,7 @@ def test_a_ma1sd_database_and_key_are_taken_over(kind, make_server, homeserver, 
         assert again.stdout.splitlines()[-1] == "nothing changed: everything was imported before"
         assert "pending invites: 2 read, 0 imported, 1 already there" in again.stdout
 
-        srv.start()
-        wait_until(lambda: srv.lookup_v1("email", "alice@example.com").get("mxid"), what="the first sync")
+        started(srv)
         zoe = {"Authorization": f"Bearer {ZOE_TOKEN}"}
         # Zoe's ma1sd token still works, and her acceptance of the terms with it.
         assert srv.http.get(V2 + "/account", headers=zoe).json() == {"user_id": "@zoe:example.org"}
