@@ -27,6 +27,7 @@ from unpaddedbase64 import decode_base64
 from indexer.config import load_config
 from indexer.stores import build_store
 from indexer.sync import full_sync
+from server.cli import main
 from server.keys import Keys
 from tests.conftest import V1, V2, _database, started, wait_until
 from tests.slapd import ADMIN_DN, ADMIN_PASSWORD, READER_DN, READER_PASSWORD, SUFFIX
@@ -61,21 +62,29 @@ def old_config(name: str, tmp_path: Path, **changes: Any) -> Path:
     return path
 
 
-def import_config(old: Path, tmp_path: Path) -> tuple[dict[str, Any], str, str]:
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """The mxisd command in this process (import-config needs nothing else): status, stdout, stderr."""
+    capsys.readouterr()
+    status = main(list(args))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def import_config(capsys: pytest.CaptureFixture[str], old: Path, tmp_path: Path) -> tuple[dict[str, Any], str, str]:
     """Run import-config; the loaded result (check-config passes), its text and what stderr said."""
     out = tmp_path / "imported.yml"
-    done = cli("import-config", str(old), "-o", str(out), "--data-dir", str(tmp_path / "data"))
-    assert done.returncode == 0, done.stderr
-    checked = cli("check-config", str(out))
-    assert checked.returncode == 0, checked.stderr
-    return load_config(out), out.read_text(), done.stderr
+    status, _, stderr = run(capsys, "import-config", str(old), "-o", str(out), "--data-dir", str(tmp_path / "data"))
+    assert status == 0, stderr
+    status, checked, _ = run(capsys, "check-config", str(out))
+    assert status == 0 and checked.startswith(f"{out}: ok"), checked
+    return load_config(out), out.read_text(), stderr
 
 
 def verify_key(public: str, key_id: str = "ed25519:0") -> Any:
     return decode_verify_key_bytes(key_id, decode_base64(public))
 
 
-def test_ldap_config_imported_serves_the_directory(slapd, cache, tmp_path):
+def test_ldap_config_imported_serves_the_directory(slapd, cache, tmp_path, capsys):
     admin = ldap3.Connection(slapd.uri, ADMIN_DN, ADMIN_PASSWORD, auto_bind=True, raise_exceptions=True)
     base = f"ou=m{int(time.time() * 1000)},{SUFFIX}"
     admin.add(base, ["organizationalUnit"])
@@ -87,7 +96,7 @@ def test_ldap_config_imported_serves_the_directory(slapd, cache, tmp_path):
         "ldap.connection.host": "127.0.0.1", "ldap.connection.port": port, "ldap.connection.bindDn": READER_DN,
         "ldap.connection.bindPassword": READER_PASSWORD, "ldap.connection.baseDNs": [base]})
     (tmp_path / "invite-template.eml").write_text("Subject: %SENDER_NAME_OR_ID% invited you\n\n%REGISTER_URL%\n")
-    config, text, stderr = import_config(old, tmp_path)
+    config, text, stderr = import_config(capsys, old, tmp_path)
 
     # What was not carried over is said on stderr and in the file, a typo mxisd ignored included.
     assert "lookup.recursive.allowedCIDR: not a key mxisd knows: it ignored it silently" in stderr
@@ -110,8 +119,8 @@ def test_ldap_config_imported_serves_the_directory(slapd, cache, tmp_path):
     admin.unbind()
 
 
-def test_active_directory_config_keeps_the_ad_choice_and_the_group_filter(tmp_path):
-    config, _text, stderr = import_config(DATA / "ma1sd-active-directory.yaml", tmp_path)
+def test_active_directory_config_keeps_the_ad_choice_and_the_group_filter(tmp_path, capsys):
+    config, _text, stderr = import_config(capsys, DATA / "ma1sd-active-directory.yaml", tmp_path)
     [store] = config["stores"]
     assert store["preset"] == "active_directory" and store["uri"] == "ldaps://dc1.corp.example.org:636"
     assert store["filter"].startswith("(&(&(objectCategory=person)(objectClass=user)")
@@ -127,7 +136,7 @@ def test_active_directory_config_keeps_the_ad_choice_and_the_group_filter(tmp_pa
         assert key in stderr
 
 
-def test_sql_config_imported_serves_the_database(cache, tmp_path):
+def test_sql_config_imported_serves_the_database(cache, tmp_path, capsys):
     url = next(database := _database("postgresql", tmp_path))
     schema = sqlalchemy.make_url(url).query["options"].split("=", 1)[1]
     engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
@@ -141,7 +150,7 @@ def test_sql_config_imported_serves_the_database(cache, tmp_path):
     try:
         old = old_config("mxisd-sql.yaml", tmp_path,
                          **{"sql.connection": f"//127.0.0.1:5432/test?user=postgres&currentSchema={schema}"})
-        config, _text, stderr = import_config(old, tmp_path)
+        config, _text, stderr = import_config(capsys, old, tmp_path)
         assert "sql.profile: not carried over" in stderr
         [store_config] = config["stores"]
         result = full_sync(cache, build_store(store_config, config), 0.2)
@@ -152,7 +161,7 @@ def test_sql_config_imported_serves_the_database(cache, tmp_path):
         database.close()
 
 
-def test_synapse_sql_config_imported_serves_synapse_users(cache, tmp_path):
+def test_synapse_sql_config_imported_serves_synapse_users(cache, tmp_path, capsys):
     url = next(database := _database("postgresql", tmp_path))
     schema = sqlalchemy.make_url(url).query["options"].split("=", 1)[1]
     synapse = Synapse(url)
@@ -162,7 +171,7 @@ def test_synapse_sql_config_imported_serves_synapse_users(cache, tmp_path):
     try:
         old = old_config("ma1sd-synapse.yaml", tmp_path,
                          **{"synapseSql.connection": f"//127.0.0.1:5432/test?user=postgres&currentSchema={schema}"})
-        config, _text, stderr = import_config(old, tmp_path)
+        config, _text, stderr = import_config(capsys, old, tmp_path)
         assert "synapseSql.legacyRoomNames" in stderr
         [store_config] = config["stores"]
         assert store_config["preset"] == "synapse"
@@ -213,9 +222,9 @@ def webapp() -> Iterator[WebApp]:
     app.server.server_close()
 
 
-def test_rest_config_imported_answers_lookups(make_server, webapp, tmp_path):
-    config, _text, stderr = import_config(old_config("mxisd-rest.yaml", tmp_path, **{"rest.host": webapp.url}),
-                                          tmp_path)
+def test_rest_config_imported_answers_lookups(make_server, webapp, tmp_path, capsys):
+    config, _text, stderr = import_config(
+        capsys, old_config("mxisd-rest.yaml", tmp_path, **{"rest.host": webapp.url}), tmp_path)
     assert "rest.endpoints.identity.bulk" in stderr and "rest.endpoints.directory" in stderr
     srv = make_server()
     srv.config["stores"] += config["stores"]
@@ -241,17 +250,27 @@ def test_an_mxisd_sms_template_works_unchanged(make_server, twilio, tmp_path):
     assert f"token={token}" in link
 
 
-@pytest.mark.parametrize("content", ["matrix: [unclosed", "- just\n- a list\n", "server: {port: 8090}\n"])
-def test_unreadable_old_config_is_a_clear_error(tmp_path, content):
+@pytest.mark.parametrize(("content", "message"), [
+    ("matrix: [unclosed", "not valid YAML at line 1"),
+    ("- just\n- a list\n", "expected an mxisd or ma1sd config (a mapping of keys), got list"),
+    ("server: {port: 8090}\n", "has no matrix.domain"),
+    ("matrix: {domain: example.org}\nserver: {port: eighty}\n", "server.port: expected a whole number, got 'eighty'"),
+    ("matrix: {domain: example.org}\nldap: {enabled: true, connection: {host: dc1}}\n",
+     "no identity store could be carried over (ldap, netiq, sql, synapseSql or rest), and this server needs one: "
+     "ldap: no connection.host or no base DN"),
+    ("matrix: {domain: example.org}\nrest: {enabled: true, host: 'http://app'}\nforward: {servers: 5}\n",
+     "a value of an unexpected type"),
+])
+def test_unreadable_old_config_is_a_clear_error(tmp_path, content, message, capsys):
     path = tmp_path / "mxisd.yaml"
     path.write_text(content)
     out = tmp_path / "out.yml"
-    done = cli("import-config", str(path), "-o", str(out))
-    assert done.returncode == 2
-    assert done.stderr.startswith(f"mxisd: {path}: ") and len(done.stderr.splitlines()) == 1
+    status, stdout, stderr = run(capsys, "import-config", str(path), "-o", str(out))
+    assert status == 2 and not stdout
+    assert stderr.startswith(f"mxisd: {path}: {message}") and len(stderr.splitlines()) == 1
     assert not out.exists()
-    missing = cli("import-config", str(tmp_path / "absent.yaml"))
-    assert missing.returncode == 2 and "file not found" in missing.stderr
+    status, _, stderr = run(capsys, "import-config", str(tmp_path / "absent.yaml"))
+    assert status == 2 and stderr == f"mxisd: {tmp_path / 'absent.yaml'}: file not found\n"
 
 
 # -- import-data ------------------------------------------------------------------------------------

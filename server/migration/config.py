@@ -137,6 +137,13 @@ class OldConfig:
         self.read.add(path)
         return default if node is None else node
 
+    def integer(self, dotted: str, default: int) -> int:
+        """The whole number at a dotted path, else default; anything else is named in an error."""
+        value = self.get(dotted, default)
+        if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().isdigit():
+            raise MigrationError(f"{dotted}: expected a whole number, got {value!r}")
+        return int(value)
+
     def has(self, dotted: str) -> bool:
         node: Any = self.data
         for name in dotted.split("."):
@@ -161,23 +168,25 @@ def _read_old(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise MigrationError(f"{path}: file not found") from None
+        raise MigrationError("file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise MigrationError(f"{path}: cannot read it: {exc}") from None
+        raise MigrationError(f"cannot read it: {exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise MigrationError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        raise MigrationError(f"not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
-        raise MigrationError(f"{path}: expected an mxisd or ma1sd config (a mapping of keys), got "
-                             f"{type(data).__name__}")
+        raise MigrationError(f"expected an mxisd or ma1sd config (a mapping of keys), got {type(data).__name__}")
     return data
 
 
 def read_old_config(path: str | Path) -> tuple[dict[str, Any], Path]:
     """An mxisd or ma1sd YAML file and the folder its relative paths are taken from."""
     location = Path(path)
-    return _read_old(location), location.resolve().parent
+    try:
+        return _read_old(location), location.resolve().parent
+    except MigrationError as exc:
+        raise MigrationError(f"{location}: {exc}") from None
 
 
 def _flavour(old: OldConfig, path: Path) -> str:
@@ -211,7 +220,7 @@ def _server(old: OldConfig, out: dict[str, Any], domain: str) -> None:
     server["public_url"] = str(public_url).replace("%SERVER_NAME%", name)
     # mxisd listened on every interface.
     server["bind"] = old.get("server.hostname") or "0.0.0.0"
-    server["port"] = int(old.get("server.port", 8090))
+    server["port"] = old.integer("server.port", 8090)
     out["server"] = server
 
 
@@ -222,7 +231,8 @@ def _ldap(old: OldConfig, root: str) -> dict[str, Any] | None:
         old.note(root, "disabled in the old config")
         return None
     host = old.get(f"{root}.connection.host")
-    bases = list(old.get(f"{root}.connection.baseDNs") or [])
+    configured = old.get(f"{root}.connection.baseDNs") or []
+    bases = [configured] if isinstance(configured, str) else list(configured)
     legacy = old.get(f"{root}.connection.baseDn")
     if legacy and legacy not in bases:
         bases.append(legacy)
@@ -236,7 +246,7 @@ def _ldap(old: OldConfig, root: str) -> dict[str, Any] | None:
         old.get("ldap.activeDirectory") is True or str(uid_value).lower() in ("samaccountname", "userprincipalname"))
     preset = "active_directory" if active_directory else "openldap"
     store["preset"] = preset
-    store["uri"] = f"{'ldaps' if tls else 'ldap'}://{host}:{int(old.get(f'{root}.connection.port', 389))}"
+    store["uri"] = f"{'ldaps' if tls else 'ldap'}://{host}:{old.integer(f'{root}.connection.port', 389)}"
     bind_dn, bind_password = old.get(f"{root}.connection.bindDn"), old.get(f"{root}.connection.bindPassword")
     if bind_dn and bind_password:
         store["bind"] = {"dn": str(bind_dn), "password": str(bind_password)}
@@ -330,7 +340,11 @@ def _sql(old: OldConfig, root: str, flavour: str) -> dict[str, Any] | None:
     if not isinstance(kind, str) or not isinstance(connection, str):
         old.note(root, "no type or connection: the database cannot be imported")
         return None
-    url, unused = sqlalchemy_url(kind, connection, base=old.base)
+    try:
+        url, unused = sqlalchemy_url(kind, connection, base=old.base)
+    except MigrationError as exc:
+        old.note(root, f"{exc}: the database cannot be imported")
+        return None
     if unused:
         old.notes[f"{root}.connection"] = f"JDBC parameters not carried over: {', '.join(unused)}"
     store: dict[str, Any] = {"name": "synapse" if root == "synapseSql" else "sql", "kind": "sql", "url": url}
@@ -395,18 +409,18 @@ def _email(old: OldConfig, out: dict[str, Any]) -> None:
     connector = old.get(f"{root}.connector", "smtp")
     if connector != "smtp":
         old.note(f"{root}.connector", f"the {connector} connector is not supported, only smtp")
-    smtp = {key: old.get(f"{root}.connectors.smtp.{key}") for key in ("host", "port", "tls", "login", "password")}
+    smtp = {key: old.get(f"{root}.connectors.smtp.{key}") for key in ("host", "login", "password")}
     sender = old.get(f"{root}.identity.from")
     if not smtp["host"] or not sender:
         if old.has(root):
             old.note(root, "no SMTP host or no identity.from: email is not set up (requestToken for email "
                            "answers M_EMAIL_SEND_ERROR)")
         return
-    tls = int(smtp["tls"] if smtp["tls"] is not None else 1)
+    tls = old.integer(f"{root}.connectors.smtp.tls", 1)
     if tls == 1:
         old.notes[f"{root}.connectors.smtp.tls"] = "1 (STARTTLS when offered) became starttls: required here"
     email: dict[str, Any] = {"from": str(sender), "from_name": str(old.get(f"{root}.identity.name", ""))}
-    email["smtp"] = {"host": str(smtp["host"]), "port": int(smtp["port"] or 587),
+    email["smtp"] = {"host": str(smtp["host"]), "port": old.integer(f"{root}.connectors.smtp.port", 587),
                      "tls": SMTP_TLS.get(tls, "starttls"), "login": smtp["login"] or None,
                      "password": smtp["password"] or None}
     templates = f"{root}.generators.template"
@@ -503,10 +517,10 @@ def _invites(old: OldConfig, out: dict[str, Any]) -> None:
         invites["expire_after"] = "3650d"
         old.notes["invite.expiration.enabled"] = "invites cannot be kept forever here: they expire after 10 years"
     elif old.has("invite.expiration.after"):
-        invites["expire_after"] = f"{int(old.get('invite.expiration.after'))}m"
+        invites["expire_after"] = f"{old.integer('invite.expiration.after', 10080)}m"
     if old.has("invite.resolution.timer"):
         unit = "s" if old.get("invite.resolution.period") == "seconds" else "m"
-        invites["check_every"] = f"{int(old.get('invite.resolution.timer'))}{unit}"
+        invites["check_every"] = f"{old.integer('invite.resolution.timer', 5)}{unit}"
     for key, reason in (
             ("invite.expiration.resolveTo", "an expired invite is forgotten, not resolved to a user"),
             ("invite.fullDisplayName", "the display name of an invite is always the redacted address"),
@@ -558,9 +572,10 @@ def _storage(old: OldConfig, out: dict[str, Any]) -> None:
         old.notes["storage.backend"] = (
             "our tables live beside ma1sd's in the same database (no name is shared); `mxisd import-data` copies "
             "its invites, accounts, terms and sessions; the pool settings are not needed")
-    else:
+    elif old.has("storage.provider.sqlite.database"):
         old.note("storage.provider.sqlite.database", "read by `mxisd import-data`; our own SQLite is in data_dir")
-    old.note("key.path", "taken over by `mxisd import-data` into data_dir/keys/signing.key")
+    if old.has("key.path"):
+        old.note("key.path", "taken over by `mxisd import-data` into data_dir/keys/signing.key")
 
 
 def _rest_of(old: OldConfig, out: dict[str, Any]) -> None:
@@ -596,18 +611,32 @@ def _rest_of(old: OldConfig, out: dict[str, Any]) -> None:
 def convert(path: str | Path, data_dir: str) -> tuple[dict[str, Any], OldConfig, str]:
     """Our config for the mxisd or ma1sd file at path, the old file with its notes, and its flavour."""
     location = Path(path)
-    data, base = read_old_config(location)
-    old = OldConfig(data, base)
+    try:
+        return _convert(location, data_dir)
+    except MigrationError as exc:
+        raise MigrationError(f"{location}: {exc}") from None
+    except (TypeError, AttributeError) as exc:
+        # A section that mxisd would have refused (a list where a mapping belongs, and so on).
+        raise MigrationError(f"{location}: a value of an unexpected type: {exc}") from None
+
+
+def _convert(location: Path, data_dir: str) -> tuple[dict[str, Any], OldConfig, str]:
+    old = OldConfig(_read_old(location), location.resolve().parent)
     flavour = _flavour(old, location)
     domain = old.get("matrix.domain")
     if not isinstance(domain, str) or not domain:
-        raise MigrationError(f"{location}: has no matrix.domain: not an mxisd or ma1sd config")
+        raise MigrationError("has no matrix.domain: not an mxisd or ma1sd config")
     out: dict[str, Any] = {"matrix": {"domain": domain}}
     _server(old, out, domain)
     out["data_dir"] = data_dir
     stores = [_ldap(old, "ldap"), _ldap(old, "netiq"), _sql(old, "sql", flavour), _sql(old, "synapseSql", flavour),
               _rest(old)]
     out["stores"] = [store for store in stores if store is not None]
+    if not out["stores"]:
+        why = "; ".join(f"{key}: {old.notes[key]}" for key in ("ldap", "netiq", "sql", "synapseSql", "rest")
+                        if key in old.notes)
+        raise MigrationError("no identity store could be carried over (ldap, netiq, sql, synapseSql or rest), and "
+                             "this server needs one" + (f": {why}" if why else ""))
     _storage(old, out)
     _homeserver(old, out)
     _recursion(old, out)

@@ -154,6 +154,9 @@ def _invites(rows: list[dict[str, Any]], keys: OldKeys | None, kind: Kind, now: 
     out = []
     for row in rows:
         properties = _properties(row.get("properties"))
+        if not all(isinstance(row.get(column), str) for column in ("token", "sender", "roomid")):
+            kind.skipped["no token, sender or room"] += 1
+            continue
         if row.get("medium") != "email":
             kind.skipped[f"{row.get('medium')} invites are not supported, only email"] += 1
             continue
@@ -183,6 +186,9 @@ def _invites(rows: list[dict[str, Any]], keys: OldKeys | None, kind: Kind, now: 
 def _accounts(rows: list[dict[str, Any]], kind: Kind, now: int) -> list[dict[str, Any]]:
     out = []
     for row in rows:
+        if not isinstance(row.get("token"), str) or not isinstance(row.get("userid"), str):
+            kind.skipped["no token or user"] += 1
+            continue
         created_s = int(row.get("createdat") or 0)
         expires_s = row.get("expiresin")
         # ma1sd refused a token once (createdAt + expiresIn) seconds had passed.
