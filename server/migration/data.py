@@ -23,7 +23,6 @@ from indexer.config import parse_duration
 from indexer.normalize import InvalidAddress
 from indexer.normalize import email as canonical_email
 from indexer.normalize import msisdn as canonical_msisdn
-from server.api.invites import TEMPLATE_FIELDS
 from server.keys import key_path, read_signing_key, write_signing_key
 from server.migration import MigrationError
 from server.migration.jdbc import sqlalchemy_url
@@ -176,7 +175,9 @@ def _invites(rows: list[dict[str, Any]], keys: OldKeys | None, kind: Kind, now: 
         out.append({
             "token": row["token"], "medium": "email", "address": address, "room_id": row.get("roomid"),
             "sender": row.get("sender"), "ephemeral_public_key": ephemeral.rstrip("="),
-            "properties": {k: v for k, v in properties.items() if k in TEMPLATE_FIELDS and isinstance(v, str)},
+            # The request's fields (room_name, sender_display_name, ...); mxisd's key records are ours no more.
+            "properties": {k: v for k, v in properties.items()
+                           if isinstance(v, str) and not k.startswith(("p_key_", "e_key_"))},
             # mxisd kept no time of storing: the invite's lifetime starts now.
             "created_at": now, "settled_at": None, "known_mxid": None,
         })
