@@ -28,7 +28,7 @@ from indexer.config import load_config
 from indexer.stores import build_store
 from indexer.sync import full_sync
 from server.cli import main
-from server.keys import Keys
+from server.signing import SigningKeys
 from tests.conftest import V1, V2, _database, started, wait_until
 from tests.slapd import ADMIN_DN, ADMIN_PASSWORD, READER_DN, READER_PASSWORD, SUFFIX
 from tests.test_api import validate_email
@@ -300,7 +300,7 @@ def test_a_key_folder_is_taken_over_and_signs_as_before(tmp_path):
     done = cli("import-data", "--config", str(config), "--key", str(tmp_path / "keys"))
     assert done.returncode == 0, done.stderr
     assert f"signing key: taken over from {tmp_path / 'keys'} as ed25519:{SERIAL} (public key {PUBLIC})" in done.stdout
-    keys = Keys.load_or_create(tmp_path / "data", "id.example.org")
+    keys = SigningKeys.load_or_create(tmp_path / "data", "id.example.org")
     assert keys.key_id == f"ed25519:{SERIAL}" and keys.public_key == PUBLIC
     signed = keys.sign({"mxid": "@ann:example.org", "token": "abc"})
     assert list(signed["signatures"]["id.example.org"]) == [f"ed25519:{SERIAL}"]
@@ -314,18 +314,18 @@ def test_a_single_key_file_of_mxisd_before_1_3_is_taken_over_as_serial_0(tmp_pat
     (tmp_path / "mxisd.key").write_text(SEED + "\n")
     done = cli("import-data", "--config", str(our_config(tmp_path)), "--key", str(tmp_path / "mxisd.key"))
     assert done.returncode == 0, done.stderr
-    keys = Keys.load_or_create(tmp_path / "data", "id.example.org")
+    keys = SigningKeys.load_or_create(tmp_path / "data", "id.example.org")
     assert keys.key_id == "ed25519:0"
     verify_signed_json(keys.sign({"a": 1}), "id.example.org", verify_key(PUBLIC))
 
 
 def test_another_key_in_place_is_not_replaced(tmp_path):
     config = our_config(tmp_path)
-    mine = Keys.load_or_create(tmp_path / "data", "id.example.org").public_key
+    mine = SigningKeys.load_or_create(tmp_path / "data", "id.example.org").public_key
     write_key_store(tmp_path / "keys")
     done = cli("import-data", "--config", str(config), "--key", str(tmp_path / "keys"))
     assert done.returncode == 2 and "already holds another signing key (ed25519:0)" in done.stderr
-    assert Keys.load_or_create(tmp_path / "data", "id.example.org").public_key == mine
+    assert SigningKeys.load_or_create(tmp_path / "data", "id.example.org").public_key == mine
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "current").write_text("not json")
     broken = cli("import-data", "--config", str(config), "--key", str(tmp_path / "broken"))

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from indexer.stores.ldap import PRESETS
+from indexer.stores.ldap_mapping import PRESETS
 from server.migration import MigrationError
 from server.migration.jdbc import sqlalchemy_url
 

@@ -23,10 +23,10 @@ from indexer.config import parse_duration
 from indexer.normalize import InvalidAddress
 from indexer.normalize import email as canonical_email
 from indexer.normalize import msisdn as canonical_msisdn
-from server.keys import key_path, read_signing_key, write_signing_key
 from server.migration import MigrationError
 from server.migration.jdbc import sqlalchemy_url
 from server.migration.keyfile import OldKeys, read_old_keys
+from server.signing import key_path, read_signing_key, write_signing_key
 from server.storage import Storage, StorageError, now_ms, token_hash
 
 OLD_TABLES = ("invite_3pid", "session_3pid", "account", "accepted")

@@ -45,7 +45,7 @@ def write_signing_key(data_dir: str | Path, key: SigningKey) -> None:
         handle.write(f"{key.alg} {key.version} {encode_base64(key.encode())}\n")
 
 
-class Keys:
+class SigningKeys:
     """The long-term key, loaded once and reused for every signature."""
 
     def __init__(self, signing_key: SigningKey, server_name: str) -> None:
@@ -57,7 +57,7 @@ class Keys:
         self._associations: OrderedDict[tuple[str, str, str], dict[str, Any]] = OrderedDict()
 
     @classmethod
-    def load_or_create(cls, data_dir: str | Path, server_name: str) -> Keys:
+    def load_or_create(cls, data_dir: str | Path, server_name: str) -> SigningKeys:
         """Read data_dir/keys/signing.key, generating it (mode 0600) on first start."""
         key = read_signing_key(data_dir)
         if key is None:
