@@ -224,11 +224,23 @@ def _server(old: OldConfig, out: dict[str, Any], domain: str) -> None:
     out["server"] = server
 
 
+def _enabled(old: OldConfig, root: str) -> bool:
+    """Whether a store section is to be imported: unless `enabled: false`; without `enabled` too, but
+    saying so, as the Java servers left a section without it unused."""
+    enabled = old.get(f"{root}.enabled")
+    if enabled is False:
+        old.note(root, "disabled in the old config")
+        return False
+    if enabled is None:
+        old.notes[f"{root}.enabled"] = ("not set, so the old server did not use this section: imported all the "
+                                        "same (remove the store if it should not be read)")
+    return True
+
+
 def _ldap(old: OldConfig, root: str) -> dict[str, Any] | None:
     if not old.has(root):
         return None
-    if old.get(f"{root}.enabled") is False:
-        old.note(root, "disabled in the old config")
+    if not _enabled(old, root):
         return None
     host = old.get(f"{root}.connection.host")
     configured = old.get(f"{root}.connection.baseDNs") or []
@@ -333,8 +345,7 @@ def _identities_from_single(query: str, kind: str) -> str | None:
 def _sql(old: OldConfig, root: str, flavour: str) -> dict[str, Any] | None:
     if not old.has(root):
         return None
-    if old.get(f"{root}.enabled") is not True:
-        old.note(root, "not enabled in the old config")
+    if not _enabled(old, root):
         return None
     kind, connection = old.get(f"{root}.type"), old.get(f"{root}.connection")
     if not isinstance(kind, str) or not isinstance(connection, str):
@@ -383,8 +394,7 @@ def _sql(old: OldConfig, root: str, flavour: str) -> dict[str, Any] | None:
 def _rest(old: OldConfig) -> dict[str, Any] | None:
     if not old.has("rest"):
         return None
-    if old.get("rest.enabled") is not True:
-        old.note("rest", "not enabled in the old config")
+    if not _enabled(old, "rest"):
         return None
     host = old.get("rest.host")
     if not isinstance(host, str) or not re.match(r"https?://", host):
