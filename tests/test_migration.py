@@ -463,3 +463,48 @@ def test_a_ma1sd_database_and_key_are_taken_over(kind, make_server, homeserver, 
     finally:
         if database is not None:
             database.close()
+
+
+def test_every_section_is_carried_over_or_named(tmp_path, capsys):
+    (tmp_path / "success.html").write_text("<p>Done</p>")
+    old = tmp_path / "ma1sd.yaml"
+    old.write_text(yaml.safe_dump({
+        "matrix": {"domain": "example.org", "identity": {"servers": {"central": ["https://id.central.example/"]}}},
+        "server": {"publicUrl": "https://id.example.org:8443", "port": 9090},
+        "storage": {"backend": "postgresql", "provider": {"postgresql": {
+            "database": "//db.example.org/ma1sd", "username": "ma1sd", "password": "p@ss", "pool": True}}},
+        "rest": {"enabled": True, "host": "https://app.example.org"},
+        "forward": {"servers": ["central"]},
+        "lookup": {"recursive": {"allowedCidr": ["10.1.0.0/16"], "bridge": {
+            "enabled": True, "server": "http://bridge:8091", "mappings": {"msisdn": "http://sms-bridge:8092"}}}},
+        "dns": {"overwrite": {"homeserver": {"federation": [{"name": "example.org",
+                                                             "value": "https://synapse.internal:8448"}]}}},
+        "invite": {"expiration": {"enabled": False}, "resolution": {"timer": 30, "period": "seconds"}},
+        "view": {"session": {"onTokenSubmit": {"success": "success.html"}}},
+        "session": {"policy": {"validation": {"forLocal": {"enabled": True}}}},
+        "notification": {"handler": {"email": "sendgrid"}},
+        "appsvc": {"enabled": True},
+        "auth": {"rewrite": {"user": {"rules": [{"regex": "^[0-9]+$", "medium": "employee"}]}}},
+        "directory": {"exclude": {"threepid": True}},
+        "server_name": "typo.example.org",
+    }))
+    config, _text, stderr = import_config(capsys, old, tmp_path)
+    assert config["server"]["public_url"] == "https://id.example.org:8443" and config["server"]["port"] == 9090
+    assert config["storage"]["url"] == "postgresql://ma1sd:p%40ss@db.example.org/ma1sd"
+    assert config["recursion"]["allow"] == ["10.1.0.0/16"]
+    assert config["recursion"]["forwarders"] == ["https://id.central.example"]
+    assert config["recursion"]["bridges"] == {"email": "http://bridge:8091", "msisdn": "http://sms-bridge:8092"}
+    assert config["federation"]["overrides"] == {"example.org": "synapse.internal:8448"}
+    assert config["invites"]["expire_after"] == "3650d" and config["invites"]["check_every"] == "30s"
+    assert config["sessions"]["pages"]["success"] == str(tmp_path / "success.html")
+    assert config["directory"]["threepids"] is False
+    assert [s["kind"] for s in config["stores"]] == ["rest"]
+    for said in ("storage.provider.postgresql.pool: not carried over: no equivalent here",
+                 "session.policy.validation.forLocal: remote validation sessions were removed in mxisd 1.3",
+                 "notification: SendGrid is not supported", "appsvc: the application service",
+                 "auth.rewrite: rewriting logins", "invite.expiration.enabled: invites cannot be kept forever",
+                 "server_name: not a key ma1sd knows: it ignored it silently"):
+        assert said in stderr, said
+    # What was carried over as it was is not named.
+    for key in ("rest.host", "server.publicUrl", "lookup.recursive.bridge", "view.session", "forward.servers"):
+        assert f": {key}" not in stderr, key
