@@ -487,6 +487,8 @@ def test_every_section_is_carried_over_or_named(tmp_path, capsys):
         "auth": {"rewrite": {"user": {"rules": [{"regex": "^[0-9]+$", "medium": "employee"}]}}},
         "directory": {"exclude": {"threepid": True}},
         "server_name": "typo.example.org",
+        "threepid": {"medium": {"email": {"identity": {"from": "id@example.org"}, "connectors": {"smtp": {
+            "host": "smtp.example.org", "pasword": "secret"}}}}},
     }))
     config, _text, stderr = import_config(capsys, old, tmp_path)
     assert config["server"]["public_url"] == "https://id.example.org:8443" and config["server"]["port"] == 9090
@@ -503,7 +505,8 @@ def test_every_section_is_carried_over_or_named(tmp_path, capsys):
                  "session.policy.validation.forLocal: remote validation sessions were removed in mxisd 1.3",
                  "notification: SendGrid is not supported", "appsvc: the application service",
                  "auth.rewrite: rewriting logins", "invite.expiration.enabled: invites cannot be kept forever",
-                 "server_name: not a key ma1sd knows: it ignored it silently"):
+                 "server_name: not a key ma1sd knows: it ignored it silently",
+                 "threepid.medium.email.connectors.smtp.pasword: not a key ma1sd knows"):
         assert said in stderr, said
     # What was carried over as it was is not named.
     for key in ("rest.host", "server.publicUrl", "lookup.recursive.bridge", "view.session", "forward.servers"):
