@@ -503,7 +503,8 @@ def test_every_section_is_carried_over_or_named(tmp_path, capsys):
     assert [s["kind"] for s in config["stores"]] == ["rest"]
     for said in ("storage.provider.postgresql.pool: not carried over: no equivalent here",
                  "session.policy.validation.forLocal: remote validation sessions were removed in mxisd 1.3",
-                 "notification: SendGrid is not supported", "appsvc: the application service",
+                 "notification: SendGrid (the one handler besides raw) is not supported",
+                 "appsvc: the application service",
                  "auth.rewrite: rewriting logins", "invite.expiration.enabled: invites cannot be kept forever",
                  "server_name: not a key ma1sd knows: it ignored it silently",
                  "threepid.medium.email.connectors.smtp.pasword: not a key ma1sd knows"):
