@@ -28,7 +28,9 @@ from indexer.config import load_config
 from indexer.stores import build_store
 from indexer.sync import full_sync
 from server.cli import main
+from server.migration.data import import_data
 from server.signing import SigningKeys
+from server.storage import Storage
 from tests.conftest import V1, V2, _database, started, wait_until
 from tests.slapd import ADMIN_DN, ADMIN_PASSWORD, READER_DN, READER_PASSWORD, SUFFIX
 from tests.test_api import validate_email
@@ -512,3 +514,31 @@ def test_every_section_is_carried_over_or_named(tmp_path, capsys):
     # What was carried over as it was is not named.
     for key in ("rest.host", "server.publicUrl", "lookup.recursive.bridge", "view.session", "forward.servers"):
         assert f": {key}" not in stderr, key
+
+
+def test_an_invite_without_its_public_key_gets_it_from_the_key_store(tmp_path):
+    write_key_store(tmp_path / "keys")
+    url = f"sqlite:///{tmp_path / 'mxisd.db'}"
+    engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+    with engine.begin() as conn:
+        for ddl in OLD_TABLES[:2]:  # mxisd had no accounts nor terms
+            conn.execute(sqlalchemy.text(ddl))
+        conn.execute(sqlalchemy.text('INSERT INTO "invite_3pid" VALUES (:id, :token, \'@tester:example.org\', '
+                                     '\'email\', :address, \'!room:example.org\', :properties)'),
+                     [{"id": "a", "token": "a" * 64, "address": "amy@example.net",
+                       "properties": json.dumps({"e_key_serial": "EPH1", "room_name": "Project X"})},
+                      {"id": "b", "token": "b" * 64, "address": "ben@example.net", "properties": "{}"}])
+    engine.dispose()
+    config = load_config(our_config(tmp_path))
+    report = import_data(config, tmp_path / "keys", url)
+    assert "pending invites: 2 read, 2 imported, 1 without their ephemeral key (a new one stands in)" in report.lines()
+    assert "v2 accounts: 0 read, 0 imported" in report.lines()
+    storage = Storage(config["storage"]["url"], config["data_dir"], threads=1)
+    try:
+        assert storage.ephemeral_key_known(EPHEMERAL_PUBLIC)
+        invite = storage.invite("a" * 64)
+        assert invite is not None and invite.properties == {"room_name": "Project X"}
+        assert invite.address == "amy@example.net" and invite.settled_at is None
+    finally:
+        storage.close()
+    assert import_data(config, tmp_path / "keys", url).lines()[-1] == "nothing changed: everything was imported before"
