@@ -275,14 +275,6 @@ def import_data(config: dict[str, Any], key_source: Path | None, database: str |
             "sessions": _sessions(old_rows["session_3pid"], region, lifetime_ms, kinds["sessions"], now),
         }
         report.kinds = list(kinds.values())
-    if keys is not None:
-        key_id = f"ed25519:{keys.signing_key.version}"
-        if write_key:
-            write_signing_key(config["data_dir"], keys.signing_key)
-            report.key = f"signing key: taken over from {key_source} as {key_id} (public key {keys.public_key})"
-        else:
-            report.key = f"signing key: {key_id} was taken over before, unchanged"
-        report.key_changed = write_key
     if rows:
         storage = Storage(config["storage"]["url"], config["data_dir"], threads=1)
         try:
@@ -297,5 +289,14 @@ def import_data(config: dict[str, Any], key_source: Path | None, database: str |
         for name, kind in zip(rows, report.kinds, strict=True):
             kind.imported = added[name]
             kind.present = len(rows[name]) - added[name]
+    # Last: a database that cannot be written to leaves the key as it was too.
+    if keys is not None:
+        key_id = f"ed25519:{keys.signing_key.version}"
+        if write_key:
+            write_signing_key(config["data_dir"], keys.signing_key)
+            report.key = f"signing key: taken over from {key_source} as {key_id} (public key {keys.public_key})"
+        else:
+            report.key = f"signing key: {key_id} was taken over before, unchanged"
+        report.key_changed = write_key
     return report
 
