@@ -491,6 +491,10 @@ def test_every_section_is_carried_over_or_named(tmp_path, capsys):
         "server_name": "typo.example.org",
         "threepid": {"medium": {"email": {"identity": {"from": "id@example.org"}, "connectors": {"smtp": {
             "host": "smtp.example.org", "pasword": "secret"}}}}},
+        "policy": {"policies": {"broken": {"version": "2", "terms": {"en": {"name": "Terms", "url": "ftp://x"}}}}},
+        "ldap": {"enabled": True, "connection": {"host": "ldap.example.org", "baseDNs": "ou=people,dc=example,dc=org"},
+                 "attribute": {"uid": {"value": "uid"},
+                               "threepid": {"email": ["mail"], "Employee ID": ["employeeNumber"]}}},
     }))
     config, _text, stderr = import_config(capsys, old, tmp_path)
     assert config["server"]["public_url"] == "https://id.example.org:8443" and config["server"]["port"] == 9090
@@ -502,14 +506,19 @@ def test_every_section_is_carried_over_or_named(tmp_path, capsys):
     assert config["invites"]["expire_after"] == "3650d" and config["invites"]["check_every"] == "30s"
     assert config["sessions"]["pages"]["success"] == str(tmp_path / "success.html")
     assert config["directory"]["threepids"] is False
-    assert [s["kind"] for s in config["stores"]] == ["rest"]
+    assert [s["kind"] for s in config["stores"]] == ["ldap", "rest"]
+    assert config["stores"][0]["base_dns"] == ["ou=people,dc=example,dc=org"]
+    assert config["stores"][0]["attributes"]["threepids"] == {"email": ["mail"]}
+    assert config["terms"]["policies"] == {}
     for said in ("storage.provider.postgresql.pool: not carried over: no equivalent here",
                  "session.policy.validation.forLocal: remote validation sessions were removed in mxisd 1.3",
                  "notification: SendGrid (the one handler besides raw) is not supported",
                  "appsvc: the application service",
                  "auth.rewrite: rewriting logins", "invite.expiration.enabled: invites cannot be kept forever",
                  "server_name: not a key ma1sd knows: it ignored it silently",
-                 "threepid.medium.email.connectors.smtp.pasword: not a key ma1sd knows"):
+                 "threepid.medium.email.connectors.smtp.pasword: not a key ma1sd knows",
+                 "ldap.attribute.threepid.Employee ID: not a 3PID medium name",
+                 "policy.policies.broken: a policy needs a version and, per language, a name and an http(s) URL"):
         assert said in stderr, said
     # What was carried over as it was is not named.
     for key in ("rest.host", "server.publicUrl", "lookup.recursive.bridge", "view.session", "forward.servers"):

@@ -149,6 +149,11 @@ def _server(old: OldConfig, out: dict[str, Any], domain: str) -> None:
     out["server"] = server
 
 
+_MEDIUM = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
+_ATTRIBUTE = re.compile(r"[A-Za-z][A-Za-z0-9-]*")
+_LANGUAGE = re.compile(r"[a-z]{2,3}([_-][A-Za-z0-9]{2,8})*")
+
+
 def _enabled(old: OldConfig, root: str) -> bool:
     """Whether a store section is to be imported: unless `enabled: false`; without `enabled` too, but
     saying so, as the Java servers left a section without it unused."""
@@ -207,8 +212,14 @@ def _ldap(old: OldConfig, root: str) -> dict[str, Any] | None:
         attributes["display_name"] = [str(name)]
     threepids = old.get(f"{root}.attribute.threepid")
     if isinstance(threepids, dict):
-        attributes["threepids"] = {str(medium): [str(a) for a in old.get(f"{root}.attribute.threepid.{medium}", [])]
-                                   for medium in threepids}
+        attributes["threepids"] = {}
+        for medium in threepids:
+            key = f"{root}.attribute.threepid.{medium}"
+            names = [str(a) for a in old.get(key, [])]
+            if not _MEDIUM.fullmatch(str(medium)) or not all(_ATTRIBUTE.fullmatch(a) for a in names):
+                old.notes[key] = "not a 3PID medium name and LDAP attribute names this server takes"
+                continue
+            attributes["threepids"][str(medium)] = names
     else:
         old.notes[f"{root}.attribute.threepid"] = (
             "not set: mxisd read " + "; ".join(f"{m}: {', '.join(a)}" for m, a in MXISD_LDAP_THREEPIDS.items())
@@ -475,6 +486,11 @@ def _terms(old: OldConfig, out: dict[str, Any]) -> None:
         entry: dict[str, Any] = {"version": str(old.get(f"{root}.version", ""))}
         for language in old.get(f"{root}.terms", {}) or {}:
             entry[str(language)] = {key: str(old.get(f"{root}.terms.{language}.{key}", "")) for key in ("name", "url")}
+        complete = [term for language, term in entry.items() if language != "version" and _LANGUAGE.fullmatch(language)
+                    and term["name"] and re.fullmatch(r"https?://\S+", term["url"])]
+        if not entry["version"] or len(complete) != len(entry) - 1 or not complete:
+            old.notes[root] = "a policy needs a version and, per language, a name and an http(s) URL: left out"
+            continue
         converted[str(name)] = entry
         if old.get(f"{root}.regexp"):
             old.notes[f"policy.policies.{name}.regexp"] = (
