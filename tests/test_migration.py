@@ -25,6 +25,7 @@ from signedjson.sign import verify_signed_json
 from unpaddedbase64 import decode_base64
 
 from indexer.config import load_config
+from indexer.settings import Config
 from indexer.stores import build_store
 from indexer.sync import full_sync
 from server.cli import main
@@ -72,14 +73,16 @@ def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     return status, out, err
 
 
-def import_config(capsys: pytest.CaptureFixture[str], old: Path, tmp_path: Path) -> tuple[dict[str, Any], str, str]:
-    """Run import-config; the loaded result (check-config passes), its text and what stderr said."""
+def import_config(capsys: pytest.CaptureFixture[str], old: Path,
+                  tmp_path: Path) -> tuple[dict[str, Any], Config, str, str]:
+    """Run import-config; what it wrote, that loaded (check-config passes), its text and what stderr said."""
     out = tmp_path / "imported.yml"
     status, _, stderr = run(capsys, "import-config", str(old), "-o", str(out), "--data-dir", str(tmp_path / "data"))
     assert status == 0, stderr
     status, checked, _ = run(capsys, "check-config", str(out))
     assert status == 0 and checked.startswith(f"{out}: ok"), checked
-    return load_config(out), out.read_text(), stderr
+    text = out.read_text()
+    return yaml.safe_load(text), load_config(out), text, stderr
 
 
 def verify_key(public: str, key_id: str = "ed25519:0") -> Any:
@@ -98,7 +101,7 @@ def test_ldap_config_imported_serves_the_directory(slapd, cache, tmp_path, capsy
         "ldap.connection.host": "127.0.0.1", "ldap.connection.port": port, "ldap.connection.bindDn": READER_DN,
         "ldap.connection.bindPassword": READER_PASSWORD, "ldap.connection.baseDNs": [base]})
     (tmp_path / "invite-template.eml").write_text("Subject: %SENDER_NAME_OR_ID% invited you\n\n%REGISTER_URL%\n")
-    config, text, stderr = import_config(capsys, old, tmp_path)
+    config, typed, text, stderr = import_config(capsys, old, tmp_path)
 
     # What was not carried over is said on stderr and in the file, a typo mxisd ignored included.
     assert "lookup.recursive.allowedCIDR: not a key mxisd knows: it ignored it silently" in stderr
@@ -113,7 +116,7 @@ def test_ldap_config_imported_serves_the_directory(slapd, cache, tmp_path, capsy
     assert config["homeserver"]["url"] == "http://localhost:8008"
     assert config["recursion"]["forwarders"] == ["https://matrix.org"]
 
-    store = build_store(store_config, config)
+    store = build_store(typed.stores[0], typed)
     result = full_sync(cache, store, 0.2)
     assert result.outcome == "ok" and result.added == 1, result.error
     assert cache.mxid_of("ldap", "email", "ann@example.org") == "@ann:example.org"
@@ -122,7 +125,7 @@ def test_ldap_config_imported_serves_the_directory(slapd, cache, tmp_path, capsy
 
 
 def test_active_directory_config_keeps_the_ad_choice_and_the_group_filter(tmp_path, capsys):
-    config, _text, stderr = import_config(capsys, DATA / "ma1sd-active-directory.yaml", tmp_path)
+    config, _typed, _text, stderr = import_config(capsys, DATA / "ma1sd-active-directory.yaml", tmp_path)
     [store] = config["stores"]
     assert store["preset"] == "active_directory" and store["uri"] == "ldaps://dc1.corp.example.org:636"
     assert store["filter"].startswith("(&(&(objectCategory=person)(objectClass=user)")
@@ -152,10 +155,10 @@ def test_sql_config_imported_serves_the_database(cache, tmp_path, capsys):
     try:
         old = old_config("mxisd-sql.yaml", tmp_path,
                          **{"sql.connection": f"//127.0.0.1:5432/test?user=postgres&currentSchema={schema}"})
-        config, _text, stderr = import_config(capsys, old, tmp_path)
+        _config, typed, _text, stderr = import_config(capsys, old, tmp_path)
         assert "sql.profile: not carried over" in stderr
-        [store_config] = config["stores"]
-        result = full_sync(cache, build_store(store_config, config), 0.2)
+        [store_config] = typed.stores
+        result = full_sync(cache, build_store(store_config, typed), 0.2)
         assert result.outcome == "ok" and result.added == 2, result.error
         assert cache.mxid_of("sql", "email", "bob@example.org") == "@bob:example.org"
         assert cache.mxid_of("sql", "msisdn", "447700900123") == "@ann:example.org"
@@ -173,11 +176,10 @@ def test_synapse_sql_config_imported_serves_synapse_users(cache, tmp_path, capsy
     try:
         old = old_config("ma1sd-synapse.yaml", tmp_path,
                          **{"synapseSql.connection": f"//127.0.0.1:5432/test?user=postgres&currentSchema={schema}"})
-        config, _text, stderr = import_config(capsys, old, tmp_path)
+        config, typed, _text, stderr = import_config(capsys, old, tmp_path)
         assert "synapseSql.legacyRoomNames" in stderr
-        [store_config] = config["stores"]
-        assert store_config["preset"] == "synapse"
-        result = full_sync(cache, build_store(store_config, config), 0.2)
+        assert config["stores"][0]["preset"] == "synapse"
+        result = full_sync(cache, build_store(typed.stores[0], typed), 0.2)
         assert result.outcome == "ok" and result.added == 1, result.error
         assert cache.mxid_of("synapse", "email", "alice@example.org") == "@alice:example.org"
     finally:
@@ -225,7 +227,7 @@ def webapp() -> Iterator[WebApp]:
 
 
 def test_rest_config_imported_answers_lookups(make_server, webapp, tmp_path, capsys):
-    config, _text, stderr = import_config(
+    config, _typed, _text, stderr = import_config(
         capsys, old_config("mxisd-rest.yaml", tmp_path, **{"rest.host": webapp.url}), tmp_path)
     assert "rest.endpoints.identity.bulk" in stderr and "rest.endpoints.directory" in stderr
     srv = make_server()
@@ -496,7 +498,7 @@ def test_every_section_is_carried_over_or_named(tmp_path, capsys):
                  "attribute": {"uid": {"value": "uid"},
                                "threepid": {"email": ["mail"], "Employee ID": ["employeeNumber"]}}},
     }))
-    config, _text, stderr = import_config(capsys, old, tmp_path)
+    config, _typed, _text, stderr = import_config(capsys, old, tmp_path)
     assert config["server"]["public_url"] == "https://id.example.org:8443" and config["server"]["port"] == 9090
     assert config["storage"]["url"] == "postgresql://ma1sd:p%40ss@db.example.org/ma1sd"
     assert config["recursion"]["allow"] == ["10.1.0.0/16"]
@@ -509,7 +511,7 @@ def test_every_section_is_carried_over_or_named(tmp_path, capsys):
     assert [s["kind"] for s in config["stores"]] == ["ldap", "rest"]
     assert config["stores"][0]["base_dns"] == ["ou=people,dc=example,dc=org"]
     assert config["stores"][0]["attributes"]["threepids"] == {"email": ["mail"]}
-    assert config["terms"]["policies"] == {}
+    assert "terms" not in config
     for said in ("storage.provider.postgresql.pool: not carried over: no equivalent here",
                  "session.policy.validation.forLocal: remote validation sessions were removed in mxisd 1.3",
                  "notification: SendGrid (the one handler besides raw) is not supported",
@@ -542,7 +544,7 @@ def test_an_invite_without_its_public_key_gets_it_from_the_key_store(tmp_path):
     report = import_data(config, tmp_path / "keys", url)
     assert "pending invites: 2 read, 2 imported, 1 without their ephemeral key (a new one stands in)" in report.lines()
     assert "v2 accounts: 0 read, 0 imported" in report.lines()
-    storage = Storage(config["storage"]["url"], config["data_dir"], threads=1)
+    storage = Storage(config.storage.url, config.data_dir, threads=1)
     try:
         assert storage.ephemeral_key_known(EPHEMERAL_PUBLIC)
         invite = storage.invite("a" * 64)

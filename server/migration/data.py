@@ -19,10 +19,10 @@ import sqlalchemy as sa
 from signedjson.key import encode_verify_key_base64, generate_signing_key, get_verify_key
 from signedjson.types import SigningKey
 
-from indexer.config import parse_duration
 from indexer.normalize import InvalidAddress
 from indexer.normalize import email as canonical_email
 from indexer.normalize import msisdn as canonical_msisdn
+from indexer.settings import Config
 from server.migration import MigrationError
 from server.migration.jdbc import sqlalchemy_url
 from server.migration.keyfile import OldKeys, read_old_keys
@@ -250,18 +250,18 @@ def _key_is_new(data_dir: str, keys: OldKeys) -> bool:
         "first, if nothing was signed with it yet (this server made it on its first start)")
 
 
-def import_data(config: dict[str, Any], key_source: Path | None, database: str | None) -> Report:
+def import_data(config: Config, key_source: Path | None, database: str | None) -> Report:
     """Take over the key at key_source and the rows of the database at URL database (either may be
     None); everything is read and checked before anything is written."""
     report = Report()
     keys = read_old_keys(key_source) if key_source is not None else None
     old_rows = read_old_database(database) if database is not None else None
     now = now_ms()
-    write_key = keys is not None and _key_is_new(config["data_dir"], keys)
+    write_key = keys is not None and _key_is_new(config.data_dir, keys)
     rows: dict[str, list[dict[str, Any]]] = {}
     if old_rows is not None:
-        lifetime_ms = parse_duration(config["sessions"]["lifetime"]) * 1000
-        region = config["threepids"]["msisdn"]["default_region"]
+        lifetime_ms = config.sessions.lifetime * 1000
+        region = config.threepids.msisdn.default_region
         kinds = {name: Kind(label) for name, label in (
             ("invites", "pending invites"), ("accounts", "v2 accounts"), ("accepted_terms", "accepted terms"),
             ("sessions", "validation sessions"))}
@@ -276,7 +276,7 @@ def import_data(config: dict[str, Any], key_source: Path | None, database: str |
         }
         report.kinds = list(kinds.values())
     if rows:
-        storage = Storage(config["storage"]["url"], config["data_dir"], threads=1)
+        storage = Storage(config.storage.url, config.data_dir, threads=1)
         try:
             storage.upgrade()
             added = storage.import_rows(rows)
@@ -293,7 +293,7 @@ def import_data(config: dict[str, Any], key_source: Path | None, database: str |
     if keys is not None:
         key_id = f"ed25519:{keys.signing_key.version}"
         if write_key:
-            write_signing_key(config["data_dir"], keys.signing_key)
+            write_signing_key(config.data_dir, keys.signing_key)
             report.key = f"signing key: taken over from {key_source} as {key_id} (public key {keys.public_key})"
         else:
             report.key = f"signing key: {key_id} was taken over before, unchanged"

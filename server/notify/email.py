@@ -9,11 +9,11 @@ import logging
 import re
 from email.message import EmailMessage
 from email.parser import BytesParser, Parser
-from typing import Any
 
 import aiosmtplib
 import idna
 
+from indexer.settings import EmailConfig
 from server.metrics import NOTIFICATIONS
 from server.notify import AddressRefused, SendError, read_template, recipient_values, render
 
@@ -43,15 +43,15 @@ def render_message(template: str, values: dict[str, str]) -> EmailMessage:
 class EmailSender:
     """Sends rendered templates with the configured SMTP server and identity."""
 
-    def __init__(self, config: dict[str, Any], domain: str) -> None:
-        self.smtp = config["smtp"]
-        self.sender = config["from"]
-        self.sender_name = config.get("from_name") or ""
+    def __init__(self, settings: EmailConfig, domain: str) -> None:
+        self.smtp = settings.smtp
+        self.sender = settings.from_
+        self.sender_name = settings.from_name
         self.domain = domain
-        self.templates = config["templates"]
+        self.templates = settings.templates
 
     def template(self, kind: str) -> str:
-        return read_template(self.templates.get(kind), f"email-{kind}.eml")
+        return read_template(getattr(self.templates, kind), f"email-{kind}.eml")
 
     def base_values(self, address: str) -> dict[str, str]:
         return {**recipient_values(self.domain, "email", address), "FROM_EMAIL": self.sender,
@@ -75,14 +75,14 @@ class EmailSender:
             message["Date"] = email.utils.formatdate(localtime=False)
         if "Message-ID" not in message:
             message["Message-ID"] = email.utils.make_msgid(domain=self.sender.rpartition("@")[2] or None)
-        tls = self.smtp["tls"]
+        tls = self.smtp.tls
         try:
             await aiosmtplib.send(
                 message, sender=self.sender, recipients=[address],
-                hostname=self.smtp["host"], port=self.smtp["port"],
+                hostname=self.smtp.host, port=self.smtp.port,
                 use_tls=tls == "tls", start_tls=True if tls == "starttls" else False,
-                username=self.smtp.get("login"), password=self.smtp.get("password"),
-                cert_bundle=self.smtp.get("ca_file"), timeout=self.smtp["timeout_s"],
+                username=self.smtp.login, password=self.smtp.password,
+                cert_bundle=self.smtp.ca_file, timeout=self.smtp.timeout_s,
             )
         except (aiosmtplib.SMTPNotSupported, aiosmtplib.SMTPRecipientsRefused, aiosmtplib.SMTPRecipientRefused,
                 ValueError, email.errors.MessageError) as exc:
@@ -91,6 +91,6 @@ class EmailSender:
             raise AddressRefused(f"{address!r} cannot be sent to: {exc}") from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             NOTIFICATIONS.labels("email", "failed").inc()
-            raise SendError(f"SMTP server {self.smtp['host']}:{self.smtp['port']} refused or failed: {exc}") from None
+            raise SendError(f"SMTP server {self.smtp.host}:{self.smtp.port} refused or failed: {exc}") from None
         NOTIFICATIONS.labels("email", "sent").inc()
-        log.info("sent %s email to %s via %s:%d", kind, address, self.smtp["host"], self.smtp["port"])
+        log.info("sent %s email to %s via %s:%d", kind, address, self.smtp.host, self.smtp.port)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import httpx
 
+from indexer.settings import SmsConfig
 from server.metrics import NOTIFICATIONS, OUTGOING_FAILURES
 from server.notify import SendError, read_template, recipient_values, render
 
@@ -16,19 +16,19 @@ log = logging.getLogger(__name__)
 class SmsSender:
     """Sends rendered text templates as SMS from the configured Twilio number."""
 
-    def __init__(self, config: dict[str, Any], domain: str) -> None:
-        twilio = config["twilio"]
-        self.base_url = twilio["base_url"].rstrip("/")
-        self.account_sid = twilio["account_sid"]
-        self.auth_token = twilio["auth_token"]
-        self.number = twilio["number"]
-        self.templates = config["templates"]
+    def __init__(self, settings: SmsConfig, domain: str) -> None:
+        twilio = settings.twilio
+        self.base_url = twilio.base_url.rstrip("/")
+        self.account_sid = twilio.account_sid
+        self.auth_token = twilio.auth_token
+        self.number = twilio.number
+        self.templates = settings.templates
         self.domain = domain
-        self.timeout = twilio["timeout_s"]
+        self.timeout = twilio.timeout_s
 
     async def send(self, kind: str, msisdn: str, values: dict[str, str]) -> None:
         """Render the template of this kind and send it to +msisdn."""
-        text = render(read_template(self.templates.get(kind), f"sms-{kind}.txt"),
+        text = render(read_template(getattr(self.templates, kind), f"sms-{kind}.txt"),
                       {**values, **recipient_values(self.domain, "msisdn", msisdn)})
         url = f"{self.base_url}/2010-04-01/Accounts/{self.account_sid}/Messages.json"
         try:
