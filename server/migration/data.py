@@ -254,7 +254,10 @@ def import_data(config: Config, key_source: Path | None, database: str | None) -
     """Take over the key at key_source and the rows of the database at URL database (either may be
     None); everything is read and checked before anything is written."""
     report = Report()
-    keys = read_old_keys(key_source) if key_source is not None else None
+    try:
+        keys = read_old_keys(key_source) if key_source is not None else None
+    except OSError as exc:
+        raise MigrationError(f"cannot read the key store {key_source}: {exc.strerror or exc}") from None
     old_rows = read_old_database(database) if database is not None else None
     now = now_ms()
     write_key = keys is not None and _key_is_new(config.data_dir, keys)
@@ -276,7 +279,10 @@ def import_data(config: Config, key_source: Path | None, database: str | None) -
         }
         report.kinds = list(kinds.values())
     if rows:
-        storage = Storage(config.storage.url, config.data_dir, threads=1)
+        try:
+            storage = Storage(config.storage.url, config.data_dir, threads=1)
+        except OSError as exc:
+            raise MigrationError(f"cannot create {config.data_dir}: {exc.strerror or exc}") from None
         try:
             storage.upgrade()
             added = storage.import_rows(rows)
@@ -293,7 +299,11 @@ def import_data(config: Config, key_source: Path | None, database: str | None) -
     if keys is not None:
         key_id = f"ed25519:{keys.signing_key.version}"
         if write_key:
-            write_signing_key(config.data_dir, keys.signing_key)
+            try:
+                write_signing_key(config.data_dir, keys.signing_key)
+            except OSError as exc:
+                raise MigrationError(f"cannot write the signing key into {config.data_dir}: "
+                                     f"{exc.strerror or exc}") from None
             report.key = f"signing key: taken over from {key_source} as {key_id} (public key {keys.public_key})"
         else:
             report.key = f"signing key: {key_id} was taken over before, unchanged"
