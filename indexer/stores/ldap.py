@@ -283,6 +283,30 @@ class LdapStore(Store):
                 pass
         self._conn = None
 
+    def reachable(self) -> str:
+        """The first URI that accepts a connection (TLS started where configured), without binding;
+        StoreUnavailable when none does."""
+        conn = self._connect(None, None, self._deadline())
+        try:
+            return str(conn.server.name)
+        finally:
+            conn.unbind()
+
+    def missing_base_dns(self) -> list[str]:
+        """The base DNs that the service account does not find (absent, or hidden from it); binding
+        as the service account first, so StoreError when that bind is refused."""
+        conn = self._service()
+        missing = []
+        for base in self.base_dns:
+            try:
+                conn.search(base, "(objectClass=*)", ldap3.BASE, attributes=["1.1"])
+            except LDAPException as exc:
+                self._drop_service()
+                raise StoreUnavailable(f"directory {', '.join(self.uris)} failed to answer a search: {exc}") from None
+            if conn.result.get("result") != 0:
+                missing.append(base)
+        return missing
+
     def close(self) -> None:
         self._drop_service()
         while True:

@@ -1,0 +1,106 @@
+"""Checks of what the server keeps itself: the signing key, the SQL storage, Redis."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis as redis_lib
+import sqlalchemy as sa
+from signedjson.key import encode_verify_key_base64, get_verify_key
+
+from indexer.cache import connect, timeout_of
+from indexer.redis_server import EmbeddedRedis
+from server.doctor import Finding, not_checked, ok, problem
+from server.keys import key_path, read_signing_key
+from server.storage import SCHEMA_VERSION, Storage, engine_url
+
+KEY = "signing key"
+
+
+def public_key(config: dict[str, Any]) -> str | None:
+    """The base64 public key of the key file, None when there is none yet; OSError or ValueError when
+    it cannot be read."""
+    path = key_path(config["data_dir"])
+    if not path.exists():
+        return None
+    return encode_verify_key_base64(get_verify_key(read_signing_key(path)))
+
+
+def signing_key(config: dict[str, Any]) -> Iterator[Finding]:
+    path = key_path(config["data_dir"])
+    try:
+        key = public_key(config)
+    except OSError as exc:
+        yield problem(KEY, f"cannot read {path}: {exc.strerror}: the user mxisd runs as must be able to read it")
+        return
+    except ValueError as exc:
+        yield problem(KEY, f"{path} is not a signing key file: {exc}; restore it from a backup (a new key "
+                           "makes every signature and pending invite made with the old one unverifiable)")
+        return
+    if key is None:
+        yield not_checked(KEY, f"{path} does not exist yet: mxisd run creates it when it first starts")
+        return
+    yield ok(KEY, f"{path} is readable (public key {key})")
+
+
+def storage(config: dict[str, Any]) -> Iterator[Finding]:
+    subject = "storage"
+    url = engine_url(config["storage"]["url"], config["data_dir"])
+    if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
+        yield not_checked(subject, f"{url.database} does not exist yet: mxisd run creates it when it first starts")
+        return
+    store = Storage(config["storage"]["url"], config["data_dir"], threads=1)
+    try:
+        version = store.version()
+    except sa.exc.SQLAlchemyError as exc:
+        cause = getattr(exc, "orig", None) or exc
+        yield problem(subject, f"{store.describe()} cannot be used: {str(cause).strip().splitlines()[0]}: "
+                               "check storage.url, and that the database runs and this user may use it")
+        return
+    finally:
+        store.close()
+    if version is None:
+        yield ok(subject, f"{store.describe()} answers; it has no tables yet: mxisd run creates them")
+    elif version > SCHEMA_VERSION:
+        yield problem(subject, f"{store.describe()} has schema version {version}, newer than this mxisd "
+                               f"understands ({SCHEMA_VERSION}): a newer mxisd used it; upgrade this one")
+    elif version < SCHEMA_VERSION:
+        yield ok(subject, f"{store.describe()} answers (schema version {version}: mxisd run upgrades it to "
+                          f"{SCHEMA_VERSION} when it starts)")
+    else:
+        yield ok(subject, f"{store.describe()} answers (schema version {version})")
+
+
+def _without_password(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def redis(config: dict[str, Any]) -> Iterator[Finding]:
+    subject = "redis"
+    url = config["redis"]["url"]
+    if not url:
+        embedded = EmbeddedRedis(config["data_dir"])
+        if embedded.answering():
+            yield ok(subject, f"the embedded Redis of the running mxisd answers at {embedded.socket}")
+        else:
+            yield not_checked(subject, f"embedded (redis.url is null), and not running: mxisd run starts it "
+                                       f"in {embedded.dir}")
+        return
+    shown = _without_password(url)
+    client = connect(url, timeout_of(config))
+    try:
+        info = client.info("server")
+    except redis_lib.exceptions.RedisError as exc:
+        yield problem(subject, f"{shown} does not answer: {exc}: check redis.url, and that Redis runs and "
+                               "lets this host in")
+        return
+    finally:
+        client.close()
+    yield ok(subject, f"{shown} answers (Redis {info.get('redis_version', '?')})")
