@@ -143,7 +143,8 @@ class Mailbox:
                 data.login.decode(), data.password.decode()) == login
             if ok:
                 mailbox.logins.append(data.login.decode())
-            return AuthResult(success=ok)
+            # handled=False: aiosmtpd then answers a refusal itself (535), as a real server does.
+            return AuthResult(success=ok, handled=False)
 
         options: dict[str, Any] = {}
         if tls != "none":
