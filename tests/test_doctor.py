@@ -15,9 +15,9 @@ import yaml
 from signedjson.key import generate_signing_key
 from unpaddedbase64 import encode_base64
 
-from tests.conftest import HS_NAME, PEOPLE, Server, free_port, started
+from tests.conftest import HS_NAME, PEOPLE, TWILIO_NUMBER, TWILIO_SID, TWILIO_TOKEN, Server, free_port, started
 from tests.fake_homeserver import ClientHomeserver
-from tests.fakes import FakeHomeserver, Mailbox
+from tests.fakes import FakeHomeserver, FakeTwilio, Mailbox
 from tests.slapd import READER_DN, READER_PASSWORD, Slapd
 from tests.test_ldap import Directory
 
@@ -57,7 +57,7 @@ def smtp(mailbox: Mailbox, homeserver: FakeHomeserver, password: str = SMTP_LOGI
 
 @pytest.fixture
 def configured(tmp_path: Path, redis_url: str, prefix: str, homeserver: FakeHomeserver,
-               client_homeserver: ClientHomeserver, secure_mailbox: Mailbox) -> dict[str, Any]:
+               client_homeserver: ClientHomeserver, secure_mailbox: Mailbox, twilio: FakeTwilio) -> dict[str, Any]:
     """A config of a deployment without its HTTP server running, each part reachable; a test breaks one."""
     (tmp_path / "people.yml").write_text(yaml.safe_dump(PEOPLE))
     return {
@@ -69,6 +69,8 @@ def configured(tmp_path: Path, redis_url: str, prefix: str, homeserver: FakeHome
         "federation": {"ca_file": str(homeserver.ca_file), "allow_private_networks": ["127.0.0.1/32"],
                        "overrides": {HS_NAME: f"127.0.0.1:{homeserver.port}"}},
         "email": {"from": "mxisd@id.example.org", "smtp": smtp(secure_mailbox, homeserver)},
+        "sms": {"twilio": {"base_url": twilio.url, "account_sid": TWILIO_SID, "auth_token": TWILIO_TOKEN,
+                           "number": TWILIO_NUMBER}},
         "homeserver": {"url": client_homeserver.url},
     }
 
@@ -110,6 +112,9 @@ def test_a_good_deployment_passes_every_check(make_server, slapd: Slapd, homeser
     assert lines(result, "email") == [
         f"ok email: SMTP server localhost:{secure_mailbox.port} accepts the login as mxisd (TLS: starttls)"]
     assert secure_mailbox.logins == ["mxisd"] and not secure_mailbox.messages  # logged in, sent nothing
+    assert lines(result, "sms") == [
+        f"ok sms: Twilio at {server.config['sms']['twilio']['base_url']} accepts the account {TWILIO_SID} "
+        "(status active)"]
     assert lines(result, "homeserver client API") == [
         f"ok homeserver client API: {client_homeserver.url} answers (client API versions r0.6.1, v1.1, v1.11)"]
     assert lines(result, "homeserver federation API") == [
@@ -196,6 +201,15 @@ def test_smtp_refusing_the_connection_or_the_login_is_named(configured, homeserv
     [line] = lines(doctor(write(tmp_path, configured)), "email")
     assert line.startswith(f"PROBLEM email: SMTP server 127.0.0.1:{closed} cannot be reached: ")
     assert "Connect call failed" in line
+
+
+def test_twilio_refusing_the_credentials_is_named(configured, twilio: FakeTwilio, tmp_path: Path) -> None:
+    configured["sms"]["twilio"]["auth_token"] = "wrong"
+    result = doctor(write(tmp_path, configured))
+    assert result.returncode == 1
+    assert lines(result, "sms") == [
+        f"PROBLEM sms: Twilio refused the account {TWILIO_SID} (HTTP 401) Authenticate: check sms.twilio"]
+    assert not twilio.sent
 
 
 def test_a_homeserver_certificate_from_an_unknown_ca_or_for_another_name_is_named(

@@ -45,7 +45,7 @@ Checks = Callable[[], Iterator[Finding]]
 
 
 def _groups(config: dict[str, Any]) -> list[tuple[str, Checks]]:
-    from server.doctor import homeserver, local, public_url, smtp, stores
+    from server.doctor import homeserver, local, notify, public_url, stores
 
     groups: list[tuple[str, Checks]] = [
         ("signing key", lambda: local.signing_key(config)),
@@ -56,7 +56,8 @@ def _groups(config: dict[str, Any]) -> list[tuple[str, Checks]]:
         where = f"stores[{index}]"
         groups.append((f"store {store_config['name']}", partial(stores.check, store_config, config, where)))
     groups += [
-        ("email", lambda: smtp.check(config)),
+        ("email", lambda: notify.email(config)),
+        ("sms", lambda: notify.sms(config)),
         ("homeserver client API", lambda: homeserver.client_api(config)),
         ("homeserver federation API", lambda: homeserver.federation(config)),
         ("public URL", lambda: public_url.check(config)),
