@@ -240,6 +240,17 @@ def test_a_homeserver_certificate_from_an_unknown_ca_or_for_another_name_is_name
         wrong_name.close()
 
 
+def test_a_homeserver_client_api_with_a_certificate_this_host_does_not_trust_is_named(
+        configured, homeserver: FakeHomeserver, tmp_path: Path) -> None:
+    url = f"https://127.0.0.1:{homeserver.port}"  # the test CA is not among the system's
+    configured["homeserver"]["url"] = url
+    result = doctor(write(tmp_path, configured))
+    assert result.returncode == 1
+    assert lines(result, "homeserver client API") == [
+        f"PROBLEM homeserver client API: {url} has no valid TLS certificate (unable to get local issuer "
+        "certificate): give it one this host trusts, or point homeserver.url at the homeserver's internal listener"]
+
+
 def test_an_unreachable_redis_is_named(configured, tmp_path: Path) -> None:
     port = free_port()
     configured["redis"] = {"url": f"redis://:secret@127.0.0.1:{port}/0", "timeout": "2s"}

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 
 from server.doctor import Finding, not_checked, ok, problem
-from server.doctor.tls import bad_certificate
+from server.doctor.tls import bad_certificate, request_failed
 from server.federation import Federation, FederationError, Target, verify_server_keys
 from server.homeserver import Homeserver, answer_json
 
@@ -33,12 +33,8 @@ async def _client_api(config: dict[str, Any], url: str) -> Finding:
     try:
         response = await homeserver.http.get("/_matrix/client/versions")
     except httpx.HTTPError as exc:
-        reason = bad_certificate(str(exc))
-        if reason is not None:
-            return problem(CLIENT, f"{url} has no valid TLS certificate ({reason}): give it one this host "
-                                   "trusts, or point homeserver.url at the homeserver's internal listener")
-        return problem(CLIENT, f"{url} cannot be reached: {type(exc).__name__}: {exc}: check homeserver.url, "
-                               "and that the homeserver runs")
+        return request_failed(CLIENT, url, exc, "give it one this host trusts, or point homeserver.url at the "
+                              "homeserver's internal listener", "check homeserver.url, and that the homeserver runs")
     finally:
         await homeserver.close()
     versions = answer_json(response).get("versions")

@@ -11,7 +11,7 @@ import httpx
 
 from server.doctor import Finding, ok, problem
 from server.doctor.local import public_key
-from server.doctor.tls import bad_certificate
+from server.doctor.tls import request_failed
 from server.federation import Federation
 from server.homeserver import answer_json
 from server.keys import KEY_ID
@@ -36,12 +36,8 @@ async def _check(config: dict[str, Any], ours: str | None) -> Finding:
         status = await client.get(f"{base}/_matrix/identity/v2")
         key = await client.get(f"{base}/_matrix/identity/v2/pubkey/{KEY_ID}")
     except httpx.HTTPError as exc:
-        reason = bad_certificate(str(exc))
-        if reason is not None:
-            return problem(SUBJECT, f"{base} has no valid TLS certificate ({reason}): clients and homeservers "
-                                    "refuse it")
-        return problem(SUBJECT, f"{base} cannot be reached: {type(exc).__name__}: {exc}: is mxisd running, "
-                                "and does server.public_url lead to it (DNS, reverse proxy)?")
+        return request_failed(SUBJECT, base, exc, "clients and homeservers refuse it",
+                              "is mxisd running, and does server.public_url lead to it (DNS, reverse proxy)?")
     finally:
         await client.aclose()
     if status.status_code != 200:
