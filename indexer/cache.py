@@ -1,43 +1,8 @@
-"""The Redis layout of the cache: the one module that knows key names.
-
-Per store S (all keys under the configured prefix):
-  s:S:rec     hash  store_id -> identity JSON
-  s:S:chash   hash  store_id -> content hash (unchanged records are not rewritten)
-  s:S:gen     zset  store_id scored by the generation of the last full sync that saw it (mark-and-sweep)
-  s:S:3pid    hash  "<address> <medium>" -> mxid (the v2 "none" form, also used by v1 lookups)
-  s:S:sha256  hash  base64url(sha256("<address> <medium> <pepper>")) -> mxid
-  s:S:mxid    hash  mxid -> store_id
-  s:S:claims  hash  "<medium> <canonical address>" or mxid held by several records -> JSON list of
-                    their store_ids, the one answering last (one holder needs no list: s:S:mxid
-                    names it, or s:S:3pid its mxid); ownership is by record, not by mxid
-  s:S:locator hash  store_id -> where the store finds the person for a password check (an LDAP DN)
-  s:S:state   hash  generation, last_full, last_incremental, last_success, high_water_mark,
-                    next_full, next_incremental, claims (s:S:claims was built), synced_epoch
-                    (the cache epoch the last complete full sync wrote into: the store is wholly
-                    in this cache only when it is the current epoch) (each JSON)
-  s:S:lock    the sync lock (redis-py Lock)
-  s:S:job     the id of the store's queued or running admin-triggered sync job
-  s:S:rt:<address> <medium>  string, with a TTL: a read-through store's answer, mxid or "" (not found)
-Bindings made with /3pid/bind (SQL is their truth) are mirrored as the pseudo-store "_bindings",
-which no configured store can be named (store names start with [a-z0-9]): s:_bindings:3pid and
-s:_bindings:sha256 as above, and s:_bindings:state {epoch, generation}: the cache epoch they were
-rebuilt for and the SQL bindings generation they hold (SQL counts every bind and unbind).
-Global: epoch (changes when the cache is emptied), pepper, changes (stream of upsert/delete events),
-generation (counts completed syncs; SQL keeps the highest any server saw, so a Redis restored from an
-older copy shows a lower one),
-fulltext:<host> (follower position, for status), fulltext-hosts (set of hosts with a follower),
-fulltext-rebuild (a counter: followers rebuild their index when it moves),
-jobs (list: ids of sync jobs waiting for an indexer), job:<id> (hash: one sync job, expiring),
-indexer:<host> (the indexer's heartbeat: JSON, expiring unless renewed), indexer-exit:<host> (JSON: how
-the host's indexer last ended, written by `mxisd run`'s supervisor), indexer-hosts (set of hosts),
-rate:<kind>:<key> (rate-limit windows),
-fail:<kind>:<who> (failed logins counted in a
-window, with a TTL; kind is "user" or "ip").
-"""
+"""The cache in Redis (key names: indexer.rediskeys): the indexer's blocking access, the admin API's
+asynchronous one, and the counters and memories the server keeps there."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import secrets
 import string
@@ -56,7 +21,7 @@ from redis.typing import EncodableT, FieldT
 from indexer.config import parse_duration
 from indexer.identity import Identity
 from indexer.normalize import lookup_forms, lookup_hash
-from indexer.redis_pipe import PipelinedRedis
+from indexer.rediskeys import BINDINGS, RedisKeys, claim_key, plain_key
 
 STREAM_MAXLEN = 1_000_000
 PEPPER_LENGTH = 20
@@ -100,8 +65,6 @@ if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
 return 1
 """
 
-BINDINGS = "_bindings"
-
 # Raise a counter (a string key, or a hash field when ARGV[2] is given) to ARGV[1] unless it is higher.
 _RAISE = """
 local current
@@ -144,16 +107,8 @@ def connect_async(url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> redis.async
     return redis.asyncio.Redis.from_url(url, **options)
 
 
-def _short(name: str) -> str:
-    """A client-chosen name as part of a key: a long one (a megabyte of login ID) by its digest."""
-    return name if len(name) <= 256 else "sha256:" + hashlib.sha256(name.encode("utf-8", "replace")).hexdigest()
-
-
-_DECR_IF_EXISTS = "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('DECR', KEYS[1]) end return 0"
-
-
 @dataclass(frozen=True)
-class Change:
+class StreamEntry:
     """One entry of the change stream."""
 
     id: str
@@ -162,53 +117,9 @@ class Change:
     op: str  # "upsert" or "delete"
 
 
-class Keys:
-    """Key names under a prefix."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.epoch = f"{prefix}epoch"
-        self.pepper = f"{prefix}pepper"
-        self.changes = f"{prefix}changes"
-        self.followers = f"{prefix}fulltext-hosts"
-        self.rebuild = f"{prefix}fulltext-rebuild"
-        self.jobs = f"{prefix}jobs"
-        self.job_prefix = f"{prefix}job:"
-        self.generation = f"{prefix}generation"
-        self.indexer_hosts = f"{prefix}indexer-hosts"
-
-    def indexer(self, host: str) -> str:
-        return f"{self.prefix}indexer:{host}"
-
-    def indexer_exit(self, host: str) -> str:
-        return f"{self.prefix}indexer-exit:{host}"
-
-    def store(self, store: str, part: str) -> str:
-        return f"{self.prefix}s:{store}:{part}"
-
-    def follower(self, host: str) -> str:
-        return f"{self.prefix}fulltext:{host}"
-
-    def job(self, job_id: str) -> str:
-        return f"{self.job_prefix}{job_id}"
-
-    def rate(self, kind: str, key: str) -> str:
-        return f"{self.prefix}rate:{kind}:{_short(key)}"
-
-    def failures(self, kind: str, who: str) -> str:
-        return f"{self.prefix}fail:{kind}:{_short(who)}"
-
-    def remote(self, medium: str, address: str) -> str:
-        return f"{self.prefix}remote:{_plain_key(address, medium)}"
-
-
 def _stream_id(value: str) -> tuple[int, int]:
     ms, _, seq = value.partition("-")
     return int(ms), int(seq or 0)
-
-
-def _plain_key(address: str, medium: str) -> str:
-    return f"{address} {medium}"
 
 
 # A read of several dependent round trips, written once for both clients: the plan yields the
@@ -269,7 +180,7 @@ def _job_view(job_id: str, raw: dict[str, str]) -> dict[str, Any] | None:
     }
 
 
-def _status_plan(k: Keys, stores: list[str], now: float) -> Plan:
+def _status_plan(k: RedisKeys, stores: list[str], now: float) -> Plan:
     """Every store's size, sync state and active job, and every follower's position and lag."""
     first: Commands = []
     for store in stores:
@@ -320,12 +231,12 @@ def _status_plan(k: Keys, stores: list[str], now: float) -> Plan:
     return result
 
 
-def _inspect_plan(k: Keys, stores: list[str], medium: str | None, address: str) -> Plan:
+def _inspect_plan(k: RedisKeys, stores: list[str], medium: str | None, address: str) -> Plan:
     """What each store's cache holds for a 3PID (medium, canonical address) or, with medium None, an mxid."""
     if medium is None:
         mxids = [address] * len(stores)
     else:
-        mxids = yield [("hget", k.store(s, "3pid"), _plain_key(address, medium)) for s in stores]
+        mxids = yield [("hget", k.store(s, "3pid"), plain_key(address, medium)) for s in stores]
     found = [(s, m) for s, m in zip(stores, mxids) if m]
     store_ids = yield [("hget", k.store(s, "mxid"), m) for s, m in found]
     held = [(s, m, i) for (s, m), i in zip(found, store_ids)]
@@ -338,15 +249,9 @@ def _inspect_plan(k: Keys, stores: list[str], medium: str | None, address: str) 
                         "identity": json.loads(record) if record else None})
     return matches
 
-def _claim_key(medium: str, address: str) -> str:
-    """The field of s:S:claims for a 3PID: "<medium> <canonical address>" (a Matrix ID's field is
-    the mxid itself, which no medium name starts like)."""
-    return f"{medium} {address}"
-
-
 def _binding_fields(medium: str, address: str, pepper: str) -> tuple[list[str], list[str]]:
     forms = lookup_forms(medium, address)
-    return [_plain_key(f, medium) for f in forms], [lookup_hash(f, medium, pepper) for f in forms]
+    return [plain_key(f, medium) for f in forms], [lookup_hash(f, medium, pepper) for f in forms]
 
 
 class Cache:
@@ -354,7 +259,7 @@ class Cache:
 
     def __init__(self, client: redis.Redis, prefix: str) -> None:
         self.r = client
-        self.k = Keys(prefix)
+        self.k = RedisKeys(prefix)
 
     def initialize(self, pepper: str | None = None) -> str | None:
         """Create the epoch and the lookup pepper (random unless given) if this cache has none yet;
@@ -396,7 +301,7 @@ class Cache:
             yield Identity.from_json(raw)
 
     def mxid_of(self, store: str, medium: str, address: str) -> str | None:
-        return cast("str | None", self.r.hget(self.k.store(store, "3pid"), _plain_key(address, medium)))
+        return cast("str | None", self.r.hget(self.k.store(store, "3pid"), plain_key(address, medium)))
 
     def identity_by_mxid(self, store: str, mxid: str) -> Identity | None:
         """The store's identity for mxid with its locator (for a password check), or None."""
@@ -454,7 +359,7 @@ class Cache:
             keys = {identity.mxid}
             meaning[identity.mxid] = ("mxid", identity.mxid)
             for medium, address in identity.threepids:
-                key = _claim_key(medium, address)
+                key = claim_key(medium, address)
                 meaning[key] = ("3pid", medium, address)
                 keys.add(key)
             return keys
@@ -552,7 +457,7 @@ class Cache:
         read.hmget(self.k.store(store, "claims"), keys)
         read.hmget(self.k.store(store, "mxid"), mxid_keys)
         if addresses:
-            read.hmget(self.k.store(store, "3pid"), [_plain_key(meaning[k][2], meaning[k][1]) for k in addresses])
+            read.hmget(self.k.store(store, "3pid"), [plain_key(meaning[k][2], meaning[k][1]) for k in addresses])
         listed, owners, *rest = read.execute()
         holders = {key: json.loads(raw) for key, raw in zip(keys, listed) if raw}
         with_list = set(holders)
@@ -602,9 +507,9 @@ class Cache:
             mxids[identity.store_id] = identity.mxid
             held.setdefault(identity.mxid, []).append(identity.store_id)
             for medium, address in identity.threepids:
-                key = _claim_key(medium, address)
+                key = claim_key(medium, address)
                 held.setdefault(key, []).append(identity.store_id)
-                plain[key] = _plain_key(address, medium)
+                plain[key] = plain_key(address, medium)
         shared = [key for key, ids in held.items() if len(ids) > 1]
         if shared:
             read = self.r.pipeline(transaction=False)
@@ -662,12 +567,12 @@ class Cache:
         first = self.first_change_id()
         return first is not None and _stream_id(first) > _stream_id(last_id)
 
-    def read_changes(self, after: str, count: int, block_ms: int | None) -> list[Change]:
+    def read_changes(self, after: str, count: int, block_ms: int | None) -> list[StreamEntry]:
         reply: list[tuple[str, list[tuple[str, dict[str, str]]]]] | None = cast(
             Any, self.r.xread({self.k.changes: after}, count=count, block=block_ms))
         if not reply:
             return []
-        return [Change(i, f["store"], f["id"], f["op"]) for i, f in reply[0][1]]
+        return [StreamEntry(i, f["store"], f["id"], f["op"]) for i, f in reply[0][1]]
 
     def set_follower_status(self, host: str, **fields: Any) -> None:
         tx = self.r.pipeline(transaction=True)
@@ -822,120 +727,13 @@ class Cache:
         pipe.execute()
 
 
-class Lookups:
-    """Non-blocking reads (and the login counters) for the HTTP server, on the worker's pipelined
-    connection: one Redis round trip per request."""
-
-    def __init__(self, pipe: PipelinedRedis, prefix: str, stores: list[str]) -> None:
-        self.pipe = pipe
-        self.k = Keys(prefix)
-        self.stores = stores
-        self._store_keys = {part: [self.k.store(s, part) for s in stores] for part in ("3pid", "sha256")}
-
-    async def pepper(self) -> str | None:
-        return cast("str | None", await self.pipe.execute("GET", self.k.pepper))
-
-    async def _first_match(
-        self, part: str, fields: list[str], with_pepper: bool, sources: list[str | None] | None
-    ) -> tuple[str | None, list[str | None]]:
-        # One HMGET per store, sent together: a Lua script doing the same in one command cost Redis
-        # five times the CPU, whatever the number of fields.
-        commands: list[tuple[Any, ...]] = [("HMGET", key, *fields) for key in self._store_keys[part]]
-        if with_pepper:
-            commands.append(("GET", self.k.pepper))
-        replies = await self.pipe.execute_many(commands)
-        found: list[str | None] = replies[0]
-        origin: list[str | None] = [self.stores[0] if mxid is not None else None for mxid in found]
-        for store, answers in zip(self.stores[1:], replies[1:len(self.stores)]):
-            if None not in found:
-                break
-            for i, mxid in enumerate(answers):
-                if found[i] is None and mxid is not None:
-                    found[i], origin[i] = mxid, store
-        if sources is not None:
-            sources[:] = origin
-        return (replies[-1] if with_pepper else None), found
-
-    async def by_address(
-        self, pairs: list[tuple[str, str]], sources: list[str | None] | None = None
-    ) -> list[str | None]:
-        """mxids for canonical (medium, address) pairs, in order (None where unknown); sources, when
-        given, is filled with the name of the store that answered each (None where none did)."""
-        if not pairs:
-            return []
-        _, found = await self._first_match("3pid", [_plain_key(a, m) for m, a in pairs], False, sources)
-        return found
-
-    async def by_hash(
-        self, hashes: list[str], sources: list[str | None] | None = None
-    ) -> tuple[str | None, list[str | None]]:
-        """(current pepper, mxids for sha256 lookup hashes in order); sources as for by_address."""
-        if not hashes:
-            return await self.pepper(), []
-        return await self._first_match("sha256", hashes, True, sources)
-
-    async def read_through_answers(self, store: str, pairs: list[tuple[str, str]]) -> list[str | None]:
-        """Cached answers of a read-through store for (medium, address) pairs: an mxid, "" for a
-        cached "not found", or None when the store has not been asked (or the answer expired)."""
-        if not pairs:
-            return []
-        return cast("list[str | None]",
-                    await self.pipe.execute("MGET", *(self.k.store(store, f"rt:{_plain_key(a, m)}") for m, a in pairs)))
-
-    async def remember_answer(self, store: str, medium: str, address: str, mxid: str | None, ttl: int) -> None:
-        """Cache a read-through store's answer (None: not found) for ttl seconds."""
-        await self.pipe.execute("SET", self.k.store(store, f"rt:{_plain_key(address, medium)}"), mxid or "", "EX", ttl)
-
-    async def identities(self, mxids: list[str]) -> list[Identity | None]:
-        """The identities (with their locators) of mxids, in order; the first store in config order
-        that has an mxid wins. Two round trips whatever the number of mxids."""
-        if not mxids:
-            return []
-        replies = await self.pipe.execute_many([("HMGET", self.k.store(s, "mxid"), *mxids) for s in self.stores])
-        owners: list[tuple[str, str] | None] = [None] * len(mxids)
-        for store, store_ids in zip(self.stores, replies):
-            owners = [o if o is not None or i is None else (store, i) for o, i in zip(owners, store_ids)]
-        reads = [("HGET", self.k.store(store, part), store_id)
-                 for store, store_id in filter(None, owners) for part in ("rec", "locator")]
-        records = iter(await self.pipe.execute_many(reads))
-        found: list[Identity | None] = []
-        for owner in owners:
-            raw, locator = (next(records), next(records)) if owner is not None else (None, None)
-            found.append(replace(Identity.from_json(raw), locator=locator) if raw else None)
-        return found
-
-    async def failures(self, kind: str, who: str) -> tuple[int, int]:
-        """(failed logins of who in the current window, milliseconds until the window ends)."""
-        count, ttl = await self.pipe.execute_many([("GET", self.k.failures(kind, who)),
-                                                   ("PTTL", self.k.failures(kind, who))])
-        return int(count or 0), max(int(ttl), 0)
-
-    async def claim_attempt(self, kind: str, who: str, window: int, most: int) -> int | None:
-        """Count one login attempt of who, before its outcome is known: None while within most per
-        window, else milliseconds until the window ends. The count and the check are one
-        transaction, so a burst sent at once gets no more attempts than one sent after another."""
-        key = self.k.failures(kind, who)
-        # INCR keeps the TTL that SET ... NX sets for the first attempt of a window.
-        replies = await self.pipe.execute_many([("MULTI",), ("SET", key, 0, "EX", window, "NX"), ("INCR", key),
-                                                ("PTTL", key), ("EXEC",)])
-        _, count, ttl = replies[-1]
-        return None if int(count) <= most else max(int(ttl), 1)
-
-    async def return_attempt(self, kind: str, who: str) -> None:
-        """Uncount an attempt that did not fail (nothing once its window has ended)."""
-        await self.pipe.execute("EVAL", _DECR_IF_EXISTS, 1, self.k.failures(kind, who))
-
-    async def clear_failures(self, kind: str, who: str) -> None:
-        await self.pipe.execute("DEL", self.k.failures(kind, who))
-
-
 class Admin:
     """Non-blocking reads and requests for the admin API and the readiness check."""
 
     def __init__(self, client: redis.asyncio.Redis, prefix: str, stores: list[str],
                  job_start_timeout: float = 30.0) -> None:
         self.r = client
-        self.k = Keys(prefix)
+        self.k = RedisKeys(prefix)
         self.stores = stores
         self.job_start_timeout = job_start_timeout
         self._enqueue = client.register_script(_ENQUEUE)
@@ -985,7 +783,7 @@ class BindingMirror:
 
     def __init__(self, client: redis.asyncio.Redis, prefix: str) -> None:
         self.r = client
-        self.k = Keys(prefix)
+        self.k = RedisKeys(prefix)
 
     async def put(self, medium: str, address: str, mxid: str, generation: int) -> None:
         """Mirror one bind, made at this SQL bindings generation."""
@@ -1030,7 +828,7 @@ class RateLimits:
 
     def __init__(self, client: redis.asyncio.Redis, prefix: str) -> None:
         self.r = client
-        self.k = Keys(prefix)
+        self.k = RedisKeys(prefix)
 
     async def hit(self, kind: str, key: str, limit: int, window_s: int) -> int | None:
         """Count one request; None when within limit, else milliseconds until the window ends."""
@@ -1050,7 +848,7 @@ class RemoteAnswers:
 
     def __init__(self, client: redis.asyncio.Redis, prefix: str) -> None:
         self.r = client
-        self.k = Keys(prefix)
+        self.k = RedisKeys(prefix)
 
     async def get(self, pairs: list[tuple[str, str]]) -> list[str | None]:
         """For (medium, address) pairs: an mxid, "" for a remembered "not found", or None when not asked lately."""

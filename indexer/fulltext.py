@@ -14,13 +14,11 @@ in index order.
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
-import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +58,11 @@ TYPO_MIN_LENGTH = 5
 MATCHES_KEPT_BYTES = 32 * 1024 * 1024
 PEOPLE_KEPT = 10_000
 _NOBODY = FrozenBitMap()
+
+
+def fulltext_path(config: dict[str, Any]) -> Path:
+    """Where a host keeps its index: data_dir/fulltext."""
+    return Path(config["data_dir"]) / "fulltext"
 
 
 def document_key(store: str, store_id: str) -> str:
@@ -102,7 +105,7 @@ def _bytes(bitmap: FrozenBitMap) -> int:
     return 2 * len(bitmap) + 256
 
 
-class _OpenIndex:
+class OpenIndex:
     """One open index reader for directory searches: who matches a query word in each way (exactly,
     as a prefix, inside a word, with a typo) as compressed bitmaps of document numbers, and the
     people found. What it reads is kept between searches, least recently used out first, up to
@@ -191,7 +194,7 @@ class _OpenIndex:
         return found
 
 
-def _tiers(opened: _OpenIndex, word: str, fields: list[tuple[str, str]]) -> Iterator[tuple[float, FrozenBitMap]]:
+def _tiers(opened: OpenIndex, word: str, fields: list[tuple[str, str]]) -> Iterator[tuple[float, FrozenBitMap]]:
     """The people matching one query word by how well their best-matching word matches it, best
     first, each person in one tier only. Computed lazily: a search that has enough people from
     the first tiers never pays for the others."""
@@ -214,7 +217,7 @@ def _tiers(opened: _OpenIndex, word: str, fields: list[tuple[str, str]]) -> Iter
         yield TYPO, _union([opened.near(words, word) for words, _ in fields]) - found
 
 
-def _ranked(opened: _OpenIndex, text: str, threepids: bool) -> Iterator[int]:
+def ranked(opened: OpenIndex, text: str, threepids: bool) -> Iterator[int]:
     """The document numbers matching a search term, best first."""
     mxid = text.strip().lower()
     shown = _NOBODY
@@ -256,50 +259,8 @@ class Hit:
     store: str
 
 
-class HideRules:
-    """directory.hide from the config: a person matching every condition of any one rule is left out
-    of search results. Conditions: store (a name), mxid, display_name, threepid ("medium:address"),
-    each a regular expression that must match the whole value, case-insensitively."""
-
-    def __init__(self, rules: list[dict[str, str]]) -> None:
-        self.rules = [
-            {k: (v if k == "store" else re.compile(v, re.IGNORECASE)) for k, v in rule.items()} for rule in rules
-        ]
-
-    def __bool__(self) -> bool:
-        return bool(self.rules)
-
-    def hides(self, store: str, mxid: str, display_name: str | None, threepids: Iterable[str]) -> bool:
-        """Whether these values of one person match a rule."""
-        values = {"mxid": [mxid], "display_name": [display_name or ""], "threepid": list(threepids)}
-        for rule in self.rules:
-            if all(
-                store == condition if isinstance(condition, str) else any(condition.fullmatch(v) for v in values[key])
-                for key, condition in rule.items()
-            ):
-                return True
-        return False
-
-    def hides_identity(self, identity: Identity) -> bool:
-        return self.hides(identity.store, identity.mxid, identity.display_name,
-                          [f"{m}:{a}" for m, a in identity.threepids])
-
-
 class IndexNotReady(Exception):
     """The follower has not built this host's index yet."""
-
-
-def _search(opened: _OpenIndex, text: str, threepids: bool, limit: int, hide: HideRules) -> tuple[list[Hit], bool]:
-    """The best limit visible hits for a search term, and whether there were more."""
-    hits: list[Hit] = []
-    for docnum in _ranked(opened, text, threepids):
-        hit, hit_threepids = opened.person(docnum)
-        if hide and hide.hides(hit.store, hit.mxid, hit.display_name, hit_threepids):
-            continue
-        hits.append(hit)
-        if len(hits) > limit:
-            return hits[:limit], True
-    return hits, False
 
 
 class FullText:
@@ -362,50 +323,8 @@ class FullText:
 
     def search(self, text: str, limit: int = 10, threepids: bool = False) -> list[Hit]:
         """The best matches for a search term, with the index opened for this one search."""
-        opened = _OpenIndex(index.open_dir(str(self.path)).reader())
+        opened = OpenIndex(index.open_dir(str(self.path)).reader())
         try:
-            return _search(opened, text, threepids, limit, HideRules([]))[0]
+            return [opened.person(docnum)[0] for docnum in islice(ranked(opened, text, threepids), limit)]
         finally:
             opened.close()
-
-
-class DirectorySearch:
-    """Directory searches on one index kept open between requests (with what it has read), reopened
-    when the follower has moved the index on. Thread-safe: searches take turns on the one reader."""
-
-    def __init__(self, path: str | Path, hide: HideRules, threepids: bool) -> None:
-        self.path = Path(path)
-        self.hide = hide
-        self.threepids = threepids
-        self._lock = threading.Lock()
-        self._opened: _OpenIndex | None = None
-        self._stamp: tuple[int, int] | None = None
-
-    def _current(self) -> _OpenIndex:
-        try:
-            stat = os.stat(self.path / POSITION_FILE)
-        except FileNotFoundError:
-            stat = None  # not built yet, or the follower is swapping in a rebuilt index
-        if stat is not None and (stat.st_ino, stat.st_mtime_ns) != self._stamp:
-            try:
-                fresh = _OpenIndex(index.open_dir(str(self.path)).reader())
-            except (OSError, index.EmptyIndexError):
-                fresh = None
-            if fresh is not None:
-                if self._opened is not None:
-                    self._opened.close()
-                self._opened, self._stamp = fresh, (stat.st_ino, stat.st_mtime_ns)
-        if self._opened is None:
-            raise IndexNotReady(f"no fulltext index at {self.path} yet")
-        return self._opened
-
-    def search(self, text: str, limit: int) -> tuple[list[Hit], bool]:
-        """The best limit visible matches for a search term, and whether there were more."""
-        with self._lock:
-            return _search(self._current(), text, self.threepids, limit, self.hide)
-
-    def close(self) -> None:
-        with self._lock:
-            if self._opened is not None:
-                self._opened.close()
-                self._opened = None

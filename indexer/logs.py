@@ -49,7 +49,7 @@ def one_line(message: str) -> str:
     return untrusted(message, MESSAGE_MAX)
 
 
-def redact(text: str) -> str:
+def mask_secrets(text: str) -> str:
     """text with the values of token, password and secret parameters (and bearer tokens) masked."""
     text = _SECRET_PARAM.sub(lambda m: m.group("key") + REDACTED, text)
     return _BEARER.sub(lambda m: m.group("key") + REDACTED, text)
@@ -65,7 +65,7 @@ class _Context(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.role = self.role
         record.request_id = request_id.get()
-        record.msg, record.args = one_line(redact(record.getMessage())), None
+        record.msg, record.args = one_line(mask_secrets(record.getMessage())), None
         return True
 
 
@@ -87,7 +87,7 @@ class _Text(logging.Formatter):
         return line if request is None else f"{line} [request {request}]"
 
     def formatException(self, ei: _ExcInfo) -> str:  # noqa: N802 (logging's name)
-        return redact(super().formatException(ei))
+        return mask_secrets(super().formatException(ei))
 
 
 class _Json(logging.Formatter):
@@ -105,7 +105,7 @@ class _Json(logging.Formatter):
         if hasattr(record, "http"):  # the access log's fields
             event["http"] = record.http
         if record.exc_info:
-            event["exception"] = redact(self.formatException(record.exc_info))
+            event["exception"] = mask_secrets(self.formatException(record.exc_info))
         return json.dumps(event, ensure_ascii=False)
 
 

@@ -25,11 +25,9 @@ from sanic.response import BaseHTTPResponse, HTTPResponse, empty, json
 
 from indexer import logs
 from indexer.cache import (
-    BINDINGS,
     Admin,
     BindingMirror,
     Cache,
-    Lookups,
     RateLimits,
     RemoteAnswers,
     connect,
@@ -37,9 +35,8 @@ from indexer.cache import (
     timeout_of,
 )
 from indexer.config import parse_duration
-from indexer.fulltext import DirectorySearch, HideRules
-from indexer.redis_pipe import PipelinedRedis
-from indexer.scheduler import fulltext_path
+from indexer.fulltext import fulltext_path
+from indexer.rediskeys import BINDINGS
 from server import metrics
 from server.api import (
     account,
@@ -66,11 +63,14 @@ from server.errors import MatrixError, log_bad_request
 from server.federation import Federation
 from server.homeserver import Homeserver
 from server.invites import InviteWorker
-from server.keys import Keys
 from server.notify.email import EmailSender
 from server.notify.sms import SmsSender
 from server.read_through import ReadThrough
 from server.recursion import Recursion
+from server.redis_pipe import PipelinedRedis
+from server.services.directory_search import DirectorySearch, HideRules
+from server.services.lookups import Lookups
+from server.signing import SigningKeys
 from server.storage import Storage, now_ms
 from server.token_cache import TokenCache
 
@@ -124,7 +124,7 @@ def create_app(config: dict[str, Any], redis_url: str) -> App:
     app.ctx.config = config
     app.ctx.bulk_max = config["lookup"]["bulk_max"]
     app.ctx.association_validity_ms = parse_duration(config["lookup"]["association_validity"]) * 1000
-    app.ctx.keys = Keys.load_or_create(config["data_dir"], config["server"]["name"])
+    app.ctx.keys = SigningKeys.load_or_create(config["data_dir"], config["server"]["name"])
     app.ctx.tokens = TokenCache()
     app.ctx.admin_networks = [ipaddress.ip_network(n, strict=False) for n in config["admin"]["allow"]]
     app.ctx.metrics_networks = [ipaddress.ip_network(n, strict=False) for n in config["metrics"]["allow"]]
@@ -257,7 +257,7 @@ def record_response(request: Request, response: BaseHTTPResponse) -> None:
     if took is not None:
         metrics.LATENCY.labels(request.method, endpoint).observe(took)
     if request.app.ctx.access_log:
-        target = logs.redact(request.path + (f"?{request.query_string}" if request.query_string else ""))
+        target = logs.mask_secrets(request.path + (f"?{request.query_string}" if request.query_string else ""))
         access_log.info(
             "%s %s %s %d %s", request.ip, request.method, target, response.status,
             f"{took * 1000:.1f} ms" if took is not None else "-",

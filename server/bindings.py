@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from indexer.cache import Cache
-from server.keys import Keys
+from server.signing import SigningKeys
 from server.storage import BINDINGS_GENERATION, CACHE_GENERATION, Binding, Storage
 
 log = logging.getLogger(__name__)
@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 ASSOCIATION_LIFETIME_MS = 100 * 365 * 24 * 3600 * 1000  # as Sydent: bindings do not lapse by themselves
 
 
-def bound_association(keys: Keys, binding: Binding) -> dict[str, Any]:
+def bound_association(keys: SigningKeys, binding: Binding) -> dict[str, Any]:
     """The signed association of a binding, made at its ts: the bind answer and every later v1
     lookup of it carry the same one (ed25519 signatures are deterministic)."""
     return keys.sign({"address": binding.address, "medium": binding.medium, "mxid": binding.mxid,

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from indexer import logs, normalize
-from indexer.cache import Lookups
 from indexer.config import parse_duration
 from indexer.identity import Identity
 from indexer.stores import Store, build_store
+from server.services.lookups import Lookups
 
 log = logging.getLogger(__name__)
 

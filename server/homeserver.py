@@ -13,7 +13,7 @@ from sanic.response import HTTPResponse, raw
 
 from indexer import logs
 from indexer.config import parse_duration
-from server.api import usable_token
+from server.caller import usable_token
 from server.errors import MatrixError
 
 log = logging.getLogger(__name__)

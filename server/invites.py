@@ -16,11 +16,11 @@ import redis
 import sqlalchemy
 
 from indexer import logs
-from indexer.cache import Lookups
 from indexer.config import parse_duration
 from server.bindings import ASSOCIATION_LIFETIME_MS
 from server.federation import Federation, FederationError, split_server_name
-from server.keys import Keys
+from server.services.lookups import Lookups
+from server.signing import SigningKeys
 from server.storage import Delivery, Invite, Storage, now_ms
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,8 @@ ONBIND_PATH = "/_matrix/federation/v1/3pid/onbind"
 IDLE_WAKE_S = 30.0  # look at the queue at least this often: other workers queue deliveries too
 
 
-def onbind_body(keys: Keys, medium: str, address: str, mxid: str, pending: list[Invite], ts: int) -> dict[str, Any]:
+def onbind_body(keys: SigningKeys, medium: str, address: str, mxid: str, pending: list[Invite],
+                ts: int) -> dict[str, Any]:
     """The association signed with our long-term key, its invites inside, each `signed` block signed too."""
     invites = [{"medium": i.medium, "address": i.address, "mxid": mxid, "room_id": i.room_id, "sender": i.sender,
                 "token": i.token, "signed": keys.sign({"mxid": mxid, "token": i.token})} for i in pending]
@@ -47,7 +48,7 @@ class InviteWorker:
     """Queues, sends and retries onbind deliveries; checks pending invites against the lookup cache."""
 
     def __init__(self, config: dict[str, Any], storage: Storage, lookups: Lookups, federation: Federation,
-                 keys: Keys) -> None:
+                 keys: SigningKeys) -> None:
         settings = config["invites"]
         self.expire_ms = parse_duration(settings["expire_after"]) * 1000
         self.check_every_s = parse_duration(settings["check_every"])

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from indexer.cache import BINDINGS
+from indexer.rediskeys import BINDINGS
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 

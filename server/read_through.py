@@ -16,10 +16,10 @@ from typing import Any
 import httpx
 
 from indexer import logs
-from indexer.cache import Lookups
 from indexer.config import parse_duration
 from indexer.stores.rest import BadAnswer, client_options, decode, lookup_answer, lookup_request
 from server.metrics import OUTGOING_FAILURES
+from server.services.lookups import Lookups
 
 log = logging.getLogger(__name__)
 

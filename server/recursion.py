@@ -30,7 +30,7 @@ from indexer import logs
 from indexer.cache import RemoteAnswers
 from indexer.config import parse_duration
 from indexer.normalize import lookup_hash
-from server.api import client_address
+from server.caller import client_address
 from server.federation import Federation, FederationError
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ from indexer.cache import Cache, connect, timeout_of
 from indexer.config import ConfigError, load_config, parse_duration
 from indexer.redis_server import EmbeddedRedis
 from server.bindings import check_cache
-from server.keys import Keys
 from server.metrics import use_directory
+from server.signing import SigningKeys
 from server.storage import Storage, StorageError
 
 log = logging.getLogger(__name__)
@@ -309,7 +309,7 @@ class Supervisor:
         first = max(1, parse_duration(config["supervisor"]["restart_first"]))
         most = max(first, parse_duration(config["supervisor"]["restart_max"]))
         lock = hold_data_dir(config["data_dir"])
-        Keys.load_or_create(config["data_dir"], config["server"]["name"])
+        SigningKeys.load_or_create(config["data_dir"], config["server"]["name"])
         # Before any worker or the indexer starts: they inherit the directory and count from zero.
         use_directory(config["data_dir"])
         url, embedded = config["redis"]["url"], None
@@ -343,7 +343,7 @@ class Supervisor:
             prepare_storage(config, self.cache)
             self.checkpoint()
             redis_url = url
-            indexer = Child("indexer", lambda: _spawn("indexer.scheduler", self.config, redis_url), first, most,
+            indexer = Child("indexer", lambda: _spawn("indexer.main", self.config, redis_url), first, most,
                             on_exit=self._indexer_exited)
             self.children.append(indexer)
             indexer.start()

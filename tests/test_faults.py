@@ -52,7 +52,7 @@ def test_a_killed_indexer_is_restarted_and_readiness_shows_the_gap(make_server):
     srv.config["admin"] = {"token": ADMIN_TOKEN}
     srv.start()
     wait_until(lambda: readiness(srv)[0] == 200, what="readiness after the first sync")
-    indexer = child(srv, "indexer.scheduler")
+    indexer = child(srv, "indexer.main")
 
     indexer.kill()
     status, body = wait_until(lambda: (r := readiness(srv))[0] == 503 and r, what="readiness to fail")
@@ -63,7 +63,7 @@ def test_a_killed_indexer_is_restarted_and_readiness_shows_the_gap(make_server):
     assert srv.lookup_v1("email", "bob@example.com")["mxid"] == "@bob:example.org"  # the cache still answers
 
     wait_until(lambda: readiness(srv)[0] == 200, 40, "readiness once the indexer is back")
-    assert child(srv, "indexer.scheduler").pid != indexer.pid
+    assert child(srv, "indexer.main").pid != indexer.pid
     assert "indexer was killed by SIGKILL; starting it again in 8 s" in srv.log()
     assert "indexer on " in (shown := srv.cli("status").stdout) and ": running (pid" in shown
 
@@ -79,7 +79,7 @@ def test_a_killed_embedded_redis_is_restarted_with_its_data(make_server):
     srv.config["supervisor"] = {"heartbeat": "1s", "restart_first": "3s"}
     srv.start()
     wait_until(lambda: readiness(srv)[0] == 200, what="readiness after the first sync")
-    redis_server, indexer = child(srv, "redis-server"), child(srv, "indexer.scheduler")
+    redis_server, indexer = child(srv, "redis-server"), child(srv, "indexer.main")
 
     redis_server.kill()
     status, body = wait_until(lambda: (r := readiness(srv))[0] == 503 and r, what="readiness to fail")
@@ -93,7 +93,7 @@ def test_a_killed_embedded_redis_is_restarted_with_its_data(make_server):
     assert srv.lookup_v1("email", "bob@example.com")["mxid"] == "@bob:example.org"
     assert srv.log().count("full sync started") == 1
     # The indexer waited Redis out: the same process goes on.
-    assert child(srv, "indexer.scheduler").pid == indexer.pid
+    assert child(srv, "indexer.main").pid == indexer.pid
 
 
 def test_the_indexer_outlives_an_emptied_cache(make_server):
@@ -102,12 +102,12 @@ def test_the_indexer_outlives_an_emptied_cache(make_server):
     srv.config["supervisor"] = {"heartbeat": "1s"}
     srv.start()
     wait_until(lambda: readiness(srv)[0] == 200, what="readiness after the first sync")
-    indexer = child(srv, "indexer.scheduler")
+    indexer = child(srv, "indexer.main")
     syncs = srv.log().count("full sync started")
 
     redis.Redis(unix_socket_path=str(EmbeddedRedis(srv.root / "data").socket)).flushdb()
     wait_until(lambda: srv.log().count("full sync started") >= syncs + 2, what="syncs after the flush")
-    assert indexer.is_running() and child(srv, "indexer.scheduler").pid == indexer.pid
+    assert indexer.is_running() and child(srv, "indexer.main").pid == indexer.pid
     wait_until(lambda: readiness(srv)[1]["checks"].get("indexer", {}).get("ok"), what="the indexer's heartbeat again")
 
 
@@ -132,7 +132,7 @@ def test_a_store_raising_an_unexpected_error_fails_that_sync_only(make_server):
     srv.config["admin"] = {"token": ADMIN_TOKEN}
     srv.start()
     wait_until(lambda: readiness(srv)[0] == 200, what="readiness after the first sync")
-    indexer = child(srv, "indexer.scheduler")
+    indexer = child(srv, "indexer.main")
 
     with sqlite3.connect(database) as db:
         db.execute("INSERT INTO people VALUES ('dave', 'dave@example.com', 2), ('erin', 'erin@example.com', 3)")
@@ -144,14 +144,14 @@ def test_a_store_raising_an_unexpected_error_fails_that_sync_only(make_server):
     # ends the indexer.
     wait_until(lambda: value(scrape(srv), "mxisd_syncs_total", store="people", kind="incremental",
                              outcome="failed") >= 3, what="incremental syncs going on")
-    assert indexer.is_running() and child(srv, "indexer.scheduler").pid == indexer.pid
+    assert indexer.is_running() and child(srv, "indexer.main").pid == indexer.pid
     assert readiness(srv)[0] == 200
 
     # The next sync that can work does: a full one, run by the same indexer.
     done = srv.cli("index", "--full")
     assert done.returncode == 0, done.stderr
     assert srv.lookup_v1("email", "erin@example.com")["mxid"] == "@erin:example.org"
-    assert child(srv, "indexer.scheduler").pid == indexer.pid
+    assert child(srv, "indexer.main").pid == indexer.pid
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -251,7 +251,7 @@ def test_a_job_whose_indexer_dies_fails_at_once(make_server):
             return job and job["state"]
 
         wait_until(lambda: job_state() == "running", what="the job to run")
-        child(srv, "indexer.scheduler").kill()
+        child(srv, "indexer.main").kill()
         _, stderr = following.communicate(timeout=30)  # well before the job would expire (a minute)
     finally:
         following.kill()
@@ -267,7 +267,7 @@ def test_a_job_no_indexer_takes_fails_with_a_message(make_server, redis_url, pre
     srv.config["admin"] = {"token": ADMIN_TOKEN, "job_start_timeout": "2s"}
     srv.start()
     wait_until(lambda: readiness(srv)[0] == 200, what="readiness after the first sync")
-    child(srv, "indexer.scheduler").kill()
+    child(srv, "indexer.main").kill()
     wait_until(lambda: "indexer was killed by SIGKILL" in srv.log(), what="the indexer's death in the log")
 
     done = srv.cli("index")

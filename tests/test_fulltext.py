@@ -3,8 +3,9 @@ ranked, limits and hidden people, and a kept search following the index as it ch
 
 from __future__ import annotations
 
-from indexer.fulltext import DirectorySearch, FullText, HideRules
+from indexer.fulltext import FullText
 from indexer.identity import Identity
+from server.services.directory_search import DirectorySearch, HideRules
 
 
 def person(localpart: str, name: str, *emails: str) -> Identity:

@@ -19,13 +19,13 @@ from indexer import logs
     ("token=abc&sid=2", "abc"),
 ])
 def test_secrets_are_masked(line, secret):
-    masked = logs.redact(line)
+    masked = logs.mask_secrets(line)
     assert secret not in masked and logs.REDACTED in masked
 
 
 def test_other_text_is_kept():
-    assert logs.redact("store people: full sync done, read 3") == "store people: full sync done, read 3"
-    assert logs.redact('{"user": "alice", "sid": "1"}') == '{"user": "alice", "sid": "1"}'
+    assert logs.mask_secrets("store people: full sync done, read 3") == "store people: full sync done, read 3"
+    assert logs.mask_secrets('{"user": "alice", "sid": "1"}') == '{"user": "alice", "sid": "1"}'
 
 
 def test_json_events_carry_the_request_id_and_mask_tracebacks(capsys):

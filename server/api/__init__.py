@@ -14,6 +14,7 @@ from sanic import Request
 from sanic.exceptions import BadRequest
 
 from indexer.config import Validator, explain, load_schema
+from server.caller import usable_token
 from server.errors import MatrixError
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -98,13 +99,6 @@ def access_token(request: Request) -> str | None:
     return request.args.get("access_token") or None
 
 
-def usable_token(token: str) -> bool:
-    """Whether a token can be one we or the homeserver handed out: printable ASCII. Anything else
-    (bytes that are not UTF-8 arrive as surrogates) is refused as unknown before it is hashed,
-    stored or sent on."""
-    return token.isascii() and token.isprintable()
-
-
 def unsigned_policies(policies: dict[str, Any], accepted: set[str]) -> list[str]:
     """Ids of the policies of which the user has accepted no language."""
     return [pid for pid, policy in policies.items()
@@ -140,23 +134,6 @@ async def authenticate(request: Request, terms: bool = True) -> str:
 async def authenticate_v2(request: Request) -> str | None:
     """authenticate() on the v2 paths; None on the unauthenticated legacy v1 paths."""
     return None if request.path.startswith(V1) else await authenticate(request)
-
-
-def client_address(request: Request) -> str:
-    """The client's address for per-client limits: behind server.proxies_count reverse proxies, the
-    X-Forwarded-For entry that many hops from the right (each proxy appends the address it was reached
-    from; entries further left are whatever the client wrote, so they never count); else the TCP peer's.
-    A forwarded value that is not an IP address (any bytes a client sent) counts as the peer's."""
-    count = request.app.ctx.config["server"]["proxies_count"]
-    if count:
-        hops = [hop.strip() for header in request.headers.getall("x-forwarded-for", []) for hop in header.split(",")]
-        hops = [hop for hop in hops if hop]
-        if len(hops) >= count:
-            try:
-                return str(ipaddress.ip_address(hops[-count]))
-            except ValueError:
-                pass
-    return request.ip
 
 
 def require_client_in(request: Request, networks: list[IPNetwork]) -> None:

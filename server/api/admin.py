@@ -15,7 +15,8 @@ from sanic.response import HTTPResponse, html, json, redirect
 
 from indexer import logs, normalize
 from indexer.normalize import query_address
-from server.api import json_body, require_client_in, usable_token
+from server.api import json_body, require_client_in
+from server.caller import usable_token
 from server.errors import MatrixError
 
 bp = Blueprint("admin", url_prefix="/_mxisd/admin")

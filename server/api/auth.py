@@ -14,7 +14,8 @@ from sanic.response import HTTPResponse, json
 from indexer import logs
 from indexer.identity import Identity
 from indexer.stores import StoreUnavailable
-from server.api import client_address, json_body
+from server.api import json_body
+from server.caller import client_address
 from server.credentials import Limited
 from server.errors import MatrixError
 from server.homeserver import forwarded_headers, relay

@@ -5,8 +5,8 @@ from __future__ import annotations
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
-from indexer.cache import BINDINGS
 from indexer.normalize import query_address
+from indexer.rediskeys import BINDINGS
 from server.api import json_body
 from server.bindings import bound_association
 from server.errors import MatrixError

@@ -19,7 +19,8 @@ from indexer import logs
 from indexer.config import parse_duration
 from indexer.normalize import InvalidAddress
 from indexer.normalize import email as canonical_email
-from server.api import V1, V2, authenticate_v2, client_address, json_body
+from server.api import V1, V2, authenticate_v2, json_body
+from server.caller import client_address
 from server.errors import MatrixError
 from server.notify import AddressRefused, SendError
 from server.storage import Invite, now_ms

@@ -6,7 +6,7 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
 from server.errors import MatrixError
-from server.keys import KEY_ID
+from server.signing import KEY_ID
 
 bp = Blueprint("pubkey")
 PREFIXES = ("/_matrix/identity/v2", "/_matrix/identity/api/v1")

@@ -20,7 +20,8 @@ from indexer import logs
 from indexer.config import parse_duration
 from indexer.normalize import InvalidAddress
 from indexer.normalize import email as canonical_email
-from server.api import V1, V2, authenticate_v2, check_params, client_address, json_body
+from server.api import V1, V2, authenticate_v2, check_params, json_body
+from server.caller import client_address
 from server.errors import MatrixError, log_bad_request
 from server.notify import AddressRefused, SendError, read_template, render
 from server.storage import Session, now_ms

@@ -14,7 +14,7 @@ from signedjson.key import encode_verify_key_base64, get_verify_key
 from indexer.cache import connect, timeout_of
 from indexer.redis_server import EmbeddedRedis
 from server.doctor import Finding, not_checked, ok, problem
-from server.keys import key_path, read_signing_key
+from server.signing import key_path, read_signing_key
 from server.storage import SCHEMA_VERSION, Storage, engine_url
 
 KEY = "signing key"

@@ -14,7 +14,7 @@ from server.doctor.local import public_key
 from server.doctor.tls import request_failed
 from server.federation import Federation
 from server.homeserver import answer_json
-from server.keys import KEY_ID
+from server.signing import KEY_ID
 
 SUBJECT = "public URL"
 

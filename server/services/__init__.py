@@ -1,1 +1,2 @@
-"""The service layer: what the HTTP handlers call (sessions, binding, invites, accounts, terms, lookups, directory search)."""
+"""The service layer: what the HTTP handlers call (sessions, binding, invites, accounts, terms,
+lookups, directory search)."""

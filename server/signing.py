@@ -39,7 +39,7 @@ def read_signing_key(path: Path) -> SigningKey:
     return decode_signing_key_base64(*parts)
 
 
-class Keys:
+class SigningKeys:
     """The long-term key, loaded once and reused for every signature."""
 
     def __init__(self, signing_key: SigningKey, server_name: str) -> None:
@@ -49,7 +49,7 @@ class Keys:
         self._associations: OrderedDict[tuple[str, str, str], dict[str, Any]] = OrderedDict()
 
     @classmethod
-    def load_or_create(cls, data_dir: str | Path, server_name: str) -> Keys:
+    def load_or_create(cls, data_dir: str | Path, server_name: str) -> SigningKeys:
         """Read data_dir/keys/signing.key, generating it (mode 0600) on first start."""
         path = key_path(data_dir)
         if path.exists():

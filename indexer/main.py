@@ -11,7 +11,6 @@ import socket
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -21,7 +20,7 @@ from indexer import logs
 from indexer.cache import Cache, connect, timeout_of
 from indexer.config import parse_duration
 from indexer.follower import Follower
-from indexer.fulltext import FullText
+from indexer.fulltext import FullText, fulltext_path
 from indexer.jobs import JobRunner
 from indexer.metrics import observe_sync
 from indexer.stores import Store, build_store
@@ -36,10 +35,6 @@ RETRY_AFTER = 5.0
 # long, twice as long each time, up to RESYNC_RETRY_MAX_S.
 RESYNC_RETRY_FIRST_S = 10.0
 RESYNC_RETRY_MAX_S = 300.0
-
-
-def fulltext_path(config: dict[str, Any]) -> Path:
-    return Path(config["data_dir"]) / "fulltext"
 
 
 class Stopping(Exception):
@@ -269,7 +264,7 @@ def _watch_parent(parent_pid: int, stop: threading.Event) -> None:
 
 
 def main() -> None:
-    """`python -m indexer.scheduler REDIS_URL PARENT_PID` with the config as JSON on stdin: the
+    """`python -m indexer.main REDIS_URL PARENT_PID` with the config as JSON on stdin: the
     indexer process that `mxisd run` starts."""
     redis_url, parent_pid = sys.argv[1], int(sys.argv[2])
     config = json.load(sys.stdin)

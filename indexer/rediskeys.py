@@ -1,0 +1,103 @@
+"""The Redis key layout, shared by the indexer and the server: the one module that spells key names.
+
+Per store S (all keys under the configured prefix):
+  s:S:rec     hash  store_id -> identity JSON
+  s:S:chash   hash  store_id -> content hash (unchanged records are not rewritten)
+  s:S:gen     zset  store_id scored by the generation of the last full sync that saw it (mark-and-sweep)
+  s:S:3pid    hash  "<address> <medium>" -> mxid (the v2 "none" form, also used by v1 lookups)
+  s:S:sha256  hash  base64url(sha256("<address> <medium> <pepper>")) -> mxid
+  s:S:mxid    hash  mxid -> store_id
+  s:S:claims  hash  "<medium> <canonical address>" or mxid held by several records -> JSON list of
+                    their store_ids, the one answering last (one holder needs no list: s:S:mxid
+                    names it, or s:S:3pid its mxid); ownership is by record, not by mxid
+  s:S:locator hash  store_id -> where the store finds the person for a password check (an LDAP DN)
+  s:S:state   hash  generation, last_full, last_incremental, last_success, high_water_mark,
+                    next_full, next_incremental, claims (s:S:claims was built), synced_epoch
+                    (the cache epoch the last complete full sync wrote into: the store is wholly
+                    in this cache only when it is the current epoch) (each JSON)
+  s:S:lock    the sync lock (redis-py Lock)
+  s:S:job     the id of the store's queued or running admin-triggered sync job
+  s:S:rt:<address> <medium>  string, with a TTL: a read-through store's answer, mxid or "" (not found)
+Bindings made with /3pid/bind (SQL is their truth) are mirrored as the pseudo-store "_bindings",
+which no configured store can be named (store names start with [a-z0-9]): s:_bindings:3pid and
+s:_bindings:sha256 as above, and s:_bindings:state {epoch, generation}: the cache epoch they were
+rebuilt for and the SQL bindings generation they hold (SQL counts every bind and unbind).
+Global: epoch (changes when the cache is emptied), pepper, changes (stream of upsert/delete events),
+generation (counts completed syncs; SQL keeps the highest any server saw, so a Redis restored from an
+older copy shows a lower one),
+fulltext:<host> (follower position, for status), fulltext-hosts (set of hosts with a follower),
+fulltext-rebuild (a counter: followers rebuild their index when it moves),
+jobs (list: ids of sync jobs waiting for an indexer), job:<id> (hash: one sync job, expiring),
+indexer:<host> (the indexer's heartbeat: JSON, expiring unless renewed), indexer-exit:<host> (JSON: how
+the host's indexer last ended, written by `mxisd run`'s supervisor), indexer-hosts (set of hosts),
+rate:<kind>:<key> (rate-limit windows), remote:<address> <medium> (another identity server's answer
+to a recursive lookup, mxid or "" for not found, with a TTL),
+fail:<kind>:<who> (failed logins counted in a
+window, with a TTL; kind is "user" or "ip").
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+# The pseudo-store that mirrors /3pid/bind bindings; a configured store's name starts with [a-z0-9].
+BINDINGS = "_bindings"
+
+
+def _short(name: str) -> str:
+    """A client-chosen name as part of a key: a long one (a megabyte of login ID) by its digest."""
+    return name if len(name) <= 256 else "sha256:" + hashlib.sha256(name.encode("utf-8", "replace")).hexdigest()
+
+
+def plain_key(address: str, medium: str) -> str:
+    """The field of s:S:3pid (and the end of an s:S:rt: key) for a 3PID: "<address> <medium>"."""
+    return f"{address} {medium}"
+
+
+def claim_key(medium: str, address: str) -> str:
+    """The field of s:S:claims for a 3PID: "<medium> <canonical address>" (a Matrix ID's field is
+    the mxid itself, which no medium name starts like)."""
+    return f"{medium} {address}"
+
+
+class RedisKeys:
+    """Key names under a prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.epoch = f"{prefix}epoch"
+        self.pepper = f"{prefix}pepper"
+        self.changes = f"{prefix}changes"
+        self.followers = f"{prefix}fulltext-hosts"
+        self.rebuild = f"{prefix}fulltext-rebuild"
+        self.jobs = f"{prefix}jobs"
+        self.job_prefix = f"{prefix}job:"
+        self.generation = f"{prefix}generation"
+        self.indexer_hosts = f"{prefix}indexer-hosts"
+
+    def indexer(self, host: str) -> str:
+        return f"{self.prefix}indexer:{host}"
+
+    def indexer_exit(self, host: str) -> str:
+        return f"{self.prefix}indexer-exit:{host}"
+
+    def store(self, store: str, part: str) -> str:
+        return f"{self.prefix}s:{store}:{part}"
+
+    def read_through(self, store: str, medium: str, address: str) -> str:
+        return self.store(store, f"rt:{plain_key(address, medium)}")
+
+    def follower(self, host: str) -> str:
+        return f"{self.prefix}fulltext:{host}"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.job_prefix}{job_id}"
+
+    def rate(self, kind: str, key: str) -> str:
+        return f"{self.prefix}rate:{kind}:{_short(key)}"
+
+    def failures(self, kind: str, who: str) -> str:
+        return f"{self.prefix}fail:{kind}:{_short(who)}"
+
+    def remote(self, medium: str, address: str) -> str:
+        return f"{self.prefix}remote:{plain_key(address, medium)}"

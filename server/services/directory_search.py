@@ -1,0 +1,101 @@
+"""Directory search for the HTTP server: the hide rules, and searches on one index reader kept open
+between requests. Blocking; run in a thread, never on the event loop."""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+from whoosh import index
+
+from indexer.fulltext import POSITION_FILE, Hit, IndexNotReady, OpenIndex, ranked
+from indexer.identity import Identity
+
+
+class HideRules:
+    """directory.hide from the config: a person matching every condition of any one rule is left out
+    of search results. Conditions: store (a name), mxid, display_name, threepid ("medium:address"),
+    each a regular expression that must match the whole value, case-insensitively."""
+
+    def __init__(self, rules: list[dict[str, str]]) -> None:
+        self.rules = [
+            {k: (v if k == "store" else re.compile(v, re.IGNORECASE)) for k, v in rule.items()} for rule in rules
+        ]
+
+    def __bool__(self) -> bool:
+        return bool(self.rules)
+
+    def hides(self, store: str, mxid: str, display_name: str | None, threepids: Iterable[str]) -> bool:
+        """Whether these values of one person match a rule."""
+        values = {"mxid": [mxid], "display_name": [display_name or ""], "threepid": list(threepids)}
+        for rule in self.rules:
+            if all(
+                store == condition if isinstance(condition, str) else any(condition.fullmatch(v) for v in values[key])
+                for key, condition in rule.items()
+            ):
+                return True
+        return False
+
+    def hides_identity(self, identity: Identity) -> bool:
+        return self.hides(identity.store, identity.mxid, identity.display_name,
+                          [f"{m}:{a}" for m, a in identity.threepids])
+
+
+
+def _search(opened: OpenIndex, text: str, threepids: bool, limit: int, hide: HideRules) -> tuple[list[Hit], bool]:
+    """The best limit visible hits for a search term, and whether there were more."""
+    hits: list[Hit] = []
+    for docnum in ranked(opened, text, threepids):
+        hit, hit_threepids = opened.person(docnum)
+        if hide and hide.hides(hit.store, hit.mxid, hit.display_name, hit_threepids):
+            continue
+        hits.append(hit)
+        if len(hits) > limit:
+            return hits[:limit], True
+    return hits, False
+
+
+
+class DirectorySearch:
+    """Directory searches on one index kept open between requests (with what it has read), reopened
+    when the follower has moved the index on. Thread-safe: searches take turns on the one reader."""
+
+    def __init__(self, path: str | Path, hide: HideRules, threepids: bool) -> None:
+        self.path = Path(path)
+        self.hide = hide
+        self.threepids = threepids
+        self._lock = threading.Lock()
+        self._opened: OpenIndex | None = None
+        self._stamp: tuple[int, int] | None = None
+
+    def _current(self) -> OpenIndex:
+        try:
+            stat = os.stat(self.path / POSITION_FILE)
+        except FileNotFoundError:
+            stat = None  # not built yet, or the follower is swapping in a rebuilt index
+        if stat is not None and (stat.st_ino, stat.st_mtime_ns) != self._stamp:
+            try:
+                fresh = OpenIndex(index.open_dir(str(self.path)).reader())
+            except (OSError, index.EmptyIndexError):
+                fresh = None
+            if fresh is not None:
+                if self._opened is not None:
+                    self._opened.close()
+                self._opened, self._stamp = fresh, (stat.st_ino, stat.st_mtime_ns)
+        if self._opened is None:
+            raise IndexNotReady(f"no fulltext index at {self.path} yet")
+        return self._opened
+
+    def search(self, text: str, limit: int) -> tuple[list[Hit], bool]:
+        """The best limit visible matches for a search term, and whether there were more."""
+        with self._lock:
+            return _search(self._current(), text, self.threepids, limit, self.hide)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._opened is not None:
+                self._opened.close()
+                self._opened = None
