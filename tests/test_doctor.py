@@ -24,6 +24,9 @@ from tests.fake_homeserver import ClientHomeserver
 from tests.fakes import FakeHomeserver, FakeTwilio, Mailbox
 from tests.slapd import READER_DN, READER_PASSWORD, Slapd
 from tests.test_ldap import Directory
+from tests.test_rest_store import LOOKUP, Service, person, store_config
+from tests.test_sql_store import QUERIES, T0
+from tests.test_sql_store import Directory as Tables
 
 SMTP_LOGIN = ("mxisd", "smtp-password")
 
@@ -192,6 +195,55 @@ def test_a_filter_that_finds_nobody_is_named(configured, slapd: Slapd, tmp_path:
     assert lines(result, "store staff")[-1] == (
         "PROBLEM store staff: finds nobody (entries it skipped are logged above): "
         "check stores[1].filter ((objectClass=posixAccount)) and stores[1].attributes")
+
+
+def test_every_configured_sql_query_runs_and_a_failing_one_is_named(configured, database: str,
+                                                                    tmp_path: Path) -> None:
+    tables = Tables(database)
+    tables.add("1", "erin", "Erin Example", T0, ("email", "erin@example.org"))
+    configured["stores"].append({"name": "hr", "kind": "sql", "url": database, "queries": QUERIES})
+    try:
+        result = diagnose(write(tmp_path, configured))
+        assert lines(result, "store hr")[1:] == [
+            "ok store hr: finds people, e.g. @erin:example.org (Erin Example), email erin@example.org",
+            "ok store hr: the identities, high_water_mark, changes, password queries run",
+        ]
+        assert lines(result, "store hr")[0].endswith(" answers")
+
+        configured["stores"][-1]["queries"] = {**QUERIES, "password": "SELECT secret FROM people WHERE id = :id"}
+        [*_, line] = lines(diagnose(write(tmp_path, configured)), "store hr")
+        assert line.startswith("PROBLEM store hr: password query on ")
+        assert "secret" in line and line.endswith(": check stores[1].queries")
+    finally:
+        tables.engine.dispose()
+
+
+def test_rest_stores_answer_and_a_refused_token_is_named(configured, tmp_path: Path) -> None:
+    service = Service()
+    service.people = [person(1)]
+    synced = store_config(service)
+    read_through = {**store_config(service, enumerate=None, changes=None), "name": "lookups"}
+    configured["stores"] += [synced, read_through]
+    try:
+        result = diagnose(write(tmp_path, configured))
+        assert lines(result, "store app") == [
+            "ok store app: finds people, e.g. @user1:example.org (User 1), email user1@example.org",
+            "ok store app: the changes endpoint answers (high-water mark 0)",
+        ]
+        assert lines(result, "store lookups") == [
+            f"ok store lookups: the lookup endpoint {service.url}{LOOKUP} answers"]
+
+        for store in (synced, read_through):
+            store["headers"] = {"Authorization": "Bearer wrong-token"}
+        result = diagnose(write(tmp_path, configured))
+    finally:
+        service.close()
+    assert lines(result, "store app") == [
+        "PROBLEM store app: enumerate endpoint /people: HTTP 401: "
+        "check stores[1].url and stores[1].endpoints.enumerate"]
+    assert lines(result, "store lookups") == [
+        f"PROBLEM store lookups: lookup endpoint {service.url}{LOOKUP} answered HTTP 401: check stores[2].url, "
+        "stores[2].headers and stores[2].endpoints.lookup"]
 
 
 def test_the_parts_of_a_good_config_pass_without_a_running_server(configured, tmp_path: Path) -> None:

@@ -108,7 +108,8 @@ def _sql(store: SqlStore, where: str) -> Iterator[Finding]:
             store.authenticate(person, secrets.token_urlsafe(16))
             ran.append("password")
     except StoreError as exc:
-        yield problem(subject, f"{exc}: check {where}.queries")
+        # A password check's StoreUnavailable names the store already.
+        yield problem(subject, f"{str(exc).removeprefix(f'{subject}: ')}: check {where}.queries")
         return
     yield ok(subject, f"the {', '.join(ran)} queries run")
 
@@ -130,14 +131,21 @@ def _rest(store: RestStore, where: str) -> Iterator[Finding]:
     if path is None:
         yield not_checked(subject, "neither an enumerate nor a lookup endpoint: it answers nothing")
         return
+    url = store.http.base_url.join(path)
     try:
-        lookup_answer(decode(store.http.post(path, json=lookup_request("email", UNKNOWN_ADDRESS))), store.domain)
+        response = store.http.post(path, json=lookup_request("email", UNKNOWN_ADDRESS))
     except httpx.HTTPError as exc:
-        yield problem(subject, f"lookup endpoint {store.http.base_url.join(path)} cannot be reached: "
-                               f"{type(exc).__name__}: {exc}: check {where}.url")
+        yield problem(subject, f"lookup endpoint {url} cannot be reached: {type(exc).__name__}: {exc}: "
+                               f"check {where}.url")
         return
+    if not response.is_success:
+        yield problem(subject, f"lookup endpoint {url} answered HTTP {response.status_code}: check {where}.url, "
+                               f"{where}.headers and {where}.endpoints.lookup")
+        return
+    try:
+        lookup_answer(decode(response), store.domain)
     except BadAnswer as exc:
-        yield problem(subject, f"lookup endpoint {store.http.base_url.join(path)} answered, but not mxisd's "
-                               f"protocol: {exc}: check {where}.endpoints.lookup")
+        yield problem(subject, f"lookup endpoint {url} answered, but not mxisd's protocol: {exc}: "
+                               f"check {where}.endpoints.lookup")
         return
-    yield ok(subject, f"the lookup endpoint {store.http.base_url.join(path)} answers")
+    yield ok(subject, f"the lookup endpoint {url} answers")
