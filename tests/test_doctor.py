@@ -257,6 +257,23 @@ def test_the_parts_of_a_good_config_pass_without_a_running_server(configured, tm
     assert result.returncode == 1
 
 
+def test_a_signing_key_file_others_can_read_or_that_is_no_key_is_named(configured, tmp_path: Path) -> None:
+    path = tmp_path / "data" / "keys" / "signing.key"
+    path.parent.mkdir(parents=True)
+    path.write_text(f"ed25519 0 {encode_base64(generate_signing_key('0').encode())}\n")
+    path.chmod(0o644)
+    assert lines(diagnose(write(tmp_path, configured)), "signing key") == [
+        f"PROBLEM signing key: {path} is readable by every user of this host (mode 0644): whoever reads it can "
+        f"sign as this identity server; chmod 600 {path}"]
+
+    path.write_text("0123456789abcdef\n")
+    path.chmod(0o600)
+    assert lines(diagnose(write(tmp_path, configured)), "signing key") == [
+        f"PROBLEM signing key: {path} is not a signing key file: expected one line \"ed25519 <version> <base64 "
+        "seed>\"; restore it from a backup (a new key makes every signature and pending invite made with the old "
+        "one unverifiable)"]
+
+
 def test_smtp_refusing_the_connection_or_the_login_is_named(configured, homeserver: FakeHomeserver,
                                                              secure_mailbox: Mailbox, tmp_path: Path) -> None:
     configured["email"]["smtp"] = smtp(secure_mailbox, homeserver, password="wrong")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,11 @@ def signing_key(config: dict[str, Any]) -> Iterator[Finding]:
         return
     if key is None:
         yield not_checked(KEY, f"{path} does not exist yet: mxisd run creates it when it first starts")
+        return
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & stat.S_IROTH:
+        yield problem(KEY, f"{path} is readable by every user of this host (mode {mode:04o}): whoever reads it "
+                           f"can sign as this identity server; chmod 600 {path}")
         return
     yield ok(KEY, f"{path} is readable (public key {key})")
 
