@@ -44,7 +44,9 @@ async def _check(config: dict[str, Any], ours: str | None) -> Finding:
         return problem(SUBJECT, f"{base}/_matrix/identity/v2 answered HTTP {status.status_code}: "
                                 "server.public_url must lead to this identity server (check the reverse proxy)")
     served = answer_json(key).get("public_key")
-    if ours is not None and served != ours:
+    if ours is None:
+        return ok(SUBJECT, f"{base} answers as an identity server (no key file here to compare its key with)")
+    if served != ours:
         return problem(SUBJECT, f"{base} serves another identity server: its public key is {served}, the key "
                                 f"file's is {ours}: check server.public_url and the reverse proxy")
-    return ok(SUBJECT, f"{base} serves this identity server" + (" (the key file's public key)" if ours else ""))
+    return ok(SUBJECT, f"{base} serves this identity server (the key file's public key)")
