@@ -28,9 +28,10 @@ import ldap3
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.latency_proxy import LatencyProxy  # noqa: E402
-from indexer.cache import Cache, connect  # noqa: E402
+from indexer.cache import Cache  # noqa: E402
 from indexer.follower import Follower  # noqa: E402
 from indexer.fulltext import FullText  # noqa: E402
+from indexer.redis_clients import connect  # noqa: E402
 from indexer.redis_server import EmbeddedRedis  # noqa: E402
 from indexer.stores import build_store  # noqa: E402
 from indexer.sync import full_sync, incremental_sync  # noqa: E402

@@ -17,12 +17,13 @@ import redis
 import schedule
 
 from indexer import logs
-from indexer.cache import Cache, connect, timeout_of
+from indexer.cache import Cache
 from indexer.config import parse_duration
 from indexer.follower import Follower
 from indexer.fulltext import FullText, fulltext_path
 from indexer.jobs import JobRunner
 from indexer.metrics import observe_sync
+from indexer.redis_clients import connect, timeout_of
 from indexer.stores import Store, build_store
 from indexer.sync import SyncBusy, SyncResult, full_sync, incremental_sync
 

@@ -40,6 +40,11 @@ from __future__ import annotations
 
 import hashlib
 
+from indexer.normalize import lookup_forms, lookup_hash
+
+# The change stream is trimmed to about this many entries.
+STREAM_MAXLEN = 1_000_000
+
 # The pseudo-store that mirrors /3pid/bind bindings; a configured store's name starts with [a-z0-9].
 BINDINGS = "_bindings"
 
@@ -58,6 +63,12 @@ def claim_key(medium: str, address: str) -> str:
     """The field of s:S:claims for a 3PID: "<medium> <canonical address>" (a Matrix ID's field is
     the mxid itself, which no medium name starts like)."""
     return f"{medium} {address}"
+
+
+def lookup_fields(medium: str, address: str, pepper: str) -> tuple[list[str], list[str]]:
+    """The fields of s:S:3pid and of s:S:sha256 that answer for a 3PID: one per lookup form of it."""
+    forms = lookup_forms(medium, address)
+    return [plain_key(f, medium) for f in forms], [lookup_hash(f, medium, pepper) for f in forms]
 
 
 class RedisKeys:

@@ -24,18 +24,10 @@ from sanic.exceptions import BadRequest, MethodNotAllowed, NotFound, PayloadTooL
 from sanic.response import BaseHTTPResponse, HTTPResponse, empty, json
 
 from indexer import logs
-from indexer.cache import (
-    Admin,
-    BindingMirror,
-    Cache,
-    RateLimits,
-    RemoteAnswers,
-    connect,
-    connect_async,
-    timeout_of,
-)
+from indexer.cache import Cache
 from indexer.config import parse_duration
 from indexer.fulltext import fulltext_path
+from indexer.redis_clients import connect, connect_async, timeout_of
 from indexer.rediskeys import BINDINGS
 from server import metrics
 from server.api import (
@@ -57,7 +49,7 @@ from server.api import (
 from server.api import invites as invites_api
 from server.api import metrics as metrics_api
 from server.api import openapi as openapi_api
-from server.bindings import check_cache
+from server.bindings import BindingMirror, check_cache
 from server.credentials import Credentials
 from server.errors import MatrixError, log_bad_request
 from server.federation import Federation
@@ -65,9 +57,11 @@ from server.homeserver import Homeserver
 from server.invites import InviteWorker
 from server.notify.email import EmailSender
 from server.notify.sms import SmsSender
+from server.rate_limits import RateLimits
 from server.read_through import ReadThrough
-from server.recursion import Recursion
+from server.recursion import Recursion, RemoteAnswers
 from server.redis_pipe import PipelinedRedis
+from server.services.admin import Admin
 from server.services.directory_search import DirectorySearch, HideRules
 from server.services.lookups import Lookups
 from server.signing import SigningKeys

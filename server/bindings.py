@@ -5,9 +5,14 @@ from an older copy, a replica that was behind)."""
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
-from indexer.cache import Cache
+import redis
+import redis.asyncio
+
+from indexer.cache import RAISE_SCRIPT, Cache
+from indexer.redis_clients import Plan, run_plan_async
+from indexer.rediskeys import BINDINGS, RedisKeys, lookup_fields
 from server.signing import SigningKeys
 from server.storage import BINDINGS_GENERATION, CACHE_GENERATION, Binding, Storage
 
@@ -21,6 +26,51 @@ def bound_association(keys: SigningKeys, binding: Binding) -> dict[str, Any]:
     lookup of it carry the same one (ed25519 signatures are deterministic)."""
     return keys.sign({"address": binding.address, "medium": binding.medium, "mxid": binding.mxid,
                       "not_before": binding.ts, "not_after": binding.ts + ASSOCIATION_LIFETIME_MS, "ts": binding.ts})
+
+
+class BindingMirror:
+    """Writes /3pid/bind bindings into the "_bindings" pseudo-store, so lookups find them at once."""
+
+    def __init__(self, client: redis.asyncio.Redis, prefix: str) -> None:
+        self.r = client
+        self.k = RedisKeys(prefix)
+
+    async def put(self, medium: str, address: str, mxid: str, generation: int) -> None:
+        """Mirror one bind, made at this SQL bindings generation."""
+        pepper = cast("str | None", await self.r.get(self.k.pepper))
+        if not pepper:
+            raise redis.exceptions.RedisError("the cache has no lookup pepper yet")
+        fields, hashes = lookup_fields(medium, address, pepper)
+        tx = self.r.pipeline(transaction=True)
+        tx.hset(self.k.store(BINDINGS, "3pid"), mapping={f: mxid for f in fields})
+        tx.hset(self.k.store(BINDINGS, "sha256"), mapping={h: mxid for h in hashes})
+        tx.eval(RAISE_SCRIPT, 1, self.k.store(BINDINGS, "state"), generation, "generation")
+        await tx.execute()
+
+    async def remove(self, medium: str, address: str, generation: int) -> None:
+        """Mirror one unbind, made at this SQL bindings generation."""
+        pepper = cast(str, await self.r.get(self.k.pepper) or "")
+        fields, hashes = lookup_fields(medium, address, pepper)
+        tx = self.r.pipeline(transaction=True)
+        tx.hdel(self.k.store(BINDINGS, "3pid"), *fields)
+        tx.hdel(self.k.store(BINDINGS, "sha256"), *hashes)
+        tx.eval(RAISE_SCRIPT, 1, self.k.store(BINDINGS, "state"), generation, "generation")
+        await tx.execute()
+
+    async def behind(self, generation: int) -> str | None:
+        """Why the mirror does not hold SQL's bindings generation, or None when it does."""
+        epoch, (mirrored_epoch, held) = await run_plan_async(self.r, self._state_plan())
+        if epoch is None or mirrored_epoch != epoch:
+            return "the cache lost the bindings mirror; it is being rebuilt from the database"
+        if int(held or 0) < generation:
+            return (f"the bindings mirror holds generation {int(held or 0)}, the database {generation}; "
+                    "it is being rebuilt from the database")
+        return None
+
+    def _state_plan(self) -> Plan:
+        epoch, state = yield [("get", self.k.epoch),
+                              ("hmget", self.k.store(BINDINGS, "state"), ["epoch", "generation"])]
+        return epoch, state
 
 
 def restore_mirror(storage: Storage, cache: Cache, always: bool = False) -> bool:

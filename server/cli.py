@@ -17,10 +17,11 @@ from typing import Any, TextIO
 import httpx
 
 from indexer import logs
-from indexer.cache import Cache, timeout_of
+from indexer.cache import Cache
 from indexer.config import ConfigError, load_config
 from indexer.normalize import InvalidAddress
 from indexer.normalize import email as canonical_email
+from indexer.redis_clients import timeout_of
 from indexer.redis_server import EmbeddedRedis, EmbeddedRedisError
 from indexer.stores import build_store
 from indexer.sync import SyncBusy, SyncResult, sync_store

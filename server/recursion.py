@@ -14,28 +14,46 @@ import asyncio
 import ipaddress
 import logging
 import time
-from typing import Any
+from typing import Any, cast
 
 import dns.asyncresolver
 import dns.exception
 import dns.nameserver
 import dns.resolver
 import httpx
+import redis.asyncio
 from sanic import Request
 from signedjson.key import decode_verify_key_bytes
 from signedjson.sign import SignatureVerifyException, verify_signed_json
 from unpaddedbase64 import decode_base64
 
 from indexer import logs
-from indexer.cache import RemoteAnswers
 from indexer.config import parse_duration
 from indexer.normalize import lookup_hash
+from indexer.rediskeys import RedisKeys
 from server.caller import client_address
 from server.federation import Federation, FederationError
 
 log = logging.getLogger(__name__)
 
 V1_LOOKUP = "/_matrix/identity/api/v1/lookup"
+
+
+class RemoteAnswers:
+    """Answers of other identity servers to recursive lookups, each kept for its own TTL."""
+
+    def __init__(self, client: redis.asyncio.Redis, prefix: str) -> None:
+        self.r = client
+        self.k = RedisKeys(prefix)
+
+    async def get(self, pairs: list[tuple[str, str]]) -> list[str | None]:
+        """For (medium, address) pairs: an mxid, "" for a remembered "not found", or None when not asked lately."""
+        if not pairs:
+            return []
+        return cast("list[str | None]", await self.r.mget([self.k.remote(m, a) for m, a in pairs]))
+
+    async def remember(self, medium: str, address: str, mxid: str | None, ttl: int) -> None:
+        await self.r.set(self.k.remote(medium, address), mxid or "", ex=ttl)
 
 
 class Unusable(Exception):

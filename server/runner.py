@@ -21,8 +21,9 @@ from typing import Any, TextIO
 
 import redis
 
-from indexer.cache import Cache, connect, timeout_of
+from indexer.cache import Cache
 from indexer.config import ConfigError, load_config, parse_duration
+from indexer.redis_clients import connect, timeout_of
 from indexer.redis_server import EmbeddedRedis
 from server.bindings import check_cache
 from server.metrics import use_directory

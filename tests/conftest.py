@@ -22,6 +22,7 @@ import yaml
 
 from indexer.cache import Cache
 from indexer.redis_server import EmbeddedRedis
+from server.services.directory_search import DirectorySearch, HideRules
 from tests.fake_homeserver import ClientHomeserver
 from tests.fakes import FakeHomeserver, FakeTwilio, Mailbox
 from tests.slapd import Slapd
@@ -61,6 +62,15 @@ def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "con
             last_error = exc
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}" + (f" (last error: {last_error})" if last_error else ""))
+
+
+def search_mxids(index_path: Path, text: str) -> list[str]:
+    """The mxids a directory search of the index at index_path finds, best first (no hide rules)."""
+    search = DirectorySearch(index_path, HideRules([]), threepids=False)
+    try:
+        return [hit.mxid for hit in search.search(text, 10)[0]]
+    finally:
+        search.close()
 
 
 def free_port() -> int:

@@ -18,7 +18,8 @@ import pytest
 from indexer.identity import Identity
 from indexer.normalize import lookup_hash
 from indexer.stores import StoreUnavailable, build_store
-from indexer.stores.ldap import LdapStore, filter_value, normalize_time
+from indexer.stores.ldap import LdapStore
+from indexer.stores.ldap_mapping import filter_value, normalize_time
 from indexer.sync import full_sync, incremental_sync
 from tests.conftest import wait_until
 from tests.slapd import ADMIN_DN, ADMIN_PASSWORD, READER_DN, READER_PASSWORD, SUFFIX, Slapd
@@ -214,9 +215,9 @@ def test_filter_values_are_escaped(directory, cache):
     directory.add("other", description="anything")
     store = directory.store()
     crafted = filter_value("a*(b)\\c")
-    literal = list(store._search(directory.base, f"(description={crafted})", ["uid"]))
+    literal = list(store.directory.search(directory.base, f"(description={crafted})", ["uid"]))
     assert [e["dn"] for e in literal] == [directory.dn("star")]
-    assert list(store._search(directory.base, f"(description={filter_value('*')})", ["uid"])) == []
+    assert list(store.directory.search(directory.base, f"(description={filter_value('*')})", ["uid"])) == []
     store.close()
 
 

@@ -10,10 +10,10 @@ from typing import Any
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
-from indexer.fulltext import Hit, IndexNotReady
 from server.api import access_token, json_body
 from server.errors import MatrixError
 from server.homeserver import answer_json, relay
+from server.services.directory_ranking import Hit, IndexNotReady
 
 log = logging.getLogger(__name__)
 

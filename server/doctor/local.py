@@ -12,7 +12,7 @@ import redis as redis_lib
 import sqlalchemy as sa
 from signedjson.key import encode_verify_key_base64, get_verify_key
 
-from indexer.cache import connect, timeout_of
+from indexer.redis_clients import connect, timeout_of
 from indexer.redis_server import EmbeddedRedis
 from server.doctor import Finding, not_checked, ok, problem
 from server.signing import key_path, read_signing_key

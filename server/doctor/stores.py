@@ -60,14 +60,14 @@ def _sample(store: Store, hint: str) -> tuple[Finding, Identity | None]:
 def _ldap(store: LdapStore, where: str) -> Iterator[Finding]:
     subject = f"store {store.name}"
     try:
-        uri = store.reachable()
+        uri = store.directory.reachable()
     except StoreError as exc:
         yield problem(subject, f"{exc}: check {where}.uri, the firewall, and {where}.tls and start_tls")
         return
     yield ok(subject, f"{uri} answers")
-    who = store.bind_dn or "anonymous"
+    who = store.directory.bind_dn or "anonymous"
     try:
-        missing = store.missing_base_dns()
+        missing = store.directory.missing_entries(store.base_dns)
     except StoreUnavailable as exc:
         yield problem(subject, str(exc))
         return

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from whoosh import index
 
-from indexer.fulltext import POSITION_FILE, Hit, IndexNotReady, OpenIndex, ranked
+from indexer.fulltext import POSITION_FILE
 from indexer.identity import Identity
+from server.services.directory_ranking import Hit, IndexNotReady, OpenIndex, ranked
 
 
 class HideRules:

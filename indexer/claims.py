@@ -1,0 +1,214 @@
+"""One batch of a sync written into the cache, in one transaction: the records, the lookup keys of
+their addresses and Matrix IDs, and the change stream entries.
+
+Who answers for an address or a Matrix ID is decided by store record, not by mxid: a record that
+stops holding it (changed, deleted, or re-created under a new stable id) gives up only its own hold,
+and the address goes only when no record holds it any more. While several records hold one,
+s:S:claims lists them, and the one written last answers."""
+
+from __future__ import annotations
+
+import json
+
+import redis
+from redis.typing import EncodableT, FieldT
+
+from indexer.identity import Identity
+from indexer.rediskeys import STREAM_MAXLEN, RedisKeys, claim_key, lookup_fields, plain_key
+
+
+class BatchWriter:
+    """The sync's writes of one store's batches (one writer per store, holding the store's lock)."""
+
+    def __init__(self, client: redis.Redis, keys: RedisKeys) -> None:
+        self.r = client
+        self.k = keys
+
+    def apply(
+        self,
+        store: str,
+        upserts: list[tuple[Identity, Identity | None]],
+        deletes: list[Identity],
+        generation: int | None,
+        pepper: str,
+    ) -> None:
+        """Write new and changed identities (with the records they replace) and remove deleted ones,
+        all in one transaction, so a lookup sees every identity either before or after; pepper: the
+        cache's, for the hashed lookup keys."""
+        kc, km = self.k.store(store, "claims"), self.k.store(store, "mxid")
+        k3, kh = self.k.store(store, "3pid"), self.k.store(store, "sha256")
+        # Every claim an identity makes, with what it stands for: ("3pid", medium, address) or ("mxid", mxid).
+        meaning: dict[str, tuple[str, ...]] = {}
+
+        def claims_of(identity: Identity | None) -> set[str]:
+            if identity is None:
+                return set()
+            keys = {identity.mxid}
+            meaning[identity.mxid] = ("mxid", identity.mxid)
+            for medium, address in identity.threepids:
+                key = claim_key(medium, address)
+                meaning[key] = ("3pid", medium, address)
+                keys.add(key)
+            return keys
+
+        # In order: each record's claims before and after this batch (after: none for a deletion).
+        steps = [(new.store_id, claims_of(old), claims_of(new)) for new, old in upserts]
+        steps += [(gone.store_id, claims_of(gone), set()) for gone in deletes]
+        self._ensure_claims(store)
+        lists, with_list = self._holders(store, meaning, steps)
+        answered = {key: held[-1] if held else None for key, held in lists.items()}
+        for store_id, before, after in steps:
+            for key in before | after:
+                held = lists[key]
+                if store_id in held:
+                    held.remove(store_id)
+                if key in after:
+                    held.append(store_id)
+
+        # The mxid of each record that answers for an address: written in this batch, or read.
+        written = {new.store_id: new for new, _ in upserts}
+        deleted = {gone.store_id for gone in deletes}
+        mxids = {store_id: identity.mxid for store_id, identity in written.items() if store_id not in deleted}
+        unread = sorted({held[-1] for key, held in lists.items()
+                         if held and held[-1] not in mxids and held[-1] != answered[key]})
+        for store_id, raw in zip(unread, self.r.hmget(self.k.store(store, "rec"), unread) if unread else []):
+            if raw:
+                mxids[store_id] = Identity.from_json(raw).mxid
+
+        set_claims: dict[FieldT, EncodableT] = {}
+        set_plain: dict[FieldT, EncodableT] = {}
+        set_hashed: dict[FieldT, EncodableT] = {}
+        set_mxid: dict[FieldT, EncodableT] = {}
+        drop_claims: list[str] = []
+        drop_plain: list[str] = []
+        drop_hashed: list[str] = []
+        drop_mxid: list[str] = []
+        for key, held in lists.items():
+            what = meaning[key]
+            owner = held[-1] if held else None
+            if len(held) > 1:
+                set_claims[key] = json.dumps(held, separators=(",", ":"))
+            elif key in with_list:
+                drop_claims.append(key)
+            if owner == answered[key] and owner not in written:
+                continue  # the same unchanged record still answers
+            if what[0] == "mxid":
+                if owner is None:
+                    drop_mxid.append(what[1])
+                else:
+                    set_mxid[what[1]] = owner
+                continue
+            plain, hashed = lookup_fields(what[1], what[2], pepper)
+            mxid = mxids.get(owner) if owner is not None else None
+            if mxid is None:
+                drop_plain += plain
+                drop_hashed += hashed
+            else:
+                set_plain.update((f, mxid) for f in plain)
+                set_hashed.update((h, mxid) for h in hashed)
+
+        tx = self.r.pipeline(transaction=True)
+        for key, fields in ((kc, drop_claims), (k3, drop_plain), (kh, drop_hashed), (km, drop_mxid)):
+            if fields:
+                tx.hdel(key, *fields)
+        for key, mapping in ((kc, set_claims), (k3, set_plain), (kh, set_hashed), (km, set_mxid)):
+            if mapping:
+                tx.hset(key, mapping=mapping)
+        if written:
+            tx.hset(self.k.store(store, "rec"), mapping={i: new.to_json() for i, new in written.items()})
+            tx.hset(self.k.store(store, "chash"), mapping={i: new.hash for i, new in written.items()})
+            if generation is not None:
+                tx.zadd(self.k.store(store, "gen"), {i: generation for i in written})
+        for new, _ in upserts:
+            tx.xadd(self.k.changes, {"store": store, "id": new.store_id, "op": "upsert"},
+                    maxlen=STREAM_MAXLEN, approximate=True)
+        for gone in deletes:
+            tx.hdel(self.k.store(store, "rec"), gone.store_id)
+            tx.hdel(self.k.store(store, "chash"), gone.store_id)
+            tx.zrem(self.k.store(store, "gen"), gone.store_id)
+            tx.hdel(self.k.store(store, "locator"), gone.store_id)
+            tx.xadd(self.k.changes, {"store": store, "id": gone.store_id, "op": "delete"},
+                    maxlen=STREAM_MAXLEN, approximate=True)
+        tx.execute()
+
+    def _holders(self, store: str, meaning: dict[str, tuple[str, ...]],
+                 steps: list[tuple[str, set[str], set[str]]]) -> tuple[dict[str, list[str]], set[str]]:
+        """Which records hold each claim before this batch (the one answering last), and which
+        claims have a list in s:S:claims. Only claims that several records hold have one; a claim
+        held once is known from what answers it: s:S:mxid for a Matrix ID; for an address, the
+        record of this batch that held it, else the record with the answering mxid that holds it."""
+        keys = list(meaning)
+        mxid_keys = [k for k in keys if meaning[k][0] == "mxid"]
+        addresses = [k for k in keys if meaning[k][0] == "3pid"]
+        read = self.r.pipeline(transaction=False)
+        read.hmget(self.k.store(store, "claims"), keys)
+        read.hmget(self.k.store(store, "mxid"), mxid_keys)
+        if addresses:
+            read.hmget(self.k.store(store, "3pid"), [plain_key(meaning[k][2], meaning[k][1]) for k in addresses])
+        listed, owners, *rest = read.execute()
+        holders = {key: json.loads(raw) for key, raw in zip(keys, listed) if raw}
+        with_list = set(holders)
+        for key, owner in zip(mxid_keys, owners):
+            holders.setdefault(key, [owner] if owner else [])
+        held_before: dict[str, list[str]] = {}
+        for store_id, before, _ in steps:
+            for key in before:
+                held_before.setdefault(key, []).append(store_id)
+        unknown: dict[str, str] = {}  # address claim -> the mxid answering it, whose record is to be found
+        for key, answer in zip(addresses, rest[0] if rest else []):
+            if key in holders:
+                continue
+            if answer is None:
+                holders[key] = []
+            elif key in held_before:
+                holders[key] = held_before[key]
+            else:
+                unknown[key] = answer
+        if unknown:
+            # A record outside this batch holds the address alone: one of those with its mxid.
+            mxids = sorted(set(unknown.values()))
+            read = self.r.pipeline(transaction=False)
+            read.hmget(self.k.store(store, "claims"), mxids)
+            read.hmget(self.k.store(store, "mxid"), mxids)
+            listed_ids, single_ids = read.execute()
+            candidates = {m: json.loads(raw) if raw else [i] if i else []
+                          for m, raw, i in zip(mxids, listed_ids, single_ids)}
+            ids = sorted({i for found in candidates.values() for i in found})
+            records = {i: Identity.from_json(raw)
+                       for i, raw in zip(ids, self.r.hmget(self.k.store(store, "rec"), ids) if ids else []) if raw}
+            for key, mxid in unknown.items():
+                claim = (meaning[key][1], meaning[key][2])
+                holders[key] = [i for i in candidates[mxid] if i in records and claim in records[i].threepids][-1:]
+        return holders, with_list
+
+    def _ensure_claims(self, store: str) -> None:
+        """Build the store's lists of what several records hold, from its records, when the cache
+        was written by a version without them; the records that answer today keep answering."""
+        state = self.k.store(store, "state")
+        if self.r.hexists(state, "claims"):
+            return
+        held: dict[str, list[str]] = {}
+        plain: dict[str, str] = {}  # claim of a 3PID -> its field in s:S:3pid
+        mxids: dict[str, str] = {}
+        for _, raw in self.r.hscan_iter(self.k.store(store, "rec"), count=1000):
+            identity = Identity.from_json(raw)
+            mxids[identity.store_id] = identity.mxid
+            held.setdefault(identity.mxid, []).append(identity.store_id)
+            for medium, address in identity.threepids:
+                key = claim_key(medium, address)
+                held.setdefault(key, []).append(identity.store_id)
+                plain[key] = plain_key(address, medium)
+        shared = [key for key, ids in held.items() if len(ids) > 1]
+        if shared:
+            read = self.r.pipeline(transaction=False)
+            for key in shared:
+                if key in plain:
+                    read.hget(self.k.store(store, "3pid"), plain[key])
+                else:
+                    read.hget(self.k.store(store, "mxid"), key)
+            for key, answer in zip(shared, read.execute()):
+                held[key].sort(key=lambda i: (mxids[i] if key in plain else i) == answer)
+        items = [(key, json.dumps(held[key], separators=(",", ":"))) for key in shared]
+        for start in range(0, len(items), 1000):
+            self.r.hset(self.k.store(store, "claims"), mapping=dict(items[start:start + 1000]))
+        self.r.hset(state, "claims", json.dumps(1))

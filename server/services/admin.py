@@ -1,0 +1,112 @@
+"""The admin API's and the readiness check's access to the cache: status, sync jobs requested and
+watched, what the cache holds for an address, fulltext rebuilds."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from typing import Any, cast
+
+import redis.asyncio
+
+from indexer.cache import JOB_DONE_TTL, JOB_QUEUED_TTL
+from indexer.redis_clients import Plan, run_plan_async
+from indexer.rediskeys import RedisKeys, plain_key
+from indexer.status import job_view, status_plan
+
+# Atomically: the store's active job if it has one, else a new queued job (returns [id, created]).
+_ENQUEUE = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local state = redis.call('HGET', ARGV[1] .. current, 'state')
+  if state == 'queued' or state == 'running' then return {current, 0} end
+end
+local key = ARGV[1] .. ARGV[2]
+redis.call('HSET', key, unpack(ARGV, 4))
+redis.call('EXPIRE', key, ARGV[3])
+redis.call('SET', KEYS[1], ARGV[2])
+redis.call('LPUSH', KEYS[2], ARGV[2])
+return {ARGV[2], 1}
+"""
+
+# Atomically: fail a job that is still queued, take it off the queue and free its store.
+_ABANDON = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
+redis.call('LREM', KEYS[2], 0, ARGV[1])
+redis.call('HSET', KEYS[1], 'state', 'done', 'outcome', 'failed', 'error', ARGV[2], 'ended', ARGV[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
+return 1
+"""
+
+
+def _inspect_plan(k: RedisKeys, stores: list[str], medium: str | None, address: str) -> Plan:
+    """What each store's cache holds for a 3PID (medium, canonical address) or, with medium None, an mxid."""
+    if medium is None:
+        mxids = [address] * len(stores)
+    else:
+        mxids = yield [("hget", k.store(s, "3pid"), plain_key(address, medium)) for s in stores]
+    found = [(s, m) for s, m in zip(stores, mxids) if m]
+    store_ids = yield [("hget", k.store(s, "mxid"), m) for s, m in found]
+    held = [(s, m, i) for (s, m), i in zip(found, store_ids)]
+    records = yield [("hget", k.store(s, "rec"), i) for s, _, i in held if i]
+    records_by = iter(records)
+    matches = []
+    for store, mxid, store_id in held:
+        record = next(records_by) if store_id else None
+        matches.append({"store": store, "mxid": mxid, "store_id": store_id,
+                        "identity": json.loads(record) if record else None})
+    return matches
+
+
+class Admin:
+    """Non-blocking reads and requests for the admin API and the readiness check."""
+
+    def __init__(self, client: redis.asyncio.Redis, prefix: str, stores: list[str],
+                 job_start_timeout: float = 30.0) -> None:
+        self.r = client
+        self.k = RedisKeys(prefix)
+        self.stores = stores
+        self.job_start_timeout = job_start_timeout
+        self._enqueue = client.register_script(_ENQUEUE)
+        self._abandon = client.register_script(_ABANDON)
+
+    async def status(self) -> dict[str, Any]:
+        """{"stores": {name: {identities, last_full, last_incremental, last_success, next_full,
+        next_incremental, job}}, "followers": [{host, last_id, lag_seconds, ...}], "last_change_id"}."""
+        return cast("dict[str, Any]", await run_plan_async(self.r, status_plan(self.k, self.stores, time.time())))
+
+    async def start_job(self, store: str, full: bool, request_id: str | None) -> tuple[dict[str, Any], bool]:
+        """The store's queued or running job, or a new queued one; (job, whether it is new)."""
+        new_id = secrets.token_hex(8)
+        fields = {"id": new_id, "store": store, "full": "1" if full else "0", "state": "queued",
+                  "created": str(time.time()), "read": "0", "applied": "0", "request_id": request_id or ""}
+        flat = [x for pair in fields.items() for x in pair]
+        job_id, created = await self._enqueue(
+            keys=[self.k.store(store, "job"), self.k.jobs], args=[self.k.job_prefix, new_id, JOB_QUEUED_TTL, *flat],
+        )
+        job = await self.job(job_id)
+        assert job is not None
+        return job, bool(created)
+
+    async def job(self, job_id: str) -> dict[str, Any] | None:
+        """A job as the admin API shows it; a job queued for longer than job_start_timeout is failed
+        first, since no live indexer took it (one that is down would otherwise leave it waiting)."""
+        view = job_view(job_id, cast("dict[str, str]", await self.r.hgetall(self.k.job(job_id))))
+        if view is None or view["state"] != "queued" or time.time() - (view["created"] or 0) < self.job_start_timeout:
+            return view
+        error = (f"no indexer took this job within {self.job_start_timeout:g} s: the indexer is not running "
+                 "(see `mxisd status` and the server's log)")
+        await self._abandon(keys=[self.k.job(job_id), self.k.jobs, self.k.store(view["store"], "job")],
+                            args=[job_id, error, time.time(), JOB_DONE_TTL])
+        return job_view(job_id, cast("dict[str, str]", await self.r.hgetall(self.k.job(job_id))))
+
+    async def inspect(self, medium: str | None, address: str) -> list[dict[str, Any]]:
+        """Per store that has it: the mxid, store id and record cached for a 3PID or an mxid."""
+        return cast("list[dict[str, Any]]",
+                    await run_plan_async(self.r, _inspect_plan(self.k, self.stores, medium, address)))
+
+    async def request_rebuild(self) -> int:
+        """Ask every host's follower to rebuild its fulltext index from the cache."""
+        return int(await self.r.incr(self.k.rebuild))
