@@ -158,43 +158,43 @@ def test_a_good_deployment_passes_every_check(make_server, slapd: Slapd, homeser
     assert line.startswith(f"PROBLEM public URL: {server.url} serves another identity server: its public key is ")
 
 
-def test_a_wrong_bind_password_is_named_and_stops_the_store_s_checks(configured, slapd: Slapd,
-                                                                     tmp_path: Path) -> None:
+@pytest.fixture
+def people_ou(slapd: Slapd) -> Iterator[Directory]:
+    """An organizational unit of the test's own in the run's slapd, holding one person."""
     directory = Directory(slapd)
     directory.add("dora")
-    configured["stores"].append(ldap_store(directory, bind={"dn": READER_DN, "password": "wrong"}))
-    result = diagnose(write(tmp_path, configured))
-    assert result.returncode == 1
-    assert lines(result, "store staff") == [
-        f"ok store staff: {slapd.uri} answers",
+    yield directory
+    directory.conn.unbind()
+
+
+@pytest.mark.parametrize(("broken", "expected"), [
+    ({"bind": {"dn": READER_DN, "password": "wrong"}}, [
+        "ok store staff: {uri} answers",
         f"PROBLEM store staff: bind as {READER_DN} refused: invalidCredentials: "
-        "check stores[1].bind.dn and stores[1].bind.password",
-    ]
-
-
-def test_a_base_dn_that_does_not_exist_is_named(configured, slapd: Slapd, tmp_path: Path) -> None:
-    directory = Directory(slapd)
-    directory.add("dora")
-    missing = f"ou=nowhere,{directory.base}"
-    configured["stores"].append(ldap_store(directory, base_dns=[directory.base, missing]))
-    result = diagnose(write(tmp_path, configured))
-    assert result.returncode == 1
-    assert lines(result, "store staff")[1:] == [
+        "check stores[1].bind.dn and stores[1].bind.password"]),
+    ({"base_dns": ["{base}", "ou=nowhere,{base}"]}, [
+        "ok store staff: {uri} answers",
         f"ok store staff: bind as {READER_DN} accepted",
-        f"PROBLEM store staff: base DN {missing} does not exist (or {READER_DN} may not read it): "
-        "check stores[1].base_dns",
-    ]
+        f"PROBLEM store staff: base DN ou=nowhere,{{base}} does not exist (or {READER_DN} may not read it): "
+        "check stores[1].base_dns"]),
+    ({"filter": "(objectClass=posixAccount)"}, [
+        "ok store staff: {uri} answers",
+        f"ok store staff: bind as {READER_DN} accepted",
+        "ok store staff: base DN {base} found",
+        "PROBLEM store staff: finds nobody (entries it skipped are logged above): "
+        "check stores[1].filter ((objectClass=posixAccount)) and stores[1].attributes"]),
+], ids=["wrong bind password", "missing base DN", "filter finding nobody"])
+def test_a_broken_ldap_store_is_named_and_stops_its_checks(configured, people_ou: Directory, broken: dict[str, Any],
+                                                            expected: list[str], tmp_path: Path) -> None:
+    def fill(text: Any) -> Any:
+        if isinstance(text, list):
+            return [fill(item) for item in text]
+        return text.format(uri=people_ou.server.uri, base=people_ou.base) if isinstance(text, str) else text
 
-
-def test_a_filter_that_finds_nobody_is_named(configured, slapd: Slapd, tmp_path: Path) -> None:
-    directory = Directory(slapd)
-    directory.add("dora")
-    configured["stores"].append(ldap_store(directory, filter="(objectClass=posixAccount)"))
+    configured["stores"].append(ldap_store(people_ou, **{key: fill(value) for key, value in broken.items()}))
     result = diagnose(write(tmp_path, configured))
     assert result.returncode == 1
-    assert lines(result, "store staff")[-1] == (
-        "PROBLEM store staff: finds nobody (entries it skipped are logged above): "
-        "check stores[1].filter ((objectClass=posixAccount)) and stores[1].attributes")
+    assert lines(result, "store staff") == fill(expected)
 
 
 def test_every_configured_sql_query_runs_and_a_failing_one_is_named(configured, database: str,
