@@ -299,32 +299,25 @@ def test_twilio_refusing_the_credentials_is_named(configured, twilio: FakeTwilio
     assert not twilio.sent
 
 
+@pytest.mark.parametrize(("certified_name", "ca_trusted", "reason"), [
+    (HS_NAME, False, "unable to get local issuer certificate"),
+    ("other.example", True, "Hostname mismatch, certificate is not valid for 'example.org'."),
+], ids=["unknown CA", "another name"])
 def test_a_homeserver_certificate_from_an_unknown_ca_or_for_another_name_is_named(
-        configured, homeserver: FakeHomeserver, tmp_path: Path) -> None:
-    (tmp_path / "untrusted").mkdir()
-    (tmp_path / "wrong-name").mkdir()
-    untrusted = FakeHomeserver(HS_NAME, tmp_path / "untrusted")  # a CA of its own, not federation.ca_file
-    wrong_name = FakeHomeserver("other.example", tmp_path / "wrong-name")
+        configured, certified_name: str, ca_trusted: bool, reason: str, tmp_path: Path) -> None:
+    impostor = FakeHomeserver(certified_name, tmp_path)  # with a CA of its own
     try:
-        configured["federation"]["overrides"] = {HS_NAME: f"127.0.0.1:{untrusted.port}"}
+        configured["federation"]["overrides"] = {HS_NAME: f"127.0.0.1:{impostor.port}"}
+        if ca_trusted:
+            configured["federation"]["ca_file"] = str(impostor.ca_file)
         result = diagnose(write(tmp_path, configured))
-        assert result.returncode == 1
-        assert lines(result, "homeserver federation API")[1] == (
-            f"PROBLEM homeserver federation API: example.org at 127.0.0.1:{untrusted.port} has no valid TLS "
-            "certificate for example.org (unable to get local issuer certificate): homeservers need one from a "
-            "CA this host trusts (federation.ca_file names a private one)")
-
-        configured["federation"]["overrides"] = {HS_NAME: f"127.0.0.1:{wrong_name.port}"}
-        configured["federation"]["ca_file"] = str(wrong_name.ca_file)
-        result = diagnose(write(tmp_path, configured))
-        assert result.returncode == 1
-        assert lines(result, "homeserver federation API")[1] == (
-            f"PROBLEM homeserver federation API: example.org at 127.0.0.1:{wrong_name.port} has no valid TLS "
-            "certificate for example.org (Hostname mismatch, certificate is not valid for 'example.org'.): "
-            "homeservers need one from a CA this host trusts (federation.ca_file names a private one)")
     finally:
-        untrusted.close()
-        wrong_name.close()
+        impostor.close()
+    assert result.returncode == 1
+    assert lines(result, "homeserver federation API")[1] == (
+        f"PROBLEM homeserver federation API: example.org at 127.0.0.1:{impostor.port} has no valid TLS "
+        f"certificate for example.org ({reason}): homeservers need one from a CA this host trusts "
+        "(federation.ca_file names a private one)")
 
 
 def test_a_homeserver_client_api_with_a_certificate_this_host_does_not_trust_is_named(
