@@ -121,6 +121,7 @@ def test_a_good_deployment_passes_every_check(make_server, slapd: Slapd, homeser
     assert lines(result, "signing key")[0].startswith(f"ok signing key: {server.root / 'data/keys/signing.key'} ")
     assert lines(result, "storage")[0].endswith("answers (schema version 4)")
     assert lines(result, "redis")[0].startswith("ok redis: redis://")
+    assert lines(result, "redis")[0].endswith(f"; holds a cache under the prefix {server.config['redis']['prefix']!r})")
     assert lines(result, "store people") == [
         "ok store people: finds people, e.g. @alice:example.org (Alice Liddell), email alice@example.com, "
         "msisdn 18005552067"]
@@ -254,6 +255,8 @@ def test_the_parts_of_a_good_config_pass_without_a_running_server(configured, tm
     assert "is mxisd running, and does server.public_url lead to it" in problems[0]
     assert lines(result, "signing key") == [f"- signing key: {tmp_path / 'data/keys/signing.key'} does not exist "
                                             "yet: mxisd run creates it when it first starts"]
+    prefix = configured["redis"]["prefix"]
+    assert lines(result, "redis")[0].endswith(f"; holds no cache yet under the prefix {prefix!r})")
     assert result.returncode == 1
 
 

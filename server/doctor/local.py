@@ -12,6 +12,7 @@ import redis as redis_lib
 import sqlalchemy as sa
 from signedjson.key import encode_verify_key_base64, get_verify_key
 
+from indexer.cache import Cache
 from indexer.redis_clients import connect, timeout_of
 from indexer.redis_server import EmbeddedRedis
 from server.doctor import Finding, not_checked, ok, problem
@@ -100,13 +101,17 @@ def redis(config: dict[str, Any]) -> Iterator[Finding]:
                                        f"in {embedded.dir}")
         return
     shown = _without_password(url)
+    prefix = config["redis"]["prefix"]
     client = connect(url, timeout_of(config))
     try:
         info = client.info("server")
+        epoch = Cache(client, prefix).epoch()
     except redis_lib.exceptions.RedisError as exc:
         yield problem(subject, f"{shown} does not answer: {exc}: check redis.url, and that Redis runs and "
                                "lets this host in")
         return
     finally:
         client.close()
-    yield ok(subject, f"{shown} answers (Redis {info.get('redis_version', '?')})")
+    # No cache under the prefix is right before the first start, and a sign of a wrong prefix after it.
+    holds = "holds a cache" if epoch else "holds no cache yet"
+    yield ok(subject, f"{shown} answers (Redis {info.get('redis_version', '?')}; {holds} under the prefix {prefix!r})")
