@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.latency_proxy import LatencyProxy  # noqa: E402
 from indexer.cache import Cache  # noqa: E402
+from indexer.config import parse_config  # noqa: E402
 from indexer.follower import Follower  # noqa: E402
 from indexer.fulltext import FullText  # noqa: E402
 from indexer.redis_clients import connect  # noqa: E402
@@ -152,9 +153,10 @@ def run(args: argparse.Namespace, slapd: Slapd, uri: str, cache: Cache, root: Pa
     assert dump.stdout.count(b"\ndn: ") + 1 >= args.n, "ldapsearch did not return every entry"
     timed(f"ldapsearch dump of {args.n} entries (floor)", None, floor)
 
-    store = build_store({"name": "bench", "kind": "ldap", "uri": uri, "base_dns": [BASE],
-                         "bind": {"dn": READER_DN, "password": READER_PASSWORD}, "page_size": args.page_size},
-                        CONFIG)
+    config = parse_config({**CONFIG, "stores": [{
+        "name": "bench", "kind": "ldap", "uri": uri, "base_dns": [BASE],
+        "bind": {"dn": READER_DN, "password": READER_PASSWORD}, "page_size": args.page_size}]}, root)
+    store = build_store(config.stores[0], config)
     fulltext = FullText(root / "fulltext")
     follower = Follower(cache, fulltext, ["bench"])
     follower.start()  # an empty index, following the change stream like the indexer's thread

@@ -1,18 +1,26 @@
-"""Loading the YAML config: environment substitution, schema validation, defaults, paths."""
+"""Loading the YAML config: environment substitution, schema validation, defaults, paths, and the
+typed objects of indexer.settings that the rest of the code reads."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import ipaddress
 import json
+import keyword
 import os
+import pickle
 import re
+import types
+from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
-from typing import Any, cast
+from typing import IO, Annotated, Any, Literal, Union, cast, get_args, get_origin, get_type_hints
 
 import jsonschema
 import yaml
+
+from indexer.settings import Config, Seconds
 
 # An installed copy carries the schemas as package data (indexer/schemas, see pyproject.toml); a checkout
 # keeps them at the repository root, where the README points.
@@ -207,7 +215,7 @@ def apply_defaults(instance: Any, schema: dict[str, Any], root: dict[str, Any]) 
     return instance
 
 
-def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
+def load_config(path: str | os.PathLike[str]) -> Config:
     """Read, substitute, validate and complete a config file; raise ConfigError on any problem."""
     path = Path(path)
     try:
@@ -224,11 +232,75 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return parse_config(raw, path.resolve().parent)
+
+
+def write_config(stream: IO[bytes], config: Config) -> None:
+    """Hand config to a process of `mxisd run` through a pipe (not its command line: the config may
+    hold secrets, which must not show in the process list)."""
+    pickle.dump(config, stream)
+    stream.flush()
+
+
+def read_config(stream: IO[bytes]) -> Config | None:
+    """The next config write_config sent on stream; None once the stream is closed. Only for the
+    pipe from the parent process: pickle trusts what it reads."""
+    try:
+        config: Config = pickle.load(stream)
+    except EOFError:
+        return None
+    return config
+
+
+def parse_config(raw: dict[str, Any], base: Path) -> Config:
+    """The typed config of a mapping of config keys as read from YAML (relative paths taken from
+    base); raise ConfigError on any problem."""
     config = _substitute_env(raw, [])
     validate(config, "config.schema.json")
     schema = load_schema("config.schema.json")
     apply_defaults(config, schema, schema)
-    return _complete(config, path.resolve().parent)
+    typed: Config = build(Config, _complete(config, base.resolve()))
+    return typed
+
+
+def field_key(name: str) -> str:
+    """The YAML key of a settings attribute (a keyword has a trailing underscore there)."""
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
+def build(hint: Any, value: Any) -> Any:
+    """value (valid and completed config data) as the type hint of indexer.settings says."""
+    origin = get_origin(hint)
+    if origin is Annotated:
+        kind, *marks = get_args(hint)
+        return parse_duration(value) if any(isinstance(m, Seconds) for m in marks) else build(kind, value)
+    if origin in (Union, types.UnionType):
+        options = [a for a in get_args(hint) if a is not type(None)]
+        if value is None and len(options) < len(get_args(hint)):
+            return None
+        if set(options) == {ipaddress.IPv4Network, ipaddress.IPv6Network}:
+            return ipaddress.ip_network(value, strict=False)
+        if len(options) > 1:  # the store kinds: the one whose kind the value names
+            options = [o for o in options if value["kind"] in get_args(_hints(o)["kind"])]
+        return build(options[0], value)
+    if origin is Literal or hint is Any:
+        return value
+    if origin is tuple:
+        return tuple(build(get_args(hint)[0], v) for v in (value if isinstance(value, list) else [value]))
+    if origin is Mapping:
+        return {k: build(get_args(hint)[1], v) for k, v in value.items()}
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        hints = _hints(hint)
+        return hint(**{f.name: build(hints[f.name], value.get(field_key(f.name)))
+                       for f in dataclasses.fields(hint)})
+    if hint is float:
+        return float(value)
+    return value
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls, include_extras=True)
 
 
 def _complete(config: dict[str, Any], base: Path) -> dict[str, Any]:
@@ -253,9 +325,9 @@ def _complete(config: dict[str, Any], base: Path) -> dict[str, Any]:
     for i, store in enumerate(config["stores"]):
         if "path" in store:
             store["path"] = str((base / store["path"]).resolve())
-        store_class(store["kind"]).check_config(store, f"stores[{i}]")
         if store.get("tls", {}).get("ca_file"):
             store["tls"]["ca_file"] = str((base / store["tls"]["ca_file"]).resolve())
+        store_class(store["kind"]).complete_config(store, f"stores[{i}]", base)
     files = [("sessions.pages", config["sessions"]["pages"], k) for k in ("success", "failure")]
     files += [("federation", config["federation"], "ca_file")]
     if "email" in config:
@@ -283,5 +355,5 @@ def _complete(config: dict[str, Any], base: Path) -> dict[str, Any]:
                 raise ConfigError(f"directory.hide[{i}].{key}: not a valid regular expression: {exc}") from None
     if config["homeserver"]["url"]:
         config["homeserver"]["url"] = config["homeserver"]["url"].rstrip("/")
-    config["config_dir"] = str(base)
     return config
+

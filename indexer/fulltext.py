@@ -16,6 +16,7 @@ from whoosh.fields import ID, STORED, TEXT, Schema
 from whoosh.support.charset import accent_map
 
 from indexer.identity import Identity
+from indexer.settings import Config
 
 POSITION_FILE = "position.json"
 # Bump when SCHEMA or _document changes: a follower finding another version rebuilds the index.
@@ -38,9 +39,9 @@ SCHEMA = Schema(
     tp_grams=TEXT(analyzer=_trigrams, phrase=False),
 )
 
-def fulltext_path(config: dict[str, Any]) -> Path:
+def fulltext_path(config: Config) -> Path:
     """Where a host keeps its index: data_dir/fulltext."""
-    return Path(config["data_dir"]) / "fulltext"
+    return Path(config.data_dir) / "fulltext"
 
 
 def document_key(store: str, store_id: str) -> str:

@@ -7,12 +7,12 @@ import logging
 import socket
 import threading
 from collections.abc import Callable
-from typing import Any
 
 import redis
 
 from indexer import logs
 from indexer.cache import JOB_RUNNING_TTL, Cache
+from indexer.settings import Config
 from indexer.stores import Store, StoreError, build_store
 from indexer.sync import SyncBusy, SyncResult, sync_store
 
@@ -28,11 +28,11 @@ class JobRunner:
     """Takes queued jobs one at a time and runs each in a thread of its own, so that a long sync of
     one store does not hold up another's."""
 
-    def __init__(self, config: dict[str, Any], cache: Cache, observe: Observer) -> None:
+    def __init__(self, config: Config, cache: Cache, observe: Observer) -> None:
         self.config = config
         self.cache = cache
         self.observe = observe
-        self.stores = {s["name"]: s for s in config["stores"]}
+        self.stores = {s.name: s for s in config.stores}
 
     def run(self, stop: threading.Event) -> None:
         """Wait for jobs until stop is set; Redis outages are waited out."""
@@ -61,18 +61,18 @@ class JobRunner:
         result: SyncResult | None = None
         error = None
         try:
-            store_config = self.stores.get(name)
-            if store_config is None:
+            settings = self.stores.get(name)
+            if settings is None:
                 error = f"this indexer has no store named {name!r}"
                 return
-            store = build_store(store_config, self.config)
+            store = build_store(settings, self.config)
             full = job.get("full") == "1"
             try:
                 # Without a high-water mark the sync is a full one whatever was asked.
                 if full or self.cache.state(name).get("high_water_mark") is None:
                     self._record_total(job_id, store)
                 log.info("job %s: %s sync of store %s started", job_id, "full" if full else "incremental", name)
-                result = sync_store(self.cache, store, store_config["sync"], full,
+                result = sync_store(self.cache, store, settings.sync, full,
                                     lambda read, applied: self.cache.update_job(job_id, read=read, applied=applied),
                                     wait_for_lock=LOCK_WAIT)
                 self.observe(result)

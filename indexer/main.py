@@ -3,7 +3,6 @@ the fulltext follower."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -11,19 +10,19 @@ import socket
 import sys
 import threading
 import time
-from typing import Any
 
 import redis
 import schedule
 
 from indexer import logs
 from indexer.cache import Cache
-from indexer.config import parse_duration
+from indexer.config import read_config
 from indexer.follower import Follower
 from indexer.fulltext import FullText, fulltext_path
 from indexer.jobs import JobRunner
 from indexer.metrics import observe_sync
-from indexer.redis_clients import connect, timeout_of
+from indexer.redis_clients import connect
+from indexer.settings import Config, SyncConfig
 from indexer.stores import Store, build_store
 from indexer.sync import SyncBusy, SyncResult, full_sync, incremental_sync
 
@@ -46,16 +45,14 @@ class Indexer:
     """Syncs every configured store when it is due, then every sync.full_every, and reads changes
     every sync.changes_every in between (for stores that can list them)."""
 
-    def __init__(self, config: dict[str, Any], cache: Cache) -> None:
+    def __init__(self, config: Config, cache: Cache) -> None:
         self.config = config
         self.cache = cache
-        self.stores: list[tuple[Store, dict[str, Any]]] = [
-            (build_store(s, config), s["sync"]) for s in config["stores"]
-        ]
+        self.stores: list[tuple[Store, SyncConfig]] = [(build_store(s, config), s.sync) for s in config.stores]
         self.scheduler = schedule.Scheduler()
         self.published: dict[str, dict[str, float | None]] = {}
         self.stop = threading.Event()
-        self.check_every = max(1, parse_duration(config["redis"]["check_every"]))
+        self.check_every = max(1, config.redis.check_every)
         self.next_check = 0.0
         self.retry_after: dict[str, tuple[float, float]] = {}  # store -> (monotonic time, next delay)
 
@@ -67,9 +64,9 @@ class Indexer:
 
     # A scheduled job must never raise: `schedule` would then run it again at once, in a loop, and
     # the loop itself would end.
-    def sync(self, store: Store, sync_config: dict[str, Any]) -> None:
+    def sync(self, store: Store, settings: SyncConfig) -> None:
         try:
-            observe_sync(full_sync(self.cache, store, sync_config["max_delete_ratio"], self._progress))
+            observe_sync(full_sync(self.cache, store, settings.max_delete_ratio, self._progress))
         except SyncBusy as exc:
             log.info("%s; skipping this run", exc)
         except redis.exceptions.RedisError as exc:
@@ -109,10 +106,10 @@ class Indexer:
             if not store.enumerable:
                 log.info("store %s cannot be enumerated: lookups ask it on cache misses instead", store.name)
                 continue
-            if sync_config["changes_every"]:
-                self.scheduler.every(parse_duration(sync_config["changes_every"])).seconds.do(
+            if sync_config.changes_every:
+                self.scheduler.every(sync_config.changes_every).seconds.do(
                     self.sync_changes, store).tag(store.name, "incremental")
-            every = parse_duration(sync_config["full_every"]) if sync_config["full_every"] else None
+            every = sync_config.full_every or None
             delay = self._first_delay(store, every)
             if delay is None:
                 continue
@@ -124,7 +121,7 @@ class Indexer:
 
             assert every is not None  # a delay is counted from the last full sync only when there is an every
 
-            def first(store: Store = store, sync_config: dict[str, Any] = sync_config,
+            def first(store: Store = store, sync_config: SyncConfig = sync_config,
                       every: int = every) -> type[schedule.CancelJob]:
                 self.sync(store, sync_config)
                 self.scheduler.every(every).seconds.do(self.sync, store, sync_config).tag(store.name, "full")
@@ -199,10 +196,10 @@ class Indexer:
             store.close()
 
 
-def run_indexer(config: dict[str, Any], redis_url: str, stop: threading.Event, parent_pid: int | None = None) -> None:
+def run_indexer(config: Config, redis_url: str, stop: threading.Event, parent_pid: int | None = None) -> None:
     """The body of the indexer process: follower thread plus scheduled syncs, until stop is set
     (or the parent process has gone away)."""
-    cache = Cache(connect(redis_url, timeout_of(config), blocking=True), config["redis"]["prefix"])
+    cache = Cache(connect(redis_url, config.redis.timeout, blocking=True), config.redis.prefix)
     while not stop.is_set():
         try:
             cache.initialize()
@@ -211,7 +208,7 @@ def run_indexer(config: dict[str, Any], redis_url: str, stop: threading.Event, p
             logs.repeated.error(log, "indexer: Redis unavailable (%s); trying again in %.0f s", exc, RETRY_AFTER,
                                 key="indexer start redis")
             stop.wait(RETRY_AFTER)
-    store_names = [s["name"] for s in config["stores"]]
+    store_names = [s.name for s in config.stores]
     follower = Follower(cache, FullText(fulltext_path(config)), store_names)
     follower_thread = threading.Thread(target=follower.run, args=(stop,), name="fulltext-follower", daemon=True)
     follower_thread.start()
@@ -221,7 +218,7 @@ def run_indexer(config: dict[str, Any], redis_url: str, stop: threading.Event, p
                             daemon=True)
     jobs.start()
     heartbeat = threading.Thread(target=_heartbeat, name="heartbeat", daemon=True,
-                                 args=(cache, parse_duration(config["supervisor"]["heartbeat"]),
+                                 args=(cache, config.supervisor.heartbeat,
                                        [follower_thread, jobs], stop))
     heartbeat.start()
     indexer = Indexer(config, cache)
@@ -265,11 +262,13 @@ def _watch_parent(parent_pid: int, stop: threading.Event) -> None:
 
 
 def main() -> None:
-    """`python -m indexer.main REDIS_URL PARENT_PID` with the config as JSON on stdin: the
+    """`python -m indexer.main REDIS_URL PARENT_PID` with the config on stdin (read_config): the
     indexer process that `mxisd run` starts."""
     redis_url, parent_pid = sys.argv[1], int(sys.argv[2])
-    config = json.load(sys.stdin)
-    logs.setup(config["log_level"], "indexer", config["log_format"])
+    config = read_config(sys.stdin.buffer)
+    if config is None:
+        raise SystemExit("indexer: no config on stdin")
+    logs.setup(config.log_level, "indexer", config.log_format)
     stop = threading.Event()
     # Ctrl-C reaches the whole process group; the server decides when the indexer stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -12,17 +12,10 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from indexer.config import parse_duration
-
 DEFAULT_TIMEOUT_S = 5.0
 # Longest a command of ours asks Redis to block (XREAD BLOCK, BRPOP): a client that sends them waits
 # that much longer for a reply.
 MAX_BLOCK_S = 1.0
-
-
-def timeout_of(config: dict[str, Any]) -> float:
-    """The configured deadline of every Redis command (redis.timeout), in seconds."""
-    return float(parse_duration(config["redis"]["timeout"]))
 
 
 def _client_options(timeout_s: float, blocking: bool) -> dict[str, Any]:

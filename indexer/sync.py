@@ -14,6 +14,7 @@ import redis
 from indexer import logs
 from indexer.cache import Cache
 from indexer.identity import Identity
+from indexer.settings import SyncConfig
 from indexer.stores import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ def incremental_sync(
 def sync_store(
     cache: Cache,
     store: Store,
-    sync_config: dict[str, Any],
+    settings: SyncConfig,
     full: bool,
     progress: Progress | None = None,
     wait_for_lock: float = 0.0,
@@ -162,7 +163,7 @@ def sync_store(
     incremental one."""
     result = None if full else incremental_sync(cache, store, progress, wait_for_lock)
     if result is None:
-        result = full_sync(cache, store, sync_config["max_delete_ratio"], progress, wait_for_lock)
+        result = full_sync(cache, store, settings.max_delete_ratio, progress, wait_for_lock)
     return result
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import os
 import re
@@ -13,22 +12,21 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
-from typing import Any
 
 import orjson
 import redis
 import sqlalchemy
 from sanic import Blueprint, Request, Sanic
-from sanic.config import Config
+from sanic.config import Config as SanicConfig
 from sanic.exceptions import BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, SanicException, ServiceUnavailable
 from sanic.response import BaseHTTPResponse, HTTPResponse, empty, json
 
 from indexer import logs
 from indexer.cache import Cache
-from indexer.config import parse_duration
 from indexer.fulltext import fulltext_path
-from indexer.redis_clients import connect, connect_async, timeout_of
+from indexer.redis_clients import connect, connect_async
 from indexer.rediskeys import BINDINGS
+from indexer.settings import Config
 from server import metrics
 from server.api import (
     account,
@@ -71,10 +69,6 @@ from server.token_cache import TokenCache
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("mxisd.access")
 
-PURGE_EVERY_S = 60
-# Expired sessions are kept a while longer so that clients still hear M_SESSION_EXPIRED, not "unknown".
-EXPIRED_SESSIONS_KEPT_MS = 7 * 24 * 3600 * 1000
-
 REQUEST_ID_HEADER = "X-Request-ID"
 _GOOD_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -85,10 +79,10 @@ CORS_HEADERS = {
 }
 
 
-def lookup_order(config: dict[str, Any]) -> list[str]:
+def lookup_order(config: Config) -> list[str]:
     """The stores lookups ask, first match wins: bindings before or after the configured stores."""
-    stores = [s["name"] for s in config["stores"]]
-    return [BINDINGS, *stores] if config["lookup"]["prefer"] == "binding" else [*stores, BINDINGS]
+    stores = [s.name for s in config.stores]
+    return [BINDINGS, *stores] if config.lookup.prefer == "binding" else [*stores, BINDINGS]
 
 
 def blueprints(with_admin: bool, with_metrics: bool) -> list[Blueprint]:
@@ -103,56 +97,49 @@ def blueprints(with_admin: bool, with_metrics: bool) -> list[Blueprint]:
 
 
 # The application with Sanic's own config and context types (the services hang untyped off app.ctx).
-App = Sanic[Config, SimpleNamespace]
+App = Sanic[SanicConfig, SimpleNamespace]
 
 
-def create_app(config: dict[str, Any], redis_url: str) -> App:
+def create_app(config: Config, redis_url: str) -> App:
     """The Sanic application for one worker."""
-    logs.setup(config["log_level"], "server", config["log_format"])  # spawned workers start with no logging set up
+    logs.setup(config.log_level, "server", config.log_format)  # spawned workers start with no logging set up
     app = Sanic("mxisd", configure_logging=False, dumps=orjson.dumps, loads=load_json)  # fast JSON
     app.config.FALLBACK_ERROR_FORMAT = "json"
-    app.config.REQUEST_MAX_SIZE = config["server"]["max_body_size"]
+    app.config.REQUEST_MAX_SIZE = config.server.max_body_size
     # uvloop installs SIGTERM handling only once the loop runs, after Sanic has set SIGTERM to
     # "ignore" and begun answering: a SIGTERM in that window was lost and the server never stopped.
     app.config.USE_UVLOOP = False
     app.ctx.config = config
-    app.ctx.bulk_max = config["lookup"]["bulk_max"]
-    app.ctx.association_validity_ms = parse_duration(config["lookup"]["association_validity"]) * 1000
-    app.ctx.keys = SigningKeys.load_or_create(config["data_dir"], config["server"]["name"])
+    app.ctx.keys = SigningKeys.load_or_create(config.data_dir, config.server.name)
     app.ctx.tokens = TokenCache()
-    app.ctx.admin_networks = [ipaddress.ip_network(n, strict=False) for n in config["admin"]["allow"]]
-    app.ctx.metrics_networks = [ipaddress.ip_network(n, strict=False) for n in config["metrics"]["allow"]]
-    app.ctx.max_follower_lag = parse_duration(config["health"]["max_follower_lag"])
-    app.ctx.access_log = config["server"]["access_log"]
-    domain = config["matrix"]["domain"]
-    app.ctx.email = EmailSender(config["email"], domain) if "email" in config else None
-    app.ctx.sms = SmsSender(config["sms"], domain) if "sms" in config else None
+    domain = config.matrix.domain
+    app.ctx.email = EmailSender(config.email, domain) if config.email else None
+    app.ctx.sms = SmsSender(config.sms, domain) if config.sms else None
 
-    if config["server"]["proxies_count"]:
-        app.config.PROXIES_COUNT = config["server"]["proxies_count"]
+    if config.server.proxies_count:
+        app.config.PROXIES_COUNT = config.server.proxies_count
 
-    if config["admin"]["token"]:
-        app.ctx.admin_token_digest = admin.token_digest(config["admin"]["token"])
-    for blueprint in blueprints(bool(config["admin"]["token"]), config["metrics"]["enabled"]):
+    if config.admin.token:
+        app.ctx.admin_token_digest = admin.token_digest(config.admin.token)
+    for blueprint in blueprints(bool(config.admin.token), config.metrics.enabled):
         app.blueprint(blueprint)
 
     @app.before_server_start
     async def open_connections(app: App) -> None:
-        client = connect_async(redis_url, timeout_of(config))
-        prefix = config["redis"]["prefix"]
+        client = connect_async(redis_url, config.redis.timeout)
+        prefix = config.redis.prefix
         app.ctx.redis = client
-        app.ctx.redis_pipe = PipelinedRedis(redis_url, timeout_of(config))
+        app.ctx.redis_pipe = PipelinedRedis(redis_url, config.redis.timeout)
         app.ctx.lookups = Lookups(app.ctx.redis_pipe, prefix, lookup_order(config))
-        app.ctx.admin = Admin(client, prefix, [s["name"] for s in config["stores"]],
-                              parse_duration(config["admin"]["job_start_timeout"]))
+        app.ctx.admin = Admin(client, prefix, [s.name for s in config.stores], config.admin.job_start_timeout)
         app.ctx.read_through = ReadThrough(config, app.ctx.lookups)
         app.ctx.binding_mirror = BindingMirror(client, prefix)
         app.ctx.rate_limits = RateLimits(client, prefix)
-        app.ctx.storage = Storage(config["storage"]["url"], config["data_dir"])
-        app.ctx.federation = Federation(config["federation"])
-        app.ctx.homeserver = Homeserver(config)
-        settings = config["directory"]
-        app.ctx.directory = DirectorySearch(fulltext_path(config), HideRules(settings["hide"]), settings["threepids"])
+        app.ctx.storage = Storage(config.storage.url, config.data_dir)
+        app.ctx.federation = Federation(config.federation)
+        app.ctx.homeserver = Homeserver(config.homeserver)
+        app.ctx.directory = DirectorySearch(fulltext_path(config), HideRules(config.directory.hide),
+                                            config.directory.threepids)
         # Whoosh blocks: searches run in a thread of their own, taking turns on one open reader.
         app.ctx.search_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
         app.ctx.credentials = Credentials(config, app.ctx.lookups)
@@ -213,21 +200,25 @@ def create_app(config: dict[str, Any], redis_url: str) -> App:
 
 async def maintenance(app: App, redis_url: str) -> None:
     """Every redis.check_every: have Redis rebuilt if it was emptied or went back in time while we
-    run (see server.bindings); every minute: forget validation sessions a week past their lifetime."""
-    config = app.ctx.config
+    run (see server.bindings); every sessions.purge_every: forget validation sessions expired longer
+    than sessions.keep_expired ago."""
+    config: Config = app.ctx.config
     storage: Storage = app.ctx.storage
-    cache = Cache(connect(redis_url, timeout_of(config)), config["redis"]["prefix"])
-    stores = [s["name"] for s in config["stores"]]
-    check_every = max(1, parse_duration(config["redis"]["check_every"]))
-    keep_ms = parse_duration(config["sessions"]["lifetime"]) * 1000 + EXPIRED_SESSIONS_KEPT_MS
-    purged_at = time.monotonic()
+    cache = Cache(connect(redis_url, config.redis.timeout), config.redis.prefix)
+    stores = [s.name for s in config.stores]
+    check_every = max(1, config.redis.check_every)
+    purge_every = max(1, config.sessions.purge_every)
+    keep_ms = (config.sessions.lifetime + config.sessions.keep_expired) * 1000
+    next_check, next_purge = time.monotonic() + check_every, time.monotonic() + purge_every
     try:
         while True:
-            await asyncio.sleep(check_every)
+            await asyncio.sleep(max(0.0, min(next_check, next_purge) - time.monotonic()))
             try:
-                await storage.run(check_cache, storage, cache, stores)
-                if time.monotonic() - purged_at >= PURGE_EVERY_S:
-                    purged_at = time.monotonic()
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + check_every
+                    await storage.run(check_cache, storage, cache, stores)
+                if time.monotonic() >= next_purge:
+                    next_purge = time.monotonic() + purge_every
                     purged = await storage.run(storage.delete_sessions_before, now_ms() - keep_ms)
                     if purged:
                         log.info("forgot %d expired validation sessions", purged)
@@ -250,7 +241,7 @@ def record_response(request: Request, response: BaseHTTPResponse) -> None:
     metrics.REQUESTS.labels(request.method, endpoint, str(response.status)).inc()
     if took is not None:
         metrics.LATENCY.labels(request.method, endpoint).observe(took)
-    if request.app.ctx.access_log:
+    if request.app.ctx.config.server.access_log:
         target = logs.mask_secrets(request.path + (f"?{request.query_string}" if request.query_string else ""))
         access_log.info(
             "%s %s %s %d %s", request.ip, request.method, target, response.status,

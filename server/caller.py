@@ -7,6 +7,8 @@ import ipaddress
 
 from sanic import Request
 
+from indexer.settings import Config
+
 
 def usable_token(token: str) -> bool:
     """Whether a token can be one we or the homeserver handed out: printable ASCII. Anything else
@@ -20,7 +22,8 @@ def client_address(request: Request) -> str:
     X-Forwarded-For entry that many hops from the right (each proxy appends the address it was reached
     from; entries further left are whatever the client wrote, so they never count); else the TCP peer's.
     A forwarded value that is not an IP address (any bytes a client sent) counts as the peer's."""
-    count = request.app.ctx.config["server"]["proxies_count"]
+    config: Config = request.app.ctx.config
+    count = config.server.proxies_count
     if count:
         hops = [hop.strip() for header in request.headers.getall("x-forwarded-for", []) for hop in header.split(",")]
         hops = [hop for hop in hops if hop]

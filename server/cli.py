@@ -21,8 +21,8 @@ from indexer.cache import Cache
 from indexer.config import ConfigError, load_config
 from indexer.normalize import InvalidAddress
 from indexer.normalize import email as canonical_email
-from indexer.redis_clients import timeout_of
 from indexer.redis_server import EmbeddedRedis, EmbeddedRedisError
+from indexer.settings import Config
 from indexer.stores import build_store
 from indexer.sync import SyncBusy, SyncResult, sync_store
 from server import doctor
@@ -107,23 +107,23 @@ class TerminalProgress:
 
 
 @contextlib.contextmanager
-def _open_cache(config: dict[str, Any]) -> Iterator[Cache]:
+def _open_cache(config: Config) -> Iterator[Cache]:
     """The configured cache; with the embedded Redis, the running server's, or one started for now."""
-    url, embedded, lock = config["redis"]["url"], None, None
+    url, embedded, lock = config.redis.url, None, None
     if not url:
-        candidate = EmbeddedRedis(config["data_dir"])
+        candidate = EmbeddedRedis(config.data_dir)
         url = candidate.url
         try:
-            lock = hold_data_dir(config["data_dir"])
+            lock = hold_data_dir(config.data_dir)
         except StartupError:
             # A running server owns the embedded Redis: use it.
             if not candidate.answering():
-                raise StartupError(f"the server holding {config['data_dir']} has no Redis answering") from None
+                raise StartupError(f"the server holding {config.data_dir} has no Redis answering") from None
         else:
             candidate.start()
             embedded = candidate
     try:
-        cache = Cache(wait_for_redis(url, timeout_of(config)), config["redis"]["prefix"])
+        cache = Cache(wait_for_redis(url, config.redis.timeout), config.redis.prefix)
         cache.initialize()
         yield cache
     finally:
@@ -137,16 +137,16 @@ class AdminRefused(Exception):
     """The running server's admin API answered, but not with what was asked."""
 
 
-def _admin_client(config: dict[str, Any]) -> httpx.Client | None:
+def _admin_client(config: Config) -> httpx.Client | None:
     """A client of the running server's admin API, when a token is configured and a server answers
     at the configured address; AdminRefused when it answers with an error (such as a wrong token)."""
-    token = config["admin"]["token"]
+    token = config.admin.token
     if not token:
         return None
-    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(config["server"]["bind"], config["server"]["bind"])
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(config.server.bind, config.server.bind)
     if ":" in host:
         host = f"[{host}]"
-    client = httpx.Client(base_url=f"http://{host}:{config['server']['port']}/_mxisd/admin/v1",
+    client = httpx.Client(base_url=f"http://{host}:{config.server.port}/_mxisd/admin/v1",
                           headers={"Authorization": f"Bearer {token}"}, timeout=30)
     try:
         answer = client.get("/stores")
@@ -196,8 +196,8 @@ def _index_via_api(client: httpx.Client, names: list[str], full: bool) -> int:
     return status
 
 
-def _index(config: dict[str, Any], only: str | None, full: bool) -> int:
-    names = [s["name"] for s in config["stores"]]
+def _index(config: Config, only: str | None, full: bool) -> int:
+    names = [s.name for s in config.stores]
     if only is not None and only not in names:
         print(f"mxisd: no store named {only!r}; configured stores: {', '.join(names)}", file=sys.stderr)
         return EXIT_CONFIG
@@ -218,17 +218,17 @@ def _index(config: dict[str, Any], only: str | None, full: bool) -> int:
             client.close()
     with _open_cache(config) as cache:
         status = 0
-        for store_config in config["stores"]:
-            if store_config["name"] not in wanted:
+        for settings in config.stores:
+            if settings.name not in wanted:
                 continue
-            store = build_store(store_config, config)
+            store = build_store(settings, config)
             if not store.enumerable:
                 store.close()
                 print(f"{store.name}: not synced: it cannot be enumerated, lookups ask it on cache misses")
                 continue
             progress = TerminalProgress(store.name, sys.stderr)
             try:
-                result = sync_store(cache, store, store_config["sync"], full, progress, wait_for_lock=600)
+                result = sync_store(cache, store, settings.sync, full, progress, wait_for_lock=600)
             except SyncBusy as exc:
                 print(f"mxisd: {exc}; gave up after waiting 10 minutes", file=sys.stderr)
                 status = EXIT_FAILED
@@ -256,15 +256,15 @@ def _last(sync: dict[str, Any] | None) -> str:
     return text + (f": {sync['error']}" if sync.get("error") else "")
 
 
-def _status(config: dict[str, Any]) -> int:
+def _status(config: Config) -> int:
     """Print the stores table and the fulltext followers' lag."""
     with _open_cache(config) as cache:
-        state = cache.status([s["name"] for s in config["stores"]])
+        state = cache.status([s.name for s in config.stores])
     rows = [("STORE", "KIND", "IDENTITIES", "LAST FULL SYNC", "LAST INCREMENTAL", "NEXT FULL", "JOB")]
-    for store_config in config["stores"]:
-        s = state["stores"][store_config["name"]]
+    for settings in config.stores:
+        s = state["stores"][settings.name]
         job = s["job"]
-        rows.append((store_config["name"], store_config["kind"], str(s["identities"]), _last(s["last_full"]),
+        rows.append((settings.name, settings.kind, str(s["identities"]), _last(s["last_full"]),
                      _last(s["last_incremental"]), _when(s["next_full"]),
                      f"{job['state']} {job['id']} ({job['read']} read)" if job else "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -290,8 +290,8 @@ def _indexer_line(indexer: dict[str, Any]) -> str:
     return f"indexer on {indexer['host']}: NOT RUNNING: no recent heartbeat"
 
 
-def _test_email(config: dict[str, Any], address: str) -> int:
-    if "email" not in config:
+def _test_email(config: Config, address: str) -> int:
+    if config.email is None:
         print("mxisd: the config has no email section: nothing to test", file=sys.stderr)
         return EXIT_CONFIG
     try:
@@ -299,7 +299,7 @@ def _test_email(config: dict[str, Any], address: str) -> int:
     except InvalidAddress as exc:
         print(f"mxisd: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    sender = EmailSender(config["email"], config["matrix"]["domain"])
+    sender = EmailSender(config.email, config.matrix.domain)
     try:
         asyncio.run(sender.send("test", recipient, {}))
     except SendError as exc:
@@ -318,10 +318,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mxisd: invalid config {path}: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "check-config":
-        print(f"{path}: ok ({len(config['stores'])} store(s))")
+        print(f"{path}: ok ({len(config.stores)} store(s))")
         return 0
     # The doctor's lines are its output; of the log, only warnings (such as entries a store skips).
-    logs.setup("WARNING" if args.command == "doctor" else config["log_level"], args.command, config["log_format"])
+    logs.setup("WARNING" if args.command == "doctor" else config.log_level, args.command, config.log_format)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per admin API call
     try:
         if args.command == "run":

@@ -8,11 +8,10 @@ import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 from indexer import logs, normalize
-from indexer.config import parse_duration
 from indexer.identity import Identity
+from indexer.settings import AuthRateLimitConfig, Config
 from indexer.stores import Store, build_store
 from server.services.lookups import Lookups
 
@@ -31,22 +30,22 @@ class Limited(Exception):
 class Credentials:
     """Resolves who is logging in and checks their password, within the configured limits."""
 
-    def __init__(self, config: dict[str, Any], lookups: Lookups) -> None:
+    def __init__(self, config: Config, lookups: Lookups) -> None:
         self.lookups = lookups
-        self.domain: str = config["matrix"]["domain"]
-        self.region: str | None = config["threepids"]["msisdn"]["default_region"]
-        self.set_limits(config["auth"]["rate_limit"])
-        self.stores: dict[str, Store] = {s["name"]: build_store(s, config) for s in config["stores"]}
+        self.domain = config.matrix.domain
+        self.region = config.threepids.msisdn.default_region
+        self.set_limits(config.auth.rate_limit)
+        self.stores: dict[str, Store] = {s.name: build_store(s, config) for s in config.stores}
         # Password checks block (a bind, a query, an HTTP call): threads, never the event loop. Each
         # waits on its store for at most that store's timeout, so these many bound how many logins a
         # slow directory can hold up at once.
-        self.executor = ThreadPoolExecutor(max_workers=config["auth"]["threads"], thread_name_prefix="auth")
+        self.executor = ThreadPoolExecutor(max_workers=config.auth.threads, thread_name_prefix="auth")
 
-    def set_limits(self, limits: dict[str, Any]) -> None:
+    def set_limits(self, limits: AuthRateLimitConfig) -> None:
         """auth.rate_limit (again on SIGHUP)."""
-        self.per_user: int = limits["per_user"]
-        self.per_ip: int = limits["per_ip"]
-        self.window = parse_duration(limits["window"])
+        self.per_user = limits.per_user
+        self.per_ip = limits.per_ip
+        self.window = limits.window
 
     def threepid(self, login: str) -> tuple[str, str] | None:
         """(medium, canonical address) when a login identifier is an email address or a phone number."""

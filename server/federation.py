@@ -24,6 +24,7 @@ from signedjson.key import decode_verify_key_bytes
 from signedjson.sign import SignatureVerifyException, verify_signed_json
 from unpaddedbase64 import decode_base64
 
+from indexer.settings import FederationConfig
 from server.metrics import OUTGOING_FAILURES
 
 log = logging.getLogger(__name__)
@@ -135,16 +136,16 @@ class Federation:
     """Outgoing requests to homeservers, with the config's overrides, TLS and address policy; each
     within an overall deadline, and only a few at a time to any one destination."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.overrides: dict[str, str] = config["overrides"]
-        self.allowed_private = [ipaddress.ip_network(n, strict=False) for n in config["allow_private_networks"]]
-        self.timeout = config["timeout_s"]
-        self.deadline_s: float = config["deadline_s"]
-        self._slots = _Slots(config["max_in_flight"])
-        if not config["verify_tls"]:
+    def __init__(self, settings: FederationConfig) -> None:
+        self.overrides = settings.overrides
+        self.allowed_private = settings.allow_private_networks
+        self.timeout = settings.timeout_s
+        self.deadline_s = settings.deadline_s
+        self._slots = _Slots(settings.max_in_flight)
+        if not settings.verify_tls:
             self.tls: ssl.SSLContext | bool = False
         else:
-            self.tls = ssl.create_default_context(cafile=config.get("ca_file"))
+            self.tls = ssl.create_default_context(cafile=settings.ca_file)
         self.http = httpx.AsyncClient(verify=self.tls, timeout=self.timeout, follow_redirects=False)
         self.resolver = dns.asyncresolver.Resolver()
         self.well_known_port = 443  # fixed by the spec; tests serve .well-known elsewhere

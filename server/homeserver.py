@@ -12,7 +12,7 @@ import httpx
 from sanic.response import HTTPResponse, raw
 
 from indexer import logs
-from indexer.config import parse_duration
+from indexer.settings import HomeserverConfig
 from server.caller import usable_token
 from server.errors import MatrixError
 
@@ -26,12 +26,10 @@ FORWARDED_REQUEST_HEADERS = ("authorization", "content-type", "accept", "accept-
 class Homeserver:
     """One worker's client of the homeserver."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        settings = config["homeserver"]
-        self.url: str | None = settings["url"]
-        self.whoami_ttl = parse_duration(settings["whoami_cache"])
-        self.http = (httpx.AsyncClient(base_url=self.url, timeout=parse_duration(settings["timeout"]))
-                     if self.url else None)
+    def __init__(self, settings: HomeserverConfig) -> None:
+        self.url = settings.url
+        self.whoami_ttl = settings.whoami_cache
+        self.http = httpx.AsyncClient(base_url=self.url, timeout=settings.timeout) if self.url else None
         self._tokens: dict[bytes, tuple[float, str]] = {}
 
     async def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:

@@ -16,7 +16,7 @@ import redis
 import sqlalchemy
 
 from indexer import logs
-from indexer.config import parse_duration
+from indexer.settings import Config
 from server.bindings import ASSOCIATION_LIFETIME_MS
 from server.federation import Federation, FederationError, split_server_name
 from server.services.lookups import Lookups
@@ -47,17 +47,17 @@ def permanent(status: int) -> bool:
 class InviteWorker:
     """Queues, sends and retries onbind deliveries; checks pending invites against the lookup cache."""
 
-    def __init__(self, config: dict[str, Any], storage: Storage, lookups: Lookups, federation: Federation,
+    def __init__(self, config: Config, storage: Storage, lookups: Lookups, federation: Federation,
                  keys: SigningKeys) -> None:
-        settings = config["invites"]
-        self.expire_ms = parse_duration(settings["expire_after"]) * 1000
-        self.check_every_s = parse_duration(settings["check_every"])
-        self.retry_first_ms = parse_duration(settings["retry_first"]) * 1000
-        self.retry_max_ms = parse_duration(settings["retry_max"]) * 1000
-        self.known_delay_ms = parse_duration(settings["known_address_delay"]) * 1000
-        self.known_retry_for_ms = parse_duration(settings["known_address_retry_for"]) * 1000
+        settings = config.invites
+        self.expire_ms = settings.expire_after * 1000
+        self.check_every_s = settings.check_every
+        self.retry_first_ms = settings.retry_first * 1000
+        self.retry_max_ms = settings.retry_max * 1000
+        self.known_delay_ms = settings.known_address_delay * 1000
+        self.known_retry_for_ms = settings.known_address_retry_for * 1000
         # A sender that died mid-request releases its lease after this: longer than any request.
-        self.lease_ms = int((config["federation"]["deadline_s"] + 60) * 1000)
+        self.lease_ms = int((config.federation.deadline_s + 60) * 1000)
         self.storage = storage
         self.lookups = lookups
         self.federation = federation

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
 
 import httpx
 
 from indexer import logs
-from indexer.config import parse_duration
+from indexer.settings import Config, RestStoreConfig
 from indexer.stores.rest import BadAnswer, client_options, decode, lookup_answer, lookup_request
 from server.metrics import OUTGOING_FAILURES
 from server.services.lookups import Lookups
@@ -27,26 +26,25 @@ CONCURRENCY = 8  # requests in flight to one service from one worker
 
 
 class _Service:
-    def __init__(self, store_config: dict[str, Any]) -> None:
-        self.name: str = store_config["name"]
-        self.path: str = store_config["endpoints"]["lookup"]
-        self.http = httpx.AsyncClient(**client_options(store_config))
-        settings = store_config["read_through"]
-        self.ttl = parse_duration(settings["ttl"])
-        self.miss_ttl = parse_duration(settings["miss_ttl"])
-        self.max_per_request: int = settings["max_per_request"]
+    def __init__(self, settings: RestStoreConfig, path: str) -> None:
+        self.name = settings.name
+        self.path = path
+        self.http = httpx.AsyncClient(**client_options(settings))
+        self.ttl = settings.read_through.ttl
+        self.miss_ttl = settings.read_through.miss_ttl
+        self.max_per_request = settings.read_through.max_per_request
         self.slots = asyncio.Semaphore(CONCURRENCY)
 
 
 class ReadThrough:
     """The read-through stores of a config, in config order."""
 
-    def __init__(self, config: dict[str, Any], lookups: Lookups) -> None:
+    def __init__(self, config: Config, lookups: Lookups) -> None:
         self.lookups = lookups
-        self.domain: str = config["matrix"]["domain"]
+        self.domain = config.matrix.domain
         self.services = [
-            _Service(s) for s in config["stores"]
-            if s["kind"] == "rest" and s["endpoints"]["enumerate"] is None and s["endpoints"]["lookup"]
+            _Service(s, s.endpoints.lookup) for s in config.stores
+            if isinstance(s, RestStoreConfig) and s.endpoints.enumerate is None and s.endpoints.lookup
         ]
         self._pending: dict[tuple[str, str, str], asyncio.Future[str | None]] = {}
 

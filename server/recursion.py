@@ -14,6 +14,7 @@ import asyncio
 import ipaddress
 import logging
 import time
+from collections.abc import Iterable
 from typing import Any, cast
 
 import dns.asyncresolver
@@ -28,9 +29,9 @@ from signedjson.sign import SignatureVerifyException, verify_signed_json
 from unpaddedbase64 import decode_base64
 
 from indexer import logs
-from indexer.config import parse_duration
 from indexer.normalize import lookup_hash
 from indexer.rediskeys import RedisKeys
+from indexer.settings import Config, Network
 from server.caller import client_address
 from server.federation import Federation, FederationError
 
@@ -75,25 +76,25 @@ def _nameserver(text: str) -> dns.nameserver.Do53Nameserver:
 class Recursion:
     """Answers misses from other identity servers, for the requesters allowed to recurse."""
 
-    def __init__(self, config: dict[str, Any], federation: Federation, answers: RemoteAnswers) -> None:
-        settings = config["recursion"]
-        self.allowed = [ipaddress.ip_network(n, strict=False) for n in settings["allow"]]
-        self.proxies = [ipaddress.ip_network(n, strict=False) for n in settings["proxies"]]
-        self.own_domains = {d.lower() for d in [config["matrix"]["domain"], *settings["own_domains"]]}
-        self.scheme: str = settings["scheme"]
-        self.forwarders: list[str] = settings["forwarders"]
-        self.bridges: dict[str, str] = settings["bridges"]
-        self.budget_s: float = settings["budget_s"]
-        self.ttl = parse_duration(settings["ttl"])
-        self.miss_ttl = parse_duration(settings["miss_ttl"])
+    def __init__(self, config: Config, federation: Federation, answers: RemoteAnswers) -> None:
+        settings = config.recursion
+        self.allowed = settings.allow
+        self.proxies = settings.proxies
+        self.own_domains = {d.lower() for d in [config.matrix.domain, *settings.own_domains]}
+        self.scheme = settings.scheme
+        self.forwarders = settings.forwarders
+        self.bridges = {m: url for m in ("email", "msisdn") if (url := getattr(settings.bridges, m))}
+        self.budget_s = settings.budget_s
+        self.ttl = settings.ttl
+        self.miss_ttl = settings.miss_ttl
         self.federation = federation
         self.answers = answers
-        self.resolver = dns.asyncresolver.Resolver(configure=not settings["resolvers"])
-        if settings["resolvers"]:
-            self.resolver.nameservers = [_nameserver(r) for r in settings["resolvers"]]
+        self.resolver = dns.asyncresolver.Resolver(configure=not settings.resolvers)
+        if settings.resolvers:
+            self.resolver.nameservers = [_nameserver(r) for r in settings.resolvers]
         self._srv: dict[str, tuple[float, str | None]] = {}
 
-    def _in(self, text: str, networks: list[Any]) -> bool:
+    def _in(self, text: str, networks: Iterable[Network]) -> bool:
         try:
             address = ipaddress.ip_address(text.strip())
         except ValueError:

@@ -4,9 +4,8 @@ started, watched and stopped by this one (the supervisor)."""
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
 import fcntl
-import json
 import logging
 import os
 import signal
@@ -22,9 +21,10 @@ from typing import Any, TextIO
 import redis
 
 from indexer.cache import Cache
-from indexer.config import ConfigError, load_config, parse_duration
-from indexer.redis_clients import connect, timeout_of
+from indexer.config import ConfigError, load_config, write_config
+from indexer.redis_clients import connect
 from indexer.redis_server import EmbeddedRedis
+from indexer.settings import Config
 from server.bindings import check_cache
 from server.metrics import use_directory
 from server.signing import SigningKeys
@@ -68,14 +68,14 @@ def wait_for_redis(url: str, timeout_s: float, timeout: float = 10.0,
     return client
 
 
-def prepare_storage(config: dict[str, Any], cache: Cache) -> None:
+def prepare_storage(config: Config, cache: Cache) -> None:
     """Upgrade the SQL schema, rebuild the Redis mirror of bindings, and have every store synced in
     full when Redis is behind what SQL saw."""
-    storage = Storage(config["storage"]["url"], config["data_dir"], threads=1)
+    storage = Storage(config.storage.url, config.data_dir, threads=1)
     try:
         storage.upgrade()
         log.info("storage: %s", storage.describe())
-        check_cache(storage, cache, [s["name"] for s in config["stores"]], rebuild=True)
+        check_cache(storage, cache, [s.name for s in config.stores], rebuild=True)
     except StorageError as exc:
         raise StartupError(str(exc)) from None
     finally:
@@ -89,30 +89,27 @@ STOP_GRACE = 5.0
 TICK = 0.2
 
 
-def _spawn(module: str, config: dict[str, Any], redis_url: str, *extra: int,
+def _spawn(module: str, config: Config, redis_url: str, *extra: int,
            keep_stdin: bool = False) -> subprocess.Popen[bytes]:
     """`python -m module REDIS_URL OUR_PID [FD...]` in a session of its own (a terminal's Ctrl-C or
-    hangup reaches this process alone, which decides), with the config on a pipe as a line of JSON:
-    it may hold secrets, which must not show in the process list. The file descriptors in extra are
-    passed on; with keep_stdin, the pipe stays open for configs re-read later."""
+    hangup reaches this process alone, which decides), with the config on a pipe (write_config).
+    The file descriptors in extra are passed on; with keep_stdin, the pipe stays open for configs
+    re-read later."""
     process = subprocess.Popen([sys.executable, "-m", module, redis_url, str(os.getpid()), *map(str, extra)],
                                stdin=subprocess.PIPE, start_new_session=True, pass_fds=extra)
     assert process.stdin is not None
-    process.stdin.write(json.dumps(config).encode() + b"\n")
-    if keep_stdin:
-        process.stdin.flush()
-    else:
+    write_config(process.stdin, config)
+    if not keep_stdin:
         process.stdin.close()
     return process
 
 
-def _send_config(process: subprocess.Popen[bytes] | None, config: dict[str, Any]) -> None:
+def _send_config(process: subprocess.Popen[bytes] | None, config: Config) -> None:
     """Hand a re-read config to a child started with keep_stdin."""
     if process is None or process.stdin is None or process.poll() is not None:
         return  # it starts with the new config when it is started again
     with contextlib.suppress(BrokenPipeError):
-        process.stdin.write(json.dumps(config).encode() + b"\n")
-        process.stdin.flush()
+        write_config(process.stdin, config)
 
 
 def describe_exit(status: int) -> str:
@@ -264,36 +261,42 @@ class Stopped(Exception):
     """A stop signal came while `mxisd run` was starting."""
 
 
-def reloadable(old: dict[str, Any], new: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+# The keys a reload applies, and what the log calls them.
+RELOADED = {"log_level": "log_level", "stores": "store sync settings", "sessions": "sessions.rate_limit",
+            "auth": "auth.rate_limit"}
+
+
+def reloadable(old: Config, new: Config) -> tuple[Config, list[str]]:
     """The config to go on with after a reload (old, with the changes that can be applied without a
     restart: log_level, each store's sync settings, sessions.rate_limit and auth.rate_limit) and the
     keys whose changes cannot."""
-    merged, ignored = copy.deepcopy(old), []
-    for key in sorted(set(old) | set(new)):
+    changes: dict[str, Any] = {}
+    ignored = []
+    for key in sorted(f.name for f in dataclasses.fields(Config)):
+        was, now = getattr(old, key), getattr(new, key)
+        if was == now:
+            continue
         if key == "log_level":
-            merged[key] = new[key]
+            changes[key] = now
         elif key in ("sessions", "auth"):
-            if {k: v for k, v in old[key].items() if k != "rate_limit"} == \
-                    {k: v for k, v in new[key].items() if k != "rate_limit"}:
-                merged[key] = new[key]
+            if dataclasses.replace(was, rate_limit=now.rate_limit) == now:
+                changes[key] = now
             else:
                 ignored.append(f"{key} (other than rate_limit)")
         elif key == "stores":
-            def without_sync(stores: list[dict[str, Any]]) -> list[dict[str, Any]]:
-                return [{k: v for k, v in store.items() if k != "sync"} for store in stores]
-            if without_sync(old[key]) == without_sync(new[key]):
-                merged[key] = new[key]
+            if len(was) == len(now) and all(dataclasses.replace(w, sync=n.sync) == n for w, n in zip(was, now)):
+                changes[key] = now
             else:
                 ignored.append("stores (other than their sync settings)")
-        elif old.get(key) != new.get(key):
+        else:
             ignored.append(key)
-    return merged, ignored
+    return dataclasses.replace(old, **changes), ignored
 
 
 class Supervisor:
     """Starts the children, restarts the ones that die, and stops them all on SIGINT or SIGTERM."""
 
-    def __init__(self, config: dict[str, Any], config_path: str | None) -> None:
+    def __init__(self, config: Config, config_path: str | None) -> None:
         self.config = config
         self.path = config_path
         self.signals = Signals()
@@ -307,13 +310,13 @@ class Supervisor:
 
     def run(self) -> None:
         config = self.config
-        first = max(1, parse_duration(config["supervisor"]["restart_first"]))
-        most = max(first, parse_duration(config["supervisor"]["restart_max"]))
-        lock = hold_data_dir(config["data_dir"])
-        SigningKeys.load_or_create(config["data_dir"], config["server"]["name"])
+        first = max(1, config.supervisor.restart_first)
+        most = max(first, config.supervisor.restart_max)
+        lock = hold_data_dir(config.data_dir)
+        SigningKeys.load_or_create(config.data_dir, config.server.name)
         # Before any worker or the indexer starts: they inherit the directory and count from zero.
-        use_directory(config["data_dir"])
-        url, embedded = config["redis"]["url"], None
+        use_directory(config.data_dir)
+        url, embedded = config.redis.url, None
         redis_child = None
         # The server writes to this pipe once it listens: dying before that (its port taken, say) is
         # fatal, since starting it again would not help.
@@ -321,7 +324,7 @@ class Supervisor:
         os.set_blocking(listening, False)
         try:
             if not url:
-                embedded = EmbeddedRedis(config["data_dir"])
+                embedded = EmbeddedRedis(config.data_dir)
 
                 def start_redis() -> subprocess.Popen[bytes] | None:
                     assert embedded is not None
@@ -337,9 +340,9 @@ class Supervisor:
                     self.children.append(redis_child)
                 url = embedded.url
             self.checkpoint()
-            client = wait_for_redis(url, timeout_of(config), cancelled=self.signals.stopping)
+            client = wait_for_redis(url, config.redis.timeout, cancelled=self.signals.stopping)
             self.checkpoint()
-            self.cache = Cache(client, config["redis"]["prefix"])
+            self.cache = Cache(client, config.redis.prefix)
             self.cache.initialize()
             prepare_storage(config, self.cache)
             self.checkpoint()
@@ -391,7 +394,7 @@ class Supervisor:
         try:
             self.cache.indexer_exited(self.host, reason=what, restart_in=restart_in)
             # Those following its jobs (`mxisd index`) learn it now, not when the jobs expire.
-            for job_id in self.cache.fail_running_jobs(self.host, [s["name"] for s in self.config["stores"]],
+            for job_id in self.cache.fail_running_jobs(self.host, [s.name for s in self.config.stores],
                                                        f"the indexer running this job {what}"):
                 log.error("job %s failed: the indexer running it %s", job_id, what)
         except redis.exceptions.RedisError as exc:
@@ -413,18 +416,17 @@ class Supervisor:
         if merged == self.config:
             log.info("received SIGHUP: config %s re-read, nothing to apply", self.path)
             return
-        applied = [key for key in ("log_level", "stores", "sessions", "auth") if merged[key] != self.config[key]]
+        applied = [key for key in RELOADED if getattr(merged, key) != getattr(self.config, key)]
         self.config = merged
-        logging.getLogger().setLevel(merged["log_level"])
+        logging.getLogger().setLevel(merged.log_level)
         log.info("received SIGHUP: config %s re-read; %s applied", self.path,
-                 ", ".join({"stores": "store sync settings", "sessions": "sessions.rate_limit",
-                            "auth": "auth.rate_limit"}.get(key, key) for key in applied))
+                 ", ".join(RELOADED[key] for key in applied))
         if {"log_level", "stores"} & set(applied):
             indexer.replace()  # it has nothing else to lose: everything it knows is in Redis
         if {"log_level", "sessions", "auth"} & set(applied):
             _send_config(server.process, merged)
 
 
-def run(config: dict[str, Any], config_path: str | None = None) -> None:
+def run(config: Config, config_path: str | None = None) -> None:
     """Serve until SIGINT or SIGTERM, then stop the HTTP server, the indexer and the embedded Redis."""
     Supervisor(config, config_path).run()

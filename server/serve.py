@@ -6,7 +6,6 @@ stop: Sanic loses a stop signal that comes while its workers are still starting.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -19,6 +18,8 @@ from sanic import Sanic
 from sanic.worker.loader import AppLoader
 
 from indexer import logs
+from indexer.config import read_config
+from indexer.settings import Config
 from server.app import App, create_app
 
 log = logging.getLogger(__name__)
@@ -27,10 +28,16 @@ log = logging.getLogger(__name__)
 ORPHAN_GRACE = 10.0
 
 
-def serve(config: dict[str, Any], redis_url: str, listening: int | None = None) -> None:
+def _create_app(current: list[Config], redis_url: str) -> App:
+    return create_app(current[0], redis_url)
+
+
+def serve(config: Config, redis_url: str, listening: int | None = None) -> None:
     """Serve until stopped; write a byte to the file descriptor listening once the port is bound."""
-    server = config["server"]
-    loader = AppLoader(factory=partial(create_app, config, redis_url))
+    server = config.server
+    # The latest config, in a list that a reload changes: workers started later are made with it.
+    current = [config]
+    loader = AppLoader(factory=partial(_create_app, current, redis_url))
     app = loader.load()
 
     async def tell(*_: Any) -> None:
@@ -39,17 +46,17 @@ def serve(config: dict[str, Any], redis_url: str, listening: int | None = None) 
             os.close(listening)
 
     app.prepare(
-        host=server["bind"],
-        port=server["port"],
-        workers=server["workers"],
+        host=server.bind,
+        port=server.port,
+        workers=server.workers,
         access_log=False,  # the app logs each request itself, with secrets masked
         motd=False,
-        single_process=server["workers"] == 1,
+        single_process=server.workers == 1,
     )
-    log.info("serving %s on http://%s:%d", server["name"], server["bind"], server["port"])
-    threading.Thread(target=_follow_config, args=(app, config, server["workers"] == 1), name="config",
+    log.info("serving %s on http://%s:%d", server.name, server.bind, server.port)
+    threading.Thread(target=_follow_config, args=(app, current, server.workers == 1), name="config",
                      daemon=True).start()
-    if server["workers"] == 1:
+    if server.workers == 1:
         app.after_server_start(tell)
         Sanic.serve_single(primary=app)
     else:
@@ -90,19 +97,18 @@ async def _stop_at_once_while_starting(app: App, _: Any) -> None:
         signal.signal(signum, handler)
 
 
-def _follow_config(app: App, config: dict[str, Any], single: bool) -> None:
-    """Apply each config `mxisd run` re-reads on SIGHUP (a line of JSON on stdin): log_level and
-    the rate limits. One process applies them in place; workers are replaced by new ones started with
-    them, each new one before its old one stops, so that nothing stops answering."""
-    for line in sys.stdin:
-        new = json.loads(line)
-        config["log_level"] = new["log_level"]
-        for section in ("sessions", "auth"):
-            config[section]["rate_limit"] = new[section]["rate_limit"]
-        logging.getLogger().setLevel(new["log_level"])
+def _follow_config(app: App, current: list[Config], single: bool) -> None:
+    """Apply each config `mxisd run` re-reads on SIGHUP (sent on stdin; it differs from the one
+    before only in what a reload applies): log_level and the rate limits. One process applies them
+    in place; workers are replaced by new ones started with them, each new one before its old one
+    stops, so that nothing stops answering."""
+    while (new := read_config(sys.stdin.buffer)) is not None:
+        current[0] = new
+        logging.getLogger().setLevel(new.log_level)
         try:
             if single:
-                app.ctx.credentials.set_limits(config["auth"]["rate_limit"])
+                app.ctx.config = new
+                app.ctx.credentials.set_limits(new.auth.rate_limit)
                 log.info("log_level and rate limits re-read")
             else:
                 # Sanic's own message for a restart of every worker, new ones first (as its
@@ -125,12 +131,14 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 def main() -> None:
-    """`python -m server.serve REDIS_URL PARENT_PID [LISTENING_FD]` with the config as JSON on stdin
-    (it may hold secrets, which must not show in the process list)."""
+    """`python -m server.serve REDIS_URL PARENT_PID [LISTENING_FD]` with the config on stdin
+    (read_config)."""
     redis_url, parent_pid = sys.argv[1], int(sys.argv[2])
     listening = int(sys.argv[3]) if len(sys.argv) > 3 else None
-    config = json.loads(sys.stdin.readline())
-    logs.setup(config["log_level"], "server", config["log_format"])
+    config = read_config(sys.stdin.buffer)
+    if config is None:
+        raise SystemExit("server: no config on stdin")
+    logs.setup(config.log_level, "server", config.log_format)
     # A hangup of the terminal reaches `mxisd run` alone, which decides what it means.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="watch-parent", daemon=True).start()

@@ -21,7 +21,10 @@ import redis
 import yaml
 
 from indexer.cache import Cache
+from indexer.config import parse_config
 from indexer.redis_server import EmbeddedRedis
+from indexer.settings import Config, StoreConfig
+from indexer.stores import Store, build_store
 from server.services.directory_search import DirectorySearch, HideRules
 from tests.fake_homeserver import ClientHomeserver
 from tests.fakes import FakeHomeserver, FakeTwilio, Mailbox
@@ -62,6 +65,25 @@ def wait_until(check: Callable[[], Any], timeout: float = 20.0, what: str = "con
             last_error = exc
         time.sleep(0.1)
     raise AssertionError(f"timed out waiting for {what}" + (f" (last error: {last_error})" if last_error else ""))
+
+
+def typed_config(stores: list[dict[str, Any]] | None = None, **sections: Any) -> Config:
+    """The config of these sections as written in YAML (matrix.domain example.org unless given, and
+    a file store when stores are not), relative paths taken from the working directory."""
+    raw = {"matrix": {"domain": HS_NAME}, **sections,
+           "stores": stores or [{"name": "people", "kind": "file", "path": "/dev/null"}]}
+    return parse_config(raw, Path.cwd())
+
+
+def store_settings(store: dict[str, Any], sections: dict[str, Any]) -> tuple[StoreConfig, Config]:
+    """A store entry as written in YAML, and a config of sections with it as its only store."""
+    config = typed_config([store], **sections)
+    return config.stores[0], config
+
+
+def make_store(store: dict[str, Any], sections: dict[str, Any]) -> Store:
+    """The adapter for a store entry as written in YAML, in a config of sections."""
+    return build_store(*store_settings(store, sections))
 
 
 def search_mxids(index_path: Path, text: str) -> list[str]:

@@ -17,9 +17,9 @@ from typing import Any
 import ldap3
 import pytest
 
-from indexer.stores import build_store
 from indexer.stores.ldap import LdapStore
 from indexer.sync import full_sync, incremental_sync
+from tests.conftest import make_store
 from tests.slapd import make_certificate
 
 SAMBA = os.environ.get("MXISD_TEST_SAMBA", "/usr/sbin/samba")
@@ -147,7 +147,7 @@ class Domain:
                                   "uri": "ldaps://127.0.0.1", "tls": {"ca_file": str(self.dc.cert)},
                                   "bind": {"dn": ADMIN_DN, "password": ADMIN_PASSWORD}, "base_dns": [self.ou]}
         config.update(overrides)
-        return build_store(config, CONFIG)
+        return make_store(config, CONFIG)
 
 
 @pytest.fixture

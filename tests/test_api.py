@@ -19,7 +19,7 @@ from indexer.cache import Cache
 from indexer.normalize import lookup_hash
 from server.api.bind import our_names
 from server.token_cache import TOKEN_TRUST_S
-from tests.conftest import V1, V2, started, wait_until
+from tests.conftest import V1, V2, started, typed_config, wait_until
 
 DAVE = "@dave:example.org"
 TERMS = {
@@ -333,9 +333,12 @@ def test_unbind_signed_for_any_of_our_names(server, homeserver, mailbox):
 
 
 def test_our_names_default_ports():
-    assert our_names({"name": "Example.org", "public_url": "https://id.example.org"}) == [
+    def names(server: dict[str, str]) -> list[str]:
+        return our_names(typed_config(server=server).server)
+
+    assert names({"name": "Example.org", "public_url": "https://id.example.org"}) == [
         "example.org", "id.example.org", "id.example.org:443"]
-    assert our_names({"name": "id.example.org", "public_url": "http://[::1]:8090/"}) == [
+    assert names({"name": "id.example.org", "public_url": "http://[::1]:8090/"}) == [
         "id.example.org", "[::1]", "[::1]:8090"]
 
 
@@ -360,6 +363,17 @@ def test_expired_session(server, mailbox):
     time.sleep(3)
     response = server.http.post(V1 + "/validate/email/submitToken", json=params)
     assert response.status_code == 400 and response.json()["errcode"] == "M_SESSION_EXPIRED"
+
+
+def test_an_expired_session_is_forgotten_after_keep_expired(server, mailbox):
+    server.config["sessions"] = {"lifetime": "1s", "keep_expired": "1s", "purge_every": "1s"}
+    started(server)
+    request_email(server, "gone@example.net", "abc", prefix=V1)
+    wait_until(lambda: mailbox.to("gone@example.net"), what="the validation email")
+    _, params = link_of(mailbox.to("gone@example.net")[0])
+    wait_until(lambda: "forgot 1 expired validation sessions" in server.log(), what="the session to be forgotten")
+    response = server.http.post(V1 + "/validate/email/submitToken", json=params)
+    assert response.status_code == 404 and response.json()["errcode"] == "M_NO_VALID_SESSION"
 
 
 def test_token_guessing_is_cut_off(server, mailbox):

@@ -10,6 +10,18 @@ import pytest
 import yaml
 
 from indexer.config import ConfigError, load_config, parse_duration
+from indexer.settings import (
+    AuthConfig,
+    AuthRateLimitConfig,
+    DirectoryConfig,
+    FileStoreConfig,
+    HomeserverConfig,
+    LdapStoreConfig,
+    LdapStoreTlsConfig,
+    RedisConfig,
+    ServerConfig,
+    SyncConfig,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -139,8 +151,8 @@ def test_environment_variables_fill_strings(tmp_path, monkeypatch):
     path = write(tmp_path, with_changes(matrix__domain="${TEST_DOMAIN}",
                                         server={"name": "${UNSET_NAME:-id.corp.example}"}))
     config = load_config(path)
-    assert config["matrix"]["domain"] == "corp.example"
-    assert config["server"]["name"] == "id.corp.example"
+    assert config.matrix.domain == "corp.example"
+    assert config.server.name == "id.corp.example"
 
 
 def test_a_missing_environment_variable_is_named(tmp_path):
@@ -153,26 +165,28 @@ def test_a_missing_environment_variable_is_named(tmp_path):
 
 def test_defaults_and_relative_paths(tmp_path):
     config = load_config(write(tmp_path, VALID))
-    assert config["server"] == {
-        "name": "example.org", "public_url": "https://example.org", "bind": "127.0.0.1", "port": 8090,
-        "workers": 1, "access_log": False, "max_body_size": 4 * 1024 * 1024, "proxies_count": 0,
-    }
-    assert config["homeserver"] == {"url": None, "timeout": "10s", "whoami_cache": "1m"}
-    assert config["directory"] == {"homeserver": True, "threepids": False, "hide": []}
-    assert config["auth"] == {"threads": 16, "rate_limit": {"per_user": 5, "per_ip": 20, "window": "5m"}}
-    assert config["stores"][0]["sync"] == {"full_every": "6h", "changes_every": "1m", "max_delete_ratio": 0.2}
-    assert config["data_dir"] == str(tmp_path / "data")
-    assert config["stores"][0]["path"] == str(tmp_path / "people.yml")
-    assert config["redis"] == {"url": None, "prefix": "mxisd:", "timeout": "5s", "check_every": "5s"}
-    assert config["lookup"]["bulk_max"] == 10000
+    assert config.server == ServerConfig(
+        name="example.org", public_url="https://example.org", bind="127.0.0.1", port=8090,
+        workers=1, access_log=False, max_body_size=4 * 1024 * 1024, proxies_count=0,
+    )
+    assert config.homeserver == HomeserverConfig(url=None, timeout=10, whoami_cache=60)
+    assert config.directory == DirectoryConfig(homeserver=True, threepids=False, hide=())
+    assert config.auth == AuthConfig(threads=16, rate_limit=AuthRateLimitConfig(per_user=5, per_ip=20, window=300))
+    assert config.stores[0].sync == SyncConfig(full_every=6 * 3600, changes_every=60, max_delete_ratio=0.2)
+    assert config.data_dir == str(tmp_path / "data")
+    assert isinstance(config.stores[0], FileStoreConfig) and config.stores[0].path == str(tmp_path / "people.yml")
+    assert config.redis == RedisConfig(url=None, prefix="mxisd:", timeout=5, check_every=5)
+    assert config.lookup.bulk_max == 10000
 
 
 def test_a_directory_needs_only_uri_bind_base_and_preset(tmp_path):
     config = load_config(write(tmp_path, with_changes(stores__0=LDAP)))
-    store = config["stores"][0]
-    assert (store["page_size"], store["start_tls"], store["tls"]) == (500, False, {"ca_file": None, "verify": True})
+    store = config.stores[0]
+    assert isinstance(store, LdapStoreConfig)
+    assert (store.page_size, store.start_tls, store.tls) == (500, False, LdapStoreTlsConfig(ca_file=None, verify=True))
     relative = load_config(write(tmp_path, with_changes(stores__0=dict(LDAP, tls={"ca_file": "ca.pem"}))))
-    assert relative["stores"][0]["tls"]["ca_file"] == str(tmp_path / "ca.pem")
+    assert isinstance(relative.stores[0], LdapStoreConfig)
+    assert relative.stores[0].tls.ca_file == str(tmp_path / "ca.pem")
 
 
 def test_shipped_example_config_is_valid():

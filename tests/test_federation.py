@@ -17,6 +17,7 @@ import dns.rrset
 import pytest
 
 from server.federation import Federation, FederationError, split_server_name
+from tests.conftest import typed_config
 
 
 class TinyDns:
@@ -52,9 +53,9 @@ class TinyDns:
 
 
 def federation(homeserver, dns_port: int | None = None, allow: list[str] | None = None) -> Federation:
-    fed = Federation({"overrides": {}, "allow_private_networks": ["127.0.0.1/32"] if allow is None else allow,
-                      "timeout_s": 5, "deadline_s": 20, "max_in_flight": 4, "verify_tls": True,
-                      "ca_file": str(homeserver.ca_file)})
+    fed = Federation(typed_config(federation={
+        "allow_private_networks": ["127.0.0.1/32"] if allow is None else allow, "timeout_s": 5,
+        "ca_file": str(homeserver.ca_file)}).federation)
     if dns_port is not None:
         fed.resolver.nameservers = ["127.0.0.1"]
         fed.resolver.port = dns_port
@@ -168,9 +169,9 @@ def test_well_known_delegation_is_followed_and_cached(homeserver):
 
 
 def test_tls_verification_can_be_turned_off(homeserver):
-    fed = Federation({"overrides": {"example.org": f"127.0.0.1:{homeserver.port}"},
-                      "allow_private_networks": ["127.0.0.1"], "timeout_s": 5, "deadline_s": 20,
-                      "max_in_flight": 4, "verify_tls": False})
+    fed = Federation(typed_config(federation={
+        "overrides": {"example.org": f"127.0.0.1:{homeserver.port}"}, "allow_private_networks": ["127.0.0.1"],
+        "timeout_s": 5, "verify_tls": False}).federation)
     token = homeserver.openid_token("@novfy:example.org")["access_token"]
 
     async def check():

@@ -11,16 +11,15 @@ import indexer.follower as follower_module
 from indexer.cache import Cache
 from indexer.follower import Follower
 from indexer.fulltext import FullText
-from indexer.stores import build_store
 from indexer.sync import full_sync
-from tests.conftest import search_mxids
+from tests.conftest import make_store, search_mxids
 
 CONFIG = {"matrix": {"domain": "example.org"}, "threepids": {"msisdn": {"default_region": None}}}
 
 
 def sync(cache, path, people):
     path.write_text(yaml.safe_dump(people))
-    store = build_store({"name": "hr", "kind": "file", "path": str(path)}, CONFIG)
+    store = make_store({"name": "hr", "kind": "file", "path": str(path)}, CONFIG)
     assert full_sync(cache, store, 1.0).outcome == "ok"
 
 

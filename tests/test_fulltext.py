@@ -6,6 +6,7 @@ from __future__ import annotations
 from indexer.fulltext import FullText
 from indexer.identity import Identity
 from server.services.directory_search import DirectorySearch, HideRules
+from tests.conftest import typed_config
 
 
 def person(localpart: str, name: str, *emails: str) -> Identity:
@@ -66,7 +67,7 @@ def test_every_word_must_match_and_better_matches_rank_first(tmp_path):
 
 def test_limits_and_hidden_people(tmp_path):
     FullText(tmp_path / "fulltext").rebuild(PEOPLE, "epoch", "0-0")
-    search = searcher(tmp_path, hide=HideRules([{"mxid": "@svc-.*"}]))
+    search = searcher(tmp_path, hide=HideRules(typed_config(directory={"hide": [{"mxid": "@svc-.*"}]}).directory.hide))
     hits, more = search.search("mar", 4)
     assert len(hits) == 4 and more is True
     # Five people match besides the hidden one, who neither shows nor makes the result limited.

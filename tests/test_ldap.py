@@ -17,11 +17,11 @@ import pytest
 
 from indexer.identity import Identity
 from indexer.normalize import lookup_hash
-from indexer.stores import StoreUnavailable, build_store
+from indexer.stores import StoreUnavailable
 from indexer.stores.ldap import LdapStore
 from indexer.stores.ldap_mapping import filter_value, normalize_time
 from indexer.sync import full_sync, incremental_sync
-from tests.conftest import wait_until
+from tests.conftest import make_store, wait_until
 from tests.slapd import ADMIN_DN, ADMIN_PASSWORD, READER_DN, READER_PASSWORD, SUFFIX, Slapd
 
 CONFIG = {"matrix": {"domain": "example.org"}, "threepids": {"msisdn": {"default_region": "GB"}}}
@@ -71,7 +71,7 @@ class Directory:
                   "bind": {"dn": READER_DN, "password": READER_PASSWORD}, "base_dns": [self.base],
                   "page_size": 50}
         config.update(overrides)
-        return build_store(config, CONFIG)
+        return make_store(config, CONFIG)
 
 
 @pytest.fixture
@@ -265,7 +265,7 @@ def test_an_empty_password_never_reaches_the_directory(cache, caplog):
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
-    store = build_store({"name": "dir", "kind": "ldap", "uri": f"ldap://127.0.0.1:{port}",
+    store = make_store({"name": "dir", "kind": "ldap", "uri": f"ldap://127.0.0.1:{port}",
                          "base_dns": ["dc=example,dc=org"]}, CONFIG)
     someone = store.build_identity("x", "alice", None, [], locator="uid=alice,dc=example,dc=org")
     assert store.authenticate(someone, "") is False
@@ -322,7 +322,7 @@ def own_slapd(tmp_path: Path) -> Iterator[Slapd]:
 def test_directory_stopped_mid_sync_changes_nothing(own_slapd, cache):
     config = {"name": "dir", "kind": "ldap", "uri": own_slapd.uri, "base_dns": [f"ou=people,{SUFFIX}"],
               "bind": {"dn": READER_DN, "password": READER_PASSWORD}, "page_size": 50}
-    store = build_store(config, CONFIG)
+    store = make_store(config, CONFIG)
     assert full_sync(cache, store, 0.2).added == 300
     p100 = cache.identity_by_mxid("dir", "@p100:example.org")
     assert store.authenticate(p100, "pw100") is True  # leaves a pooled connection open
@@ -361,7 +361,7 @@ def test_a_size_limit_fails_the_sync_and_says_what_to_change(tmp_path, cache):
         for i in range(60)))
     limited.start()
     try:
-        store = build_store({"name": "dir", "kind": "ldap", "uri": limited.uri, "base_dns": [f"ou=people,{SUFFIX}"],
+        store = make_store({"name": "dir", "kind": "ldap", "uri": limited.uri, "base_dns": [f"ou=people,{SUFFIX}"],
                              "bind": {"dn": READER_DN, "password": READER_PASSWORD}, "page_size": 20}, CONFIG)
         result = full_sync(cache, store, 0.2)
         assert result.outcome == "failed"
@@ -376,7 +376,7 @@ def test_a_directory_that_never_answers_times_out(cache):
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(5)  # connections complete in the backlog, but nothing ever answers
-    store = build_store({"name": "dir", "kind": "ldap", "uri": f"ldap://127.0.0.1:{silent.getsockname()[1]}",
+    store = make_store({"name": "dir", "kind": "ldap", "uri": f"ldap://127.0.0.1:{silent.getsockname()[1]}",
                          "base_dns": [SUFFIX], "timeout": "1s"}, CONFIG)
     result = full_sync(cache, store, 0.2)
     assert result.outcome == "failed" and "cannot reach" in result.error
@@ -399,7 +399,7 @@ def test_a_directory_that_never_answers_bounds_a_login_by_the_timeout(caplog):
     for uris, reason in (([silent_uri], "no answer to a bind: .*timed out"),
                          ([refused, silent_uri], "no answer to a bind"),
                          ([refused], f"cannot reach the directory: {refused}: .*refused")):
-        store = build_store({"name": "dir", "kind": "ldap", "uri": uris, "base_dns": [SUFFIX], "timeout": "1s",
+        store = make_store({"name": "dir", "kind": "ldap", "uri": uris, "base_dns": [SUFFIX], "timeout": "1s",
                              "bind": {"dn": READER_DN, "password": READER_PASSWORD}}, CONFIG)
         for _ in range(3):
             started = time.monotonic()
@@ -408,7 +408,7 @@ def test_a_directory_that_never_answers_bounds_a_login_by_the_timeout(caplog):
             assert time.monotonic() - started < 20  # only a hang guard: the bound is the 1 s timeout
         store.close()
     # While one check tries the unreachable directory, others fail at once instead of queueing.
-    store = build_store({"name": "dir", "kind": "ldap", "uri": silent_uri, "base_dns": [SUFFIX], "timeout": "2s"},
+    store = make_store({"name": "dir", "kind": "ldap", "uri": silent_uri, "base_dns": [SUFFIX], "timeout": "2s"},
                         CONFIG)
     with pytest.raises(StoreUnavailable):
         store.authenticate(jdoe, "secret")

@@ -16,9 +16,9 @@ import pytest
 from indexer.cache import Cache
 from indexer.config import ConfigError, load_config
 from indexer.normalize import lookup_hash
-from indexer.stores import StoreUnavailable, build_store
+from indexer.stores import StoreUnavailable
 from indexer.sync import full_sync, incremental_sync
-from tests.conftest import wait_until
+from tests.conftest import make_store, wait_until
 
 CONFIG = {"matrix": {"domain": "example.org"}, "threepids": {"msisdn": {"default_region": "GB"}}}
 AUTH = "/_mxisd/backend/api/v1/auth/login"
@@ -134,7 +134,7 @@ def rest_store(service):
     stores = []
 
     def make(**endpoints: Any):
-        store = build_store(store_config(service, **endpoints), CONFIG)
+        store = make_store(store_config(service, **endpoints), CONFIG)
         stores.append(store)
         return store
 

@@ -20,6 +20,7 @@ from indexer.identity import Identity
 from indexer.normalize import lookup_hash
 from indexer.stores import StoreError, StoreUnavailable, build_store
 from indexer.sync import full_sync, incremental_sync
+from tests.conftest import store_settings
 
 CONFIG = {"matrix": {"domain": "example.org"}, "threepids": {"msisdn": {"default_region": "GB"}}}
 T0 = datetime.datetime(2026, 1, 1, 12, 0, 0)
@@ -112,8 +113,8 @@ def make_store():
     stores = []
 
     def make(url: str, **extra: Any):
-        store = build_store({"name": "hr", "kind": "sql", "url": url, "timeout": "20s",
-                             "queries": dict(QUERIES), **extra}, CONFIG)
+        store = build_store(*store_settings({"name": "hr", "kind": "sql", "url": url, "timeout": "20s",
+                                             "queries": dict(QUERIES), **extra}, CONFIG))
         stores.append(store)
         return store
 
@@ -271,8 +272,8 @@ def test_unreachable_or_broken_source_keeps_the_cache(cache, directory, make_sto
 
 def test_a_database_that_is_down_fails_the_sync(cache, tmp_path):
     cache.set_state("hr", high_water_mark=5)
-    store = build_store({"name": "hr", "kind": "sql", "url": "postgresql://nobody:secret@127.0.0.1:1/none",
-                         "timeout": "5s", "queries": dict(QUERIES)}, CONFIG)
+    store = build_store(*store_settings({"name": "hr", "kind": "sql", "url": "postgresql://nobody:secret@127.0.0.1:1/none",
+                                         "timeout": "5s", "queries": dict(QUERIES)}, CONFIG))
     result = full_sync(cache, store, 0.2)
     assert result.outcome == "failed" and "127.0.0.1" in result.error and "secret" not in result.error
     assert incremental_sync(cache, store).outcome == "failed"
@@ -311,7 +312,7 @@ def test_config_mistakes_name_the_key(tmp_path, store, message):
 def test_relative_sqlite_paths_are_relative_to_the_config(tmp_path):
     config = load_config(_config_file(tmp_path, {"name": "db", "kind": "sql", "url": "sqlite:///people.db",
                                                  "queries": {"identities": "SELECT * FROM people"}}))
-    store = build_store(config["stores"][0], config)
+    store = build_store(config.stores[0], config)
     assert store.where == f"sqlite:///{tmp_path / 'people.db'}"
     with pytest.raises(StoreError, match="no such table: people"):
         list(store.enumerate())

@@ -9,10 +9,9 @@ from base64 import urlsafe_b64encode
 import bcrypt
 import pytest
 import sqlalchemy
-from conftest import wait_until
+from conftest import make_store, wait_until
 
 from indexer.cache import Cache
-from indexer.stores import build_store
 from indexer.sync import full_sync, incremental_sync
 
 CONFIG = {"matrix": {"domain": "example.org"}, "threepids": {"msisdn": {"default_region": None}}}
@@ -95,7 +94,7 @@ def populate(db: Synapse) -> None:
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"], indirect=True)
 def test_preset_indexes_real_users_only_and_follows_new_ones(cache, synapse):
     populate(synapse)
-    store = build_store({"name": "synapse", "kind": "sql", "url": synapse.url, "preset": "synapse",
+    store = make_store({"name": "synapse", "kind": "sql", "url": synapse.url, "preset": "synapse",
                          "timeout": "20s"}, CONFIG)
     result = full_sync(cache, store, 0.2)
     assert (result.outcome, result.read) == ("ok", 2)
@@ -128,9 +127,9 @@ def test_preset_checks_synapse_password_hashes(synapse):
     synapse.register("alice", DAY0, "Alice", password="ｐａｓｓ word")  # full-width: NFKC matters
     synapse.register("pepe", DAY0, "Pepe", password="secret", pepper="SomePepper")
     synapse.register("sso", DAY0, "SSO only")
-    plain = build_store({"name": "s", "kind": "sql", "url": synapse.url, "preset": "synapse", "timeout": "20s"},
+    plain = make_store({"name": "s", "kind": "sql", "url": synapse.url, "preset": "synapse", "timeout": "20s"},
                         CONFIG)
-    peppered = build_store({"name": "s", "kind": "sql", "url": synapse.url, "preset": "synapse", "timeout": "20s",
+    peppered = make_store({"name": "s", "kind": "sql", "url": synapse.url, "preset": "synapse", "timeout": "20s",
                             "password": {"pepper": "SomePepper"}}, CONFIG)
     people = {i.localpart: i for i in plain.enumerate()}
     assert plain.authenticate(people["alice"], "pass word") is True

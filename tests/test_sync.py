@@ -16,10 +16,13 @@ from indexer.cache import Cache
 from indexer.config import load_schema
 from indexer.identity import Identity
 from indexer.normalize import lookup_hash
-from indexer.stores import Change, Store, StoreError, build_store
+from indexer.settings import Config, StoreConfig
+from indexer.stores import Change, Store, StoreError
 from indexer.sync import SyncBusy, full_sync, incremental_sync, sync_store
+from tests.conftest import make_store, store_settings
 
 CONFIG = {"matrix": {"domain": "example.org"}, "threepids": {"msisdn": {"default_region": "GB"}}}
+HR = {"name": "hr", "kind": "file", "path": "/dev/null"}  # the settings of the test's own Store classes
 
 
 @pytest.fixture
@@ -28,7 +31,7 @@ def people_file(tmp_path):
 
     def write(people):
         path.write_text(yaml.safe_dump(people))
-        return build_store({"name": "hr", "kind": "file", "path": str(path)}, CONFIG)
+        return make_store({"name": "hr", "kind": "file", "path": str(path)}, CONFIG)
 
     return write
 
@@ -125,7 +128,7 @@ class DiesMidway(Store):
 def test_a_failed_sync_removes_nothing(cache, people_file):
     full_sync(cache, people_file([{"localpart": "alice", "emails": ["alice@example.org"]},
                                   {"localpart": "bob", "emails": ["bob@example.org"]}]), 0.2)
-    broken = DiesMidway({"name": "hr"}, CONFIG)
+    broken = DiesMidway(*store_settings(HR, CONFIG))
     result = full_sync(cache, broken, 1.0)
     assert (result.outcome, result.error) == ("failed", "connection reset by peer")
     assert cache.mxid_of("hr", "email", "bob@example.org") == "@bob:example.org"
@@ -137,8 +140,8 @@ class EmptiedMidway(Store):
 
     kind = "test"
 
-    def __init__(self, store_config, config, cache: Cache) -> None:
-        super().__init__(store_config, config)
+    def __init__(self, settings: StoreConfig, config: Config, cache: Cache) -> None:
+        super().__init__(settings, config)
         self.cache = cache
 
     def enumerate(self) -> Iterator[Identity]:
@@ -150,16 +153,16 @@ class EmptiedMidway(Store):
 
 def test_a_cache_emptied_during_a_full_sync_fails_it_and_leaves_the_store_incomplete(cache):
     assert cache.incomplete_stores(["hr"]) == ["hr"]
-    result = full_sync(cache, EmptiedMidway({"name": "hr"}, CONFIG, cache), 0.2)
+    result = full_sync(cache, EmptiedMidway(*store_settings(HR, CONFIG), cache), 0.2)
     assert result.outcome == "failed" and "emptied while running" in result.error
     cache.initialize()  # as the indexer does before it syncs it in full again
     assert cache.incomplete_stores(["hr"]) == ["hr"]
-    people = build_store({"name": "hr", "kind": "file", "path": "/dev/null"}, CONFIG)
+    people = make_store({"name": "hr", "kind": "file", "path": "/dev/null"}, CONFIG)
     assert full_sync(cache, people, 0.2).outcome == "ok" and cache.incomplete_stores(["hr"]) == []
 
 
 def test_unreadable_file_fails_the_sync(cache, tmp_path):
-    store = build_store({"name": "hr", "kind": "file", "path": str(tmp_path / "missing.yml")}, CONFIG)
+    store = make_store({"name": "hr", "kind": "file", "path": str(tmp_path / "missing.yml")}, CONFIG)
     result = full_sync(cache, store, 0.2)
     assert result.outcome == "failed" and "cannot read" in result.error
     (tmp_path / "missing.yml").write_text("people: {}\n")
@@ -217,7 +220,7 @@ class Versioned(Store):
     kind = "test"
 
     def __init__(self) -> None:
-        super().__init__({"name": "dir"}, CONFIG)
+        super().__init__(*store_settings(dict(HR, name="dir"), CONFIG))
         self.rows: dict[str, tuple[int, str | None]] = {}  # id -> (sequence, email or None when gone)
         self.sequence = 0
         self.fail_after: int | None = None
@@ -378,7 +381,7 @@ def test_a_person_moving_between_stores_keeps_their_addresses(cache, tmp_path, o
     def store(name: str, people: list[dict]) -> Store:
         path = tmp_path / f"{name}.yml"
         path.write_text(yaml.safe_dump(people))
-        return build_store({"name": name, "kind": "file", "path": str(path)}, CONFIG)
+        return make_store({"name": name, "kind": "file", "path": str(path)}, CONFIG)
 
     alice = {"id": "u1", "localpart": "alice", "emails": ["alice@example.org"], "phones": ["+44 7700 900123"]}
     others = {"a": [{"localpart": "ann"}], "b": [{"localpart": "ben"}]}
@@ -420,7 +423,7 @@ class Scripted(Store):
     kind = "test"
 
     def __init__(self, people: dict[str, dict]) -> None:
-        super().__init__({"name": "hr"}, CONFIG)
+        super().__init__(*store_settings(HR, CONFIG))
         self.people = people
         self.changed: dict[str, int] = {}
         self.sequence = 0
@@ -456,6 +459,7 @@ def test_lookups_answer_exactly_what_live_records_hold_through_random_changes(ca
     names, addresses = ["ann", "ben", "cid", "dee", "eve"], [f"a{i}@example.org" for i in range(8)]
     people: dict[str, dict] = {}
     source = Scripted(people)
+    any_deletes = store_settings(dict(HR, sync={"max_delete_ratio": 1.0}), CONFIG)[0].sync
     next_id = 0
     for _ in range(40):
         monkeypatch.setattr("indexer.sync.BATCH", rng.choice([1, 2, 500]))
@@ -484,7 +488,7 @@ def test_lookups_answer_exactly_what_live_records_hold_through_random_changes(ca
         if rng.random() < 0.5:
             assert full_sync(cache, source, 1.0).outcome == "ok"
         else:
-            assert sync_store(cache, source, {"max_delete_ratio": 1.0}, False).outcome == "ok"
+            assert sync_store(cache, source, any_deletes, False).outcome == "ok"
         holders: dict[str, set[str]] = {}
         for person in people.values():
             for address in person["emails"]:

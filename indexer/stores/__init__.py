@@ -7,6 +7,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -14,6 +15,7 @@ import jsonschema
 from indexer import normalize
 from indexer.config import Validator, explain, load_schema
 from indexer.identity import Identity
+from indexer.settings import Config, StoreConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +44,10 @@ class Store(ABC):
     kind: str = ""
     enumerable: bool = True  # False: never synced; the server asks the source on cache misses
 
-    def __init__(self, store_config: dict[str, Any], config: dict[str, Any]) -> None:
-        self.name: str = store_config["name"]
-        self.store_config = store_config
-        self.domain: str = config["matrix"]["domain"]
-        self.default_region: str | None = config["threepids"]["msisdn"]["default_region"]
+    def __init__(self, settings: StoreConfig, config: Config) -> None:
+        self.name = settings.name
+        self.domain = config.matrix.domain
+        self.default_region = config.threepids.msisdn.default_region
 
     @abstractmethod
     def enumerate(self) -> Iterator[Identity]:
@@ -78,8 +79,10 @@ class Store(ABC):
         """Release connections; the default store holds none."""
 
     @classmethod  # noqa: B027 (a hook, like close)
-    def check_config(cls, store_config: dict[str, Any], path: str) -> None:
-        """Raise ConfigError naming path for what the JSON Schema cannot check; nothing by default."""
+    def complete_config(cls, store: dict[str, Any], path: str, base: Path) -> None:
+        """Complete one entry of the config's stores (valid, with the schema's defaults) in place,
+        relative paths taken from base; raise ConfigError naming path for what the JSON Schema
+        cannot check. Nothing by default."""
 
     def person_id(self, entry: Any, where: str) -> str | None:
         """The stable id of an entry in the person format (schemas/file-store.schema.json), or None
@@ -150,6 +153,6 @@ def store_class(kind: str) -> type[Store]:
     return kinds[kind]
 
 
-def build_store(store_config: dict[str, Any], config: dict[str, Any]) -> Store:
+def build_store(settings: StoreConfig, config: Config) -> Store:
     """The adapter for one entry of the config's stores list."""
-    return store_class(store_config["kind"])(store_config, config)
+    return store_class(settings.kind)(settings, config)

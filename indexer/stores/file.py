@@ -11,6 +11,7 @@ import yaml
 
 from indexer import passwords
 from indexer.identity import Identity
+from indexer.settings import Config, FileStoreConfig
 from indexer.stores import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -21,9 +22,9 @@ class FileStore(Store):
 
     kind = "file"
 
-    def __init__(self, store_config: dict[str, Any], config: dict[str, Any]) -> None:
-        super().__init__(store_config, config)
-        self.path: str = store_config["path"]
+    def __init__(self, settings: FileStoreConfig, config: Config) -> None:
+        super().__init__(settings, config)
+        self.path = settings.path
         self._cache: tuple[tuple[int, int], list[dict[str, Any]]] | None = None
 
     def _read(self) -> list[dict[str, Any]]:

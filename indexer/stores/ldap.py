@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from indexer.identity import Identity
+from indexer.settings import Config, LdapStoreConfig
 from indexer.stores import Change, Store, StoreError, StoreUnavailable
 from indexer.stores.ldap_connection import Directory
 from indexer.stores.ldap_mapping import Mapping, filter_value, first_value, normalize_time
@@ -31,11 +32,11 @@ class LdapStore(Store):
 
     kind = "ldap"
 
-    def __init__(self, store_config: dict[str, Any], config: dict[str, Any]) -> None:
-        super().__init__(store_config, config)
-        self.mapping = Mapping.from_config(store_config)
-        self.directory = Directory(self.name, store_config)
-        self.base_dns: list[str] = list(store_config["base_dns"])
+    def __init__(self, settings: LdapStoreConfig, config: Config) -> None:
+        super().__init__(settings, config)
+        self.mapping = Mapping.from_config(settings)
+        self.directory = Directory(self.name, settings)
+        self.base_dns = list(settings.base_dns)
         # Why password checks cannot reach the directory (None while they can), and how many failed
         # so: an outage is logged when it starts and when it ends, not once per login.
         self._unreachable: str | None = None

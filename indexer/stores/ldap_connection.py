@@ -16,7 +16,7 @@ from typing import Any, cast
 import ldap3
 from ldap3.core.exceptions import LDAPException
 
-from indexer.config import parse_duration
+from indexer.settings import LdapStoreConfig
 from indexer.stores import StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -78,27 +78,24 @@ class Prefetch:
 class Directory:
     """The connections of one `ldap` store (ldap3's, each bounded by the store's timeouts)."""
 
-    def __init__(self, name: str, store_config: dict[str, Any]) -> None:
+    def __init__(self, name: str, settings: LdapStoreConfig) -> None:
         self.name = name
-        uris = store_config["uri"]
-        self.uris: list[str] = [uris] if isinstance(uris, str) else list(uris)
-        self.page_size: int = store_config.get("page_size", 500)
-        self.start_tls: bool = store_config.get("start_tls", False)
-        tls = store_config.get("tls", {})
+        self.uris = list(settings.uri)
+        self.page_size = settings.page_size
+        self.start_tls = settings.start_tls
         self.tls = ldap3.Tls(
-            validate=ssl.CERT_REQUIRED if tls.get("verify", True) else ssl.CERT_NONE,
-            ca_certs_file=tls.get("ca_file"),
+            validate=ssl.CERT_REQUIRED if settings.tls.verify else ssl.CERT_NONE,
+            ca_certs_file=settings.tls.ca_file,
         )
         # timeout bounds connecting (every URI in turn), binding and searching together: a password
         # check as a whole, a sync's connection, and each page a sync reads.
-        self.timeout = parse_duration(store_config.get("timeout", "8s"))
-        self.connect_timeout = min(parse_duration(store_config.get("connect_timeout", "3s")), self.timeout)
-        bind = store_config.get("bind") or {}
-        self.bind_dn: str | None = bind.get("dn")
-        self.bind_password: str | None = bind.get("password")
+        self.timeout = settings.timeout
+        self.connect_timeout = min(settings.connect_timeout, self.timeout)
+        self.bind_dn = settings.bind.dn if settings.bind else None
+        self.bind_password = settings.bind.password if settings.bind else None
         self._conn: ldap3.Connection | None = None
         self._auth_pool: queue.LifoQueue[ldap3.Connection] = queue.LifoQueue()
-        self._auth_pool_size: int = store_config.get("auth_pool_size", 4)
+        self._auth_pool_size = settings.auth_pool_size
 
     def deadline(self) -> float:
         """When an operation begun now must be done by (time.monotonic())."""

@@ -10,6 +10,8 @@ from typing import Any
 
 from ldap3.utils.conv import escape_filter_chars
 
+from indexer.settings import LdapStoreConfig
+
 DISABLED_ACCOUNT = "(!(userAccountControl:1.2.840.113556.1.4.803:=2))"
 PRESETS: dict[str, dict[str, Any]] = {
     "openldap": {
@@ -84,21 +86,21 @@ class Mapping:
         self.by_usn = self.changed.lower() == "usnchanged"
 
     @classmethod
-    def from_config(cls, store_config: dict[str, Any]) -> Mapping:
+    def from_config(cls, settings: LdapStoreConfig) -> Mapping:
         """The store's preset with the store's own filter and attributes over it."""
-        preset = PRESETS[store_config.get("preset", "openldap")]
-        attrs = {**preset["attributes"], **store_config.get("attributes", {})}
+        preset = PRESETS[settings.preset]
+        attrs = settings.attributes
         # Media merge one by one: adding a medium keeps the preset's email and msisdn attributes.
-        attrs["threepids"] = {**preset["attributes"]["threepids"], **attrs["threepids"]}
+        threepids = {**preset["attributes"]["threepids"], **(attrs.threepids or {})}
         return cls(
-            filter=store_config.get("filter") or preset["filter"],
-            user_id=attrs["user_id"],
-            user_id_type=attrs.get("user_id_type", "localpart"),
-            lowercase=attrs.get("lowercase", True),
-            stable_id=attrs["stable_id"],
-            changed=attrs["changed"],
-            display_name=list(attrs["display_name"]),
-            threepids={m: list(a) for m, a in attrs["threepids"].items()},
+            filter=settings.filter or preset["filter"],
+            user_id=attrs.user_id or preset["attributes"]["user_id"],
+            user_id_type=attrs.user_id_type,
+            lowercase=attrs.lowercase,
+            stable_id=attrs.stable_id or preset["attributes"]["stable_id"],
+            changed=attrs.changed or preset["attributes"]["changed"],
+            display_name=list(attrs.display_name or preset["attributes"]["display_name"]),
+            threepids={m: list(a) for m, a in threepids.items()},
         )
 
     def wanted(self) -> list[str]:

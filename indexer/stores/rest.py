@@ -20,8 +20,8 @@ from typing import Any
 import httpx
 
 from indexer import logs, normalize
-from indexer.config import parse_duration
 from indexer.identity import Identity
+from indexer.settings import Config, RestStoreConfig
 from indexer.stores import Change, Store, StoreError, StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -64,10 +64,10 @@ def decode(response: httpx.Response) -> Any:
         raise BadAnswer("the body is not JSON") from None
 
 
-def client_options(store_config: dict[str, Any]) -> dict[str, Any]:
+def client_options(settings: RestStoreConfig) -> dict[str, Any]:
     """httpx client arguments shared by the indexer's and the server's clients."""
-    return {"base_url": store_config["url"], "headers": store_config["headers"],
-            "timeout": parse_duration(store_config["timeout"]), "follow_redirects": False}
+    return {"base_url": settings.url, "headers": dict(settings.headers), "timeout": settings.timeout,
+            "follow_redirects": False}
 
 
 class RestStore(Store):
@@ -75,15 +75,15 @@ class RestStore(Store):
 
     kind = "rest"
 
-    def __init__(self, store_config: dict[str, Any], config: dict[str, Any]) -> None:
-        super().__init__(store_config, config)
-        self.endpoints: dict[str, str | None] = store_config["endpoints"]
-        self.page_size: int = store_config["page_size"]
-        self.http = httpx.Client(**client_options(store_config))
-        self.enumerable = self.endpoints["enumerate"] is not None
+    def __init__(self, settings: RestStoreConfig, config: Config) -> None:
+        super().__init__(settings, config)
+        self.endpoints = settings.endpoints
+        self.page_size = settings.page_size
+        self.http = httpx.Client(**client_options(settings))
+        self.enumerable = self.endpoints.enumerate is not None
 
     def _post(self, endpoint: str, body: dict[str, Any]) -> Any:
-        path = self.endpoints[endpoint]
+        path = getattr(self.endpoints, endpoint)
         assert path is not None, f"the {endpoint} endpoint is not configured"
         try:
             return decode(self.http.post(path, json=body))
@@ -125,7 +125,7 @@ class RestStore(Store):
 
     def high_water_mark(self) -> Any:
         """The changes endpoint's current mark, asked with since null and limit 0."""
-        if self.endpoints["changes"] is None or not self.enumerable:
+        if self.endpoints.changes is None or not self.enumerable:
             return None
         page = self._post("changes", {"since": None, "cursor": None, "limit": 0})
         mark = page.get("high_water_mark") if isinstance(page, dict) else None
@@ -149,7 +149,7 @@ class RestStore(Store):
 
     def authenticate(self, identity: Identity, password: str) -> bool:
         """Ask the auth endpoint; anything but {"auth": {"success": true}} is a refusal."""
-        if self.endpoints["auth"] is None:
+        if self.endpoints.auth is None:
             return super().authenticate(identity, password)
         if not password:
             return False

@@ -11,19 +11,21 @@ as bound parameters.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import logging
-import os
 import re
 from collections.abc import Generator, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy
 from sqlalchemy.engine import make_url
 
 from indexer import logs, passwords
-from indexer.config import ConfigError, parse_duration
+from indexer.config import ConfigError
 from indexer.identity import Identity
+from indexer.settings import Config, SqlStoreConfig
 from indexer.stores import Change, Store, StoreError, StoreUnavailable, synapse
 
 log = logging.getLogger(__name__)
@@ -67,15 +69,16 @@ class SqlStore(Store):
 
     kind = "sql"
 
-    def __init__(self, store_config: dict[str, Any], config: dict[str, Any]) -> None:
-        super().__init__(store_config, config)
-        self.queries, self.password = self._queries(store_config)
-        url = self._url(store_config)
-        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
-            url = url.set(database=os.path.join(config.get("config_dir", "."), url.database))
+    def __init__(self, settings: SqlStoreConfig, config: Config) -> None:
+        super().__init__(settings, config)
+        self.queries = {f.name: getattr(settings.queries, f.name) for f in dataclasses.fields(settings.queries)
+                        if getattr(settings.queries, f.name) is not None}
+        self.pepper = settings.password.pepper or ""
+        self.normalize = settings.password.normalize
+        url = self._url(settings.url)
         self.where = url.render_as_string(hide_password=True)
         backend = url.get_backend_name()
-        timeout = parse_duration(store_config["timeout"])
+        timeout = settings.timeout
         connect_args: dict[str, Any] = {"timeout": timeout} if backend == "sqlite" else {"connect_timeout": timeout}
         if backend == "postgresql":
             # Added to, not replacing, options given in the URL (such as a search_path).
@@ -85,25 +88,26 @@ class SqlStore(Store):
         self.engine = sqlalchemy.create_engine(url, connect_args=connect_args, pool_pre_ping=True)
 
     @staticmethod
-    def _queries(store_config: dict[str, Any]) -> tuple[dict[str, str], dict[str, Any]]:
-        preset_queries, preset_password = PRESETS.get(store_config.get("preset") or "", ({}, {}))
-        return ({**preset_queries, **store_config.get("queries", {})},
-                {**preset_password, **store_config.get("password", {})})
-
-    @staticmethod
-    def _url(store_config: dict[str, Any]) -> sqlalchemy.URL:
-        url = make_url(store_config["url"])
+    def _url(text: str) -> sqlalchemy.URL:
+        url = make_url(text)
         return url.set(drivername=DRIVERS.get(url.drivername, url.drivername))
 
     @classmethod
-    def check_config(cls, store_config: dict[str, Any], path: str) -> None:
-        """The URL names a known database, and each query uses only the parameters it is given."""
+    def complete_config(cls, store: dict[str, Any], path: str, base: Path) -> None:
+        """The URL names a known database (an sqlite:// one's relative path is made absolute); the
+        preset's queries and password settings are filled in where the store has none of its own;
+        each query uses only the parameters it is given."""
         try:
-            cls._url(store_config).get_dialect()
+            url = make_url(store["url"])
+            cls._url(store["url"]).get_dialect()
         except (sqlalchemy.exc.ArgumentError, sqlalchemy.exc.NoSuchModuleError) as exc:
             raise ConfigError(f"{path}.url: expected a SQLAlchemy database URL "
                               f"(sqlite:///path, postgresql://..., mysql://...): {exc}") from None
-        queries, _ = cls._queries(store_config)
+        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+            store["url"] = url.set(database=str(base / url.database)).render_as_string(hide_password=False)
+        preset_queries, preset_password = PRESETS.get(store.get("preset") or "", ({}, {}))
+        queries = store["queries"] = {**preset_queries, **store["queries"]}
+        store["password"] = {**preset_password, **store["password"]}
         if "identities" not in queries:
             raise ConfigError(f"{path}.queries.identities: missing required key (or set preset: synapse)")
         for name, sql in queries.items():
@@ -213,8 +217,7 @@ class SqlStore(Store):
                                 exc, key=f"{self.name} password query")
             raise StoreUnavailable(f"store {self.name}: {exc}") from None
         return passwords.verify(password, stored if isinstance(stored, str) else None,
-                                pepper=self.password.get("pepper") or "",
-                                normalize=self.password.get("normalize"), who=identity.mxid)
+                                pepper=self.pepper, normalize=self.normalize, who=identity.mxid)
 
     def close(self) -> None:
         """Close the connection pool."""

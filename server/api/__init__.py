@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable, Mapping
 from functools import cache
 from typing import Any
 from urllib.parse import parse_qs
@@ -14,10 +15,15 @@ from sanic import Request
 from sanic.exceptions import BadRequest
 
 from indexer.config import Validator, explain, load_schema
+from indexer.settings import Config, Network
 from server.caller import usable_token
 from server.errors import MatrixError
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+def config_of(request: Request) -> Config:
+    """The server's config."""
+    config: Config = request.app.ctx.config
+    return config
 
 
 @cache
@@ -99,7 +105,7 @@ def access_token(request: Request) -> str | None:
     return request.args.get("access_token") or None
 
 
-def unsigned_policies(policies: dict[str, Any], accepted: set[str]) -> list[str]:
+def unsigned_policies(policies: Mapping[str, Mapping[str, Any]], accepted: set[str]) -> list[str]:
     """Ids of the policies of which the user has accepted no language."""
     return [pid for pid, policy in policies.items()
             if not any(isinstance(v, dict) and v["url"] in accepted for v in policy.values())]
@@ -123,7 +129,7 @@ async def authenticate(request: Request, terms: bool = True) -> str:
     if user_id is None:
         tokens.forget(token)
         raise MatrixError(401, "M_UNAUTHORIZED", "Unrecognised access token")
-    policies = request.app.ctx.config["terms"]["policies"]
+    policies = config_of(request).terms.policies
     missing = unsigned_policies(policies, await storage.run(storage.accepted_urls, user_id)) if policies else []
     tokens.put(token, user_id, not missing)
     if terms and missing:
@@ -136,7 +142,7 @@ async def authenticate_v2(request: Request) -> str | None:
     return None if request.path.startswith(V1) else await authenticate(request)
 
 
-def require_client_in(request: Request, networks: list[IPNetwork]) -> None:
+def require_client_in(request: Request, networks: Iterable[Network]) -> None:
     """403 M_FORBIDDEN unless the client's address is in one of networks."""
     try:
         address = ipaddress.ip_address(request.ip)

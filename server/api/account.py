@@ -11,7 +11,7 @@ from sanic.response import HTTPResponse, json
 from indexer import logs
 from indexer.normalize import InvalidAddress
 from indexer.normalize import mxid as parse_mxid
-from server.api import V2, access_token, authenticate, json_body
+from server.api import V2, access_token, authenticate, config_of, json_body
 from server.errors import MatrixError
 from server.federation import FederationError, split_server_name
 
@@ -29,7 +29,7 @@ async def register(request: Request) -> HTTPResponse:
         split_server_name(server_name)
     except ValueError:
         raise MatrixError(400, "M_INVALID_PARAM", f"Not a valid server name: {server_name!r}") from None
-    allowed = request.app.ctx.config["accounts"]["homeservers"]
+    allowed = config_of(request).accounts.homeservers
     if "*" not in allowed and server_name not in allowed:
         log.info("register refused: homeserver %s is not in accounts.homeservers", server_name)
         raise MatrixError(403, "M_UNAUTHORIZED", f"Users of {server_name} cannot register with this identity server")

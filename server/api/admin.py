@@ -8,14 +8,13 @@ import hashlib
 import hmac
 import re
 from pathlib import Path
-from typing import Any
 
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, html, json, redirect
 
 from indexer import logs, normalize
 from indexer.normalize import query_address
-from server.api import json_body, require_client_in
+from server.api import config_of, json_body, require_client_in
 from server.caller import usable_token
 from server.errors import MatrixError
 
@@ -48,7 +47,7 @@ def token_digest(token: str) -> bytes:
 @bp.on_request
 async def gate(request: Request) -> None:
     ctx = request.app.ctx
-    require_client_in(request, ctx.admin_networks)
+    require_client_in(request, config_of(request).admin.allow)
     if request.route is not None and request.route.name.endswith((".admin.page", ".admin.page_redirect")):
         return
     header = request.headers.get("authorization", "")
@@ -72,17 +71,12 @@ async def page(request: Request) -> HTTPResponse:
     return html(PAGE, headers=PAGE_HEADERS)
 
 
-def _stores_config(request: Request) -> list[dict[str, Any]]:
-    stores: list[dict[str, Any]] = request.app.ctx.config["stores"]
-    return stores
-
-
 @bp.get("/v1/stores")
 async def stores(request: Request) -> HTTPResponse:
     """GET /_mxisd/admin/v1/stores: each store's size, last syncs, next runs and active job; follower
     lag; whether each host's indexer runs."""
     status = await request.app.ctx.admin.status()
-    listed = [{"name": s["name"], "kind": s["kind"], **status["stores"][s["name"]]} for s in _stores_config(request)]
+    listed = [{"name": s.name, "kind": s.kind, **status["stores"][s.name]} for s in config_of(request).stores]
     return json({"stores": listed, "followers": status["followers"], "last_change_id": status["last_change_id"],
                  "indexers": status["indexers"]})
 
@@ -90,7 +84,7 @@ async def stores(request: Request) -> HTTPResponse:
 @bp.post("/v1/stores/<name>/sync")
 async def sync(request: Request, name: str) -> HTTPResponse:
     """POST /_mxisd/admin/v1/stores/{name}/sync: queue a sync for the indexer, or return the store's active one."""
-    if name not in {s["name"] for s in _stores_config(request)}:
+    if name not in {s.name for s in config_of(request).stores}:
         raise MatrixError(404, "M_NOT_FOUND", f"No store named {name!r}")
     body = json_body(request, "admin_sync") if request.body else {}
     job, created = await request.app.ctx.admin.start_job(name, bool(body.get("full")), logs.request_id.get())

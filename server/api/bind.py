@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 from urllib.parse import urlsplit
 
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
 from indexer.normalize import query_address
-from server.api import V1, V2, authenticate_v2, json_body
+from indexer.settings import ServerConfig
+from server.api import V1, V2, authenticate_v2, config_of, json_body
 from server.api.sessions import live_session, validated_session
 from server.bindings import bound_association
 from server.errors import MatrixError, shown
@@ -43,21 +43,21 @@ async def bind(request: Request) -> HTTPResponse:
     return json(bound_association(request.app.ctx.keys, Binding(session.medium, session.address, body["mxid"], ts)))
 
 
-def our_names(server: dict[str, Any]) -> list[str]:
+def our_names(server: ServerConfig) -> list[str]:
     """The names a homeserver may have been told to reach us by (its X-Matrix "destination"), in
     lower case: server.name, and public_url's host with and without its port."""
-    url = urlsplit(server["public_url"])
+    url = urlsplit(server.public_url)
     host = url.hostname or ""
     host = f"[{host}]" if ":" in host else host
     port = url.port or (443 if url.scheme == "https" else 80)
-    return list(dict.fromkeys(n.lower() for n in (server["name"], host, f"{host}:{port}") if n))
+    return list(dict.fromkeys(n.lower() for n in (server.name, host, f"{host}:{port}") if n))
 
 
 async def _signing_homeserver(request: Request, authorization: str) -> str:
     uri = request.path + (f"?{request.query_string}" if request.query_string else "")
     try:
         signer: str = await request.app.ctx.federation.verify_request(
-            authorization, request.method, uri, request.json, our_names(request.app.ctx.config["server"]))
+            authorization, request.method, uri, request.json, our_names(config_of(request).server))
         return signer
     except ValueError as exc:
         raise MatrixError(403, "M_FORBIDDEN", f"Invalid X-Matrix authorization: {exc}") from None

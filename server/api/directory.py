@@ -10,7 +10,7 @@ from typing import Any
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
-from server.api import access_token, json_body
+from server.api import access_token, config_of, json_body
 from server.errors import MatrixError
 from server.homeserver import answer_json, relay
 from server.services.directory_ranking import Hit, IndexNotReady
@@ -31,7 +31,7 @@ class _Relayed(Exception):
 
 async def _homeserver_results(request: Request, token: str, term: str, limit: int) -> tuple[list[dict[str, Any]], bool]:
     """The homeserver's own results for the same search; none when it cannot search or fails."""
-    if not request.app.ctx.config["directory"]["homeserver"]:
+    if not config_of(request).directory.homeserver:
         return [], False
     try:
         response = await request.app.ctx.homeserver.request(

@@ -12,6 +12,7 @@ import sqlalchemy
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
+from server.api import config_of
 from server.storage import BINDINGS_GENERATION
 
 bp = Blueprint("health")
@@ -75,7 +76,7 @@ async def ready(request: Request) -> HTTPResponse:
             checks["indexer"] = {"ok": False, "host": host, "error": "the indexer of this host is not running" + (
                 f" (it {last_exit['reason']})" if last_exit else ": no recent heartbeat")}
         mine = next((f for f in state["followers"] if f["host"] == host), None)
-        limit = ctx.max_follower_lag
+        limit = config_of(request).health.max_follower_lag
         checks["fulltext"] = (
             {"ok": False, "host": host, "error": "no fulltext follower has reported from this host"} if mine is None
             else {"ok": mine["lag_seconds"] <= limit, "host": host, "lag_seconds": mine["lag_seconds"],

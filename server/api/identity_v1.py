@@ -7,7 +7,7 @@ from sanic.response import HTTPResponse, json
 
 from indexer.normalize import query_address
 from indexer.rediskeys import BINDINGS
-from server.api import json_body
+from server.api import config_of, json_body
 from server.bindings import bound_association
 from server.errors import MatrixError
 from server.metrics import count_lookups
@@ -36,15 +36,16 @@ async def lookup(request: Request) -> HTTPResponse:
         binding = await storage.run(storage.binding, medium, canonical)
         if binding is not None and binding.mxid == mxid:
             return json(bound_association(request.app.ctx.keys, binding))
-    return json(request.app.ctx.keys.association(medium, canonical, mxid, request.app.ctx.association_validity_ms))
+    validity_ms = config_of(request).lookup.association_validity * 1000
+    return json(request.app.ctx.keys.association(medium, canonical, mxid, validity_ms))
 
 
 @bp.post("/bulk_lookup")
 async def bulk_lookup(request: Request) -> HTTPResponse:
     """POST /_matrix/identity/api/v1/bulk_lookup: [medium, address, mxid] for the 3PIDs that match."""
     pairs = json_body(request, "v1_bulk_lookup")["threepids"]
-    if len(pairs) > request.app.ctx.bulk_max:
-        raise MatrixError(400, "M_TOO_LARGE", f"At most {request.app.ctx.bulk_max} 3PIDs per request")
+    if len(pairs) > config_of(request).lookup.bulk_max:
+        raise MatrixError(400, "M_TOO_LARGE", f"At most {config_of(request).lookup.bulk_max} 3PIDs per request")
     canonical = [(m, query_address(m, a)) for m, a in pairs]
     sources: list[str | None] = []
     local = await request.app.ctx.read_through.fill(canonical,

@@ -6,7 +6,7 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
 from indexer.normalize import query_address
-from server.api import authenticate, json_body
+from server.api import authenticate, config_of, json_body
 from server.errors import MatrixError
 from server.metrics import count_lookups
 
@@ -38,7 +38,7 @@ async def lookup(request: Request) -> HTTPResponse:
     lookups = request.app.ctx.lookups
     found: list[str | None] = []
     sources: list[str | None] = []
-    if algorithm == "sha256" and len(addresses) <= request.app.ctx.bulk_max:
+    if algorithm == "sha256" and len(addresses) <= config_of(request).lookup.bulk_max:
         pepper, found = await lookups.by_hash(addresses, sources)  # the pepper comes in the same round trip
         if not pepper:
             raise MatrixError(503, "M_UNKNOWN", "The lookup cache is not ready yet")
@@ -50,8 +50,8 @@ async def lookup(request: Request) -> HTTPResponse:
                           algorithm="sha256", lookup_pepper=pepper)
     if algorithm not in ALGORITHMS:
         raise MatrixError(400, "M_INVALID_PARAM", f"Unsupported algorithm {algorithm!r}; use one of {ALGORITHMS}")
-    if len(addresses) > request.app.ctx.bulk_max:
-        raise MatrixError(400, "M_TOO_LARGE", f"At most {request.app.ctx.bulk_max} addresses per request")
+    if len(addresses) > config_of(request).lookup.bulk_max:
+        raise MatrixError(400, "M_TOO_LARGE", f"At most {config_of(request).lookup.bulk_max} addresses per request")
     if algorithm == "none":
         pairs = []
         for item in addresses:

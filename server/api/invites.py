@@ -16,10 +16,10 @@ from signedjson.sign import sign_json
 from unpaddedbase64 import encode_base64
 
 from indexer import logs
-from indexer.config import parse_duration
 from indexer.normalize import InvalidAddress
 from indexer.normalize import email as canonical_email
-from server.api import V1, V2, authenticate_v2, json_body
+from indexer.settings import RequestLimitConfig
+from server.api import V1, V2, authenticate_v2, config_of, json_body
 from server.caller import client_address
 from server.errors import MatrixError
 from server.notify import AddressRefused, SendError
@@ -77,11 +77,10 @@ def template_values(body: dict[str, Any], register_url: str) -> dict[str, str]:
 
 
 async def _rate_limit(request: Request, sender: str, address: str) -> None:
-    limits = request.app.ctx.config["invites"]["rate_limit"]
+    limits = config_of(request).invites.rate_limit
     for kind, key in (("per_sender", sender), ("per_ip", client_address(request)), ("per_address", address)):
-        limit = limits[kind]
-        wait_ms = await request.app.ctx.rate_limits.hit(
-            f"store-invite:{kind}", key, limit["requests"], parse_duration(limit["window"]))
+        limit: RequestLimitConfig = getattr(limits, kind)
+        wait_ms = await request.app.ctx.rate_limits.hit(f"store-invite:{kind}", key, limit.requests, limit.window)
         if wait_ms is not None:
             log.info("store-invite rate limited (%s) for %s", kind, logs.untrusted(key))
             raise MatrixError(429, "M_LIMIT_EXCEEDED", "Too many invites; try again later", retry_after_ms=wait_ms)
@@ -131,9 +130,9 @@ async def store_invite(request: Request) -> HTTPResponse:
     if sender is None:
         raise MatrixError(500, "M_EMAIL_SEND_ERROR", "The invite email could not be sent: email is not configured")
     await storage.run(storage.add_invite, invite)
-    config = request.app.ctx.config
-    values = template_values({**body, "address": address}, config["invites"]["register_url"]
-                             or f"https://{config['matrix']['domain']}")
+    config = config_of(request)
+    values = template_values({**body, "address": address}, config.invites.register_url
+                             or f"https://{config.matrix.domain}")
     values.update({"TOKEN": invite.token, "EPHEMERAL_PRIVATE_KEY": encode_base64(ephemeral.encode())})
     sent = False
     try:
@@ -154,7 +153,7 @@ async def store_invite(request: Request) -> HTTPResponse:
 
 def _stored_answer(request: Request, token: str, ephemeral_public: str, address: str) -> dict[str, Any]:
     """The spec's answer for a stored invite: its token, our long-term and its ephemeral key, a display name."""
-    base = request.app.ctx.config["server"]["public_url"].rstrip("/") + request.path.rsplit("/store-invite", 1)[0]
+    base = config_of(request).server.public_url + request.path.rsplit("/store-invite", 1)[0]
     server_key = {"public_key": request.app.ctx.keys.public_key, "key_validity_url": base + "/pubkey/isvalid"}
     return {
         "token": token,

@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, raw
 
-from server.api import require_client_in
+from server.api import config_of, require_client_in
 from server.api.health import REDIS_TIMEOUT
 from server.metrics import exposition
 
@@ -19,7 +19,7 @@ bp = Blueprint("metrics")
 @bp.get("/metrics")
 async def metrics(request: Request) -> HTTPResponse:
     """GET /metrics: this host's processes' metrics and the cache's gauges, in Prometheus text format."""
-    require_client_in(request, request.app.ctx.metrics_networks)
+    require_client_in(request, config_of(request).metrics.allow)
     try:
         status = await asyncio.wait_for(request.app.ctx.admin.status(), REDIS_TIMEOUT)
     except (TimeoutError, redis.exceptions.RedisError, OSError):

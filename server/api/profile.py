@@ -9,7 +9,7 @@ from urllib.parse import quote
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
-from server.api import access_token
+from server.api import access_token, config_of
 from server.errors import MatrixError
 from server.homeserver import answer_json, forwarded_headers, relay
 
@@ -27,7 +27,7 @@ async def profile(request: Request, user_id: str) -> HTTPResponse:
         "GET", f"/_matrix/client/{version}/profile/{quote(user_id, safe='')}",
         headers=forwarded_headers(request.headers))
     body = answer_json(response)
-    if response.status_code != 200 or not body or not request.app.ctx.config["profile"]["threepids"]:
+    if response.status_code != 200 or not body or not config_of(request).profile.threepids:
         return relay(response)
     if not await _signed_in(request):
         return relay(response)  # a homeserver may show profiles to anyone; the 3PIDs only its users see

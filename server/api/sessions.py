@@ -17,10 +17,10 @@ from sanic.response import HTTPResponse, json, redirect
 from sanic.response import html as html_response
 
 from indexer import logs
-from indexer.config import parse_duration
 from indexer.normalize import InvalidAddress
 from indexer.normalize import email as canonical_email
-from server.api import V1, V2, authenticate_v2, check_params, json_body
+from indexer.settings import RequestLimitConfig
+from server.api import V1, V2, authenticate_v2, check_params, config_of, json_body
 from server.caller import client_address
 from server.errors import MatrixError, log_bad_request
 from server.notify import AddressRefused, SendError, read_template, render
@@ -54,11 +54,10 @@ def _send_attempt(value: Any) -> int:
 
 
 async def _rate_limit(request: Request, address_key: str) -> None:
-    limits = request.app.ctx.config["sessions"]["rate_limit"]
+    limits = config_of(request).sessions.rate_limit
     for kind, key in (("per_ip", client_address(request)), ("per_address", address_key)):
-        limit = limits[kind]
-        wait_ms = await request.app.ctx.rate_limits.hit(
-            f"requestToken:{kind}", key, limit["requests"], parse_duration(limit["window"]))
+        limit: RequestLimitConfig = getattr(limits, kind)
+        wait_ms = await request.app.ctx.rate_limits.hit(f"requestToken:{kind}", key, limit.requests, limit.window)
         if wait_ms is not None:
             log.info("requestToken rate limited (%s) for %s", kind, address_key if kind == "per_address" else key)
             raise MatrixError(429, "M_LIMIT_EXCEEDED", "Too many verification requests; try again later",
@@ -66,7 +65,7 @@ async def _rate_limit(request: Request, address_key: str) -> None:
 
 
 def _expired(request: Request, session: Session) -> bool:
-    lifetime_ms = parse_duration(request.app.ctx.config["sessions"]["lifetime"]) * 1000
+    lifetime_ms = config_of(request).sessions.lifetime * 1000
     return now_ms() - session.modified_at > lifetime_ms
 
 
@@ -93,7 +92,7 @@ async def _start(request: Request, medium: str, address: str, body: dict[str, An
                         created_at=now, modified_at=now, validated_at=None)
         session = await storage.run(storage.create_session, fresh)
     elif _expired(request, session) or (
-            session.failed_attempts >= request.app.ctx.config["sessions"]["max_token_attempts"]
+            session.failed_attempts >= config_of(request).sessions.max_token_attempts
             and attempt > session.send_attempt):
         # A dead session starts over under the same sid, with a token nobody has guessed at.
         changes: dict[str, Any] = dict(token=_new_token(medium), send_attempt=NOT_SENT, failed_attempts=0,
@@ -117,7 +116,7 @@ async def _start(request: Request, medium: str, address: str, body: dict[str, An
 
 def _validation_link(request: Request, session: Session) -> str:
     query = urlencode({"sid": session.sid, "client_secret": session.client_secret, "token": session.token})
-    return f"{request.app.ctx.config['server']['public_url']}{V2}/validate/{session.medium}/submitToken?{query}"
+    return f"{config_of(request).server.public_url}{V2}/validate/{session.medium}/submitToken?{query}"
 
 
 @_route("/validate/email/requestToken", ["POST"])
@@ -199,7 +198,7 @@ async def _submit(request: Request, params: dict[str, Any], medium: str) -> Sess
     if session.medium != medium:
         raise MatrixError(404, "M_NO_VALID_SESSION", "No session with that sid and client_secret")
     storage = request.app.ctx.storage
-    max_attempts = request.app.ctx.config["sessions"]["max_token_attempts"]
+    max_attempts = config_of(request).sessions.max_token_attempts
     # The attempt is counted before the token is compared: a burst of guesses sent at once gets
     # no more tries than one sent after another.
     attempts = await storage.run(storage.claim_token_attempt, session.sid, max_attempts)
@@ -231,18 +230,18 @@ def _submit_routes(medium: str) -> None:
 
     async def submit_token_link(request: Request) -> HTTPResponse:
         # The link in the message: opened in a browser, so no token and an HTML answer.
-        pages = request.app.ctx.config["sessions"]["pages"]
+        pages = config_of(request).sessions.pages
         try:
             params = check_params({k: v[0] for k, v in request.args.items()}, "submit_token")
             session = await _submit(request, params, medium)
         except MatrixError as exc:
             if exc.status == 400:
                 log_bad_request(request, exc)
-            page = read_template(pages["failure"], "submit-failure.html")
+            page = read_template(pages.failure, "submit-failure.html")
             return html_response(render(page, {"ERROR": html.escape(exc.error)}), status=exc.status)
         if session.next_link and session.next_link.lower().startswith(("https://", "http://")):
             return redirect(session.next_link)
-        return html_response(read_template(pages["success"], "submit-success.html"))
+        return html_response(read_template(pages.success, "submit-success.html"))
 
     submit_token.__doc__ = f"POST /_matrix/identity/v2/validate/{medium}/submitToken (and v1): prove the token."
     submit_token_link.__doc__ = f"GET /_matrix/identity/v2/validate/{medium}/submitToken (and v1): the link."

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
-from server.api import V2, authenticate, json_body
+from server.api import V2, authenticate, config_of, json_body
 from server.errors import MatrixError
 
 bp = Blueprint("terms", url_prefix=V2 + "/terms")
@@ -14,7 +14,7 @@ bp = Blueprint("terms", url_prefix=V2 + "/terms")
 @bp.get("")
 async def get_terms(request: Request) -> HTTPResponse:
     """GET /_matrix/identity/v2/terms: the policies users must accept."""
-    return json({"policies": request.app.ctx.config["terms"]["policies"]})
+    return json({"policies": config_of(request).terms.policies})
 
 
 @bp.post("")
@@ -24,7 +24,7 @@ async def accept_terms(request: Request) -> HTTPResponse:
     urls = json_body(request, "v2_terms")["user_accepts"]
     if isinstance(urls, str):
         urls = [urls]
-    known = {lang["url"] for policy in request.app.ctx.config["terms"]["policies"].values()
+    known = {lang["url"] for policy in config_of(request).terms.policies.values()
              for lang in policy.values() if isinstance(lang, dict)}
     unknown = [u for u in urls if u not in known]
     if unknown:

@@ -8,7 +8,9 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, TextIO
+from typing import TextIO
+
+from indexer.settings import Config
 
 OK = "ok"
 PROBLEM = "PROBLEM"
@@ -44,7 +46,7 @@ def not_checked(subject: str, text: str) -> Finding:
 Checks = Callable[[], Iterator[Finding]]
 
 
-def _groups(config: dict[str, Any]) -> list[tuple[str, Checks]]:
+def _groups(config: Config) -> list[tuple[str, Checks]]:
     from server.doctor import homeserver, local, notify, public_url, stores
 
     groups: list[tuple[str, Checks]] = [
@@ -52,9 +54,8 @@ def _groups(config: dict[str, Any]) -> list[tuple[str, Checks]]:
         ("storage", lambda: local.storage(config)),
         ("redis", lambda: local.redis(config)),
     ]
-    for index, store_config in enumerate(config["stores"]):
-        where = f"stores[{index}]"
-        groups.append((f"store {store_config['name']}", partial(stores.check, store_config, config, where)))
+    for index, settings in enumerate(config.stores):
+        groups.append((f"store {settings.name}", partial(stores.check, settings, config, f"stores[{index}]")))
     groups += [
         ("email", lambda: notify.email(config)),
         ("sms", lambda: notify.sms(config)),
@@ -91,7 +92,7 @@ def _bounded(subject: str, checks: Checks, timeout: float) -> Iterator[Finding]:
         yield finding
 
 
-def run(config: dict[str, Any], out: TextIO, timeout: float) -> int:
+def run(config: Config, out: TextIO, timeout: float) -> int:
     """Run every check, printing each finding as it comes; 0 when nothing is a problem, else 1."""
     problems = checked = 0
     for subject, checks in _groups(config):

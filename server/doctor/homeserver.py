@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 
+from indexer.settings import Config
 from server.doctor import Finding, not_checked, ok, problem
 from server.doctor.tls import bad_certificate, request_failed
 from server.federation import Federation, FederationError, Target, verify_server_keys
@@ -18,8 +18,8 @@ CLIENT = "homeserver client API"
 FEDERATION = "homeserver federation API"
 
 
-def client_api(config: dict[str, Any]) -> Iterator[Finding]:
-    url = config["homeserver"]["url"]
+def client_api(config: Config) -> Iterator[Finding]:
+    url = config.homeserver.url
     if not url:
         yield not_checked(CLIENT, "homeserver.url is null: directory search, login checks through the "
                                   "homeserver and profiles are off")
@@ -27,8 +27,8 @@ def client_api(config: dict[str, Any]) -> Iterator[Finding]:
     yield asyncio.run(_client_api(config, url))
 
 
-async def _client_api(config: dict[str, Any], url: str) -> Finding:
-    homeserver = Homeserver(config)
+async def _client_api(config: Config, url: str) -> Finding:
+    homeserver = Homeserver(config.homeserver)
     assert homeserver.http is not None  # a url is configured
     try:
         response = await homeserver.http.get("/_matrix/client/versions")
@@ -44,20 +44,20 @@ async def _client_api(config: dict[str, Any], url: str) -> Finding:
     return ok(CLIENT, f"{url} answers (client API versions {', '.join(map(str, versions[-3:]))})")
 
 
-def federation(config: dict[str, Any]) -> Iterator[Finding]:
+def federation(config: Config) -> Iterator[Finding]:
     yield from asyncio.run(_federation(config))
 
 
-async def _federation(config: dict[str, Any]) -> list[Finding]:
-    name = config["matrix"]["domain"]
-    client = Federation(config["federation"])
+async def _federation(config: Config) -> list[Finding]:
+    name = config.matrix.domain
+    client = Federation(config.federation)
     try:
         try:
             target = await client.resolve(name)
         except (FederationError, ValueError) as exc:
             return [problem(FEDERATION, f"cannot find where {name} serves federation: {exc}")]
         found = ok(FEDERATION, f"{name} is served at {target.ip}:{target.port}: {target.via}")
-        return [found, await _server_keys(client, name, target, config["federation"]["verify_tls"])]
+        return [found, await _server_keys(client, name, target, config.federation.verify_tls)]
     finally:
         await client.close()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import redis as redis_lib
@@ -13,8 +12,9 @@ import sqlalchemy as sa
 from signedjson.key import encode_verify_key_base64, get_verify_key
 
 from indexer.cache import Cache
-from indexer.redis_clients import connect, timeout_of
+from indexer.redis_clients import connect
 from indexer.redis_server import EmbeddedRedis
+from indexer.settings import Config
 from server.doctor import Finding, not_checked, ok, problem
 from server.signing import key_path, read_signing_key
 from server.storage import SCHEMA_VERSION, Storage, engine_url
@@ -22,17 +22,17 @@ from server.storage import SCHEMA_VERSION, Storage, engine_url
 KEY = "signing key"
 
 
-def public_key(config: dict[str, Any]) -> str | None:
+def public_key(config: Config) -> str | None:
     """The base64 public key of the key file, None when there is none yet; OSError or ValueError when
     it cannot be read."""
-    path = key_path(config["data_dir"])
+    path = key_path(config.data_dir)
     if not path.exists():
         return None
     return encode_verify_key_base64(get_verify_key(read_signing_key(path)))
 
 
-def signing_key(config: dict[str, Any]) -> Iterator[Finding]:
-    path = key_path(config["data_dir"])
+def signing_key(config: Config) -> Iterator[Finding]:
+    path = key_path(config.data_dir)
     try:
         key = public_key(config)
     except OSError as exc:
@@ -53,13 +53,13 @@ def signing_key(config: dict[str, Any]) -> Iterator[Finding]:
     yield ok(KEY, f"{path} is readable (public key {key})")
 
 
-def storage(config: dict[str, Any]) -> Iterator[Finding]:
+def storage(config: Config) -> Iterator[Finding]:
     subject = "storage"
-    url = engine_url(config["storage"]["url"], config["data_dir"])
+    url = engine_url(config.storage.url, config.data_dir)
     if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).exists():
         yield not_checked(subject, f"{url.database} does not exist yet: mxisd run creates it when it first starts")
         return
-    store = Storage(config["storage"]["url"], config["data_dir"], threads=1)
+    store = Storage(config.storage.url, config.data_dir, threads=1)
     try:
         version = store.version()
     except sa.exc.SQLAlchemyError as exc:
@@ -89,11 +89,11 @@ def _without_password(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-def redis(config: dict[str, Any]) -> Iterator[Finding]:
+def redis(config: Config) -> Iterator[Finding]:
     subject = "redis"
-    url = config["redis"]["url"]
+    url = config.redis.url
     if not url:
-        embedded = EmbeddedRedis(config["data_dir"])
+        embedded = EmbeddedRedis(config.data_dir)
         if embedded.answering():
             yield ok(subject, f"the embedded Redis of the running mxisd answers at {embedded.socket}")
         else:
@@ -101,8 +101,8 @@ def redis(config: dict[str, Any]) -> Iterator[Finding]:
                                        f"in {embedded.dir}")
         return
     shown = _without_password(url)
-    prefix = config["redis"]["prefix"]
-    client = connect(url, timeout_of(config))
+    prefix = config.redis.prefix
+    client = connect(url, config.redis.timeout)
     try:
         info = client.info("server")
         epoch = Cache(client, prefix).epoch()

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from typing import Any
 
+from indexer.settings import Config
 from server.doctor import Finding, not_checked, ok, problem
 from server.notify import SendError
 from server.notify.email import EmailSender
@@ -16,25 +16,25 @@ EMAIL = "email"
 SMS = "sms"
 
 
-def email(config: dict[str, Any]) -> Iterator[Finding]:
-    if "email" not in config:
+def email(config: Config) -> Iterator[Finding]:
+    if config.email is None:
         yield not_checked(EMAIL, "no email section: email validation and invitations by email are off")
         return
-    smtp = config["email"]["smtp"]
+    smtp = config.email.smtp
     try:
-        asyncio.run(EmailSender(config["email"], config["matrix"]["domain"]).try_login())
+        asyncio.run(EmailSender(config.email, config.matrix.domain).try_login())
     except SendError as exc:
         yield problem(EMAIL, f"{exc}: check email.smtp")
         return
-    login = f"accepts the login as {smtp['login']}" if smtp.get("login") else "accepts a connection (no login set)"
-    yield ok(EMAIL, f"SMTP server {smtp['host']}:{smtp['port']} {login} (TLS: {smtp['tls']})")
+    login = f"accepts the login as {smtp.login}" if smtp.login else "accepts a connection (no login set)"
+    yield ok(EMAIL, f"SMTP server {smtp.host}:{smtp.port} {login} (TLS: {smtp.tls})")
 
 
-def sms(config: dict[str, Any]) -> Iterator[Finding]:
-    if "sms" not in config:
+def sms(config: Config) -> Iterator[Finding]:
+    if config.sms is None:
         yield not_checked(SMS, "no sms section: phone number validation is off")
         return
-    sender = SmsSender(config["sms"], config["matrix"]["domain"])
+    sender = SmsSender(config.sms, config.matrix.domain)
     try:
         status = asyncio.run(sender.check_account())
     except SendError as exc:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 
+from indexer.settings import Config
 from server.doctor import Finding, ok, problem
 from server.doctor.local import public_key
 from server.doctor.tls import request_failed
@@ -19,7 +19,7 @@ from server.signing import KEY_ID
 SUBJECT = "public URL"
 
 
-def check(config: dict[str, Any]) -> Iterator[Finding]:
+def check(config: Config) -> Iterator[Finding]:
     try:
         ours = public_key(config)
     except (OSError, ValueError):
@@ -27,11 +27,11 @@ def check(config: dict[str, Any]) -> Iterator[Finding]:
     yield asyncio.run(_check(config, ours))
 
 
-async def _check(config: dict[str, Any], ours: str | None) -> Finding:
-    base = config["server"]["public_url"]
+async def _check(config: Config, ours: str | None) -> Finding:
+    base = config.server.public_url
     # The federation client: its TLS settings (federation.ca_file) without its address policy, which
     # is about other servers, not this one.
-    client = Federation(config["federation"]).http
+    client = Federation(config.federation).http
     try:
         status = await client.get(f"{base}/_matrix/identity/v2")
         key = await client.get(f"{base}/_matrix/identity/v2/pubkey/{KEY_ID}")

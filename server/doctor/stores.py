@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import sqlalchemy as sa
 
 from indexer.identity import Identity
+from indexer.settings import Config, StoreConfig
 from indexer.stores import Store, StoreError, StoreUnavailable, build_store
 from indexer.stores.ldap import LdapStore
 from indexer.stores.rest import BadAnswer, RestStore, decode, lookup_answer, lookup_request
@@ -28,9 +28,9 @@ def describe(identity: Identity) -> str:
     return f"{identity.mxid}{name}, {threepids}"
 
 
-def check(store_config: dict[str, Any], config: dict[str, Any], where: str) -> Iterator[Finding]:
+def check(settings: StoreConfig, config: Config, where: str) -> Iterator[Finding]:
     """The checks of the store configured at where (stores[N])."""
-    store = build_store(store_config, config)
+    store = build_store(settings, config)
     try:
         if isinstance(store, LdapStore):
             yield from _ldap(store, where)
@@ -119,7 +119,7 @@ def _rest(store: RestStore, where: str) -> Iterator[Finding]:
     if store.enumerable:
         finding, person = _sample(store, f"check {where}.url and {where}.endpoints.enumerate")
         yield finding
-        if person is not None and store.endpoints["changes"] is not None:
+        if person is not None and store.endpoints.changes is not None:
             try:
                 mark = store.high_water_mark()
             except StoreError as exc:
@@ -127,7 +127,7 @@ def _rest(store: RestStore, where: str) -> Iterator[Finding]:
                 return
             yield ok(subject, f"the changes endpoint answers (high-water mark {mark!r})")
         return
-    path = store.endpoints["lookup"]
+    path = store.endpoints.lookup
     if path is None:
         yield not_checked(subject, "neither an enumerate nor a lookup endpoint: it answers nothing")
         return

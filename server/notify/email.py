@@ -15,6 +15,7 @@ from urllib.parse import quote
 import aiosmtplib
 import idna
 
+from indexer.settings import EmailConfig
 from server.metrics import NOTIFICATIONS
 from server.notify import AddressRefused, SendError, read_template, render
 
@@ -44,31 +45,29 @@ def render_message(template: str, values: dict[str, str]) -> EmailMessage:
 class EmailSender:
     """Sends rendered templates with the configured SMTP server and identity."""
 
-    def __init__(self, config: dict[str, Any], domain: str) -> None:
-        self.smtp = config["smtp"]
-        self.sender = config["from"]
-        self.sender_name = config.get("from_name") or ""
+    def __init__(self, settings: EmailConfig, domain: str) -> None:
+        self.smtp = settings.smtp
+        self.sender = settings.from_
+        self.sender_name = settings.from_name
         self.domain = domain
-        self.templates = config["templates"]
+        self.templates = settings.templates
 
     def _smtp_options(self) -> dict[str, Any]:
         """How to reach the SMTP server and log in, as aiosmtplib takes it."""
-        tls = self.smtp["tls"]
-        return {"hostname": self.smtp["host"], "port": self.smtp["port"], "use_tls": tls == "tls",
-                "start_tls": tls == "starttls", "username": self.smtp.get("login"),
-                "password": self.smtp.get("password"), "cert_bundle": self.smtp.get("ca_file"),
-                "timeout": self.smtp["timeout_s"]}
+        tls = self.smtp.tls
+        return {"hostname": self.smtp.host, "port": self.smtp.port, "use_tls": tls == "tls",
+                "start_tls": tls == "starttls", "username": self.smtp.login, "password": self.smtp.password,
+                "cert_bundle": self.smtp.ca_file, "timeout": self.smtp.timeout_s}
 
     async def try_login(self) -> None:
         """Connect, start TLS and log in as configured, then quit without sending; SendError saying
         which step failed."""
-        where = f"SMTP server {self.smtp['host']}:{self.smtp['port']}"
+        where = f"SMTP server {self.smtp.host}:{self.smtp.port}"
         client = aiosmtplib.SMTP(**self._smtp_options())
         try:
             await client.connect()
         except aiosmtplib.SMTPAuthenticationError as exc:
-            login = self.smtp.get("login")
-            raise SendError(f"{where} refused the login as {login}: {exc.code} {exc.message}") from None
+            raise SendError(f"{where} refused the login as {self.smtp.login}: {exc.code} {exc.message}") from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise SendError(f"{where} cannot be reached: {exc}") from None
         try:
@@ -77,7 +76,7 @@ class EmailSender:
             client.close()  # the check is over: how the server takes a goodbye does not matter
 
     def template(self, kind: str) -> str:
-        return read_template(self.templates.get(kind), f"email-{kind}.eml")
+        return read_template(getattr(self.templates, kind), f"email-{kind}.eml")
 
     def base_values(self, address: str) -> dict[str, str]:
         return {
@@ -118,6 +117,6 @@ class EmailSender:
             raise AddressRefused(f"{address!r} cannot be sent to: {exc}") from None
         except (aiosmtplib.SMTPException, OSError) as exc:
             NOTIFICATIONS.labels("email", "failed").inc()
-            raise SendError(f"SMTP server {self.smtp['host']}:{self.smtp['port']} refused or failed: {exc}") from None
+            raise SendError(f"SMTP server {self.smtp.host}:{self.smtp.port} refused or failed: {exc}") from None
         NOTIFICATIONS.labels("email", "sent").inc()
-        log.info("sent %s email to %s via %s:%d", kind, address, self.smtp["host"], self.smtp["port"])
+        log.info("sent %s email to %s via %s:%d", kind, address, self.smtp.host, self.smtp.port)

@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 
+from indexer.settings import SmsConfig
 from server.metrics import NOTIFICATIONS, OUTGOING_FAILURES
 from server.notify import SendError, read_template, render
 
@@ -25,15 +26,15 @@ def _json_object(response: httpx.Response) -> dict[str, Any]:
 class SmsSender:
     """Sends rendered text templates as SMS from the configured Twilio number."""
 
-    def __init__(self, config: dict[str, Any], domain: str) -> None:
-        twilio = config["twilio"]
-        self.base_url = twilio["base_url"].rstrip("/")
-        self.account_sid = twilio["account_sid"]
-        self.auth_token = twilio["auth_token"]
-        self.number = twilio["number"]
-        self.templates = config["templates"]
+    def __init__(self, settings: SmsConfig, domain: str) -> None:
+        twilio = settings.twilio
+        self.base_url = twilio.base_url.rstrip("/")
+        self.account_sid = twilio.account_sid
+        self.auth_token = twilio.auth_token
+        self.number = twilio.number
+        self.templates = settings.templates
         self.domain = domain
-        self.timeout = twilio["timeout_s"]
+        self.timeout = twilio.timeout_s
 
     async def check_account(self) -> str:
         """The account's status as Twilio gives it (such as "active"), which also shows that it
@@ -52,7 +53,7 @@ class SmsSender:
 
     async def send(self, kind: str, msisdn: str, values: dict[str, str]) -> None:
         """Render the template of this kind and send it to +msisdn."""
-        text = render(read_template(self.templates.get(kind), f"sms-{kind}.txt"),
+        text = render(read_template(getattr(self.templates, kind), f"sms-{kind}.txt"),
                       {"DOMAIN": self.domain, "RECIPIENT_MEDIUM": "msisdn", "RECIPIENT_ADDRESS": msisdn, **values})
         url = f"{self.base_url}/2010-04-01/Accounts/{self.account_sid}/Messages.json"
         try:

@@ -13,6 +13,7 @@ from whoosh import index
 
 from indexer.fulltext import POSITION_FILE
 from indexer.identity import Identity
+from indexer.settings import DirectoryHideConfig
 from server.services.directory_ranking import Hit, IndexNotReady, OpenIndex, ranked
 
 
@@ -21,9 +22,11 @@ class HideRules:
     of search results. Conditions: store (a name), mxid, display_name, threepid ("medium:address"),
     each a regular expression that must match the whole value, case-insensitively."""
 
-    def __init__(self, rules: list[dict[str, str]]) -> None:
+    def __init__(self, rules: Iterable[DirectoryHideConfig]) -> None:
         self.rules = [
-            {k: (v if k == "store" else re.compile(v, re.IGNORECASE)) for k, v in rule.items()} for rule in rules
+            {k: (v if k == "store" else re.compile(v, re.IGNORECASE))
+             for k in ("store", "mxid", "display_name", "threepid") if (v := getattr(rule, k)) is not None}
+            for rule in rules
         ]
 
     def __bool__(self) -> bool:
