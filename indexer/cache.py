@@ -88,32 +88,32 @@ class Cache:
     # -- records -------------------------------------------------------------------------------
 
     def count(self, store: str) -> int:
-        return self.r.hlen(self.k.store(store, "rec"))
+        return self.r.hlen(self.k.records(store))
 
     def content_hashes(self, store: str) -> dict[str, str]:
-        return cast("dict[str, str]", self.r.hgetall(self.k.store(store, "chash")))
+        return cast("dict[str, str]", self.r.hgetall(self.k.content_hashes(store)))
 
     def get(self, store: str, store_ids: list[str]) -> list[Identity | None]:
         if not store_ids:
             return []
-        raw = self.r.hmget(self.k.store(store, "rec"), store_ids)
+        raw = self.r.hmget(self.k.records(store), store_ids)
         return [Identity.from_json(r) if r else None for r in raw]
 
     def iter_identities(self, store: str, batch: int = 1000) -> Iterator[Identity]:
-        for _, raw in self.r.hscan_iter(self.k.store(store, "rec"), count=batch):
+        for _, raw in self.r.hscan_iter(self.k.records(store), count=batch):
             yield Identity.from_json(raw)
 
     def mxid_of(self, store: str, medium: str, address: str) -> str | None:
-        return cast("str | None", self.r.hget(self.k.store(store, "3pid"), plain_key(address, medium)))
+        return cast("str | None", self.r.hget(self.k.threepids(store), plain_key(address, medium)))
 
     def identity_by_mxid(self, store: str, mxid: str) -> Identity | None:
         """The store's identity for mxid with its locator (for a password check), or None."""
-        store_id = self.r.hget(self.k.store(store, "mxid"), mxid)
+        store_id = self.r.hget(self.k.mxids(store), mxid)
         if store_id is None:
             return None
         pipe = self.r.pipeline(transaction=False)
-        pipe.hget(self.k.store(store, "rec"), store_id)
-        pipe.hget(self.k.store(store, "locator"), store_id)
+        pipe.hget(self.k.records(store), store_id)
+        pipe.hget(self.k.locators(store), store_id)
         raw, locator = pipe.execute()
         return replace(Identity.from_json(raw), locator=locator) if raw else None
 
@@ -122,17 +122,17 @@ class Cache:
     def mark(self, store: str, store_ids: Iterable[str], generation: int) -> None:
         ids = list(store_ids)
         if ids:
-            self.r.zadd(self.k.store(store, "gen"), {i: generation for i in ids})
+            self.r.zadd(self.k.generations(store), {i: generation for i in ids})
 
     def set_locators(self, store: str, identities: Iterable[Identity]) -> None:
         """Record where the store finds these people (unchanged records too: an entry can move
         without its content changing)."""
         locators: dict[FieldT, EncodableT] = {i.store_id: i.locator for i in identities if i.locator is not None}
         if locators:
-            self.r.hset(self.k.store(store, "locator"), mapping=locators)
+            self.r.hset(self.k.locators(store), mapping=locators)
 
     def stale_ids(self, store: str, generation: int) -> list[str]:
-        return cast("list[str]", self.r.zrangebyscore(self.k.store(store, "gen"), "-inf", f"({generation}"))
+        return cast("list[str]", self.r.zrangebyscore(self.k.generations(store), "-inf", f"({generation}"))
 
     def apply(
         self,
@@ -149,26 +149,26 @@ class Cache:
     # -- sync state and locks -----------------------------------------------------------------
 
     def next_generation(self, store: str) -> int:
-        return int(self.r.hincrby(self.k.store(store, "state"), "generation", 1))
+        return int(self.r.hincrby(self.k.state(store), "generation", 1))
 
     def generation(self, store: str) -> int:
-        return int(self.r.hget(self.k.store(store, "state"), "generation") or 0)
+        return int(self.r.hget(self.k.state(store), "generation") or 0)
 
     def state(self, store: str) -> dict[str, Any]:
         """last_full, last_incremental (dicts), high_water_mark (as the store gave it), generation."""
-        raw = self.r.hgetall(self.k.store(store, "state"))
+        raw = self.r.hgetall(self.k.state(store))
         return {cast(str, k): json.loads(v) for k, v in raw.items()}
 
     def set_state(self, store: str, **fields: Any) -> None:
-        self.r.hset(self.k.store(store, "state"), mapping={k: json.dumps(v) for k, v in fields.items()})
+        self.r.hset(self.k.state(store), mapping={k: json.dumps(v) for k, v in fields.items()})
 
     def forget_mark(self, store: str) -> None:
         """Drop the store's high-water mark (its kind can no longer list changes)."""
-        self.r.hdel(self.k.store(store, "state"), "high_water_mark")
+        self.r.hdel(self.k.state(store), "high_water_mark")
 
     def lock(self, store: str, timeout: float) -> redis.lock.Lock:
         """The lock that lets only one indexer sync a store at a time (extend it while working)."""
-        lock: redis.lock.Lock = self.r.lock(self.k.store(store, "lock"), timeout=timeout, thread_local=False)
+        lock: redis.lock.Lock = self.r.lock(self.k.lock(store), timeout=timeout, thread_local=False)
         return lock
 
     # -- the change stream -------------------------------------------------------------------
@@ -242,7 +242,7 @@ class Cache:
         """Fail the jobs that host's indexer was running (it died); their ids."""
         failed = []
         for store in stores:
-            job_id = cast("str | None", self.r.get(self.k.store(store, "job")))
+            job_id = cast("str | None", self.r.get(self.k.store_job(store)))
             if job_id is None:
                 continue
             job = self.r.hmget(self.k.job(job_id), ["state", "host"])
@@ -274,7 +274,7 @@ class Cache:
         tx.expire(self.k.job(job_id), JOB_DONE_TTL)
         tx.execute()
         # Only clear the pointer if it is still ours (a newer job may have replaced an expired one).
-        pointer = self.k.store(store, "job")
+        pointer = self.k.store_job(store)
         with self.r.pipeline(transaction=True) as watch:
             try:
                 watch.watch(pointer)
@@ -290,7 +290,7 @@ class Cache:
     def bindings_mirrored(self, generation: int) -> bool:
         """Whether the binding mirror was built for this cache's epoch (it is lost with the cache) and
         holds the SQL bindings generation given (an older copy of Redis holds an older one)."""
-        epoch, held = self.r.hmget(self.k.store(BINDINGS, "state"), ["epoch", "generation"])
+        epoch, held = self.r.hmget(self.k.state(BINDINGS), ["epoch", "generation"])
         return epoch is not None and epoch == self.epoch() and int(held or 0) >= generation
 
     def rebuild_bindings(self, bindings: Iterable[tuple[str, str, str]], generation: int) -> int:
@@ -304,11 +304,11 @@ class Cache:
             plain.update((f, mxid) for f in fields)
             hashed.update((h, mxid) for h in hashes)
         tx = self.r.pipeline(transaction=True)
-        tx.delete(self.k.store(BINDINGS, "3pid"), self.k.store(BINDINGS, "sha256"))
+        tx.delete(self.k.threepids(BINDINGS), self.k.hashes(BINDINGS))
         if plain:
-            tx.hset(self.k.store(BINDINGS, "3pid"), mapping=plain)
-            tx.hset(self.k.store(BINDINGS, "sha256"), mapping=hashed)
-        tx.hset(self.k.store(BINDINGS, "state"), mapping={"epoch": epoch or "", "generation": generation})
+            tx.hset(self.k.threepids(BINDINGS), mapping=plain)
+            tx.hset(self.k.hashes(BINDINGS), mapping=hashed)
+        tx.hset(self.k.state(BINDINGS), mapping={"epoch": epoch or "", "generation": generation})
         tx.execute()
         return len(plain)
 
@@ -334,7 +334,7 @@ class Cache:
         pipe = self.r.pipeline(transaction=False)
         pipe.get(self.k.epoch)
         for store in stores:
-            pipe.hget(self.k.store(store, "state"), "synced_epoch")
+            pipe.hget(self.k.state(store), "synced_epoch")
         epoch, *marks = pipe.execute()
         return [s for s, m in zip(stores, marks) if epoch is None or m is None or json.loads(m) != epoch]
 
@@ -343,6 +343,6 @@ class Cache:
         and have every fulltext index rebuilt from what the cache holds now."""
         pipe = self.r.pipeline(transaction=False)
         for store in stores:
-            pipe.hdel(self.k.store(store, "state"), "synced_epoch")
+            pipe.hdel(self.k.state(store), "synced_epoch")
         pipe.incr(self.k.rebuild)
         pipe.execute()

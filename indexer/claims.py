@@ -35,8 +35,8 @@ class BatchWriter:
         """Write new and changed identities (with the records they replace) and remove deleted ones,
         all in one transaction, so a lookup sees every identity either before or after; pepper: the
         cache's, for the hashed lookup keys."""
-        kc, km = self.k.store(store, "claims"), self.k.store(store, "mxid")
-        k3, kh = self.k.store(store, "3pid"), self.k.store(store, "sha256")
+        kc, km = self.k.claims(store), self.k.mxids(store)
+        k3, kh = self.k.threepids(store), self.k.hashes(store)
         # Every claim an identity makes, with what it stands for: ("3pid", medium, address) or ("mxid", mxid).
         meaning: dict[str, tuple[str, ...]] = {}
 
@@ -71,7 +71,7 @@ class BatchWriter:
         mxids = {store_id: identity.mxid for store_id, identity in written.items() if store_id not in deleted}
         unread = sorted({held[-1] for key, held in lists.items()
                          if held and held[-1] not in mxids and held[-1] != answered[key]})
-        for store_id, raw in zip(unread, self.r.hmget(self.k.store(store, "rec"), unread) if unread else []):
+        for store_id, raw in zip(unread, self.r.hmget(self.k.records(store), unread) if unread else []):
             if raw:
                 mxids[store_id] = Identity.from_json(raw).mxid
 
@@ -115,18 +115,18 @@ class BatchWriter:
             if mapping:
                 tx.hset(key, mapping=mapping)
         if written:
-            tx.hset(self.k.store(store, "rec"), mapping={i: new.to_json() for i, new in written.items()})
-            tx.hset(self.k.store(store, "chash"), mapping={i: new.hash for i, new in written.items()})
+            tx.hset(self.k.records(store), mapping={i: new.to_json() for i, new in written.items()})
+            tx.hset(self.k.content_hashes(store), mapping={i: new.hash for i, new in written.items()})
             if generation is not None:
-                tx.zadd(self.k.store(store, "gen"), {i: generation for i in written})
+                tx.zadd(self.k.generations(store), {i: generation for i in written})
         for new, _ in upserts:
             tx.xadd(self.k.changes, {"store": store, "id": new.store_id, "op": "upsert"},
                     maxlen=STREAM_MAXLEN, approximate=True)
         for gone in deletes:
-            tx.hdel(self.k.store(store, "rec"), gone.store_id)
-            tx.hdel(self.k.store(store, "chash"), gone.store_id)
-            tx.zrem(self.k.store(store, "gen"), gone.store_id)
-            tx.hdel(self.k.store(store, "locator"), gone.store_id)
+            tx.hdel(self.k.records(store), gone.store_id)
+            tx.hdel(self.k.content_hashes(store), gone.store_id)
+            tx.zrem(self.k.generations(store), gone.store_id)
+            tx.hdel(self.k.locators(store), gone.store_id)
             tx.xadd(self.k.changes, {"store": store, "id": gone.store_id, "op": "delete"},
                     maxlen=STREAM_MAXLEN, approximate=True)
         tx.execute()
@@ -141,10 +141,10 @@ class BatchWriter:
         mxid_keys = [k for k in keys if meaning[k][0] == "mxid"]
         addresses = [k for k in keys if meaning[k][0] == "3pid"]
         read = self.r.pipeline(transaction=False)
-        read.hmget(self.k.store(store, "claims"), keys)
-        read.hmget(self.k.store(store, "mxid"), mxid_keys)
+        read.hmget(self.k.claims(store), keys)
+        read.hmget(self.k.mxids(store), mxid_keys)
         if addresses:
-            read.hmget(self.k.store(store, "3pid"), [plain_key(meaning[k][2], meaning[k][1]) for k in addresses])
+            read.hmget(self.k.threepids(store), [plain_key(meaning[k][2], meaning[k][1]) for k in addresses])
         listed, owners, *rest = read.execute()
         holders = {key: json.loads(raw) for key, raw in zip(keys, listed) if raw}
         with_list = set(holders)
@@ -168,14 +168,14 @@ class BatchWriter:
             # A record outside this batch holds the address alone: one of those with its mxid.
             mxids = sorted(set(unknown.values()))
             read = self.r.pipeline(transaction=False)
-            read.hmget(self.k.store(store, "claims"), mxids)
-            read.hmget(self.k.store(store, "mxid"), mxids)
+            read.hmget(self.k.claims(store), mxids)
+            read.hmget(self.k.mxids(store), mxids)
             listed_ids, single_ids = read.execute()
             candidates = {m: json.loads(raw) if raw else [i] if i else []
                           for m, raw, i in zip(mxids, listed_ids, single_ids)}
             ids = sorted({i for found in candidates.values() for i in found})
             records = {i: Identity.from_json(raw)
-                       for i, raw in zip(ids, self.r.hmget(self.k.store(store, "rec"), ids) if ids else []) if raw}
+                       for i, raw in zip(ids, self.r.hmget(self.k.records(store), ids) if ids else []) if raw}
             for key, mxid in unknown.items():
                 claim = (meaning[key][1], meaning[key][2])
                 holders[key] = [i for i in candidates[mxid] if i in records and claim in records[i].threepids][-1:]
@@ -184,13 +184,13 @@ class BatchWriter:
     def _ensure_claims(self, store: str) -> None:
         """Build the store's lists of what several records hold, from its records, when the cache
         was written by a version without them; the records that answer today keep answering."""
-        state = self.k.store(store, "state")
+        state = self.k.state(store)
         if self.r.hexists(state, "claims"):
             return
         held: dict[str, list[str]] = {}
         plain: dict[str, str] = {}  # claim of a 3PID -> its field in s:S:3pid
         mxids: dict[str, str] = {}
-        for _, raw in self.r.hscan_iter(self.k.store(store, "rec"), count=1000):
+        for _, raw in self.r.hscan_iter(self.k.records(store), count=1000):
             identity = Identity.from_json(raw)
             mxids[identity.store_id] = identity.mxid
             held.setdefault(identity.mxid, []).append(identity.store_id)
@@ -203,12 +203,12 @@ class BatchWriter:
             read = self.r.pipeline(transaction=False)
             for key in shared:
                 if key in plain:
-                    read.hget(self.k.store(store, "3pid"), plain[key])
+                    read.hget(self.k.threepids(store), plain[key])
                 else:
-                    read.hget(self.k.store(store, "mxid"), key)
+                    read.hget(self.k.mxids(store), key)
             for key, answer in zip(shared, read.execute()):
                 held[key].sort(key=lambda i: (mxids[i] if key in plain else i) == answer)
         items = [(key, json.dumps(held[key], separators=(",", ":"))) for key in shared]
         for start in range(0, len(items), 1000):
-            self.r.hset(self.k.store(store, "claims"), mapping=dict(items[start:start + 1000]))
+            self.r.hset(self.k.claims(store), mapping=dict(items[start:start + 1000]))
         self.r.hset(state, "claims", json.dumps(1))

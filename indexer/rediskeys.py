@@ -92,11 +92,44 @@ class RedisKeys:
     def indexer_exit(self, host: str) -> str:
         return f"{self.prefix}indexer-exit:{host}"
 
-    def store(self, store: str, part: str) -> str:
+    def _store(self, store: str, part: str) -> str:
         return f"{self.prefix}s:{store}:{part}"
 
+    def records(self, store: str) -> str:
+        return self._store(store, "rec")
+
+    def content_hashes(self, store: str) -> str:
+        return self._store(store, "chash")
+
+    def generations(self, store: str) -> str:
+        return self._store(store, "gen")
+
+    def threepids(self, store: str) -> str:
+        return self._store(store, "3pid")
+
+    def hashes(self, store: str) -> str:
+        return self._store(store, "sha256")
+
+    def mxids(self, store: str) -> str:
+        return self._store(store, "mxid")
+
+    def claims(self, store: str) -> str:
+        return self._store(store, "claims")
+
+    def locators(self, store: str) -> str:
+        return self._store(store, "locator")
+
+    def state(self, store: str) -> str:
+        return self._store(store, "state")
+
+    def lock(self, store: str) -> str:
+        return self._store(store, "lock")
+
+    def store_job(self, store: str) -> str:
+        return self._store(store, "job")
+
     def read_through(self, store: str, medium: str, address: str) -> str:
-        return self.store(store, f"rt:{plain_key(address, medium)}")
+        return self._store(store, f"rt:{plain_key(address, medium)}")
 
     def follower(self, host: str) -> str:
         return f"{self.prefix}fulltext:{host}"

@@ -50,7 +50,7 @@ def status_plan(k: RedisKeys, stores: list[str], now: float) -> Plan:
     """Every store's size, sync state and active job, and every follower's position and lag."""
     first: Commands = []
     for store in stores:
-        first += [("hlen", k.store(store, "rec")), ("hgetall", k.store(store, "state")), ("get", k.store(store, "job"))]
+        first += [("hlen", k.records(store)), ("hgetall", k.state(store)), ("get", k.store_job(store))]
     first += [("smembers", k.followers), ("xrevrange", k.changes, "+", "-", 1), ("get", k.epoch),
               ("smembers", k.indexer_hosts)]
     replies = yield first

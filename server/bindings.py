@@ -42,9 +42,9 @@ class BindingMirror:
             raise redis.exceptions.RedisError("the cache has no lookup pepper yet")
         fields, hashes = lookup_fields(medium, address, pepper)
         tx = self.r.pipeline(transaction=True)
-        tx.hset(self.k.store(BINDINGS, "3pid"), mapping={f: mxid for f in fields})
-        tx.hset(self.k.store(BINDINGS, "sha256"), mapping={h: mxid for h in hashes})
-        tx.eval(RAISE_SCRIPT, 1, self.k.store(BINDINGS, "state"), generation, "generation")
+        tx.hset(self.k.threepids(BINDINGS), mapping={f: mxid for f in fields})
+        tx.hset(self.k.hashes(BINDINGS), mapping={h: mxid for h in hashes})
+        tx.eval(RAISE_SCRIPT, 1, self.k.state(BINDINGS), generation, "generation")
         await tx.execute()
 
     async def remove(self, medium: str, address: str, generation: int) -> None:
@@ -52,9 +52,9 @@ class BindingMirror:
         pepper = cast(str, await self.r.get(self.k.pepper) or "")
         fields, hashes = lookup_fields(medium, address, pepper)
         tx = self.r.pipeline(transaction=True)
-        tx.hdel(self.k.store(BINDINGS, "3pid"), *fields)
-        tx.hdel(self.k.store(BINDINGS, "sha256"), *hashes)
-        tx.eval(RAISE_SCRIPT, 1, self.k.store(BINDINGS, "state"), generation, "generation")
+        tx.hdel(self.k.threepids(BINDINGS), *fields)
+        tx.hdel(self.k.hashes(BINDINGS), *hashes)
+        tx.eval(RAISE_SCRIPT, 1, self.k.state(BINDINGS), generation, "generation")
         await tx.execute()
 
     async def behind(self, generation: int) -> str | None:
@@ -69,7 +69,7 @@ class BindingMirror:
 
     def _state_plan(self) -> Plan:
         epoch, state = yield [("get", self.k.epoch),
-                              ("hmget", self.k.store(BINDINGS, "state"), ["epoch", "generation"])]
+                              ("hmget", self.k.state(BINDINGS), ["epoch", "generation"])]
         return epoch, state
 
 

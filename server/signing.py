@@ -24,16 +24,17 @@ ASSOCIATIONS_KEPT = 10_000
 
 
 def key_path(data_dir: str | Path) -> Path:
+    """Where the long-term key of a data_dir is kept."""
     return Path(data_dir) / "keys" / "signing.key"
 
 
-def read_signing_key(data_dir: str | Path) -> SigningKey | None:
-    """The key in data_dir/keys/signing.key ("ed25519 <version> <unpadded base64 seed>"), if any."""
-    path = key_path(data_dir)
-    if not path.exists():
-        return None
-    algorithm, version, seed = path.read_text().split()
-    return decode_signing_key_base64(algorithm, version, seed)
+def read_signing_key(path: Path) -> SigningKey:
+    """The key in a key file ("ed25519 <version> <seed in unpadded base64>"); OSError when it cannot
+    be read, ValueError when it holds something else."""
+    parts = path.read_text().split()
+    if len(parts) != 3:
+        raise ValueError("expected one line \"ed25519 <version> <base64 seed>\"")
+    return decode_signing_key_base64(*parts)
 
 
 def write_signing_key(data_dir: str | Path, key: SigningKey) -> None:
@@ -59,11 +60,13 @@ class SigningKeys:
     @classmethod
     def load_or_create(cls, data_dir: str | Path, server_name: str) -> SigningKeys:
         """Read data_dir/keys/signing.key, generating it (mode 0600) on first start."""
-        key = read_signing_key(data_dir)
-        if key is None:
+        path = key_path(data_dir)
+        if path.exists():
+            key = read_signing_key(path)
+        else:
             key = generate_signing_key("0")
             write_signing_key(data_dir, key)
-            log.info("generated a new signing key in %s", key_path(data_dir))
+            log.info("generated a new signing key in %s", path)
         return cls(key, server_name)
 
     def sign(self, body: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import redis
 import yaml
 
 from indexer.redis_server import EmbeddedRedis
+from indexer.rediskeys import RedisKeys
 from tests.conftest import PEOPLE, V1, Server, wait_until
 from tests.test_health_metrics import scrape, value
 
@@ -274,7 +275,7 @@ def test_a_job_no_indexer_takes_fails_with_a_message(make_server, redis_url, pre
     assert done.returncode == 1
     assert "people: sync failed: no indexer took this job within 2 s: the indexer is not running" in done.stderr
     # The failed job is no longer queued: an indexer started later does not run it after all.
-    assert redis.Redis.from_url(redis_url).llen(f"{prefix}jobs") == 0
+    assert redis.Redis.from_url(redis_url).llen(RedisKeys(prefix).jobs) == 0
 
 
 def test_an_http_server_that_cannot_listen_ends_mxisd_run(make_server):

@@ -103,7 +103,7 @@ def test_full_sync_reads_every_page(directory, cache):
     assert cache.mxid_of("dir", "msisdn", "447700800042") == "@user042:example.org"  # mobile, national form
     assert cache.mxid_of("dir", "email", "zoe@example.org") == "@zoe.mixed:example.org"
     hashed = lookup_hash("user12@example.org", "email", "pepper")
-    assert cache.r.hget(cache.k.store("dir", "sha256"), hashed) == "@user012:example.org"
+    assert cache.r.hget(cache.k.hashes("dir"), hashed) == "@user012:example.org"
     user = cache.identity_by_mxid("dir", "@user012:example.org")
     assert user.display_name == "User Number 12"
     assert uuid.UUID(user.store_id)  # keyed by entryUUID
@@ -173,7 +173,7 @@ def test_an_entry_deleted_and_created_again_answers_throughout(directory, cache)
         return directory.add("jdoe", mail=["john.doe@example.org"], phones=["+44 7700 900123"])
 
     def answers() -> tuple[str | None, str | None, str | None]:
-        hashed = cache.r.hget(cache.k.store("dir", "sha256"), lookup_hash("john.doe@example.org", "email", "pepper"))
+        hashed = cache.r.hget(cache.k.hashes("dir"), lookup_hash("john.doe@example.org", "email", "pepper"))
         return cache.mxid_of("dir", "email", "john.doe@example.org"), cache.mxid_of("dir", "msisdn", "447700900123"), \
             hashed
 

@@ -155,7 +155,7 @@ def test_full_sync_reads_every_page(cache, service, rest_store):
     assert (result.outcome, result.read, result.added) == ("ok", 5, 5)
     assert [b["cursor"] for b in service.asked("/people")] == [None, "2", "4", "6"]
     assert cache.mxid_of("app", "msisdn", "447700900123") == "@user1:example.org"
-    assert cache.r.hget(cache.k.store("app", "sha256"),
+    assert cache.r.hget(cache.k.hashes("app"),
                         lookup_hash("user4@example.org", "email", "pepper")) == "@user4:example.org"
 
 

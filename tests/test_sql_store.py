@@ -135,7 +135,7 @@ def test_full_sync_merges_rows_per_person(cache, directory, make_store):
     assert alice.threepids == (("email", "alice@example.org"), ("msisdn", "447700900123"))
     assert bob.mxid == "@bob:example.org" and carol.threepids == () and dave is None
     assert cache.mxid_of("hr", "msisdn", "447700900123") == "@alice:example.org"
-    assert cache.r.hget(cache.k.store("hr", "sha256"),
+    assert cache.r.hget(cache.k.hashes("hr"),
                         lookup_hash("bob@example.org", "email", "pepper")) == "@bob:example.org"
     assert cache.mxid_of("hr", "email", "dave@example.org") is None
     # A timestamp mark in one fixed format, so that string order is time order (SQLite has no

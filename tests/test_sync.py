@@ -53,7 +53,7 @@ def test_full_sync_writes_identities_lookups_and_hashes(cache, people_file):
     assert cache.mxid_of("hr", "email", "alice@example.org") == "@alice:example.org"
     assert cache.mxid_of("hr", "msisdn", "447700900123") == "@alice:example.org"
     assert cache.mxid_of("hr", "email", "bob@xn--bcher-kva.example") == "@bob:example.org"
-    hashed = cache.r.hget(cache.k.store("hr", "sha256"), lookup_hash("alice@example.org", "email", "pepper"))
+    hashed = cache.r.hget(cache.k.hashes("hr"), lookup_hash("alice@example.org", "email", "pepper"))
     assert hashed == "@alice:example.org"
     assert cache.state("hr")["last_full"]["outcome"] == "ok"
     assert sorted(changes(cache)) == [("alice", "upsert"), ("bob", "upsert")]
@@ -81,7 +81,7 @@ def test_addresses_move_between_people_and_renames_keep_the_record(cache, people
     assert cache.mxid_of("hr", "email", "bob@example.org") == "@robert:example.org"
     assert cache.mxid_of("hr", "email", "alice@example.org") == "@alice:example.org"
     assert cache.count("hr") == 2
-    assert cache.r.hget(cache.k.store("hr", "mxid"), "@bob:example.org") is None
+    assert cache.r.hget(cache.k.mxids("hr"), "@bob:example.org") is None
 
 
 def test_removed_people_disappear_with_their_addresses(cache, people_file):
@@ -92,7 +92,7 @@ def test_removed_people_disappear_with_their_addresses(cache, people_file):
     assert cache.mxid_of("hr", "email", "user9@example.org") is None
     assert cache.get("hr", ["user9"]) == [None]
     assert ("user9", "delete") in changes(cache)
-    hashes = cache.r.hgetall(cache.k.store("hr", "sha256"))
+    hashes = cache.r.hgetall(cache.k.hashes("hr"))
     assert len(hashes) == 8
 
 
@@ -210,7 +210,7 @@ def test_file_store_checks_bcrypt_passwords(people_file):
 def test_identity_records_match_their_schema(cache, people_file):
     alice = {"localpart": "alice", "emails": ["a@example.org"], "phones": ["+447700900123"]}
     full_sync(cache, people_file([alice]), 0.2)
-    raw = cache.r.hget(cache.k.store("hr", "rec"), "alice")
+    raw = cache.r.hget(cache.k.records("hr"), "alice")
     jsonschema.validate(json.loads(raw), load_schema("identity.schema.json"))
 
 
@@ -319,7 +319,7 @@ def test_a_mark_left_by_another_kind_fails_cleanly_and_a_full_sync_drops_it(cach
 def answers(cache: Cache, store: str, medium: str, address: str) -> str | None:
     """The mxid a v1 lookup and a v2 sha256 lookup find in one store's cache for a 3PID; both must agree."""
     plain = cache.mxid_of(store, medium, address)
-    hashed = cache.r.hget(cache.k.store(store, "sha256"), lookup_hash(address, medium, "pepper"))
+    hashed = cache.r.hget(cache.k.hashes(store), lookup_hash(address, medium, "pepper"))
     assert plain == hashed, (address, plain, hashed)
     return plain
 
@@ -365,7 +365,7 @@ def test_an_address_two_records_hold_stays_until_neither_holds_it(cache, people_
             {"id": "u4", "localpart": "carol"}]
     full_sync(cache, people_file(both), 1.0)
     assert answers(cache, "hr", "email", "desk@example.org") == "@bob:example.org"  # the record written last
-    assert sorted(cache.r.hkeys(cache.k.store("hr", "claims"))) == ["@alice:example.org", "email desk@example.org"]
+    assert sorted(cache.r.hkeys(cache.k.claims("hr"))) == ["@alice:example.org", "email desk@example.org"]
     full_sync(cache, people_file([p for p in both if p["id"] != "u2"]), 1.0)
     assert answers(cache, "hr", "email", "desk@example.org") == "@alice:example.org"
     full_sync(cache, people_file([p for p in both if p["id"] not in ("u2", "u3")]), 1.0)
@@ -373,7 +373,7 @@ def test_an_address_two_records_hold_stays_until_neither_holds_it(cache, people_
     full_sync(cache, people_file([both[3]]), 1.0)
     assert answers(cache, "hr", "email", "desk@example.org") is None
     assert cache.identity_by_mxid("hr", "@alice:example.org") is None
-    assert cache.r.hkeys(cache.k.store("hr", "claims")) == []  # lists are kept only while several records hold
+    assert cache.r.hkeys(cache.k.claims("hr")) == []  # lists are kept only while several records hold
 
 
 @pytest.mark.parametrize("order", [("a", "b"), ("b", "a")])
@@ -403,9 +403,9 @@ def test_a_cache_written_before_records_owned_addresses_is_upgraded(cache, peopl
                                   {"id": "u2", "localpart": "bob", "emails": ["desk@example.org"]},
                                   {"id": "u3", "localpart": "carol"}]), 0.5)
     # As an older version left it: no claim lists, desk@ answered by alice.
-    cache.r.delete(cache.k.store("hr", "claims"))
-    cache.r.hdel(cache.k.store("hr", "state"), "claims")
-    cache.r.hset(cache.k.store("hr", "3pid"), "desk@example.org email", "@alice:example.org")
+    cache.r.delete(cache.k.claims("hr"))
+    cache.r.hdel(cache.k.state("hr"), "claims")
+    cache.r.hset(cache.k.threepids("hr"), "desk@example.org email", "@alice:example.org")
     result = full_sync(cache, people_file([
         {"id": "u9", **alice}, {"id": "u2", "localpart": "bob", "emails": ["desk@example.org"], "display_name": "Bob"},
         {"id": "u3", "localpart": "carol"}]), 0.5)
@@ -496,7 +496,7 @@ def test_lookups_answer_exactly_what_live_records_hold_through_random_changes(ca
         for address in addresses:
             answer = answers(cache, "hr", "email", address)
             assert (answer in holders[address]) if address in holders else answer is None, (address, people)
-        mxids = cache.r.hgetall(cache.k.store("hr", "mxid"))
+        mxids = cache.r.hgetall(cache.k.mxids("hr"))
         assert set(mxids) == {f"@{p['localpart']}:example.org" for p in people.values()}
         for mxid, store_id in mxids.items():
             assert f"@{people[store_id]['localpart']}:example.org" == mxid
@@ -505,5 +505,5 @@ def test_lookups_answer_exactly_what_live_records_hold_through_random_changes(ca
         for store_id, person in people.items():
             for claim in [f"@{person['localpart']}:example.org"] + [f"email {a}" for a in person["emails"]]:
                 shared.setdefault(claim, set()).add(store_id)
-        listed = {k: set(json.loads(v)) for k, v in cache.r.hgetall(cache.k.store("hr", "claims")).items()}
+        listed = {k: set(json.loads(v)) for k, v in cache.r.hgetall(cache.k.claims("hr")).items()}
         assert listed == {claim: ids for claim, ids in shared.items() if len(ids) > 1}

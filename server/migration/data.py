@@ -240,9 +240,13 @@ def _sessions(rows: list[dict[str, Any]], region: str | None, lifetime_ms: int, 
 
 def _key_is_new(data_dir: str, keys: OldKeys) -> bool:
     """Whether the old key is still to be written; raises when another key is in its place."""
-    mine: SigningKey | None = read_signing_key(data_dir)
-    if mine is None:
+    path = key_path(data_dir)
+    if not path.exists():
         return True
+    try:
+        mine: SigningKey = read_signing_key(path)
+    except (OSError, ValueError) as exc:
+        raise MigrationError(f"{path} holds no signing key we can read ({exc}): move it away first") from None
     if mine.encode() == keys.signing_key.encode() and mine.version == keys.signing_key.version:
         return False
     raise MigrationError(

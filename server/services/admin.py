@@ -46,11 +46,11 @@ def _inspect_plan(k: RedisKeys, stores: list[str], medium: str | None, address: 
     if medium is None:
         mxids = [address] * len(stores)
     else:
-        mxids = yield [("hget", k.store(s, "3pid"), plain_key(address, medium)) for s in stores]
+        mxids = yield [("hget", k.threepids(s), plain_key(address, medium)) for s in stores]
     found = [(s, m) for s, m in zip(stores, mxids) if m]
-    store_ids = yield [("hget", k.store(s, "mxid"), m) for s, m in found]
+    store_ids = yield [("hget", k.mxids(s), m) for s, m in found]
     held = [(s, m, i) for (s, m), i in zip(found, store_ids)]
-    records = yield [("hget", k.store(s, "rec"), i) for s, _, i in held if i]
+    records = yield [("hget", k.records(s), i) for s, _, i in held if i]
     records_by = iter(records)
     matches = []
     for store, mxid, store_id in held:
@@ -84,7 +84,7 @@ class Admin:
                   "created": str(time.time()), "read": "0", "applied": "0", "request_id": request_id or ""}
         flat = [x for pair in fields.items() for x in pair]
         job_id, created = await self._enqueue(
-            keys=[self.k.store(store, "job"), self.k.jobs], args=[self.k.job_prefix, new_id, JOB_QUEUED_TTL, *flat],
+            keys=[self.k.store_job(store), self.k.jobs], args=[self.k.job_prefix, new_id, JOB_QUEUED_TTL, *flat],
         )
         job = await self.job(job_id)
         assert job is not None
@@ -98,7 +98,7 @@ class Admin:
             return view
         error = (f"no indexer took this job within {self.job_start_timeout:g} s: the indexer is not running "
                  "(see `mxisd status` and the server's log)")
-        await self._abandon(keys=[self.k.job(job_id), self.k.jobs, self.k.store(view["store"], "job")],
+        await self._abandon(keys=[self.k.job(job_id), self.k.jobs, self.k.store_job(view["store"])],
                             args=[job_id, error, time.time(), JOB_DONE_TTL])
         return job_view(job_id, cast("dict[str, str]", await self.r.hgetall(self.k.job(job_id))))
 

@@ -21,17 +21,18 @@ class Lookups:
         self.pipe = pipe
         self.k = RedisKeys(prefix)
         self.stores = stores
-        self._store_keys = {part: [self.k.store(s, part) for s in stores] for part in ("3pid", "sha256")}
+        self._threepid_keys = [self.k.threepids(s) for s in stores]
+        self._hash_keys = [self.k.hashes(s) for s in stores]
 
     async def pepper(self) -> str | None:
         return cast("str | None", await self.pipe.execute("GET", self.k.pepper))
 
     async def _first_match(
-        self, part: str, fields: list[str], with_pepper: bool, sources: list[str | None] | None
+        self, keys: list[str], fields: list[str], with_pepper: bool, sources: list[str | None] | None
     ) -> tuple[str | None, list[str | None]]:
         # One HMGET per store, sent together: a Lua script doing the same in one command cost Redis
         # five times the CPU, whatever the number of fields.
-        commands: list[tuple[Any, ...]] = [("HMGET", key, *fields) for key in self._store_keys[part]]
+        commands: list[tuple[Any, ...]] = [("HMGET", key, *fields) for key in keys]
         if with_pepper:
             commands.append(("GET", self.k.pepper))
         replies = await self.pipe.execute_many(commands)
@@ -54,7 +55,7 @@ class Lookups:
         given, is filled with the name of the store that answered each (None where none did)."""
         if not pairs:
             return []
-        _, found = await self._first_match("3pid", [plain_key(a, m) for m, a in pairs], False, sources)
+        _, found = await self._first_match(self._threepid_keys, [plain_key(a, m) for m, a in pairs], False, sources)
         return found
 
     async def by_hash(
@@ -63,7 +64,7 @@ class Lookups:
         """(current pepper, mxids for sha256 lookup hashes in order); sources as for by_address."""
         if not hashes:
             return await self.pepper(), []
-        return await self._first_match("sha256", hashes, True, sources)
+        return await self._first_match(self._hash_keys, hashes, True, sources)
 
     async def read_through_answers(self, store: str, pairs: list[tuple[str, str]]) -> list[str | None]:
         """Cached answers of a read-through store for (medium, address) pairs: an mxid, "" for a
@@ -82,12 +83,12 @@ class Lookups:
         that has an mxid wins. Two round trips whatever the number of mxids."""
         if not mxids:
             return []
-        replies = await self.pipe.execute_many([("HMGET", self.k.store(s, "mxid"), *mxids) for s in self.stores])
+        replies = await self.pipe.execute_many([("HMGET", self.k.mxids(s), *mxids) for s in self.stores])
         owners: list[tuple[str, str] | None] = [None] * len(mxids)
         for store, store_ids in zip(self.stores, replies):
             owners = [o if o is not None or i is None else (store, i) for o, i in zip(owners, store_ids)]
-        reads = [("HGET", self.k.store(store, part), store_id)
-                 for store, store_id in filter(None, owners) for part in ("rec", "locator")]
+        reads = [("HGET", key, store_id) for store, store_id in filter(None, owners)
+                 for key in (self.k.records(store), self.k.locators(store))]
         records = iter(await self.pipe.execute_many(reads))
         found: list[Identity | None] = []
         for owner in owners:
