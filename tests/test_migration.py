@@ -29,6 +29,7 @@ from indexer.settings import Config
 from indexer.stores import build_store
 from indexer.sync import full_sync
 from server.cli import main
+from server.doctor import public_url
 from server.migration.data import import_data
 from server.signing import SigningKeys
 from server.storage import Storage
@@ -446,8 +447,12 @@ def test_a_ma1sd_database_and_key_are_taken_over(kind, make_server, homeserver, 
         assert validated.status_code == 200, validated.text
         assert {k: validated.json()[k] for k in ("medium", "address")} == {"medium": "email",
                                                                            "address": "ann@example.org"}
-        # The key answers under its old id; the invite's ephemeral key is still valid.
+        # The key answers under its old id (and `mxisd doctor` finds it there); the invite's
+        # ephemeral key is still valid.
         assert srv.http.get(V2 + f"/pubkey/ed25519:{SERIAL}").json() == {"public_key": PUBLIC}
+        [finding] = public_url.check(load_config(srv.config_path))
+        assert (finding.level, finding.text) == ("ok", f"{srv.url} serves this identity server (the key file's "
+                                                       "public key)")
         assert httpx.get(srv.url + V2 + "/pubkey/isvalid", params={"public_key": PUBLIC}).json() == {"valid": True}
         assert srv.http.get(V2 + "/pubkey/ephemeral/isvalid", params={"public_key": EPHEMERAL_PUBLIC}).json() == {
             "valid": True}
