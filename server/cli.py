@@ -1,4 +1,4 @@
-"""The `mxisd` command: run, index, status, check-config, test-email."""
+"""The `mxisd` command: run, index, status, check-config, test-email, doctor."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import importlib.metadata
 import logging
 import os
 import sys
@@ -24,6 +25,7 @@ from indexer.redis_server import EmbeddedRedis, EmbeddedRedisError
 from indexer.settings import Config
 from indexer.stores import build_store
 from indexer.sync import SyncBusy, SyncResult, sync_store
+from server import doctor
 from server.notify import SendError
 from server.notify.email import EmailSender
 from server.runner import StartupError, hold_data_dir, run, wait_for_redis
@@ -38,6 +40,7 @@ def _default_config() -> str:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mxisd", description="Federated Matrix identity server")
+    parser.add_argument("--version", action="version", version=f"mxisd {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     run_cmd = commands.add_parser("run", help="serve, with the indexer and (by default) an embedded Redis")
     run_cmd.add_argument("--config", default=None, help="config file (default: $MXISD_CONFIG, then ./config.yml)")
@@ -53,7 +56,17 @@ def _parser() -> argparse.ArgumentParser:
     email_cmd = commands.add_parser("test-email", help="send a test email with the configured settings")
     email_cmd.add_argument("address")
     email_cmd.add_argument("--config", default=None, help="config file (default: $MXISD_CONFIG, then ./config.yml)")
+    doctor_cmd = commands.add_parser("doctor", help="check everything the config points at, one line per check")
+    doctor_cmd.add_argument("--config", default=None, help="config file (default: $MXISD_CONFIG, then ./config.yml)")
+    doctor_cmd.add_argument("--timeout", type=float, default=20.0, help="seconds each check may take (default: 20)")
     return parser
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("mxisd")
+    except importlib.metadata.PackageNotFoundError:
+        return "(not installed: run from a checkout)"
 
 
 class TerminalProgress:
@@ -307,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print(f"{path}: ok ({len(config.stores)} store(s))")
         return 0
-    logs.setup(config.log_level, args.command, config.log_format)
+    # The doctor's lines are its output; of the log, only warnings (such as entries a store skips).
+    logs.setup("WARNING" if args.command == "doctor" else config.log_level, args.command, config.log_format)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per admin API call
     try:
         if args.command == "run":
@@ -315,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "status":
             return _status(config)
+        if args.command == "doctor":
+            return doctor.run(config, sys.stdout, args.timeout)
         if args.command == "test-email":
             return _test_email(config, args.address)
         return _index(config, args.store, args.full)

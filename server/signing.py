@@ -25,6 +25,20 @@ ASSOCIATION_REUSE_MS = 60_000
 ASSOCIATIONS_KEPT = 10_000
 
 
+def key_path(data_dir: str | Path) -> Path:
+    """Where the long-term key of a data_dir is kept."""
+    return Path(data_dir) / "keys" / "signing.key"
+
+
+def read_signing_key(path: Path) -> SigningKey:
+    """The key in a key file ("ed25519 <version> <seed in unpadded base64>"); OSError when it cannot
+    be read, ValueError when it holds something else."""
+    parts = path.read_text().split()
+    if len(parts) != 3:
+        raise ValueError("expected one line \"ed25519 <version> <base64 seed>\"")
+    return decode_signing_key_base64(*parts)
+
+
 class SigningKeys:
     """The long-term key, loaded once and reused for every signature."""
 
@@ -37,10 +51,9 @@ class SigningKeys:
     @classmethod
     def load_or_create(cls, data_dir: str | Path, server_name: str) -> SigningKeys:
         """Read data_dir/keys/signing.key, generating it (mode 0600) on first start."""
-        path = Path(data_dir) / "keys" / "signing.key"
+        path = key_path(data_dir)
         if path.exists():
-            algorithm, version, seed = path.read_text().split()
-            key = decode_signing_key_base64(algorithm, version, seed)
+            key = read_signing_key(path)
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             key = generate_signing_key("0")

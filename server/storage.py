@@ -289,6 +289,14 @@ class Storage:
         """fn(*args) in the storage thread pool, so the event loop never waits on the database."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
 
+    def version(self) -> int | None:
+        """The schema version of the database as it is (None: no schema yet), changing nothing."""
+        with self.engine.connect() as conn:
+            if not sa.inspect(conn).has_table(schema_version.name):
+                return None
+            found = conn.execute(sa.select(schema_version.c.version)).scalar()
+            return None if found is None else int(found)
+
     def ping(self) -> None:
         """Raise when the database does not answer."""
         with self.engine.connect() as conn:
