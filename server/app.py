@@ -33,6 +33,7 @@ from server.api import (
     admin,
     auth,
     bind,
+    config_of,
     directory,
     health,
     identity_v1,
@@ -241,7 +242,7 @@ def record_response(request: Request, response: BaseHTTPResponse) -> None:
     metrics.REQUESTS.labels(request.method, endpoint, str(response.status)).inc()
     if took is not None:
         metrics.LATENCY.labels(request.method, endpoint).observe(took)
-    if request.app.ctx.config.server.access_log:
+    if config_of(request).server.access_log:
         target = logs.mask_secrets(request.path + (f"?{request.query_string}" if request.query_string else ""))
         access_log.info(
             "%s %s %s %d %s", request.ip, request.method, target, response.status,
