@@ -237,19 +237,34 @@ def load_config(path: str | os.PathLike[str]) -> Config:
 
 def write_config(stream: IO[bytes], config: Config) -> None:
     """Hand config to a process of `mxisd run` through a pipe (not its command line: the config may
-    hold secrets, which must not show in the process list)."""
-    pickle.dump(config, stream)
+    hold secrets, which must not show in the process list): its length, then the pickled config."""
+    data = pickle.dumps(config)
+    stream.write(len(data).to_bytes(8, "big") + data)
     stream.flush()
 
 
-def read_config(stream: IO[bytes]) -> Config | None:
-    """The next config write_config sent on stream; None once the stream is closed. Only for the
-    pipe from the parent process: pickle trusts what it reads."""
-    try:
-        config: Config = pickle.load(stream)
-    except EOFError:
+def read_config(fd: int) -> Config | None:
+    """The next config write_config sent to the file descriptor fd; None once the pipe is closed.
+    Only for the pipe from the parent process: pickle trusts what it reads. It reads the descriptor
+    itself, not Python's buffered stdin: a thread waiting there holds the buffer's lock, and a
+    process exiting meanwhile aborts."""
+    header = _read_exactly(fd, 8)
+    data = None if header is None else _read_exactly(fd, int.from_bytes(header, "big"))
+    if data is None:
         return None
+    config: Config = pickle.loads(data)
     return config
+
+
+def _read_exactly(fd: int, size: int) -> bytes | None:
+    chunks = []
+    while size:
+        chunk = os.read(fd, size)
+        if not chunk:
+            return None
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
 
 
 def parse_config(raw: dict[str, Any], base: Path) -> Config:

@@ -265,7 +265,7 @@ def main() -> None:
     """`python -m indexer.main REDIS_URL PARENT_PID` with the config on stdin (read_config): the
     indexer process that `mxisd run` starts."""
     redis_url, parent_pid = sys.argv[1], int(sys.argv[2])
-    config = read_config(sys.stdin.buffer)
+    config = read_config(sys.stdin.fileno())
     if config is None:
         raise SystemExit("indexer: no config on stdin")
     logs.setup(config.log_level, "indexer", config.log_format)

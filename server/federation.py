@@ -63,6 +63,7 @@ class Target:
     port: int
     tls_name: str
     host_header: str
+    via: str = ""  # how discovery found it, for people (`mxisd doctor`)
 
 
 def split_server_name(name: str) -> tuple[str, int | None]:
@@ -123,6 +124,14 @@ class _Slots:
                 del self._slots[destination]
 
 
+def verify_server_keys(body: dict[str, Any], server_name: str, key_id: str, key: str) -> None:
+    """FederationError unless a key answer of server_name is signed by its key key_id (base64 key)."""
+    try:
+        verify_signed_json(body, server_name, decode_verify_key_bytes(key_id, decode_base64(key)))
+    except (SignatureVerifyException, ValueError) as exc:
+        raise FederationError(f"{server_name}'s key response is not signed by {key_id}: {exc}") from None
+
+
 class Federation:
     """Outgoing requests to homeservers, with the config's overrides, TLS and address policy; each
     within an overall deadline, and only a few at a time to any one destination."""
@@ -140,7 +149,7 @@ class Federation:
         self.http = httpx.AsyncClient(verify=self.tls, timeout=self.timeout, follow_redirects=False)
         self.resolver = dns.asyncresolver.Resolver()
         self.well_known_port = 443  # fixed by the spec; tests serve .well-known elsewhere
-        self._well_known: dict[str, tuple[float, str | None]] = {}
+        self._well_known: dict[str, tuple[float, str | None, str]] = {}
         self._keys: dict[tuple[str, str], tuple[float, str]] = {}
 
     async def close(self) -> None:
@@ -190,7 +199,8 @@ class Federation:
         raise FederationError(f"{host} resolves only to non-public addresses ({', '.join(addresses)}), "
                               "which federation.allow_private_networks does not allow")
 
-    async def _srv(self, host: str) -> tuple[str, int] | None:
+    async def _srv(self, host: str) -> tuple[str, str, int] | None:
+        """The SRV record name that answered, and its target host and port."""
         for prefix in ("_matrix-fed._tcp.", "_matrix._tcp."):
             try:
                 answer = await self.resolver.resolve(prefix + host, "SRV", lifetime=self.timeout)
@@ -198,7 +208,7 @@ class Federation:
                 continue
             records = sorted(answer, key=lambda r: (r.priority, -r.weight))
             if records:
-                return str(records[0].target).rstrip("."), int(records[0].port)
+                return prefix + host, str(records[0].target).rstrip("."), int(records[0].port)
         return None
 
     # -- discovery --------------------------------------------------------------------------------
@@ -208,40 +218,49 @@ class Federation:
         if server_name in self.overrides:
             host, port = split_server_name(self.overrides[server_name])
             return Target(await self._connectable(host), port or 8448, split_server_name(server_name)[0],
-                          server_name)
+                          server_name, f"federation.overrides sends {server_name} to {self.overrides[server_name]}")
         host, port = split_server_name(server_name)
         if _ip_literal(host) or port is not None:
-            return Target(await self._connectable(host), port or 8448, host.strip("[]"), server_name)
-        delegated = await self._delegation(host)
+            return Target(await self._connectable(host), port or 8448, host.strip("[]"), server_name,
+                          "the server name gives the address")
+        delegated, answer = await self._delegation(host)
         if delegated:
+            how = f"its .well-known/matrix/server delegates to {delegated}"
             d_host, d_port = split_server_name(delegated)
             if _ip_literal(d_host) or d_port is not None:
-                return Target(await self._connectable(d_host), d_port or 8448, d_host.strip("[]"), delegated)
+                return Target(await self._connectable(d_host), d_port or 8448, d_host.strip("[]"), delegated, how)
             srv = await self._srv(d_host)
             if srv:
-                return Target(await self._connectable(srv[0]), srv[1], d_host, d_host)
-            return Target(await self._connectable(d_host), 8448, d_host, d_host)
+                return Target(await self._connectable(srv[1]), srv[2], d_host, d_host,
+                              f"{how}, whose SRV record {srv[0]} names {srv[1]}:{srv[2]}")
+            return Target(await self._connectable(d_host), 8448, d_host, d_host, f"{how}, without an SRV record")
+        how = f"no .well-known/matrix/server delegation ({answer})"
         srv = await self._srv(host)
         if srv:
-            return Target(await self._connectable(srv[0]), srv[1], host, host)
-        return Target(await self._connectable(host), 8448, host, host)
+            return Target(await self._connectable(srv[1]), srv[2], host, host,
+                          f"{how}; SRV record {srv[0]} names {srv[1]}:{srv[2]}")
+        return Target(await self._connectable(host), 8448, host, host, f"{how}, no SRV record: port 8448")
 
-    async def _delegation(self, host: str) -> str | None:
+    async def _delegation(self, host: str) -> tuple[str | None, str]:
+        """The server name host delegates to with .well-known/matrix/server (None: it does not), and
+        what that answer was."""
         cached = self._well_known.get(host)
         if cached and cached[0] > time.monotonic():
-            return cached[1]
+            return cached[1], cached[2]
         delegated, ttl = None, WELL_KNOWN_ERROR_TTL
         try:
             target = Target(await self._connectable(host), self.well_known_port, host, host)
             status, body = await self._get(target, "/.well-known/matrix/server")
             server = body.get("m.server") if status == 200 and isinstance(body, dict) else None
+            answer = f"HTTP {status}" if status != 200 else "no m.server in the answer"
             if isinstance(server, str):
                 split_server_name(server)
-                delegated, ttl = server, WELL_KNOWN_TTL
+                delegated, ttl, answer = server, WELL_KNOWN_TTL, f"m.server {server}"
         except (FederationError, ValueError) as exc:
             log.info("no usable .well-known/matrix/server for %s: %s", host, exc)
-        self._well_known[host] = (time.monotonic() + ttl, delegated)
-        return delegated
+            answer = str(exc)
+        self._well_known[host] = (time.monotonic() + ttl, delegated, answer)
+        return delegated, answer
 
     async def _get(self, target: Target, path_and_query: str) -> tuple[int, Any]:
         return await self._request("GET", target, path_and_query)
@@ -303,22 +322,25 @@ class Federation:
             return await self._request(method, target, parts.raw_path.decode().rstrip("/") + path_and_query, body,
                                        parts.scheme, kind)
 
+    async def server_keys(self, server_name: str, target: Target | None = None) -> dict[str, Any]:
+        """The homeserver's /_matrix/key/v2/server answer (at target, else where discovery finds it),
+        checked to be for server_name; its signatures are not checked here."""
+        async with self._bounded(server_name):
+            status, body = await self._get(target or await self.resolve(server_name), "/_matrix/key/v2/server")
+        if status != 200 or not isinstance(body, dict) or body.get("server_name") != server_name:
+            raise FederationError(f"{server_name} did not answer its server keys")
+        return body
+
     async def verify_key(self, server_name: str, key_id: str) -> str:
         """The base64 public key key_id of the homeserver, from its /_matrix/key/v2/server."""
         cached = self._keys.get((server_name, key_id))
         if cached and cached[0] > time.time() * 1000:
             return cached[1]
-        async with self._bounded(server_name):
-            status, body = await self._get(await self.resolve(server_name), "/_matrix/key/v2/server")
-        if status != 200 or not isinstance(body, dict) or body.get("server_name") != server_name:
-            raise FederationError(f"{server_name} did not answer its server keys")
+        body = await self.server_keys(server_name)
         key = (body.get("verify_keys") or {}).get(key_id, {}).get("key")
         if not isinstance(key, str):
             raise FederationError(f"{server_name} has no key {key_id}")
-        try:
-            verify_signed_json(body, server_name, decode_verify_key_bytes(key_id, decode_base64(key)))
-        except (SignatureVerifyException, ValueError) as exc:
-            raise FederationError(f"{server_name}'s key response is not signed by {key_id}: {exc}") from None
+        verify_server_keys(body, server_name, key_id, key)
         valid_until = body.get("valid_until_ts")
         if isinstance(valid_until, int):
             self._keys[(server_name, key_id)] = (valid_until, key)

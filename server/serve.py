@@ -102,7 +102,7 @@ def _follow_config(app: App, current: list[Config], single: bool) -> None:
     before only in what a reload applies): log_level and the rate limits. One process applies them
     in place; workers are replaced by new ones started with them, each new one before its old one
     stops, so that nothing stops answering."""
-    while (new := read_config(sys.stdin.buffer)) is not None:
+    while (new := read_config(sys.stdin.fileno())) is not None:
         current[0] = new
         logging.getLogger().setLevel(new.log_level)
         try:
@@ -134,7 +134,7 @@ def main() -> None:
     (read_config)."""
     redis_url, parent_pid = sys.argv[1], int(sys.argv[2])
     listening = int(sys.argv[3]) if len(sys.argv) > 3 else None
-    config = read_config(sys.stdin.buffer)
+    config = read_config(sys.stdin.fileno())
     if config is None:
         raise SystemExit("server: no config on stdin")
     logs.setup(config.log_level, "server", config.log_format)

@@ -16,8 +16,6 @@ from unpaddedbase64 import encode_base64
 
 log = logging.getLogger(__name__)
 
-KEY_ID = "ed25519:0"
-
 # A signed v1 association is handed out again for this long (and re-signed after), so that a
 # popular address costs one ed25519 signature per minute instead of one per request; its
 # not_after stays at least association_validity minus this in the future.
@@ -27,6 +25,29 @@ ASSOCIATIONS_KEPT = 10_000
 BOUND_ASSOCIATION_LIFETIME_MS = 100 * 365 * 24 * 3600 * 1000
 
 
+def key_path(data_dir: str | Path) -> Path:
+    """Where the long-term key of a data_dir is kept."""
+    return Path(data_dir) / "keys" / "signing.key"
+
+
+def read_signing_key(path: Path) -> SigningKey:
+    """The key in a key file ("ed25519 <version> <seed in unpadded base64>"); OSError when it cannot
+    be read, ValueError when it holds something else."""
+    parts = path.read_text().split()
+    if len(parts) != 3:
+        raise ValueError("expected one line \"ed25519 <version> <base64 seed>\"")
+    return decode_signing_key_base64(*parts)
+
+
+def write_signing_key(data_dir: str | Path, key: SigningKey) -> None:
+    """Write key as data_dir/keys/signing.key (mode 0600); refuses to replace an existing file."""
+    path = key_path(data_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(f"{key.alg} {key.version} {encode_base64(key.encode())}\n")
+
+
 class SigningKeys:
     """The long-term key, loaded once and reused for every signature."""
 
@@ -34,26 +55,24 @@ class SigningKeys:
         self.signing_key = signing_key
         self.server_name = server_name
         self.public_key = encode_verify_key_base64(get_verify_key(signing_key))
+        # "ed25519:0" for a key made here; a key taken over from mxisd keeps its serial.
+        self.key_id = f"{signing_key.alg}:{signing_key.version}"
         self._associations: OrderedDict[tuple[str, str, str], dict[str, Any]] = OrderedDict()
 
     @classmethod
     def load_or_create(cls, data_dir: str | Path, server_name: str) -> SigningKeys:
         """Read data_dir/keys/signing.key, generating it (mode 0600) on first start."""
-        path = Path(data_dir) / "keys" / "signing.key"
+        path = key_path(data_dir)
         if path.exists():
-            algorithm, version, seed = path.read_text().split()
-            key = decode_signing_key_base64(algorithm, version, seed)
+            key = read_signing_key(path)
         else:
-            path.parent.mkdir(parents=True, exist_ok=True)
             key = generate_signing_key("0")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(f"ed25519 0 {encode_base64(key.encode())}\n")
+            write_signing_key(data_dir, key)
             log.info("generated a new signing key in %s", path)
         return cls(key, server_name)
 
     def sign(self, body: dict[str, Any]) -> dict[str, Any]:
-        """body with our signature added under the server name and key ed25519:0."""
+        """body with our signature added under the server name and our key id."""
         return sign_json(body, self.server_name, self.signing_key)
 
     def bound_association(self, medium: str, address: str, mxid: str, ts: int) -> dict[str, Any]:

@@ -45,6 +45,8 @@ class ClientHomeserver:
 
             def do_GET(self) -> None:
                 fake.requests.append(("GET", self.path, None))
+                if self.path == "/_matrix/client/versions":
+                    return self._answer(200, {"versions": ["r0.6.1", "v1.1", "v1.11"], "unstable_features": {}})
                 if self.path == "/_matrix/client/v3/account/whoami":
                     user = self._user()
                     if user is None:

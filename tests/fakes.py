@@ -143,7 +143,8 @@ class Mailbox:
                 data.login.decode(), data.password.decode()) == login
             if ok:
                 mailbox.logins.append(data.login.decode())
-            return AuthResult(success=ok)
+            # handled=False: aiosmtpd then answers a refusal itself (535), as a real server does.
+            return AuthResult(success=ok, handled=False)
 
         options: dict[str, Any] = {}
         if tls != "none":
@@ -168,7 +169,8 @@ class Mailbox:
 
 
 class FakeTwilio:
-    """Twilio's POST /2010-04-01/Accounts/{sid}/Messages.json over plain HTTP on 127.0.0.1."""
+    """Twilio's POST /2010-04-01/Accounts/{sid}/Messages.json and GET /2010-04-01/Accounts/{sid}.json
+    over plain HTTP on 127.0.0.1."""
 
     def __init__(self, account_sid: str, auth_token: str) -> None:
         self.sent: list[dict[str, str]] = []
@@ -179,6 +181,14 @@ class FakeTwilio:
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args: Any) -> None:
                 pass
+
+            def do_GET(self) -> None:
+                if self.path != f"/2010-04-01/Accounts/{account_sid}.json":
+                    _answer(self, 404, {"code": 20404, "message": "The requested resource was not found"})
+                elif self.headers.get("Authorization") != expected_auth:
+                    _answer(self, 401, {"code": 20003, "message": "Authenticate"})
+                else:
+                    _answer(self, 200, {"sid": account_sid, "friendly_name": "Test", "status": "active"})
 
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))

@@ -22,6 +22,7 @@ from indexer.settings import (
     ServerConfig,
     SyncConfig,
 )
+from server.runner import reloadable
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -231,3 +232,16 @@ def test_missing_template_or_ca_file_is_named(tmp_path):
                     "federation: {ca_file: missing.pem}\n")
     with pytest.raises(ConfigError, match=r"federation.ca_file: cannot read"):
         load_config(path)
+
+
+def test_a_reload_keeps_what_needs_a_restart_and_names_it(tmp_path):
+    old = load_config(write(tmp_path, VALID))
+    new = load_config(write(tmp_path, with_changes(
+        log_level="DEBUG", stores__0__sync__full_every="2h", auth__threads=2, lookup__bulk_max=7,
+        sessions__rate_limit__per_ip={"requests": 1, "window": "1m"})))
+    merged, ignored = reloadable(old, new)
+    assert ignored == ["auth (other than rate_limit)", "lookup"]
+    assert (merged.log_level, merged.stores, merged.sessions) == ("DEBUG", new.stores, new.sessions)
+    assert (merged.auth, merged.lookup) == (old.auth, old.lookup)
+    renamed = load_config(write(tmp_path, with_changes(stores__0__path="other.yml")))
+    assert reloadable(old, renamed) == (old, ["stores (other than their sync settings)"])

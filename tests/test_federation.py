@@ -79,6 +79,7 @@ def test_srv_record_finds_the_homeserver_and_tls_checks_the_server_name(homeserv
     finally:
         server.close()
     assert (target.port, target.tls_name, target.host_header) == (homeserver.port, "example.org", "example.org")
+    assert target.via.endswith(f"; SRV record _matrix-fed._tcp.example.org names localhost:{homeserver.port}")
     assert user == "@srv:example.org"
     assert "_matrix-fed._tcp.example.org" in server.queries
 
@@ -162,6 +163,7 @@ def test_well_known_delegation_is_followed_and_cached(homeserver):
         well_known.close()
     assert target.host_header == f"127.0.0.1:{homeserver.port}"
     assert (target.ip, target.port) == ("127.0.0.1", homeserver.port)
+    assert target.via == f"its .well-known/matrix/server delegates to 127.0.0.1:{homeserver.port}"
     assert user == "@wk:localhost"
     assert well_known.hits == 1  # the second resolution came from the cache
 

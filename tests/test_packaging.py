@@ -7,16 +7,18 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tomllib
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
 
 # Run from the installed copy with the working directory outside the repository, so nothing can be
 # read from the checkout by accident.
 CHECK = """
-import json, sys
+import importlib.metadata, json, sys
 from pathlib import Path
 import indexer.config, server.api.admin
 from server.notify import read_template
@@ -27,7 +29,9 @@ schemas = {}
 for name in sys.argv[1:]:
     schemas[name] = indexer.config.load_schema(name)
 templates = {p: read_template(None, p) for p in ("email-validation.eml", "email-invite.eml", "submit-success.html")}
-print(json.dumps({"schemas": schemas, "admin_page": server.api.admin.PAGE, "templates": templates}))
+dist = importlib.metadata.distribution("mxisd")
+print(json.dumps({"schemas": schemas, "admin_page": server.api.admin.PAGE, "templates": templates,
+                  "license": dist.metadata["License-Expression"], "license_text": dist.read_text("licenses/LICENSE")}))
 """
 
 
@@ -65,3 +69,20 @@ def test_a_plain_pip_install_runs_outside_the_checkout(tmp_path: Path) -> None:
     assert shipped["admin_page"] == (REPO / "server" / "static" / "admin.html").read_text(encoding="utf-8")
     for name, text in shipped["templates"].items():
         assert text == (REPO / "server" / "notify" / "templates" / name).read_text(encoding="utf-8")
+    assert shipped["license"] == "Apache-2.0"
+    assert shipped["license_text"] == (REPO / "LICENSE").read_text(encoding="utf-8")
+
+    version = subprocess.run([venv / "bin" / "mxisd", "--version"], capture_output=True, text=True, timeout=60)
+    assert version.stdout == f"mxisd {PROJECT['project']['version']}\n"
+    # The doctor is installed too: it reads the example's file store (and finds no SMTP server to ask).
+    doctor = subprocess.run([venv / "bin" / "mxisd", "doctor", "--config", str(REPO / "config.example.yml"),
+                             "--timeout", "5"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert "ok       store example: finds people, e.g. @alice:example.org" in doctor.stdout, doctor.stderr
+
+
+def test_every_package_of_the_source_is_in_the_package_list() -> None:
+    listed = set(PROJECT["tool"]["setuptools"]["packages"])
+    found = {".".join(init.parent.relative_to(REPO).parts) for top in ("indexer", "server")
+             for init in (REPO / top).rglob("__init__.py")}
+    # What the list leaves out, a plain pip install leaves out.
+    assert found - listed == set()

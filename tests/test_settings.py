@@ -4,7 +4,7 @@ key has an attribute of a matching type, every attribute a key, and nothing has 
 from __future__ import annotations
 
 import dataclasses
-import pickle
+import os
 import types
 from collections.abc import Mapping
 from ipaddress import IPv4Network, IPv6Network
@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin, get_typ
 
 import pytest
 
-from indexer.config import field_key, load_config, load_schema, parse_config
+from indexer.config import field_key, load_config, load_schema, parse_config, read_config, write_config
 from indexer.settings import Config, Seconds
 
 ROOT = load_schema("config.schema.json")
@@ -206,6 +206,14 @@ def test_loaded_values_are_ready_to_use(tmp_path):
         config.sessions.lifetime = 1  # type: ignore[misc]
 
 
-def test_the_config_crosses_a_process_boundary_unchanged():
+def test_configs_cross_a_pipe_unchanged_until_it_closes():
     config = load_config(REPO / "config.example.yml")
-    assert pickle.loads(pickle.dumps(config)) == config
+    reloaded = dataclasses.replace(config, log_level="DEBUG")
+    reading, writing = os.pipe()
+    with os.fdopen(writing, "wb") as stream:
+        write_config(stream, config)
+        write_config(stream, reloaded)
+    try:
+        assert (read_config(reading), read_config(reading), read_config(reading)) == (config, reloaded, None)
+    finally:
+        os.close(reading)

@@ -162,6 +162,30 @@ class Directory:
                 f"cannot reach the directory: {', '.join(self.uris)}: no answer to a bind: {exc}") from None
         return conn
 
+    def reachable(self) -> str:
+        """The first URI that accepts a connection (TLS started where configured), without binding;
+        StoreUnavailable when none does."""
+        conn = self.connect(None, None, self.deadline())
+        try:
+            return str(conn.server.name)
+        finally:
+            conn.unbind()
+
+    def missing_entries(self, dns: list[str]) -> list[str]:
+        """The DNs among dns that the service account does not find (absent, or hidden from it);
+        binding as the service account first, so StoreError when that bind is refused."""
+        conn = self.service()
+        missing = []
+        for dn in dns:
+            try:
+                conn.search(dn, "(objectClass=*)", ldap3.BASE, attributes=["1.1"])
+            except LDAPException as exc:
+                self.drop_service()
+                raise StoreUnavailable(f"directory {', '.join(self.uris)} failed to answer a search: {exc}") from None
+            if conn.result.get("result") != 0:
+                missing.append(dn)
+        return missing
+
     def drop_service(self) -> None:
         """Close the sync's connection: the next search opens a new one."""
         if self._conn is not None:

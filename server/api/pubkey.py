@@ -7,7 +7,6 @@ from sanic.response import HTTPResponse, json
 
 from server.container import services
 from server.errors import MatrixError
-from server.signing import KEY_ID
 
 bp = Blueprint("pubkey")
 PREFIXES = ("/_matrix/identity/v2", "/_matrix/identity/api/v1")
@@ -15,9 +14,10 @@ PREFIXES = ("/_matrix/identity/v2", "/_matrix/identity/api/v1")
 
 async def get_key(request: Request, key_id: str) -> HTTPResponse:
     """GET /pubkey/{keyId}: the public part of a long-term key."""
-    if key_id != KEY_ID:
+    keys = services(request).keys
+    if key_id != keys.key_id:
         raise MatrixError(404, "M_NOT_FOUND", "The public key was not found")
-    return json({"public_key": services(request).keys.public_key})
+    return json({"public_key": keys.public_key})
 
 
 async def is_valid(request: Request) -> HTTPResponse:

@@ -9,14 +9,14 @@ import logging
 import re
 from email.message import EmailMessage
 from email.parser import BytesParser, Parser
-from urllib.parse import quote
+from typing import Any
 
 import aiosmtplib
 import idna
 
 from indexer.settings import EmailConfig
 from server.metrics import NOTIFICATIONS
-from server.notify import AddressRefused, SendError, read_template, render
+from server.notify import AddressRefused, SendError, read_template, recipient_values, render
 
 log = logging.getLogger(__name__)
 
@@ -51,20 +51,35 @@ class EmailSender:
         self.domain = domain
         self.templates = settings.templates
 
+    def _smtp_options(self) -> dict[str, Any]:
+        """How to reach the SMTP server and log in, as aiosmtplib takes it."""
+        tls = self.smtp.tls
+        return {"hostname": self.smtp.host, "port": self.smtp.port, "use_tls": tls == "tls",
+                "start_tls": tls == "starttls", "username": self.smtp.login, "password": self.smtp.password,
+                "cert_bundle": self.smtp.ca_file, "timeout": self.smtp.timeout_s}
+
+    async def try_login(self) -> None:
+        """Connect, start TLS and log in as configured, then quit without sending; SendError saying
+        which step failed."""
+        where = f"SMTP server {self.smtp.host}:{self.smtp.port}"
+        client = aiosmtplib.SMTP(**self._smtp_options())
+        try:
+            await client.connect()
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            raise SendError(f"{where} refused the login as {self.smtp.login}: {exc.code} {exc.message}") from None
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise SendError(f"{where} cannot be reached: {exc}") from None
+        try:
+            await client.quit()
+        except (aiosmtplib.SMTPException, OSError):
+            client.close()  # the check is over: how the server takes a goodbye does not matter
+
     def template(self, kind: str) -> str:
         return read_template(getattr(self.templates, kind), f"email-{kind}.eml")
 
     def base_values(self, address: str) -> dict[str, str]:
-        return {
-            "DOMAIN": self.domain,
-            "DOMAIN_PRETTY": self.domain[:1].upper() + self.domain[1:],
-            "FROM_EMAIL": self.sender,
-            "FROM_NAME": self.sender_name,
-            "RECIPIENT_MEDIUM": "email",
-            "RECIPIENT_MEDIUM_URL_ENCODED": "email",
-            "RECIPIENT_ADDRESS": address,
-            "RECIPIENT_ADDRESS_URL_ENCODED": quote(address, safe=""),
-        }
+        return {**recipient_values(self.domain, "email", address), "FROM_EMAIL": self.sender,
+                "FROM_NAME": self.sender_name}
 
     async def send(self, kind: str, address: str, values: dict[str, str]) -> None:
         """Render the template of this kind for address and send it, to address only. The domain goes
@@ -84,15 +99,8 @@ class EmailSender:
             message["Date"] = email.utils.formatdate(localtime=False)
         if "Message-ID" not in message:
             message["Message-ID"] = email.utils.make_msgid(domain=self.sender.rpartition("@")[2] or None)
-        tls = self.smtp.tls
         try:
-            await aiosmtplib.send(
-                message, sender=self.sender, recipients=[address],
-                hostname=self.smtp.host, port=self.smtp.port,
-                use_tls=tls == "tls", start_tls=True if tls == "starttls" else False,
-                username=self.smtp.login, password=self.smtp.password,
-                cert_bundle=self.smtp.ca_file, timeout=self.smtp.timeout_s,
-            )
+            await aiosmtplib.send(message, sender=self.sender, recipients=[address], **self._smtp_options())
         except (aiosmtplib.SMTPNotSupported, aiosmtplib.SMTPRecipientsRefused, aiosmtplib.SMTPRecipientRefused,
                 ValueError, email.errors.MessageError) as exc:
             # ValueError and MessageError: an address the message cannot carry (UnicodeError is one).

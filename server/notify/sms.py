@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import httpx
 
 from indexer.settings import SmsConfig
 from server.metrics import NOTIFICATIONS, OUTGOING_FAILURES
-from server.notify import SendError, read_template, render
+from server.notify import SendError, read_template, recipient_values, render
 
 log = logging.getLogger(__name__)
+
+
+def _json_object(response: httpx.Response) -> dict[str, Any]:
+    """Twilio's JSON answer ({} when it is not a JSON object)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
 
 
 class SmsSender:
@@ -26,10 +36,25 @@ class SmsSender:
         self.domain = domain
         self.timeout = twilio.timeout_s
 
+    async def check_account(self) -> str:
+        """The account's status as Twilio gives it (such as "active"), which also shows that it
+        accepts the credentials; SendError when it cannot be reached or refuses them."""
+        url = f"{self.base_url}/2010-04-01/Accounts/{self.account_sid}.json"
+        try:
+            async with httpx.AsyncClient(timeout=self.timeout) as client:
+                response = await client.get(url, auth=(self.account_sid, self.auth_token))
+        except httpx.HTTPError as exc:
+            raise SendError(f"Twilio at {self.base_url} cannot be reached: {exc or type(exc).__name__}") from None
+        body = _json_object(response)
+        if response.status_code != 200:
+            raise SendError(f"Twilio refused the account {self.account_sid} (HTTP {response.status_code}) "
+                            f"{body.get('message', '')}".strip())
+        return str(body.get("status", "?"))
+
     async def send(self, kind: str, msisdn: str, values: dict[str, str]) -> None:
         """Render the template of this kind and send it to +msisdn."""
         text = render(read_template(getattr(self.templates, kind), f"sms-{kind}.txt"),
-                      {"DOMAIN": self.domain, "RECIPIENT_MEDIUM": "msisdn", "RECIPIENT_ADDRESS": msisdn, **values})
+                      {**values, **recipient_values(self.domain, "msisdn", msisdn)})
         url = f"{self.base_url}/2010-04-01/Accounts/{self.account_sid}/Messages.json"
         try:
             async with httpx.AsyncClient(timeout=self.timeout) as client:
@@ -41,10 +66,7 @@ class SmsSender:
             raise SendError(f"Twilio at {self.base_url} cannot be reached: {exc or type(exc).__name__}") from None
         if response.status_code >= 300:
             NOTIFICATIONS.labels("msisdn", "failed").inc()
-            try:
-                detail = response.json().get("message", "")
-            except ValueError:
-                detail = ""
+            detail = _json_object(response).get("message", "")
             raise SendError(f"Twilio refused the SMS to +{msisdn} (HTTP {response.status_code}) {detail}".strip())
         NOTIFICATIONS.labels("msisdn", "sent").inc()
         log.info("sent %s SMS to +%s", kind, msisdn)

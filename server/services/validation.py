@@ -167,5 +167,6 @@ class ValidationSessions:
         else:
             if self.sms is None:
                 raise SendError("SMS is not configured (no sms section in the config)")
+            # NEXT_URL: as in mxisd, the validation link.
             await self.sms.send("validation", session.address, {"VALIDATION_TOKEN": session.token,
-                                                                 "VALIDATION_LINK": link})
+                                                                 "VALIDATION_LINK": link, "NEXT_URL": link})

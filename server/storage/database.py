@@ -90,6 +90,14 @@ class Database:
         """fn(*args) in the storage thread pool, so the event loop never waits on the database."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, partial(fn, *args))
 
+    def version(self) -> int | None:
+        """The schema version of the database as it is (None: no schema yet), changing nothing."""
+        with self.engine.connect() as conn:
+            if not sa.inspect(conn).has_table(schema_version.name):
+                return None
+            found = conn.execute(sa.select(schema_version.c.version)).scalar()
+            return None if found is None else int(found)
+
     def ping(self) -> None:
         """Raise when the database does not answer."""
         with self.engine.connect() as conn:
@@ -98,3 +106,22 @@ class Database:
     def close(self) -> None:
         self._executor.shutdown(wait=True)
         self.engine.dispose()
+
+    def import_rows(self, rows: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+        """Insert, per table name, each row that the table does not hold yet (no row shares its
+        primary key or any of its unique keys); how many were new per table. One transaction, so
+        an import that fails part-way leaves nothing behind (mxisd import-data)."""
+        added: dict[str, int] = {}
+        with self.engine.begin() as conn:
+            for name, new_rows in rows.items():
+                table = metadata.tables[name]
+                keys = [list(table.primary_key.columns)] + [
+                    list(c.columns) for c in table.constraints if isinstance(c, sa.UniqueConstraint)]
+                added[name] = 0
+                for row in new_rows:
+                    clash = sa.or_(*(sa.and_(*(col == row[col.name] for col in key)) for key in keys))
+                    if conn.execute(sa.select(sa.literal(1)).select_from(table).where(clash).limit(1)).first():
+                        continue
+                    conn.execute(table.insert().values(**row))
+                    added[name] += 1
+        return added
