@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import re
 import signal
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 import orjson
 import redis
@@ -23,9 +20,7 @@ from sanic.response import BaseHTTPResponse, HTTPResponse, empty, json
 
 from indexer import logs
 from indexer.cache import Cache
-from indexer.fulltext import fulltext_path
-from indexer.redis_clients import connect, connect_async
-from indexer.rediskeys import BINDINGS
+from indexer.redis_clients import connect
 from indexer.settings import Config
 from server import metrics
 from server.api import (
@@ -33,7 +28,6 @@ from server.api import (
     admin,
     auth,
     bind,
-    config_of,
     directory,
     health,
     identity_v1,
@@ -48,24 +42,10 @@ from server.api import (
 from server.api import invites as invites_api
 from server.api import metrics as metrics_api
 from server.api import openapi as openapi_api
-from server.bindings import BindingMirror, check_cache
-from server.credentials import Credentials
+from server.bindings import check_cache
+from server.container import Context, Services, services
 from server.errors import MatrixError, log_bad_request
-from server.federation import Federation
-from server.homeserver import Homeserver
-from server.invites import InviteWorker
-from server.notify.email import EmailSender
-from server.notify.sms import SmsSender
-from server.rate_limits import RateLimits
-from server.read_through import ReadThrough
-from server.recursion import Recursion, RemoteAnswers
-from server.redis_pipe import PipelinedRedis
-from server.services.admin import Admin
-from server.services.directory_search import DirectorySearch, HideRules
-from server.services.lookups import Lookups
-from server.signing import SigningKeys
-from server.storage import Storage, now_ms
-from server.token_cache import TokenCache
+from server.storage import now_ms
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("mxisd.access")
@@ -80,12 +60,6 @@ CORS_HEADERS = {
 }
 
 
-def lookup_order(config: Config) -> list[str]:
-    """The stores lookups ask, first match wins: bindings before or after the configured stores."""
-    stores = [s.name for s in config.stores]
-    return [BINDINGS, *stores] if config.lookup.prefer == "binding" else [*stores, BINDINGS]
-
-
 def blueprints(with_admin: bool, with_metrics: bool) -> list[Blueprint]:
     """Every route the server answers, by area (server/openapi.py documents them all)."""
     modules = [status, health, pubkey, identity_v1, identity_v2, account, terms, sessions, bind, directory, auth,
@@ -97,60 +71,32 @@ def blueprints(with_admin: bool, with_metrics: bool) -> list[Blueprint]:
     return [module.bp for module in modules]
 
 
-# The application with Sanic's own config and context types (the services hang untyped off app.ctx).
-App = Sanic[SanicConfig, SimpleNamespace]
+# The application with Sanic's own config type and our context: the services, once it has started.
+App = Sanic[SanicConfig, Context]
 
 
 def create_app(config: Config, redis_url: str) -> App:
     """The Sanic application for one worker."""
     logs.setup(config.log_level, "server", config.log_format)  # spawned workers start with no logging set up
-    app = Sanic("mxisd", configure_logging=False, dumps=orjson.dumps, loads=load_json)  # fast JSON
+    app = Sanic("mxisd", ctx=Context(), configure_logging=False, dumps=orjson.dumps, loads=load_json)  # fast JSON
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.config.REQUEST_MAX_SIZE = config.server.max_body_size
     # uvloop installs SIGTERM handling only once the loop runs, after Sanic has set SIGTERM to
     # "ignore" and begun answering: a SIGTERM in that window was lost and the server never stopped.
     app.config.USE_UVLOOP = False
-    app.ctx.config = config
-    app.ctx.keys = SigningKeys.load_or_create(config.data_dir, config.server.name)
-    app.ctx.tokens = TokenCache()
-    domain = config.matrix.domain
-    app.ctx.email = EmailSender(config.email, domain) if config.email else None
-    app.ctx.sms = SmsSender(config.sms, domain) if config.sms else None
-
     if config.server.proxies_count:
         app.config.PROXIES_COUNT = config.server.proxies_count
-
-    if config.admin.token:
-        app.ctx.admin_token_digest = admin.token_digest(config.admin.token)
     for blueprint in blueprints(bool(config.admin.token), config.metrics.enabled):
         app.blueprint(blueprint)
 
     @app.before_server_start
     async def open_connections(app: App) -> None:
-        client = connect_async(redis_url, config.redis.timeout)
-        prefix = config.redis.prefix
-        app.ctx.redis = client
-        app.ctx.redis_pipe = PipelinedRedis(redis_url, config.redis.timeout)
-        app.ctx.lookups = Lookups(app.ctx.redis_pipe, prefix, lookup_order(config))
-        app.ctx.admin = Admin(client, prefix, [s.name for s in config.stores], config.admin.job_start_timeout)
-        app.ctx.read_through = ReadThrough(config, app.ctx.lookups)
-        app.ctx.binding_mirror = BindingMirror(client, prefix)
-        app.ctx.rate_limits = RateLimits(client, prefix)
-        app.ctx.storage = Storage(config.storage.url, config.data_dir)
-        app.ctx.federation = Federation(config.federation)
-        app.ctx.homeserver = Homeserver(config.homeserver)
-        app.ctx.directory = DirectorySearch(fulltext_path(config), HideRules(config.directory.hide),
-                                            config.directory.threepids)
-        # Whoosh blocks: searches run in a thread of their own, taking turns on one open reader.
-        app.ctx.search_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
-        app.ctx.credentials = Credentials(config, app.ctx.lookups)
-        app.ctx.recursion = Recursion(config, app.ctx.federation, RemoteAnswers(client, prefix))
-        app.ctx.invites = InviteWorker(config, app.ctx.storage, app.ctx.lookups, app.ctx.federation, app.ctx.keys)
+        app.ctx.services = Services.build(config, redis_url)
 
     @app.after_server_start
     async def start_maintenance(app: App) -> None:
-        app.ctx.maintenance = asyncio.create_task(maintenance(app, redis_url))
-        app.ctx.invite_worker = asyncio.create_task(app.ctx.invites.run())
+        built = app.ctx.services
+        built.run_in_background(maintenance(built, redis_url), built.invite_worker.run())
         log.info("worker %d ready", os.getpid())
 
     @app.before_server_stop
@@ -158,22 +104,11 @@ def create_app(config: Config, redis_url: str) -> App:
         # Ctrl-C reaches each worker twice, from the terminal and from Sanic's manager: the second
         # must not abort the clean stop that the first began.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        for task in (app.ctx.maintenance, app.ctx.invite_worker):
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await app.ctx.services.stop_background()
 
     @app.after_server_stop
     async def close_connections(app: App) -> None:
-        await app.ctx.read_through.close()
-        await app.ctx.homeserver.close()
-        app.ctx.search_executor.shutdown(wait=True)
-        app.ctx.directory.close()
-        await asyncio.get_running_loop().run_in_executor(None, app.ctx.credentials.close)
-        await app.ctx.redis.aclose()
-        app.ctx.redis_pipe.close()
-        await app.ctx.federation.close()
-        app.ctx.storage.close()
+        await app.ctx.services.close()
 
     @app.middleware("request", priority=10)
     async def identify(request: Request) -> HTTPResponse | None:
@@ -199,12 +134,12 @@ def create_app(config: Config, redis_url: str) -> App:
     return app
 
 
-async def maintenance(app: App, redis_url: str) -> None:
+async def maintenance(built: Services, redis_url: str) -> None:
     """Every redis.check_every: have Redis rebuilt if it was emptied or went back in time while we
     run (see server.bindings); every sessions.purge_every: forget validation sessions expired longer
     than sessions.keep_expired ago."""
-    config: Config = app.ctx.config
-    storage: Storage = app.ctx.storage
+    config = built.config
+    storage = built.storage
     cache = Cache(connect(redis_url, config.redis.timeout), config.redis.prefix)
     stores = [s.name for s in config.stores]
     check_every = max(1, config.redis.check_every)
@@ -242,7 +177,7 @@ def record_response(request: Request, response: BaseHTTPResponse) -> None:
     metrics.REQUESTS.labels(request.method, endpoint, str(response.status)).inc()
     if took is not None:
         metrics.LATENCY.labels(request.method, endpoint).observe(took)
-    if config_of(request).server.access_log:
+    if services(request).config.server.access_log:
         target = logs.mask_secrets(request.path + (f"?{request.query_string}" if request.query_string else ""))
         access_log.info(
             "%s %s %s %d %s", request.ip, request.method, target, response.status,

@@ -1,11 +1,11 @@
-"""/3pid/bind bindings: their signed association, and keeping Redis true to SQL: the mirror of
-bindings (SQL is their truth), and noticing a Redis that was emptied or went back in time (restored
-from an older copy, a replica that was behind)."""
+"""The Redis mirror of /3pid/bind bindings (SQL is their truth), and keeping Redis true to SQL:
+rebuilding the mirror, and noticing a Redis that was emptied or went back in time (restored from an
+older copy, a replica that was behind)."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any, cast
+from typing import cast
 
 import redis
 import redis.asyncio
@@ -13,19 +13,9 @@ import redis.asyncio
 from indexer.cache import RAISE_SCRIPT, Cache
 from indexer.redis_clients import Plan, run_plan_async
 from indexer.rediskeys import BINDINGS, RedisKeys, lookup_fields
-from server.signing import SigningKeys
-from server.storage import BINDINGS_GENERATION, CACHE_GENERATION, Binding, Storage
+from server.storage import BINDINGS_GENERATION, CACHE_GENERATION, Storage
 
 log = logging.getLogger(__name__)
-
-ASSOCIATION_LIFETIME_MS = 100 * 365 * 24 * 3600 * 1000  # as Sydent: bindings do not lapse by themselves
-
-
-def bound_association(keys: SigningKeys, binding: Binding) -> dict[str, Any]:
-    """The signed association of a binding, made at its ts: the bind answer and every later v1
-    lookup of it carry the same one (ed25519 signatures are deterministic)."""
-    return keys.sign({"address": binding.address, "medium": binding.medium, "mxid": binding.mxid,
-                      "not_before": binding.ts, "not_after": binding.ts + ASSOCIATION_LIFETIME_MS, "ts": binding.ts})
 
 
 class BindingMirror:

@@ -7,8 +7,6 @@ import ipaddress
 
 from sanic import Request
 
-from indexer.settings import Config
-
 
 def usable_token(token: str) -> bool:
     """Whether a token can be one we or the homeserver handed out: printable ASCII. Anything else
@@ -17,19 +15,18 @@ def usable_token(token: str) -> bool:
     return token.isascii() and token.isprintable()
 
 
-def client_address(request: Request) -> str:
-    """The client's address for per-client limits: behind server.proxies_count reverse proxies, the
-    X-Forwarded-For entry that many hops from the right (each proxy appends the address it was reached
-    from; entries further left are whatever the client wrote, so they never count); else the TCP peer's.
-    A forwarded value that is not an IP address (any bytes a client sent) counts as the peer's."""
-    config: Config = request.app.ctx.config
-    count = config.server.proxies_count
-    if count:
+def client_address(request: Request, proxies_count: int) -> str:
+    """The client's address for per-client limits: behind proxies_count reverse proxies
+    (server.proxies_count), the X-Forwarded-For entry that many hops from the right (each proxy
+    appends the address it was reached from; entries further left are whatever the client wrote, so
+    they never count); else the TCP peer's. A forwarded value that is not an IP address (any bytes a
+    client sent) counts as the peer's."""
+    if proxies_count:
         hops = [hop.strip() for header in request.headers.getall("x-forwarded-for", []) for hop in header.split(",")]
         hops = [hop for hop in hops if hop]
-        if len(hops) >= count:
+        if len(hops) >= proxies_count:
             try:
-                return str(ipaddress.ip_address(hops[-count]))
+                return str(ipaddress.ip_address(hops[-proxies_count]))
             except ValueError:
                 pass
     return request.ip

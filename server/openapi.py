@@ -9,15 +9,12 @@ import json
 import re
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sanic import Sanic
 
 from indexer.config import load_schema
 from server.api.health import VERSION
-
-if TYPE_CHECKING:  # server.app imports this module (through server.api.openapi)
-    from server.app import App
 
 V1 = "/_matrix/identity/api/v1"
 V2 = "/_matrix/identity/v2"
@@ -239,7 +236,7 @@ def _operation(method: str, path: str, handler: Any, op: Op) -> dict[str, Any]:
     return operation
 
 
-def document(app: App) -> dict[str, Any]:
+def document(app: Sanic[Any, Any]) -> dict[str, Any]:
     """The OpenAPI 3.1 document of every route the app has registered."""
     paths: dict[str, dict[str, Any]] = {}
     used: set[str] = set()
@@ -274,7 +271,7 @@ def document(app: App) -> dict[str, Any]:
     }
 
 
-def full_app() -> App:
+def full_app() -> Sanic[Any, Any]:
     """An app with every route registered (the admin API and /metrics too), for the document."""
     # server.app serves this module's document: imported here, not at the top.
     from server.app import blueprints
@@ -286,7 +283,7 @@ def full_app() -> App:
     return app
 
 
-def unused_operations(app: App) -> set[str]:
+def unused_operations(app: Sanic[Any, Any]) -> set[str]:
     """Descriptions in OPERATIONS that no route of the app uses."""
     keys = {_operation_key(r.handler.__name__, "/" + r.path) for r in app.router.routes}
     return set(OPERATIONS) - keys

@@ -87,6 +87,7 @@ class Recursion:
         self.budget_s = settings.budget_s
         self.ttl = settings.ttl
         self.miss_ttl = settings.miss_ttl
+        self.proxies_count = config.server.proxies_count
         self.federation = federation
         self.answers = answers
         self.resolver = dns.asyncresolver.Resolver(configure=not settings.resolvers)
@@ -107,7 +108,7 @@ class Recursion:
         """Whether the requester may recurse. Behind recursion.proxies: the nearest X-Forwarded-For hop
         that is not one of them (read from the right: the left is whatever the client wrote); else the
         client address of server.proxies_count (the TCP peer's without proxies)."""
-        client = client_address(request)
+        client = client_address(request, self.proxies_count)
         if self._in(request.ip, self.proxies):
             client = request.ip
             hops = [h.strip() for header in request.headers.getall("x-forwarded-for", []) for h in header.split(",")]

@@ -107,8 +107,7 @@ def _follow_config(app: App, current: list[Config], single: bool) -> None:
         logging.getLogger().setLevel(new.log_level)
         try:
             if single:
-                app.ctx.config = new
-                app.ctx.credentials.set_limits(new.auth.rate_limit)
+                app.ctx.services.reload(new)
                 log.info("log_level and rate limits re-read")
             else:
                 # Sanic's own message for a restart of every worker, new ones first (as its

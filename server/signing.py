@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 # not_after stays at least association_validity minus this in the future.
 ASSOCIATION_REUSE_MS = 60_000
 ASSOCIATIONS_KEPT = 10_000
+# The association of a binding made with /3pid/bind does not lapse by itself (as Sydent's).
+BOUND_ASSOCIATION_LIFETIME_MS = 100 * 365 * 24 * 3600 * 1000
 
 
 def key_path(data_dir: str | Path) -> Path:
@@ -72,6 +74,12 @@ class SigningKeys:
     def sign(self, body: dict[str, Any]) -> dict[str, Any]:
         """body with our signature added under the server name and our key id."""
         return sign_json(body, self.server_name, self.signing_key)
+
+    def bound_association(self, medium: str, address: str, mxid: str, ts: int) -> dict[str, Any]:
+        """The signed association of a binding made at ts: the bind answer and every later v1 lookup
+        of it carry the same one (ed25519 signatures are deterministic)."""
+        return self.sign({"address": address, "medium": medium, "mxid": mxid, "not_before": ts,
+                          "not_after": ts + BOUND_ASSOCIATION_LIFETIME_MS, "ts": ts})
 
     def association(self, medium: str, address: str, mxid: str, validity_ms: int) -> dict[str, Any]:
         """The signed v1 association of a 3PID with mxid, valid from now for validity_ms; the same

@@ -17,7 +17,7 @@ from unpaddedbase64 import decode_base64
 
 from indexer.cache import Cache
 from indexer.normalize import lookup_hash
-from server.api.bind import our_names
+from server.services.binding import our_names
 from server.token_cache import TOKEN_TRUST_S
 from tests.conftest import V1, V2, started, typed_config, wait_until
 

@@ -1,4 +1,4 @@
-"""server/storage.py on SQLite and on PostgreSQL (a database of the test's own)."""
+"""server/storage/ on SQLite and on PostgreSQL (a database of the test's own)."""
 
 from __future__ import annotations
 

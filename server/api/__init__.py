@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from functools import cache
 from typing import Any
 from urllib.parse import parse_qs
@@ -15,15 +15,10 @@ from sanic import Request
 from sanic.exceptions import BadRequest
 
 from indexer.config import Validator, explain, load_schema
-from indexer.settings import Config, Network
+from indexer.settings import Network
 from server.caller import usable_token
+from server.container import services
 from server.errors import MatrixError
-
-
-def config_of(request: Request) -> Config:
-    """The server's config."""
-    config: Config = request.app.ctx.config
-    return config
 
 
 @cache
@@ -105,36 +100,20 @@ def access_token(request: Request) -> str | None:
     return request.args.get("access_token") or None
 
 
-def unsigned_policies(policies: Mapping[str, Mapping[str, Any]], accepted: set[str]) -> list[str]:
-    """Ids of the policies of which the user has accepted no language."""
-    return [pid for pid, policy in policies.items()
-            if not any(isinstance(v, dict) and v["url"] in accepted for v in policy.values())]
-
-
-async def authenticate(request: Request, terms: bool = True) -> str:
-    """The Matrix ID owning the request's identity-server token: 401 M_UNAUTHORIZED without a known
-    token, and (unless terms=False) 403 M_TERMS_NOT_SIGNED until every policy is accepted. A token
-    checked in the last TOKEN_TRUST_S seconds is answered from the worker's TokenCache."""
+def identity_token(request: Request) -> str:
+    """The request's identity-server token: 401 M_UNAUTHORIZED without one, or with one that cannot be ours."""
     token = access_token(request)
     if token is None:
         raise MatrixError(401, "M_UNAUTHORIZED", "An identity server access token is required")
     if not usable_token(token):
         raise MatrixError(401, "M_UNAUTHORIZED", "Unrecognised access token")
-    tokens = request.app.ctx.tokens
-    known: tuple[str, bool] | None = tokens.get(token)
-    if known is not None and (known[1] or not terms):
-        return known[0]
-    storage = request.app.ctx.storage
-    user_id: str | None = await storage.run(storage.account_user, token)
-    if user_id is None:
-        tokens.forget(token)
-        raise MatrixError(401, "M_UNAUTHORIZED", "Unrecognised access token")
-    policies = config_of(request).terms.policies
-    missing = unsigned_policies(policies, await storage.run(storage.accepted_urls, user_id)) if policies else []
-    tokens.put(token, user_id, not missing)
-    if terms and missing:
-        raise MatrixError(403, "M_TERMS_NOT_SIGNED", f"Accept the terms first: {', '.join(missing)}")
-    return user_id
+    return token
+
+
+async def authenticate(request: Request, terms: bool = True) -> str:
+    """The Matrix ID owning the request's identity-server token: the errors of identity_token and
+    Accounts.authenticate (401 M_UNAUTHORIZED; unless terms=False, 403 M_TERMS_NOT_SIGNED)."""
+    return await services(request).accounts.authenticate(identity_token(request), terms)
 
 
 async def authenticate_v2(request: Request) -> str | None:

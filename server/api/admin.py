@@ -14,8 +14,9 @@ from sanic.response import HTTPResponse, html, json, redirect
 
 from indexer import logs, normalize
 from indexer.normalize import query_address
-from server.api import config_of, json_body, require_client_in
+from server.api import json_body, require_client_in
 from server.caller import usable_token
+from server.container import services
 from server.errors import MatrixError
 
 bp = Blueprint("admin", url_prefix="/_mxisd/admin")
@@ -46,8 +47,8 @@ def token_digest(token: str) -> bytes:
 
 @bp.on_request
 async def gate(request: Request) -> None:
-    ctx = request.app.ctx
-    require_client_in(request, config_of(request).admin.allow)
+    config = services(request).config
+    require_client_in(request, config.admin.allow)
     if request.route is not None and request.route.name.endswith((".admin.page", ".admin.page_redirect")):
         return
     header = request.headers.get("authorization", "")
@@ -55,7 +56,8 @@ async def gate(request: Request) -> None:
     if not given:
         raise MatrixError(401, "M_UNAUTHORIZED", "The admin token is required (Authorization: Bearer ...)")
     # Digests of equal length, compared in constant time: the token's length leaks nothing either.
-    if not usable_token(given) or not hmac.compare_digest(token_digest(given), ctx.admin_token_digest):
+    expected = token_digest(config.admin.token or "")
+    if not usable_token(given) or not hmac.compare_digest(token_digest(given), expected):
         raise MatrixError(401, "M_UNAUTHORIZED", "Unrecognised admin token")
 
 
@@ -75,8 +77,8 @@ async def page(request: Request) -> HTTPResponse:
 async def stores(request: Request) -> HTTPResponse:
     """GET /_mxisd/admin/v1/stores: each store's size, last syncs, next runs and active job; follower
     lag; whether each host's indexer runs."""
-    status = await request.app.ctx.admin.status()
-    listed = [{"name": s.name, "kind": s.kind, **status["stores"][s.name]} for s in config_of(request).stores]
+    status = await services(request).admin.status()
+    listed = [{"name": s.name, "kind": s.kind, **status["stores"][s.name]} for s in services(request).config.stores]
     return json({"stores": listed, "followers": status["followers"], "last_change_id": status["last_change_id"],
                  "indexers": status["indexers"]})
 
@@ -84,17 +86,17 @@ async def stores(request: Request) -> HTTPResponse:
 @bp.post("/v1/stores/<name>/sync")
 async def sync(request: Request, name: str) -> HTTPResponse:
     """POST /_mxisd/admin/v1/stores/{name}/sync: queue a sync for the indexer, or return the store's active one."""
-    if name not in {s.name for s in config_of(request).stores}:
+    if name not in {s.name for s in services(request).config.stores}:
         raise MatrixError(404, "M_NOT_FOUND", f"No store named {name!r}")
     body = json_body(request, "admin_sync") if request.body else {}
-    job, created = await request.app.ctx.admin.start_job(name, bool(body.get("full")), logs.request_id.get())
+    job, created = await services(request).admin.start_job(name, bool(body.get("full")), logs.request_id.get())
     return json({"job": job, "created": created}, status=202 if created else 200)
 
 
 @bp.get("/v1/jobs/<job_id>")
 async def job(request: Request, job_id: str) -> HTTPResponse:
     """GET /_mxisd/admin/v1/jobs/{id}: a sync job's state, progress and outcome."""
-    found = await request.app.ctx.admin.job(job_id) if job_id.isalnum() else None
+    found = await services(request).admin.job(job_id) if job_id.isalnum() else None
     if found is None:
         raise MatrixError(404, "M_NOT_FOUND", "No such job (finished jobs are kept for a day)")
     return json(found)
@@ -115,7 +117,7 @@ async def identities(request: Request) -> HTTPResponse:
         # Read as a lookup would read it: a phone number in international form.
         medium = "email" if "@" in q else "msisdn"
         address = query_address(medium, q)
-    matches = await request.app.ctx.admin.inspect(medium, address)
+    matches = await services(request).admin.inspect(medium, address)
     query = {"mxid": address} if medium is None else {"medium": medium, "address": address}
     # What a lookup answers: the first store (in config order) that has the 3PID.
     return json({"query": query, "lookup_answer": matches[0]["mxid"] if matches and medium else None,
@@ -125,5 +127,5 @@ async def identities(request: Request) -> HTTPResponse:
 @bp.post("/v1/cache/rebuild-fulltext")
 async def rebuild_fulltext(request: Request) -> HTTPResponse:
     """POST /_mxisd/admin/v1/cache/rebuild-fulltext: every host's follower rebuilds Whoosh from Redis."""
-    requests = await request.app.ctx.admin.request_rebuild()
+    requests = await services(request).admin.request_rebuild()
     return json({"requested": requests}, status=202)

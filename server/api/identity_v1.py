@@ -7,8 +7,8 @@ from sanic.response import HTTPResponse, json
 
 from indexer.normalize import query_address
 from indexer.rediskeys import BINDINGS
-from server.api import config_of, json_body
-from server.bindings import bound_association
+from server.api import json_body
+from server.container import services
 from server.errors import MatrixError
 from server.metrics import count_lookups
 
@@ -25,31 +25,31 @@ async def lookup(request: Request) -> HTTPResponse:
     canonical = query_address(medium, address)
     pairs = [(medium, canonical)]
     sources: list[str | None] = []
-    local = await request.app.ctx.read_through.fill(pairs, await request.app.ctx.lookups.by_address(pairs, sources))
-    [mxid] = await request.app.ctx.recursion.fill(pairs, local, request)
+    svc = services(request)
+    local = await svc.read_through.fill(pairs, await svc.lookups.by_address(pairs, sources))
+    [mxid] = await svc.recursion.fill(pairs, local, request)
     count_lookups([mxid], sources, local)
     if mxid is None:
         return json({})
     if sources[0] == BINDINGS:
         # The association the bind answered, not a new one: ts is when it was made.
-        storage = request.app.ctx.storage
-        binding = await storage.run(storage.binding, medium, canonical)
-        if binding is not None and binding.mxid == mxid:
-            return json(bound_association(request.app.ctx.keys, binding))
-    validity_ms = config_of(request).lookup.association_validity * 1000
-    return json(request.app.ctx.keys.association(medium, canonical, mxid, validity_ms))
+        bound = await svc.binding.association(medium, canonical, mxid)
+        if bound is not None:
+            return json(bound)
+    return json(svc.keys.association(medium, canonical, mxid, svc.config.lookup.association_validity * 1000))
 
 
 @bp.post("/bulk_lookup")
 async def bulk_lookup(request: Request) -> HTTPResponse:
     """POST /_matrix/identity/api/v1/bulk_lookup: [medium, address, mxid] for the 3PIDs that match."""
     pairs = json_body(request, "v1_bulk_lookup")["threepids"]
-    if len(pairs) > config_of(request).lookup.bulk_max:
-        raise MatrixError(400, "M_TOO_LARGE", f"At most {config_of(request).lookup.bulk_max} 3PIDs per request")
+    svc = services(request)
+    bulk_max = svc.config.lookup.bulk_max
+    if len(pairs) > bulk_max:
+        raise MatrixError(400, "M_TOO_LARGE", f"At most {bulk_max} 3PIDs per request")
     canonical = [(m, query_address(m, a)) for m, a in pairs]
     sources: list[str | None] = []
-    local = await request.app.ctx.read_through.fill(canonical,
-                                                    await request.app.ctx.lookups.by_address(canonical, sources))
-    found = await request.app.ctx.recursion.fill(canonical, local, request)
+    local = await svc.read_through.fill(canonical, await svc.lookups.by_address(canonical, sources))
+    found = await svc.recursion.fill(canonical, local, request)
     count_lookups(found, sources, local)
     return json({"threepids": [[m, a, mxid] for (m, a), mxid in zip(pairs, found) if mxid is not None]})

@@ -6,7 +6,8 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
 from indexer.normalize import query_address
-from server.api import authenticate, config_of, json_body
+from server.api import authenticate, json_body
+from server.container import services
 from server.errors import MatrixError
 from server.metrics import count_lookups
 
@@ -16,7 +17,7 @@ ALGORITHMS = ["none", "sha256"]
 
 
 async def _pepper(request: Request) -> str:
-    pepper: str | None = await request.app.ctx.lookups.pepper()
+    pepper = await services(request).lookups.pepper()
     if not pepper:
         raise MatrixError(503, "M_UNKNOWN", "The lookup cache is not ready yet")
     return pepper
@@ -35,10 +36,12 @@ async def lookup(request: Request) -> HTTPResponse:
     await authenticate(request)
     body = json_body(request, "v2_lookup")
     algorithm, addresses = body["algorithm"], body["addresses"]
-    lookups = request.app.ctx.lookups
+    svc = services(request)
+    lookups = svc.lookups
+    bulk_max = svc.config.lookup.bulk_max
     found: list[str | None] = []
     sources: list[str | None] = []
-    if algorithm == "sha256" and len(addresses) <= config_of(request).lookup.bulk_max:
+    if algorithm == "sha256" and len(addresses) <= bulk_max:
         pepper, found = await lookups.by_hash(addresses, sources)  # the pepper comes in the same round trip
         if not pepper:
             raise MatrixError(503, "M_UNKNOWN", "The lookup cache is not ready yet")
@@ -50,8 +53,8 @@ async def lookup(request: Request) -> HTTPResponse:
                           algorithm="sha256", lookup_pepper=pepper)
     if algorithm not in ALGORITHMS:
         raise MatrixError(400, "M_INVALID_PARAM", f"Unsupported algorithm {algorithm!r}; use one of {ALGORITHMS}")
-    if len(addresses) > config_of(request).lookup.bulk_max:
-        raise MatrixError(400, "M_TOO_LARGE", f"At most {config_of(request).lookup.bulk_max} addresses per request")
+    if len(addresses) > bulk_max:
+        raise MatrixError(400, "M_TOO_LARGE", f"At most {bulk_max} addresses per request")
     if algorithm == "none":
         pairs = []
         for item in addresses:
@@ -59,7 +62,7 @@ async def lookup(request: Request) -> HTTPResponse:
             if not address or not medium:
                 raise MatrixError(400, "M_INVALID_PARAM", f'Expected "address medium", got {item!r}')
             pairs.append((medium, query_address(medium, address)))
-        local = await request.app.ctx.read_through.fill(pairs, await lookups.by_address(pairs, sources))
-        found = await request.app.ctx.recursion.fill(pairs, local, request)
+        local = await svc.read_through.fill(pairs, await lookups.by_address(pairs, sources))
+        found = await svc.recursion.fill(pairs, local, request)
     count_lookups(found, sources, local)
     return json({"mappings": {a: mxid for a, mxid in zip(addresses, found) if mxid is not None}})

@@ -9,7 +9,8 @@ from urllib.parse import quote
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
-from server.api import access_token, config_of
+from server.api import access_token
+from server.container import services
 from server.errors import MatrixError
 from server.homeserver import answer_json, forwarded_headers, relay
 
@@ -23,15 +24,15 @@ bp = Blueprint("profile")
 async def profile(request: Request, user_id: str) -> HTTPResponse:
     """GET /_matrix/client/v3/profile/{userId}: the homeserver's profile, with the 3PIDs we know (profile.threepids)."""
     version = request.path.split("/")[3]
-    response = await request.app.ctx.homeserver.request(
+    response = await services(request).homeserver.request(
         "GET", f"/_matrix/client/{version}/profile/{quote(user_id, safe='')}",
         headers=forwarded_headers(request.headers))
     body = answer_json(response)
-    if response.status_code != 200 or not body or not config_of(request).profile.threepids:
+    if response.status_code != 200 or not body or not services(request).config.profile.threepids:
         return relay(response)
     if not await _signed_in(request):
         return relay(response)  # a homeserver may show profiles to anyone; the 3PIDs only its users see
-    identity = (await request.app.ctx.lookups.identities([user_id]))[0]
+    identity = (await services(request).lookups.identities([user_id]))[0]
     if identity is not None:
         body["threepids"] = identity.threepid_objects()
     return json(body)
@@ -43,7 +44,7 @@ async def _signed_in(request: Request) -> bool:
     if token is None:
         return False
     try:
-        await request.app.ctx.homeserver.whoami(token)
+        await services(request).homeserver.whoami(token)
     except MatrixError:  # refused, or the homeserver cannot tell now (logged): no 3PIDs either way
         return False
     return True
@@ -52,7 +53,7 @@ async def _signed_in(request: Request) -> bool:
 @bp.get("/_matrix-internal/profile/v1/<user_id>")
 async def internal_profile(request: Request, user_id: str) -> HTTPResponse:
     """GET /_matrix-internal/profile/v1/{userId}: display name and 3PIDs of an identity from the cache."""
-    identity = (await request.app.ctx.lookups.identities([user_id]))[0]
+    identity = (await services(request).lookups.identities([user_id]))[0]
     if identity is None:
         raise MatrixError(404, "M_NOT_FOUND", "No such user in the directory")
     return json({"user_id": identity.mxid, "display_name": identity.display_name,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
+from server.container import services
 from server.errors import MatrixError
 
 bp = Blueprint("pubkey")
@@ -13,9 +14,10 @@ PREFIXES = ("/_matrix/identity/v2", "/_matrix/identity/api/v1")
 
 async def get_key(request: Request, key_id: str) -> HTTPResponse:
     """GET /pubkey/{keyId}: the public part of a long-term key."""
-    if key_id != request.app.ctx.keys.key_id:
+    keys = services(request).keys
+    if key_id != keys.key_id:
         raise MatrixError(404, "M_NOT_FOUND", "The public key was not found")
-    return json({"public_key": request.app.ctx.keys.public_key})
+    return json({"public_key": keys.public_key})
 
 
 async def is_valid(request: Request) -> HTTPResponse:
@@ -25,7 +27,7 @@ async def is_valid(request: Request) -> HTTPResponse:
         raise MatrixError(400, "M_MISSING_PARAMS", "Missing parameters: public_key")
     # A "+" sent unencoded in a query string arrives as a space.
     candidate = public_key.replace(" ", "+").rstrip("=")
-    return json({"valid": candidate == request.app.ctx.keys.public_key})
+    return json({"valid": candidate == services(request).keys.public_key})
 
 
 for prefix in PREFIXES:

@@ -17,10 +17,9 @@ import sqlalchemy
 
 from indexer import logs
 from indexer.settings import Config
-from server.bindings import ASSOCIATION_LIFETIME_MS
 from server.federation import Federation, FederationError, split_server_name
 from server.services.lookups import Lookups
-from server.signing import SigningKeys
+from server.signing import BOUND_ASSOCIATION_LIFETIME_MS, SigningKeys
 from server.storage import Delivery, Invite, Storage, now_ms
 
 log = logging.getLogger(__name__)
@@ -36,7 +35,7 @@ def onbind_body(keys: SigningKeys, medium: str, address: str, mxid: str, pending
     invites = [{"medium": i.medium, "address": i.address, "mxid": mxid, "room_id": i.room_id, "sender": i.sender,
                 "token": i.token, "signed": keys.sign({"mxid": mxid, "token": i.token})} for i in pending]
     return keys.sign({"medium": medium, "address": address, "mxid": mxid, "ts": ts, "not_before": ts,
-                      "not_after": ts + ASSOCIATION_LIFETIME_MS, "invites": invites})
+                      "not_after": ts + BOUND_ASSOCIATION_LIFETIME_MS, "invites": invites})
 
 
 def permanent(status: int) -> bool:

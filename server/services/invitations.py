@@ -1,0 +1,196 @@
+"""3PID invites: storing an invite and emailing the invitee (or, for an address we know, handing it
+to the onbind delivery queue), the invite's ephemeral key, and signing with it."""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+from nacl.exceptions import CryptoError
+from signedjson.key import decode_signing_key_base64, encode_verify_key_base64, generate_signing_key, get_verify_key
+from signedjson.sign import sign_json
+from unpaddedbase64 import encode_base64
+
+from indexer import logs
+from indexer.normalize import InvalidAddress
+from indexer.normalize import email as canonical_email
+from indexer.settings import Config, RequestLimitConfig
+from server.errors import MatrixError
+from server.notify import AddressRefused, SendError
+from server.notify.email import EmailSender
+from server.rate_limits import RateLimits
+from server.read_through import ReadThrough
+from server.recursion import Recursion
+from server.services.lookups import Lookups
+from server.services.onbind import InviteWorker
+from server.signing import SigningKeys
+from server.storage import Invite, Storage, now_ms
+
+log = logging.getLogger(__name__)
+
+# The request fields the spec's store-invite defines for the message; each fills %FIELD_NAME%.
+# Nothing else a request sends reaches the message: From, To, the subject and the rest of the
+# template come from the config.
+TEMPLATE_FIELDS = ("room_alias", "room_avatar_url", "room_join_rules", "room_name", "room_type",
+                   "sender_avatar_url", "sender_display_name")
+MAX_FIELD_LENGTH = 200  # characters of a request field in a message; more is cut
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+
+
+def redact(address: str) -> str:
+    """An email address shown to the room before the invitee joins: "ali...@cor..."."""
+    local, _, domain = address.partition("@")
+
+    def part(text: str) -> str:
+        return text[:3] + "..." if len(text) > 3 else text[:1] + "..."
+
+    return f"{part(local)}@{part(domain)}"
+
+
+def clean(value: Any) -> str:
+    """A request field as it may appear in a message: one line of printable text, length-limited."""
+    if not isinstance(value, str):
+        return ""
+    text = _CONTROL.sub(" ", value).strip()
+    return text if len(text) <= MAX_FIELD_LENGTH else text[:MAX_FIELD_LENGTH - 1] + "…"
+
+
+def template_values(body: dict[str, Any], register_url: str) -> dict[str, str]:
+    """mxisd's invite placeholders, and the spec's optional fields as %FIELD_NAME%."""
+    values = {field.upper(): clean(body.get(field)) for field in TEMPLATE_FIELDS}
+    sender, room_id, address = clean(body["sender"]), clean(body["room_id"]), body["address"]
+    sender_name, room_name = values["SENDER_DISPLAY_NAME"], values["ROOM_NAME"]
+    values.update({
+        "SENDER_ID": sender,
+        "SENDER_NAME": sender_name,
+        "SENDER_NAME_OR_ID": sender_name or sender,
+        "INVITE_MEDIUM": "email",
+        "INVITE_MEDIUM_URL_ENCODED": "email",
+        "INVITE_ADDRESS": address,
+        "INVITE_ADDRESS_URL_ENCODED": quote(address, safe=""),
+        "ROOM_ID": room_id,
+        "ROOM_NAME_OR_ID": room_name or values["ROOM_ALIAS"] or room_id,
+        "REGISTER_URL": register_url,
+    })
+    return values
+
+
+@dataclass(frozen=True)
+class Invitations:
+    """Invites stored in SQL until the invited address is bound; requests rate limited in Redis."""
+
+    config: Config
+    storage: Storage
+    rate_limits: RateLimits
+    lookups: Lookups
+    read_through: ReadThrough
+    recursion: Recursion
+    invite_worker: InviteWorker
+    email: EmailSender | None
+    keys: SigningKeys
+
+    async def store(self, body: dict[str, Any], owner: str | None, client: str, may_recurse: bool) -> Invite:
+        """Store the invite of body (a store-invite request: sender, medium, address, room_id, and
+        the optional fields of its message). For an address that only we (a read-through store, or
+        another identity server when may_recurse) know, or know under another spelling, the invite
+        goes to the Matrix ID by onbind after invites.known_address_delay; else the invitee gets an
+        email, which holds the invite's token and ephemeral private key. owner is the Matrix ID of the
+        request's token (None on the v1 paths); client is the requester's address, for the rate limits.
+        The stored invite: its address canonical, its ephemeral_public_key the key the email carries.
+
+        Raises MatrixError: 403 M_UNAUTHORIZED when owner is not the sender; 400 M_UNRECOGNIZED for a
+        medium other than email; 400 M_INVALID_EMAIL; 429 M_LIMIT_EXCEEDED (with retry_after_ms); 400
+        M_THREEPID_IN_USE (with the mxid) when the homeserver's lookup should have found the address;
+        400 M_EMAIL_SEND_ERROR when the address cannot be sent to, 500 M_EMAIL_SEND_ERROR when sending
+        failed or email is not configured: no invite is kept then."""
+        if owner is not None and body["sender"] != owner:
+            raise MatrixError(403, "M_UNAUTHORIZED", "A token can only store invites sent by its own Matrix ID")
+        if body["medium"] != "email":
+            raise MatrixError(400, "M_UNRECOGNIZED", "Only email invites are supported")
+        try:
+            address = canonical_email(body["address"])
+        except InvalidAddress:
+            raise MatrixError(400, "M_INVALID_EMAIL", "Not a valid email address") from None
+        await self._rate_limit(body["sender"], address, client)
+        pair = [("email", address)]
+        synced = await self.lookups.by_address(pair)
+        if synced[0] is not None and body["address"] == address:
+            # The homeserver's own (hashed) lookup of this address found it: it should have invited the Matrix ID.
+            raise MatrixError(400, "M_THREEPID_IN_USE", "This email address is already bound to a Matrix ID",
+                              mxid=synced[0])
+        # Known only under another spelling, or only to a read-through store or another identity server,
+        # none of which a hashed lookup reaches: the homeserver missed it, and refusing would fail the invite.
+        known = await self.read_through.fill(pair, synced)
+        [mxid] = await self.recursion.fill(pair, known) if may_recurse else known
+
+        ephemeral = generate_signing_key("0")
+        invite = Invite(token=secrets.token_urlsafe(48), medium="email", address=address, room_id=body["room_id"],
+                        sender=body["sender"],
+                        ephemeral_public_key=encode_verify_key_base64(get_verify_key(ephemeral)),
+                        properties={k: body[k] for k in TEMPLATE_FIELDS if isinstance(body.get(k), str)},
+                        created_at=now_ms(), settled_at=None, known_mxid=mxid)
+        storage = self.storage
+        if mxid is not None:
+            await storage.run(storage.add_invite, invite)
+            log.info("stored invite from %s to room %s for email %s, known to %s: no email, delivered by onbind",
+                     invite.sender, invite.room_id, logs.untrusted(address), mxid)
+            await self.invite_worker.stored_for_known_address("email", address, mxid)
+            return invite
+        if self.email is None:
+            raise MatrixError(500, "M_EMAIL_SEND_ERROR",
+                              "The invite email could not be sent: email is not configured")
+        await storage.run(storage.add_invite, invite)
+        config = self.config
+        values = template_values({**body, "address": address}, config.invites.register_url
+                                 or f"https://{config.matrix.domain}")
+        values.update({"TOKEN": invite.token, "EPHEMERAL_PRIVATE_KEY": encode_base64(ephemeral.encode())})
+        sent = False
+        try:
+            await self.email.send("invite", address, values)
+            sent = True
+        except AddressRefused as exc:
+            log.info("invite from %s to %s not stored: %s", invite.sender, logs.untrusted(address), exc)
+            raise MatrixError(400, "M_EMAIL_SEND_ERROR", "No email can be sent to this address") from None
+        except SendError as exc:
+            log.error("invite from %s to %s not stored: %s", invite.sender, logs.untrusted(address), exc)
+            raise MatrixError(500, "M_EMAIL_SEND_ERROR", "The invite email could not be sent") from None
+        finally:
+            if not sent:  # whatever stopped the message, no invite waits for a message never sent
+                await storage.run(storage.delete_invite, invite.token)
+        log.info("stored invite from %s to room %s for email %s", invite.sender, invite.room_id,
+                 logs.untrusted(address))
+        return invite
+
+    async def ephemeral_key_valid(self, public_key: str) -> bool:
+        """Whether public_key is the ephemeral key of an invite we keep."""
+        return await self.storage.run(self.storage.ephemeral_key_known, public_key)
+
+    async def sign(self, token: str, mxid: str, private_key: str) -> dict[str, Any]:
+        """{mxid, sender, token} of the invite with token, signed with private_key (its ephemeral
+        key, from the invite email) under our server name.
+
+        Raises MatrixError: 404 M_UNRECOGNIZED for an unknown token; 400 M_INVALID_PARAM when
+        private_key is not an unpadded base64 ed25519 seed."""
+        invite = await self.storage.run(self.storage.invite, token)
+        if invite is None:
+            raise MatrixError(404, "M_UNRECOGNIZED", "Didn't recognize token")
+        try:
+            key = decode_signing_key_base64("ed25519", "0", private_key)
+        except (ValueError, CryptoError):
+            raise MatrixError(400, "M_INVALID_PARAM", "private_key is not an unpadded base64 ed25519 seed") from None
+        signed = {"mxid": mxid, "sender": invite.sender, "token": invite.token}
+        return sign_json(signed, self.keys.server_name, key)
+
+    async def _rate_limit(self, sender: str, address: str, client: str) -> None:
+        limits = self.config.invites.rate_limit
+        for kind, key in (("per_sender", sender), ("per_ip", client), ("per_address", address)):
+            limit: RequestLimitConfig = getattr(limits, kind)
+            wait_ms = await self.rate_limits.hit(f"store-invite:{kind}", key, limit.requests, limit.window)
+            if wait_ms is not None:
+                log.info("store-invite rate limited (%s) for %s", kind, logs.untrusted(key))
+                raise MatrixError(429, "M_LIMIT_EXCEEDED", "Too many invites; try again later",
+                                  retry_after_ms=wait_ms)
