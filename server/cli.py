@@ -1,4 +1,4 @@
-"""The `mxisd` command: run, index, status, check-config, test-email, doctor."""
+"""The `mxisd` command: run, index, status, check-config, test-email, doctor, import-config, import-data."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import importlib.metadata
 import logging
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, TextIO
 
 import httpx
@@ -26,6 +28,9 @@ from indexer.settings import Config
 from indexer.stores import build_store
 from indexer.sync import SyncBusy, SyncResult, sync_store
 from server import doctor
+from server.migration import MigrationError
+from server.migration import config as config_import
+from server.migration import data as data_import
 from server.notify import SendError
 from server.notify.email import EmailSender
 from server.runner import StartupError, hold_data_dir, run, wait_for_redis
@@ -59,6 +64,20 @@ def _parser() -> argparse.ArgumentParser:
     doctor_cmd = commands.add_parser("doctor", help="check everything the config points at, one line per check")
     doctor_cmd.add_argument("--config", default=None, help="config file (default: $MXISD_CONFIG, then ./config.yml)")
     doctor_cmd.add_argument("--timeout", type=float, default=20.0, help="seconds each check may take (default: 20)")
+    import_config = commands.add_parser("import-config", help="write a config equivalent to a Java mxisd or ma1sd "
+                                        "one, listing what cannot be carried over")
+    import_config.add_argument("file", help="the mxisd.yaml or ma1sd.yaml")
+    import_config.add_argument("-o", "--output", help="where to write our config (default: standard output)")
+    import_config.add_argument("--data-dir", default="/var/lib/mxisd",
+                               help="data_dir of the new config (default: /var/lib/mxisd)")
+    import_data = commands.add_parser("import-data", help="take over a Java mxisd's or ma1sd's signing key, pending "
+                                      "invites, v2 accounts, accepted terms and open validation sessions")
+    import_data.add_argument("old", nargs="?", help="the mxisd.yaml or ma1sd.yaml naming its key.path and database")
+    import_data.add_argument("--config", default=None,
+                             help="our config file (default: $MXISD_CONFIG, then ./config.yml)")
+    import_data.add_argument("--key", help="mxisd's key.path (default: the old config's)")
+    import_data.add_argument("--database", help="mxisd's database: a SQLite file or a postgresql:// URL "
+                             "(default: the old config's)")
     return parser
 
 
@@ -309,8 +328,53 @@ def _test_email(config: Config, address: str) -> int:
     return 0
 
 
+def _import_config(args: argparse.Namespace) -> int:
+    try:
+        converted, old, flavour = config_import.convert(args.file, args.data_dir)
+    except MigrationError as exc:
+        print(f"mxisd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    for key, reason in sorted(old.notes.items()):
+        print(f"{args.file}: {key}: {reason}", file=sys.stderr)
+    text = config_import.render(converted, old, Path(args.file), flavour)
+    with tempfile.TemporaryDirectory() as scratch:
+        target = Path(args.output) if args.output else Path(scratch) / "config.yml"
+        target.write_text(text, encoding="utf-8")
+        try:
+            load_config(target)
+        except ConfigError as exc:
+            print(f"mxisd: the imported config does not pass check-config: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    if not args.output:
+        sys.stdout.write(text)
+    return 0
+
+
+def _import_data(args: argparse.Namespace, config: Config) -> int:
+    key, database = args.key, args.database
+    if database and "://" not in database:
+        database = f"sqlite:///{Path(database).resolve()}"
+    try:
+        if args.old:
+            data, base = config_import.read_old_config(args.old)
+            key = key or data_import.old_key_path(data, base)
+            database = database or data_import.old_database_url(data, base)
+        if not key and not database:
+            print("mxisd: nothing to import: give the old config, --key or --database", file=sys.stderr)
+            return EXIT_CONFIG
+        report = data_import.import_data(config, Path(key) if key else None, database)
+    except MigrationError as exc:
+        print(f"mxisd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    for line in report.lines():
+        print(line)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "import-config":
+        return _import_config(args)
     path = args.file if args.command == "check-config" else (args.config or _default_config())
     try:
         config = load_config(path)
@@ -333,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
             return doctor.run(config, sys.stdout, args.timeout)
         if args.command == "test-email":
             return _test_email(config, args.address)
+        if args.command == "import-data":
+            return _import_data(args, config)
         return _index(config, args.store, args.full)
     except (StartupError, EmbeddedRedisError) as exc:
         print(f"mxisd: {exc}", file=sys.stderr)

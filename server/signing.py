@@ -16,8 +16,6 @@ from unpaddedbase64 import encode_base64
 
 log = logging.getLogger(__name__)
 
-KEY_ID = "ed25519:0"
-
 # A signed v1 association is handed out again for this long (and re-signed after), so that a
 # popular address costs one ed25519 signature per minute instead of one per request; its
 # not_after stays at least association_validity minus this in the future.
@@ -39,6 +37,15 @@ def read_signing_key(path: Path) -> SigningKey:
     return decode_signing_key_base64(*parts)
 
 
+def write_signing_key(data_dir: str | Path, key: SigningKey) -> None:
+    """Write key as data_dir/keys/signing.key (mode 0600); refuses to replace an existing file."""
+    path = key_path(data_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(f"{key.alg} {key.version} {encode_base64(key.encode())}\n")
+
+
 class SigningKeys:
     """The long-term key, loaded once and reused for every signature."""
 
@@ -46,6 +53,8 @@ class SigningKeys:
         self.signing_key = signing_key
         self.server_name = server_name
         self.public_key = encode_verify_key_base64(get_verify_key(signing_key))
+        # "ed25519:0" for a key made here; a key taken over from mxisd keeps its serial.
+        self.key_id = f"{signing_key.alg}:{signing_key.version}"
         self._associations: OrderedDict[tuple[str, str, str], dict[str, Any]] = OrderedDict()
 
     @classmethod
@@ -55,16 +64,13 @@ class SigningKeys:
         if path.exists():
             key = read_signing_key(path)
         else:
-            path.parent.mkdir(parents=True, exist_ok=True)
             key = generate_signing_key("0")
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                handle.write(f"ed25519 0 {encode_base64(key.encode())}\n")
+            write_signing_key(data_dir, key)
             log.info("generated a new signing key in %s", path)
         return cls(key, server_name)
 
     def sign(self, body: dict[str, Any]) -> dict[str, Any]:
-        """body with our signature added under the server name and key ed25519:0."""
+        """body with our signature added under the server name and our key id."""
         return sign_json(body, self.server_name, self.signing_key)
 
     def association(self, medium: str, address: str, mxid: str, validity_ms: int) -> dict[str, Any]:

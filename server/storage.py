@@ -306,6 +306,27 @@ class Storage:
         self._executor.shutdown(wait=True)
         self.engine.dispose()
 
+    # -- import (mxisd import-data) ----------------------------------------------------------------
+
+    def import_rows(self, rows: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
+        """Insert, per table name, each row that the table does not hold yet (no row shares its
+        primary key or any of its unique keys); how many were new per table. One transaction, so
+        an import that fails part-way leaves nothing behind."""
+        added: dict[str, int] = {}
+        with self.engine.begin() as conn:
+            for name, new_rows in rows.items():
+                table = metadata.tables[name]
+                keys = [list(table.primary_key.columns)] + [
+                    list(c.columns) for c in table.constraints if isinstance(c, sa.UniqueConstraint)]
+                added[name] = 0
+                for row in new_rows:
+                    clash = sa.or_(*(sa.and_(*(col == row[col.name] for col in key)) for key in keys))
+                    if conn.execute(sa.select(sa.literal(1)).select_from(table).where(clash).limit(1)).first():
+                        continue
+                    conn.execute(table.insert().values(**row))
+                    added[name] += 1
+        return added
+
     # -- accounts ---------------------------------------------------------------------------------
 
     def add_account(self, token: str, user_id: str) -> None:

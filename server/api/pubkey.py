@@ -6,7 +6,6 @@ from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
 from server.errors import MatrixError
-from server.signing import KEY_ID
 
 bp = Blueprint("pubkey")
 PREFIXES = ("/_matrix/identity/v2", "/_matrix/identity/api/v1")
@@ -14,7 +13,7 @@ PREFIXES = ("/_matrix/identity/v2", "/_matrix/identity/api/v1")
 
 async def get_key(request: Request, key_id: str) -> HTTPResponse:
     """GET /pubkey/{keyId}: the public part of a long-term key."""
-    if key_id != KEY_ID:
+    if key_id != request.app.ctx.keys.key_id:
         raise MatrixError(404, "M_NOT_FOUND", "The public key was not found")
     return json({"public_key": request.app.ctx.keys.public_key})
 

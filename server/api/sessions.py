@@ -163,8 +163,10 @@ async def request_msisdn_token(request: Request) -> HTTPResponse:
     async def send(session: Session) -> None:
         if sender is None:
             raise SendError("SMS is not configured (no sms section in the config)")
-        await sender.send("validation", msisdn, {"VALIDATION_TOKEN": session.token,
-                                                  "VALIDATION_LINK": _validation_link(request, session)})
+        link = _validation_link(request, session)
+        # NEXT_URL: as in mxisd, the validation link.
+        await sender.send("validation", msisdn, {"VALIDATION_TOKEN": session.token, "VALIDATION_LINK": link,
+                                                  "NEXT_URL": link})
 
     try:
         session = await _start(request, "msisdn", msisdn, body, send)

@@ -31,6 +31,16 @@ def public_key(config: Config) -> str | None:
     return encode_verify_key_base64(get_verify_key(read_signing_key(path)))
 
 
+def key_id(config: Config) -> str:
+    """The key id the key file's key is served under: ed25519:0, or the serial of a key taken over
+    from mxisd (`mxisd import-data`)."""
+    try:
+        key = read_signing_key(key_path(config.data_dir))
+    except (OSError, ValueError):
+        return "ed25519:0"  # the signing key's own check says what is wrong with the file
+    return f"{key.alg}:{key.version}"
+
+
 def signing_key(config: Config) -> Iterator[Finding]:
     path = key_path(config.data_dir)
     try:

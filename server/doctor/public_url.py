@@ -10,11 +10,10 @@ import httpx
 
 from indexer.settings import Config
 from server.doctor import Finding, ok, problem
-from server.doctor.local import public_key
+from server.doctor.local import key_id, public_key
 from server.doctor.tls import request_failed
 from server.federation import Federation
 from server.homeserver import answer_json
-from server.signing import KEY_ID
 
 SUBJECT = "public URL"
 
@@ -24,17 +23,17 @@ def check(config: Config) -> Iterator[Finding]:
         ours = public_key(config)
     except (OSError, ValueError):
         ours = None  # the signing key's own line says what is wrong with it
-    yield asyncio.run(_check(config, ours))
+    yield asyncio.run(_check(config, ours, key_id(config)))
 
 
-async def _check(config: Config, ours: str | None) -> Finding:
+async def _check(config: Config, ours: str | None, served_id: str) -> Finding:
     base = config.server.public_url
     # The federation client: its TLS settings (federation.ca_file) without its address policy, which
     # is about other servers, not this one.
     client = Federation(config.federation).http
     try:
         status = await client.get(f"{base}/_matrix/identity/v2")
-        key = await client.get(f"{base}/_matrix/identity/v2/pubkey/{KEY_ID}")
+        key = await client.get(f"{base}/_matrix/identity/v2/pubkey/{served_id}")
     except httpx.HTTPError as exc:
         return request_failed(SUBJECT, base, exc, "clients and homeservers refuse it",
                               "is mxisd running, and does server.public_url lead to it (DNS, reverse proxy)?")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from importlib import resources
 from pathlib import Path
+from urllib.parse import quote
 
 
 class SendError(Exception):
@@ -27,3 +28,15 @@ def render(template: str, values: dict[str, str]) -> str:
     for name, value in values.items():
         template = template.replace(f"%{name}%", value)
     return template
+
+
+def recipient_values(domain: str, medium: str, address: str) -> dict[str, str]:
+    """mxisd's placeholders of every message, so that its templates work unchanged."""
+    return {
+        "DOMAIN": domain,
+        "DOMAIN_PRETTY": domain[:1].upper() + domain[1:],
+        "RECIPIENT_MEDIUM": medium,
+        "RECIPIENT_MEDIUM_URL_ENCODED": quote(medium, safe=""),
+        "RECIPIENT_ADDRESS": address,
+        "RECIPIENT_ADDRESS_URL_ENCODED": quote(address, safe=""),
+    }

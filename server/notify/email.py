@@ -10,14 +10,13 @@ import re
 from email.message import EmailMessage
 from email.parser import BytesParser, Parser
 from typing import Any
-from urllib.parse import quote
 
 import aiosmtplib
 import idna
 
 from indexer.settings import EmailConfig
 from server.metrics import NOTIFICATIONS
-from server.notify import AddressRefused, SendError, read_template, render
+from server.notify import AddressRefused, SendError, read_template, recipient_values, render
 
 log = logging.getLogger(__name__)
 
@@ -79,16 +78,8 @@ class EmailSender:
         return read_template(getattr(self.templates, kind), f"email-{kind}.eml")
 
     def base_values(self, address: str) -> dict[str, str]:
-        return {
-            "DOMAIN": self.domain,
-            "DOMAIN_PRETTY": self.domain[:1].upper() + self.domain[1:],
-            "FROM_EMAIL": self.sender,
-            "FROM_NAME": self.sender_name,
-            "RECIPIENT_MEDIUM": "email",
-            "RECIPIENT_MEDIUM_URL_ENCODED": "email",
-            "RECIPIENT_ADDRESS": address,
-            "RECIPIENT_ADDRESS_URL_ENCODED": quote(address, safe=""),
-        }
+        return {**recipient_values(self.domain, "email", address), "FROM_EMAIL": self.sender,
+                "FROM_NAME": self.sender_name}
 
     async def send(self, kind: str, address: str, values: dict[str, str]) -> None:
         """Render the template of this kind for address and send it, to address only. The domain goes

@@ -9,7 +9,7 @@ import httpx
 
 from indexer.settings import SmsConfig
 from server.metrics import NOTIFICATIONS, OUTGOING_FAILURES
-from server.notify import SendError, read_template, render
+from server.notify import SendError, read_template, recipient_values, render
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class SmsSender:
     async def send(self, kind: str, msisdn: str, values: dict[str, str]) -> None:
         """Render the template of this kind and send it to +msisdn."""
         text = render(read_template(getattr(self.templates, kind), f"sms-{kind}.txt"),
-                      {"DOMAIN": self.domain, "RECIPIENT_MEDIUM": "msisdn", "RECIPIENT_ADDRESS": msisdn, **values})
+                      {**values, **recipient_values(self.domain, "msisdn", msisdn)})
         url = f"{self.base_url}/2010-04-01/Accounts/{self.account_sid}/Messages.json"
         try:
             async with httpx.AsyncClient(timeout=self.timeout) as client:
