@@ -16,6 +16,7 @@ import sqlalchemy
 from sanic import Blueprint, Request, Sanic
 from sanic.config import Config as SanicConfig
 from sanic.exceptions import BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, SanicException, ServiceUnavailable
+from sanic.http import Http
 from sanic.response import BaseHTTPResponse, HTTPResponse, empty, json
 
 from indexer import logs
@@ -100,7 +101,13 @@ def create_app(config: Config, redis_url: str) -> App:
         log.info("worker %d ready", os.getpid())
 
     @app.before_server_stop
-    async def stop_maintenance(app: App) -> None:
+    async def begin_stop(app: App) -> None:
+        # Sanic closes the connections idle at its stop, but one busy then stays open, answering
+        # whatever comes next for up to its graceful timeout: a worker replaced on a reload would
+        # go on serving a busy client (a proxy's pooled connection) with the old config. From now
+        # on each answer ends its connection (Sanic reads this per request; finish() does it for
+        # the requests already read).
+        app.config.KEEP_ALIVE = False
         # Ctrl-C reaches each worker twice, from the terminal and from Sanic's manager: the second
         # must not abort the clean stop that the first began.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -126,6 +133,8 @@ def create_app(config: Config, redis_url: str) -> App:
     async def finish(request: Request, response: BaseHTTPResponse) -> None:
         response.headers.update(CORS_HEADERS)
         record_response(request, response)
+        if not request.app.config.KEEP_ALIVE and isinstance(request.stream, Http):
+            request.stream.keep_alive = False  # this worker is stopping (begin_stop)
 
     @app.exception(Exception)
     async def matrix_error(request: Request, exc: Exception) -> HTTPResponse:

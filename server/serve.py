@@ -11,11 +11,14 @@ import os
 import signal
 import sys
 import threading
+import time
 from functools import partial
 from typing import Any
 
 from sanic import Sanic
+from sanic.worker.constants import ProcessState
 from sanic.worker.loader import AppLoader
+from sanic.worker.manager import WorkerManager
 
 from indexer import logs
 from indexer.config import read_config
@@ -26,6 +29,9 @@ log = logging.getLogger(__name__)
 
 # How long the server may take to stop by itself once `mxisd run` has gone away.
 ORPHAN_GRACE = 10.0
+# How long a reload waits for the workers' start, or their replacement on the reload before, to be
+# over (Sanic gives a worker 30 s to start).
+REPLACE_WAIT = 60.0
 
 
 def _create_app(current: list[Config], redis_url: str) -> App:
@@ -40,7 +46,12 @@ def serve(config: Config, redis_url: str, listening: int | None = None) -> None:
     loader = AppLoader(factory=partial(_create_app, current, redis_url))
     app = loader.load()
 
+    # Set once the server can take a reload: its app made (one process), or Sanic's worker manager
+    # there to be told (workers).
+    ready = threading.Event()
+
     async def tell(*_: Any) -> None:
+        ready.set()
         if listening is not None:
             os.write(listening, b"1")
             os.close(listening)
@@ -54,7 +65,7 @@ def serve(config: Config, redis_url: str, listening: int | None = None) -> None:
         single_process=server.workers == 1,
     )
     log.info("serving %s on http://%s:%d", server.name, server.bind, server.port)
-    threading.Thread(target=_follow_config, args=(app, current, server.workers == 1), name="config",
+    threading.Thread(target=_follow_config, args=(app, current, server.workers == 1, ready), name="config",
                      daemon=True).start()
     if server.workers == 1:
         app.after_server_start(tell)
@@ -97,25 +108,42 @@ async def _stop_at_once_while_starting(app: App, _: Any) -> None:
         signal.signal(signum, handler)
 
 
-def _follow_config(app: App, current: list[Config], single: bool) -> None:
+def _follow_config(app: App, current: list[Config], single: bool, ready: threading.Event) -> None:
     """Apply each config `mxisd run` re-reads on SIGHUP (sent on stdin; it differs from the one
     before only in what a reload applies): log_level and the rate limits. One process applies them
     in place; workers are replaced by new ones started with them, each new one before its old one
-    stops, so that nothing stops answering."""
+    stops, so that nothing stops answering. A config that comes while the server is starting is
+    applied once it has started (`systemctl reload` right after `systemctl start`)."""
+    replacements = 0
     while (new := read_config(sys.stdin.fileno())) is not None:
         current[0] = new
         logging.getLogger().setLevel(new.log_level)
-        try:
-            if single:
-                app.ctx.services.reload(new)
-                log.info("log_level and rate limits re-read")
-            else:
-                # Sanic's own message for a restart of every worker, new ones first (as its
-                # auto-reload does); they are made by the app loader, which holds this config.
-                app.manager.monitor_publisher.send("__ALL_PROCESSES__::STARTUP_FIRST")
-                log.info("log_level and rate limits re-read; the workers are replaced by new ones")
-        except AttributeError:  # still starting: the workers it starts have the new config
-            log.info("log_level and rate limits re-read while starting")
+        # Not bounded: the server starts, or this process ends (this thread is a daemon). Workers
+        # that Sanic starts meanwhile are made with current[0], and replacing them again is harmless.
+        ready.wait()
+        if single:
+            app.ctx.services.reload(new)
+            log.info("log_level and rate limits re-read")
+        else:
+            _replace_workers(app.manager, replacements)
+            replacements += 1
+            log.info("log_level and rate limits re-read; the workers are replaced by new ones")
+
+
+def _replace_workers(manager: WorkerManager, before: int) -> None:
+    """Have Sanic replace every worker, new ones first (as its auto-reload does; they are made by the
+    app loader, which holds the latest config), once the `before` replacements asked earlier are
+    over: Sanic's replacement is not reentrant (a second one that comes before the first has
+    stopped the old process loses track of it, and stops a new one instead)."""
+    deadline = time.monotonic() + REPLACE_WAIT
+    while not all(p.state is ProcessState.ACKED and p.worker_state[p.name].get("starts", 0) > before
+                  and not hasattr(p, "_old_process") for p in manager.transient_processes):
+        if time.monotonic() > deadline:
+            log.warning("the workers were not all started and ready within %g s; replacing them anyway",
+                        REPLACE_WAIT)
+            break
+        time.sleep(0.1)
+    manager.monitor_publisher.send("__ALL_PROCESSES__::STARTUP_FIRST")
 
 
 def _watch_parent(parent_pid: int) -> None:

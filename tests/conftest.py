@@ -210,13 +210,17 @@ class Server:
         )
 
     def start(self) -> None:
+        self.launch()
+        wait_until(self._ready, 30, f"the server on port {self.port} (log: {self.log_path})")
+
+    def launch(self) -> None:
+        """`mxisd run` with self.config, not waiting for it to answer."""
         self.config_path.write_text(yaml.safe_dump(self.config))
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "run", "--config", str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT, cwd=self.root, start_new_session=True,
         )
-        wait_until(self._ready, 30, f"the server on port {self.port} (log: {self.log_path})")
 
     def _ready(self) -> bool:
         assert self.process is not None

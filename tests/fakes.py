@@ -38,7 +38,8 @@ def _answer(handler: BaseHTTPRequestHandler, status: int, body: Any) -> None:
 
 class FakeHomeserver:
     """A homeserver called `name` on 127.0.0.1: OpenID userinfo, server keys, X-Matrix signing, and
-    3PID onbind callbacks (answered with `onbind_status`: set it to an error to refuse them)."""
+    3PID onbind callbacks (answered with `onbind_status`: set it to an error to refuse them).
+    Clear `userinfo_open` to hold OpenID checks."""
 
     def __init__(self, name: str, root: Path) -> None:
         self.name = name
@@ -51,6 +52,9 @@ class FakeHomeserver:
         self.requests: list[str] = []
         self.onbind_status = 200
         self.onbind_received: list[tuple[int, dict[str, Any]]] = []  # (status answered, body)
+        # Cleared, OpenID userinfo requests wait (up to a minute) until it is set again.
+        self.userinfo_open = threading.Event()
+        self.userinfo_open.set()
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -61,6 +65,7 @@ class FakeHomeserver:
                 url = urlsplit(self.path)
                 fake.requests.append(url.path)
                 if url.path == "/_matrix/federation/v1/openid/userinfo":
+                    fake.userinfo_open.wait(60)
                     token = parse_qs(url.query).get("access_token", [""])[0]
                     if token in fake.openid:
                         _answer(self, 200, {"sub": fake.openid[token]})

@@ -4,6 +4,7 @@ kills processes, so they are slow): `pytest -m "not faults"` leaves them out."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import socket
@@ -11,6 +12,8 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psutil
@@ -20,7 +23,7 @@ import yaml
 
 from indexer.redis_server import EmbeddedRedis
 from indexer.rediskeys import RedisKeys
-from tests.conftest import PEOPLE, V1, Server, wait_until
+from tests.conftest import PEOPLE, V1, V2, Server, wait_until
 from tests.test_health_metrics import scrape, value
 
 pytestmark = pytest.mark.faults
@@ -155,26 +158,38 @@ def test_a_store_raising_an_unexpected_error_fails_that_sync_only(make_server):
     assert child(srv, "indexer.main").pid == indexer.pid
 
 
+def probe_limits(per_address: int) -> dict[str, Any]:
+    """The sessions section for second_request_refused_of: per_address limited, the client's address
+    not (each probe costs two requests, and a probe is sent every tenth of a second)."""
+    return {"rate_limit": {"per_address": {"requests": per_address, "window": "1h"},
+                           "per_ip": {"requests": 10000, "window": "1h"}}}
+
+
+def second_request_refused_of(srv: Server, probe: Iterator[int]) -> bool:
+    """Whether an address's second validation request is refused (the default allows 5)."""
+    address = f"probe{next(probe)}@example.net"
+    answers = [srv.http.post(V1 + "/validate/email/requestToken",
+                             json={"client_secret": "s3cret", "email": address, "send_attempt": attempt})
+               for attempt in (1, 2)]
+    assert answers[0].status_code == 200, answers[0].text
+    return answers[1].status_code == 429 and f"(per_address) for email:{address}" in srv.log()
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sighup_reloads_what_it_can_and_never_stops_the_server(make_server, workers):
     srv = make_server()
     srv.config["server"]["workers"] = workers
+    srv.config["sessions"] = probe_limits(per_address=5)
     srv.start()
     assert srv.process is not None
-    probes = iter(range(1000))
+    probes = itertools.count()
 
     def second_request_refused() -> bool:
-        """Whether an address's second validation request is refused (the default allows 5)."""
-        address = f"probe{next(probes)}@example.net"
-        answers = [srv.http.post(V1 + "/validate/email/requestToken",
-                                 json={"client_secret": "s3cret", "email": address, "send_attempt": attempt})
-                   for attempt in (1, 2)]
-        assert answers[0].status_code == 200, answers[0].text
-        return answers[1].status_code == 429 and f"(per_address) for email:{address}" in srv.log()
+        return second_request_refused_of(srv, probes)
     assert not second_request_refused()
 
     srv.config["stores"][0]["sync"]["full_every"] = "2h"
-    srv.config["sessions"] = {"rate_limit": {"per_address": {"requests": 1, "window": "1h"}}}
+    srv.config["sessions"] = probe_limits(per_address=1)
     srv.config["lookup"]["bulk_max"] = 7
     srv.config_path.write_text(yaml.safe_dump(srv.config))
     srv.process.send_signal(signal.SIGHUP)
@@ -192,6 +207,68 @@ def test_sighup_reloads_what_it_can_and_never_stops_the_server(make_server, work
     assert srv.process.poll() is None
     assert srv.lookup_v1("email", "bob@example.com")["mxid"] == "@bob:example.org"
     wait_until(lambda: readiness(srv)[0] == 200, what="readiness")
+    assert srv.stop() == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_reload_while_the_server_starts_is_applied_and_later_ones_too(make_server, workers):
+    srv = make_server()
+    srv.config["server"]["workers"] = workers
+    srv.config["sessions"] = probe_limits(per_address=5)
+    srv.launch()
+    assert srv.process is not None
+    probes = itertools.count()
+    # At once, while the HTTP server process is still starting (importing, or Sanic starting its
+    # workers): `systemctl reload mxisd` right after `systemctl start mxisd`.
+    wait_until(lambda: "HTTP server started" in srv.log(), 60, "the HTTP server process to be started")
+    srv.config["sessions"] = probe_limits(per_address=1)
+    srv.config_path.write_text(yaml.safe_dump(srv.config))
+    srv.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: "sessions.rate_limit applied" in srv.log(), what="the reload's log line")
+    wait_until(lambda: srv.http.get("/_matrix/identity/v2").status_code == 200, 60, "the server to answer")
+    assert second_request_refused_of(srv, probes)
+    assert "Traceback" not in srv.log()
+
+    # The reload came before the server could take it; the next one is not lost either.
+    srv.config["sessions"] = probe_limits(per_address=3)
+    srv.config_path.write_text(yaml.safe_dump(srv.config))
+    srv.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: not second_request_refused_of(srv, probes), 60, "the HTTP server on the second reload")
+    assert srv.stop() == 0
+
+
+def test_a_reload_reaches_a_client_whose_connection_was_busy(make_server):
+    srv = make_server()
+    srv.config["server"]["workers"] = 2
+    srv.config["sessions"] = probe_limits(per_address=5)
+    srv.start()
+    assert srv.process is not None
+    probes = itertools.count()
+    assert not second_request_refused_of(srv, probes)  # the connection the client keeps
+
+    # A request on that connection is in flight (its OpenID check held) while its worker is
+    # replaced on a reload.
+    srv.homeserver.userinfo_open.clear()
+    checks = srv.homeserver.requests.count("/_matrix/federation/v1/openid/userinfo")
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            busy = pool.submit(srv.http.post, V2 + "/account/register",
+                               json=srv.homeserver.openid_token("@busy:example.org"))
+            wait_until(lambda: srv.homeserver.requests.count("/_matrix/federation/v1/openid/userinfo") > checks,
+                       what="the OpenID check")
+            srv.config["sessions"] = probe_limits(per_address=1)
+            srv.config_path.write_text(yaml.safe_dump(srv.config))
+            srv.process.send_signal(signal.SIGHUP)
+            wait_until(lambda: srv.log().count("Stopping worker") >= 2, 60, "the old workers to stop")
+            srv.homeserver.userinfo_open.set()
+            answer = busy.result(timeout=30)
+    finally:
+        srv.homeserver.userinfo_open.set()
+    assert answer.status_code == 200, answer.text
+    # It ends its connection: the client's next requests reach a worker on the new config, not the
+    # old one (which would answer them for as long as Sanic lets it finish, 15 s).
+    assert answer.headers["connection"] == "close"
+    wait_until(lambda: second_request_refused_of(srv, probes), 5, "the client on the new rate limit")
     assert srv.stop() == 0
 
 
