@@ -28,6 +28,7 @@ from indexer.stores import Store, build_store
 from server.services.directory_search import DirectorySearch, HideRules
 from tests.fake_homeserver import ClientHomeserver
 from tests.fakes import FakeHomeserver, FakeTwilio, Mailbox
+from tests.samba import SambaDC, listening
 from tests.slapd import Slapd
 
 REPO = Path(__file__).resolve().parent.parent
@@ -343,6 +344,17 @@ def slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def samba_dc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SambaDC]:
+    """One Active Directory domain controller for the whole run (it needs the fixed LDAP ports)."""
+    if listening(636):
+        pytest.fail("127.0.0.1:636 is taken: the Active Directory tests need it for their Samba DC")
+    dc = SambaDC(tmp_path_factory.mktemp("samba"))
+    dc.start()
+    yield dc
+    dc.stop()
 
 
 @pytest.fixture

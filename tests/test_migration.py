@@ -1,6 +1,6 @@
 """`mxisd import-config` and `mxisd import-data`: mxisd and ma1sd configs (our own, written from
-their documented keys, in tests/data/) imported and run against the real slapd, PostgreSQL and a
-web application; a ma1sd-shaped database and key store taken over by a running server."""
+their documented keys, in tests/data/) imported and run against the real slapd, Samba AD DC,
+PostgreSQL and a web application; a ma1sd-shaped database and key store taken over by a running server."""
 
 from __future__ import annotations
 
@@ -34,7 +34,10 @@ from server.migration.data import import_data
 from server.signing import SigningKeys
 from server.storage import Storage
 from tests.conftest import V1, V2, _database, started, wait_until
+from tests.samba import ADMIN_DN as SAMBA_ADMIN_DN
+from tests.samba import ADMIN_PASSWORD as SAMBA_ADMIN_PASSWORD
 from tests.slapd import ADMIN_DN, ADMIN_PASSWORD, READER_DN, READER_PASSWORD, SUFFIX
+from tests.test_active_directory import Domain
 from tests.test_api import validate_email
 from tests.test_synapse_preset import Synapse
 
@@ -140,6 +143,44 @@ def test_active_directory_config_keeps_the_ad_choice_and_the_group_filter(tmp_pa
     for key in ("register:", "hashing:", "ldap.directory.filter:", "policy.policies.privacy.regexp:",
                 "ldap.attribute.threepid: not set"):
         assert key in stderr
+
+
+def test_active_directory_config_imported_serves_the_domain(samba_dc, make_server, tmp_path, capsys):
+    domain = Domain(samba_dc)
+    alice = domain.add("alice", "Passw0rd-Alice!", mail=f"alice.{domain.tag}@corp.example.org",
+                       phone="+44 7700 900001")
+    bob = domain.add("bob", "Passw0rd-Bob!", mail=f"bob.{domain.tag}@corp.example.org")
+    group = domain.name("matrix")
+    samba_dc.tool("group", "add", group, f"--groupou=OU=t{domain.tag}")
+    samba_dc.tool("group", "addmembers", group, alice)
+    old = old_config("ma1sd-active-directory.yaml", tmp_path, **{
+        "ldap.connection.host": "127.0.0.1", "ldap.connection.bindDn": SAMBA_ADMIN_DN,
+        "ldap.connection.bindPassword": SAMBA_ADMIN_PASSWORD, "ldap.connection.baseDNs": [domain.ou],
+        "ldap.filter": f"(memberOf=CN={group},{domain.ou})"})
+    config, _typed, _text, _stderr = import_config(capsys, old, tmp_path)
+    # ma1sd trusted the DC's certificate through the JVM's trust store, which no config names.
+    config["stores"][0]["tls"] = {"ca_file": str(samba_dc.cert)}
+    srv = make_server()
+    srv.config = {**config, "server": {**config["server"], "port": srv.port}, "data_dir": "data",
+                  "redis": srv.config["redis"]}
+    srv.start()
+    try:
+        email = wait_until(lambda: srv.lookup_v1("email", f"alice.{domain.tag}@corp.example.org"), 60,
+                           "the first sync of the domain")
+        assert email["mxid"] == f"@{alice}:corp.example.org"
+        assert srv.lookup_v1("msisdn", "447700900001")["mxid"] == f"@{alice}:corp.example.org"
+        assert srv.lookup_v1("email", f"bob.{domain.tag}@corp.example.org") == {}  # not in the group
+        check = "/_matrix-internal/identity/v1/check_credentials"
+        accepted = srv.http.post(check, json={"user": {"id": f"@{alice}:corp.example.org",
+                                                       "password": "Passw0rd-Alice!"}})
+        assert accepted.status_code == 200, accepted.text
+        assert accepted.json()["auth"]["success"] is True
+        assert accepted.json()["auth"]["mxid"] == f"@{alice}:corp.example.org"
+        for user, password in ((alice, "Passw0rd-Wrong!"), (bob, "Passw0rd-Bob!")):
+            refused = srv.http.post(check, json={"user": {"id": f"@{user}:corp.example.org", "password": password}})
+            assert refused.json()["auth"]["success"] is False, user
+    finally:
+        domain.conn.unbind()
 
 
 def test_sql_config_imported_serves_the_database(cache, tmp_path, capsys):
