@@ -29,12 +29,14 @@ from server.recursion import Recursion, RemoteAnswers
 from server.redis_pipe import PipelinedRedis
 from server.services.accounts import Accounts
 from server.services.admin import Admin
+from server.services.associations import Associations
 from server.services.binding import Bindings
 from server.services.directory_search import DirectorySearch, HideRules
 from server.services.invitations import Invitations
 from server.services.logins import Logins
 from server.services.lookups import Lookups
 from server.services.onbind import InviteWorker
+from server.services.profiles import Profiles
 from server.services.readiness import Readiness
 from server.services.terms_of_service import TermsOfService
 from server.services.user_directory import UserDirectory
@@ -63,6 +65,7 @@ class Services:
     redis: redis.asyncio.Redis
     redis_pipe: PipelinedRedis
     lookups: Lookups
+    associations: Associations
     admin: Admin
     read_through: ReadThrough
     binding_mirror: BindingMirror
@@ -81,6 +84,7 @@ class Services:
     accounts: Accounts
     terms: TermsOfService
     user_directory: UserDirectory
+    profiles: Profiles
     readiness: Readiness
     logins: Logins
     _background: list[asyncio.Task[None]] = field(default_factory=list)
@@ -112,7 +116,8 @@ class Services:
         search_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
         homeserver = Homeserver(config.homeserver)
         credentials = Credentials(config, lookups)
-        admin = Admin(client, prefix, [s.name for s in config.stores], config.admin.job_start_timeout)
+        admin = Admin(client, prefix, config.stores, config.admin.job_start_timeout)
+        binding = Bindings(config, storage, binding_mirror, sessions, invite_worker, keys, federation)
         return cls(
             config=config,
             keys=keys,
@@ -122,6 +127,7 @@ class Services:
             redis=client,
             redis_pipe=redis_pipe,
             lookups=lookups,
+            associations=Associations(config, lookups, read_through, recursion, binding, keys),
             admin=admin,
             read_through=read_through,
             binding_mirror=binding_mirror,
@@ -135,12 +141,13 @@ class Services:
             recursion=recursion,
             invite_worker=invite_worker,
             sessions=sessions,
-            binding=Bindings(config, storage, binding_mirror, sessions, invite_worker, keys, federation),
+            binding=binding,
             invitations=Invitations(config, storage, rate_limits, lookups, read_through, recursion, invite_worker,
                                     email, keys),
             accounts=Accounts(config, storage, federation, terms, tokens),
             terms=terms,
             user_directory=UserDirectory(config, directory, search_executor, homeserver, lookups),
+            profiles=Profiles(config, homeserver, lookups),
             readiness=Readiness(config, storage, admin, binding_mirror, read_through),
             logins=Logins(credentials, homeserver, invite_worker),
         )

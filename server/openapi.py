@@ -257,7 +257,8 @@ def document(app: Sanic[Any, Any]) -> dict[str, Any]:
         "info": {"title": "mxisd", "version": VERSION,
                  "description": "A Matrix identity server answering from a cache of the organisation's directories. "
                                 "Every error is a Matrix error body {errcode, error}."},
-        "paths": dict(sorted(paths.items())),
+        # Sanic lists a path's routes in no fixed order: sorted, the output is the same on every run.
+        "paths": {path: dict(sorted(methods.items())) for path, methods in sorted(paths.items())},
         "components": {
             "schemas": dict(sorted(schemas.items())),
             "securitySchemes": {
@@ -289,9 +290,13 @@ def unused_operations(app: Sanic[Any, Any]) -> set[str]:
     return set(OPERATIONS) - keys
 
 
+def text(app: Sanic[Any, Any]) -> str:
+    """The document of app as `python -m server.openapi` prints it."""
+    return json.dumps(document(app), indent=1, ensure_ascii=False) + "\n"
+
+
 def main() -> None:
-    json.dump(document(full_app()), sys.stdout, indent=1, ensure_ascii=False)
-    sys.stdout.write("\n")
+    sys.stdout.write(text(full_app()))
 
 
 if __name__ == "__main__":
