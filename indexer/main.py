@@ -10,6 +10,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 import redis
 import schedule
@@ -62,33 +63,27 @@ class Indexer:
         if self.stop.is_set():
             raise Stopping("the indexer was stopped during this sync")
 
-    # A scheduled job must never raise: `schedule` would then run it again at once, in a loop, and
-    # the loop itself would end.
     def sync(self, store: Store, settings: SyncConfig) -> None:
-        try:
-            observe_sync(full_sync(self.cache, store, settings.max_delete_ratio, self._progress))
-        except SyncBusy as exc:
-            log.info("%s; skipping this run", exc)
-        except redis.exceptions.RedisError as exc:
-            logs.repeated.error(log, "store %s: sync not started, Redis unavailable: %s", store.name, exc,
-                                key=f"{store.name} full redis")
-        except Exception as exc:
-            logs.repeated.error(log, "store %s: sync not started: %s: %s", store.name, type(exc).__name__, exc,
-                                key=f"{store.name} full {type(exc).__name__}", exc_info=True)
+        self._run(store, "full", lambda: full_sync(self.cache, store, settings.max_delete_ratio, self._progress))
 
     def sync_changes(self, store: Store) -> None:
+        self._run(store, "incremental", lambda: incremental_sync(self.cache, store, self._progress))
+
+    # A scheduled job must never raise: `schedule` would then run it again at once, in a loop, and
+    # the loop itself would end.
+    def _run(self, store: Store, kind: str, sync: Callable[[], SyncResult | None]) -> None:
         try:
-            result: SyncResult | None = incremental_sync(self.cache, store, self._progress)
+            result = sync()
             if result is not None:
                 observe_sync(result)
         except SyncBusy as exc:
             log.info("%s; skipping this run", exc)
         except redis.exceptions.RedisError as exc:
-            logs.repeated.error(log, "store %s: incremental sync not started, Redis unavailable: %s", store.name, exc,
-                                key=f"{store.name} incremental redis")
+            logs.repeated.error(log, "store %s: %s sync not started, Redis unavailable: %s", store.name, kind, exc,
+                                key=f"{store.name} {kind} redis")
         except Exception as exc:
-            logs.repeated.error(log, "store %s: incremental sync not started: %s: %s", store.name,
-                                type(exc).__name__, exc, key=f"{store.name} incremental {type(exc).__name__}",
+            logs.repeated.error(log, "store %s: %s sync not started: %s: %s", store.name, kind,
+                                type(exc).__name__, exc, key=f"{store.name} {kind} {type(exc).__name__}",
                                 exc_info=True)
 
     def _first_delay(self, store: Store, every: int | None) -> float | None:
