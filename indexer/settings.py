@@ -226,6 +226,16 @@ class InvitesRateLimitConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class InvitesPolicySendersConfig:
+    roles: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class InvitesPolicyConfig:
+    senders: InvitesPolicySendersConfig
+
+
+@dataclass(frozen=True, slots=True)
 class InvitesConfig:
     expire_after: Duration
     register_url: str | None
@@ -235,6 +245,39 @@ class InvitesConfig:
     known_address_delay: Duration
     known_address_retry_for: Duration
     rate_limit: InvitesRateLimitConfig
+    policy: InvitesPolicyConfig
+
+
+@dataclass(frozen=True, slots=True)
+class AllowDenyConfig:
+    """An allow list and a deny list (of email domains or of regular expressions)."""
+
+    allow: tuple[str, ...]
+    deny: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationPolicyEmailConfig:
+    domains: AllowDenyConfig
+    patterns: AllowDenyConfig
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationPolicyMsisdnConfig:
+    patterns: AllowDenyConfig
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationPolicyConfig:
+    allowed: bool
+    invite_only: bool
+    email: RegistrationPolicyEmailConfig
+    msisdn: RegistrationPolicyMsisdnConfig
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationConfig:
+    policy: RegistrationPolicyConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -424,6 +467,7 @@ class Config:
     sms: SmsConfig | None
     sessions: SessionsConfig
     invites: InvitesConfig
+    registration: RegistrationConfig
     storage: StorageConfig
     terms: TermsConfig
     homeserver: HomeserverConfig

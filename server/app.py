@@ -34,6 +34,7 @@ from server.api import (
     identity_v1,
     identity_v2,
     load_json,
+    policies,
     profile,
     pubkey,
     sessions,
@@ -64,7 +65,7 @@ CORS_HEADERS = {
 def blueprints(with_admin: bool, with_metrics: bool) -> list[Blueprint]:
     """Every route the server answers, by area (server/openapi.py documents them all)."""
     modules = [status, health, pubkey, identity_v1, identity_v2, account, terms, sessions, bind, directory, auth,
-               profile, invites_api, openapi_api]
+               profile, invites_api, policies, openapi_api]
     if with_admin:
         modules.append(admin)
     if with_metrics:

@@ -36,6 +36,7 @@ from server.services.invitations import Invitations
 from server.services.logins import Logins
 from server.services.lookups import Lookups
 from server.services.onbind import InviteWorker
+from server.services.policies import InvitePolicy, RegistrationPolicy
 from server.services.profiles import Profiles
 from server.services.readiness import Readiness
 from server.services.terms_of_service import TermsOfService
@@ -87,6 +88,8 @@ class Services:
     profiles: Profiles
     readiness: Readiness
     logins: Logins
+    registration: RegistrationPolicy
+    invite_policy: InvitePolicy
     _background: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
@@ -150,6 +153,8 @@ class Services:
             profiles=Profiles(config, homeserver, lookups),
             readiness=Readiness(config, storage, admin, binding_mirror, read_through),
             logins=Logins(credentials, homeserver, invite_worker),
+            registration=RegistrationPolicy(config, storage, homeserver),
+            invite_policy=InvitePolicy(config, homeserver, lookups),
         )
 
     def reload(self, config: Config) -> None:

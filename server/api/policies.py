@@ -1,0 +1,50 @@
+"""The homeserver requests the reverse proxy sends here so that the organisation's policies apply
+(client-server API "Registration" requestToken and "Room membership" invite): checked, then passed
+on to the homeserver with its answer relayed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sanic import Blueprint, Request
+from sanic.exceptions import BadRequest
+from sanic.response import HTTPResponse
+
+from server.api import access_token, json_body
+from server.container import services
+from server.errors import MatrixError
+from server.homeserver import relay
+
+bp = Blueprint("policies")
+
+
+@bp.post("/_matrix/client/r0/register/email/requestToken", name="register_email_token_r0")
+@bp.post("/_matrix/client/v3/register/email/requestToken", name="register_email_token_v3")
+async def register_email_token(request: Request) -> HTTPResponse:
+    """POST /_matrix/client/v3/register/email/requestToken: registration.policy, then the homeserver's answer."""
+    body = json_body(request, "register_email_token")
+    return relay(await services(request).registration.request_token(
+        "email", body, request.body, request.path, request.headers))
+
+
+@bp.post("/_matrix/client/r0/register/msisdn/requestToken", name="register_msisdn_token_r0")
+@bp.post("/_matrix/client/v3/register/msisdn/requestToken", name="register_msisdn_token_v3")
+async def register_msisdn_token(request: Request) -> HTTPResponse:
+    """POST /_matrix/client/v3/register/msisdn/requestToken: registration.policy, then the homeserver's answer."""
+    body = json_body(request, "register_msisdn_token")
+    return relay(await services(request).registration.request_token(
+        "msisdn", body, request.body, request.path, request.headers))
+
+
+@bp.post("/_matrix/client/r0/rooms/<room_id>/invite", name="room_invite_r0")
+@bp.post("/_matrix/client/v3/rooms/<room_id>/invite", name="room_invite_v3")
+async def room_invite(request: Request, room_id: str) -> HTTPResponse:
+    """POST /_matrix/client/v3/rooms/{roomId}/invite: invites.policy for 3PID invites, then the homeserver's answer."""
+    try:
+        body: Any = request.json
+    except BadRequest:
+        body = None
+    if not isinstance(body, dict):
+        raise MatrixError(400, "M_NOT_JSON", "The request body must be a JSON object")
+    return relay(await services(request).invite_policy.invite(
+        body, request.body, access_token(request), request.path, request.query_string, request.headers))
