@@ -68,6 +68,19 @@ def with_changes(**changes: object) -> dict:
         (with_changes(directory__hide=[{"mxid": "@svc-(.*"}]),
          "directory.hide[0].mxid: not a valid regular expression: missing ), unterminated subpattern at position 5"),
         (with_changes(directory__hide=[{"uid": "x"}]), "directory.hide[0].uid: unknown key"),
+        (with_changes(registration__policy__msisdn__patterns__deny=["44(7"]),
+         "registration.policy.msisdn.patterns.deny[0]: not a valid regular expression: missing ), unterminated "
+         "subpattern at position 2"),
+        (with_changes(registration__policy__email__domains__allow=["*.example.org"]),
+         'registration.policy.email.domains.allow[0]: expected a domain like "example.org", ".example.org" (its '
+         'subdomains) or "*example.org" (both), got "*.example.org"'),
+        (with_changes(registration__policy__email__domains__deny=["exa_mple..org"]),
+         "registration.policy.email.domains.deny[0]: not a valid email domain: 'exa_mple..org': Codepoint U+005F "
+         "at position 4 of 'exa_mple' not allowed"),
+        (with_changes(registration__policy__invite_only="yes"),
+         'registration.policy.invite_only: expected boolean, got "yes"'),
+        (with_changes(invites__policy__senders__roles="admins"),
+         'invites.policy.senders.roles: expected array, got "admins"'),
         (with_changes(homeserver__url="localhost:8008"),
          'homeserver.url: expected an http:// or https:// URL with no path, or null, got "localhost:8008"'),
         (with_changes(auth__rate_limit__per_user=0), "auth.rate_limit.per_user: 0 is less than the minimum of 1"),

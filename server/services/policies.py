@@ -91,7 +91,7 @@ class RegistrationPolicy:
         lists, the allow lists, invite_only, and last whether the medium has allow lists at all."""
         name = NAMES[medium]
         if not self.allowed:
-            return f"Registration with an {name} is not allowed on this server"
+            return f"Registration with {'an' if medium == 'email' else 'a'} {name} is not allowed on this server"
         rules = self.rules[medium]
         domain = address.rpartition("@")[2] if medium == "email" else ""
         if any(rule.matches(domain) for rule in rules.deny_domains):
