@@ -170,3 +170,57 @@ def test_a_homeserver_that_does_not_answer(started, client_homeserver, make_serv
     lonely.start()
     response = email_token(lonely, "bob@example.com")
     assert (response.status_code, response.json()["errcode"]) == (503, "M_UNKNOWN")
+
+
+ROLES_PEOPLE = [dict(PEOPLE[0], roles=["inviters", "staff"]), dict(PEOPLE[1], roles=["staff"]), PEOPLE[2]]
+
+
+def test_3pid_invites_only_from_senders_with_a_role(started, client_homeserver):
+    server = started(ROLES_PEOPLE, invites={"policy": {"senders": {"roles": ["inviters", "admins"]}}})
+    client_homeserver.tokens.update({"alice-token": "@alice:example.org", "bob-token": "@bob:example.org",
+                                     "dan-token": "@dan:example.org"})  # dan: in no store
+    threepid = {"id_server": "id.example.org", "id_access_token": "x", "medium": "email",
+                "address": "guest@elsewhere.example"}
+
+    def invite(token: str | None, body: Any, path: str = INVITE, query: str = "") -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return server.http.post(path + query, headers=headers, json=body)
+
+    forbidden = "You may not invite people by email address or phone number"
+    for token in ("bob-token", "dan-token"):
+        response = invite(token, threepid)
+        assert response.status_code == 403 and response.json()["errcode"] == "M_FORBIDDEN", response.text
+        assert response.json()["error"].startswith(forbidden)
+    # Either key makes it a 3PID invite, whatever the homeserver would make of the rest.
+    assert invite("bob-token", {"medium": "email", "user_id": "@carol:example.org"}).status_code == 403
+    assert invite("bob-token", {"address": "guest@elsewhere.example"}).status_code == 403
+    assert not [p for p, _, _ in client_homeserver.raw if p.endswith("/invite")]  # none reached it
+    # By Matrix ID: anyone, passed on unchanged (r0 too); the homeserver's answer relayed.
+    by_mxid = invite("bob-token", {"user_id": "@carol:example.org", "reason": "tea"}, INVITE.replace("/v3/", "/r0/"))
+    assert (by_mxid.status_code, by_mxid.json()) == (200, {})
+    path, headers, raw = client_homeserver.raw[-1]
+    assert path == INVITE.replace("/v3/", "/r0/") and json.loads(raw) == {"user_id": "@carol:example.org",
+                                                                          "reason": "tea"}
+    assert headers["authorization"] == "Bearer bob-token"
+    # A sender with one of the roles: passed on, the token in the query string as well.
+    assert invite("alice-token", threepid).status_code == 200
+    assert invite(None, threepid, query="?access_token=alice-token").status_code == 200
+    assert client_homeserver.raw[-1][0] == INVITE + "?access_token=alice-token"
+    # Without a token, or with one the homeserver refuses: the homeserver's errors, from us.
+    missing = invite(None, threepid)
+    assert (missing.status_code, missing.json()["errcode"]) == (401, "M_MISSING_TOKEN")
+    unknown = invite("stolen", threepid)
+    assert (unknown.status_code, unknown.json()["errcode"]) == (401, "M_UNKNOWN_TOKEN")
+    not_json = server.http.post(INVITE, headers={"Authorization": "Bearer alice-token"}, content=b"{nope")
+    assert (not_json.status_code, not_json.json()["errcode"]) == (400, "M_NOT_JSON")
+    assert "3PID invite refused: @bob:example.org has none of the roles" in server.log()
+
+
+def test_by_default_anyone_may_invite_by_3pid(started, client_homeserver):
+    server = started()
+    client_homeserver.tokens["bob-token"] = "@bob:example.org"
+    response = server.http.post(INVITE, headers={"Authorization": "Bearer bob-token"}, json={
+        "id_server": "id.example.org", "id_access_token": "x", "medium": "email", "address": "x@elsewhere.example"})
+    assert (response.status_code, response.json()) == (200, {})
+    # No whoami was needed to decide.
+    assert not [r for r in client_homeserver.requests if r[1].endswith("/whoami")]

@@ -118,7 +118,7 @@ class Synapse:
     """A Synapse for example.org: client API over plain HTTP on loopback, federation over TLS."""
 
     def __init__(self, root: Path, ca: trustme.CA, identity_port: int, identity_server: str,
-                 **module_config: Any) -> None:
+                 homeserver_config: dict[str, Any] | None = None, **module_config: Any) -> None:
         self.root = root
         self.client_port, self.federation_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.client_port}"
@@ -171,6 +171,7 @@ class Synapse:
                          "config": {"endpoint": f"http://127.0.0.1:{identity_port}", "timeout_s": 2,
                                     **module_config}}],
         }
+        config.update(homeserver_config or {})
         self.identity_server = identity_server
         (root / "homeserver.yaml").write_text(yaml.safe_dump(config))
         self.http = httpx.Client(base_url=self.url, timeout=30)
