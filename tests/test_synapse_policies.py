@@ -114,7 +114,8 @@ def test_3pid_invites_only_from_senders_with_the_role(stack: Stack) -> None:
     alice, bob = synapse.session("alice"), synapse.session("bob")
     synapse.session("erin")  # her account exists from her first login
     created = synapse.http.post("/_matrix/client/v3/createRoom", headers=alice,
-                                json={"name": "Policy room", "preset": "public_chat"})
+                                json={"name": "Policy room", "preset": "public_chat",
+                                      "power_level_content_override": {"invite": 0}})
     assert created.status_code == 200, created.text
     room_id = created.json()["room_id"]
     joined = synapse.http.post(f"/_matrix/client/v3/join/{quote(room_id)}", headers=bob, json={})
