@@ -22,9 +22,10 @@ DENIED = "M_THREEPID_DENIED"
 
 @pytest.fixture
 def started(make_server, client_homeserver: ClientHomeserver):
-    def start(people: list[dict[str, Any]] = PEOPLE, **config: Any):
+    def start(people: list[dict[str, Any]] = PEOPLE, proxies_count: int = 0, **config: Any):
         server = make_server(people)
         server.config["homeserver"] = {"url": client_homeserver.url}
+        server.config["server"]["proxies_count"] = proxies_count
         server.config.update(config)
         server.start()
         wait_until(lambda: server.lookup_v1("email", "alice@example.com").get("mxid"), 60, "the first sync")
@@ -56,15 +57,18 @@ def passed(response: httpx.Response) -> bool:
 
 
 def test_by_default_registration_passes_through_unchanged(started, client_homeserver):
-    server = started()
+    server = started(proxies_count=1)
     body = b'{"client_secret": "s3cret", "email": "Anyone@Anywhere.example", "send_attempt": 1,\n "next_link": "x"}'
     for path in (EMAIL, EMAIL.replace("/v3/", "/r0/")):
         response = server.http.post(path, content=body, headers={"Content-Type": "application/json",
-                                                                "Accept-Language": "fr"})
+                                                                "Accept-Language": "fr",
+                                                                "X-Forwarded-For": "10.9.9.9, 203.0.113.7"})
         assert passed(response)
-        # The body went on byte for byte (the address as typed), to the path it came to.
+        # The body went on byte for byte (the address as typed), to the path it came to, with the
+        # client's address as our reverse proxy gave it (the homeserver limits requests per address).
         sent_path, headers, raw = client_homeserver.raw[-1]
         assert (sent_path, raw, headers["accept-language"]) == (path, body, "fr")
+        assert headers["x-forwarded-for"] == "203.0.113.7"
     assert passed(msisdn_token(server, "07700 900000"))
     # The homeserver's refusal comes back as it gave it, status and body.
     client_homeserver.register_answer = (400, {"errcode": "M_THREEPID_IN_USE", "error": "Email is already in use",
@@ -201,7 +205,7 @@ def test_3pid_invites_only_from_senders_with_a_role(started, client_homeserver):
     path, headers, raw = client_homeserver.raw[-1]
     assert path == INVITE.replace("/v3/", "/r0/") and json.loads(raw) == {"user_id": "@carol:example.org",
                                                                           "reason": "tea"}
-    assert headers["authorization"] == "Bearer bob-token"
+    assert headers["authorization"] == "Bearer bob-token" and headers["x-forwarded-for"] == "127.0.0.1"
     # A sender with one of the roles: passed on, the token in the query string as well.
     assert invite("alice-token", threepid).status_code == 200
     assert invite(None, threepid, query="?access_token=alice-token").status_code == 200

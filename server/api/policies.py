@@ -11,6 +11,7 @@ from sanic.exceptions import BadRequest
 from sanic.response import HTTPResponse
 
 from server.api import access_token, json_body
+from server.caller import client_address
 from server.container import services
 from server.errors import MatrixError
 from server.homeserver import relay
@@ -23,8 +24,10 @@ bp = Blueprint("policies")
 async def register_email_token(request: Request) -> HTTPResponse:
     """POST /_matrix/client/v3/register/email/requestToken: registration.policy, then the homeserver's answer."""
     body = json_body(request, "register_email_token")
-    return relay(await services(request).registration.request_token(
-        "email", body, request.body, request.path, request.headers))
+    svc = services(request)
+    return relay(await svc.registration.request_token(
+        "email", body, request.body, request.path, request.headers,
+        client_address(request, svc.config.server.proxies_count)))
 
 
 @bp.post("/_matrix/client/r0/register/msisdn/requestToken", name="register_msisdn_token_r0")
@@ -32,8 +35,10 @@ async def register_email_token(request: Request) -> HTTPResponse:
 async def register_msisdn_token(request: Request) -> HTTPResponse:
     """POST /_matrix/client/v3/register/msisdn/requestToken: registration.policy, then the homeserver's answer."""
     body = json_body(request, "register_msisdn_token")
-    return relay(await services(request).registration.request_token(
-        "msisdn", body, request.body, request.path, request.headers))
+    svc = services(request)
+    return relay(await svc.registration.request_token(
+        "msisdn", body, request.body, request.path, request.headers,
+        client_address(request, svc.config.server.proxies_count)))
 
 
 @bp.post("/_matrix/client/r0/rooms/<room_id>/invite", name="room_invite_r0")
@@ -46,5 +51,7 @@ async def room_invite(request: Request, room_id: str) -> HTTPResponse:
         body = None
     if not isinstance(body, dict):
         raise MatrixError(400, "M_NOT_JSON", "The request body must be a JSON object")
-    return relay(await services(request).invite_policy.invite(
-        body, request.body, access_token(request), request.path, request.query_string, request.headers))
+    svc = services(request)
+    return relay(await svc.invite_policy.invite(
+        body, request.body, access_token(request), request.path, request.query_string, request.headers,
+        client_address(request, svc.config.server.proxies_count)))

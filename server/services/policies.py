@@ -109,10 +109,11 @@ class RegistrationPolicy:
             return f"Registration refused: this {name} is not on the server's allow lists"
         return None
 
-    async def request_token(self, medium: str, body: dict[str, Any], raw: bytes, path: str,
-                            headers: Any) -> httpx.Response:
+    async def request_token(self, medium: str, body: dict[str, Any], raw: bytes, path: str, headers: Any,
+                            client: str) -> httpx.Response:
         """The homeserver's answer to the register requestToken body (raw, sent as it came to path
-        with the client's headers) of medium, when the policy lets its address register.
+        with the client's headers and its address client) of medium, when the policy lets its
+        address register.
 
         Raises MatrixError: 400 M_INVALID_PARAM for an address that is not one; 403
         M_THREEPID_DENIED when the policy refuses it; those of forwarded_headers and
@@ -126,7 +127,13 @@ class RegistrationPolicy:
         if refused is not None:
             log.info("registration refused for %s %s: %s", medium, logs.untrusted(address), refused)
             raise MatrixError(403, "M_THREEPID_DENIED", refused)
-        return await self.homeserver.request("POST", path, content=raw, headers=forwarded_headers(headers))
+        return await self.homeserver.request("POST", path, content=raw, headers=_headers(headers, client))
+
+
+def _headers(headers: Any, client: str) -> dict[str, str]:
+    # The homeserver limits requestToken and invites per client address (Synapse's rc_3pid_validation,
+    # rc_invites), which would otherwise be ours for every client.
+    return {**forwarded_headers(headers), "x-forwarded-for": client}
 
 
 class InvitePolicy:
@@ -155,9 +162,9 @@ class InvitePolicy:
         return sender
 
     async def invite(self, body: dict[str, Any], raw: bytes, token: str | None, path: str, query: str,
-                     headers: Any) -> httpx.Response:
+                     headers: Any, client: str) -> httpx.Response:
         """The homeserver's answer to the room invite body (raw, sent as it came to path?query with
-        the client's headers) whose client's access token is token: invites by Matrix ID always,
+        the client's headers and its address client) whose client's access token is token: invites by Matrix ID always,
         3PID invites only from senders with one of invites.policy.senders.roles (any sender when
         it names none).
 
@@ -166,4 +173,4 @@ class InvitePolicy:
         if self.roles and any(key in body for key in THREEPID_INVITE_KEYS):
             await self.may_invite_by_threepid(token)
         target = f"{path}?{query}" if query else path
-        return await self.homeserver.request("POST", target, content=raw, headers=forwarded_headers(headers))
+        return await self.homeserver.request("POST", target, content=raw, headers=_headers(headers, client))
