@@ -142,6 +142,7 @@ OPERATIONS: dict[str, Op] = {
     "register_email_token": Op(body="register_email_token", errors=(400, 401, 403, 413, 502), relayed=True),
     "register_msisdn_token": Op(body="register_msisdn_token", errors=(400, 401, 403, 413, 502), relayed=True),
     "room_invite": Op(body=ANY_OBJECT, auth=HOMESERVER, errors=(400, 401, 403, 413, 502), relayed=True),
+    "create_room": Op(body=ANY_OBJECT, auth=HOMESERVER, errors=(400, 401, 403, 413, 502), relayed=True),
     "profile": Op(errors=(401, 404, 502), relayed=True),
     "page_redirect": Op(ok=(302,), errors=(403,)),
     "page": Op(ok_type="text/html", errors=(403,)),

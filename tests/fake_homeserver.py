@@ -1,6 +1,6 @@
 """A stand-in for Synapse's client-server API, speaking its wire format: whoami, user directory
 search, login (checking passwords the way Synapse's REST password provider does, by calling
-check_credentials on the identity server), profiles, registration requestToken and room invites."""
+check_credentials on the identity server), profiles, registration requestToken, room invites and createRoom."""
 
 from __future__ import annotations
 
@@ -79,6 +79,10 @@ class ClientHomeserver:
                     if fake.register_answer is not None:
                         return self._answer(*fake.register_answer)
                     return self._answer(200, {"sid": f"hs-sid-{len(fake.raw)}"})
+                if self.path.split("?")[0].endswith("/createRoom"):
+                    if self._user() is None:
+                        return self._answer(401, UNKNOWN_TOKEN)
+                    return self._answer(200, {"room_id": f"!new{len(fake.raw)}:{fake.domain}"})
                 if "/rooms/" in self.path and self.path.split("?")[0].endswith("/invite"):
                     if self._user() is None:
                         return self._answer(401, UNKNOWN_TOKEN)

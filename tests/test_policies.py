@@ -217,6 +217,16 @@ def test_3pid_invites_only_from_senders_with_a_role(started, client_homeserver):
     assert (unknown.status_code, unknown.json()["errcode"]) == (401, "M_UNKNOWN_TOKEN")
     not_json = server.http.post(INVITE, headers={"Authorization": "Bearer alice-token"}, content=b"{nope")
     assert (not_json.status_code, not_json.json()["errcode"]) == (400, "M_NOT_JSON")
+    # createRoom's invite_3pid is held to the same roles; a room without it is anyone's to create.
+    create = "/_matrix/client/v3/createRoom"
+    with_invite = {"name": "Tea", "invite_3pid": [threepid]}
+    refused = invite("bob-token", with_invite, create)
+    assert refused.status_code == 403 and refused.json()["error"].startswith(forbidden)
+    assert invite("alice-token", with_invite, create).json()["room_id"].startswith("!new")
+    for body in ({"name": "Tea"}, {"name": "Tea", "invite_3pid": []}):
+        assert invite("bob-token", body, create.replace("/v3/", "/r0/")).status_code == 200
+    assert [json.loads(raw) for p, _, raw in client_homeserver.raw if "createRoom" in p] == [
+        with_invite, {"name": "Tea"}, {"name": "Tea", "invite_3pid": []}]
     assert "3PID invite refused: @bob:example.org has none of the roles" in server.log()
 
 

@@ -143,5 +143,16 @@ def test_3pid_invites_only_from_senders_with_the_role(stack: Stack) -> None:
     state = synapse.http.get(f"/_matrix/client/v3/rooms/{quote(room_id)}/state", headers=alice).json()
     invites = [e for e in state if e["type"] == "m.room.third_party_invite"]
     assert len(invites) == 1, invites
+    # The other way to send 3PID invites, createRoom's invite_3pid: the same roles.
+    room_with_invite = {"name": "Second room", "invite_3pid": [{
+        "id_server": stack.id_server, "id_access_token": stack.identity_token(bob, "@bob:example.org"),
+        "medium": "email", "address": "carol@elsewhere.example"}]}
+    refused = server.http.post("/_matrix/client/v3/createRoom", headers=bob, json=room_with_invite)
+    assert refused.status_code == 403 and refused.json()["errcode"] == "M_FORBIDDEN", refused.text
+    room_with_invite["invite_3pid"][0].update(address="erin.home@elsewhere.example",
+                                              id_access_token=stack.identity_token(alice, "@alice:example.org"))
+    created = server.http.post("/_matrix/client/v3/createRoom", headers=alice, json=room_with_invite)
+    assert created.status_code == 200 and created.json()["room_id"].startswith("!"), created.text
+    wait_until(lambda: stack.mailbox.to("erin.home@elsewhere.example"), 30, "the createRoom invite email")
     assert not stack.mailbox.to("carol@elsewhere.example")
     assert "Traceback" not in synapse.log()

@@ -1,6 +1,6 @@
 """The homeserver requests the reverse proxy sends here so that the organisation's policies apply
-(client-server API "Registration" requestToken and "Room membership" invite): checked, then passed
-on to the homeserver with its answer relayed."""
+(client-server API "Registration" requestToken, "Room membership" invite and createRoom's
+invite_3pid): checked, then passed on to the homeserver with its answer relayed."""
 
 from __future__ import annotations
 
@@ -17,6 +17,17 @@ from server.errors import MatrixError
 from server.homeserver import relay
 
 bp = Blueprint("policies")
+
+
+def _json_object(request: Request) -> dict[str, Any]:
+    """The request's JSON object body, as the homeserver would parse it: 400 M_NOT_JSON otherwise."""
+    try:
+        body: Any = request.json
+    except BadRequest:
+        body = None
+    if not isinstance(body, dict):
+        raise MatrixError(400, "M_NOT_JSON", "The request body must be a JSON object")
+    return body
 
 
 @bp.post("/_matrix/client/r0/register/email/requestToken", name="register_email_token_r0")
@@ -45,13 +56,17 @@ async def register_msisdn_token(request: Request) -> HTTPResponse:
 @bp.post("/_matrix/client/v3/rooms/<room_id>/invite", name="room_invite_v3")
 async def room_invite(request: Request, room_id: str) -> HTTPResponse:
     """POST /_matrix/client/v3/rooms/{roomId}/invite: invites.policy for 3PID invites, then the homeserver's answer."""
-    try:
-        body: Any = request.json
-    except BadRequest:
-        body = None
-    if not isinstance(body, dict):
-        raise MatrixError(400, "M_NOT_JSON", "The request body must be a JSON object")
     svc = services(request)
     return relay(await svc.invite_policy.invite(
-        body, request.body, access_token(request), request.path, request.query_string, request.headers,
-        client_address(request, svc.config.server.proxies_count)))
+        _json_object(request), request.body, access_token(request), request.path, request.query_string,
+        request.headers, client_address(request, svc.config.server.proxies_count)))
+
+
+@bp.post("/_matrix/client/r0/createRoom", name="create_room_r0")
+@bp.post("/_matrix/client/v3/createRoom", name="create_room_v3")
+async def create_room(request: Request) -> HTTPResponse:
+    """POST /_matrix/client/v3/createRoom: invites.policy for its invite_3pid, then the homeserver's answer."""
+    svc = services(request)
+    return relay(await svc.invite_policy.create_room(
+        _json_object(request), request.body, access_token(request), request.path, request.query_string,
+        request.headers, client_address(request, svc.config.server.proxies_count)))

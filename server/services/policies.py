@@ -164,13 +164,26 @@ class InvitePolicy:
     async def invite(self, body: dict[str, Any], raw: bytes, token: str | None, path: str, query: str,
                      headers: Any, client: str) -> httpx.Response:
         """The homeserver's answer to the room invite body (raw, sent as it came to path?query with
-        the client's headers and its address client) whose client's access token is token: invites by Matrix ID always,
-        3PID invites only from senders with one of invites.policy.senders.roles (any sender when
-        it names none).
+        the client's headers and its address client) whose client's access token is token:
+        invites by Matrix ID always, 3PID invites only from senders with one of
+        invites.policy.senders.roles (any sender when it names none).
 
         Raises MatrixError: those of may_invite_by_threepid (401, 403, 502, 503), forwarded_headers
         and Homeserver.request (401, 502, 503)."""
-        if self.roles and any(key in body for key in THREEPID_INVITE_KEYS):
+        threepid = any(key in body for key in THREEPID_INVITE_KEYS)
+        return await self._pass_on(threepid, raw, token, path, query, headers, client)
+
+    async def create_room(self, body: dict[str, Any], raw: bytes, token: str | None, path: str, query: str,
+                          headers: Any, client: str) -> httpx.Response:
+        """The homeserver's answer to the createRoom body (as for invite), whose invite_3pid list,
+        the other way to send 3PID invites, is held to the same roles.
+
+        Raises MatrixError: as invite."""
+        return await self._pass_on(bool(body.get("invite_3pid")), raw, token, path, query, headers, client)
+
+    async def _pass_on(self, threepid: bool, raw: bytes, token: str | None, path: str, query: str,
+                       headers: Any, client: str) -> httpx.Response:
+        if threepid and self.roles:
             await self.may_invite_by_threepid(token)
         target = f"{path}?{query}" if query else path
         return await self.homeserver.request("POST", target, content=raw, headers=_headers(headers, client))
