@@ -150,6 +150,16 @@ def test_domains_patterns_invites_and_deny_winning(started, client_homeserver):
     assert "registration refused for email x@spam.example" in server.log()
 
 
+def test_an_expired_invite_no_longer_admits(started):
+    server = started(registration={"policy": {"invite_only": True}}, invites={"expire_after": "3s"})
+    stored = server.http.post(V1 + "/store-invite", json={"medium": "email", "address": "guest@elsewhere.example",
+                                                            "room_id": ROOM, "sender": "@alice:example.org"})
+    assert stored.status_code == 200, stored.text
+    assert passed(email_token(server, "guest@elsewhere.example"))
+    wait_until(lambda: email_token(server, "guest@elsewhere.example").status_code == 403, 10, "the invite to expire")
+    assert refused(email_token(server, "guest@elsewhere.example"), "no pending invite for this email address")
+
+
 def test_allow_lists_without_invite_only_and_a_medium_without_lists(started):
     server = started(registration={"policy": {"email": {"domains": {"allow": ["example.com"]}}}})
     assert passed(email_token(server, "bob@example.com"))
