@@ -144,9 +144,8 @@ class InvitePolicy:
         self.homeserver = homeserver
         self.lookups = lookups
 
-    async def may_invite_by_threepid(self, token: str | None) -> str:
-        """The Matrix ID of the sender whose access token is token, when one of its roles lets it
-        send 3PID invites.
+    async def check_sender(self, token: str | None) -> None:
+        """Return when the sender whose access token is token has a role that lets it send 3PID invites.
 
         Raises MatrixError: 401 M_MISSING_TOKEN without a token; those of Homeserver.whoami (401
         M_UNKNOWN_TOKEN, 502, 503); 403 M_FORBIDDEN when the sender has none of the roles."""
@@ -159,7 +158,6 @@ class InvitePolicy:
             raise MatrixError(403, "M_FORBIDDEN", "You may not invite people by email address or phone number on "
                               "this server: only members of certain groups may. Invite them by Matrix ID, "
                               "or ask an administrator.")
-        return sender
 
     async def invite(self, body: dict[str, Any], raw: bytes, token: str | None, path: str, query: str,
                      headers: Any, client: str) -> httpx.Response:
@@ -168,7 +166,7 @@ class InvitePolicy:
         invites by Matrix ID always, 3PID invites only from senders with one of
         invites.policy.senders.roles (any sender when it names none).
 
-        Raises MatrixError: those of may_invite_by_threepid (401, 403, 502, 503), forwarded_headers
+        Raises MatrixError: those of check_sender (401, 403, 502, 503), forwarded_headers
         and Homeserver.request (401, 502, 503)."""
         threepid = any(key in body for key in THREEPID_INVITE_KEYS)
         return await self._pass_on(threepid, raw, token, path, query, headers, client)
@@ -184,6 +182,6 @@ class InvitePolicy:
     async def _pass_on(self, threepid: bool, raw: bytes, token: str | None, path: str, query: str,
                        headers: Any, client: str) -> httpx.Response:
         if threepid and self.roles:
-            await self.may_invite_by_threepid(token)
+            await self.check_sender(token)
         target = f"{path}?{query}" if query else path
         return await self.homeserver.request("POST", target, content=raw, headers=_headers(headers, client))
