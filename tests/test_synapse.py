@@ -7,6 +7,7 @@ Synapse's client API as Element calls it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import secrets
@@ -15,7 +16,7 @@ import ssl
 import subprocess
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -244,9 +245,13 @@ class Stack:
         return registered.json()["token"]
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("synapse")
+@contextlib.contextmanager
+def running_stack(root: Path, redis_url: str, people: list[dict[str, Any]],
+                  synapse_config: Callable[[Mailbox], dict[str, Any]] | None = None,
+                  **mxisd_config: Any) -> Iterator[Stack]:
+    """Synapse and mxisd wired as docs/synapse.md says, with these people in mxisd's file store;
+    synapse_config gives more homeserver.yaml settings (it is handed the test's SMTP listener),
+    mxisd_config more config sections. Everything is stopped, and mxisd's Redis keys deleted, after."""
     ca = trustme.CA()
     mailbox = Mailbox(free_port())
     server_port = free_port()
@@ -254,7 +259,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
     id_server = f"localhost:{terminator.port}"
     synapse_root = root / "synapse"
     synapse_root.mkdir()
-    synapse = Synapse(synapse_root, ca, server_port, id_server)
+    synapse = Synapse(synapse_root, ca, server_port, id_server,
+                      homeserver_config=synapse_config(mailbox) if synapse_config else None)
     server_root = root / "mxisd"
     server_root.mkdir()
     prefix = f"test:{uuid.uuid4().hex[:12]}:"
@@ -272,12 +278,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
         "invites": {"retry_first": "1s"},
         "email": {"from": "mxisd@id.example.org", "from_name": "Example ID",
                   "smtp": {"host": "127.0.0.1", "port": mailbox.port, "tls": "none"}},
+        **mxisd_config,
     }
     server = Server(server_root, config, None)  # type: ignore[arg-type]
-    server.write_people(PEOPLE)
+    server.write_people(people)
     try:
         server.start()
-        wait_until(lambda: server.lookup_v1("email", "erin@example.com").get("mxid"), 60, "the first sync")
+        last = next(p for p in reversed(people) if p["emails"])["emails"][0]
+        wait_until(lambda: server.lookup_v1("email", last).get("mxid"), 60, "the first sync")
         synapse.start()
         yield Stack(synapse, server, mailbox, ca, terminator)
     finally:
@@ -291,6 +299,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
         if keys:
             client.delete(*keys)
         client.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Stack]:
+    with running_stack(tmp_path_factory.mktemp("synapse"), redis_url, PEOPLE) as running:
+        yield running
 
 
 def clean(log: str) -> None:

@@ -11,12 +11,10 @@ from typing import Any
 from urllib.parse import quote
 
 import pytest
-import redis
-import trustme
 
-from tests.conftest import Server, free_port, wait_until
+from tests.conftest import wait_until
 from tests.fakes import Mailbox
-from tests.test_synapse import HASH, Stack, Synapse, TlsTerminator
+from tests.test_synapse import HASH, Stack, running_stack
 
 pytestmark = pytest.mark.synapse
 
@@ -29,61 +27,25 @@ PEOPLE = [
 ]
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("synapse-policies")
-    ca = trustme.CA()
-    mailbox = Mailbox(free_port())
-    server_port = free_port()
-    terminator = TlsTerminator(ca.issue_cert("localhost"), server_port)
-    id_server = f"localhost:{terminator.port}"
-    synapse_root = root / "synapse"
-    synapse_root.mkdir()
-    # docs/synapse.md, "Registration with an email address": Synapse sends its own registration
-    # emails, and an account needs a verified address.
-    synapse = Synapse(synapse_root, ca, server_port, id_server, homeserver_config={
+def registration_settings(mailbox: Mailbox) -> dict[str, Any]:
+    """docs/synapse.md, section 8: Synapse sends its own registration emails, and every account
+    proves an address."""
+    return {
         "enable_registration": True,
         "enable_registration_without_verification": False,
         "registrations_require_3pid": ["email"],
         "email": {"smtp_host": "127.0.0.1", "smtp_port": mailbox.port, "force_tls": False,
                   "require_transport_security": False, "enable_tls": False,
                   "notif_from": "Example chat <chat@example.org>", "app_name": "Example chat"},
-    })
-    server_root = root / "mxisd"
-    server_root.mkdir()
-    prefix = f"test:{uuid.uuid4().hex[:12]}:"
-    config = {
-        "matrix": {"domain": "example.org"},
-        "server": {"name": "id.example.org", "port": server_port, "public_url": f"https://{id_server}"},
-        "data_dir": "data",
-        "redis": {"url": redis_url, "prefix": prefix},
-        "stores": [{"name": "people", "kind": "file", "path": "people.yml", "sync": {"full_every": "1h"}}],
-        "federation": {"ca_file": str(synapse_root / "ca.pem"), "allow_private_networks": ["127.0.0.1/32"],
-                       "overrides": {"example.org": f"127.0.0.1:{synapse.federation_port}"}},
-        "homeserver": {"url": synapse.url},
-        "email": {"from": "mxisd@id.example.org", "from_name": "Example ID",
-                  "smtp": {"host": "127.0.0.1", "port": mailbox.port, "tls": "none"}},
-        "registration": {"policy": {"email": {"domains": {"allow": ["example.com"]}}}},
-        "invites": {"policy": {"senders": {"roles": ["inviters"]}}},
     }
-    server = Server(server_root, config, None)  # type: ignore[arg-type]
-    server.write_people(PEOPLE)
-    try:
-        server.start()
-        wait_until(lambda: server.lookup_v1("email", "bob@example.com").get("mxid"), 60, "the first sync")
-        synapse.start()
-        yield Stack(synapse, server, mailbox, ca, terminator)
-    finally:
-        synapse.stop()
-        server.stop()
-        server.http.close()
-        terminator.close()
-        mailbox.close()
-        client = redis.Redis.from_url(redis_url)
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-        client.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Stack]:
+    with running_stack(tmp_path_factory.mktemp("synapse-policies"), redis_url, PEOPLE, registration_settings,
+                       registration={"policy": {"email": {"domains": {"allow": ["example.com"]}}}},
+                       invites={"policy": {"senders": {"roles": ["inviters"]}}}) as running:
+        yield running
 
 
 def test_registration_request_token_passed_to_synapse_or_refused(stack: Stack) -> None:
