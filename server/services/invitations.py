@@ -47,6 +47,7 @@ MAX_SMS_FIELD_LENGTH = 40
 LINK_PATH = "/i/"  # the short link of an invite SMS: <server.public_url>/i/<code>
 _LINK_CODE_BYTES = 8  # 64 random bits, 11 characters: nobody finds a pending invite by trying codes
 _LINK_CODE = re.compile(r"[A-Za-z0-9_-]{11}")  # what secrets.token_urlsafe(_LINK_CODE_BYTES) makes
+_NAMES = {"email": "email address", "msisdn": "phone number"}
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
 
 
@@ -65,19 +66,23 @@ def redact(medium: str, address: str) -> str:
     return f"{part(local)}@{part(domain)}"
 
 
-def clean(value: Any, limit: int = MAX_FIELD_LENGTH) -> str:
-    """A request field as it may appear in a message: one line of printable text, at most limit characters."""
+def clean(value: Any, limit: int = MAX_FIELD_LENGTH, ellipsis: str = "…") -> str:
+    """A request field as it may appear in a message: one line of printable text, at most limit
+    characters (a longer one cut, ending in ellipsis)."""
     if not isinstance(value, str):
         return ""
     text = _CONTROL.sub(" ", value).strip()
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    return text if len(text) <= limit else text[:limit - len(ellipsis)] + ellipsis
 
 
-def template_values(body: dict[str, Any], register_url: str, limit: int = MAX_FIELD_LENGTH) -> dict[str, str]:
+def template_values(body: dict[str, Any], register_url: str, sms: bool = False) -> dict[str, str]:
     """mxisd's invite placeholders, and the spec's optional fields as %FIELD_NAME%, each request field
-    cut to limit characters."""
-    values = {field.upper(): clean(body.get(field), limit) for field in TEMPLATE_FIELDS}
-    sender, room_id, address = clean(body["sender"], limit), clean(body["room_id"], limit), body["address"]
+    cut to MAX_FIELD_LENGTH characters, or for an SMS to MAX_SMS_FIELD_LENGTH."""
+    # In an SMS an ASCII "...": one character outside the GSM alphabet cuts a message's 160 characters to 70.
+    limit, ellipsis = (MAX_SMS_FIELD_LENGTH, "...") if sms else (MAX_FIELD_LENGTH, "…")
+    values = {field.upper(): clean(body.get(field), limit, ellipsis) for field in TEMPLATE_FIELDS}
+    sender, room_id, address = (clean(body["sender"], limit, ellipsis), clean(body["room_id"], limit, ellipsis),
+                                body["address"])
     sender_name, room_name = values["SENDER_DISPLAY_NAME"], values["ROOM_NAME"]
     values.update({
         "SENDER_ID": sender,
@@ -113,9 +118,6 @@ def canonical_address(medium: str, address: str) -> str:
             raise MatrixError(400, "M_INVALID_ADDRESS",
                               "Not a valid phone number in international form (country code first)") from None
     raise MatrixError(400, "M_UNRECOGNIZED", "Only email and msisdn invites are supported")
-
-
-_NAMES = {"email": "email address", "msisdn": "phone number"}
 
 
 def with_query(url: str, params: dict[str, str]) -> str:
@@ -218,7 +220,7 @@ class Invitations:
             values.update({"TOKEN": invite.token, "EPHEMERAL_PRIVATE_KEY": encode_base64(ephemeral_seed)})
             return values
         # Nothing secret in an SMS: the invite reaches the invitee's Matrix ID once the number is bound.
-        values = template_values(fields, self.register_url, MAX_SMS_FIELD_LENGTH)
+        values = template_values(fields, self.register_url, sms=True)
         values["INVITE_LINK"] = f"{self.config.server.public_url}{LINK_PATH}{invite.link_code}"
         return values
 
