@@ -180,7 +180,9 @@ class Invitations:
                         ephemeral_public_key=encode_verify_key_base64(get_verify_key(ephemeral)),
                         properties={k: body[k] for k in TEMPLATE_FIELDS if isinstance(body.get(k), str)},
                         created_at=now_ms(), settled_at=None, known_mxid=mxid,
-                        link_code=secrets.token_urlsafe(_LINK_CODE_BYTES) if medium == "msisdn" else None)
+                        # Only an invite texted to its number has a short link.
+                        link_code=secrets.token_urlsafe(_LINK_CODE_BYTES) if medium == "msisdn" and mxid is None
+                        else None)
         storage = self.storage
         errcode = "M_EMAIL_SEND_ERROR" if medium == "email" else "M_SEND_ERROR"
         message = "email" if medium == "email" else "SMS"
