@@ -141,12 +141,16 @@ def test_domains_patterns_invites_and_deny_winning(started, client_homeserver):
     assert passed(msisdn_token(server, "+44 7700 900124", "US"))
     assert refused(msisdn_token(server, "07700 900999"), "phone number matches a pattern on the server's deny")
     assert refused(msisdn_token(server, "+1 202 555 0143"), "no pending invite for this phone number")
+    texted = server.http.post(V1 + "/store-invite", json={"medium": "msisdn", "address": "+1 202 555 0143",
+                                                            "room_id": ROOM, "sender": "@alice:example.org"})
+    assert texted.status_code == 200, texted.text
+    assert passed(msisdn_token(server, "(202) 555-0143", "US"))  # an SMS invite admits that number
     # What reached the homeserver: exactly the requests that passed.
     sent = [json.loads(raw).get("email") or json.loads(raw)["phone_number"]
             for path, _, raw in client_homeserver.raw if "/register/" in path]
     assert sent == ["alice@example.com", "Someone@EXAMPLE.com", "x@eu.partner.example", "x@corp.example",
                     "x@a.b.corp.example", "Contractor-12@Agency.example", "Guest@Elsewhere.example",
-                    "07700 900123", "+44 7700 900124"]
+                    "07700 900123", "+44 7700 900124", "(202) 555-0143"]
     assert "registration refused for email x@spam.example" in server.log()
 
 
