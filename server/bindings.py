@@ -79,7 +79,7 @@ def restore_mirror(storage: Storage, cache: Cache, always: bool = False) -> bool
     generation = storage.counter(BINDINGS_GENERATION)
     if not always and cache.bindings_mirrored(generation):
         return False
-    count = cache.rebuild_bindings(((b.medium, b.address, b.mxid, b.local) for b in storage.all_bindings()),
+    count = cache.rebuild_bindings(((b.medium, b.address, b.mxid, b.local_address) for b in storage.all_bindings()),
                                    generation)
     log.info("bindings: %d lookup keys rebuilt from the database (bindings generation %d)", count, generation)
     return True

@@ -172,6 +172,10 @@ def test_a_reload_that_tightens_the_policy_applies_to_started_sessions(policy_se
                               json={"sid": pending.json()["sid"], "client_secret": "s2", "token": token})
     forbidden(submitted, why)
     assert submitted.json()["success"] is False
+    # The link in the message shows the refusal too.
+    link = re.search(r"https?://\S+/submitToken\?\S+", mailbox.to(address)[-1].get_content()).group(0)
+    page = srv.http.get(link[link.index("/_matrix"):])
+    assert page.status_code == 403 and "known to its organisation" in page.text
     forbidden(srv.http.get(V2 + "/3pid/getValidated3pid", headers=auth,
                            params={"sid": validated, "client_secret": "s1"}), why)
     forbidden(bind(srv, validated, "s1", DAVE, auth), why)
@@ -244,3 +248,32 @@ def test_share_binds_false_keeps_binds_of_local_addresses_from_other_servers(
         # A bind of a remote address is answered to everyone.
         assert v2_lookup(srv, theirs, remote, medium) == DAVE
         assert v1_lookups(srv, remote, medium, outside) == (DAVE, [DAVE])
+
+
+def test_a_bind_of_someone_who_left_stays_inside_even_after_the_cache_is_lost(policy_server, mailbox, twilio,
+                                                                               redis_url, prefix):
+    srv = policy_server({}, {"share_binds": False})
+    others = [{"localpart": name, "emails": [f"{name}@example.com"]} for name in ("bob", "carol")]
+    srv.write_people(PEOPLE + others)
+    srv.config["server"]["proxies_count"] = 1
+    srv.config["recursion"] = {"allow": ["10.0.0.0/8"]}
+    started(srv)
+    address = "alice@example.com"
+    sid = validate(srv, mailbox, twilio, "email", address, "s1")
+    assert bind(srv, sid, "s1", ALICE).status_code == 200
+    inside, outside = "10.1.2.3", "203.0.113.9"
+    assert v1_lookups(srv, address, "email", outside) == (ALICE, [ALICE])  # the directory's own answer
+
+    # Alice leaves the directory: only local lookups still find her binding.
+    srv.write_people(others)
+    assert srv.cli("index").returncode == 0
+    wait_until(lambda: v1_lookups(srv, address, "email", outside) == (None, []), what="the sync")
+    assert v1_lookups(srv, address, "email", inside) == (ALICE, [ALICE])
+
+    # The mirror rebuilt from SQL after Redis lost everything keeps the binding inside.
+    client = redis.Redis.from_url(redis_url)
+    client.delete(*client.scan_iter(match=f"{prefix}*"))
+    client.close()
+    wait_until(lambda: v1_lookups(srv, address, "email", inside) == (ALICE, [ALICE]), timeout=60,
+               what="the binding mirror to be rebuilt")
+    assert v1_lookups(srv, address, "email", outside) == (None, [])

@@ -39,10 +39,11 @@ class BindingQueries:
             row = conn.execute(sa.select(bindings).where(
                 bindings.c.medium == medium, bindings.c.address == address).with_for_update()).first()
             if row is None:
-                conn.execute(bindings.insert().values(medium=medium, address=address, mxid=mxid, ts=ts, local=local))
+                conn.execute(bindings.insert().values(medium=medium, address=address, mxid=mxid, ts=ts,
+                                                      local_address=local))
                 return None, _next_generation(conn)
             conn.execute(bindings.update().where(bindings.c.medium == medium, bindings.c.address == address)
-                         .values(mxid=mxid, ts=ts, local=local))
+                         .values(mxid=mxid, ts=ts, local_address=local))
             return Binding(**row._mapping), _next_generation(conn)
 
     def unbind(self, medium: str, address: str, mxid: str) -> int | None:

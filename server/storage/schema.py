@@ -53,7 +53,7 @@ bindings = sa.Table(
     sa.Column("mxid", sa.String(255), nullable=False, index=True),
     sa.Column("ts", sa.BigInteger, nullable=False),
     # Version 5: whether a store knew the address when it was bound (lookup.share_binds).
-    sa.Column("local", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("local_address", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 
 invites = sa.Table(
@@ -124,8 +124,8 @@ def _add_known_mxid(conn: Connection) -> None:
 
 def _add_binding_local(conn: Connection) -> None:
     # Bindings made before it are counted as remote: nothing said whether a store knew them.
-    if "local" not in {c["name"] for c in sa.inspect(conn).get_columns("bindings")}:
-        conn.execute(sa.text("ALTER TABLE bindings ADD COLUMN local BOOLEAN NOT NULL DEFAULT FALSE"))
+    if "local_address" not in {c["name"] for c in sa.inspect(conn).get_columns("bindings")}:
+        conn.execute(sa.text("ALTER TABLE bindings ADD COLUMN local_address BOOLEAN NOT NULL DEFAULT FALSE"))
 
 
 # version -> the upgrade from version-1; version 1 creates everything.
