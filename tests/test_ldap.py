@@ -661,3 +661,18 @@ def test_roles_from_member_of_reach_the_internal_profile(memberof_slapd, make_se
     assert done.returncode == 0, done.stdout + done.stderr
     assert profile_roles(server, "@bob:example.org") == ["inviters"]
     directory.conn.unbind()
+
+
+def test_a_group_of_many_changed_since_the_last_sync_gives_each_member_its_role(directory, cache):
+    dns = people(directory, 60)
+    directory.add_ou("groups")
+    groups = f"ou=groups,{directory.base}"
+    store = directory.store(roles={"source": "groups", "base_dns": [groups]})
+    assert full_sync(cache, store, 0.2).added == 60
+    assert cache.identity_by_mxid("dir", "@user059:example.org").roles == ()
+    time.sleep(1.1)
+    directory.conn.add(f"cn=everyone,{groups}", ["groupOfNames"], {"member": dns})
+    result = incremental_sync(cache, store)
+    assert (result.outcome, result.changed) == ("ok", 60), result.error
+    assert [i.roles for i in cache.iter_identities("dir")] == [("everyone",)] * 60
+    store.close()

@@ -142,11 +142,14 @@ class LdapStore(Store):
     def _changes_since(self, mark: Any) -> Iterator[Change]:
         since = self._since_filter(mark)
         wanted = self.roles.person_wanted
+        # People whose roles are looked up in groups: read them all first, then their groups (a
+        # search may not start on the connection while a paged search still reads from it).
+        later: list[tuple[dict[str, Any], Any]] = []
         for base in self.base_dns:
-            entries = self.directory.search(base, f"(&{self.mapping.filter}{since})", wanted)
-            # The roles of a person may take a search of their own: never while a paged search
-            # still reads from the same connection.
-            for entry in (list(entries) if self.roles.source == "groups" else entries):
+            for entry in self.directory.search(base, f"(&{self.mapping.filter}{since})", wanted):
+                if self.roles.source == "groups":
+                    later.append((entry, self.mapping.mark_of(entry) or mark))
+                    continue
                 identity = self._identity(entry, self.roles.roles_of_changed(entry))
                 if identity is not None:
                     yield Change(identity.store_id, identity, self.mapping.mark_of(entry) or mark)
@@ -156,10 +159,12 @@ class LdapStore(Store):
                 if store_id is not None:
                     yield Change(store_id, None, self.mapping.mark_of(entry) or mark)
         for group, members in self.roles.changed_groups(since):
-            for entry in members:
-                identity = self._identity(entry, self.roles.roles_of_changed(entry))
-                if identity is not None:
-                    yield Change(identity.store_id, identity, self.mapping.mark_of(group) or mark)
+            later += [(entry, self.mapping.mark_of(group) or mark) for entry in members]
+        roles = self.roles.roles_of_many([entry for entry, _ in later])
+        for (entry, entry_mark), entry_roles in zip(later, roles, strict=True):
+            identity = self._identity(entry, entry_roles)
+            if identity is not None:
+                yield Change(identity.store_id, identity, entry_mark)
         if self.mapping.by_usn:
             yield from self._deleted_since(since, mark)
 

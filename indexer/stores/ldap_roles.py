@@ -23,7 +23,10 @@ GROUP_FILTERS = {
     "openldap": "(|(objectClass=groupOfNames)(objectClass=groupOfUniqueNames)(objectClass=posixGroup))",
     "active_directory": "(objectClass=group)",
 }
-BY_USER_ID = "memberuid"  # the one member attribute naming people by user id rather than by DN
+BY_USER_ID = "memberuid"
+# Above this many people read by an incremental sync, reading every group once (as a full sync
+# does) is cheaper than one search for the groups of each person.
+SEARCHES_PER_PERSON_UP_TO = 50  # the one member attribute naming people by user id rather than by DN
 
 
 def dn_key(dn: str) -> str:
@@ -192,6 +195,14 @@ class GroupRoles:
                 if role is not None:
                     roles.append(role)
         return roles
+
+    def roles_of_many(self, entries: list[dict[str, Any]]) -> list[list[str]]:
+        """The roles of each person entry read by an incremental sync, in order: one search each
+        for a few people, the full sync's reading of the groups for many."""
+        if self.source == "groups" and len(entries) > SEARCHES_PER_PERSON_UP_TO:
+            members = self.membership()
+            return [self.roles(entry, members) for entry in entries]
+        return [self.roles_of_changed(entry) for entry in entries]
 
     def changed_groups(self, since: str) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
         """Each group changed since (a filter on the changed attribute) with its current members'
