@@ -664,15 +664,17 @@ def test_roles_from_member_of_reach_the_internal_profile(memberof_slapd, make_se
 
 
 def test_a_group_of_many_changed_since_the_last_sync_gives_each_member_its_role(directory, cache):
-    dns = people(directory, 60)
-    directory.add_ou("groups")
+    for ou in ("staff", "elsewhere", "groups"):
+        directory.add_ou(ou)
+    dns = people(directory, 60, ou="staff")
+    outsider = directory.add("outsider", ou="elsewhere")  # in the group, but not where the store reads
     groups = f"ou=groups,{directory.base}"
-    store = directory.store(roles={"source": "groups", "base_dns": [groups]})
+    store = directory.store(base_dns=[f"ou=staff,{directory.base}"], roles={"source": "groups", "base_dns": [groups]})
     assert full_sync(cache, store, 0.2).added == 60
     assert cache.identity_by_mxid("dir", "@user059:example.org").roles == ()
     time.sleep(1.1)
-    directory.conn.add(f"cn=everyone,{groups}", ["groupOfNames"], {"member": dns})
+    directory.conn.add(f"cn=everyone,{groups}", ["groupOfNames"], {"member": [*dns, outsider]})
     result = incremental_sync(cache, store)
-    assert (result.outcome, result.changed) == ("ok", 60), result.error
+    assert (result.outcome, result.changed, result.added) == ("ok", 60, 0), result.error
     assert [i.roles for i in cache.iter_identities("dir")] == [("everyone",)] * 60
     store.close()

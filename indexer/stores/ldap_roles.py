@@ -234,6 +234,10 @@ class GroupRoles:
                 yield from self._entry(text.split("#'", 1)[0])
 
     def _entry(self, dn: str) -> Iterator[dict[str, Any]]:
-        """The person entry at dn, if there is one the store selects (a member may be a group, or gone)."""
+        """The person entry at dn, if the store selects one there (a member may be a group, be gone,
+        or be outside the store's base DNs, where a full sync would not read them either)."""
+        key = dn_key(dn)
+        if not any(key == base or key.endswith("," + base) for base in map(dn_key, self.person_bases)):
+            return
         yield from self.directory.search(dn, self.person_filter, self.person_wanted, scope="BASE",
                                          missing_ok=True)
