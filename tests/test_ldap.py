@@ -641,6 +641,7 @@ def test_roles_from_member_of_reach_the_internal_profile(memberof_slapd, make_se
     directory.conn.add(f"cn=inviters,{directory.base}", ["groupOfNames"], {"member": [alice]})
     # A role named by an attribute other than the group's RDN is read from the group entry.
     directory.conn.add(f"ou=staff,{directory.base}", ["groupOfNames"], {"cn": "All staff", "member": [alice, bob]})
+    directory.conn.add(f"cn=Sales\\, EMEA,{directory.base}", ["groupOfNames"], {"member": [alice]})
     server = make_server([])
     server.config["stores"] = [{
         "name": "corp", "kind": "ldap", "preset": "openldap", "uri": memberof_slapd.uri,
@@ -649,7 +650,7 @@ def test_roles_from_member_of_reach_the_internal_profile(memberof_slapd, make_se
     }]
     server.start()
     assert wait_until(lambda: profile_roles(server, "@alice:example.org"), 60, "the first sync") == [
-        "All staff", "inviters"]
+        "All staff", "Sales, EMEA", "inviters"]
     assert profile_roles(server, "@bob:example.org") == ["All staff"]
     time.sleep(1.1)
     directory.conn.modify(f"cn=inviters,{directory.base}", {"member": [(ldap3.MODIFY_ADD, [bob])]})

@@ -38,6 +38,24 @@ def dn_key(dn: str) -> str:
         return dn.strip().lower()
 
 
+def unescape_value(value: str) -> str:
+    """An attribute value as a DN writes it (RFC 4514: `\\,` or `\\2C`, hex pairs being UTF-8
+    bytes) as the value itself: a group `CN=Sales\\, EMEA` is the role `Sales, EMEA`."""
+    out, i = bytearray(), 0
+    while i < len(value):
+        pair = value[i + 1:i + 3]
+        if value[i] == "\\" and len(pair) == 2 and all(c in "0123456789abcdefABCDEF" for c in pair):
+            out.append(int(pair, 16))
+            i += 3
+        elif value[i] == "\\" and i + 1 < len(value):
+            out += value[i + 1].encode()
+            i += 2
+        else:
+            out += value[i].encode()
+            i += 1
+    return out.decode("utf-8", "replace")
+
+
 class GroupRoles:
     """Which roles a person of one `ldap` store has. A full sync asks membership() once, then
     roles() for each person; an incremental sync asks roles_of_changed() for each changed person
@@ -106,7 +124,7 @@ class GroupRoles:
             except (LDAPException, IndexError):
                 kind, value = "", ""
             if kind.strip().lower() == self.name.lower():
-                self._names[key] = value.strip()
+                self._names[key] = unescape_value(value.strip())
             else:
                 found = list(self.directory.search(dn, "(objectClass=*)", [self.name], own=self._own_connection(),
                                                    scope="BASE", missing_ok=True))
