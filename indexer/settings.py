@@ -182,6 +182,7 @@ class SmsTwilioConfig:
 @dataclass(frozen=True, slots=True)
 class SmsTemplatesConfig:
     validation: str | None
+    invite: str | None
 
 
 @dataclass(frozen=True, slots=True)

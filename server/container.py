@@ -143,7 +143,7 @@ class Services:
             sessions=sessions,
             binding=binding,
             invitations=Invitations(config, storage, rate_limits, lookups, read_through, recursion, invite_worker,
-                                    email, keys),
+                                    email, sms, keys),
             accounts=Accounts(config, storage, federation, terms, tokens),
             terms=terms,
             user_directory=UserDirectory(config, directory, search_executor, homeserver, lookups),

@@ -125,6 +125,7 @@ OPERATIONS: dict[str, Op] = {
                            ["token", "public_keys", "public_key", "display_name"], token=STRING, public_key=STRING,
                            display_name=STRING, public_keys={"type": "array", "items": _object(
                                ["public_key", "key_validity_url"], public_key=STRING, key_validity_url=STRING)})),
+    "invite_link": Op(ok=(302,)),
     "sign_ed25519": Op(body="sign_ed25519", auth=IDENTITY, v1_open=True, errors=(400, 401, 403, 404, 413),
                        answer=_object(["mxid", "sender", "token", "signatures"], mxid=STRING, sender=STRING,
                                       token=STRING, signatures=SIGNED)),

@@ -302,6 +302,25 @@ def test_an_mxisd_sms_template_works_unchanged(make_server, twilio, tmp_path):
     assert f"token={token}" in link
 
 
+def test_an_mxisd_sms_invite_template_is_carried_over_and_works_unchanged(make_server, twilio, tmp_path, capsys):
+    (tmp_path / "sms-invite.txt").write_text("%SENDER_NAME_OR_ID% invited you (%INVITE_MEDIUM%) to "
+                                             "%ROOM_NAME_OR_ID%: %REGISTER_URL%\n")
+    old = old_config("ma1sd-active-directory.yaml", tmp_path, **{
+        "threepid.medium.msisdn.generators.template.invite": "sms-invite.txt"})
+    config, _typed, _text, stderr = import_config(capsys, old, tmp_path)
+    assert config["sms"]["templates"]["invite"] == str(tmp_path / "sms-invite.txt")
+    assert "generators.template.invite" not in stderr
+    srv = make_server()
+    srv.config["sms"]["templates"] = {"invite": config["sms"]["templates"]["invite"]}
+    started(srv)
+    stored = srv.http.post(V2 + "/store-invite", headers=srv.auth(), json={
+        "medium": "msisdn", "address": "447400123456", "room_id": "!room:example.org",
+        "sender": "@tester:example.org", "room_name": "Project X"})
+    assert stored.status_code == 200, stored.text
+    [sms] = twilio.sent
+    assert sms["Body"] == "@tester:example.org invited you (msisdn) to Project X: https://example.org"
+
+
 @pytest.mark.parametrize(("content", "message"), [
     ("matrix: [unclosed", "not valid YAML at line 1"),
     ("- just\n- a list\n", "expected an mxisd or ma1sd config (a mapping of keys), got list"),

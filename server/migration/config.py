@@ -427,9 +427,10 @@ def _sms(old: OldConfig, out: dict[str, Any]) -> None:
             old.note(root, "no complete Twilio connector (account_sid, auth_token, number): SMS is not set up")
         return
     out["sms"] = {"twilio": {k: str(twilio[k]) for k in ("account_sid", "auth_token", "number")},
-                  "templates": {"validation": _file(old, f"{root}.generators.template.session.validation")}}
+                  "templates": {"validation": _file(old, f"{root}.generators.template.session.validation"),
+                                "invite": _file(old, f"{root}.generators.template.invite")}}
     old.get(f"{root}.generator")
-    for key in ("invite", "session.unbind", "generic"):
+    for key in ("session.unbind", "generic"):
         if old.has(f"{root}.generators.template.{key}"):
             old.note(f"{root}.generators.template.{key}", "this message is never sent here")
 

@@ -56,6 +56,7 @@ class Invite:
     created_at: int
     settled_at: int | None
     known_mxid: str | None = None
+    link_code: str | None = None  # of the short link in an invite SMS
 
 
 @dataclass(frozen=True)
