@@ -81,6 +81,7 @@ class LookupConfig:
     bulk_max: int
     association_validity: Duration
     prefer: Literal["store", "binding"]
+    share_binds: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +210,24 @@ class SessionsPagesConfig:
     failure: str | None
 
 
+# What session control does with an address: sessions.policy.<medium>.local and .remote.
+AddressPolicy = Literal["allow", "deny", "bind_only_own"]
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationPolicyConfig:
+    enabled: bool
+    local: AddressPolicy
+    remote: AddressPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class SessionsPolicyConfig:
+    email: ValidationPolicyConfig
+    msisdn: ValidationPolicyConfig
+    remote_bind_to: Literal["other_domains", "this_domain"]
+
+
 @dataclass(frozen=True, slots=True)
 class SessionsConfig:
     lifetime: Duration
@@ -217,6 +236,7 @@ class SessionsConfig:
     purge_every: Duration
     rate_limit: SessionsRateLimitConfig
     pages: SessionsPagesConfig
+    policy: SessionsPolicyConfig
 
 
 @dataclass(frozen=True, slots=True)

@@ -584,7 +584,6 @@ def test_every_section_is_carried_over_or_named(tmp_path, capsys):
     assert config["stores"][0]["attributes"]["threepids"] == {"email": ["mail"]}
     assert "terms" not in config
     for said in ("storage.provider.postgresql.pool: not carried over: no equivalent here",
-                 "session.policy.validation.forLocal: remote validation sessions were removed in mxisd 1.3",
                  "notification: SendGrid (the one handler besides raw) is not supported",
                  "appsvc: the application service",
                  "auth.rewrite: rewriting logins", "invite.expiration.enabled: invites cannot be kept forever",
@@ -596,6 +595,39 @@ def test_every_section_is_carried_over_or_named(tmp_path, capsys):
     # What was carried over as it was is not named.
     for key in ("rest.host", "server.publicUrl", "lookup.recursive.bridge", "view.session", "forward.servers"):
         assert f": {key}" not in stderr, key
+
+
+MINIMAL = {"matrix": {"domain": "example.org"},
+           "ldap": {"enabled": True, "connection": {"host": "ldap.example.org", "baseDNs": ["dc=example,dc=org"]}}}
+
+
+def test_ma1sd_validation_switch_becomes_the_session_policy(tmp_path, capsys):
+    old = tmp_path / "ma1sd.yaml"
+    old.write_text(yaml.safe_dump({**MINIMAL, "session": {"policy": {"validation": {"enabled": False}}}}))
+    _config, typed, _text, stderr = import_config(capsys, old, tmp_path)
+    assert not typed.sessions.policy.email.enabled and not typed.sessions.policy.msisdn.enabled
+    assert "session.policy" not in stderr
+    assert typed.lookup.share_binds
+
+
+def test_mxisd_1_2_local_and_remote_sessions_become_the_session_policy(tmp_path, capsys):
+    old = tmp_path / "mxisd.yaml"
+    old.write_text(yaml.safe_dump({**MINIMAL, "session": {"policy": {"validation": {
+        # Local 3PIDs validated here and never at the central server; remote ones only at the central server.
+        "forLocal": {"enabled": True, "toLocal": True, "toRemote": {"enabled": False}},
+        "forRemote": {"enabled": True, "toLocal": False,
+                      "toRemote": {"enabled": True, "server": "https://vector.im"}}}}}}))
+    _config, typed, _text, stderr = import_config(capsys, old, tmp_path)
+    for medium in (typed.sessions.policy.email, typed.sessions.policy.msisdn):
+        assert (medium.enabled, medium.local, medium.remote) == (True, "allow", "deny")
+    assert typed.lookup.share_binds is False
+    for said in ("session.policy.validation.forRemote.toLocal: carried over as sessions.policy.<medium>.remote: deny",
+                 "session.policy.validation.forRemote.toRemote: validation by another identity server",
+                 "session.policy.validation.forLocal.toRemote: validation by another identity server (remote "
+                 "sessions) is not offered here: only this server validates 3PIDs; toRemote.enabled: false is "
+                 "carried over as lookup.share_binds: false"):
+        assert said in stderr, said
+    assert "mxisd 1.3 and later ignored this key" in stderr
 
 
 def test_an_invite_without_its_public_key_gets_it_from_the_key_store(tmp_path):

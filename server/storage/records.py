@@ -40,6 +40,7 @@ class Binding:
     address: str
     mxid: str
     ts: int
+    local_address: bool  # a store knew the address when it was bound (lookup.share_binds)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 metadata = sa.MetaData()
 
@@ -52,6 +52,8 @@ bindings = sa.Table(
     sa.Column("address", sa.String(512), primary_key=True),
     sa.Column("mxid", sa.String(255), nullable=False, index=True),
     sa.Column("ts", sa.BigInteger, nullable=False),
+    # Version 6: whether a store knew the address when it was bound (lookup.share_binds).
+    sa.Column("local_address", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 
 invites = sa.Table(
@@ -131,6 +133,12 @@ def _add_link_code(conn: Connection) -> None:
         conn.execute(sa.text("CREATE UNIQUE INDEX invites_link_code ON invites (link_code)"))
 
 
+def _add_binding_local(conn: Connection) -> None:
+    # Bindings made before it are counted as remote: nothing said whether a store knew them.
+    if "local_address" not in {c["name"] for c in sa.inspect(conn).get_columns("bindings")}:
+        conn.execute(sa.text("ALTER TABLE bindings ADD COLUMN local_address BOOLEAN NOT NULL DEFAULT FALSE"))
+
+
 # version -> the upgrade from version-1; version 1 creates everything.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: lambda conn: metadata.create_all(conn, tables=[accounts, accepted_terms, sessions, bindings, invites]),
@@ -138,4 +146,5 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     3: _add_counters,
     4: _add_known_mxid,
     5: _add_link_code,
+    6: _add_binding_local,
 }
