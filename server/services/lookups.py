@@ -118,10 +118,11 @@ class Lookups:
         return found
 
     async def identity_everywhere(self, mxid: str) -> list[Identity]:
-        """Every store's identity of mxid, in config order (empty when no store has one). Two round
-        trips whatever the number of stores."""
-        store_ids = await self.pipe.execute_many([("HGET", self.k.mxids(s), mxid) for s in self.stores])
-        held = [(store, store_id) for store, store_id in zip(self.stores, store_ids) if store_id is not None]
+        """Every configured store's identity of mxid, in config order (empty when no store has one).
+        Two round trips whatever the number of stores."""
+        stores = self._directory[0]
+        store_ids = await self.pipe.execute_many([("HGET", self.k.mxids(s), mxid) for s in stores])
+        held = [(store, store_id) for store, store_id in zip(stores, store_ids) if store_id is not None]
         if not held:
             return []
         raws = await self.pipe.execute_many([("HGET", self.k.records(s), i) for s, i in held])
