@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from tests.conftest import PEOPLE, V1, wait_until
 from tests.fake_homeserver import ClientHomeserver
@@ -193,9 +194,19 @@ def test_a_homeserver_that_does_not_answer(started, client_homeserver, make_serv
 ROLES_PEOPLE = [dict(PEOPLE[0], roles=["inviters", "staff"]), dict(PEOPLE[1], roles=["staff"]), PEOPLE[2]]
 
 
-def test_3pid_invites_only_from_senders_with_a_role(started, client_homeserver):
-    server = started(ROLES_PEOPLE, invites={"policy": {"senders": {"roles": ["inviters", "admins"]}}})
+def test_3pid_invites_only_from_senders_with_a_role(make_server, client_homeserver):
+    server = make_server(ROLES_PEOPLE)
+    # Carol's roles are in a store of their own (README "Roles": every store's count).
+    (server.root / "groups.yml").write_text(yaml.safe_dump([{"mxid": "@carol:example.org", "roles": ["admins"]}]))
+    server.config["stores"].append({"name": "groups", "kind": "file", "path": "groups.yml",
+                                    "sync": {"full_every": "1h"}})
+    server.config.update(homeserver={"url": client_homeserver.url},
+                         invites={"policy": {"senders": {"roles": ["inviters", "admins"]}}})
+    server.start()
+    wait_until(lambda: server.http.get("/_matrix-internal/profile/v1/@carol:example.org").json().get("roles"),
+               60, "the first sync of both stores")
     client_homeserver.tokens.update({"alice-token": "@alice:example.org", "bob-token": "@bob:example.org",
+                                     "carol-token": "@carol:example.org",
                                      "dan-token": "@dan:example.org"})  # dan: in no store
     threepid = {"id_server": "id.example.org", "id_access_token": "x", "medium": "email",
                 "address": "guest@elsewhere.example"}
@@ -220,8 +231,9 @@ def test_3pid_invites_only_from_senders_with_a_role(started, client_homeserver):
     assert path == INVITE.replace("/v3/", "/r0/") and json.loads(raw) == {"user_id": "@carol:example.org",
                                                                           "reason": "tea"}
     assert headers["authorization"] == "Bearer bob-token" and headers["x-forwarded-for"] == "127.0.0.1"
-    # A sender with one of the roles: passed on, the token in the query string as well.
+    # A sender with one of the roles (in any store): passed on, the token in the query string as well.
     assert invite("alice-token", threepid).status_code == 200
+    assert invite("carol-token", threepid).status_code == 200
     assert invite(None, threepid, query="?access_token=alice-token").status_code == 200
     assert client_homeserver.raw[-1][0] == INVITE + "?access_token=alice-token"
     # Without a token, or with one the homeserver refuses: the homeserver's errors, from us.

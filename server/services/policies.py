@@ -152,8 +152,10 @@ class InvitePolicy:
         if token is None:
             raise MatrixError(401, "M_MISSING_TOKEN", "Missing access token")
         sender = await self.homeserver.whoami(token)
-        [identity] = await self.lookups.identities([sender])
-        if identity is None or not self.roles.intersection(identity.roles):
+        # Roles of every store that has the sender, as the internal profile answers them: an
+        # organisation may keep people in one store and their roles in another.
+        identities = await self.lookups.identity_everywhere(sender)
+        if not any(self.roles.intersection(identity.roles) for identity in identities):
             log.info("3PID invite refused: %s has none of the roles invites.policy.senders.roles names", sender)
             raise MatrixError(403, "M_FORBIDDEN", "You may not invite people by email address or phone number on "
                               "this server: only members of certain groups may. Invite them by Matrix ID, "
