@@ -22,7 +22,7 @@ from indexer.follower import Follower
 from indexer.fulltext import FullText, fulltext_path
 from indexer.jobs import JobRunner
 from indexer.metrics import observe_sync
-from indexer.redis_clients import connect
+from indexer.redis_clients import RedisTarget, configured_target, connect
 from indexer.settings import Config, SyncConfig
 from indexer.stores import Store, build_store
 from indexer.sync import SyncBusy, SyncResult, full_sync, incremental_sync
@@ -191,10 +191,10 @@ class Indexer:
             store.close()
 
 
-def run_indexer(config: Config, redis_url: str, stop: threading.Event, parent_pid: int | None = None) -> None:
+def run_indexer(config: Config, target: RedisTarget, stop: threading.Event, parent_pid: int | None = None) -> None:
     """The body of the indexer process: follower thread plus scheduled syncs, until stop is set
     (or the parent process has gone away)."""
-    cache = Cache(connect(redis_url, config.redis.timeout, blocking=True), config.redis.prefix)
+    cache = Cache(connect(target, config.redis.timeout, blocking=True), config.redis.prefix)
     while not stop.is_set():
         try:
             cache.initialize()
@@ -257,9 +257,9 @@ def _watch_parent(parent_pid: int, stop: threading.Event) -> None:
 
 
 def main() -> None:
-    """`python -m indexer.main REDIS_URL PARENT_PID` with the config on stdin (read_config): the
-    indexer process that `mxisd run` starts."""
-    redis_url, parent_pid = sys.argv[1], int(sys.argv[2])
+    """`python -m indexer.main EMBEDDED_URL PARENT_PID` with the config on stdin (read_config): the
+    indexer process that `mxisd run` starts (EMBEDDED_URL is used when the config names no Redis)."""
+    embedded_url, parent_pid = sys.argv[1], int(sys.argv[2])
     config = read_config(sys.stdin.fileno())
     if config is None:
         raise SystemExit("indexer: no config on stdin")
@@ -268,7 +268,7 @@ def main() -> None:
     # Ctrl-C reaches the whole process group; the server decides when the indexer stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    run_indexer(config, redis_url, stop, parent_pid)
+    run_indexer(config, configured_target(config.redis) or embedded_url, stop, parent_pid)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,12 @@ are redis-py's exception classes, so callers and the error mapping treat both cl
 
 Every call has a deadline (connecting included): past it the call raises redis.exceptions.TimeoutError
 and the connection is dropped, since the replies still owed on it would arrive out of step.
+
+With Redis Sentinel the same connection goes to the master that the sentinels name when it
+connects; a reply saying that the node is now a replica drops it, like a lost connection, so the
+next call asks again. A Redis Cluster is reached through redis-py's own asyncio cluster client
+(ClusterPipe): its pipeline sends each node its share of the commands in one write, all nodes at
+once, and follows slot moves and failovers (README "Redis Sentinel and Cluster" gives the figures).
 """
 
 from __future__ import annotations
@@ -16,11 +22,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from typing import Any, cast
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, cast
 
 import hiredis
+import redis.asyncio.cluster
 import redis.exceptions
 from redis.asyncio.connection import SSLConnection, parse_url
+
+from indexer.redis_clients import RedisTarget, cluster_async, sentinel_async
+from indexer.settings import RedisClusterConfig, RedisSentinelConfig
 
 TIMEOUT_S = 5.0
 
@@ -40,9 +51,11 @@ class _Protocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
+        demoted = False
         try:
             while (reply := self.reader.gets()) is not False:
                 waiter = self.waiting.popleft()
+                demoted = demoted or (isinstance(reply, hiredis.ReplyError) and str(reply).startswith("READONLY"))
                 if waiter.done():  # its request was cancelled; the reply still had to be read
                     continue
                 if isinstance(reply, hiredis.ReplyError):
@@ -53,6 +66,9 @@ class _Protocol(asyncio.Protocol):
             self._fail(redis.exceptions.ConnectionError(f"Redis sent what is not a reply: {exc}"))
             assert self.transport is not None
             self.transport.abort()
+        if demoted:
+            # The master we connected to was made a replica (a Sentinel failover): connect anew.
+            self.abandon(redis.exceptions.ConnectionError("the Redis master is now a replica"))
 
     def abandon(self, error: Exception) -> None:
         """Give up on this connection: every command still waiting fails with error."""
@@ -92,6 +108,8 @@ class _Protocol(asyncio.Protocol):
 def _error(message: str) -> redis.exceptions.RedisError:
     if message.startswith(("WRONGPASS", "NOAUTH")) or "invalid password" in message:
         return redis.exceptions.AuthenticationError(message)
+    if message.startswith("READONLY"):
+        return redis.exceptions.ConnectionError(f"the Redis master is now a replica: {message}")
     return redis.exceptions.ResponseError(message)
 
 
@@ -104,13 +122,52 @@ async def _replies(waiters: list[asyncio.Future[Any]]) -> list[Any]:
     return replies
 
 
+class CommandPipe(Protocol):
+    """What the lookups send their commands through."""
+
+    async def execute(self, *command: Any) -> Any:
+        """The reply to one command."""
+
+    async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """The replies to several commands sent together; the first error raises."""
+
+    async def aclose(self) -> None:
+        """Close the connections."""
+
+
+def lookup_pipe(target: RedisTarget, timeout_s: float = TIMEOUT_S) -> CommandPipe:
+    """The lookups' client of target: PipelinedRedis for one Redis and for Sentinel, ClusterPipe for
+    a Redis Cluster."""
+    if isinstance(target, RedisClusterConfig):
+        return ClusterPipe(cluster_async(target, timeout_s), timeout_s)
+    if isinstance(target, RedisSentinelConfig):
+        sentinels = sentinel_async(target, timeout_s)
+        tls: dict[str, Any] = {}
+        if target.tls.enabled:
+            tls = {"connection_class": SSLConnection, "ssl_ca_certs": target.tls.ca_file,
+                   "ssl_cert_reqs": "required" if target.tls.verify else "none"}
+        options = {"username": target.username, "password": target.password, "db": target.db, **tls}
+        master = target.master
+
+        async def locate() -> tuple[str, int]:
+            host, port = await sentinels.discover_master(master)
+            return str(host), int(port)
+
+        return PipelinedRedis(options, timeout_s, locate)
+    return PipelinedRedis(target, timeout_s)
+
+
 class PipelinedRedis:
     """Connects on first use and again after the connection is lost (the commands in flight then
-    fail with redis.exceptions.ConnectionError, as redis-py's would)."""
+    fail with redis.exceptions.ConnectionError, as redis-py's would). url: a Redis URL, or the
+    options parse_url would make of one; locate: where the master is now (host, port), asked
+    before each connection (Sentinel)."""
 
-    def __init__(self, url: str, timeout_s: float = TIMEOUT_S) -> None:
-        self.options = parse_url(url)
+    def __init__(self, url: str | dict[str, Any], timeout_s: float = TIMEOUT_S,
+                 locate: Callable[[], Awaitable[tuple[str, int]]] | None = None) -> None:
+        self.options = parse_url(url) if isinstance(url, str) else url
         self.timeout_s = timeout_s
+        self.locate = locate
         self._protocol: _Protocol | None = None
         self._attempt: asyncio.Future[_Protocol] | None = None
 
@@ -165,12 +222,16 @@ class PipelinedRedis:
                 if "path" in options:
                     _, protocol = await loop.create_unix_connection(_Protocol, options["path"])
                 else:
-                    _, protocol = await loop.create_connection(
-                        _Protocol, options.get("host", "localhost"), options.get("port", 6379), ssl=self._tls())
+                    host, port = options.get("host", "localhost"), options.get("port", 6379)
+                    if self.locate is not None:
+                        host, port = await self.locate()
+                    _, protocol = await loop.create_connection(_Protocol, host, port, ssl=self._tls())
                 await _replies(protocol.send(setup))
         except BaseException as exc:
             if protocol is not None and protocol.transport is not None:
                 protocol.transport.close()
+            if isinstance(exc, redis.exceptions.ConnectionError):  # the sentinels named no master
+                raise
             if not isinstance(exc, (OSError, TimeoutError)):
                 raise
             raise redis.exceptions.ConnectionError(f"Cannot connect to Redis: {str(exc) or 'timed out'}") from None
@@ -188,3 +249,44 @@ class PipelinedRedis:
     def close(self) -> None:
         if self._protocol is not None and self._protocol.transport is not None:
             self._protocol.transport.close()
+
+    async def aclose(self) -> None:
+        """Close the connection."""
+        self.close()
+
+
+class ClusterPipe:
+    """The lookups' commands on a Redis Cluster, through redis-py's cluster pipeline (one write per
+    node, the nodes at once). An MGET, whose keys may lie on several nodes, is sent as GETs."""
+
+    def __init__(self, client: redis.asyncio.cluster.RedisCluster, timeout_s: float = TIMEOUT_S) -> None:
+        self.client = client
+        self.timeout_s = timeout_s
+
+    async def execute(self, *command: Any) -> Any:
+        """The reply to one command."""
+        [reply] = await self.execute_many([command])
+        return reply
+
+    async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """The replies to several commands sent together; the first error raises."""
+        pipe = self.client.pipeline(transaction=False)
+        sizes: list[int | None] = []
+        for name, *args in commands:
+            if str(name).upper() == "MGET":
+                for key in args:
+                    pipe.execute_command("GET", key)
+                sizes.append(len(args))
+            else:
+                pipe.execute_command(name, *args)
+                sizes.append(None)
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                replies = iter(await pipe.execute())
+        except TimeoutError:
+            raise redis.exceptions.TimeoutError(f"Redis did not answer within {self.timeout_s:g} s") from None
+        return [next(replies) if size is None else [next(replies) for _ in range(size)] for size in sizes]
+
+    async def aclose(self) -> None:
+        """Close the connections."""
+        await self.client.aclose()

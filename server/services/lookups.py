@@ -8,7 +8,7 @@ from typing import Any, cast
 
 from indexer.identity import Identity
 from indexer.rediskeys import RedisKeys, plain_key
-from server.redis_pipe import PipelinedRedis
+from server.redis_pipe import CommandPipe
 
 _DECR_IF_EXISTS = "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('DECR', KEYS[1]) end return 0"
 
@@ -17,7 +17,7 @@ class Lookups:
     """Non-blocking reads (and the login counters) for the HTTP server, on the worker's pipelined
     connection: one Redis round trip per request."""
 
-    def __init__(self, pipe: PipelinedRedis, prefix: str, stores: list[str]) -> None:
+    def __init__(self, pipe: CommandPipe, prefix: str, stores: list[str]) -> None:
         self.pipe = pipe
         self.k = RedisKeys(prefix)
         self.stores = stores
