@@ -102,13 +102,14 @@ def redis(config: Config) -> Iterator[Finding]:
                                        f"in {embedded.dir}")
         return
     shown = describe(target)
+    key = "sentinel" if config.redis.sentinel else "cluster" if config.redis.cluster else "url"
     prefix = config.redis.prefix
     client = connect(target, config.redis.timeout)
     try:
         info = client.info("server")
         epoch = Cache(client, prefix).epoch()
     except redis_lib.exceptions.RedisError as exc:
-        yield problem(subject, f"{shown} does not answer: {exc}: check the redis section, and that Redis runs and "
+        yield problem(subject, f"{shown} does not answer: {exc}: check redis.{key}, and that Redis runs and "
                                "lets this host in")
         return
     finally:
