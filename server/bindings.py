@@ -10,12 +10,28 @@ from typing import cast
 import redis
 import redis.asyncio
 
-from indexer.cache import RAISE_SCRIPT, Cache
+from indexer.cache import Cache
 from indexer.redis_clients import Plan, run_plan_async
 from indexer.rediskeys import BINDINGS, RedisKeys, lookup_fields
 from server.storage import BINDINGS_GENERATION, CACHE_GENERATION, Storage
 
 log = logging.getLogger(__name__)
+
+# Atomically: set (ARGV[2] an mxid) or, with ARGV[2] empty, remove the ARGV[3] plain fields that
+# follow in KEYS[1] and the hashed ones after them in KEYS[2], and raise KEYS[3]'s generation to
+# ARGV[1]. A script rather than MULTI: redis-py's asyncio cluster client runs a transaction's
+# commands in a thread of their own, blocking the event loop.
+_MIRROR = """
+local n = tonumber(ARGV[3])
+for i = 4, #ARGV do
+  local key = KEYS[1]
+  if i > 3 + n then key = KEYS[2] end
+  if ARGV[2] == '' then redis.call('HDEL', key, ARGV[i]) else redis.call('HSET', key, ARGV[i], ARGV[2]) end
+end
+if tonumber(redis.call('HGET', KEYS[3], 'generation') or '0') < tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[3], 'generation', ARGV[1])
+end
+"""
 
 
 class BindingMirror:
@@ -30,22 +46,17 @@ class BindingMirror:
         pepper = cast("str | None", await self.r.get(self.k.pepper))
         if not pepper:
             raise redis.exceptions.RedisError("the cache has no lookup pepper yet")
-        fields, hashes = lookup_fields(medium, address, pepper)
-        tx = self.r.pipeline(transaction=True)
-        tx.hset(self.k.threepids(BINDINGS), mapping={f: mxid for f in fields})
-        tx.hset(self.k.hashes(BINDINGS), mapping={h: mxid for h in hashes})
-        tx.eval(RAISE_SCRIPT, 1, self.k.state(BINDINGS), generation, "generation")
-        await tx.execute()
+        await self._mirror(medium, address, pepper, mxid, generation)
 
     async def remove(self, medium: str, address: str, generation: int) -> None:
         """Mirror one unbind, made at this SQL bindings generation."""
         pepper = cast(str, await self.r.get(self.k.pepper) or "")
+        await self._mirror(medium, address, pepper, "", generation)
+
+    async def _mirror(self, medium: str, address: str, pepper: str, mxid: str, generation: int) -> None:
         fields, hashes = lookup_fields(medium, address, pepper)
-        tx = self.r.pipeline(transaction=True)
-        tx.hdel(self.k.threepids(BINDINGS), *fields)
-        tx.hdel(self.k.hashes(BINDINGS), *hashes)
-        tx.eval(RAISE_SCRIPT, 1, self.k.state(BINDINGS), generation, "generation")
-        await tx.execute()
+        await self.r.eval(_MIRROR, 3, self.k.threepids(BINDINGS), self.k.hashes(BINDINGS), self.k.state(BINDINGS),
+                          generation, mxid, len(fields), *fields, *hashes)
 
     async def behind(self, generation: int) -> str | None:
         """Why the mirror does not hold SQL's bindings generation, or None when it does."""

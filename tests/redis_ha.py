@@ -106,8 +106,10 @@ class ClusterSetup:
     """A Redis Cluster of three masters, each with one replica."""
 
     def __init__(self, root: Path) -> None:
+        # The cluster bus port is named: by default it is the port plus 10000, which may be taken.
         self.nodes = [RedisNode(root, "--cluster-enabled", "yes", "--cluster-node-timeout", "1000",
-                                "--cluster-config-file", "nodes.conf") for _ in range(6)]
+                                "--cluster-config-file", "nodes.conf", "--cluster-port", str(free_port()))
+                      for _ in range(6)]
         subprocess.run(["redis-cli", "--cluster", "create", *(n.address for n in self.nodes),
                         "--cluster-replicas", "1", "--cluster-yes"],
                        check=True, capture_output=True, timeout=60)
@@ -126,8 +128,8 @@ class ClusterSetup:
         return [n.address for n in self.nodes]
 
     def node_of(self, key: str) -> RedisNode:
-        """The master now serving key's slot."""
-        with self.nodes[0].client() as client:
+        """The master now serving key's slot (as the first node that answers sees it)."""
+        with next(n for n in self.nodes if n.process.poll() is None).client() as client:
             slot = int(client.execute_command("CLUSTER", "KEYSLOT", key))
             for start, end, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
                 if start <= slot <= end:

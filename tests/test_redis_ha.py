@@ -19,11 +19,12 @@ import redis
 import yaml
 
 from indexer.redis_clients import connect
+from indexer.rediskeys import RedisKeys
 from indexer.settings import RedisSentinelConfig, RedisTlsConfig
 from server.redis_pipe import lookup_pipe
 from tests.conftest import PEOPLE, V1, Server, started, wait_until
 from tests.fake_homeserver import ClientHomeserver
-from tests.redis_ha import MASTER, SentinelSetup
+from tests.redis_ha import MASTER, ClusterSetup, SentinelSetup
 from tests.test_api import link_of
 
 pytestmark = pytest.mark.slow
@@ -36,6 +37,13 @@ RECOVERY_BOUND_S = 20.0
 @pytest.fixture
 def sentinel(tmp_path: Path) -> Iterator[SentinelSetup]:
     setup = SentinelSetup(tmp_path / "redis")
+    yield setup
+    setup.stop()
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[ClusterSetup]:
+    setup = ClusterSetup(tmp_path / "redis")
     yield setup
     setup.stop()
 
@@ -227,3 +235,26 @@ def test_sentinel_clients_follow_a_demoted_master(sentinel):
     with sentinel.replica.client() as new_master:
         assert new_master.mget("ha:key", "ha:other") == ["after", "after"]
     blocking.close()
+
+
+def test_cluster_two_hosts_and_a_failed_master(cluster, make_server, postgres_url, client_homeserver,
+                                               mailbox, tmp_path):
+    hosts = two_hosts(make_server, postgres_url, client_homeserver,
+                      {"cluster": {"nodes": cluster.addresses[:2]}}, tmp_path)
+    check_both_hosts(*hosts, mailbox, tmp_path)
+    prefix = hosts[0].config["redis"]["prefix"]
+    # The keys of single requests are spread over the masters, the cache's own keys share one slot.
+    with cluster.nodes[0].client() as client:
+        def slot(key: str) -> int:
+            return int(client.execute_command("CLUSTER", "KEYSLOT", key))
+
+        assert len({slot(f"{prefix}rate:a:{who}") for who in "xyz"}) > 1
+        keys = RedisKeys(prefix)
+        assert slot(keys.changes) == slot(keys.epoch) == slot(keys.threepids("people")) == slot(keys.jobs)
+    # The master holding the cache fails; its replica takes over.
+    master = cluster.node_of(RedisKeys(prefix).epoch)
+    replica = cluster.replica_of(master)
+    through_failover(hosts, mailbox, master.kill)
+    assert cluster.node_of(RedisKeys(prefix).epoch) is replica
+    for host in hosts:
+        assert host.process is not None and host.process.poll() is None
