@@ -20,7 +20,7 @@ import yaml
 
 from indexer.redis_clients import connect
 from indexer.rediskeys import RedisKeys
-from indexer.settings import RedisSentinelConfig, RedisTlsConfig
+from indexer.settings import RedisClusterConfig, RedisSentinelConfig, RedisTlsConfig
 from server.redis_pipe import lookup_pipe
 from tests.conftest import PEOPLE, V1, Server, started, wait_until
 from tests.fake_homeserver import ClientHomeserver
@@ -258,3 +258,27 @@ def test_cluster_two_hosts_and_a_failed_master(cluster, make_server, postgres_ur
     assert cluster.node_of(RedisKeys(prefix).epoch) is replica
     for host in hosts:
         assert host.process is not None and host.process.poll() is None
+
+
+def test_cluster_lookups_pipeline_per_node(cluster):
+    """The lookups' client on a cluster: commands for keys on several nodes sent together, an MGET
+    over keys of several nodes, a script, and an error, each answered in order."""
+    target = RedisClusterConfig(nodes=(cluster.addresses[0],), username=None, password=None, tls=_no_tls())
+    keys = [f"lk:{i}" for i in range(12)]
+    assert len({cluster.node_of(k).port for k in keys}) == 3
+    for key in keys:
+        with cluster.node_of(key).client() as node:
+            node.set(key, key.upper())
+
+    async def scenario() -> list[Any]:
+        pipe = lookup_pipe(target, 2)
+        try:
+            replies = await pipe.execute_many([("GET", keys[0]), ("MGET", *keys, "lk:none"), ("HMGET", "lk:h", "a"),
+                                               ("EVAL", "return redis.call('GET', KEYS[1])", 1, keys[5])])
+            with pytest.raises(redis.exceptions.ResponseError):
+                await pipe.execute("INCR", keys[1])
+            return replies
+        finally:
+            await pipe.aclose()
+
+    assert asyncio.run(scenario()) == ["LK:0", [k.upper() for k in keys] + [None], [None], "LK:5"]
