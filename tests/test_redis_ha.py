@@ -22,7 +22,7 @@ from indexer.redis_clients import connect
 from indexer.rediskeys import RedisKeys
 from indexer.settings import RedisClusterConfig, RedisSentinelConfig, RedisTlsConfig
 from server.redis_pipe import lookup_pipe
-from tests.conftest import PEOPLE, V1, Server, started, wait_until
+from tests.conftest import PEOPLE, V1, Server, wait_until
 from tests.fake_homeserver import ClientHomeserver
 from tests.redis_ha import MASTER, ClusterSetup, SentinelSetup
 from tests.test_api import link_of
@@ -69,8 +69,11 @@ def two_hosts(make_server: Callable[..., Server], postgres_url: str, client_home
         host.config["directory"] = {"homeserver": False}
         host.config["sessions"] = {"rate_limit": {"per_address": {"requests": 2, "window": "1h"}}}
         hosts.append(host)
+    for host in hosts:  # both at once: the second one's indexer waits for the first one's sync lock
+        host.launch()
     for host in hosts:
-        started(host)
+        wait_until(host._ready, 30, f"the server on port {host.port} (log: {host.log_path})")
+        wait_until(lambda host=host: lookup(host, "alice@example.com"), 30, "the first sync")
     return hosts[0], hosts[1]
 
 
