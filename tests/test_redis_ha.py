@@ -22,6 +22,7 @@ from indexer.redis_clients import connect
 from indexer.rediskeys import RedisKeys
 from indexer.settings import RedisClusterConfig, RedisSentinelConfig, RedisTlsConfig
 from server.redis_pipe import lookup_pipe
+from server.services.lookups import Lookups
 from tests.conftest import PEOPLE, V1, Server, wait_until
 from tests.fake_homeserver import ClientHomeserver
 from tests.redis_ha import MASTER, ClusterSetup, SentinelSetup
@@ -280,6 +281,12 @@ def test_cluster_lookups_pipeline_per_node(cluster):
                                                ("EVAL", "return redis.call('GET', KEYS[1])", 1, keys[5])])
             with pytest.raises(redis.exceptions.ResponseError):
                 await pipe.execute("INCR", keys[1])
+            # The login counters: two attempts per window, then the time left.
+            logins = Lookups(pipe, "lk:", ["people"])
+            claims = [await logins.claim_attempt("user", "@u:example.org", 60, 2) for _ in range(3)]
+            assert claims[:2] == [None, None] and 0 < claims[2] <= 60_000
+            await logins.return_attempt("user", "@u:example.org")
+            assert (await logins.failures("user", "@u:example.org"))[0] == 2
             return replies
         finally:
             await pipe.aclose()
