@@ -12,9 +12,9 @@ and the connection is dropped, since the replies still owed on it would arrive o
 
 With Redis Sentinel the same connection goes to the master that the sentinels name when it
 connects; a reply saying that the node is now a replica drops it, like a lost connection, so the
-next call asks again. A Redis Cluster is reached through redis-py's own asyncio cluster client
-(ClusterPipe): its pipeline sends each node its share of the commands in one write, all nodes at
-once, and follows slot moves and failovers (README "Redis Sentinel and Cluster" gives the figures).
+next call asks again. With a Redis Cluster (ClusterPipe), each node gets such a connection, each
+command goes to its slot's master, and the slot map is redis-py's cluster client's (README
+"Redis Sentinel and Cluster" gives the figures).
 """
 
 from __future__ import annotations
@@ -29,9 +29,10 @@ import hiredis
 import redis.asyncio.cluster
 import redis.exceptions
 from redis.asyncio.connection import SSLConnection, parse_url
+from redis.crc import key_slot
 
 from indexer.redis_clients import RedisTarget, cluster_async, sentinel_async
-from indexer.settings import RedisClusterConfig, RedisSentinelConfig
+from indexer.settings import RedisClusterConfig, RedisSentinelConfig, RedisTlsConfig
 
 TIMEOUT_S = 5.0
 
@@ -139,14 +140,11 @@ def lookup_pipe(target: RedisTarget, timeout_s: float = TIMEOUT_S) -> CommandPip
     """The lookups' client of target: PipelinedRedis for one Redis and for Sentinel, ClusterPipe for
     a Redis Cluster."""
     if isinstance(target, RedisClusterConfig):
-        return ClusterPipe(cluster_async(target, timeout_s), timeout_s)
+        return ClusterPipe(cluster_async(target, timeout_s), _options(target.username, target.password, target.tls),
+                           timeout_s)
     if isinstance(target, RedisSentinelConfig):
         sentinels = sentinel_async(target, timeout_s)
-        tls: dict[str, Any] = {}
-        if target.tls.enabled:
-            tls = {"connection_class": SSLConnection, "ssl_ca_certs": target.tls.ca_file,
-                   "ssl_cert_reqs": "required" if target.tls.verify else "none"}
-        options = {"username": target.username, "password": target.password, "db": target.db, **tls}
+        options = {**_options(target.username, target.password, target.tls), "db": target.db}
         master = target.master
 
         async def locate() -> tuple[str, int]:
@@ -155,6 +153,15 @@ def lookup_pipe(target: RedisTarget, timeout_s: float = TIMEOUT_S) -> CommandPip
 
         return PipelinedRedis(options, timeout_s, locate)
     return PipelinedRedis(target, timeout_s)
+
+
+def _options(username: str | None, password: str | None, tls: RedisTlsConfig) -> dict[str, Any]:
+    """PipelinedRedis's options (as parse_url makes them) for credentials and a TLS section."""
+    options: dict[str, Any] = {"username": username, "password": password}
+    if tls.enabled:
+        options.update(connection_class=SSLConnection, ssl_ca_certs=tls.ca_file,
+                       ssl_cert_reqs="required" if tls.verify else "none")
+    return options
 
 
 class PipelinedRedis:
@@ -256,12 +263,21 @@ class PipelinedRedis:
 
 
 class ClusterPipe:
-    """The lookups' commands on a Redis Cluster, through redis-py's cluster pipeline (one write per
-    node, the nodes at once). An MGET, whose keys may lie on several nodes, is sent as GETs."""
+    """The lookups' commands on a Redis Cluster: each goes to the master of its key's slot, on a
+    PipelinedRedis of that node, and the nodes are asked at once (an MGET, whose keys may lie on
+    several nodes, is sent as GETs). The slot map is the one redis-py's cluster client reads from
+    the seed nodes. A reply saying that a slot moved or the cluster is down, or a node that cannot
+    be reached, has the map read again (one reading at a time), and the call raises
+    redis.exceptions.ConnectionError: the request answers 503, and the next one goes where the
+    slot is now."""
 
-    def __init__(self, client: redis.asyncio.cluster.RedisCluster, timeout_s: float = TIMEOUT_S) -> None:
+    def __init__(self, client: redis.asyncio.cluster.RedisCluster, options: dict[str, Any],
+                 timeout_s: float = TIMEOUT_S) -> None:
         self.client = client
+        self.options = options
         self.timeout_s = timeout_s
+        self.nodes: dict[tuple[str, int], PipelinedRedis] = {}
+        self._reading: asyncio.Task[None] | None = None
 
     async def execute(self, *command: Any) -> Any:
         """The reply to one command."""
@@ -269,24 +285,79 @@ class ClusterPipe:
         return reply
 
     async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
-        """The replies to several commands sent together; the first error raises."""
-        pipe = self.client.pipeline(transaction=False)
-        sizes: list[int | None] = []
-        for name, *args in commands:
-            if str(name).upper() == "MGET":
-                for key in args:
-                    pipe.execute_command("GET", key)
-                sizes.append(len(args))
-            else:
-                pipe.execute_command(name, *args)
-                sizes.append(None)
+        """The replies to several commands sent together (one round trip per node); the first
+        error raises."""
         try:
             async with asyncio.timeout(self.timeout_s):
-                replies = iter(await pipe.execute())
+                await self.client.initialize()  # the first call reads the slot map, later ones return
+            groups, places = self._route(commands)
         except TimeoutError:
             raise redis.exceptions.TimeoutError(f"Redis did not answer within {self.timeout_s:g} s") from None
-        return [next(replies) if size is None else [next(replies) for _ in range(size)] for size in sizes]
+        except redis.exceptions.RedisClusterException as exc:  # a slot no node serves
+            self._read_map()
+            raise redis.exceptions.ConnectionError(f"the cluster is changing: {exc}") from None
+        results = await asyncio.gather(*(self._node(*node).execute_many(sent) for node, sent in groups.items()),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise self._failed(result)
+        replies = dict(zip(groups, cast("list[list[Any]]", results)))
+        return [[replies[node][i] for node, i in place] if split else replies[place[0][0]][place[0][1]]
+                for split, place in places]
+
+    def _route(self, commands: list[tuple[Any, ...]]) -> tuple[
+            dict[tuple[str, int], list[tuple[Any, ...]]], list[tuple[bool, list[tuple[tuple[str, int], int]]]]]:
+        """The commands for each node, and where each command's replies will be: (whether it was
+        an MGET split into GETs, [(node, index in what that node was sent)])."""
+        manager = self.client.nodes_manager
+        groups: dict[tuple[str, int], list[tuple[Any, ...]]] = {}
+        places = []
+        for command in commands:
+            name = str(command[0]).upper()
+            split = name == "MGET"
+            place = []
+            for sent in [("GET", key) for key in command[1:]] if split else [command]:
+                key = sent[3] if name in ("EVAL", "EVALSHA") else sent[1]
+                node = manager.get_node_from_slot(key_slot(str(key).encode()))
+                where = (node.host, int(node.port))
+                group = groups.setdefault(where, [])
+                place.append((where, len(group)))
+                group.append(sent)
+            places.append((split, place))
+        return groups, places
+
+    def _node(self, host: str, port: int) -> PipelinedRedis:
+        pipe = self.nodes.get((host, port))
+        if pipe is None:
+            pipe = self.nodes[(host, port)] = PipelinedRedis({**self.options, "host": host, "port": port},
+                                                             self.timeout_s)
+        return pipe
+
+    def _failed(self, error: BaseException) -> BaseException:
+        """What a node's failure raises; the slot map is read again when the cluster changed."""
+        if isinstance(error, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+            self._read_map()
+        elif isinstance(error, redis.exceptions.ResponseError) and str(error).startswith(
+                ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN")):
+            self._read_map()
+            return redis.exceptions.ConnectionError(f"the cluster is changing: {error}")
+        return error
+
+    def _read_map(self) -> None:
+        if self._reading is None or self._reading.done():
+            self._reading = asyncio.ensure_future(self._reread())
+
+    async def _reread(self) -> None:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self.client.nodes_manager.initialize()
+        except (TimeoutError, redis.exceptions.RedisError, redis.exceptions.RedisClusterException):
+            pass  # the next failing call tries again
 
     async def aclose(self) -> None:
         """Close the connections."""
+        if self._reading is not None:
+            self._reading.cancel()
+        for pipe in self.nodes.values():
+            pipe.close()
         await self.client.aclose()

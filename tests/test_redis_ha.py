@@ -68,7 +68,8 @@ def two_hosts(make_server: Callable[..., Server], postgres_url: str, client_home
         host.config["stores"][0]["path"] = str(people)
         host.config["homeserver"] = {"url": client_homeserver.url}
         host.config["directory"] = {"homeserver": False}
-        host.config["sessions"] = {"rate_limit": {"per_address": {"requests": 2, "window": "1h"}}}
+        host.config["sessions"] = {"rate_limit": {"per_address": {"requests": 2, "window": "1h"},
+                                                  "per_ip": {"requests": 1000, "window": "1h"}}}
         hosts.append(host)
     for host in hosts:  # both at once: the second one's indexer waits for the first one's sync lock
         host.launch()
