@@ -109,6 +109,7 @@ class LookupConfig:
     bulk_max: int
     association_validity: Duration
     prefer: Literal["store", "binding"]
+    share_binds: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +211,7 @@ class SmsTwilioConfig:
 @dataclass(frozen=True, slots=True)
 class SmsTemplatesConfig:
     validation: str | None
+    invite: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +238,24 @@ class SessionsPagesConfig:
     failure: str | None
 
 
+# What session control does with an address: sessions.policy.<medium>.local and .remote.
+AddressPolicy = Literal["allow", "deny", "bind_only_own"]
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationPolicyConfig:
+    enabled: bool
+    local: AddressPolicy
+    remote: AddressPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class SessionsPolicyConfig:
+    email: ValidationPolicyConfig
+    msisdn: ValidationPolicyConfig
+    remote_bind_to: Literal["other_domains", "this_domain"]
+
+
 @dataclass(frozen=True, slots=True)
 class SessionsConfig:
     lifetime: Duration
@@ -244,6 +264,7 @@ class SessionsConfig:
     purge_every: Duration
     rate_limit: SessionsRateLimitConfig
     pages: SessionsPagesConfig
+    policy: SessionsPolicyConfig
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,6 +72,8 @@ def with_changes(**changes: object) -> dict:
          'homeserver.url: expected an http:// or https:// URL with no path, or null, got "localhost:8008"'),
         (with_changes(auth__rate_limit__per_user=0), "auth.rate_limit.per_user: 0 is less than the minimum of 1"),
         (with_changes(stores__0__colour="blue"), "stores[0].colour: unknown key"),
+        (with_changes(sessions__policy__email__local="block"),
+         'sessions.policy.email.local: expected one of "allow", "deny", "bind_only_own", got "block"'),
         (with_changes(server__port="eighty"), 'server.port: expected integer, got "eighty"'),
         (with_changes(server__port=70000), "server.port: 70000 is greater than the maximum of 65535"),
         (with_changes(server__max_body_size="4M"),
@@ -254,9 +256,11 @@ def test_a_reload_keeps_what_needs_a_restart_and_names_it(tmp_path):
     old = load_config(write(tmp_path, VALID))
     new = load_config(write(tmp_path, with_changes(
         log_level="DEBUG", stores__0__sync__full_every="2h", auth__threads=2, lookup__bulk_max=7,
-        sessions__rate_limit__per_ip={"requests": 1, "window": "1m"})))
+        sessions__rate_limit__per_ip={"requests": 1, "window": "1m"},
+        sessions__policy={"email": {"remote": "deny"}})))
     merged, ignored = reloadable(old, new)
     assert ignored == ["auth (other than rate_limit)", "lookup"]
+    assert merged.sessions.policy.email.remote == "deny"
     assert (merged.log_level, merged.stores, merged.sessions) == ("DEBUG", new.stores, new.sessions)
     assert (merged.auth, merged.lookup) == (old.auth, old.lookup)
     renamed = load_config(write(tmp_path, with_changes(stores__0__path="other.yml")))

@@ -393,9 +393,10 @@ def _sms(old: OldConfig, out: dict[str, Any]) -> None:
             old.note(root, "no complete Twilio connector (account_sid, auth_token, number): SMS is not set up")
         return
     out["sms"] = {"twilio": {k: str(twilio[k]) for k in ("account_sid", "auth_token", "number")},
-                  "templates": {"validation": _file(old, f"{root}.generators.template.session.validation")}}
+                  "templates": {"validation": _file(old, f"{root}.generators.template.session.validation"),
+                                "invite": _file(old, f"{root}.generators.template.invite")}}
     old.get(f"{root}.generator")
-    for key in ("invite", "session.unbind", "generic"):
+    for key in ("session.unbind", "generic"):
         if old.has(f"{root}.generators.template.{key}"):
             old.note(f"{root}.generators.template.{key}", "this message is never sent here")
 
@@ -509,8 +510,41 @@ def _sessions(old: OldConfig, out: dict[str, Any]) -> None:
             pages[ours] = page
     if pages:
         out["sessions"] = {"pages": pages}
-    if old.get("session.policy.validation.enabled", True) is False:
-        old.notes["session.policy.validation.enabled"] = "3PID validation cannot be turned off here"
+    policy = _session_policy(old, out)
+    if policy:
+        out.setdefault("sessions", {})["policy"] = policy
+
+
+# What mxisd 1.2's validation sessions did for local and remote 3PIDs, and ma1sd's on/off switch,
+# as sessions.policy (mxisd had one policy for every medium).
+HISTORICAL = "session.policy.validation"
+
+
+def _session_policy(old: OldConfig, out: dict[str, Any]) -> dict[str, Any]:
+    rules: dict[str, Any] = {}
+    if not _bool(old.get(f"{HISTORICAL}.enabled", True), True):
+        rules["enabled"] = False
+    for kind in ("local", "remote"):
+        root = f"{HISTORICAL}.for{kind.capitalize()}"
+        ignored = " (mxisd 1.3 and later ignored this key: check that it still says what you want)"
+        if not _bool(old.get(f"{root}.enabled", True), True):
+            rules[kind] = "deny"
+            old.notes[f"{root}.enabled"] = f"carried over as sessions.policy.<medium>.{kind}: deny{ignored}"
+        if not _bool(old.get(f"{root}.toLocal", True), True):
+            rules[kind] = "deny"
+            old.notes[f"{root}.toLocal"] = (
+                f"carried over as sessions.policy.<medium>.{kind}: deny: validation by another identity server "
+                f"(toRemote) is not offered here{ignored}")
+        if old.has(f"{root}.toRemote"):
+            old.note(f"{root}.toRemote", "validation by another identity server (remote sessions) is not offered "
+                                         "here: only this server validates 3PIDs")
+            if kind == "local" and old.get(f"{root}.toRemote.enabled") is False:
+                # Local 3PIDs never went to a central identity server: their binds stay inside.
+                out.setdefault("lookup", {})["share_binds"] = False
+                old.notes[f"{root}.toRemote"] += (
+                    "; toRemote.enabled: false is carried over as lookup.share_binds: false (binds of local "
+                    "addresses are not answered to other servers)")
+    return {medium: dict(rules) for medium in ("email", "msisdn")} if rules else {}
 
 
 def _storage(old: OldConfig, out: dict[str, Any]) -> None:

@@ -68,10 +68,6 @@ UNSUPPORTED = {
     "internal": "the internal invite maintenance endpoint is gone: pending invites are checked every "
                 "invites.check_every, and the admin API (admin.token) has the rest",
     "session.policy.unbind": "no message is sent on unbind",
-    "session.policy.validation.forLocal": "remote validation sessions were removed in mxisd 1.3, which ignored "
-                                          "this key",
-    "session.policy.validation.forRemote": "remote validation sessions were removed in mxisd 1.3, which ignored "
-                                           "this key",
     "view.session.remote": "remote validation sessions were removed in mxisd 1.3, which ignored this key",
 }
 MA1SD_ONLY = ("matrix.v1", "matrix.v2", "accountConfig", "hashing", "policy", "logging", "internal",
