@@ -6,7 +6,9 @@ a Redis Cluster. With Sentinel and Cluster, redis-py's own clients follow a fail
 that meets the old master fails (a request answers 503), and the next connection asks the
 sentinels, or reads the cluster's slot map, again. A RedisCluster offers the commands of a Redis
 (every multi-key command of ours stays within one slot: indexer.rediskeys), so it is handed out
-under that type."""
+under that type. The asyncio cluster client must not be given a transaction (MULTI): redis-py 8.1
+runs each of its commands in a thread with an event loop of its own, blocking the server's loop, so
+the server's atomic writes are Lua scripts."""
 
 from __future__ import annotations
 
