@@ -211,7 +211,8 @@ def error_response(request: Request, exc: Exception) -> HTTPResponse:
     elif isinstance(exc, redis.exceptions.TimeoutError):
         logs.repeated.error(log, "requests failed: the cache did not answer in time: %s", exc, key="redis timeout")
         error = MatrixError(503, "M_UNKNOWN", "The cache did not answer in time, try again shortly")
-    elif isinstance(exc, redis.exceptions.RedisError):
+    elif isinstance(exc, (redis.exceptions.RedisError, redis.exceptions.RedisClusterException)):
+        # RedisClusterException (a slot no node serves, while a cluster changes) is no RedisError.
         logs.repeated.error(log, "requests failed: cache unavailable: %s", exc, key=f"redis {type(exc).__name__}")
         error = MatrixError(503, "M_UNKNOWN", "The lookup cache is unavailable, try again shortly")
     elif isinstance(exc, sqlalchemy.exc.OperationalError):
