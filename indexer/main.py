@@ -12,7 +12,6 @@ import threading
 import time
 from collections.abc import Callable
 
-import redis
 import schedule
 
 from indexer import logs
@@ -22,7 +21,7 @@ from indexer.follower import Follower
 from indexer.fulltext import FullText, fulltext_path
 from indexer.jobs import JobRunner
 from indexer.metrics import observe_sync
-from indexer.redis_clients import RedisTarget, configured_target, connect
+from indexer.redis_clients import REDIS_ERRORS, RedisTarget, configured_target, connect
 from indexer.settings import Config, SyncConfig
 from indexer.stores import Store, build_store
 from indexer.sync import SyncBusy, SyncResult, full_sync, incremental_sync
@@ -78,7 +77,7 @@ class Indexer:
                 observe_sync(result)
         except SyncBusy as exc:
             log.info("%s; skipping this run", exc)
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             logs.repeated.error(log, "store %s: %s sync not started, Redis unavailable: %s", store.name, kind, exc,
                                 key=f"{store.name} {kind} redis")
         except Exception as exc:
@@ -172,7 +171,7 @@ class Indexer:
                 self.resync_incomplete()
                 self.scheduler.run_pending()
                 self.publish_schedule()
-            except redis.exceptions.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 logs.repeated.error(log, "indexer: Redis unavailable (%s); trying again in %.0f s", exc, RETRY_AFTER,
                                     key="indexer loop redis")
                 stop.wait(RETRY_AFTER)
@@ -199,7 +198,7 @@ def run_indexer(config: Config, target: RedisTarget, stop: threading.Event, pare
         try:
             cache.initialize()
             break
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             logs.repeated.error(log, "indexer: Redis unavailable (%s); trying again in %.0f s", exc, RETRY_AFTER,
                                 key="indexer start redis")
             stop.wait(RETRY_AFTER)
@@ -242,7 +241,7 @@ def _heartbeat(cache: Cache, every: int, threads: list[threading.Thread], stop: 
             if failing:
                 log.info("indexer: heartbeat recorded again")
             failing = False
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             if not failing:  # once per outage, not once per beat
                 log.warning("indexer: could not record its heartbeat: %s", exc)
             failing = True

@@ -31,6 +31,10 @@ from indexer.settings import RedisClusterConfig, RedisConfig, RedisSentinelConfi
 # What a client connects to: a Redis URL, or a Sentinel or Cluster section of the config.
 RedisTarget = str | RedisSentinelConfig | RedisClusterConfig
 
+# What a failing Redis raises: a RedisClusterException (a slot that no node serves while a cluster
+# changes) is no RedisError.
+REDIS_ERRORS = (redis.exceptions.RedisError, redis.exceptions.RedisClusterException)
+
 DEFAULT_TIMEOUT_S = 5.0
 # Longest a command of ours asks Redis to block (XREAD BLOCK, BRPOP): a client that sends them waits
 # that much longer for a reply.

@@ -21,7 +21,7 @@ from sanic.response import BaseHTTPResponse, HTTPResponse, empty, json
 
 from indexer import logs
 from indexer.cache import Cache
-from indexer.redis_clients import RedisTarget, connect
+from indexer.redis_clients import REDIS_ERRORS, RedisTarget, connect
 from indexer.settings import Config
 from server import metrics
 from server.api import (
@@ -167,7 +167,7 @@ async def maintenance(built: Services, target: RedisTarget) -> None:
                     purged = await storage.run(storage.delete_sessions_before, now_ms() - keep_ms)
                     if purged:
                         log.info("forgot %d expired validation sessions", purged)
-            except (redis.exceptions.RedisError, sqlalchemy.exc.SQLAlchemyError) as exc:
+            except (*REDIS_ERRORS, sqlalchemy.exc.SQLAlchemyError) as exc:
                 logs.repeated.warning(log, "cache check skipped: %s", exc, key="cache check")
     finally:
         cache.r.close()
@@ -211,8 +211,7 @@ def error_response(request: Request, exc: Exception) -> HTTPResponse:
     elif isinstance(exc, redis.exceptions.TimeoutError):
         logs.repeated.error(log, "requests failed: the cache did not answer in time: %s", exc, key="redis timeout")
         error = MatrixError(503, "M_UNKNOWN", "The cache did not answer in time, try again shortly")
-    elif isinstance(exc, (redis.exceptions.RedisError, redis.exceptions.RedisClusterException)):
-        # RedisClusterException (a slot no node serves, while a cluster changes) is no RedisError.
+    elif isinstance(exc, REDIS_ERRORS):
         logs.repeated.error(log, "requests failed: cache unavailable: %s", exc, key=f"redis {type(exc).__name__}")
         error = MatrixError(503, "M_UNKNOWN", "The lookup cache is unavailable, try again shortly")
     elif isinstance(exc, sqlalchemy.exc.OperationalError):

@@ -22,7 +22,7 @@ import redis
 
 from indexer.cache import Cache
 from indexer.config import ConfigError, load_config, write_config
-from indexer.redis_clients import RedisTarget, configured_target, connect, describe
+from indexer.redis_clients import REDIS_ERRORS, RedisTarget, configured_target, connect, describe
 from indexer.redis_server import EmbeddedRedis
 from indexer.settings import Config
 from server.bindings import check_cache
@@ -62,7 +62,7 @@ def wait_for_redis(target: RedisTarget, timeout_s: float, timeout: float = 10.0,
         try:
             client.ping()
             return client
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             if time.monotonic() > deadline:
                 raise StartupError(f"Redis at {describe(target)} does not answer: {exc}") from None
             time.sleep(0.2)
@@ -412,7 +412,7 @@ class Supervisor:
             for job_id in self.cache.fail_running_jobs(self.host, [s.name for s in self.config.stores],
                                                        f"the indexer running this job {what}"):
                 log.error("job %s failed: the indexer running it %s", job_id, what)
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             log.warning("could not record the indexer's exit: %s", exc)
 
     def reload(self, indexer: Child, server: Child) -> None:
