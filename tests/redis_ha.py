@@ -17,8 +17,9 @@ MASTER = "mxisd-test"
 class RedisNode:
     """One redis-server (or sentinel) process on a free port, its files in a folder of its own."""
 
-    def __init__(self, root: Path, *args: str, sentinel_conf: str | None = None) -> None:
+    def __init__(self, root: Path, *args: str, sentinel_conf: str | None = None, password: str | None = None) -> None:
         self.port = free_port()
+        self.password = password
         self.dir = root / f"node-{self.port}"
         self.dir.mkdir(parents=True)
         self.log = self.dir / "log"
@@ -30,13 +31,15 @@ class RedisNode:
         else:
             command = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
                        "--save", "", "--appendonly", "no", *args]
+            if password:
+                command += ["--requirepass", password, "--masterauth", password]
         self.process = subprocess.Popen([*command, "--logfile", str(self.log)], stdout=subprocess.DEVNULL,
                                         stderr=subprocess.STDOUT)
         self.address = f"127.0.0.1:{self.port}"
         wait_until(self.answers, 10, f"redis-server on port {self.port}")
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, decode_responses=True, socket_timeout=5)
+        return redis.Redis(port=self.port, password=self.password, decode_responses=True, socket_timeout=5)
 
     def answers(self) -> bool:
         if self.process.poll() is not None:
@@ -63,14 +66,16 @@ class RedisNode:
 
 
 class SentinelSetup:
-    """One master, one replica and three sentinels (quorum 2) watching them."""
+    """One master, one replica and three sentinels (quorum 2) watching them; password: the
+    master's and the replica's."""
 
-    def __init__(self, root: Path) -> None:
-        self.master = RedisNode(root)
-        self.replica = RedisNode(root, "--replicaof", "127.0.0.1", str(self.master.port))
+    def __init__(self, root: Path, password: str | None = None) -> None:
+        self.master = RedisNode(root, password=password)
+        self.replica = RedisNode(root, "--replicaof", "127.0.0.1", str(self.master.port), password=password)
         watch = (f"sentinel monitor {MASTER} 127.0.0.1 {self.master.port} 2\n"
                  f"sentinel down-after-milliseconds {MASTER} 1000\n"
-                 f"sentinel failover-timeout {MASTER} 10000\n")
+                 f"sentinel failover-timeout {MASTER} 10000\n"
+                 + (f"sentinel auth-pass {MASTER} {password}\n" if password else ""))
         self.sentinels = [RedisNode(root, sentinel_conf=watch) for _ in range(3)]
         self.nodes = [self.master, self.replica, *self.sentinels]
         wait_until(self._watching, 30, "the sentinels to see the replica and each other")
