@@ -98,8 +98,8 @@ def redis(config: Config) -> Iterator[Finding]:
         if embedded.answering():
             yield ok(subject, f"the embedded Redis of the running mxisd answers at {embedded.socket}")
         else:
-            yield not_checked(subject, f"embedded (redis.url is null), and not running: mxisd run starts it "
-                                       f"in {embedded.dir}")
+            yield not_checked(subject, f"embedded (no redis.url, sentinel or cluster), and not running: "
+                                       f"mxisd run starts it in {embedded.dir}")
         return
     shown = describe(target)
     key = "sentinel" if config.redis.sentinel else "cluster" if config.redis.cluster else "url"
