@@ -358,6 +358,7 @@ class SqlStoreQueriesConfig:
     changes: str | None
     high_water_mark: str | None
     password: str | None
+    roles: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,6 +431,17 @@ class LdapStoreAttributesConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LdapStoreRolesConfig:
+    source: Literal["member_of", "groups"] | None
+    name: str
+    member_of: str
+    base_dns: tuple[str, ...] | None
+    filter: str | None
+    member_attribute: str
+    nested: bool
+
+
+@dataclass(frozen=True, slots=True)
 class LdapStoreConfig:
     name: str
     kind: Literal["ldap"]
@@ -446,6 +458,7 @@ class LdapStoreConfig:
     page_size: int
     auth_pool_size: int
     attributes: LdapStoreAttributesConfig
+    roles: LdapStoreRolesConfig
 
 
 StoreConfig = FileStoreConfig | LdapStoreConfig | SqlStoreConfig | RestStoreConfig

@@ -265,3 +265,18 @@ def test_a_reload_keeps_what_needs_a_restart_and_names_it(tmp_path):
     assert (merged.auth, merged.lookup) == (old.auth, old.lookup)
     renamed = load_config(write(tmp_path, with_changes(stores__0__path="other.yml")))
     assert reloadable(old, renamed) == (old, ["stores (other than their sync settings)"])
+
+
+def test_ldap_roles_settings_that_cannot_work_are_named(tmp_path):
+    path = tmp_path / "config.yml"
+    store = "{name: d, kind: ldap, uri: ldap://127.0.0.1, base_dns: [dc=example], roles: %s}"
+    for roles, error in (("{source: member_of, nested: true}", r"stores\[0\].roles.nested: needs roles.source: groups"),
+                         ("{source: groups, member_attribute: memberUid, nested: true}",
+                          r"stores\[0\].roles.nested: groups listing members by memberUid cannot nest"),
+                         ("{source: everything}", r"stores\[0\].roles.source"),
+                         ("{source: groups, filter: objectClass=group}", r"stores\[0\].roles.filter")):
+        path.write_text(f"matrix: {{domain: example.org}}\nstores: [{store % roles}]\n")
+        with pytest.raises(ConfigError, match=error):
+            load_config(path)
+    path.write_text(f"matrix: {{domain: example.org}}\nstores: [{store % '{}'}]\n")
+    assert load_config(path).stores[0].roles.source is None  # off by default

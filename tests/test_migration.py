@@ -193,15 +193,21 @@ def test_sql_config_imported_serves_the_database(cache, tmp_path, capsys):
                                      "('@ann:example.org', 'email', 'ann@example.org'), "
                                      "('@ann:example.org', 'msisdn', '447700900123'), "
                                      "('@bob:example.org', 'email', 'bob@example.org')"))
+        conn.execute(sqlalchemy.text("CREATE TABLE people_roles (mxid text, role_name text)"))
+        conn.execute(sqlalchemy.text("INSERT INTO people_roles VALUES ('@ann:example.org', 'inviters'), "
+                                     "('@ann:example.org', 'inviters'), ('@ann:example.org', 'staff')"))
     engine.dispose()
     try:
         old = old_config("mxisd-sql.yaml", tmp_path,
                          **{"sql.connection": f"//127.0.0.1:5432/test?user=postgres&currentSchema={schema}"})
         _config, typed, _text, stderr = import_config(capsys, old, tmp_path)
-        assert "sql.profile: not carried over" in stderr
+        assert "sql.profile.displayName: not carried over" in stderr
+        assert "sql.profile.role" not in stderr  # mxisd's one-user roles query became one for everyone
         [store_config] = typed.stores
         result = full_sync(cache, build_store(store_config, typed), 0.2)
         assert result.outcome == "ok" and result.added == 2, result.error
+        assert cache.identity_by_mxid("sql", "@ann:example.org").roles == ("inviters", "staff")
+        assert cache.identity_by_mxid("sql", "@bob:example.org").roles == ()
         assert cache.mxid_of("sql", "email", "bob@example.org") == "@bob:example.org"
         assert cache.mxid_of("sql", "msisdn", "447700900123") == "@ann:example.org"
     finally:

@@ -124,6 +124,17 @@ class Lookups:
             found.append(replace(Identity.from_json(raw), locator=locator) if raw else None)
         return found
 
+    async def identity_everywhere(self, mxid: str) -> list[Identity]:
+        """Every configured store's identity of mxid, in config order (empty when no store has one).
+        Two round trips whatever the number of stores."""
+        stores = self._directory[0]
+        store_ids = await self.pipe.execute_many([("HGET", self.k.mxids(s), mxid) for s in stores])
+        held = [(store, store_id) for store, store_id in zip(stores, store_ids) if store_id is not None]
+        if not held:
+            return []
+        raws = await self.pipe.execute_many([("HGET", self.k.records(s), i) for s, i in held])
+        return [Identity.from_json(raw) for raw in raws if raw]
+
     async def failures(self, kind: str, who: str) -> tuple[int, int]:
         """(failed logins of who in the current window, milliseconds until the window ends)."""
         count, ttl = await self.pipe.execute_many([("GET", self.k.failures(kind, who)),
