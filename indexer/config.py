@@ -345,6 +345,8 @@ def _complete(config: dict[str, Any], base: Path) -> dict[str, Any]:
             store["tls"]["ca_file"] = str((base / store["tls"]["ca_file"]).resolve())
         store_class(store["kind"]).complete_config(store, f"stores[{i}]", base)
     files = [("sessions.pages", config["sessions"]["pages"], k) for k in ("success", "failure")]
+    files += [(f"redis.{kind}.tls", config["redis"][kind]["tls"], "ca_file")
+              for kind in ("sentinel", "cluster") if kind in config["redis"]]
     files += [("federation", config["federation"], "ca_file")]
     if "email" in config:
         files += [("email.smtp", config["email"]["smtp"], "ca_file")]

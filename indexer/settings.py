@@ -59,11 +59,39 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RedisTlsConfig:
+    enabled: bool
+    ca_file: str | None
+    verify: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSentinelConfig:
+    addresses: tuple[str, ...]
+    master: str
+    username: str | None
+    password: str | None
+    sentinel_password: str | None
+    db: int
+    tls: RedisTlsConfig
+
+
+@dataclass(frozen=True, slots=True)
+class RedisClusterConfig:
+    nodes: tuple[str, ...]
+    username: str | None
+    password: str | None
+    tls: RedisTlsConfig
+
+
+@dataclass(frozen=True, slots=True)
 class RedisConfig:
     url: str | None
     prefix: str
     timeout: Duration
     check_every: Duration
+    sentinel: RedisSentinelConfig | None
+    cluster: RedisClusterConfig | None
 
 
 @dataclass(frozen=True, slots=True)
