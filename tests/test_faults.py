@@ -193,7 +193,7 @@ def test_sighup_reloads_what_it_can_and_never_stops_the_server(make_server, work
     srv.config["lookup"]["bulk_max"] = 7
     srv.config_path.write_text(yaml.safe_dump(srv.config))
     srv.process.send_signal(signal.SIGHUP)
-    wait_until(lambda: "re-read; store sync settings, sessions.rate_limit applied" in srv.log(),
+    wait_until(lambda: "re-read; store sync settings, sessions.rate_limit and sessions.policy applied" in srv.log(),
                what="the reload's log line")
     assert "changes to lookup need a restart of mxisd run; not applied" in srv.log()
     wait_until(lambda: "next full sync in 71" in srv.log(), what="the indexer on the new sync settings")
@@ -224,7 +224,7 @@ def test_a_reload_while_the_server_starts_is_applied_and_later_ones_too(make_ser
     srv.config["sessions"] = probe_limits(per_address=1)
     srv.config_path.write_text(yaml.safe_dump(srv.config))
     srv.process.send_signal(signal.SIGHUP)
-    wait_until(lambda: "sessions.rate_limit applied" in srv.log(), what="the reload's log line")
+    wait_until(lambda: "sessions.rate_limit and sessions.policy applied" in srv.log(), what="the reload's log line")
     wait_until(lambda: srv.http.get("/_matrix/identity/v2").status_code == 200, 60, "the server to answer")
     assert second_request_refused_of(srv, probes)
     assert "Traceback" not in srv.log()
