@@ -1,17 +1,27 @@
 """The local Whoosh index of identities: its schema and its writer (the follower's), and the analysis
 of a search term that matches it. Blocking; never on the event loop. The server reads the index
-in server/services/directory_ranking.py."""
+in server/services/directory_ranking.py.
+
+Whoosh writes in pure Python, and a sync runs in the same process as the follower: the writing is
+done in a child process (one, kept between batches), so that it runs on another core than the
+sync and does not hold the sync's interpreter lock."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
+import threading
 from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
 from whoosh import index
-from whoosh.analysis import CharsetFilter, LowercaseFilter, NgramFilter, RegexTokenizer
+from whoosh.analysis import CharsetFilter, LowercaseFilter, RegexTokenizer
+from whoosh.codec.whoosh3 import W3Codec
 from whoosh.fields import ID, STORED, TEXT, Schema
 from whoosh.support.charset import accent_map
 
@@ -20,12 +30,15 @@ from indexer.settings import Config
 
 POSITION_FILE = "position.json"
 # Bump when SCHEMA or _document changes: a follower finding another version rebuilds the index.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# A write (a batch of changes, or a whole index) that takes longer has a stuck writer: it is stopped.
+WRITE_TIMEOUT = 1800.0
 
 _WORD = r"\w+"
 _words = RegexTokenizer(_WORD) | LowercaseFilter() | CharsetFilter(accent_map)
-_trigrams = _words | NgramFilter(3, 3)
 
+# Matches inside words are found in the term list (server/services/directory_ranking.py), not in
+# trigram fields: those were two thirds of the cost of writing a person.
 SCHEMA = Schema(
     key=ID(unique=True, stored=True),
     store=ID(stored=True),
@@ -34,10 +47,19 @@ SCHEMA = Schema(
     display_name=STORED(),
     threepids=STORED(),
     words=TEXT(analyzer=_words, phrase=False),
-    grams=TEXT(analyzer=_trigrams, phrase=False),
     tp_words=TEXT(analyzer=_words, phrase=False),
-    tp_grams=TEXT(analyzer=_trigrams, phrase=False),
 )
+
+
+class _Codec(W3Codec):  # type: ignore[misc]
+    """Whoosh's codec without field length statistics: they serve scoring, which search does not
+    use, and Whoosh looks each one up on disk for every posting it writes."""
+
+    length_stats = False
+
+
+# Whoosh's default: a writer merges small segments into the one it writes.
+_WRITER = {"limitmb": 256, "codec": _Codec()}
 
 def fulltext_path(config: Config) -> Path:
     """Where a host keeps its index: data_dir/fulltext."""
@@ -59,9 +81,7 @@ def _document(identity: Identity) -> dict[str, Any]:
         "display_name": identity.display_name,
         "threepids": [f"{m}:{a}" for m, a in identity.threepids],
         "words": person,
-        "grams": person,
         "tp_words": addresses,
-        "tp_grams": addresses,
     }
 
 
@@ -98,14 +118,8 @@ class FullText:
     def rebuild(self, identities: Iterable[Identity], epoch: str, last_id: str) -> int:
         """Write a new index from identities beside the current one, then swap it in."""
         fresh = self.path.with_name(self.path.name + ".new")
-        shutil.rmtree(fresh, ignore_errors=True)
-        fresh.mkdir(parents=True)
-        ix = index.create_in(str(fresh), SCHEMA)
-        count = 0
-        with ix.writer(limitmb=128) as writer:
-            for identity in identities:
-                writer.add_document(**_document(identity))
-                count += 1
+        documents = [_document(identity) for identity in identities]
+        _in_writer_process(_write_fresh, str(fresh), documents)
         self._save_position(fresh, epoch, last_id)
         old = self.path.with_name(self.path.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -113,17 +127,67 @@ class FullText:
             self.path.rename(old)
         fresh.rename(self.path)
         shutil.rmtree(old, ignore_errors=True)
-        return count
+        return len(documents)
 
     def apply(self, upserts: list[Identity], deleted_keys: list[str], epoch: str, last_id: str) -> None:
         """Apply a batch of changes, then record the stream position they bring the index to."""
-        ix = index.open_dir(str(self.path))
-        with ix.writer() as writer:
-            for key in deleted_keys:
-                writer.delete_by_term("key", key)
-            for identity in upserts:
-                writer.update_document(**_document(identity))
+        _in_writer_process(_write_changes, str(self.path), [_document(i) for i in upserts], deleted_keys)
         self._save_position(self.path, epoch, last_id)
 
     def count(self) -> int:
         return int(index.open_dir(str(self.path)).doc_count())
+
+
+def _write_fresh(path: str, documents: list[dict[str, Any]]) -> None:
+    """In the writer process: a new index at path holding documents, in their order."""
+    shutil.rmtree(path, ignore_errors=True)
+    Path(path).mkdir(parents=True)
+    with index.create_in(path, SCHEMA).writer(**_WRITER) as writer:
+        for document in documents:
+            writer.add_document(**document)
+
+
+def _write_changes(path: str, documents: list[dict[str, Any]], deleted_keys: list[str]) -> None:
+    """In the writer process: deleted_keys out of the index at path, documents in (replacing theirs)."""
+    with index.open_dir(path).writer(**_WRITER) as writer:
+        for key in deleted_keys:
+            writer.delete_by_term("key", key)
+        for document in documents:
+            writer.update_document(**document)
+
+
+_pool: ProcessPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _in_writer_process(work: Any, *args: Any) -> None:
+    """Run work(*args) in the writer process (started the first time), and wait for it."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            # Spawned, not forked: the follower's process has threads and open connections.
+            _pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        pool = _pool
+    try:
+        pool.submit(work, *args).result(timeout=WRITE_TIMEOUT)
+    except (FutureTimeout, BrokenProcessPool):
+        # A stuck or dead writer is replaced: the next write starts a new one.
+        _stop(pool)
+        raise
+
+
+def stop_writer() -> None:
+    """End the writer process, if one was started (a write in progress is abandoned)."""
+    if _pool is not None:
+        _stop(_pool)
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    global _pool
+    with _pool_lock:
+        if _pool is pool:
+            _pool = None
+    # The executor has no way to stop a busy process; its processes are reached through its state.
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.kill()
+    pool.shutdown(wait=False, cancel_futures=True)

@@ -19,7 +19,7 @@ from indexer import logs
 from indexer.cache import Cache
 from indexer.config import read_config
 from indexer.follower import Follower
-from indexer.fulltext import FullText, fulltext_path
+from indexer.fulltext import FullText, fulltext_path, stop_writer
 from indexer.jobs import JobRunner
 from indexer.metrics import observe_sync
 from indexer.redis_clients import connect
@@ -222,6 +222,7 @@ def run_indexer(config: Config, redis_url: str, stop: threading.Event, parent_pi
     finally:
         stop.set()
         follower_thread.join(timeout=10)
+        stop_writer()
         jobs.join(timeout=10)
         indexer.close()
 
