@@ -58,7 +58,7 @@ class _Codec(W3Codec):  # type: ignore[misc]
     length_stats = False
 
 
-# Whoosh's default: a writer merges small segments into the one it writes.
+MERGE_FROM_SEGMENTS = 16
 _WRITER = {"limitmb": 256, "codec": _Codec()}
 
 def fulltext_path(config: Config) -> Path:
@@ -149,11 +149,23 @@ def _write_fresh(path: str, documents: list[dict[str, Any]]) -> None:
 
 def _write_changes(path: str, documents: list[dict[str, Any]], deleted_keys: list[str]) -> None:
     """In the writer process: deleted_keys out of the index at path, documents in (replacing theirs)."""
-    with index.open_dir(path).writer(**_WRITER) as writer:
-        for key in deleted_keys:
-            writer.delete_by_term("key", key)
+    writer = index.open_dir(path).writer(**_WRITER)
+    try:
+        # One reader for the batch: Whoosh's update_document and delete_by_term open one per document.
+        with writer.reader() as reader:
+            for key in {*deleted_keys, *(document["key"] for document in documents)}:
+                if ("key", key) in reader:
+                    for docnum in reader.postings("key", key).all_ids():
+                        writer.delete_document(docnum)
+            segments = len(list(reader.leaf_readers()))
         for document in documents:
-            writer.update_document(**document)
+            writer.add_document(**document)
+    except BaseException:
+        writer.cancel()
+        raise
+    # Merging segments rewrites them, and a searcher reads each new segment's terms again: small
+    # segments are merged only once there are many (a consolidation rebuilds the index whole).
+    writer.commit(merge=segments >= MERGE_FROM_SEGMENTS)
 
 
 _pool: ProcessPoolExecutor | None = None

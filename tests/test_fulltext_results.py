@@ -97,13 +97,14 @@ def test_an_index_filled_change_by_change_finds_what_a_rebuilt_one_does(tmp_path
     changed = FullText(tmp_path / "changed")
     people = population()
     changed.rebuild(people[:300], "epoch", "0-0")
-    # Batches as the follower applies them: new people, renamed people, people who left.
+    # Batches as the follower applies them: new people, renamed people, people who left; enough of
+    # them for the writer to merge segments.
     renamed = population(renamed=True)
     gone = {str(i) for i in range(0, COUNT, 13)}
-    for start in range(300, COUNT, 100):
-        upserts = people[start:start + 100] + [p for p in renamed[start - 300:start - 200]
-                                               if int(p.store_id) % 7 == 0 and p.store_id not in gone]
-        deleted = [f"hr\x1f{i}" for i in range(start - 300, start - 200) if str(i) in gone]
+    for start in range(300, COUNT, 50):
+        upserts = people[start:start + 50] + [p for p in renamed[start - 300:start - 250]
+                                              if int(p.store_id) % 7 == 0 and p.store_id not in gone]
+        deleted = [f"hr\x1f{i}" for i in range(start - 300, start - 250) if str(i) in gone]
         changed.apply(upserts, deleted, "epoch", f"0-{start}")
     changed.apply([p for p in renamed[COUNT - 300:] if int(p.store_id) % 7 == 0 and p.store_id not in gone],
                   [f"hr\x1f{i}" for i in range(COUNT - 300, COUNT) if str(i) in gone], "epoch", "0-9999")
