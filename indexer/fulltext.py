@@ -59,7 +59,9 @@ class _Codec(W3Codec):  # type: ignore[misc]
 
 
 MERGE_FROM_SEGMENTS = 16
-_WRITER = {"limitmb": 256, "codec": _Codec()}
+# Uncompressed posting blocks: most terms (a localpart, an address) have one posting, and
+# compressing each one's block was a tenth of the writing.
+_WRITER = {"limitmb": 256, "codec": _Codec(compression=0)}
 
 def fulltext_path(config: Config) -> Path:
     """Where a host keeps its index: data_dir/fulltext."""
