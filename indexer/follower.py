@@ -47,6 +47,8 @@ class Follower:
             return "the index is missing"
         if position["schema"] != SCHEMA_VERSION:
             return "the index was built with another schema"
+        if position["threepids"] != self.fulltext.threepids:
+            return "directory.threepids changed"
         if position["epoch"] != self.epoch:
             return "the index was built from another cache"
         if self.cache.changes_lost_after(position["last_id"]):

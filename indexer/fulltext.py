@@ -72,9 +72,10 @@ def document_key(store: str, store_id: str) -> str:
     return f"{store}\x1f{store_id}"
 
 
-def _document(identity: Identity) -> dict[str, Any]:
+def _document(identity: Identity, threepids: bool) -> dict[str, Any]:
     person = f"{identity.display_name or ''} {identity.localpart}"
-    addresses = " ".join(a for _, a in identity.threepids)
+    # Addresses are half of what a person costs to write: only when searches may look at them.
+    addresses = " ".join(a for _, a in identity.threepids) if threepids else ""
     return {
         "key": document_key(identity.store, identity.store_id),
         "store": identity.store,
@@ -93,34 +94,39 @@ def query_words(text: str) -> list[str]:
 
 
 class FullText:
-    """One Whoosh index directory and the change-stream position it reflects."""
+    """One Whoosh index directory and the change-stream position it reflects. threepids: whether
+    people's addresses are indexed (directory.threepids)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, threepids: bool = True) -> None:
         self.path = Path(path)
+        self.threepids = threepids
 
     def exists(self) -> bool:
         return index.exists_in(str(self.path)) and (self.path / POSITION_FILE).is_file()
 
     def position(self) -> dict[str, Any] | None:
-        """{"schema", "epoch", "last_id"} of the cache this index was built from, or None if unusable."""
+        """{"schema", "threepids", "epoch", "last_id"} of the cache this index was built from, or None
+        if unusable."""
         if not self.exists():
             return None
         try:
             data = json.loads((self.path / POSITION_FILE).read_text())
-            return {"schema": data.get("schema"), "epoch": str(data["epoch"]), "last_id": str(data["last_id"])}
+            return {"schema": data.get("schema"), "threepids": data.get("threepids"), "epoch": str(data["epoch"]),
+                    "last_id": str(data["last_id"])}
         except (OSError, ValueError, KeyError):
             return None
 
     def _save_position(self, path: Path, epoch: str, last_id: str) -> None:
         # Replaced, never rewritten in place: a new inode tells searchers the index changed.
         tmp = path / (POSITION_FILE + ".tmp")
-        tmp.write_text(json.dumps({"schema": SCHEMA_VERSION, "epoch": epoch, "last_id": last_id}))
+        tmp.write_text(json.dumps({"schema": SCHEMA_VERSION, "threepids": self.threepids, "epoch": epoch,
+                                   "last_id": last_id}))
         tmp.replace(path / POSITION_FILE)
 
     def rebuild(self, identities: Iterable[Identity], epoch: str, last_id: str) -> int:
         """Write a new index from identities beside the current one, then swap it in."""
         fresh = self.path.with_name(self.path.name + ".new")
-        documents = [_document(identity) for identity in identities]
+        documents = [_document(identity, self.threepids) for identity in identities]
         _in_writer_process(_write_fresh, str(fresh), documents)
         self._save_position(fresh, epoch, last_id)
         old = self.path.with_name(self.path.name + ".old")
@@ -133,7 +139,8 @@ class FullText:
 
     def apply(self, upserts: list[Identity], deleted_keys: list[str], epoch: str, last_id: str) -> None:
         """Apply a batch of changes, then record the stream position they bring the index to."""
-        _in_writer_process(_write_changes, str(self.path), [_document(i) for i in upserts], deleted_keys)
+        documents = [_document(identity, self.threepids) for identity in upserts]
+        _in_writer_process(_write_changes, str(self.path), documents, deleted_keys)
         self._save_position(self.path, epoch, last_id)
 
     def count(self) -> int:

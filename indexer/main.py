@@ -204,7 +204,7 @@ def run_indexer(config: Config, redis_url: str, stop: threading.Event, parent_pi
                                 key="indexer start redis")
             stop.wait(RETRY_AFTER)
     store_names = [s.name for s in config.stores]
-    follower = Follower(cache, FullText(fulltext_path(config)), store_names)
+    follower = Follower(cache, FullText(fulltext_path(config), config.directory.threepids), store_names)
     follower_thread = threading.Thread(target=follower.run, args=(stop,), name="fulltext-follower", daemon=True)
     follower_thread.start()
     if parent_pid is not None:
