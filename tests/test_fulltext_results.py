@@ -12,10 +12,12 @@ import hashlib
 import json
 from pathlib import Path
 
+import pytest
 from whoosh import index
 
 from indexer.fulltext import FullText
 from indexer.identity import Identity
+from server.services import directory_ranking as ranking
 from server.services.directory_search import DirectorySearch, HideRules
 
 RECORDED = Path(__file__).parent / "data" / "fulltext_results.json"
@@ -84,7 +86,10 @@ def results(path: Path) -> dict[str, list[object]]:
     return out
 
 
-def test_search_results_are_those_recorded_before_the_index_was_made_faster(tmp_path):
+@pytest.mark.parametrize("few_terms", [ranking.FEW_TERMS, 0], ids=["as-configured", "every-term-at-once"])
+def test_search_results_are_those_recorded_before_the_index_was_made_faster(tmp_path, monkeypatch, few_terms):
+    # Parts of words are looked for term by term or in every term at once, by how often they occur.
+    monkeypatch.setattr(ranking, "FEW_TERMS", few_terms)
     FullText(tmp_path / "fulltext").rebuild(population(), "epoch", "0-0")
     recorded = json.loads(RECORDED.read_text())
     found = results(tmp_path / "fulltext")

@@ -17,9 +17,10 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from itertools import accumulate
+from itertools import accumulate, compress, repeat
+from operator import contains
 
 from pyroaring import FrozenBitMap
 from whoosh.reading import IndexReader, TermNotFound
@@ -32,6 +33,8 @@ TYPO_MIN_LENGTH = 5
 MATCHES_KEPT_BYTES = 32 * 1024 * 1024
 PEOPLE_KEPT = 10_000
 WORD_FIELDS = ("words", "tp_words")
+# Up to this many occurrences, a part of a word is looked for term by term; above, in every term at once.
+FEW_TERMS = 2000
 _NOBODY = FrozenBitMap()
 # Above every character a term can hold: the end of the terms starting with a prefix.
 _LAST = "\U0010ffff"
@@ -40,31 +43,34 @@ _LAST = "\U0010ffff"
 class SegmentTerms:
     """The terms of one field in one index segment, held in memory in order, with the documents
     (numbered within the segment, deleted ones included) that have each. A prefix is a range of
-    this list and a part of a word a search of its text: no posting list is read, however many
-    terms match (a one-letter prefix matches every user<i>). Built once per segment, which Whoosh
-    never changes but to delete documents; a person is almost always in one posting only, which
-    the term's entry in the term list tells, so building reads little more than the term list."""
+    this list and a part of a word one pass over it at C speed (map, compress): no posting list is
+    read, however many terms match (a one-letter prefix matches every user<i>). Built once per
+    segment, which Whoosh never changes but to delete documents; a person is almost always a
+    term's only document, which the term list tells, so building reads little more than that."""
 
     def __init__(self, reader: IndexReader, field: str) -> None:
         terms: list[str] = []
-        self.ends = array("I")  # the documents of term i are docs[ends[i - 1]:ends[i]]
-        self.docs = array("I")
+        self.first = array("I")  # each term's first document
+        self.more: dict[int, array[int]] = {}  # the documents of the few terms that have several
         for btext, info in reader.iter_field(field):
             if info.doc_frequency() == 1:
-                self.docs.append(info.min_id())
+                self.first.append(info.min_id())
             else:
-                self.docs.extend(reader.postings(field, btext).all_ids())
-            self.ends.append(len(self.docs))
+                docs = array("I", reader.postings(field, btext).all_ids())
+                self.first.append(docs[0] if docs else info.min_id())
+                self.more[len(terms)] = docs
             terms.append(btext.decode())
         self.terms = terms
-        # Every term on its own line, to look for a part of a word in one pass at C speed.
+        self.several = sorted(self.more)
+        # Every term on its own line: a part of a word that few terms hold is found in this text.
         self.text = "\n".join(terms)
         self.starts = array("I", accumulate((len(t) + 1 for t in terms[:-1]), initial=0)) if terms else array("I")
 
     def _range(self, low: int, high: int) -> FrozenBitMap:
         if low >= high:
             return _NOBODY
-        return FrozenBitMap(self.docs[self.ends[low - 1] if low else 0:self.ends[high - 1]])
+        return self._union(self.first[low:high], self.several[bisect_left(self.several, low):
+                                                              bisect_left(self.several, high)])
 
     def exact(self, term: str) -> FrozenBitMap:
         at = bisect_left(self.terms, term)
@@ -75,16 +81,31 @@ class SegmentTerms:
 
     def inside(self, word: str) -> FrozenBitMap:
         """Who has a term containing word."""
-        found = array("I")
+        count = self.text.count(word)
+        if not count:
+            return _NOBODY
+        if count > FEW_TERMS:
+            # Many terms (a part of every user<i>): one pass over them all, no Python loop per term.
+            holds = list(map(contains, self.terms, repeat(word)))
+            return self._union(compress(self.first, holds), [i for i in self.several if holds[i]])
+        found, several = array("I"), []
         text, starts, count = self.text, self.starts, len(self.terms)
         at = text.find(word)
         while at >= 0:
             term = bisect_right(starts, at) - 1
-            found.extend(self.docs[self.ends[term - 1] if term else 0:self.ends[term]])
+            if term in self.more:
+                several.append(term)
+            else:
+                found.append(self.first[term])
             if term + 1 >= count:
                 break
             at = text.find(word, starts[term + 1])
-        return FrozenBitMap(found) if found else _NOBODY
+        return self._union(found, several)
+
+    def _union(self, first: Iterable[int], several: list[int]) -> FrozenBitMap:
+        """first, and the documents of the terms numbered several."""
+        found = FrozenBitMap(first)
+        return found.union(*(FrozenBitMap(self.more[i]) for i in several)) if several else found
 
 
 def segment_key(reader: IndexReader) -> str | None:

@@ -3,6 +3,7 @@ between requests. Blocking; run in a thread, never on the event loop."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -15,6 +16,8 @@ from indexer.fulltext import POSITION_FILE
 from indexer.identity import Identity
 from indexer.settings import DirectoryHideConfig
 from server.services.directory_ranking import WORD_FIELDS, Hit, IndexNotReady, OpenIndex, ranked
+
+log = logging.getLogger(__name__)
 
 
 class HideRules:
@@ -94,6 +97,10 @@ class DirectorySearch:
             fresh = OpenIndex(index.open_dir(str(self.path)).reader(), self.fields, self._opened)
         except (OSError, index.EmptyIndexError):
             return  # swapped meanwhile: the next search tries again
+        except Exception as exc:  # in a thread of its own: said here, and the next search tries again
+            log.warning("directory search: could not open the changed index at %s (%s: %s)", self.path,
+                        type(exc).__name__, exc)
+            return
         with self._lock:
             before, self._opened, self._stamp = self._opened, fresh, stamp
         if before is not None:
