@@ -19,6 +19,9 @@ from server.services.directory_ranking import WORD_FIELDS, Hit, IndexNotReady, O
 
 log = logging.getLogger(__name__)
 
+# The longest a search waits for the first index to be opened (its terms read) before answering 503.
+OPEN_WAIT = 60.0
+
 
 class HideRules:
     """directory.hide from the config: a person matching every condition of any one rule is left out
@@ -69,8 +72,9 @@ def _search(opened: OpenIndex, text: str, threepids: bool, limit: int, hide: Hid
 class DirectorySearch:
     """Directory searches on one index kept open between requests (with what it has read). When the
     follower has moved the index on, the new index is opened and its terms read in a thread of its
-    own, while searches go on in the one opened before; then it takes over. Only the first index
-    is waited for. Thread-safe: searches take turns on the open index."""
+    own, while searches go on in the one opened before; then it takes over. The first index is
+    opened that way too, from the start (a search waits for it, at most OPEN_WAIT seconds).
+    Thread-safe: searches take turns on the open index."""
 
     def __init__(self, path: str | Path, hide: HideRules, threepids: bool) -> None:
         self.path = Path(path)
@@ -81,6 +85,7 @@ class DirectorySearch:
         self._opened: OpenIndex | None = None
         self._stamp: tuple[int, int] | None = None
         self._opening: threading.Thread | None = None
+        self._open_soon()
 
     def _changed(self) -> tuple[int, int] | None:
         """The index's stamp when it differs from the open one's."""
@@ -106,14 +111,18 @@ class DirectorySearch:
         if before is not None:
             before.close()
 
-    def _current(self) -> OpenIndex:
+    def _open_soon(self) -> threading.Thread | None:
+        """The thread opening the index as it is now, started unless one runs (None: no index yet)."""
         stamp = self._changed()
-        if stamp is not None:
-            if self._opened is None:
-                self._open(stamp)
-            elif self._opening is None or not self._opening.is_alive():
-                self._opening = threading.Thread(target=self._open, args=(stamp,), name="search-open", daemon=True)
-                self._opening.start()
+        if stamp is not None and (self._opening is None or not self._opening.is_alive()):
+            self._opening = threading.Thread(target=self._open, args=(stamp,), name="search-open", daemon=True)
+            self._opening.start()
+        return self._opening if stamp is not None else None
+
+    def _current(self) -> OpenIndex:
+        opening = self._open_soon()
+        if self._opened is None and opening is not None:
+            opening.join(OPEN_WAIT)
         if self._opened is None:
             raise IndexNotReady(f"no fulltext index at {self.path} yet")
         return self._opened
