@@ -86,10 +86,13 @@ def results(path: Path) -> dict[str, list[object]]:
     return out
 
 
-@pytest.mark.parametrize("few_terms", [ranking.FEW_TERMS, 0], ids=["as-configured", "every-term-at-once"])
-def test_search_results_are_those_recorded_before_the_index_was_made_faster(tmp_path, monkeypatch, few_terms):
-    # Parts of words are looked for term by term or in every term at once, by how often they occur.
-    monkeypatch.setattr(ranking, "FEW_TERMS", few_terms)
+@pytest.mark.parametrize("limits", [(ranking.FEW_TERMS, ranking.NEAR_SPELLINGS), (0, 0)],
+                         ids=["as-configured", "every-term-at-once-and-whoosh-near-terms"])
+def test_search_results_are_those_recorded_before_the_index_was_made_faster(tmp_path, monkeypatch, limits):
+    # Parts of words are looked for term by term or in every term at once, by how often they occur;
+    # near terms are looked up spelling by spelling or listed by Whoosh, by the size of the alphabet.
+    monkeypatch.setattr(ranking, "FEW_TERMS", limits[0])
+    monkeypatch.setattr(ranking, "NEAR_SPELLINGS", limits[1])
     FullText(tmp_path / "fulltext").rebuild(population(), "epoch", "0-0")
     recorded = json.loads(RECORDED.read_text())
     found = results(tmp_path / "fulltext")

@@ -35,6 +35,9 @@ PEOPLE_KEPT = 10_000
 WORD_FIELDS = ("words", "tp_words")
 # Up to this many occurrences, a part of a word is looked for term by term; above, in every term at once.
 FEW_TERMS = 2000
+# Spellings one typo away from a word are looked up in the term list up to this many; beyond (a large
+# alphabet), Whoosh's Levenshtein automaton lists the near terms.
+NEAR_SPELLINGS = 4000
 _NOBODY = FrozenBitMap()
 # Above every character a term can hold: the end of the terms starting with a prefix.
 _LAST = "\U0010ffff"
@@ -65,6 +68,7 @@ class SegmentTerms:
         # Every term on its own line: a part of a word that few terms hold is found in this text.
         self.text = "\n".join(terms)
         self.starts = array("I", accumulate((len(t) + 1 for t in terms[:-1]), initial=0)) if terms else array("I")
+        self.letters = sorted(set(self.text) - {"\n"})
 
     def _range(self, low: int, high: int) -> FrozenBitMap:
         if low >= high:
@@ -74,10 +78,27 @@ class SegmentTerms:
 
     def exact(self, term: str) -> FrozenBitMap:
         at = bisect_left(self.terms, term)
-        return self._range(at, at + 1) if at < len(self.terms) and self.terms[at] == term else _NOBODY
+        return self._range(at, at + 1) if self.has(term) else _NOBODY
 
     def prefixed(self, word: str) -> FrozenBitMap:
         return self._range(bisect_left(self.terms, word), bisect_left(self.terms, word + _LAST))
+
+    def near(self, word: str) -> list[str] | None:
+        """The terms (word itself included) with word's first letter and one letter wrong, missing or
+        extra after it; None when that is too many spellings to look up (a large alphabet)."""
+        head, rest = word[:1], word[1:]
+        if (2 * len(rest) + 1) * len(self.letters) > NEAR_SPELLINGS:
+            return None
+        spellings = {word}
+        spellings.update(head + rest[:i] + rest[i + 1:] for i in range(len(rest)))
+        for letter in self.letters:
+            spellings.update(head + rest[:i] + letter + rest[i + 1:] for i in range(len(rest)))
+            spellings.update(head + rest[:i] + letter + rest[i:] for i in range(len(rest) + 1))
+        return [spelling for spelling in spellings if self.has(spelling)]
+
+    def has(self, term: str) -> bool:
+        at = bisect_left(self.terms, term)
+        return at < len(self.terms) and self.terms[at] == term
 
     def inside(self, word: str) -> FrozenBitMap:
         """Who has a term containing word."""
@@ -210,7 +231,13 @@ class OpenIndex:
         """Who has a word one typo away from word: one letter wrong, missing or extra (with the same
         first letter), or two adjacent letters swapped."""
         def read() -> FrozenBitMap:
-            terms = set(self.reader.terms_within(field, word, maxdist=1, prefix=1))
+            terms: set[str] = set()
+            for segment, _, _ in self._leaves:
+                found = segment[field].near(word)
+                if found is None:  # Whoosh's Levenshtein automaton, over every segment
+                    terms = set(self.reader.terms_within(field, word, maxdist=1, prefix=1))
+                    break
+                terms.update(found)
             # Whoosh's automaton counts a swap as two edits; each swapped spelling is one term lookup.
             terms.update(_swaps(word))
             return _union([self.exact(field, t) for t in terms])
