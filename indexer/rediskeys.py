@@ -22,6 +22,9 @@ Bindings made with /3pid/bind (SQL is their truth) are mirrored as the pseudo-st
 which no configured store can be named (store names start with [a-z0-9]): s:_bindings:3pid and
 s:_bindings:sha256 as above, and s:_bindings:state {epoch, generation}: the cache epoch they were
 rebuilt for and the SQL bindings generation they hold (SQL counts every bind and unbind).
+Bindings of local addresses (a store knew the address when it was bound) are mirrored apart, as the
+pseudo-store "_localbinds" (s:_localbinds:3pid and s:_localbinds:sha256; its state is _bindings'),
+so that lookups from other servers can leave them out (lookup.share_binds: false) at no extra cost.
 Global: epoch (changes when the cache is emptied), pepper, changes (stream of upsert/delete events),
 generation (counts completed syncs; SQL keeps the highest any server saw, so a Redis restored from an
 older copy shows a lower one),
@@ -47,6 +50,8 @@ STREAM_MAXLEN = 1_000_000
 
 # The pseudo-store that mirrors /3pid/bind bindings; a configured store's name starts with [a-z0-9].
 BINDINGS = "_bindings"
+# The pseudo-store that mirrors bindings of local addresses (known to a store when they were bound).
+LOCAL_BINDINGS = "_localbinds"
 
 
 def _short(name: str) -> str:

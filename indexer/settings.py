@@ -81,6 +81,7 @@ class LookupConfig:
     bulk_max: int
     association_validity: Duration
     prefer: Literal["store", "binding"]
+    share_binds: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +183,7 @@ class SmsTwilioConfig:
 @dataclass(frozen=True, slots=True)
 class SmsTemplatesConfig:
     validation: str | None
+    invite: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +210,24 @@ class SessionsPagesConfig:
     failure: str | None
 
 
+# What session control does with an address: sessions.policy.<medium>.local and .remote.
+AddressPolicy = Literal["allow", "deny", "bind_only_own"]
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationPolicyConfig:
+    enabled: bool
+    local: AddressPolicy
+    remote: AddressPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class SessionsPolicyConfig:
+    email: ValidationPolicyConfig
+    msisdn: ValidationPolicyConfig
+    remote_bind_to: Literal["other_domains", "this_domain"]
+
+
 @dataclass(frozen=True, slots=True)
 class SessionsConfig:
     lifetime: Duration
@@ -216,6 +236,7 @@ class SessionsConfig:
     purge_every: Duration
     rate_limit: SessionsRateLimitConfig
     pages: SessionsPagesConfig
+    policy: SessionsPolicyConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +330,7 @@ class SqlStoreQueriesConfig:
     changes: str | None
     high_water_mark: str | None
     password: str | None
+    roles: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,6 +403,17 @@ class LdapStoreAttributesConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LdapStoreRolesConfig:
+    source: Literal["member_of", "groups"] | None
+    name: str
+    member_of: str
+    base_dns: tuple[str, ...] | None
+    filter: str | None
+    member_attribute: str
+    nested: bool
+
+
+@dataclass(frozen=True, slots=True)
 class LdapStoreConfig:
     name: str
     kind: Literal["ldap"]
@@ -397,6 +430,7 @@ class LdapStoreConfig:
     page_size: int
     auth_pool_size: int
     attributes: LdapStoreAttributesConfig
+    roles: LdapStoreRolesConfig
 
 
 StoreConfig = FileStoreConfig | LdapStoreConfig | SqlStoreConfig | RestStoreConfig

@@ -12,28 +12,33 @@ import redis.asyncio
 
 from indexer.cache import RAISE_SCRIPT, Cache
 from indexer.redis_clients import Plan, run_plan_async
-from indexer.rediskeys import BINDINGS, RedisKeys, lookup_fields
+from indexer.rediskeys import BINDINGS, LOCAL_BINDINGS, RedisKeys, lookup_fields
 from server.storage import BINDINGS_GENERATION, CACHE_GENERATION, Storage
 
 log = logging.getLogger(__name__)
 
 
 class BindingMirror:
-    """Writes /3pid/bind bindings into the "_bindings" pseudo-store, so lookups find them at once."""
+    """Writes /3pid/bind bindings into the "_bindings" pseudo-store (those of local addresses into
+    "_localbinds"), so lookups find them at once."""
 
     def __init__(self, client: redis.asyncio.Redis, prefix: str) -> None:
         self.r = client
         self.k = RedisKeys(prefix)
 
-    async def put(self, medium: str, address: str, mxid: str, generation: int) -> None:
-        """Mirror one bind, made at this SQL bindings generation."""
+    async def put(self, medium: str, address: str, mxid: str, generation: int, local: bool = False) -> None:
+        """Mirror one bind, made at this SQL bindings generation; local: of a local address."""
         pepper = cast("str | None", await self.r.get(self.k.pepper))
         if not pepper:
             raise redis.exceptions.RedisError("the cache has no lookup pepper yet")
         fields, hashes = lookup_fields(medium, address, pepper)
+        family, other = (LOCAL_BINDINGS, BINDINGS) if local else (BINDINGS, LOCAL_BINDINGS)
         tx = self.r.pipeline(transaction=True)
-        tx.hset(self.k.threepids(BINDINGS), mapping={f: mxid for f in fields})
-        tx.hset(self.k.hashes(BINDINGS), mapping={h: mxid for h in hashes})
+        # A rebind may move the 3PID from one family to the other.
+        tx.hdel(self.k.threepids(other), *fields)
+        tx.hdel(self.k.hashes(other), *hashes)
+        tx.hset(self.k.threepids(family), mapping={f: mxid for f in fields})
+        tx.hset(self.k.hashes(family), mapping={h: mxid for h in hashes})
         tx.eval(RAISE_SCRIPT, 1, self.k.state(BINDINGS), generation, "generation")
         await tx.execute()
 
@@ -42,8 +47,9 @@ class BindingMirror:
         pepper = cast(str, await self.r.get(self.k.pepper) or "")
         fields, hashes = lookup_fields(medium, address, pepper)
         tx = self.r.pipeline(transaction=True)
-        tx.hdel(self.k.threepids(BINDINGS), *fields)
-        tx.hdel(self.k.hashes(BINDINGS), *hashes)
+        for family in (BINDINGS, LOCAL_BINDINGS):
+            tx.hdel(self.k.threepids(family), *fields)
+            tx.hdel(self.k.hashes(family), *hashes)
         tx.eval(RAISE_SCRIPT, 1, self.k.state(BINDINGS), generation, "generation")
         await tx.execute()
 
@@ -73,7 +79,8 @@ def restore_mirror(storage: Storage, cache: Cache, always: bool = False) -> bool
     generation = storage.counter(BINDINGS_GENERATION)
     if not always and cache.bindings_mirrored(generation):
         return False
-    count = cache.rebuild_bindings(((b.medium, b.address, b.mxid) for b in storage.all_bindings()), generation)
+    count = cache.rebuild_bindings(((b.medium, b.address, b.mxid, b.local_address) for b in storage.all_bindings()),
+                                   generation)
     log.info("bindings: %d lookup keys rebuilt from the database (bindings generation %d)", count, generation)
     return True
 

@@ -15,7 +15,7 @@ from sanic import Request
 
 from indexer.fulltext import fulltext_path
 from indexer.redis_clients import connect_async
-from indexer.rediskeys import BINDINGS
+from indexer.rediskeys import BINDINGS, LOCAL_BINDINGS
 from indexer.settings import Config
 from server.bindings import BindingMirror
 from server.credentials import Credentials
@@ -38,6 +38,7 @@ from server.services.lookups import Lookups
 from server.services.onbind import InviteWorker
 from server.services.profiles import Profiles
 from server.services.readiness import Readiness
+from server.services.session_policy import SessionPolicy
 from server.services.terms_of_service import TermsOfService
 from server.services.user_directory import UserDirectory
 from server.services.validation import ValidationSessions
@@ -49,7 +50,8 @@ from server.token_cache import TokenCache
 def lookup_order(config: Config) -> list[str]:
     """The stores lookups ask, first match wins: bindings before or after the configured stores."""
     stores = [s.name for s in config.stores]
-    return [BINDINGS, *stores] if config.lookup.prefer == "binding" else [*stores, BINDINGS]
+    mirrors = [BINDINGS, LOCAL_BINDINGS]
+    return [*mirrors, *stores] if config.lookup.prefer == "binding" else [*stores, *mirrors]
 
 
 @dataclass
@@ -100,7 +102,8 @@ class Services:
         email = EmailSender(config.email, domain) if config.email else None
         sms = SmsSender(config.sms, domain) if config.sms else None
         redis_pipe = PipelinedRedis(redis_url, config.redis.timeout)
-        lookups = Lookups(redis_pipe, prefix, lookup_order(config))
+        hidden = frozenset() if config.lookup.share_binds else frozenset([LOCAL_BINDINGS])
+        lookups = Lookups(redis_pipe, prefix, lookup_order(config), hidden, [s.name for s in config.stores])
         read_through = ReadThrough(config, lookups)
         binding_mirror = BindingMirror(client, prefix)
         rate_limits = RateLimits(client, prefix)
@@ -108,7 +111,8 @@ class Services:
         federation = Federation(config.federation)
         recursion = Recursion(config, federation, RemoteAnswers(client, prefix))
         invite_worker = InviteWorker(config, storage, lookups, federation, keys)
-        sessions = ValidationSessions(config, storage, rate_limits, email, sms)
+        sessions = ValidationSessions(config, storage, rate_limits, email, sms,
+                                      SessionPolicy(config, lookups, read_through))
         terms = TermsOfService(config, storage)
         directory = DirectorySearch(fulltext_path(config), HideRules(config.directory.hide),
                                     config.directory.threepids)
@@ -143,7 +147,7 @@ class Services:
             sessions=sessions,
             binding=binding,
             invitations=Invitations(config, storage, rate_limits, lookups, read_through, recursion, invite_worker,
-                                    email, keys),
+                                    email, sms, keys),
             accounts=Accounts(config, storage, federation, terms, tokens),
             terms=terms,
             user_directory=UserDirectory(config, directory, search_executor, homeserver, lookups),
@@ -154,9 +158,10 @@ class Services:
 
     def reload(self, config: Config) -> None:
         """Apply a config re-read on SIGHUP, which differs from this one only in what a reload
-        applies: the rate limits of validation sessions and of logins."""
+        applies: the rate limits and policy of validation sessions and the rate limits of logins."""
         self.config = config
         self.sessions.config = config
+        self.sessions.policy.config = config
         self.credentials.set_limits(config.auth.rate_limit)
 
     def run_in_background(self, *jobs: Coroutine[Any, Any, None]) -> None:

@@ -27,6 +27,7 @@ from indexer.redis_server import EmbeddedRedis
 from indexer.settings import Config
 from server.bindings import check_cache
 from server.metrics import use_directory
+from server.service_manager import monotonic_usec, notify
 from server.signing import SigningKeys
 from server.storage import Storage, StorageError
 
@@ -262,13 +263,15 @@ class Stopped(Exception):
 
 
 # The keys a reload applies, and what the log calls them.
-RELOADED = {"log_level": "log_level", "stores": "store sync settings", "sessions": "sessions.rate_limit",
+RELOADED = {"log_level": "log_level", "stores": "store sync settings",
+            "sessions": "sessions.rate_limit and sessions.policy",
             "auth": "auth.rate_limit"}
 
 
 def reloadable(old: Config, new: Config) -> tuple[Config, list[str]]:
     """The config to go on with after a reload (old, with the changes that can be applied without a
-    restart: log_level, each store's sync settings, sessions.rate_limit and auth.rate_limit) and the
+    restart: log_level, each store's sync settings, sessions.rate_limit, sessions.policy and
+    auth.rate_limit) and the
     keys whose changes cannot."""
     changes: dict[str, Any] = {}
     ignored = []
@@ -278,11 +281,16 @@ def reloadable(old: Config, new: Config) -> tuple[Config, list[str]]:
             continue
         if key == "log_level":
             changes[key] = now
-        elif key in ("sessions", "auth"):
+        elif key == "sessions":
+            if dataclasses.replace(was, rate_limit=now.rate_limit, policy=now.policy) == now:
+                changes[key] = now
+            else:
+                ignored.append("sessions (other than rate_limit and policy)")
+        elif key == "auth":
             if dataclasses.replace(was, rate_limit=now.rate_limit) == now:
                 changes[key] = now
             else:
-                ignored.append(f"{key} (other than rate_limit)")
+                ignored.append("auth (other than rate_limit)")
         elif key == "stores":
             if len(was) == len(now) and all(dataclasses.replace(w, sync=n.sync) == n for w, n in zip(was, now)):
                 changes[key] = now
@@ -363,15 +371,21 @@ class Supervisor:
                     with contextlib.suppress(BlockingIOError):
                         if os.read(listening, 16):
                             up.append(True)
+                            notify("READY=1", f"STATUS=answering on {config.server.bind}:{config.server.port}")
                 self.signals.wake.wait(TICK)
                 self.signals.wake.clear()
                 if self.signals.reload:
                     self.signals.reload = False
+                    if up:
+                        notify("RELOADING=1", monotonic_usec())
                     self.reload(indexer, server)
+                    if up:
+                        notify("READY=1")
                 for child in self.children:
                     if not self.signals.stopping():
                         child.check()
             log.info("received %s: stopping", self.signals.stops[0])
+            notify("STOPPING=1")
         except Stopped:
             log.info("received %s while starting: stopping", self.signals.stops[0])
         finally:

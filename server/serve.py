@@ -110,7 +110,7 @@ async def _stop_at_once_while_starting(app: App, _: Any) -> None:
 
 def _follow_config(app: App, current: list[Config], single: bool, ready: threading.Event) -> None:
     """Apply each config `mxisd run` re-reads on SIGHUP (sent on stdin; it differs from the one
-    before only in what a reload applies): log_level and the rate limits. One process applies them
+    before only in what a reload applies): log_level, the rate limits and sessions.policy. One process applies them
     in place; workers are replaced by new ones started with them, each new one before its old one
     stops, so that nothing stops answering. A config that comes while the server is starting is
     applied once it has started (`systemctl reload` right after `systemctl start`)."""

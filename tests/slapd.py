@@ -24,6 +24,7 @@ include /etc/ldap/schema/inetorgperson.schema
 include /etc/ldap/schema/nis.schema
 modulepath /usr/lib/ldap
 moduleload back_mdb
+{modules}
 pidfile {root}/slapd.pid
 {tls}
 sizelimit {sizelimit}
@@ -79,8 +80,9 @@ def make_certificate(folder: Path) -> tuple[Path, Path]:
 class Slapd:
     """slapd serving SUFFIX on ldap://127.0.0.1:<port> (STARTTLS too) and ldaps://127.0.0.1:<tls_port>."""
 
-    def __init__(self, root: Path, sizelimit: str = "unlimited", extra: str = "") -> None:
-        """extra: more lines for the database section (more indexes, say)."""
+    def __init__(self, root: Path, sizelimit: str = "unlimited", extra: str = "", modules: str = "") -> None:
+        """extra: more lines for the database section (more indexes, overlays); modules: more
+        global lines (moduleload of an overlay)."""
         self.root = root
         self.port = free_port()
         self.tls_port = free_port()
@@ -92,7 +94,7 @@ class Slapd:
         self.config = root / "slapd.conf"
         self.config.write_text(_CONFIG.format(root=root, tls=tls, suffix=SUFFIX, admin=ADMIN_DN,
                                               password=ADMIN_PASSWORD, reader=READER_DN, sizelimit=sizelimit,
-                                              extra=extra))
+                                              extra=extra, modules=modules))
         self.process: subprocess.Popen[bytes] | None = None
 
     def load(self, ldif: str = "") -> None:

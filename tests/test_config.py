@@ -72,6 +72,8 @@ def with_changes(**changes: object) -> dict:
          'homeserver.url: expected an http:// or https:// URL with no path, or null, got "localhost:8008"'),
         (with_changes(auth__rate_limit__per_user=0), "auth.rate_limit.per_user: 0 is less than the minimum of 1"),
         (with_changes(stores__0__colour="blue"), "stores[0].colour: unknown key"),
+        (with_changes(sessions__policy__email__local="block"),
+         'sessions.policy.email.local: expected one of "allow", "deny", "bind_only_own", got "block"'),
         (with_changes(server__port="eighty"), 'server.port: expected integer, got "eighty"'),
         (with_changes(server__port=70000), "server.port: 70000 is greater than the maximum of 65535"),
         (with_changes(server__max_body_size="4M"),
@@ -238,10 +240,27 @@ def test_a_reload_keeps_what_needs_a_restart_and_names_it(tmp_path):
     old = load_config(write(tmp_path, VALID))
     new = load_config(write(tmp_path, with_changes(
         log_level="DEBUG", stores__0__sync__full_every="2h", auth__threads=2, lookup__bulk_max=7,
-        sessions__rate_limit__per_ip={"requests": 1, "window": "1m"})))
+        sessions__rate_limit__per_ip={"requests": 1, "window": "1m"},
+        sessions__policy={"email": {"remote": "deny"}})))
     merged, ignored = reloadable(old, new)
     assert ignored == ["auth (other than rate_limit)", "lookup"]
+    assert merged.sessions.policy.email.remote == "deny"
     assert (merged.log_level, merged.stores, merged.sessions) == ("DEBUG", new.stores, new.sessions)
     assert (merged.auth, merged.lookup) == (old.auth, old.lookup)
     renamed = load_config(write(tmp_path, with_changes(stores__0__path="other.yml")))
     assert reloadable(old, renamed) == (old, ["stores (other than their sync settings)"])
+
+
+def test_ldap_roles_settings_that_cannot_work_are_named(tmp_path):
+    path = tmp_path / "config.yml"
+    store = "{name: d, kind: ldap, uri: ldap://127.0.0.1, base_dns: [dc=example], roles: %s}"
+    for roles, error in (("{source: member_of, nested: true}", r"stores\[0\].roles.nested: needs roles.source: groups"),
+                         ("{source: groups, member_attribute: memberUid, nested: true}",
+                          r"stores\[0\].roles.nested: groups listing members by memberUid cannot nest"),
+                         ("{source: everything}", r"stores\[0\].roles.source"),
+                         ("{source: groups, filter: objectClass=group}", r"stores\[0\].roles.filter")):
+        path.write_text(f"matrix: {{domain: example.org}}\nstores: [{store % roles}]\n")
+        with pytest.raises(ConfigError, match=error):
+            load_config(path)
+    path.write_text(f"matrix: {{domain: example.org}}\nstores: [{store % '{}'}]\n")
+    assert load_config(path).stores[0].roles.source is None  # off by default

@@ -29,8 +29,8 @@ import trustme
 import yaml
 from signedjson.key import generate_signing_key, write_signing_keys
 
-from tests.conftest import Server, free_port, wait_until
-from tests.fakes import Mailbox
+from tests.conftest import TWILIO_NUMBER, TWILIO_SID, TWILIO_TOKEN, Server, free_port, wait_until
+from tests.fakes import FakeTwilio, Mailbox
 
 pytestmark = pytest.mark.synapse
 
@@ -225,8 +225,9 @@ class Synapse:
 
 class Stack:
     def __init__(self, synapse: Synapse, server: Server, mailbox: Mailbox, ca: trustme.CA,
-                 terminator: TlsTerminator) -> None:
+                 terminator: TlsTerminator, twilio: FakeTwilio) -> None:
         self.synapse, self.server, self.mailbox, self.terminator = synapse, server, mailbox, terminator
+        self.twilio = twilio
         self.id_server = synapse.identity_server
         self.ca_file = synapse.root / "ca.pem"
         # The identity API as a client reaches it: over https, by the name Synapse is given.
@@ -248,6 +249,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
     root = tmp_path_factory.mktemp("synapse")
     ca = trustme.CA()
     mailbox = Mailbox(free_port())
+    twilio = FakeTwilio(TWILIO_SID, TWILIO_TOKEN)
     server_port = free_port()
     terminator = TlsTerminator(ca.issue_cert("localhost"), server_port)
     id_server = f"localhost:{terminator.port}"
@@ -271,6 +273,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
         "invites": {"retry_first": "1s"},
         "email": {"from": "mxisd@id.example.org", "from_name": "Example ID",
                   "smtp": {"host": "127.0.0.1", "port": mailbox.port, "tls": "none"}},
+        "sms": {"twilio": {"base_url": twilio.url, "account_sid": TWILIO_SID, "auth_token": TWILIO_TOKEN,
+                           "number": TWILIO_NUMBER}},
     }
     server = Server(server_root, config, None)  # type: ignore[arg-type]
     server.write_people(PEOPLE)
@@ -278,13 +282,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
         server.start()
         wait_until(lambda: server.lookup_v1("email", "erin@example.com").get("mxid"), 60, "the first sync")
         synapse.start()
-        yield Stack(synapse, server, mailbox, ca, terminator)
+        yield Stack(synapse, server, mailbox, ca, terminator, twilio)
     finally:
         synapse.stop()
         server.stop()
         server.http.close()
         terminator.close()
         mailbox.close()
+        twilio.close()
         client = redis.Redis.from_url(redis_url)
         keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
         if keys:
@@ -539,6 +544,55 @@ def test_an_email_invite_for_a_known_address_in_other_letters_reaches_the_accoun
     joined = synapse.http.post(f"/_matrix/client/v3/join/{quote(room_id)}", headers=alice, json={})
     assert joined.status_code == 200, joined.text
     assert not [m for m in stack.mailbox.to("alice@example.com") if "Mad hatters" in m.get_content()]
+    clean(synapse.log())
+
+
+def test_a_phone_number_invite_is_texted_and_reaches_the_account_once_the_number_is_bound(stack: Stack) -> None:
+    """Synapse's /invite with medium msisdn: its lookup misses, it stores the invite here and puts the
+    redacted number in the room; the invitee gets an SMS, binds the number through Synapse after
+    validating it by SMS, and the invite becomes a room invite at her account."""
+    synapse, identity = stack.synapse, stack.identity
+    bob = synapse.session("bob")
+    bob_token = stack.identity_token(bob, "@bob:example.org")
+    created = synapse.http.post("/_matrix/client/v3/createRoom", headers=bob, json={"name": "Night shift"})
+    assert created.status_code == 200, created.text
+    room_id = created.json()["room_id"]
+    invited = synapse.http.post(f"/_matrix/client/v3/rooms/{quote(room_id)}/invite", headers=bob, json={
+        "id_server": stack.id_server, "id_access_token": bob_token, "medium": "msisdn", "address": "447400123488"})
+    assert invited.status_code == 200, invited.text + "\n" + stack.server.log()[-3000:]
+    [sms] = wait_until(lambda: [s for s in stack.twilio.sent if s["To"] == "+447400123488"], 20, "the invite SMS")
+    assert sms["Body"].startswith("Bob Builder invited you to Night shift on Matrix: https://")
+    state = synapse.http.get(f"/_matrix/client/v3/rooms/{quote(room_id)}/state", headers=bob).json()
+    [third_party] = [e for e in state if e["type"] == "m.room.third_party_invite"]
+    assert third_party["content"]["display_name"] == "+44 740..."
+
+    erin = synapse.session("erin")
+    erin_token = {"Authorization": f"Bearer {stack.identity_token(erin, '@erin:example.org')}"}
+    secret = "secret" + uuid.uuid4().hex
+    requested = identity.post("/_matrix/identity/v2/validate/msisdn/requestToken", headers=erin_token, json={
+        "client_secret": secret, "country": "GB", "phone_number": "07400 123488", "send_attempt": 1})
+    assert requested.status_code == 200, requested.text
+    sid = requested.json()["sid"]
+    code = re.search(r"\b(\d{6})\b", stack.twilio.sent[-1]["Body"])
+    assert code is not None, stack.twilio.sent[-1]
+    submitted = identity.post("/_matrix/identity/v2/validate/msisdn/submitToken", headers=erin_token,
+                              json={"sid": sid, "client_secret": secret, "token": code.group(1)})
+    assert submitted.status_code == 200 and submitted.json() == {"success": True}, submitted.text
+    bound = synapse.http.post("/_matrix/client/v3/account/3pid/bind", headers=erin, json={
+        "client_secret": secret, "id_server": stack.id_server, "id_access_token": erin_token["Authorization"][7:],
+        "sid": sid})
+    assert bound.status_code == 200, bound.text
+
+    since: dict[str, str] = {}
+
+    def invited_rooms() -> dict[str, Any]:
+        sync = synapse.http.get("/_matrix/client/v3/sync", headers=erin, params={"timeout": 1000, **since}).json()
+        since["since"] = sync["next_batch"]
+        return sync.get("rooms", {}).get("invite", {})
+
+    wait_until(lambda: room_id in invited_rooms(), 30, "the room invite at Erin's")
+    joined = synapse.http.post(f"/_matrix/client/v3/join/{quote(room_id)}", headers=erin, json={})
+    assert joined.status_code == 200, joined.text
     clean(synapse.log())
 
 

@@ -297,6 +297,10 @@ def _sql(old: OldConfig, root: str, flavour: str) -> dict[str, Any] | None:
     store: dict[str, Any] = {"name": "synapse" if root == "synapseSql" else "sql", "kind": "sql", "url": url}
     if root == "synapseSql":
         store["preset"] = "synapse"
+        if old.has(f"{root}.profile.role"):
+            old.note(f"{root}.profile.role", "Synapse's roles were its communities (group_users), which Synapse "
+                                             "removed in 1.62: write a roles query under queries if another table "
+                                             "holds roles (README: Roles)")
         for key in ("identity", "directory", "profile", "lookup", "legacyRoomNames"):
             if old.has(f"{root}.{key}"):
                 old.note(f"{root}.{key}", "the synapse preset reads Synapse's current schema; its queries can be "
@@ -317,14 +321,42 @@ def _sql(old: OldConfig, root: str, flavour: str) -> dict[str, Any] | None:
                        "<address> = ?: write the store's identities query by hand (README: The sql store)")
         return None
     store["queries"] = {"identities": identities}
-    old.get(f"{root}.identity.type")
-    for key in ("identity.medium", "directory.query", "profile"):
+    # The identities query's id is the user id of lookup.query (a Matrix ID) or identity.query's uid.
+    id_type = "mxid" if lookup else str(old.get(f"{root}.identity.type", "mxid"))
+    _roles(old, root, id_type, store["queries"])
+    for key in ("identity.medium", "directory.query", "profile.displayName", "profile.threepid"):
         if old.has(f"{root}.{key}"):
             old.note(f"{root}.{key}", "not carried over: add display names to the store's identities query; "
                                       "directory search and profiles are answered from the cache")
-    for feature in ("auth", "directory"):
+    for feature in ("auth", "directory", "profile"):
         old.get(f"{root}.{feature}.enabled")
     return store
+
+
+_ROLE_COLUMN = re.compile(r"(?P<distinct>DISTINCT\b\s*)?(?P<expr>[^,]+?)(?:\s+(?:AS\s+)?\w+)?", re.I | re.S)
+
+
+def _roles(old: OldConfig, root: str, id_type: str, queries: dict[str, str]) -> None:
+    """mxisd's profile.role.query (the roles of one user, `<column> = ?`) as our roles query of
+    every person's roles, when its shape is that simple and its ? is the identities query's id."""
+    query = old.get(f"{root}.profile.role.query")
+    if not isinstance(query, str):
+        return
+    role_type = str(old.get(f"{root}.profile.role.type", id_type))
+    match = _IDENTITY_QUERY.fullmatch(query)
+    parameters = list(_PARAMETER.finditer(match["rest"])) if match else []
+    column = _ROLE_COLUMN.fullmatch(match["select"].strip()) if match else None
+    if match is None or column is None or len(parameters) != 1 or match["rest"].count("?") != 1:
+        old.note(f"{root}.profile.role", "profile.role.query is not of the shape SELECT <role> FROM ... WHERE "
+                                         "<user column> = ?: write the store's roles query by hand (README: Roles)")
+        return
+    if role_type != id_type:
+        old.note(f"{root}.profile.role", f"profile.role.query is given a {role_type} where the store's records are "
+                                         f"keyed by {id_type}: write the store's roles query by hand (README: Roles)")
+        return
+    rest = _PARAMETER.sub("1 = 1", match["rest"])
+    distinct = "DISTINCT " if column["distinct"] else ""
+    queries["roles"] = f"SELECT {distinct}{parameters[0]['column']} AS id, {column['expr'].strip()} AS role FROM {rest}"
 
 
 def _rest(old: OldConfig) -> dict[str, Any] | None:
@@ -344,6 +376,8 @@ def _rest(old: OldConfig) -> dict[str, Any] | None:
             ("identity.bulk", "bulk lookups ask the lookup endpoint once per address (read-through)"),
             ("directory", "a store that cannot list its people is not searched: add an enumerate endpoint "
                           "(README: The rest store)"),
+            ("profile.roles", "roles are synced, not asked per user: add an enumerate endpoint whose people carry "
+                              "their roles (README: The rest store, Roles)"),
             ("profile", "profiles are answered from the cache")):
         if old.has(f"rest.endpoints.{key}"):
             old.note(f"rest.endpoints.{key}", reason)
@@ -393,9 +427,10 @@ def _sms(old: OldConfig, out: dict[str, Any]) -> None:
             old.note(root, "no complete Twilio connector (account_sid, auth_token, number): SMS is not set up")
         return
     out["sms"] = {"twilio": {k: str(twilio[k]) for k in ("account_sid", "auth_token", "number")},
-                  "templates": {"validation": _file(old, f"{root}.generators.template.session.validation")}}
+                  "templates": {"validation": _file(old, f"{root}.generators.template.session.validation"),
+                                "invite": _file(old, f"{root}.generators.template.invite")}}
     old.get(f"{root}.generator")
-    for key in ("invite", "session.unbind", "generic"):
+    for key in ("session.unbind", "generic"):
         if old.has(f"{root}.generators.template.{key}"):
             old.note(f"{root}.generators.template.{key}", "this message is never sent here")
 
@@ -509,8 +544,41 @@ def _sessions(old: OldConfig, out: dict[str, Any]) -> None:
             pages[ours] = page
     if pages:
         out["sessions"] = {"pages": pages}
-    if old.get("session.policy.validation.enabled", True) is False:
-        old.notes["session.policy.validation.enabled"] = "3PID validation cannot be turned off here"
+    policy = _session_policy(old, out)
+    if policy:
+        out.setdefault("sessions", {})["policy"] = policy
+
+
+# What mxisd 1.2's validation sessions did for local and remote 3PIDs, and ma1sd's on/off switch,
+# as sessions.policy (mxisd had one policy for every medium).
+HISTORICAL = "session.policy.validation"
+
+
+def _session_policy(old: OldConfig, out: dict[str, Any]) -> dict[str, Any]:
+    rules: dict[str, Any] = {}
+    if not _bool(old.get(f"{HISTORICAL}.enabled", True), True):
+        rules["enabled"] = False
+    for kind in ("local", "remote"):
+        root = f"{HISTORICAL}.for{kind.capitalize()}"
+        ignored = " (mxisd 1.3 and later ignored this key: check that it still says what you want)"
+        if not _bool(old.get(f"{root}.enabled", True), True):
+            rules[kind] = "deny"
+            old.notes[f"{root}.enabled"] = f"carried over as sessions.policy.<medium>.{kind}: deny{ignored}"
+        if not _bool(old.get(f"{root}.toLocal", True), True):
+            rules[kind] = "deny"
+            old.notes[f"{root}.toLocal"] = (
+                f"carried over as sessions.policy.<medium>.{kind}: deny: validation by another identity server "
+                f"(toRemote) is not offered here{ignored}")
+        if old.has(f"{root}.toRemote"):
+            old.note(f"{root}.toRemote", "validation by another identity server (remote sessions) is not offered "
+                                         "here: only this server validates 3PIDs")
+            if kind == "local" and old.get(f"{root}.toRemote.enabled") is False:
+                # Local 3PIDs never went to a central identity server: their binds stay inside.
+                out.setdefault("lookup", {})["share_binds"] = False
+                old.notes[f"{root}.toRemote"] += (
+                    "; toRemote.enabled: false is carried over as lookup.share_binds: false (binds of local "
+                    "addresses are not answered to other servers)")
+    return {medium: dict(rules) for medium in ("email", "msisdn")} if rules else {}
 
 
 def _storage(old: OldConfig, out: dict[str, Any]) -> None:

@@ -56,7 +56,8 @@ KNOWN_KEYS = [
 UNSUPPORTED = {
     "appsvc": "the application service (admin bot, invites by Matrix ID) is not part of this server",
     "exec": "the exec store (scripts) is not supported: a rest store can call a small web service instead",
-    "memory": "the memory store is not supported: write the people in a file store (README: The file store)",
+    "memory": "the memory store is not supported: write the people (and their roles) in a file store (README: The "
+              "file store)",
     "firebase": "the Firebase store is not supported",
     "wordpress": "the WordPress store is not supported: a sql store can read its database",
     "auth.rewrite": "rewriting logins by regular expression is not supported",
@@ -68,10 +69,6 @@ UNSUPPORTED = {
     "internal": "the internal invite maintenance endpoint is gone: pending invites are checked every "
                 "invites.check_every, and the admin API (admin.token) has the rest",
     "session.policy.unbind": "no message is sent on unbind",
-    "session.policy.validation.forLocal": "remote validation sessions were removed in mxisd 1.3, which ignored "
-                                          "this key",
-    "session.policy.validation.forRemote": "remote validation sessions were removed in mxisd 1.3, which ignored "
-                                           "this key",
     "view.session.remote": "remote validation sessions were removed in mxisd 1.3, which ignored this key",
 }
 MA1SD_ONLY = ("matrix.v1", "matrix.v2", "accountConfig", "hashing", "policy", "logging", "internal",

@@ -27,6 +27,11 @@ class InviteQueries:
             row = conn.execute(sa.select(invites).where(invites.c.token == token)).first()
         return Invite(**row._mapping) if row else None
 
+    def invite_by_link_code(self, code: str) -> Invite | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(invites).where(invites.c.link_code == code)).first()
+        return Invite(**row._mapping) if row else None
+
     def ephemeral_key_known(self, public_key: str) -> bool:
         """Whether a stored invite (delivered or not, until it expires) was given this ephemeral key."""
         with self.engine.connect() as conn:
