@@ -12,7 +12,7 @@ import json
 import multiprocessing
 import shutil
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
@@ -58,10 +58,12 @@ class _Codec(W3Codec):  # type: ignore[misc]
     length_stats = False
 
 
+# A batch's commit merges small segments only when the index has this many (see _write_changes).
 MERGE_FROM_SEGMENTS = 16
 # Uncompressed posting blocks: most terms (a localpart, an address) have one posting, and
-# compressing each one's block was a tenth of the writing.
+# compressing each one's block was about a tenth of the writing.
 _WRITER = {"limitmb": 256, "codec": _Codec(compression=0)}
+
 
 def fulltext_path(config: Config) -> Path:
     """Where a host keeps its index: data_dir/fulltext."""
@@ -181,7 +183,7 @@ _pool: ProcessPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
-def _in_writer_process(work: Any, *args: Any) -> None:
+def _in_writer_process(work: Callable[..., None], *args: Any) -> None:
     """Run work(*args) in the writer process (started the first time), and wait for it."""
     global _pool
     with _pool_lock:
