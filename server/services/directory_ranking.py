@@ -78,7 +78,7 @@ class SegmentTerms:
 
     def exact(self, term: str) -> FrozenBitMap:
         at = bisect_left(self.terms, term)
-        return self._range(at, at + 1) if self.has(term) else _NOBODY
+        return self._range(at, at + 1) if at < len(self.terms) and self.terms[at] == term else _NOBODY
 
     def prefixed(self, word: str) -> FrozenBitMap:
         return self._range(bisect_left(self.terms, word), bisect_left(self.terms, word + _LAST))
@@ -110,7 +110,7 @@ class SegmentTerms:
             holds = list(map(contains, self.terms, repeat(word)))
             return self._union(compress(self.first, holds), [i for i in self.several if holds[i]])
         found, several = array("I"), []
-        text, starts, count = self.text, self.starts, len(self.terms)
+        text, starts, last = self.text, self.starts, len(self.terms) - 1
         at = text.find(word)
         while at >= 0:
             term = bisect_right(starts, at) - 1
@@ -118,7 +118,7 @@ class SegmentTerms:
                 several.append(term)
             else:
                 found.append(self.first[term])
-            if term + 1 >= count:
+            if term >= last:
                 break
             at = text.find(word, starts[term + 1])
         return self._union(found, several)
@@ -174,9 +174,9 @@ class OpenIndex:
                 terms[field] = self.segments[(key, field)] = known.get((key, field)) or SegmentTerms(leaf, field)
             deleted = FrozenBitMap(leaf.deleted_docs_set) if leaf.has_deletions() else _NOBODY
             self._leaves.append((terms, offset, deleted))
-        # Whoosh opens a segment's stored fields at the first use: now, while the files exist.
-        if reader.doc_count_all():
-            reader.stored_fields(0)
+            # Whoosh opens a segment's stored fields at their first use: now, while its files exist.
+            if leaf.doc_count_all():
+                leaf.stored_fields(0)
         self._matches: OrderedDict[tuple[str, str, str], FrozenBitMap] = OrderedDict()
         self._held = 0
         self._people: OrderedDict[int, tuple[Hit, tuple[str, ...]]] = OrderedDict()
