@@ -164,11 +164,17 @@ def _write_changes(path: str, documents: list[dict[str, Any]], deleted_keys: lis
     try:
         # One reader for the batch: Whoosh's update_document and delete_by_term open one per document.
         with writer.reader() as reader:
-            for key in {*deleted_keys, *(document["key"] for document in documents)}:
-                if ("key", key) in reader:
-                    for docnum in reader.postings("key", key).all_ids():
-                        writer.delete_document(docnum)
             segments = len(list(reader.leaf_readers()))
+            keys = {*deleted_keys, *(document["key"] for document in documents)}
+            if len(keys) * segments > reader.doc_count_all() // 4:
+                # Many keys (a full sync's batches): one pass over the keys the index has costs less
+                # than looking each one up in every segment.
+                present = keys.intersection(term.decode() for term in reader.lexicon("key"))
+            else:
+                present = {key for key in keys if ("key", key) in reader}
+            for key in present:
+                for docnum in reader.postings("key", key).all_ids():
+                    writer.delete_document(docnum)
         for document in documents:
             writer.add_document(**document)
     except BaseException:
