@@ -1,6 +1,13 @@
 """The Redis key layout, shared by the indexer and the server: the one module that spells key names.
 
-Per store S (all keys under the configured prefix):
+Every key starts with the configured prefix P. The cache's own keys (all but those of single
+requests: rate:, fail:, remote: and s:S:rt:) then carry the hash tag "{cache}" (P{cache}epoch,
+P{cache}s:S:rec): a sync writes a store's hashes and the change stream in one transaction, and
+scripts and transactions of jobs, heartbeats and follower status span several keys, so in a Redis
+Cluster they must share one slot (each of a store's hashes is one key on one node anyway). The keys
+of single requests are untagged, so that a Cluster spreads them over its nodes.
+
+Per store S (the cache's keys are written below without P{cache}):
   s:S:rec     hash  store_id -> identity JSON
   s:S:chash   hash  store_id -> content hash (unchanged records are not rewritten)
   s:S:gen     zset  store_id scored by the generation of the last full sync that saw it (mark-and-sweep)
@@ -17,7 +24,8 @@ Per store S (all keys under the configured prefix):
                     in this cache only when it is the current epoch) (each JSON)
   s:S:lock    the sync lock (redis-py Lock)
   s:S:job     the id of the store's queued or running admin-triggered sync job
-  s:S:rt:<address> <medium>  string, with a TTL: a read-through store's answer, mxid or "" (not found)
+  s:S:rt:<address> <medium>  (untagged: P s:S:rt:...) string, with a TTL: a read-through store's answer, mxid or ""
+              (not found)
 Bindings made with /3pid/bind (SQL is their truth) are mirrored as the pseudo-store "_bindings",
 which no configured store can be named (store names start with [a-z0-9]): s:_bindings:3pid and
 s:_bindings:sha256 as above, and s:_bindings:state {epoch, generation}: the cache epoch they were
@@ -33,10 +41,9 @@ fulltext-rebuild (a counter: followers rebuild their index when it moves),
 jobs (list: ids of sync jobs waiting for an indexer), job:<id> (hash: one sync job, expiring),
 indexer:<host> (the indexer's heartbeat: JSON, expiring unless renewed), indexer-exit:<host> (JSON: how
 the host's indexer last ended, written by `mxisd run`'s supervisor), indexer-hosts (set of hosts),
-rate:<kind>:<key> (rate-limit windows), remote:<address> <medium> (another identity server's answer
-to a recursive lookup, mxid or "" for not found, with a TTL),
-fail:<kind>:<who> (failed logins counted in a
-window, with a TTL; kind is "user" or "ip").
+untagged (P rate:...): rate:<kind>:<key> (rate-limit windows), remote:<address> <medium> (another
+identity server's answer to a recursive lookup, mxid or "" for not found, with a TTL),
+fail:<kind>:<who> (failed logins counted in a window, with a TTL; kind is "user" or "ip").
 """
 
 from __future__ import annotations
@@ -76,29 +83,35 @@ def lookup_fields(medium: str, address: str, pepper: str) -> tuple[list[str], li
     return [plain_key(f, medium) for f in forms], [lookup_hash(f, medium, pepper) for f in forms]
 
 
+# The hash tag of the cache's own keys (see the module's docstring): in a Redis Cluster, every key
+# holding it lives in one slot.
+CACHE_TAG = "{cache}"
+
+
 class RedisKeys:
     """Key names under a prefix."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        self.epoch = f"{prefix}epoch"
-        self.pepper = f"{prefix}pepper"
-        self.changes = f"{prefix}changes"
-        self.followers = f"{prefix}fulltext-hosts"
-        self.rebuild = f"{prefix}fulltext-rebuild"
-        self.jobs = f"{prefix}jobs"
-        self.job_prefix = f"{prefix}job:"
-        self.generation = f"{prefix}generation"
-        self.indexer_hosts = f"{prefix}indexer-hosts"
+        cache = self.cache_prefix = f"{prefix}{CACHE_TAG}"
+        self.epoch = f"{cache}epoch"
+        self.pepper = f"{cache}pepper"
+        self.changes = f"{cache}changes"
+        self.followers = f"{cache}fulltext-hosts"
+        self.rebuild = f"{cache}fulltext-rebuild"
+        self.jobs = f"{cache}jobs"
+        self.job_prefix = f"{cache}job:"
+        self.generation = f"{cache}generation"
+        self.indexer_hosts = f"{cache}indexer-hosts"
 
     def indexer(self, host: str) -> str:
-        return f"{self.prefix}indexer:{host}"
+        return f"{self.cache_prefix}indexer:{host}"
 
     def indexer_exit(self, host: str) -> str:
-        return f"{self.prefix}indexer-exit:{host}"
+        return f"{self.cache_prefix}indexer-exit:{host}"
 
     def _store(self, store: str, part: str) -> str:
-        return f"{self.prefix}s:{store}:{part}"
+        return f"{self.cache_prefix}s:{store}:{part}"
 
     def records(self, store: str) -> str:
         return self._store(store, "rec")
@@ -134,10 +147,11 @@ class RedisKeys:
         return self._store(store, "job")
 
     def read_through(self, store: str, medium: str, address: str) -> str:
-        return self._store(store, f"rt:{plain_key(address, medium)}")
+        # Untagged, like the other keys of one request: a Cluster spreads them over its nodes.
+        return f"{self.prefix}s:{store}:rt:{plain_key(address, medium)}"
 
     def follower(self, host: str) -> str:
-        return f"{self.prefix}fulltext:{host}"
+        return f"{self.cache_prefix}fulltext:{host}"
 
     def job(self, job_id: str) -> str:
         return f"{self.job_prefix}{job_id}"

@@ -59,11 +59,39 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RedisTlsConfig:
+    enabled: bool
+    ca_file: str | None
+    verify: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSentinelConfig:
+    addresses: tuple[str, ...]
+    master: str
+    username: str | None
+    password: str | None
+    sentinel_password: str | None
+    db: int
+    tls: RedisTlsConfig
+
+
+@dataclass(frozen=True, slots=True)
+class RedisClusterConfig:
+    nodes: tuple[str, ...]
+    username: str | None
+    password: str | None
+    tls: RedisTlsConfig
+
+
+@dataclass(frozen=True, slots=True)
 class RedisConfig:
     url: str | None
     prefix: str
     timeout: Duration
     check_every: Duration
+    sentinel: RedisSentinelConfig | None
+    cluster: RedisClusterConfig | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +275,16 @@ class InvitesRateLimitConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class InvitesPolicySendersConfig:
+    roles: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class InvitesPolicyConfig:
+    senders: InvitesPolicySendersConfig
+
+
+@dataclass(frozen=True, slots=True)
 class InvitesConfig:
     expire_after: Duration
     register_url: str | None
@@ -256,6 +294,39 @@ class InvitesConfig:
     known_address_delay: Duration
     known_address_retry_for: Duration
     rate_limit: InvitesRateLimitConfig
+    policy: InvitesPolicyConfig
+
+
+@dataclass(frozen=True, slots=True)
+class AllowDenyConfig:
+    """An allow list and a deny list (of email domains or of regular expressions)."""
+
+    allow: tuple[str, ...]
+    deny: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationPolicyEmailConfig:
+    domains: AllowDenyConfig
+    patterns: AllowDenyConfig
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationPolicyMsisdnConfig:
+    patterns: AllowDenyConfig
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationPolicyConfig:
+    allowed: bool
+    invite_only: bool
+    email: RegistrationPolicyEmailConfig
+    msisdn: RegistrationPolicyMsisdnConfig
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationConfig:
+    policy: RegistrationPolicyConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -458,6 +529,7 @@ class Config:
     sms: SmsConfig | None
     sessions: SessionsConfig
     invites: InvitesConfig
+    registration: RegistrationConfig
     storage: StorageConfig
     terms: TermsConfig
     homeserver: HomeserverConfig

@@ -10,12 +10,31 @@ from typing import cast
 import redis
 import redis.asyncio
 
-from indexer.cache import RAISE_SCRIPT, Cache
+from indexer.cache import Cache
 from indexer.redis_clients import Plan, run_plan_async
 from indexer.rediskeys import BINDINGS, LOCAL_BINDINGS, RedisKeys, lookup_fields
 from server.storage import BINDINGS_GENERATION, CACHE_GENERATION, Storage
 
 log = logging.getLogger(__name__)
+
+# Atomically: for each pair of keys after KEYS[1] (a family's plain and hashed fields), remove the
+# ARGV[3] plain fields and the hashed ones that follow them from the first ARGV[4] pairs, and map
+# them to the mxid ARGV[2] in the pair after those (when ARGV[2] is not empty); then raise the
+# generation in KEYS[1] to ARGV[1]. A script rather than MULTI: redis-py's asyncio cluster client
+# runs a transaction's commands in a thread of their own, blocking the event loop.
+_MIRROR = """
+local n, drop = tonumber(ARGV[3]), tonumber(ARGV[4])
+for pair = 0, (#KEYS - 1) / 2 - 1 do
+  for i = 5, 4 + 2 * n do
+    local key = KEYS[2 + 2 * pair]
+    if i > 4 + n then key = KEYS[3 + 2 * pair] end
+    if pair < drop then redis.call('HDEL', key, ARGV[i]) else redis.call('HSET', key, ARGV[i], ARGV[2]) end
+  end
+end
+if tonumber(redis.call('HGET', KEYS[1], 'generation') or '0') < tonumber(ARGV[1]) then
+  redis.call('HSET', KEYS[1], 'generation', ARGV[1])
+end
+"""
 
 
 class BindingMirror:
@@ -31,27 +50,23 @@ class BindingMirror:
         pepper = cast("str | None", await self.r.get(self.k.pepper))
         if not pepper:
             raise redis.exceptions.RedisError("the cache has no lookup pepper yet")
-        fields, hashes = lookup_fields(medium, address, pepper)
         family, other = (LOCAL_BINDINGS, BINDINGS) if local else (BINDINGS, LOCAL_BINDINGS)
-        tx = self.r.pipeline(transaction=True)
         # A rebind may move the 3PID from one family to the other.
-        tx.hdel(self.k.threepids(other), *fields)
-        tx.hdel(self.k.hashes(other), *hashes)
-        tx.hset(self.k.threepids(family), mapping={f: mxid for f in fields})
-        tx.hset(self.k.hashes(family), mapping={h: mxid for h in hashes})
-        tx.eval(RAISE_SCRIPT, 1, self.k.state(BINDINGS), generation, "generation")
-        await tx.execute()
+        await self._mirror(medium, address, pepper, [other], family, mxid, generation)
 
     async def remove(self, medium: str, address: str, generation: int) -> None:
         """Mirror one unbind, made at this SQL bindings generation."""
         pepper = cast(str, await self.r.get(self.k.pepper) or "")
+        await self._mirror(medium, address, pepper, [BINDINGS, LOCAL_BINDINGS], None, None, generation)
+
+    async def _mirror(self, medium: str, address: str, pepper: str, drop: list[str], family: str | None,
+                      mxid: str | None, generation: int) -> None:
+        """Remove the 3PID from the drop families, then (with family) map it to mxid there."""
         fields, hashes = lookup_fields(medium, address, pepper)
-        tx = self.r.pipeline(transaction=True)
-        for family in (BINDINGS, LOCAL_BINDINGS):
-            tx.hdel(self.k.threepids(family), *fields)
-            tx.hdel(self.k.hashes(family), *hashes)
-        tx.eval(RAISE_SCRIPT, 1, self.k.state(BINDINGS), generation, "generation")
-        await tx.execute()
+        families = [*drop, *([family] if family else [])]
+        await self.r.eval(_MIRROR, 1 + 2 * len(families), self.k.state(BINDINGS),
+                          *(key for f in families for key in (self.k.threepids(f), self.k.hashes(f))),
+                          generation, mxid or "", len(fields), len(drop), *fields, *hashes)
 
     async def behind(self, generation: int) -> str | None:
         """Why the mirror does not hold SQL's bindings generation, or None when it does."""

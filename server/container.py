@@ -14,7 +14,7 @@ import redis.asyncio
 from sanic import Request
 
 from indexer.fulltext import fulltext_path
-from indexer.redis_clients import connect_async
+from indexer.redis_clients import RedisTarget, connect_async
 from indexer.rediskeys import BINDINGS, LOCAL_BINDINGS
 from indexer.settings import Config
 from server.bindings import BindingMirror
@@ -26,7 +26,7 @@ from server.notify.sms import SmsSender
 from server.rate_limits import RateLimits
 from server.read_through import ReadThrough
 from server.recursion import Recursion, RemoteAnswers
-from server.redis_pipe import PipelinedRedis
+from server.redis_pipe import CommandPipe, lookup_pipe
 from server.services.accounts import Accounts
 from server.services.admin import Admin
 from server.services.associations import Associations
@@ -36,6 +36,7 @@ from server.services.invitations import Invitations
 from server.services.logins import Logins
 from server.services.lookups import Lookups
 from server.services.onbind import InviteWorker
+from server.services.policies import InvitePolicy, RegistrationPolicy
 from server.services.profiles import Profiles
 from server.services.readiness import Readiness
 from server.services.session_policy import SessionPolicy
@@ -65,7 +66,7 @@ class Services:
     email: EmailSender | None
     sms: SmsSender | None
     redis: redis.asyncio.Redis
-    redis_pipe: PipelinedRedis
+    redis_pipe: CommandPipe
     lookups: Lookups
     associations: Associations
     admin: Admin
@@ -89,19 +90,21 @@ class Services:
     profiles: Profiles
     readiness: Readiness
     logins: Logins
+    registration: RegistrationPolicy
+    invite_policy: InvitePolicy
     _background: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
-    def build(cls, config: Config, redis_url: str) -> Services:
-        """The services for config, with their clients of Redis (at redis_url), SQL and the homeserver."""
-        client = connect_async(redis_url, config.redis.timeout)
+    def build(cls, config: Config, target: RedisTarget) -> Services:
+        """The services for config, with their clients of Redis (target), SQL and the homeserver."""
+        client = connect_async(target, config.redis.timeout)
         prefix = config.redis.prefix
         domain = config.matrix.domain
         keys = SigningKeys.load_or_create(config.data_dir, config.server.name)
         tokens = TokenCache()
         email = EmailSender(config.email, domain) if config.email else None
         sms = SmsSender(config.sms, domain) if config.sms else None
-        redis_pipe = PipelinedRedis(redis_url, config.redis.timeout)
+        redis_pipe = lookup_pipe(target, config.redis.timeout)
         hidden = frozenset() if config.lookup.share_binds else frozenset([LOCAL_BINDINGS])
         lookups = Lookups(redis_pipe, prefix, lookup_order(config), hidden, [s.name for s in config.stores])
         read_through = ReadThrough(config, lookups)
@@ -154,6 +157,8 @@ class Services:
             profiles=Profiles(config, homeserver, lookups),
             readiness=Readiness(config, storage, admin, binding_mirror, read_through),
             logins=Logins(credentials, homeserver, invite_worker),
+            registration=RegistrationPolicy(config, storage, homeserver),
+            invite_policy=InvitePolicy(config, homeserver, lookups),
         )
 
     def reload(self, config: Config) -> None:
@@ -184,7 +189,7 @@ class Services:
         self.directory.close()
         await asyncio.get_running_loop().run_in_executor(None, self.credentials.close)
         await self.redis.aclose()
-        self.redis_pipe.close()
+        await self.redis_pipe.aclose()
         await self.federation.close()
         self.storage.close()
 

@@ -656,3 +656,51 @@ def test_an_invite_without_its_public_key_gets_it_from_the_key_store(tmp_path):
     finally:
         storage.close()
     assert import_data(config, tmp_path / "keys", url).lines()[-1] == "nothing changed: everything was imported before"
+
+
+def test_registration_and_invite_policies_are_carried_over(tmp_path, capsys):
+    threepid = {"email": {"domain": {"whitelist": ["example.org", "*partner.example", "bad domain"],
+                                     "blacklist": ["*spam.example"]},
+                          "pattern": {"blacklist": ["admin@.*", "(unclosed"]}},
+                "msisdn": {"pattern": {"whitelist": ["44.*"]}, "domain": {"whitelist": ["example.org"]}},
+                "jabber": {"pattern": {"whitelist": [".*"]}}}
+    old = old_config("mxisd-ldap.yaml", tmp_path, **{
+        "register.policy": {"allowed": False, "threepid": threepid},  # invite: true by default
+        "invite.policy.ifSender.hasRole": ["inviters", "hr"]})
+    config, typed, _text, stderr = import_config(capsys, old, tmp_path)
+    assert config["registration"]["policy"] == {
+        "invite_only": True,
+        "email": {"domains": {"allow": ["example.org", "*partner.example"], "deny": ["*spam.example"]},
+                  "patterns": {"deny": ["admin@.*"]}},
+        "msisdn": {"patterns": {"allow": ["44.*"]}}}
+    assert typed.registration.policy.allowed is True and typed.registration.policy.invite_only is True
+    assert typed.invites.policy.senders.roles == ("inviters", "hr")
+    for said in ("register.policy.threepid.jabber: registration policies are for email and msisdn only",
+                 "register.policy.threepid.msisdn.domain.whitelist: phone numbers have no domain",
+                 "register.policy.threepid.email.domain.whitelist: left out, not a valid domain entry: 'bad domain'",
+                 "register.policy.threepid.email.pattern.blacklist: left out, not a valid regular expression: "
+                 "'(unclosed'",
+                 "register.policy.invite: an invited address on a blacklist could register with mxisd; here the deny",
+                 "register: enforced only when the reverse proxy sends register requestToken here",
+                 "invite.policy.ifSender.hasRole: carried to invites.policy.senders.roles"):
+        assert said in stderr, said
+
+
+@pytest.mark.parametrize("policy, ours, note", [
+    # No invites, a whitelist for email only: phone numbers could not register at all.
+    ({"allowed": False, "invite": False, "threepid": {"email": {"domain": {"whitelist": ["example.org"]}}}},
+     {"email": {"domains": {"allow": ["example.org"]}}, "msisdn": {"patterns": {"deny": [".*"]}}},
+     "register.policy.threepid.msisdn: no whitelist: msisdn registration was closed"),
+    # Open to all: the whitelists changed nothing, the blacklists stay.
+    ({"allowed": True, "threepid": {"email": {"domain": {"whitelist": ["example.org"],
+                                                         "blacklist": ["spam.example"]}}}},
+     {"email": {"domains": {"deny": ["spam.example"]}}},
+     "register.policy.allowed: true: every address not blacklisted could register"),
+    # Closed, with nothing to open it.
+    ({"allowed": False, "invite": False}, {"allowed": False}, "register: enforced only when"),
+])
+def test_each_shape_of_mxisd_registration_policy(policy, ours, note, tmp_path, capsys):
+    old = old_config("mxisd-ldap.yaml", tmp_path, **{"register.policy": policy})
+    config, _typed, _text, stderr = import_config(capsys, old, tmp_path)
+    assert config["registration"]["policy"] == ours
+    assert note in stderr

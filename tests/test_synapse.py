@@ -7,6 +7,7 @@ Synapse's client API as Element calls it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import secrets
@@ -15,7 +16,7 @@ import ssl
 import subprocess
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -118,7 +119,7 @@ class Synapse:
     """A Synapse for example.org: client API over plain HTTP on loopback, federation over TLS."""
 
     def __init__(self, root: Path, ca: trustme.CA, identity_port: int, identity_server: str,
-                 **module_config: Any) -> None:
+                 homeserver_config: dict[str, Any] | None = None, **module_config: Any) -> None:
         self.root = root
         self.client_port, self.federation_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.client_port}"
@@ -171,6 +172,7 @@ class Synapse:
                          "config": {"endpoint": f"http://127.0.0.1:{identity_port}", "timeout_s": 2,
                                     **module_config}}],
         }
+        config.update(homeserver_config or {})
         self.identity_server = identity_server
         (root / "homeserver.yaml").write_text(yaml.safe_dump(config))
         self.http = httpx.Client(base_url=self.url, timeout=30)
@@ -244,9 +246,13 @@ class Stack:
         return registered.json()["token"]
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("synapse")
+@contextlib.contextmanager
+def running_stack(root: Path, redis_url: str, people: list[dict[str, Any]],
+                  synapse_config: Callable[[Mailbox], dict[str, Any]] | None = None,
+                  **mxisd_config: Any) -> Iterator[Stack]:
+    """Synapse and mxisd wired as docs/synapse.md says, with these people in mxisd's file store;
+    synapse_config gives more homeserver.yaml settings (it is handed the test's SMTP listener),
+    mxisd_config more config sections. Everything is stopped, and mxisd's Redis keys deleted, after."""
     ca = trustme.CA()
     mailbox = Mailbox(free_port())
     twilio = FakeTwilio(TWILIO_SID, TWILIO_TOKEN)
@@ -255,7 +261,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
     id_server = f"localhost:{terminator.port}"
     synapse_root = root / "synapse"
     synapse_root.mkdir()
-    synapse = Synapse(synapse_root, ca, server_port, id_server)
+    synapse = Synapse(synapse_root, ca, server_port, id_server,
+                      homeserver_config=synapse_config(mailbox) if synapse_config else None)
     server_root = root / "mxisd"
     server_root.mkdir()
     prefix = f"test:{uuid.uuid4().hex[:12]}:"
@@ -275,12 +282,14 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
                   "smtp": {"host": "127.0.0.1", "port": mailbox.port, "tls": "none"}},
         "sms": {"twilio": {"base_url": twilio.url, "account_sid": TWILIO_SID, "auth_token": TWILIO_TOKEN,
                            "number": TWILIO_NUMBER}},
+        **mxisd_config,
     }
     server = Server(server_root, config, None)  # type: ignore[arg-type]
-    server.write_people(PEOPLE)
+    server.write_people(people)
     try:
         server.start()
-        wait_until(lambda: server.lookup_v1("email", "erin@example.com").get("mxid"), 60, "the first sync")
+        last = next(p for p in reversed(people) if p["emails"])["emails"][0]
+        wait_until(lambda: server.lookup_v1("email", last).get("mxid"), 60, "the first sync")
         synapse.start()
         yield Stack(synapse, server, mailbox, ca, terminator, twilio)
     finally:
@@ -295,6 +304,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
         if keys:
             client.delete(*keys)
         client.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Stack]:
+    with running_stack(tmp_path_factory.mktemp("synapse"), redis_url, PEOPLE) as running:
+        yield running
 
 
 def clean(log: str) -> None:

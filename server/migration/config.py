@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from indexer.normalize import InvalidAddress, email_domain
 from indexer.stores.ldap_mapping import PRESETS
 from server.migration import MigrationError
 from server.migration.java_keys import MA1SD_ONLY, UNSUPPORTED, known
@@ -513,6 +514,96 @@ def _invites(old: OldConfig, out: dict[str, Any]) -> None:
         del out["invites"]
 
 
+def _invite_policy(old: OldConfig, out: dict[str, Any]) -> None:
+    roles = old.get("invite.policy.ifSender.hasRole", []) or []
+    roles = [str(role) for role in (roles if isinstance(roles, list) else [roles]) if str(role)]
+    if roles:
+        out.setdefault("invites", {})["policy"] = {"senders": {"roles": roles}}
+        old.notes["invite.policy.ifSender.hasRole"] = (
+            "carried to invites.policy.senders.roles, enforced when the reverse proxy sends room invites here "
+            "(docs/synapse.md); roles come from the stores (LDAP groups too, which mxisd never read): check the names")
+
+
+_DOMAIN_ENTRY = re.compile(r"[*.]?[^\s@*.][^\s@*]*")
+
+
+def _usable(kind: str, entry: str) -> bool:
+    """Whether a whitelist or blacklist entry is one our schema takes (a regular expression Python
+    compiles, or a domain entry)."""
+    try:
+        if kind == "pattern":
+            re.compile(entry)
+        elif not _DOMAIN_ENTRY.fullmatch(entry):
+            return False
+        else:
+            email_domain(entry.lstrip("*."))
+    except (re.error, InvalidAddress):
+        return False
+    return True
+
+
+def _registration(old: OldConfig, out: dict[str, Any]) -> None:
+    """register.policy as registration.policy. mxisd let an address through when invited (if
+    register.policy.invite), else refused it on a blacklist, let it through on a whitelist, else
+    answered register.policy.allowed; here deny lists come first (README: Registration and invite
+    policies), the rest maps onto allowed, invite_only and the allow lists."""
+    if not old.has("register"):
+        return
+    allowed = _bool(old.get("register.policy.allowed"), False)
+    invite = _bool(old.get("register.policy.invite"), True)
+    lists: dict[str, dict[str, dict[str, list[str]]]] = {}
+    for medium in old.get("register.policy.threepid", {}) or {}:
+        root = f"register.policy.threepid.{medium}"
+        if medium not in ("email", "msisdn"):
+            old.note(root, "registration policies are for email and msisdn only")
+            continue
+        for kind, ours in (("pattern", "patterns"), ("domain", "domains")):
+            for theirs, which in (("whitelist", "allow"), ("blacklist", "deny")):
+                key = f"{root}.{kind}.{theirs}"
+                values = old.get(key, []) or []
+                values = [str(v) for v in (values if isinstance(values, list) else [values])]
+                if values and kind == "domain" and medium == "msisdn":
+                    old.note(key, "phone numbers have no domain")
+                    continue
+                kept = [v for v in values if _usable(kind, v)]
+                if len(kept) < len(values):
+                    old.notes[key] = "left out, not a valid " + ("regular expression" if kind == "pattern" else
+                                                                "domain entry") + ": " + ", ".join(
+                        repr(v) for v in values if v not in kept)
+                if kept:
+                    lists.setdefault(medium, {}).setdefault(ours, {})[which] = kept
+    allow_lists = {m: any("allow" in lists.get(m, {}).get(k, {}) for k in ("patterns", "domains"))
+                   for m in ("email", "msisdn")}
+    policy: dict[str, Any] = {}
+    if allowed:
+        if any(allow_lists.values()):
+            old.notes["register.policy.allowed"] = (
+                "true: every address not blacklisted could register, so the whitelists changed nothing and are "
+                "left out")
+            for rules in lists.values():
+                for kind_lists in rules.values():
+                    kind_lists.pop("allow", None)
+    elif invite:
+        policy["invite_only"] = True
+    elif not any(allow_lists.values()):
+        policy["allowed"] = False
+    else:
+        for medium, listed in allow_lists.items():
+            if not listed:  # mxisd refused every address of a medium without a whitelist
+                lists.setdefault(medium, {}).setdefault("patterns", {}).setdefault("deny", []).append(".*")
+                old.notes[f"register.policy.threepid.{medium}"] = (
+                    f"no whitelist: {medium} registration was closed, and is here by the deny pattern '.*'")
+    if invite and not allowed and any("deny" in k for rules in lists.values() for k in rules.values()):
+        old.notes["register.policy.invite"] = (
+            "an invited address on a blacklist could register with mxisd; here the deny lists win over invites")
+    policy.update({medium: {kind: values for kind, values in rules.items() if values}
+                   for medium, rules in lists.items() if any(rules.values())})
+    if policy:
+        out["registration"] = {"policy": policy}
+    old.notes.setdefault("register", "enforced only when the reverse proxy sends register requestToken here "
+                                     "(docs/synapse.md, sections 4 and 8)")
+
+
 def _terms(old: OldConfig, out: dict[str, Any]) -> None:
     policies = old.get("policy.policies", {}) or {}
     converted: dict[str, Any] = {}
@@ -660,6 +751,8 @@ def _convert(location: Path, data_dir: str) -> tuple[dict[str, Any], OldConfig, 
     _homeserver(old, out)
     _recursion(old, out)
     _invites(old, out)
+    _invite_policy(old, out)
+    _registration(old, out)
     _email(old, out)
     _sms(old, out)
     _sessions(old, out)

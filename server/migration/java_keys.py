@@ -61,9 +61,6 @@ UNSUPPORTED = {
     "firebase": "the Firebase store is not supported",
     "wordpress": "the WordPress store is not supported: a sql store can read its database",
     "auth.rewrite": "rewriting logins by regular expression is not supported",
-    "register": "registration policies are not enforced here (no interception of the homeserver's register "
-                "requestToken)",
-    "invite.policy": "restricting 3PID invites to senders with a role is not supported",
     "notification": "SendGrid (the one handler besides raw) is not supported: email goes through SMTP (email.smtp)",
     "hashing": "v2 hashed lookups are always on here (sha256 and none), with the pepper kept in the cache",
     "internal": "the internal invite maintenance endpoint is gone: pending invites are checked every "

@@ -8,16 +8,23 @@ from typing import Any, cast
 
 from indexer.identity import Identity
 from indexer.rediskeys import RedisKeys, plain_key
-from server.redis_pipe import PipelinedRedis
+from server.redis_pipe import CommandPipe
 
 _DECR_IF_EXISTS = "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('DECR', KEYS[1]) end return 0"
+# Count one attempt in a window of ARGV[1] seconds, started by the first (INCR keeps the TTL that
+# SET ... NX sets): the count and the milliseconds left. A script rather than MULTI ... EXEC, which a
+# Redis Cluster client cannot send as plain commands.
+_CLAIM_ATTEMPT = """
+redis.call('SET', KEYS[1], 0, 'EX', ARGV[1], 'NX')
+return {redis.call('INCR', KEYS[1]), redis.call('PTTL', KEYS[1])}
+"""
 
 
 class Lookups:
     """Non-blocking reads (and the login counters) for the HTTP server, on the worker's pipelined
     connection: one Redis round trip per request."""
 
-    def __init__(self, pipe: PipelinedRedis, prefix: str, stores: list[str], hidden: frozenset[str] = frozenset(),
+    def __init__(self, pipe: CommandPipe, prefix: str, stores: list[str], hidden: frozenset[str] = frozenset(),
                  directory: list[str] | None = None) -> None:
         """stores: the lookup order (configured stores and binding mirrors), first match wins;
         hidden: those of them that lookups from other servers do not see (lookup.share_binds);
@@ -137,12 +144,8 @@ class Lookups:
     async def claim_attempt(self, kind: str, who: str, window: int, most: int) -> int | None:
         """Count one login attempt of who, before its outcome is known: None while within most per
         window, else milliseconds until the window ends. The count and the check are one
-        transaction, so a burst sent at once gets no more attempts than one sent after another."""
-        key = self.k.failures(kind, who)
-        # INCR keeps the TTL that SET ... NX sets for the first attempt of a window.
-        replies = await self.pipe.execute_many([("MULTI",), ("SET", key, 0, "EX", window, "NX"), ("INCR", key),
-                                                ("PTTL", key), ("EXEC",)])
-        _, count, ttl = replies[-1]
+        script, so a burst sent at once gets no more attempts than one sent after another."""
+        count, ttl = await self.pipe.execute("EVAL", _CLAIM_ATTEMPT, 1, self.k.failures(kind, who), window)
         return None if int(count) <= most else max(int(ttl), 1)
 
     async def return_attempt(self, kind: str, who: str) -> None:

@@ -47,6 +47,14 @@ class InviteQueries:
                 sa.select(invites.c.medium, invites.c.address).distinct()
                 .where(invites.c.settled_at.is_(None), ~queued.exists()))]
 
+    def has_pending_invite(self, medium: str, address: str, created_after: int) -> bool:
+        """Whether an invite for (medium, canonical address) stored after created_after (ms) is not
+        settled yet."""
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(invites.c.token).where(
+                invites.c.medium == medium, invites.c.address == address, invites.c.settled_at.is_(None),
+                invites.c.created_at > created_after).limit(1)).first() is not None
+
     def unsettled_invites(self, medium: str, address: str) -> list[Invite]:
         with self.engine.connect() as conn:
             return [Invite(**r._mapping) for r in conn.execute(sa.select(invites).where(
