@@ -157,7 +157,7 @@ def run(args: argparse.Namespace, slapd: Slapd, uri: str, cache: Cache, root: Pa
         "name": "bench", "kind": "ldap", "uri": uri, "base_dns": [BASE],
         "bind": {"dn": READER_DN, "password": READER_PASSWORD}, "page_size": args.page_size}]}, root)
     store = build_store(config.stores[0], config)
-    fulltext = FullText(root / "fulltext")
+    fulltext = FullText(root / "fulltext", config.directory.threepids)  # as `mxisd index` writes it
     follower = Follower(cache, fulltext, ["bench"])
     follower.start()  # an empty index, following the change stream like the indexer's thread
     stop = threading.Event()

@@ -18,7 +18,9 @@ from indexer.identity import Identity
 
 log = logging.getLogger(__name__)
 
-BATCH = 1000
+# Changes applied at once, at most: when a full sync writes faster than the index is written,
+# the follower takes what has come meanwhile in one go (each batch is a segment, and a commit).
+BATCH = 20_000
 # Each applied batch leaves a small index segment, and searches slow down with every segment: once
 # this many changes (and at least half the index) were applied batch by batch, the follower
 # rebuilds the index whole (one segment) the next time the stream is quiet.
@@ -45,6 +47,8 @@ class Follower:
             return "the index is missing"
         if position["schema"] != SCHEMA_VERSION:
             return "the index was built with another schema"
+        if position["threepids"] != self.fulltext.threepids:
+            return "directory.threepids changed"
         if position["epoch"] != self.epoch:
             return "the index was built from another cache"
         if self.cache.changes_lost_after(position["last_id"]):

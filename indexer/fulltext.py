@@ -1,17 +1,27 @@
 """The local Whoosh index of identities: its schema and its writer (the follower's), and the analysis
 of a search term that matches it. Blocking; never on the event loop. The server reads the index
-in server/services/directory_ranking.py."""
+in server/services/directory_ranking.py.
+
+Whoosh writes in pure Python, and a sync runs in the same process as the follower: the writing is
+done in a child process (one, kept between batches), so that it runs on another core than the
+sync and does not hold the sync's interpreter lock."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
 from whoosh import index
-from whoosh.analysis import CharsetFilter, LowercaseFilter, NgramFilter, RegexTokenizer
+from whoosh.analysis import CharsetFilter, LowercaseFilter, RegexTokenizer
+from whoosh.codec.whoosh3 import W3Codec
 from whoosh.fields import ID, STORED, TEXT, Schema
 from whoosh.support.charset import accent_map
 
@@ -20,12 +30,15 @@ from indexer.settings import Config
 
 POSITION_FILE = "position.json"
 # Bump when SCHEMA or _document changes: a follower finding another version rebuilds the index.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# A write (a batch of changes, or a whole index) that takes longer has a stuck writer: it is stopped.
+WRITE_TIMEOUT = 1800.0
 
 _WORD = r"\w+"
 _words = RegexTokenizer(_WORD) | LowercaseFilter() | CharsetFilter(accent_map)
-_trigrams = _words | NgramFilter(3, 3)
 
+# Matches inside words are found in the term list (server/services/directory_ranking.py), not in
+# trigram fields: those were two thirds of the cost of writing a person.
 SCHEMA = Schema(
     key=ID(unique=True, stored=True),
     store=ID(stored=True),
@@ -34,10 +47,23 @@ SCHEMA = Schema(
     display_name=STORED(),
     threepids=STORED(),
     words=TEXT(analyzer=_words, phrase=False),
-    grams=TEXT(analyzer=_trigrams, phrase=False),
     tp_words=TEXT(analyzer=_words, phrase=False),
-    tp_grams=TEXT(analyzer=_trigrams, phrase=False),
 )
+
+
+class _Codec(W3Codec):  # type: ignore[misc]
+    """Whoosh's codec without field length statistics: they serve scoring, which search does not
+    use, and Whoosh looks each one up on disk for every posting it writes."""
+
+    length_stats = False
+
+
+# A batch's commit merges small segments only when the index has this many (see _write_changes).
+MERGE_FROM_SEGMENTS = 16
+# Uncompressed posting blocks: most terms (a localpart, an address) have one posting, and
+# compressing each one's block was about a tenth of the writing.
+_WRITER = {"limitmb": 256, "codec": _Codec(compression=0)}
+
 
 def fulltext_path(config: Config) -> Path:
     """Where a host keeps its index: data_dir/fulltext."""
@@ -48,9 +74,10 @@ def document_key(store: str, store_id: str) -> str:
     return f"{store}\x1f{store_id}"
 
 
-def _document(identity: Identity) -> dict[str, Any]:
+def _document(identity: Identity, threepids: bool) -> dict[str, Any]:
     person = f"{identity.display_name or ''} {identity.localpart}"
-    addresses = " ".join(a for _, a in identity.threepids)
+    # Addresses are half of what a person costs to write: only when searches may look at them.
+    addresses = " ".join(a for _, a in identity.threepids) if threepids else ""
     return {
         "key": document_key(identity.store, identity.store_id),
         "store": identity.store,
@@ -59,9 +86,7 @@ def _document(identity: Identity) -> dict[str, Any]:
         "display_name": identity.display_name,
         "threepids": [f"{m}:{a}" for m, a in identity.threepids],
         "words": person,
-        "grams": person,
         "tp_words": addresses,
-        "tp_grams": addresses,
     }
 
 
@@ -71,41 +96,40 @@ def query_words(text: str) -> list[str]:
 
 
 class FullText:
-    """One Whoosh index directory and the change-stream position it reflects."""
+    """One Whoosh index directory and the change-stream position it reflects. threepids: whether
+    people's addresses are indexed (directory.threepids)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, threepids: bool = True) -> None:
         self.path = Path(path)
+        self.threepids = threepids
 
     def exists(self) -> bool:
         return index.exists_in(str(self.path)) and (self.path / POSITION_FILE).is_file()
 
     def position(self) -> dict[str, Any] | None:
-        """{"schema", "epoch", "last_id"} of the cache this index was built from, or None if unusable."""
+        """{"schema", "threepids", "epoch", "last_id"} of the cache this index was built from, or None
+        if unusable."""
         if not self.exists():
             return None
         try:
             data = json.loads((self.path / POSITION_FILE).read_text())
-            return {"schema": data.get("schema"), "epoch": str(data["epoch"]), "last_id": str(data["last_id"])}
+            return {"schema": data.get("schema"), "threepids": data.get("threepids"), "epoch": str(data["epoch"]),
+                    "last_id": str(data["last_id"])}
         except (OSError, ValueError, KeyError):
             return None
 
     def _save_position(self, path: Path, epoch: str, last_id: str) -> None:
         # Replaced, never rewritten in place: a new inode tells searchers the index changed.
         tmp = path / (POSITION_FILE + ".tmp")
-        tmp.write_text(json.dumps({"schema": SCHEMA_VERSION, "epoch": epoch, "last_id": last_id}))
+        tmp.write_text(json.dumps({"schema": SCHEMA_VERSION, "threepids": self.threepids, "epoch": epoch,
+                                   "last_id": last_id}))
         tmp.replace(path / POSITION_FILE)
 
     def rebuild(self, identities: Iterable[Identity], epoch: str, last_id: str) -> int:
         """Write a new index from identities beside the current one, then swap it in."""
         fresh = self.path.with_name(self.path.name + ".new")
-        shutil.rmtree(fresh, ignore_errors=True)
-        fresh.mkdir(parents=True)
-        ix = index.create_in(str(fresh), SCHEMA)
-        count = 0
-        with ix.writer(limitmb=128) as writer:
-            for identity in identities:
-                writer.add_document(**_document(identity))
-                count += 1
+        documents = [_document(identity, self.threepids) for identity in identities]
+        _in_writer_process(_write_fresh, str(fresh), documents)
         self._save_position(fresh, epoch, last_id)
         old = self.path.with_name(self.path.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -113,17 +137,86 @@ class FullText:
             self.path.rename(old)
         fresh.rename(self.path)
         shutil.rmtree(old, ignore_errors=True)
-        return count
+        return len(documents)
 
     def apply(self, upserts: list[Identity], deleted_keys: list[str], epoch: str, last_id: str) -> None:
         """Apply a batch of changes, then record the stream position they bring the index to."""
-        ix = index.open_dir(str(self.path))
-        with ix.writer() as writer:
-            for key in deleted_keys:
-                writer.delete_by_term("key", key)
-            for identity in upserts:
-                writer.update_document(**_document(identity))
+        documents = [_document(identity, self.threepids) for identity in upserts]
+        _in_writer_process(_write_changes, str(self.path), documents, deleted_keys)
         self._save_position(self.path, epoch, last_id)
 
     def count(self) -> int:
         return int(index.open_dir(str(self.path)).doc_count())
+
+
+def _write_fresh(path: str, documents: list[dict[str, Any]]) -> None:
+    """In the writer process: a new index at path holding documents, in their order."""
+    shutil.rmtree(path, ignore_errors=True)
+    Path(path).mkdir(parents=True)
+    with index.create_in(path, SCHEMA).writer(**_WRITER) as writer:
+        for document in documents:
+            writer.add_document(**document)
+
+
+def _write_changes(path: str, documents: list[dict[str, Any]], deleted_keys: list[str]) -> None:
+    """In the writer process: deleted_keys out of the index at path, documents in (replacing theirs)."""
+    writer = index.open_dir(path).writer(**_WRITER)
+    try:
+        # One reader for the batch: Whoosh's update_document and delete_by_term open one per document.
+        with writer.reader() as reader:
+            segments = len(list(reader.leaf_readers()))
+            keys = {*deleted_keys, *(document["key"] for document in documents)}
+            if len(keys) * segments > reader.doc_count_all() // 4:
+                # Many keys (a full sync's batches): one pass over the keys the index has costs less
+                # than looking each one up in every segment.
+                present = keys.intersection(term.decode() for term in reader.lexicon("key"))
+            else:
+                present = {key for key in keys if ("key", key) in reader}
+            for key in present:
+                for docnum in reader.postings("key", key).all_ids():
+                    writer.delete_document(docnum)
+        for document in documents:
+            writer.add_document(**document)
+    except BaseException:
+        writer.cancel()
+        raise
+    # Merging segments rewrites them, and a searcher reads each new segment's terms again: small
+    # segments are merged only once there are many (a consolidation rebuilds the index whole).
+    writer.commit(merge=segments >= MERGE_FROM_SEGMENTS)
+
+
+_pool: ProcessPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _in_writer_process(work: Callable[..., None], *args: Any) -> None:
+    """Run work(*args) in the writer process (started the first time), and wait for it."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            # Spawned, not forked: the follower's process has threads and open connections.
+            _pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        pool = _pool
+    try:
+        pool.submit(work, *args).result(timeout=WRITE_TIMEOUT)
+    except (FutureTimeout, BrokenProcessPool):
+        # A stuck or dead writer is replaced: the next write starts a new one.
+        _stop(pool)
+        raise
+
+
+def stop_writer() -> None:
+    """End the writer process, if one was started (a write in progress is abandoned)."""
+    if _pool is not None:
+        _stop(_pool)
+
+
+def _stop(pool: ProcessPoolExecutor) -> None:
+    global _pool
+    with _pool_lock:
+        if _pool is pool:
+            _pool = None
+    # The executor has no way to stop a busy process; its processes are reached through its state.
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.kill()
+    pool.shutdown(wait=False, cancel_futures=True)

@@ -18,7 +18,7 @@ from indexer import logs
 from indexer.cache import Cache
 from indexer.config import read_config
 from indexer.follower import Follower
-from indexer.fulltext import FullText, fulltext_path
+from indexer.fulltext import FullText, fulltext_path, stop_writer
 from indexer.jobs import JobRunner
 from indexer.metrics import observe_sync
 from indexer.redis_clients import REDIS_ERRORS, RedisTarget, configured_target, connect
@@ -203,7 +203,7 @@ def run_indexer(config: Config, target: RedisTarget, stop: threading.Event, pare
                                 key="indexer start redis")
             stop.wait(RETRY_AFTER)
     store_names = [s.name for s in config.stores]
-    follower = Follower(cache, FullText(fulltext_path(config)), store_names)
+    follower = Follower(cache, FullText(fulltext_path(config), config.directory.threepids), store_names)
     follower_thread = threading.Thread(target=follower.run, args=(stop,), name="fulltext-follower", daemon=True)
     follower_thread.start()
     if parent_pid is not None:
@@ -221,6 +221,7 @@ def run_indexer(config: Config, target: RedisTarget, stop: threading.Event, pare
     finally:
         stop.set()
         follower_thread.join(timeout=10)
+        stop_writer()
         jobs.join(timeout=10)
         indexer.close()
 

@@ -12,6 +12,7 @@ from indexer.cache import Cache
 from indexer.follower import Follower
 from indexer.fulltext import FullText
 from indexer.sync import full_sync
+from server.services.directory_search import DirectorySearch, HideRules
 from tests.conftest import make_store, search_mxids
 
 CONFIG = {"matrix": {"domain": "example.org"}, "threepids": {"msisdn": {"default_region": None}}}
@@ -80,6 +81,28 @@ def test_an_index_of_another_schema_version_is_rebuilt(rclient, prefix, tmp_path
     Follower(cache, index, ["hr"]).start()
     assert "rebuilt from the cache because the index was built with another schema: 1 identities" in caplog.text
     assert search_mxids(index.path, "lidd") == ["@alice:example.org"]
+
+
+def test_addresses_are_indexed_only_when_searches_may_use_them(rclient, prefix, tmp_path, caplog):
+    caplog.set_level("INFO")
+    cache = Cache(rclient, prefix)
+    cache.initialize()
+    sync(cache, tmp_path / "people.yml", [{"localpart": "alice", "display_name": "Alice Liddell",
+                                           "emails": ["wonder@corp.example"]}])
+
+    def by_address() -> list[str]:
+        search = DirectorySearch(tmp_path / "fulltext", HideRules([]), threepids=True)
+        try:
+            return [hit.mxid for hit in search.search("wonder", 10)[0]]
+        finally:
+            search.close()
+
+    Follower(cache, FullText(tmp_path / "fulltext", threepids=False), ["hr"]).start()
+    assert by_address() == [] and search_mxids(tmp_path / "fulltext", "alice") == ["@alice:example.org"]
+    caplog.clear()
+    Follower(cache, FullText(tmp_path / "fulltext", threepids=True), ["hr"]).start()
+    assert "rebuilt from the cache because directory.threepids changed: 1 identities" in caplog.text
+    assert by_address() == ["@alice:example.org"]
 
 
 def test_many_small_batches_are_consolidated_when_the_stream_is_quiet(rclient, prefix, tmp_path, caplog, monkeypatch):

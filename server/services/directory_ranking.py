@@ -3,7 +3,7 @@ bitmaps of document numbers (indexer/fulltext.py writes the index). Blocking; ne
 
 Matching rules of a directory search: every word of the query must match a word of the person
 (display name and localpart, and their 3PIDs where the config allows) exactly, as a prefix, inside a
-word (3 letters or more, through trigrams) or, for words of 5 letters or more, with one typo (a
+word (3 letters or more) or, for words of 5 letters or more, with one typo (a
 letter wrong, missing or extra, or two adjacent letters swapped); the last two only for query words
 that nobody in the index has as a whole word (deleted people do not count). Case and diacritics are
 folded on both sides. Exact words rank above prefixes, which rank above matches inside a word, which
@@ -14,9 +14,13 @@ in index order.
 
 from __future__ import annotations
 
+from array import array
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import accumulate, compress, repeat
+from operator import contains
 
 from pyroaring import FrozenBitMap
 from whoosh.reading import IndexReader, TermNotFound
@@ -28,7 +32,107 @@ EXACT, PREFIX, INSIDE, TYPO = 12.0, 4.0, 2.0, 1.0
 TYPO_MIN_LENGTH = 5
 MATCHES_KEPT_BYTES = 32 * 1024 * 1024
 PEOPLE_KEPT = 10_000
+WORD_FIELDS = ("words", "tp_words")
+# Up to this many occurrences, a part of a word is looked for term by term; above, in every term at once.
+FEW_TERMS = 2000
+# Spellings one typo away from a word are looked up in the term list up to this many; beyond (a large
+# alphabet), Whoosh's Levenshtein automaton lists the near terms.
+NEAR_SPELLINGS = 4000
 _NOBODY = FrozenBitMap()
+# Above every character a term can hold: the end of the terms starting with a prefix.
+_LAST = "\U0010ffff"
+
+
+class SegmentTerms:
+    """The terms of one field in one index segment, held in memory in order, with the documents
+    (numbered within the segment, deleted ones included) that have each. A prefix is a range of
+    this list and a part of a word one pass over it at C speed (map, compress): no posting list is
+    read, however many terms match (a one-letter prefix matches every user<i>). Built once per
+    segment, which Whoosh never changes but to delete documents; a person is almost always a
+    term's only document, which the term list tells, so building reads little more than that."""
+
+    def __init__(self, reader: IndexReader, field: str) -> None:
+        terms: list[str] = []
+        self.first = array("I")  # each term's first document
+        self.more: dict[int, array[int]] = {}  # the documents of the few terms that have several
+        for btext, info in reader.iter_field(field):
+            if info.doc_frequency() == 1:
+                self.first.append(info.min_id())
+            else:
+                docs = array("I", reader.postings(field, btext).all_ids())
+                self.first.append(docs[0] if docs else info.min_id())
+                self.more[len(terms)] = docs
+            terms.append(btext.decode())
+        self.terms = terms
+        self.several = sorted(self.more)
+        # Every term on its own line: a part of a word that few terms hold is found in this text.
+        self.text = "\n".join(terms)
+        self.starts = array("I", accumulate((len(t) + 1 for t in terms[:-1]), initial=0)) if terms else array("I")
+        self.letters = sorted(set(self.text) - {"\n"})
+
+    def _range(self, low: int, high: int) -> FrozenBitMap:
+        if low >= high:
+            return _NOBODY
+        return self._union(self.first[low:high], self.several[bisect_left(self.several, low):
+                                                              bisect_left(self.several, high)])
+
+    def exact(self, term: str) -> FrozenBitMap:
+        at = bisect_left(self.terms, term)
+        return self._range(at, at + 1) if at < len(self.terms) and self.terms[at] == term else _NOBODY
+
+    def prefixed(self, word: str) -> FrozenBitMap:
+        return self._range(bisect_left(self.terms, word), bisect_left(self.terms, word + _LAST))
+
+    def near(self, word: str) -> list[str] | None:
+        """The terms (word itself included) with word's first letter and one letter wrong, missing or
+        extra after it; None when that is too many spellings to look up (a large alphabet)."""
+        head, rest = word[:1], word[1:]
+        if (2 * len(rest) + 1) * len(self.letters) > NEAR_SPELLINGS:
+            return None
+        spellings = {word}
+        spellings.update(head + rest[:i] + rest[i + 1:] for i in range(len(rest)))
+        for letter in self.letters:
+            spellings.update(head + rest[:i] + letter + rest[i + 1:] for i in range(len(rest)))
+            spellings.update(head + rest[:i] + letter + rest[i:] for i in range(len(rest) + 1))
+        return [spelling for spelling in spellings if self.has(spelling)]
+
+    def has(self, term: str) -> bool:
+        at = bisect_left(self.terms, term)
+        return at < len(self.terms) and self.terms[at] == term
+
+    def inside(self, word: str) -> FrozenBitMap:
+        """Who has a term containing word."""
+        count = self.text.count(word)
+        if not count:
+            return _NOBODY
+        if count > FEW_TERMS:
+            # Many terms (a part of every user<i>): one pass over them all, no Python loop per term.
+            holds = list(map(contains, self.terms, repeat(word)))
+            return self._union(compress(self.first, holds), [i for i in self.several if holds[i]])
+        found, several = array("I"), []
+        text, starts, last = self.text, self.starts, len(self.terms) - 1
+        at = text.find(word)
+        while at >= 0:
+            term = bisect_right(starts, at) - 1
+            if term in self.more:
+                several.append(term)
+            else:
+                found.append(self.first[term])
+            if term >= last:
+                break
+            at = text.find(word, starts[term + 1])
+        return self._union(found, several)
+
+    def _union(self, first: Iterable[int], several: list[int]) -> FrozenBitMap:
+        """first, and the documents of the terms numbered several."""
+        found = FrozenBitMap(first)
+        return found.union(*(FrozenBitMap(self.more[i]) for i in several)) if several else found
+
+
+def segment_key(reader: IndexReader) -> str | None:
+    """What names a segment's terms for as long as it exists (None: a reader of no segment)."""
+    segment = reader.segment()
+    return None if segment is None else str(segment.segment_id())
 
 
 def _swaps(word: str) -> list[str]:
@@ -48,13 +152,31 @@ def _bytes(bitmap: FrozenBitMap) -> int:
 class OpenIndex:
     """One open index reader for directory searches: who matches a query word in each way (exactly,
     as a prefix, inside a word, with a typo) as compressed bitmaps of document numbers, and the
-    people found. What it reads is kept between searches, least recently used out first, up to
-    about MATCHES_KEPT_BYTES of bitmaps and PEOPLE_KEPT people: reading posting lists, listing a
-    word's near terms or loading a person costs far more than the set operations of a search, and
-    the same names come back (people type them letter by letter, and names repeat)."""
+    people found. The word fields' terms are in memory (SegmentTerms, taken over from the index
+    opened before for the segments they share). What it computes is kept between searches, least
+    recently used out first, up to about MATCHES_KEPT_BYTES of bitmaps and PEOPLE_KEPT people:
+    listing a word's near terms or loading a person costs far more than the set operations of a
+    search, and the same names come back (people type them letter by letter, and names repeat)."""
 
-    def __init__(self, reader: IndexReader) -> None:
+    def __init__(self, reader: IndexReader, fields: tuple[str, ...] = WORD_FIELDS,
+                 before: OpenIndex | None = None) -> None:
         self.reader = reader
+        known = before.segments if before is not None else {}
+        self.segments: dict[tuple[str, str], SegmentTerms] = {}
+        # Per segment: its terms by field, its first document number in this reader, its deleted documents.
+        self._leaves: list[tuple[dict[str, SegmentTerms], int, FrozenBitMap]] = []
+        for leaf, offset in reader.leaf_readers():
+            key = segment_key(leaf)
+            if key is None:
+                continue
+            terms = {}
+            for field in fields:
+                terms[field] = self.segments[(key, field)] = known.get((key, field)) or SegmentTerms(leaf, field)
+            deleted = FrozenBitMap(leaf.deleted_docs_set) if leaf.has_deletions() else _NOBODY
+            self._leaves.append((terms, offset, deleted))
+            # Whoosh opens a segment's stored fields at their first use: now, while its files exist.
+            if leaf.doc_count_all():
+                leaf.stored_fields(0)
         self._matches: OrderedDict[tuple[str, str, str], FrozenBitMap] = OrderedDict()
         self._held = 0
         self._people: OrderedDict[int, tuple[Hit, tuple[str, ...]]] = OrderedDict()
@@ -79,43 +201,45 @@ class OpenIndex:
         except TermNotFound:
             return _NOBODY
 
-    def has(self, field: str, word: str) -> bool:
-        return (field, word) in self.reader
+    def matrix_id(self, mxid: str) -> FrozenBitMap:
+        """Who has this Matrix ID."""
+        return self._kept(("exact", "mxid", mxid), lambda: self._postings("mxid", mxid))
+
+    def _every_segment(self, field: str, find: Callable[[SegmentTerms], FrozenBitMap]) -> FrozenBitMap:
+        found = []
+        for terms, offset, deleted in self._leaves:
+            here = find(terms[field])
+            if here and deleted:
+                here -= deleted
+            if here:
+                found.append(here.shift(offset) if offset else here)
+        return _union(found)
 
     def exact(self, field: str, term: str) -> FrozenBitMap:
-        return self._kept(("exact", field, term), lambda: self._postings(field, term))
+        """Who has the word term (people deleted from the index do not count)."""
+        return self._kept(("exact", field, term), lambda: self._every_segment(field, lambda t: t.exact(term)))
 
     def prefixed(self, field: str, word: str) -> FrozenBitMap:
         """Who has a word starting with word (the word itself included)."""
-        def read() -> FrozenBitMap:
-            # Only the union is kept: a short prefix can have thousands of terms (user1, user2...).
-            terms = [t.decode() for t in self.reader.expand_prefix(field, word)]
-            return _union([self._matches.get(("exact", field, t)) or self._postings(field, t) for t in terms])
-
-        return self._kept(("prefix", field, word), read)
+        return self._kept(("prefix", field, word), lambda: self._every_segment(field, lambda t: t.prefixed(word)))
 
     def inside(self, field: str, word: str) -> FrozenBitMap:
-        """Who has every trigram of word in the trigrams field."""
-        def read() -> FrozenBitMap:
-            # Rarest first: most words that nobody has stop at a trigram that nobody has.
-            grams = sorted({word[i:i + 3] for i in range(len(word) - 2)},
-                           key=lambda g: self.reader.doc_frequency(field, g))
-            found = self.exact(field, grams[0])
-            for gram in grams[1:]:
-                if not found:
-                    break
-                found &= self.exact(field, gram)
-            return found
-
-        return self._kept(("inside", field, word), read)
+        """Who has a word containing word."""
+        return self._kept(("inside", field, word), lambda: self._every_segment(field, lambda t: t.inside(word)))
 
     def near(self, field: str, word: str) -> FrozenBitMap:
         """Who has a word one typo away from word: one letter wrong, missing or extra (with the same
         first letter), or two adjacent letters swapped."""
         def read() -> FrozenBitMap:
-            terms = set(self.reader.terms_within(field, word, maxdist=1, prefix=1))
+            terms: set[str] = set()
+            for segment, _, _ in self._leaves:
+                found = segment[field].near(word)
+                if found is None:  # Whoosh's Levenshtein automaton, over every segment
+                    terms = set(self.reader.terms_within(field, word, maxdist=1, prefix=1))
+                    break
+                terms.update(found)
             # Whoosh's automaton counts a swap as two edits; each swapped spelling is one term lookup.
-            terms.update(t for t in _swaps(word) if (field, t) in self.reader)
+            terms.update(_swaps(word))
             return _union([self.exact(field, t) for t in terms])
 
         return self._kept(("near", field, word), read)
@@ -134,27 +258,27 @@ class OpenIndex:
         return found
 
 
-def _tiers(opened: OpenIndex, word: str, fields: list[tuple[str, str]]) -> Iterator[tuple[float, FrozenBitMap]]:
+def _tiers(opened: OpenIndex, word: str, fields: list[str]) -> Iterator[tuple[float, FrozenBitMap]]:
     """The people matching one query word by how well their best-matching word matches it, best
     first, each person in one tier only. Computed lazily: a search that has enough people from
     the first tiers never pays for the others."""
     # A word that someone has is taken as typed whole and spelt right: it is looked for as a word
     # and as a prefix only. Looking inside words and for near misses finds little more for it.
     # Only people still in the index count: a term that deleted documents alone hold is unknown.
-    found = _union([opened.exact(words, word) for words, _ in fields if opened.has(words, word)])
+    found = _union([opened.exact(field, word) for field in fields])
     known = bool(found)
     yield EXACT, found
-    prefixed = _union([opened.prefixed(words, word) for words, _ in fields]) - found
+    prefixed = _union([opened.prefixed(field, word) for field in fields]) - found
     yield PREFIX, prefixed
     if known:
         return
     found |= prefixed
     if len(word) >= 3:
-        inside = _union([opened.inside(grams, word) for _, grams in fields]) - found
+        inside = _union([opened.inside(field, word) for field in fields]) - found
         yield INSIDE, inside
         found |= inside
     if len(word) >= TYPO_MIN_LENGTH:
-        yield TYPO, _union([opened.near(words, word) for words, _ in fields]) - found
+        yield TYPO, _union([opened.near(field, word) for field in fields]) - found
 
 
 def ranked(opened: OpenIndex, text: str, threepids: bool) -> Iterator[int]:
@@ -163,12 +287,12 @@ def ranked(opened: OpenIndex, text: str, threepids: bool) -> Iterator[int]:
     shown = _NOBODY
     if ":" in mxid:
         # Someone's whole Matrix ID finds them first.
-        shown = opened.exact("mxid", mxid if mxid.startswith("@") else "@" + mxid)
+        shown = opened.matrix_id(mxid if mxid.startswith("@") else "@" + mxid)
         yield from shown
     words = query_words(text)
     if not words:
         return
-    fields = [("words", "grams")] + ([("tp_words", "tp_grams")] if threepids else [])
+    fields = ["words", "tp_words"] if threepids else ["words"]
     if len(words) == 1:
         for _, tier in _tiers(opened, words[0], fields):
             yield from tier - shown

@@ -3,6 +3,7 @@ between requests. Blocking; run in a thread, never on the event loop."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import threading
@@ -14,7 +15,12 @@ from whoosh import index
 from indexer.fulltext import POSITION_FILE
 from indexer.identity import Identity
 from indexer.settings import DirectoryHideConfig
-from server.services.directory_ranking import Hit, IndexNotReady, OpenIndex, ranked
+from server.services.directory_ranking import WORD_FIELDS, Hit, IndexNotReady, OpenIndex, ranked
+
+log = logging.getLogger(__name__)
+
+# The longest a search waits for the first index to be opened (its terms read) before answering 503.
+OPEN_WAIT = 60.0
 
 
 class HideRules:
@@ -64,41 +70,72 @@ def _search(opened: OpenIndex, text: str, threepids: bool, limit: int, hide: Hid
 
 
 class DirectorySearch:
-    """Directory searches on one index kept open between requests (with what it has read), reopened
-    when the follower has moved the index on. Thread-safe: searches take turns on the one reader."""
+    """Directory searches on one index kept open between requests (with what it has read). When the
+    follower has moved the index on, the new index is opened and its terms read in a thread of its
+    own, while searches go on in the one opened before; then it takes over. The first index is
+    opened that way too, from the start (a search waits for it, at most OPEN_WAIT seconds).
+    Thread-safe: searches take turns on the open index."""
 
     def __init__(self, path: str | Path, hide: HideRules, threepids: bool) -> None:
         self.path = Path(path)
         self.hide = hide
         self.threepids = threepids
+        self.fields = WORD_FIELDS if threepids else WORD_FIELDS[:1]
         self._lock = threading.Lock()
         self._opened: OpenIndex | None = None
         self._stamp: tuple[int, int] | None = None
+        self._opening: threading.Thread | None = None
+        self._open_soon()
 
-    def _current(self) -> OpenIndex:
+    def _changed(self) -> tuple[int, int] | None:
+        """The index's stamp when it differs from the open one's."""
         try:
             stat = os.stat(self.path / POSITION_FILE)
         except FileNotFoundError:
-            stat = None  # not built yet, or the follower is swapping in a rebuilt index
-        if stat is not None and (stat.st_ino, stat.st_mtime_ns) != self._stamp:
-            try:
-                fresh = OpenIndex(index.open_dir(str(self.path)).reader())
-            except (OSError, index.EmptyIndexError):
-                fresh = None
-            if fresh is not None:
-                if self._opened is not None:
-                    self._opened.close()
-                self._opened, self._stamp = fresh, (stat.st_ino, stat.st_mtime_ns)
+            return None  # not built yet, or the follower is swapping in a rebuilt index
+        stamp = (stat.st_ino, stat.st_mtime_ns)
+        return stamp if stamp != self._stamp else None
+
+    def _open(self, stamp: tuple[int, int]) -> None:
+        """Open the index as it is now and make it the one searched."""
+        try:
+            fresh = OpenIndex(index.open_dir(str(self.path)).reader(), self.fields, self._opened)
+        except (OSError, index.EmptyIndexError):
+            return  # swapped meanwhile: the next search tries again
+        except Exception as exc:  # in a thread of its own: said here, and the next search tries again
+            log.warning("directory search: could not open the changed index at %s (%s: %s)", self.path,
+                        type(exc).__name__, exc)
+            return
+        with self._lock:
+            before, self._opened, self._stamp = self._opened, fresh, stamp
+        if before is not None:
+            before.close()
+
+    def _open_soon(self) -> threading.Thread | None:
+        """The thread opening the index as it is now, started unless one runs (None: no index yet)."""
+        stamp = self._changed()
+        if stamp is not None and (self._opening is None or not self._opening.is_alive()):
+            self._opening = threading.Thread(target=self._open, args=(stamp,), name="search-open", daemon=True)
+            self._opening.start()
+        return self._opening if stamp is not None else None
+
+    def _current(self) -> OpenIndex:
+        opening = self._open_soon()
+        if self._opened is None and opening is not None:
+            opening.join(OPEN_WAIT)
         if self._opened is None:
             raise IndexNotReady(f"no fulltext index at {self.path} yet")
         return self._opened
 
     def search(self, text: str, limit: int) -> tuple[list[Hit], bool]:
         """The best limit visible matches for a search term, and whether there were more."""
+        opened = self._current()
         with self._lock:
-            return _search(self._current(), text, self.threepids, limit, self.hide)
+            return _search(self._opened or opened, text, self.threepids, limit, self.hide)
 
     def close(self) -> None:
+        if self._opening is not None:
+            self._opening.join(timeout=30)
         with self._lock:
             if self._opened is not None:
                 self._opened.close()

@@ -1,0 +1,127 @@
+"""Directory search finds the same people, in the same order, however its index was written: as
+recorded before the index was made faster to fill and to search (tests/data/fulltext_results.json),
+and whether the index was rebuilt whole or filled change by change.
+
+One recorded result changed on purpose: matches inside a word were found through trigrams, which
+also matched people whose words held the query's trigrams between them ("rtíne" found Ines
+Martin); they are now found in the term list, inside one word, as the matching rules say."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from whoosh import index
+
+from indexer.fulltext import FullText
+from indexer.identity import Identity
+from server.services import directory_ranking as ranking
+from server.services.directory_search import DirectorySearch, HideRules
+
+RECORDED = Path(__file__).parent / "data" / "fulltext_results.json"
+
+FIRST = ("Adam Agnès Ahmed Alice Amélie Björn Chloé Dmitri Élodie François Jürgen Søren Zoë Zoltán Mia Maria Mario "
+         "Marius Ines Li Bo Дмитрий Ольга Γιώργος Ελένη 王 李 محمد فاطمة").split()
+LAST = ("Martínez Martin Smith Smithers Schmidt Müller Dąbrowski Yılmaz Berg Bergamo Umbergast Ivanov Иванов "
+        "Петров Παπαδόπουλος Νικολάου 伟 芳 الحسن O'Brien Lefèvre-Dubois Nakamura Takahashi Kowalski Wójcik").split()
+COUNT = 1500
+
+# Whole words, short and long prefixes (of tens to hundreds of people), inside words, typos (a
+# letter wrong, missing, extra, two swapped), several words, Matrix IDs, accents, non-Latin
+# scripts, addresses and punctuation.
+QUERIES = [
+    "smith", "martin", "bergamo", "berg", "zoe", "zoë", "ZOË", "soren", "søren", "иванов", "ИВАНОВ", "ivanov",
+    "παπαδόπουλος", "王", "李 伟", "محمد", "o'brien", "lefèvre-dubois", "dubois", "yilmaz", "yılmaz", "dabrowski",
+    "u", "us", "use", "user", "user1", "user12", "user123", "user1499", "user1500", "m", "ma", "mar", "mart", "sm",
+    "z", "и", "ив", "ива", "па", "πα", "ف", "a", "b",
+    "mith", "ergam", "mbergas", "ван", "етро", "παδό", "rtíne", "ser12", "123", "rien", "akamu", "owals",
+    "smiht", "smoth", "bregamo", "martinex", "ivamov", "иваноф", "usre12", "usre13", "kowalsky", "nakamure", "takahasi",
+    "schmdit", "muller", "umbergastt", "παπαδόπουλως", "zimmermann",
+    "maria smith", "smith m", "m s", "zoe b", "дмитрий иванов", "user1 smith", "nobody smith", "mia ber",
+    "ines kowalsky", "a b c", "li 伟",
+    "@user13:example.org", "user13:example.org", "@aberg234:example.org", "@nobody:example.org",
+    "corp", "corp.example", "user12@corp.example", "4479", "example", "mail", "", " - ", "'",
+]
+LIMIT = 10
+
+
+def population(count: int = COUNT, renamed: bool = False) -> list[Identity]:
+    """count people: every third has a localpart of their name, the others user<i>; addresses at
+    corp.example (and some at mail.example.com), a phone number each. renamed: everyone whose
+    number is a multiple of 7 has another first name."""
+    people = []
+    for i in range(count):
+        first = FIRST[(i + (3 if renamed and i % 7 == 0 else 0)) % len(FIRST)]
+        last = LAST[(i // len(FIRST)) % len(LAST)]
+        if i % 3 == 0:
+            localpart = f"{first[0]}{last}{i}".lower().replace("'", "").replace(" ", "")
+            if not localpart.isascii():
+                localpart = f"p{i}"
+        else:
+            localpart = f"user{i}"
+        threepids = [("email", f"{localpart}@corp.example"), ("msisdn", f"4479{i:08d}")]
+        if i % 5 == 0:
+            threepids.append(("email", f"u{i}@mail.example.com"))
+        people.append(Identity.build(mxid=f"@{localpart}:example.org", localpart=localpart,
+                                     display_name=f"{first} {last}" if i % 11 else None,
+                                     threepids=threepids, store="hr", store_id=str(i)))
+    return people
+
+
+def results(path: Path) -> dict[str, list[object]]:
+    """For each query, without and with 3PIDs searched: its first page of results and whether it was
+    limited; how many people it finds in all, and a digest of them all in order."""
+    out: dict[str, list[object]] = {}
+    for threepids in (False, True):
+        search = DirectorySearch(path, HideRules([]), threepids)
+        for query in QUERIES:
+            hits, limited = search.search(query, LIMIT)
+            everyone = [hit.mxid for hit in search.search(query, COUNT)[0]]
+            digest = hashlib.sha256("\n".join(everyone).encode()).hexdigest()[:16]
+            out[f"{'3pids' if threepids else 'names'}:{query}"] = [[hit.mxid for hit in hits], limited,
+                                                                    len(everyone), digest]
+        search.close()
+    return out
+
+
+@pytest.mark.parametrize("limits", [(ranking.FEW_TERMS, ranking.NEAR_SPELLINGS), (0, 0)],
+                         ids=["as-configured", "every-term-at-once-and-whoosh-near-terms"])
+def test_search_results_are_those_recorded_before_the_index_was_made_faster(tmp_path, monkeypatch, limits):
+    # Parts of words are looked for term by term or in every term at once, by how often they occur;
+    # near terms are looked up spelling by spelling or listed by Whoosh, by the size of the alphabet.
+    monkeypatch.setattr(ranking, "FEW_TERMS", limits[0])
+    monkeypatch.setattr(ranking, "NEAR_SPELLINGS", limits[1])
+    FullText(tmp_path / "fulltext").rebuild(population(), "epoch", "0-0")
+    recorded = json.loads(RECORDED.read_text())
+    found = results(tmp_path / "fulltext")
+    assert found.keys() == recorded.keys()
+    for query, expected in recorded.items():
+        assert found[query] == expected, query
+
+
+def test_an_index_filled_change_by_change_finds_what_a_rebuilt_one_does(tmp_path):
+    changed = FullText(tmp_path / "changed")
+    people = population()
+    changed.rebuild(people[:300], "epoch", "0-0")
+    # Batches as the follower applies them: new people, renamed people, people who left; enough of
+    # them for the writer to merge segments.
+    renamed = population(renamed=True)
+    gone = {str(i) for i in range(0, COUNT, 13)}
+    for start in range(300, COUNT, 50):
+        upserts = people[start:start + 50] + [p for p in renamed[start - 300:start - 250]
+                                              if int(p.store_id) % 7 == 0 and p.store_id not in gone]
+        deleted = [f"hr\x1f{i}" for i in range(start - 300, start - 250) if str(i) in gone]
+        changed.apply(upserts, deleted, "epoch", f"0-{start}")
+    changed.apply([p for p in renamed[COUNT - 300:] if int(p.store_id) % 7 == 0 and p.store_id not in gone],
+                  [f"hr\x1f{i}" for i in range(COUNT - 300, COUNT) if str(i) in gone], "epoch", "0-9999")
+    # People who rank alike come in index order: the rebuilt index gets them in the order that
+    # the changed index ended up with.
+    with index.open_dir(str(changed.path)).reader() as reader:
+        order = [fields["key"].split("\x1f")[1] for _, fields in reader.iter_docs()]
+    final = {p.store_id: p for p in renamed if p.store_id not in gone}
+    assert sorted(order) == sorted(final)
+    rebuilt = FullText(tmp_path / "rebuilt")
+    rebuilt.rebuild([final[i] for i in order], "epoch", "0-9999")
+    assert results(changed.path) == results(rebuilt.path)
