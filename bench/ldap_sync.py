@@ -158,7 +158,7 @@ def run(args: argparse.Namespace, slapd: Slapd, uri: str, cache: Cache, root: Pa
         "bind": {"dn": READER_DN, "password": READER_PASSWORD}, "page_size": args.page_size}]}, root)
     store = build_store(config.stores[0], config)
     fulltext = FullText(root / "fulltext")
-    follower = Follower(cache, fulltext, ["bench"])
+    follower = Follower(cache, fulltext, ["bench"], "bench")
     follower.start()  # an empty index, following the change stream like the indexer's thread
     stop = threading.Event()
     indexed_at: list[float] = []
