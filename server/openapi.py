@@ -130,9 +130,10 @@ OPERATIONS: dict[str, Op] = {
                                       token=STRING, signatures=SIGNED)),
     "check_credentials": Op(body="check_credentials", errors=(400, 413), answer=_object(
         ["auth"], auth=_object(["success", "profile"], success=BOOLEAN, mxid=STRING, profile={"type": "object"}))),
-    "internal_profile": Op(errors=(404,), answer=_object(["user_id", "display_name", "threepids"], user_id=STRING,
-                                                         display_name={"type": ["string", "null"]},
-                                                         threepids={"type": "array"})),
+    "internal_profile": Op(errors=(404,), answer=_object(["user_id", "display_name", "threepids", "roles"],
+                                                         user_id=STRING, display_name={"type": ["string", "null"]},
+                                                         threepids={"type": "array"},
+                                                         roles={"type": "array", "items": STRING})),
     "search": Op(body="user_directory_search", auth=HOMESERVER, errors=(400, 401, 413, 502), relayed=True,
                  answer=_object(["results", "limited"], results={"type": "array", "items": DIRECTORY_HIT},
                                 limited=BOOLEAN)),

@@ -26,6 +26,7 @@ from indexer.redis_server import EmbeddedRedis
 from indexer.settings import Config
 from server.bindings import check_cache
 from server.metrics import use_directory
+from server.service_manager import monotonic_usec, notify
 from server.signing import SigningKeys
 from server.storage import Storage, StorageError
 
@@ -362,15 +363,21 @@ class Supervisor:
                     with contextlib.suppress(BlockingIOError):
                         if os.read(listening, 16):
                             up.append(True)
+                            notify("READY=1", f"STATUS=answering on {config.server.bind}:{config.server.port}")
                 self.signals.wake.wait(TICK)
                 self.signals.wake.clear()
                 if self.signals.reload:
                     self.signals.reload = False
+                    if up:
+                        notify("RELOADING=1", monotonic_usec())
                     self.reload(indexer, server)
+                    if up:
+                        notify("READY=1")
                 for child in self.children:
                     if not self.signals.stopping():
                         child.check()
             log.info("received %s: stopping", self.signals.stops[0])
+            notify("STOPPING=1")
         except Stopped:
             log.info("received %s while starting: stopping", self.signals.stops[0])
         finally:

@@ -134,7 +134,8 @@ def test_profiles_with_threepids(started, client_homeserver):
     response = server.http.get("/_matrix/client/r0/profile/%40nobody%3Aexample.org")
     assert response.status_code == 404 and response.json()["errcode"] == "M_NOT_FOUND"  # the homeserver's answer
     assert server.http.get("/_matrix-internal/profile/v1/@alice:example.org").json() == {
-        "user_id": "@alice:example.org", "display_name": "Alice Liddell", "threepids": ALICE_PROFILE["three_pids"]}
+        "user_id": "@alice:example.org", "display_name": "Alice Liddell", "threepids": ALICE_PROFILE["three_pids"],
+        "roles": []}
     assert server.http.get("/_matrix-internal/profile/v1/@nobody:example.org").status_code == 404
 
 

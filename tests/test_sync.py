@@ -215,6 +215,27 @@ def test_identity_records_match_their_schema(cache, people_file):
     jsonschema.validate(json.loads(raw), load_schema("identity.schema.json"))
 
 
+# A record as written before roles existed, with the hash it was given then.
+OLD_RECORD = ('{"mxid":"@alice:example.org","localpart":"alice","display_name":"Alice","threepids":[{"medium":"email",'
+              '"address":"alice@example.org"}],"store":"hr","store_id":"alice",'
+              '"hash":"11fdb494483d5564259e1d492408b366987c393fc4e1fd1a6e821191c83ab1a8"}')
+
+
+def test_records_without_roles_keep_their_hash_and_bytes():
+    old = Identity.from_json(OLD_RECORD)
+    assert old.roles == ()
+    same = Identity.build(mxid="@alice:example.org", localpart="alice", display_name="Alice",
+                          threepids=[("email", "alice@example.org")], store="hr", store_id="alice")
+    # An upgrade rewrites nobody without roles: same hash (the sync skips them) and the same record.
+    assert same.hash == old.hash and same.to_json() == OLD_RECORD
+    with_roles = Identity.build(mxid="@alice:example.org", localpart="alice", display_name="Alice",
+                                threepids=[("email", "alice@example.org")], store="hr", store_id="alice",
+                                roles=["staff", "admins", "staff"])
+    assert with_roles.roles == ("admins", "staff") and with_roles.hash != old.hash
+    assert Identity.from_json(with_roles.to_json()) == with_roles
+    jsonschema.validate(json.loads(with_roles.to_json()), load_schema("identity.schema.json"))
+
+
 class Versioned(Store):
     """A source that numbers its changes, as a directory's USN or a table's sequence column does."""
 

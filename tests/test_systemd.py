@@ -6,10 +6,13 @@ from __future__ import annotations
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import REPO, started, wait_until
 
@@ -79,3 +82,30 @@ def test_mxisd_run_reloads_and_stops_as_the_unit_expects(make_server) -> None:
     server.process.send_signal(getattr(signal, settings["KillSignal"][0]))
     assert server.process.wait(timeout=float(settings["TimeoutStopSec"][0])) == 0
     assert time.monotonic() - began < float(settings["TimeoutStopSec"][0])
+
+
+def test_mxisd_run_tells_systemd_when_it_answers_reloads_and_stops(make_server, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    assert service_settings()["Type"] == ["notify"]
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(tmp_path / "notify.sock"))
+    listener.settimeout(30)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
+    server = make_server()
+    server.launch()
+    try:
+        ready = listener.recv(4096).decode()
+        # Ready means answering: the first message comes only once the HTTP server listens.
+        assert server.http.get("/_matrix/identity/v2").status_code == 200
+        assert ready.splitlines() == ["READY=1", f"STATUS=answering on 127.0.0.1:{server.port}"]
+
+        assert server.process is not None
+        server.process.send_signal(signal.SIGHUP)
+        reloading = listener.recv(4096).decode().splitlines()
+        assert reloading[0] == "RELOADING=1" and re.fullmatch(r"MONOTONIC_USEC=[0-9]+", reloading[1])
+        assert listener.recv(4096).decode() == "READY=1"
+
+        assert server.stop() == 0
+        assert listener.recv(4096).decode() == "STOPPING=1"
+    finally:
+        listener.close()

@@ -24,5 +24,5 @@ async def profile(request: Request, user_id: str) -> HTTPResponse:
 
 @bp.get("/_matrix-internal/profile/v1/<user_id>")
 async def internal_profile(request: Request, user_id: str) -> HTTPResponse:
-    """GET /_matrix-internal/profile/v1/{userId}: display name and 3PIDs of an identity from the cache."""
+    """GET /_matrix-internal/profile/v1/{userId}: display name, 3PIDs and roles of an identity from the cache."""
     return json(await services(request).profiles.internal(user_id))

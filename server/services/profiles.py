@@ -53,11 +53,11 @@ class Profiles:
         return True
 
     async def internal(self, user_id: str) -> dict[str, Any]:
-        """{"user_id", "display_name", "threepids"} of the identity of user_id in the cache.
+        """{"user_id", "display_name", "threepids", "roles"} of the identity of user_id in the cache.
 
         Raises MatrixError: 404 M_NOT_FOUND when the cache has none."""
         identity = (await self.lookups.identities([user_id]))[0]
         if identity is None:
             raise MatrixError(404, "M_NOT_FOUND", "No such user in the directory")
         return {"user_id": identity.mxid, "display_name": identity.display_name,
-                "threepids": identity.threepid_objects()}
+                "threepids": identity.threepid_objects(), "roles": list(identity.roles)}
