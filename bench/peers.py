@@ -1,7 +1,8 @@
 """Benchmark: our lookups against Sydent's (the reference identity server), side by side.
 
     .venv/bin/python bench/peers.py [--n 10000] [--duration 10] [--connections 32] [--rounds 2]
-                                    [--redis-url redis://127.0.0.1:6379/0] [--workdir /tmp/mxisd-bench-peers]
+                                    [--redis-url redis://127.0.0.1:6379/0 | --redis-cluster HOST:PORT ...]
+                                    [--workdir /tmp/mxisd-bench-peers]
 
 Installs matrix-sydent[prometheus] from PyPI into its own virtual environment (kept in --workdir
 for the next run) and wrk from Debian when missing, seeds both servers with the same N people
@@ -38,7 +39,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import redis
 import yaml
 from signedjson.key import encode_signing_key_base64, generate_signing_key
 from signedjson.sign import sign_json
@@ -46,6 +46,8 @@ from unpaddedbase64 import encode_base64
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from indexer.redis_clients import connect  # noqa: E402
+from indexer.settings import RedisClusterConfig, RedisTlsConfig  # noqa: E402
 from server.storage import Storage  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -195,13 +197,13 @@ class Sydent:
 class Ours:
     """`mxisd run` on loopback, one worker per core, with a file store of N people in Redis."""
 
-    def __init__(self, root: Path, n: int, redis_url: str) -> None:
+    def __init__(self, root: Path, n: int, redis_section: dict[str, Any]) -> None:
         self.root, self.n = root, n
         root.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = root / "server.log"
-        self.redis_url = redis_url
+        self.redis = redis_section  # the config's: a url, or a cluster's seed nodes
         self.prefix = f"mxisd-bench-peers:{uuid.uuid4().hex[:8]}:"
         self.config = root / "config.yml"
         self.token = uuid.uuid4().hex
@@ -215,7 +217,7 @@ class Ours:
             "server": {"name": "mxisd.bench", "port": self.port, "bind": "127.0.0.1", "public_url": self.url,
                        "workers": os.cpu_count() or 1},
             "data_dir": str(self.root / "data"),
-            "redis": {"url": self.redis_url, "prefix": self.prefix},
+            "redis": {**self.redis, "prefix": self.prefix},
             "stores": [{"name": "people", "kind": "file", "path": str(self.root / "people.yml"),
                         "sync": {"full_every": "24h", "max_delete_ratio": 0.5}}],
             "lookup": {"bulk_max": 10000},
@@ -235,7 +237,9 @@ class Ours:
     def stop(self) -> None:
         if self.process is not None:
             stop(self.process)
-        client = redis.Redis.from_url(self.redis_url)
+        target = self.redis.get("url") or RedisClusterConfig(tuple(self.redis["cluster"]["nodes"]), None, None,
+                                                             RedisTlsConfig(False, None, True))
+        client = connect(target)
         for key in client.scan_iter(match=self.prefix + "*", count=1000):
             client.delete(key)
         client.close()
@@ -309,6 +313,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="runs per scenario and server, alternating")
     parser.add_argument("--only", action="append", choices=SCENARIOS, help="run only this scenario (repeatable)")
     parser.add_argument("--redis-url", default=os.environ.get("MXISD_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument("--redis-cluster", action="append", metavar="HOST:PORT",
+                        help="a seed node of a Redis Cluster to use instead of --redis-url (repeatable)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/mxisd-bench-peers"))
     args = parser.parse_args()
     if args.n < 1000:
@@ -316,7 +322,9 @@ def main() -> None:
     binary = ensure_wrk()
     python = ensure_sydent(args.workdir / "sydent-venv")
     run_dir = args.workdir / f"run-{uuid.uuid4().hex[:8]}"
-    sydent, ours = Sydent(python, run_dir / "sydent", args.n), Ours(run_dir / "ours", args.n, args.redis_url)
+    sydent, ours = Sydent(python, run_dir / "sydent", args.n), Ours(run_dir / "ours", args.n,
+                                                                   {"cluster": {"nodes": args.redis_cluster}}
+                                                                   if args.redis_cluster else {"url": args.redis_url})
     try:
         print(f"seeding {args.n} associations into Sydent and into ours ...", flush=True)
         sydent_pepper = sydent.seed()

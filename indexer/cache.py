@@ -18,7 +18,7 @@ from redis.typing import EncodableT, FieldT
 from indexer.claims import BatchWriter
 from indexer.identity import Identity
 from indexer.redis_clients import run_plan
-from indexer.rediskeys import BINDINGS, STREAM_MAXLEN, RedisKeys, lookup_fields, plain_key
+from indexer.rediskeys import BINDINGS, LOCAL_BINDINGS, STREAM_MAXLEN, RedisKeys, lookup_fields, plain_key
 from indexer.status import HostBounds, status_plan, stream_id
 
 PEPPER_LENGTH = 20
@@ -297,24 +297,25 @@ class Cache:
         epoch, held = self.r.hmget(self.k.state(BINDINGS), ["epoch", "generation"])
         return epoch is not None and epoch == self.epoch() and int(held or 0) >= generation
 
-    def rebuild_bindings(self, bindings: Iterable[tuple[str, str, str]], generation: int) -> int:
-        """Replace the mirror with these (medium, address, mxid) bindings, read at the SQL bindings
-        generation given (or later); how many lookup keys were written."""
+    def rebuild_bindings(self, bindings: Iterable[tuple[str, str, str, bool]], generation: int) -> int:
+        """Replace the mirror with these (medium, address, mxid, local) bindings, read at the SQL
+        bindings generation given (or later); how many lookup keys were written."""
         pepper, epoch = self.pepper(), self.epoch()
-        plain: dict[FieldT, EncodableT] = {}
-        hashed: dict[FieldT, EncodableT] = {}
-        for medium, address, mxid in bindings:
+        plain: dict[bool, dict[FieldT, EncodableT]] = {False: {}, True: {}}
+        hashed: dict[bool, dict[FieldT, EncodableT]] = {False: {}, True: {}}
+        for medium, address, mxid, local in bindings:
             fields, hashes = lookup_fields(medium, address, pepper)
-            plain.update((f, mxid) for f in fields)
-            hashed.update((h, mxid) for h in hashes)
+            plain[local].update((f, mxid) for f in fields)
+            hashed[local].update((h, mxid) for h in hashes)
         tx = self.r.pipeline(transaction=True)
-        tx.delete(self.k.threepids(BINDINGS), self.k.hashes(BINDINGS))
-        if plain:
-            tx.hset(self.k.threepids(BINDINGS), mapping=plain)
-            tx.hset(self.k.hashes(BINDINGS), mapping=hashed)
+        for local, family in ((False, BINDINGS), (True, LOCAL_BINDINGS)):
+            tx.delete(self.k.threepids(family), self.k.hashes(family))
+            if plain[local]:
+                tx.hset(self.k.threepids(family), mapping=plain[local])
+                tx.hset(self.k.hashes(family), mapping=hashed[local])
         tx.hset(self.k.state(BINDINGS), mapping={"epoch": epoch or "", "generation": generation})
         tx.execute()
-        return len(plain)
+        return len(plain[False]) + len(plain[True])
 
     # -- knowing whether this Redis holds everything it should ---------------------------------
 

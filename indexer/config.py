@@ -21,6 +21,7 @@ from typing import IO, Annotated, Any, Literal, Union, cast, get_args, get_origi
 import jsonschema
 import yaml
 
+from indexer.normalize import InvalidAddress, email_domain
 from indexer.settings import Config, Seconds
 
 # An installed copy carries the schemas as package data (indexer/schemas, see pyproject.toml); a checkout
@@ -346,6 +347,8 @@ def _complete(config: dict[str, Any], base: Path) -> dict[str, Any]:
             store["tls"]["ca_file"] = str((base / store["tls"]["ca_file"]).resolve())
         store_class(store["kind"]).complete_config(store, f"stores[{i}]", base)
     files = [("sessions.pages", config["sessions"]["pages"], k) for k in ("success", "failure")]
+    files += [(f"redis.{kind}.tls", config["redis"][kind]["tls"], "ca_file")
+              for kind in ("sentinel", "cluster") if kind in config["redis"]]
     files += [("federation", config["federation"], "ca_file")]
     if "email" in config:
         files += [("email.smtp", config["email"]["smtp"], "ca_file")]
@@ -364,12 +367,24 @@ def _complete(config: dict[str, Any], base: Path) -> dict[str, Any]:
             raise ConfigError(f"federation.allow_private_networks[{i}]: {exc}") from None
     if config["accounts"]["homeservers"] is None:
         config["accounts"]["homeservers"] = [config["matrix"]["domain"]]
-    for i, rule in enumerate(config["directory"]["hide"]):
-        for key, pattern in rule.items():
+    patterns = [(f"directory.hide[{i}].{key}", pattern)
+                for i, rule in enumerate(config["directory"]["hide"]) for key, pattern in rule.items()]
+    policy = config["registration"]["policy"]
+    for medium in ("email", "msisdn"):
+        for kind in ("allow", "deny"):
+            where = f"registration.policy.{medium}.patterns.{kind}"
+            patterns += [(f"{where}[{i}]", p) for i, p in enumerate(policy[medium]["patterns"][kind])]
+    for where, pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"{where}: not a valid regular expression: {exc}") from None
+    for kind in ("allow", "deny"):
+        for i, entry in enumerate(policy["email"]["domains"][kind]):
             try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise ConfigError(f"directory.hide[{i}].{key}: not a valid regular expression: {exc}") from None
+                email_domain(entry.lstrip("*."))
+            except InvalidAddress as exc:
+                raise ConfigError(f"registration.policy.email.domains.{kind}[{i}]: {exc}") from None
     if config["homeserver"]["url"]:
         config["homeserver"]["url"] = config["homeserver"]["url"].rstrip("/")
     return config

@@ -11,7 +11,6 @@ import threading
 import time
 from collections.abc import Callable
 
-import redis
 import schedule
 
 from indexer import logs
@@ -21,7 +20,7 @@ from indexer.follower import Follower
 from indexer.fulltext import FullText, fulltext_path
 from indexer.jobs import JobRunner
 from indexer.metrics import observe_sync
-from indexer.redis_clients import connect
+from indexer.redis_clients import REDIS_ERRORS, RedisTarget, configured_target, connect
 from indexer.settings import Config, SyncConfig
 from indexer.stores import Store, build_store
 from indexer.sync import SyncBusy, SyncResult, full_sync, incremental_sync
@@ -77,7 +76,7 @@ class Indexer:
                 observe_sync(result)
         except SyncBusy as exc:
             log.info("%s; skipping this run", exc)
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             logs.repeated.error(log, "store %s: %s sync not started, Redis unavailable: %s", store.name, kind, exc,
                                 key=f"{store.name} {kind} redis")
         except Exception as exc:
@@ -171,7 +170,7 @@ class Indexer:
                 self.resync_incomplete()
                 self.scheduler.run_pending()
                 self.publish_schedule()
-            except redis.exceptions.RedisError as exc:
+            except REDIS_ERRORS as exc:
                 logs.repeated.error(log, "indexer: Redis unavailable (%s); trying again in %.0f s", exc, RETRY_AFTER,
                                     key="indexer loop redis")
                 stop.wait(RETRY_AFTER)
@@ -190,15 +189,15 @@ class Indexer:
             store.close()
 
 
-def run_indexer(config: Config, redis_url: str, stop: threading.Event, parent_pid: int | None = None) -> None:
+def run_indexer(config: Config, target: RedisTarget, stop: threading.Event, parent_pid: int | None = None) -> None:
     """The body of the indexer process: follower thread plus scheduled syncs, until stop is set
     (or the parent process has gone away)."""
-    cache = Cache(connect(redis_url, config.redis.timeout, blocking=True), config.redis.prefix)
+    cache = Cache(connect(target, config.redis.timeout, blocking=True), config.redis.prefix)
     while not stop.is_set():
         try:
             cache.initialize()
             break
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             logs.repeated.error(log, "indexer: Redis unavailable (%s); trying again in %.0f s", exc, RETRY_AFTER,
                                 key="indexer start redis")
             stop.wait(RETRY_AFTER)
@@ -241,7 +240,7 @@ def _heartbeat(cache: Cache, host: str, every: int, threads: list[threading.Thre
             if failing:
                 log.info("indexer: heartbeat recorded again")
             failing = False
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             if not failing:  # once per outage, not once per beat
                 log.warning("indexer: could not record its heartbeat: %s", exc)
             failing = True
@@ -256,9 +255,9 @@ def _watch_parent(parent_pid: int, stop: threading.Event) -> None:
 
 
 def main() -> None:
-    """`python -m indexer.main REDIS_URL PARENT_PID` with the config on stdin (read_config): the
-    indexer process that `mxisd run` starts."""
-    redis_url, parent_pid = sys.argv[1], int(sys.argv[2])
+    """`python -m indexer.main EMBEDDED_URL PARENT_PID` with the config on stdin (read_config): the
+    indexer process that `mxisd run` starts (EMBEDDED_URL is used when the config names no Redis)."""
+    embedded_url, parent_pid = sys.argv[1], int(sys.argv[2])
     config = read_config(sys.stdin.fileno())
     if config is None:
         raise SystemExit("indexer: no config on stdin")
@@ -267,7 +266,7 @@ def main() -> None:
     # Ctrl-C reaches the whole process group; the server decides when the indexer stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    run_indexer(config, redis_url, stop, parent_pid)
+    run_indexer(config, configured_target(config.redis) or embedded_url, stop, parent_pid)
 
 
 if __name__ == "__main__":

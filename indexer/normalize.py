@@ -63,6 +63,14 @@ def email(value: str) -> str:
     return f"{local.casefold()}@{domain}"
 
 
+def email_domain(value: str) -> str:
+    """An email domain in the form canonical addresses hold it (case-folded, Unicode)."""
+    try:
+        return _unicode_domain(value.strip())
+    except idna.IDNAError as exc:
+        raise InvalidAddress(f"not a valid email domain: {value!r}: {exc}") from None
+
+
 def msisdn(value: str, default_region: str | None) -> str:
     """A phone number as E.164 digits without "+" (the Matrix msisdn form)."""
     text = value.strip()

@@ -1,6 +1,13 @@
 """The Redis key layout, shared by the indexer and the server: the one module that spells key names.
 
-Per store S (all keys under the configured prefix):
+Every key starts with the configured prefix P. The cache's own keys (all but those of single
+requests: rate:, fail:, remote: and s:S:rt:) then carry the hash tag "{cache}" (P{cache}epoch,
+P{cache}s:S:rec): a sync writes a store's hashes and the change stream in one transaction, and
+scripts and transactions of jobs, heartbeats and follower status span several keys, so in a Redis
+Cluster they must share one slot (each of a store's hashes is one key on one node anyway). The keys
+of single requests are untagged, so that a Cluster spreads them over its nodes.
+
+Per store S (the cache's keys are written below without P{cache}):
   s:S:rec     hash  store_id -> identity JSON
   s:S:chash   hash  store_id -> content hash (unchanged records are not rewritten)
   s:S:gen     zset  store_id scored by the generation of the last full sync that saw it (mark-and-sweep)
@@ -17,11 +24,15 @@ Per store S (all keys under the configured prefix):
                     in this cache only when it is the current epoch) (each JSON)
   s:S:lock    the sync lock (redis-py Lock)
   s:S:job     the id of the store's queued or running admin-triggered sync job
-  s:S:rt:<address> <medium>  string, with a TTL: a read-through store's answer, mxid or "" (not found)
+  s:S:rt:<address> <medium>  (untagged: P s:S:rt:...) string, with a TTL: a read-through store's answer, mxid or ""
+              (not found)
 Bindings made with /3pid/bind (SQL is their truth) are mirrored as the pseudo-store "_bindings",
 which no configured store can be named (store names start with [a-z0-9]): s:_bindings:3pid and
 s:_bindings:sha256 as above, and s:_bindings:state {epoch, generation}: the cache epoch they were
 rebuilt for and the SQL bindings generation they hold (SQL counts every bind and unbind).
+Bindings of local addresses (a store knew the address when it was bound) are mirrored apart, as the
+pseudo-store "_localbinds" (s:_localbinds:3pid and s:_localbinds:sha256; its state is _bindings'),
+so that lookups from other servers can leave them out (lookup.share_binds: false) at no extra cost.
 Global: epoch (changes when the cache is emptied), pepper, changes (stream of upsert/delete events),
 generation (counts completed syncs; SQL keeps the highest any server saw, so a Redis restored from an
 older copy shows a lower one),
@@ -32,10 +43,9 @@ indexer:<host> (the indexer's heartbeat: JSON, expiring unless renewed), indexer
 the host's indexer last ended, written by `mxisd run`'s supervisor), hosts-seen (zset: host id scored by
 when its indexer or follower last reported; status forgets a host, with its fulltext: and indexer-exit:
 keys, once that is longer ago than health.forget_host_after),
-rate:<kind>:<key> (rate-limit windows), remote:<address> <medium> (another identity server's answer
-to a recursive lookup, mxid or "" for not found, with a TTL),
-fail:<kind>:<who> (failed logins counted in a
-window, with a TTL; kind is "user" or "ip").
+untagged (P rate:...): rate:<kind>:<key> (rate-limit windows), remote:<address> <medium> (another
+identity server's answer to a recursive lookup, mxid or "" for not found, with a TTL),
+fail:<kind>:<who> (failed logins counted in a window, with a TTL; kind is "user" or "ip").
 """
 
 from __future__ import annotations
@@ -49,6 +59,8 @@ STREAM_MAXLEN = 1_000_000
 
 # The pseudo-store that mirrors /3pid/bind bindings; a configured store's name starts with [a-z0-9].
 BINDINGS = "_bindings"
+# The pseudo-store that mirrors bindings of local addresses (known to a store when they were bound).
+LOCAL_BINDINGS = "_localbinds"
 
 
 def _short(name: str) -> str:
@@ -73,28 +85,34 @@ def lookup_fields(medium: str, address: str, pepper: str) -> tuple[list[str], li
     return [plain_key(f, medium) for f in forms], [lookup_hash(f, medium, pepper) for f in forms]
 
 
+# The hash tag of the cache's own keys (see the module's docstring): in a Redis Cluster, every key
+# holding it lives in one slot.
+CACHE_TAG = "{cache}"
+
+
 class RedisKeys:
     """Key names under a prefix."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        self.epoch = f"{prefix}epoch"
-        self.pepper = f"{prefix}pepper"
-        self.changes = f"{prefix}changes"
-        self.rebuild = f"{prefix}fulltext-rebuild"
-        self.jobs = f"{prefix}jobs"
-        self.job_prefix = f"{prefix}job:"
-        self.generation = f"{prefix}generation"
-        self.hosts = f"{prefix}hosts-seen"
+        cache = self.cache_prefix = f"{prefix}{CACHE_TAG}"
+        self.epoch = f"{cache}epoch"
+        self.pepper = f"{cache}pepper"
+        self.changes = f"{cache}changes"
+        self.rebuild = f"{cache}fulltext-rebuild"
+        self.jobs = f"{cache}jobs"
+        self.job_prefix = f"{cache}job:"
+        self.generation = f"{cache}generation"
+        self.hosts = f"{cache}hosts-seen"
 
     def indexer(self, host: str) -> str:
-        return f"{self.prefix}indexer:{host}"
+        return f"{self.cache_prefix}indexer:{host}"
 
     def indexer_exit(self, host: str) -> str:
-        return f"{self.prefix}indexer-exit:{host}"
+        return f"{self.cache_prefix}indexer-exit:{host}"
 
     def _store(self, store: str, part: str) -> str:
-        return f"{self.prefix}s:{store}:{part}"
+        return f"{self.cache_prefix}s:{store}:{part}"
 
     def records(self, store: str) -> str:
         return self._store(store, "rec")
@@ -130,10 +148,11 @@ class RedisKeys:
         return self._store(store, "job")
 
     def read_through(self, store: str, medium: str, address: str) -> str:
-        return self._store(store, f"rt:{plain_key(address, medium)}")
+        # Untagged, like the other keys of one request: a Cluster spreads them over its nodes.
+        return f"{self.prefix}s:{store}:rt:{plain_key(address, medium)}"
 
     def follower(self, host: str) -> str:
-        return f"{self.prefix}fulltext:{host}"
+        return f"{self.cache_prefix}fulltext:{host}"
 
     def job(self, job_id: str) -> str:
         return f"{self.job_prefix}{job_id}"

@@ -60,11 +60,39 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RedisTlsConfig:
+    enabled: bool
+    ca_file: str | None
+    verify: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSentinelConfig:
+    addresses: tuple[str, ...]
+    master: str
+    username: str | None
+    password: str | None
+    sentinel_password: str | None
+    db: int
+    tls: RedisTlsConfig
+
+
+@dataclass(frozen=True, slots=True)
+class RedisClusterConfig:
+    nodes: tuple[str, ...]
+    username: str | None
+    password: str | None
+    tls: RedisTlsConfig
+
+
+@dataclass(frozen=True, slots=True)
 class RedisConfig:
     url: str | None
     prefix: str
     timeout: Duration
     check_every: Duration
+    sentinel: RedisSentinelConfig | None
+    cluster: RedisClusterConfig | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +110,7 @@ class LookupConfig:
     bulk_max: int
     association_validity: Duration
     prefer: Literal["store", "binding"]
+    share_binds: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +213,7 @@ class SmsTwilioConfig:
 @dataclass(frozen=True, slots=True)
 class SmsTemplatesConfig:
     validation: str | None
+    invite: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +240,24 @@ class SessionsPagesConfig:
     failure: str | None
 
 
+# What session control does with an address: sessions.policy.<medium>.local and .remote.
+AddressPolicy = Literal["allow", "deny", "bind_only_own"]
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationPolicyConfig:
+    enabled: bool
+    local: AddressPolicy
+    remote: AddressPolicy
+
+
+@dataclass(frozen=True, slots=True)
+class SessionsPolicyConfig:
+    email: ValidationPolicyConfig
+    msisdn: ValidationPolicyConfig
+    remote_bind_to: Literal["other_domains", "this_domain"]
+
+
 @dataclass(frozen=True, slots=True)
 class SessionsConfig:
     lifetime: Duration
@@ -218,6 +266,7 @@ class SessionsConfig:
     purge_every: Duration
     rate_limit: SessionsRateLimitConfig
     pages: SessionsPagesConfig
+    policy: SessionsPolicyConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +274,16 @@ class InvitesRateLimitConfig:
     per_sender: RequestLimitConfig
     per_ip: RequestLimitConfig
     per_address: RequestLimitConfig
+
+
+@dataclass(frozen=True, slots=True)
+class InvitesPolicySendersConfig:
+    roles: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class InvitesPolicyConfig:
+    senders: InvitesPolicySendersConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +296,39 @@ class InvitesConfig:
     known_address_delay: Duration
     known_address_retry_for: Duration
     rate_limit: InvitesRateLimitConfig
+    policy: InvitesPolicyConfig
+
+
+@dataclass(frozen=True, slots=True)
+class AllowDenyConfig:
+    """An allow list and a deny list (of email domains or of regular expressions)."""
+
+    allow: tuple[str, ...]
+    deny: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationPolicyEmailConfig:
+    domains: AllowDenyConfig
+    patterns: AllowDenyConfig
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationPolicyMsisdnConfig:
+    patterns: AllowDenyConfig
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationPolicyConfig:
+    allowed: bool
+    invite_only: bool
+    email: RegistrationPolicyEmailConfig
+    msisdn: RegistrationPolicyMsisdnConfig
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrationConfig:
+    policy: RegistrationPolicyConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,6 +403,7 @@ class SqlStoreQueriesConfig:
     changes: str | None
     high_water_mark: str | None
     password: str | None
+    roles: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,6 +476,17 @@ class LdapStoreAttributesConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LdapStoreRolesConfig:
+    source: Literal["member_of", "groups"] | None
+    name: str
+    member_of: str
+    base_dns: tuple[str, ...] | None
+    filter: str | None
+    member_attribute: str
+    nested: bool
+
+
+@dataclass(frozen=True, slots=True)
 class LdapStoreConfig:
     name: str
     kind: Literal["ldap"]
@@ -399,6 +503,7 @@ class LdapStoreConfig:
     page_size: int
     auth_pool_size: int
     attributes: LdapStoreAttributesConfig
+    roles: LdapStoreRolesConfig
 
 
 StoreConfig = FileStoreConfig | LdapStoreConfig | SqlStoreConfig | RestStoreConfig
@@ -426,6 +531,7 @@ class Config:
     sms: SmsConfig | None
     sessions: SessionsConfig
     invites: InvitesConfig
+    registration: RegistrationConfig
     storage: StorageConfig
     terms: TermsConfig
     homeserver: HomeserverConfig

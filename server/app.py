@@ -21,7 +21,7 @@ from sanic.response import BaseHTTPResponse, HTTPResponse, empty, json
 
 from indexer import logs
 from indexer.cache import Cache
-from indexer.redis_clients import connect
+from indexer.redis_clients import REDIS_ERRORS, RedisTarget, connect
 from indexer.settings import Config
 from server import metrics
 from server.api import (
@@ -34,6 +34,7 @@ from server.api import (
     identity_v1,
     identity_v2,
     load_json,
+    policies,
     profile,
     pubkey,
     sessions,
@@ -64,7 +65,7 @@ CORS_HEADERS = {
 def blueprints(with_admin: bool, with_metrics: bool) -> list[Blueprint]:
     """Every route the server answers, by area (server/openapi.py documents them all)."""
     modules = [status, health, pubkey, identity_v1, identity_v2, account, terms, sessions, bind, directory, auth,
-               profile, invites_api, openapi_api]
+               profile, invites_api, policies, openapi_api]
     if with_admin:
         modules.append(admin)
     if with_metrics:
@@ -76,7 +77,7 @@ def blueprints(with_admin: bool, with_metrics: bool) -> list[Blueprint]:
 App = Sanic[SanicConfig, Context]
 
 
-def create_app(config: Config, redis_url: str) -> App:
+def create_app(config: Config, target: RedisTarget) -> App:
     """The Sanic application for one worker."""
     logs.setup(config.log_level, "server", config.log_format)  # spawned workers start with no logging set up
     app = Sanic("mxisd", ctx=Context(), configure_logging=False, dumps=orjson.dumps, loads=load_json)  # fast JSON
@@ -92,12 +93,12 @@ def create_app(config: Config, redis_url: str) -> App:
 
     @app.before_server_start
     async def open_connections(app: App) -> None:
-        app.ctx.services = Services.build(config, redis_url)
+        app.ctx.services = Services.build(config, target)
 
     @app.after_server_start
     async def start_maintenance(app: App) -> None:
         built = app.ctx.services
-        built.run_in_background(maintenance(built, redis_url), built.invite_worker.run())
+        built.run_in_background(maintenance(built, target), built.invite_worker.run())
         log.info("worker %d ready", os.getpid())
 
     @app.before_server_stop
@@ -143,13 +144,13 @@ def create_app(config: Config, redis_url: str) -> App:
     return app
 
 
-async def maintenance(built: Services, redis_url: str) -> None:
+async def maintenance(built: Services, target: RedisTarget) -> None:
     """Every redis.check_every: have Redis rebuilt if it was emptied or went back in time while we
     run (see server.bindings); every sessions.purge_every: forget validation sessions expired longer
     than sessions.keep_expired ago."""
     config = built.config
     storage = built.storage
-    cache = Cache(connect(redis_url, config.redis.timeout), config.redis.prefix)
+    cache = Cache(connect(target, config.redis.timeout), config.redis.prefix)
     stores = [s.name for s in config.stores]
     check_every = max(1, config.redis.check_every)
     purge_every = max(1, config.sessions.purge_every)
@@ -167,7 +168,7 @@ async def maintenance(built: Services, redis_url: str) -> None:
                     purged = await storage.run(storage.delete_sessions_before, now_ms() - keep_ms)
                     if purged:
                         log.info("forgot %d expired validation sessions", purged)
-            except (redis.exceptions.RedisError, sqlalchemy.exc.SQLAlchemyError) as exc:
+            except (*REDIS_ERRORS, sqlalchemy.exc.SQLAlchemyError) as exc:
                 logs.repeated.warning(log, "cache check skipped: %s", exc, key="cache check")
     finally:
         cache.r.close()
@@ -211,7 +212,7 @@ def error_response(request: Request, exc: Exception) -> HTTPResponse:
     elif isinstance(exc, redis.exceptions.TimeoutError):
         logs.repeated.error(log, "requests failed: the cache did not answer in time: %s", exc, key="redis timeout")
         error = MatrixError(503, "M_UNKNOWN", "The cache did not answer in time, try again shortly")
-    elif isinstance(exc, redis.exceptions.RedisError):
+    elif isinstance(exc, REDIS_ERRORS):
         logs.repeated.error(log, "requests failed: cache unavailable: %s", exc, key=f"redis {type(exc).__name__}")
         error = MatrixError(503, "M_UNKNOWN", "The lookup cache is unavailable, try again shortly")
     elif isinstance(exc, sqlalchemy.exc.OperationalError):

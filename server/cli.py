@@ -23,6 +23,7 @@ from indexer.cache import Cache
 from indexer.config import ConfigError, load_config
 from indexer.normalize import InvalidAddress
 from indexer.normalize import email as canonical_email
+from indexer.redis_clients import configured_target
 from indexer.redis_server import EmbeddedRedis, EmbeddedRedisError
 from indexer.settings import Config
 from indexer.status import host_bounds
@@ -129,10 +130,10 @@ class TerminalProgress:
 @contextlib.contextmanager
 def _open_cache(config: Config) -> Iterator[Cache]:
     """The configured cache; with the embedded Redis, the running server's, or one started for now."""
-    url, embedded, lock = config.redis.url, None, None
-    if not url:
+    target, embedded, lock = configured_target(config.redis), None, None
+    if target is None:
         candidate = EmbeddedRedis(config.data_dir)
-        url = candidate.url
+        target = candidate.url
         try:
             lock = hold_data_dir(config.data_dir)
         except StartupError:
@@ -143,7 +144,7 @@ def _open_cache(config: Config) -> Iterator[Cache]:
             candidate.start()
             embedded = candidate
     try:
-        cache = Cache(wait_for_redis(url, config.redis.timeout), config.redis.prefix)
+        cache = Cache(wait_for_redis(target, config.redis.timeout), config.redis.prefix)
         cache.initialize()
         yield cache
     finally:

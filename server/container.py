@@ -14,8 +14,8 @@ import redis.asyncio
 from sanic import Request
 
 from indexer.fulltext import fulltext_path
-from indexer.redis_clients import connect_async
-from indexer.rediskeys import BINDINGS
+from indexer.redis_clients import RedisTarget, connect_async
+from indexer.rediskeys import BINDINGS, LOCAL_BINDINGS
 from indexer.settings import Config
 from indexer.status import host_bounds
 from server.bindings import BindingMirror
@@ -27,7 +27,7 @@ from server.notify.sms import SmsSender
 from server.rate_limits import RateLimits
 from server.read_through import ReadThrough
 from server.recursion import Recursion, RemoteAnswers
-from server.redis_pipe import PipelinedRedis
+from server.redis_pipe import CommandPipe, lookup_pipe
 from server.services.accounts import Accounts
 from server.services.admin import Admin
 from server.services.associations import Associations
@@ -37,8 +37,10 @@ from server.services.invitations import Invitations
 from server.services.logins import Logins
 from server.services.lookups import Lookups
 from server.services.onbind import InviteWorker
+from server.services.policies import InvitePolicy, RegistrationPolicy
 from server.services.profiles import Profiles
 from server.services.readiness import Readiness
+from server.services.session_policy import SessionPolicy
 from server.services.terms_of_service import TermsOfService
 from server.services.user_directory import UserDirectory
 from server.services.validation import ValidationSessions
@@ -50,7 +52,8 @@ from server.token_cache import TokenCache
 def lookup_order(config: Config) -> list[str]:
     """The stores lookups ask, first match wins: bindings before or after the configured stores."""
     stores = [s.name for s in config.stores]
-    return [BINDINGS, *stores] if config.lookup.prefer == "binding" else [*stores, BINDINGS]
+    mirrors = [BINDINGS, LOCAL_BINDINGS]
+    return [*mirrors, *stores] if config.lookup.prefer == "binding" else [*stores, *mirrors]
 
 
 @dataclass
@@ -64,7 +67,7 @@ class Services:
     email: EmailSender | None
     sms: SmsSender | None
     redis: redis.asyncio.Redis
-    redis_pipe: PipelinedRedis
+    redis_pipe: CommandPipe
     lookups: Lookups
     associations: Associations
     admin: Admin
@@ -88,20 +91,23 @@ class Services:
     profiles: Profiles
     readiness: Readiness
     logins: Logins
+    registration: RegistrationPolicy
+    invite_policy: InvitePolicy
     _background: list[asyncio.Task[None]] = field(default_factory=list)
 
     @classmethod
-    def build(cls, config: Config, redis_url: str) -> Services:
-        """The services for config, with their clients of Redis (at redis_url), SQL and the homeserver."""
-        client = connect_async(redis_url, config.redis.timeout)
+    def build(cls, config: Config, target: RedisTarget) -> Services:
+        """The services for config, with their clients of Redis (target), SQL and the homeserver."""
+        client = connect_async(target, config.redis.timeout)
         prefix = config.redis.prefix
         domain = config.matrix.domain
         keys = SigningKeys.load_or_create(config.data_dir, config.server.name)
         tokens = TokenCache()
         email = EmailSender(config.email, domain) if config.email else None
         sms = SmsSender(config.sms, domain) if config.sms else None
-        redis_pipe = PipelinedRedis(redis_url, config.redis.timeout)
-        lookups = Lookups(redis_pipe, prefix, lookup_order(config))
+        redis_pipe = lookup_pipe(target, config.redis.timeout)
+        hidden = frozenset() if config.lookup.share_binds else frozenset([LOCAL_BINDINGS])
+        lookups = Lookups(redis_pipe, prefix, lookup_order(config), hidden, [s.name for s in config.stores])
         read_through = ReadThrough(config, lookups)
         binding_mirror = BindingMirror(client, prefix)
         rate_limits = RateLimits(client, prefix)
@@ -109,7 +115,8 @@ class Services:
         federation = Federation(config.federation)
         recursion = Recursion(config, federation, RemoteAnswers(client, prefix))
         invite_worker = InviteWorker(config, storage, lookups, federation, keys)
-        sessions = ValidationSessions(config, storage, rate_limits, email, sms)
+        sessions = ValidationSessions(config, storage, rate_limits, email, sms,
+                                      SessionPolicy(config, lookups, read_through))
         terms = TermsOfService(config, storage)
         directory = DirectorySearch(fulltext_path(config), HideRules(config.directory.hide),
                                     config.directory.threepids)
@@ -144,20 +151,23 @@ class Services:
             sessions=sessions,
             binding=binding,
             invitations=Invitations(config, storage, rate_limits, lookups, read_through, recursion, invite_worker,
-                                    email, keys),
+                                    email, sms, keys),
             accounts=Accounts(config, storage, federation, terms, tokens),
             terms=terms,
             user_directory=UserDirectory(config, directory, search_executor, homeserver, lookups),
             profiles=Profiles(config, homeserver, lookups),
             readiness=Readiness(config, storage, admin, binding_mirror, read_through),
             logins=Logins(credentials, homeserver, invite_worker),
+            registration=RegistrationPolicy(config, storage, homeserver),
+            invite_policy=InvitePolicy(config, homeserver, lookups),
         )
 
     def reload(self, config: Config) -> None:
         """Apply a config re-read on SIGHUP, which differs from this one only in what a reload
-        applies: the rate limits of validation sessions and of logins."""
+        applies: the rate limits and policy of validation sessions and the rate limits of logins."""
         self.config = config
         self.sessions.config = config
+        self.sessions.policy.config = config
         self.credentials.set_limits(config.auth.rate_limit)
 
     def run_in_background(self, *jobs: Coroutine[Any, Any, None]) -> None:
@@ -180,7 +190,7 @@ class Services:
         self.directory.close()
         await asyncio.get_running_loop().run_in_executor(None, self.credentials.close)
         await self.redis.aclose()
-        self.redis_pipe.close()
+        await self.redis_pipe.aclose()
         await self.federation.close()
         self.storage.close()
 

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from indexer.rediskeys import BINDINGS
+from indexer.rediskeys import BINDINGS, LOCAL_BINDINGS
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -57,7 +57,7 @@ def count_lookups(found: list[str | None], sources: list[str | None], local: lis
         if mxid is None:
             source = "miss"
         elif store is not None:
-            source = "binding" if store == BINDINGS else "store_cache"
+            source = "binding" if store in (BINDINGS, LOCAL_BINDINGS) else "store_cache"
         else:
             source = "read_through" if here is not None else "federation"
         tally[source] = tally.get(source, 0) + 1

@@ -9,6 +9,12 @@ are redis-py's exception classes, so callers and the error mapping treat both cl
 
 Every call has a deadline (connecting included): past it the call raises redis.exceptions.TimeoutError
 and the connection is dropped, since the replies still owed on it would arrive out of step.
+
+With Redis Sentinel the same connection goes to the master that the sentinels name when it
+connects; a reply saying that the node is now a replica drops it, like a lost connection, so the
+next call asks again. With a Redis Cluster (ClusterPipe), each node gets such a connection, each
+command goes to its slot's master, and the slot map is redis-py's cluster client's (README
+"Redis Sentinel and Cluster" gives the figures).
 """
 
 from __future__ import annotations
@@ -16,11 +22,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
-from typing import Any, cast
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, cast
 
 import hiredis
+import redis.asyncio.cluster
 import redis.exceptions
 from redis.asyncio.connection import SSLConnection, parse_url
+from redis.crc import key_slot
+
+from indexer.redis_clients import RedisTarget, cluster_async, sentinel_async
+from indexer.settings import RedisClusterConfig, RedisSentinelConfig, RedisTlsConfig
 
 TIMEOUT_S = 5.0
 
@@ -40,9 +52,11 @@ class _Protocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
+        demoted = False
         try:
             while (reply := self.reader.gets()) is not False:
                 waiter = self.waiting.popleft()
+                demoted = demoted or (isinstance(reply, hiredis.ReplyError) and str(reply).startswith("READONLY"))
                 if waiter.done():  # its request was cancelled; the reply still had to be read
                     continue
                 if isinstance(reply, hiredis.ReplyError):
@@ -53,6 +67,9 @@ class _Protocol(asyncio.Protocol):
             self._fail(redis.exceptions.ConnectionError(f"Redis sent what is not a reply: {exc}"))
             assert self.transport is not None
             self.transport.abort()
+        if demoted:
+            # The master we connected to was made a replica (a Sentinel failover): connect anew.
+            self.abandon(redis.exceptions.ConnectionError("the Redis master is now a replica"))
 
     def abandon(self, error: Exception) -> None:
         """Give up on this connection: every command still waiting fails with error."""
@@ -92,6 +109,8 @@ class _Protocol(asyncio.Protocol):
 def _error(message: str) -> redis.exceptions.RedisError:
     if message.startswith(("WRONGPASS", "NOAUTH")) or "invalid password" in message:
         return redis.exceptions.AuthenticationError(message)
+    if message.startswith("READONLY"):
+        return redis.exceptions.ConnectionError(f"the Redis master is now a replica: {message}")
     return redis.exceptions.ResponseError(message)
 
 
@@ -104,13 +123,58 @@ async def _replies(waiters: list[asyncio.Future[Any]]) -> list[Any]:
     return replies
 
 
+class CommandPipe(Protocol):
+    """What the lookups send their commands through."""
+
+    async def execute(self, *command: Any) -> Any:
+        """The reply to one command."""
+
+    async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """The replies to several commands sent together; the first error raises."""
+
+    async def aclose(self) -> None:
+        """Close the connections."""
+
+
+def lookup_pipe(target: RedisTarget, timeout_s: float = TIMEOUT_S) -> CommandPipe:
+    """The lookups' client of target: PipelinedRedis for one Redis and for Sentinel, ClusterPipe for
+    a Redis Cluster."""
+    if isinstance(target, RedisClusterConfig):
+        return ClusterPipe(cluster_async(target, timeout_s), _options(target.username, target.password, target.tls),
+                           timeout_s)
+    if isinstance(target, RedisSentinelConfig):
+        sentinels = sentinel_async(target, timeout_s)
+        options = {**_options(target.username, target.password, target.tls), "db": target.db}
+        master = target.master
+
+        async def locate() -> tuple[str, int]:
+            host, port = await sentinels.discover_master(master)
+            return str(host), int(port)
+
+        return PipelinedRedis(options, timeout_s, locate)
+    return PipelinedRedis(target, timeout_s)
+
+
+def _options(username: str | None, password: str | None, tls: RedisTlsConfig) -> dict[str, Any]:
+    """PipelinedRedis's options (as parse_url makes them) for credentials and a TLS section."""
+    options: dict[str, Any] = {"username": username, "password": password}
+    if tls.enabled:
+        options.update(connection_class=SSLConnection, ssl_ca_certs=tls.ca_file,
+                       ssl_cert_reqs="required" if tls.verify else "none")
+    return options
+
+
 class PipelinedRedis:
     """Connects on first use and again after the connection is lost (the commands in flight then
-    fail with redis.exceptions.ConnectionError, as redis-py's would)."""
+    fail with redis.exceptions.ConnectionError, as redis-py's would). url: a Redis URL, or the
+    options parse_url would make of one; locate: where the master is now (host, port), asked
+    before each connection (Sentinel)."""
 
-    def __init__(self, url: str, timeout_s: float = TIMEOUT_S) -> None:
-        self.options = parse_url(url)
+    def __init__(self, url: str | dict[str, Any], timeout_s: float = TIMEOUT_S,
+                 locate: Callable[[], Awaitable[tuple[str, int]]] | None = None) -> None:
+        self.options = parse_url(url) if isinstance(url, str) else url
         self.timeout_s = timeout_s
+        self.locate = locate
         self._protocol: _Protocol | None = None
         self._attempt: asyncio.Future[_Protocol] | None = None
 
@@ -165,12 +229,16 @@ class PipelinedRedis:
                 if "path" in options:
                     _, protocol = await loop.create_unix_connection(_Protocol, options["path"])
                 else:
-                    _, protocol = await loop.create_connection(
-                        _Protocol, options.get("host", "localhost"), options.get("port", 6379), ssl=self._tls())
+                    host, port = options.get("host", "localhost"), options.get("port", 6379)
+                    if self.locate is not None:
+                        host, port = await self.locate()
+                    _, protocol = await loop.create_connection(_Protocol, host, port, ssl=self._tls())
                 await _replies(protocol.send(setup))
         except BaseException as exc:
             if protocol is not None and protocol.transport is not None:
                 protocol.transport.close()
+            if isinstance(exc, redis.exceptions.ConnectionError):  # the sentinels named no master
+                raise
             if not isinstance(exc, (OSError, TimeoutError)):
                 raise
             raise redis.exceptions.ConnectionError(f"Cannot connect to Redis: {str(exc) or 'timed out'}") from None
@@ -188,3 +256,108 @@ class PipelinedRedis:
     def close(self) -> None:
         if self._protocol is not None and self._protocol.transport is not None:
             self._protocol.transport.close()
+
+    async def aclose(self) -> None:
+        """Close the connection."""
+        self.close()
+
+
+class ClusterPipe:
+    """The lookups' commands on a Redis Cluster: each goes to the master of its key's slot, on a
+    PipelinedRedis of that node, and the nodes are asked at once (an MGET, whose keys may lie on
+    several nodes, is sent as GETs). The slot map is the one redis-py's cluster client reads from
+    the seed nodes. A reply saying that a slot moved or the cluster is down, or a node that cannot
+    be reached, has the map read again (one reading at a time), and the call raises
+    redis.exceptions.ConnectionError: the request answers 503, and the next one goes where the
+    slot is now."""
+
+    def __init__(self, client: redis.asyncio.cluster.RedisCluster, options: dict[str, Any],
+                 timeout_s: float = TIMEOUT_S) -> None:
+        self.client = client
+        self.options = options
+        self.timeout_s = timeout_s
+        self.nodes: dict[tuple[str, int], PipelinedRedis] = {}
+        self._reading: asyncio.Task[None] | None = None
+
+    async def execute(self, *command: Any) -> Any:
+        """The reply to one command."""
+        [reply] = await self.execute_many([command])
+        return reply
+
+    async def execute_many(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """The replies to several commands sent together (one round trip per node); the first
+        error raises."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self.client.initialize()  # the first call reads the slot map, later ones return
+            groups, places = self._route(commands)
+        except TimeoutError:
+            raise redis.exceptions.TimeoutError(f"Redis did not answer within {self.timeout_s:g} s") from None
+        except redis.exceptions.RedisClusterException as exc:  # a slot no node serves
+            self._read_map()
+            raise redis.exceptions.ConnectionError(f"the cluster is changing: {exc}") from None
+        results = await asyncio.gather(*(self._node(*node).execute_many(sent) for node, sent in groups.items()),
+                                       return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise self._failed(result)
+        replies = dict(zip(groups, cast("list[list[Any]]", results)))
+        return [[replies[node][i] for node, i in place] if split else replies[place[0][0]][place[0][1]]
+                for split, place in places]
+
+    def _route(self, commands: list[tuple[Any, ...]]) -> tuple[
+            dict[tuple[str, int], list[tuple[Any, ...]]], list[tuple[bool, list[tuple[tuple[str, int], int]]]]]:
+        """The commands for each node, and where each command's replies will be: (whether it was
+        an MGET split into GETs, [(node, index in what that node was sent)])."""
+        manager = self.client.nodes_manager
+        groups: dict[tuple[str, int], list[tuple[Any, ...]]] = {}
+        places = []
+        for command in commands:
+            name = str(command[0]).upper()
+            split = name == "MGET"
+            place = []
+            for sent in [("GET", key) for key in command[1:]] if split else [command]:
+                key = sent[3] if name in ("EVAL", "EVALSHA") else sent[1]
+                node = manager.get_node_from_slot(key_slot(str(key).encode()))
+                where = (node.host, int(node.port))
+                group = groups.setdefault(where, [])
+                place.append((where, len(group)))
+                group.append(sent)
+            places.append((split, place))
+        return groups, places
+
+    def _node(self, host: str, port: int) -> PipelinedRedis:
+        pipe = self.nodes.get((host, port))
+        if pipe is None:
+            pipe = self.nodes[(host, port)] = PipelinedRedis({**self.options, "host": host, "port": port},
+                                                             self.timeout_s)
+        return pipe
+
+    def _failed(self, error: BaseException) -> BaseException:
+        """What a node's failure raises; the slot map is read again when the cluster changed."""
+        if isinstance(error, (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)):
+            self._read_map()
+        elif isinstance(error, redis.exceptions.ResponseError) and str(error).startswith(
+                ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN")):
+            self._read_map()
+            return redis.exceptions.ConnectionError(f"the cluster is changing: {error}")
+        return error
+
+    def _read_map(self) -> None:
+        if self._reading is None or self._reading.done():
+            self._reading = asyncio.ensure_future(self._reread())
+
+    async def _reread(self) -> None:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self.client.nodes_manager.initialize()
+        except (TimeoutError, redis.exceptions.RedisError, redis.exceptions.RedisClusterException):
+            pass  # the next failing call tries again
+
+    async def aclose(self) -> None:
+        """Close the connections."""
+        if self._reading is not None:
+            self._reading.cancel()
+        for pipe in self.nodes.values():
+            pipe.close()
+        await self.client.aclose()

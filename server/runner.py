@@ -21,7 +21,7 @@ import redis
 
 from indexer.cache import Cache
 from indexer.config import ConfigError, load_config, write_config
-from indexer.redis_clients import connect
+from indexer.redis_clients import REDIS_ERRORS, RedisTarget, configured_target, connect, describe
 from indexer.redis_server import EmbeddedRedis
 from indexer.settings import Config
 from server.bindings import check_cache
@@ -52,18 +52,18 @@ def hold_data_dir(data_dir: str) -> TextIO:
     return handle
 
 
-def wait_for_redis(url: str, timeout_s: float, timeout: float = 10.0,
+def wait_for_redis(target: RedisTarget, timeout_s: float, timeout: float = 10.0,
                    cancelled: Callable[[], bool] = lambda: False) -> redis.Redis:
-    """A connected client, or StartupError naming the URL."""
-    client = connect(url, timeout_s)
+    """A connected client, or StartupError naming the Redis."""
+    client = connect(target, timeout_s)
     deadline = time.monotonic() + timeout
     while not cancelled():
         try:
             client.ping()
             return client
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             if time.monotonic() > deadline:
-                raise StartupError(f"Redis at {url} does not answer: {exc}") from None
+                raise StartupError(f"Redis at {describe(target)} does not answer: {exc}") from None
             time.sleep(0.2)
     return client
 
@@ -89,13 +89,14 @@ STOP_GRACE = 5.0
 TICK = 0.2
 
 
-def _spawn(module: str, config: Config, redis_url: str, *extra: int,
+def _spawn(module: str, config: Config, embedded_url: str, *extra: int,
            keep_stdin: bool = False) -> subprocess.Popen[bytes]:
-    """`python -m module REDIS_URL OUR_PID [FD...]` in a session of its own (a terminal's Ctrl-C or
-    hangup reaches this process alone, which decides), with the config on a pipe (write_config).
-    The file descriptors in extra are passed on; with keep_stdin, the pipe stays open for configs
-    re-read later."""
-    process = subprocess.Popen([sys.executable, "-m", module, redis_url, str(os.getpid()), *map(str, extra)],
+    """`python -m module EMBEDDED_URL OUR_PID [FD...]` (EMBEDDED_URL: the embedded Redis', or "-"
+    when the config names the Redis: no password shows in the process list) in a session of its
+    own (a terminal's Ctrl-C or hangup reaches this process alone, which decides), with the config
+    on a pipe (write_config). The file descriptors in extra are passed on; with keep_stdin, the
+    pipe stays open for configs re-read later."""
+    process = subprocess.Popen([sys.executable, "-m", module, embedded_url, str(os.getpid()), *map(str, extra)],
                                stdin=subprocess.PIPE, start_new_session=True, pass_fds=extra)
     assert process.stdin is not None
     write_config(process.stdin, config)
@@ -262,13 +263,15 @@ class Stopped(Exception):
 
 
 # The keys a reload applies, and what the log calls them.
-RELOADED = {"log_level": "log_level", "stores": "store sync settings", "sessions": "sessions.rate_limit",
+RELOADED = {"log_level": "log_level", "stores": "store sync settings",
+            "sessions": "sessions.rate_limit and sessions.policy",
             "auth": "auth.rate_limit"}
 
 
 def reloadable(old: Config, new: Config) -> tuple[Config, list[str]]:
     """The config to go on with after a reload (old, with the changes that can be applied without a
-    restart: log_level, each store's sync settings, sessions.rate_limit and auth.rate_limit) and the
+    restart: log_level, each store's sync settings, sessions.rate_limit, sessions.policy and
+    auth.rate_limit) and the
     keys whose changes cannot."""
     changes: dict[str, Any] = {}
     ignored = []
@@ -278,11 +281,16 @@ def reloadable(old: Config, new: Config) -> tuple[Config, list[str]]:
             continue
         if key == "log_level":
             changes[key] = now
-        elif key in ("sessions", "auth"):
+        elif key == "sessions":
+            if dataclasses.replace(was, rate_limit=now.rate_limit, policy=now.policy) == now:
+                changes[key] = now
+            else:
+                ignored.append("sessions (other than rate_limit and policy)")
+        elif key == "auth":
             if dataclasses.replace(was, rate_limit=now.rate_limit) == now:
                 changes[key] = now
             else:
-                ignored.append(f"{key} (other than rate_limit)")
+                ignored.append("auth (other than rate_limit)")
         elif key == "stores":
             if len(was) == len(now) and all(dataclasses.replace(w, sync=n.sync) == n for w, n in zip(was, now)):
                 changes[key] = now
@@ -316,14 +324,14 @@ class Supervisor:
         SigningKeys.load_or_create(config.data_dir, config.server.name)
         # Before any worker or the indexer starts: they inherit the directory and count from zero.
         use_directory(config.data_dir)
-        url, embedded = config.redis.url, None
+        target, embedded = configured_target(config.redis), None
         redis_child = None
         # The server writes to this pipe once it listens: dying before that (its port taken, say) is
         # fatal, since starting it again would not help.
         listening, told = os.pipe()
         os.set_blocking(listening, False)
         try:
-            if not url:
+            if target is None:
                 embedded = EmbeddedRedis(config.data_dir)
 
                 def start_redis() -> subprocess.Popen[bytes] | None:
@@ -338,15 +346,15 @@ class Supervisor:
                     redis_child = None
                 else:
                     self.children.append(redis_child)
-                url = embedded.url
+                target = embedded.url
             self.checkpoint()
-            client = wait_for_redis(url, config.redis.timeout, cancelled=self.signals.stopping)
+            client = wait_for_redis(target, config.redis.timeout, cancelled=self.signals.stopping)
             self.checkpoint()
             self.cache = Cache(client, config.redis.prefix)
             self.cache.initialize()
             prepare_storage(config, self.cache)
             self.checkpoint()
-            redis_url = url
+            redis_url = embedded.url if embedded is not None else "-"
             indexer = Child("indexer", lambda: _spawn("indexer.main", self.config, redis_url), first, most,
                             on_exit=self._indexer_exited)
             self.children.append(indexer)
@@ -403,7 +411,7 @@ class Supervisor:
             for job_id in self.cache.fail_running_jobs(self.host, [s.name for s in self.config.stores],
                                                        f"the indexer running this job {what}"):
                 log.error("job %s failed: the indexer running it %s", job_id, what)
-        except redis.exceptions.RedisError as exc:
+        except REDIS_ERRORS as exc:
             log.warning("could not record the indexer's exit: %s", exc)
 
     def reload(self, indexer: Child, server: Child) -> None:

@@ -22,6 +22,7 @@ from sanic.worker.manager import WorkerManager
 
 from indexer import logs
 from indexer.config import read_config
+from indexer.redis_clients import RedisTarget, configured_target
 from indexer.settings import Config
 from server.app import App, create_app
 
@@ -34,16 +35,16 @@ ORPHAN_GRACE = 10.0
 REPLACE_WAIT = 60.0
 
 
-def _create_app(current: list[Config], redis_url: str) -> App:
-    return create_app(current[0], redis_url)
+def _create_app(current: list[Config], target: RedisTarget) -> App:
+    return create_app(current[0], target)
 
 
-def serve(config: Config, redis_url: str, listening: int | None = None) -> None:
+def serve(config: Config, target: RedisTarget, listening: int | None = None) -> None:
     """Serve until stopped; write a byte to the file descriptor listening once the port is bound."""
     server = config.server
     # The latest config, in a list that a reload changes: workers started later are made with it.
     current = [config]
-    loader = AppLoader(factory=partial(_create_app, current, redis_url))
+    loader = AppLoader(factory=partial(_create_app, current, target))
     app = loader.load()
 
     # Set once the server can take a reload: its app made (one process), or Sanic's worker manager
@@ -110,7 +111,7 @@ async def _stop_at_once_while_starting(app: App, _: Any) -> None:
 
 def _follow_config(app: App, current: list[Config], single: bool, ready: threading.Event) -> None:
     """Apply each config `mxisd run` re-reads on SIGHUP (sent on stdin; it differs from the one
-    before only in what a reload applies): log_level and the rate limits. One process applies them
+    before only in what a reload applies): log_level, the rate limits and sessions.policy. One process applies them
     in place; workers are replaced by new ones started with them, each new one before its old one
     stops, so that nothing stops answering. A config that comes while the server is starting is
     applied once it has started (`systemctl reload` right after `systemctl start`)."""
@@ -158,9 +159,9 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 def main() -> None:
-    """`python -m server.serve REDIS_URL PARENT_PID [LISTENING_FD]` with the config on stdin
-    (read_config)."""
-    redis_url, parent_pid = sys.argv[1], int(sys.argv[2])
+    """`python -m server.serve EMBEDDED_URL PARENT_PID [LISTENING_FD]` with the config on stdin
+    (read_config); EMBEDDED_URL is used when the config names no Redis."""
+    embedded_url, parent_pid = sys.argv[1], int(sys.argv[2])
     listening = int(sys.argv[3]) if len(sys.argv) > 3 else None
     config = read_config(sys.stdin.fileno())
     if config is None:
@@ -169,7 +170,7 @@ def main() -> None:
     # A hangup of the terminal reaches `mxisd run` alone, which decides what it means.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(parent_pid,), name="watch-parent", daemon=True).start()
-    serve(config, redis_url, listening)
+    serve(config, configured_target(config.redis) or embedded_url, listening)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ TWILIO_NUMBER = "+15005550006"
 # Tests using any of these start a process or a server of their own (`mxisd run`, slapd, Samba, Chromium,
 # Synapse) and are marked `slow`: `./run-tests --quick` leaves them out. The markers are registered in
 # pyproject.toml.
-SLOW_FIXTURES = {"make_server", "slapd", "own_slapd", "samba_dc", "browser", "stack"}
+SLOW_FIXTURES = {"make_server", "slapd", "own_slapd", "memberof_slapd", "samba_dc", "browser", "stack"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -1,6 +1,6 @@
 """A stand-in for Synapse's client-server API, speaking its wire format: whoami, user directory
 search, login (checking passwords the way Synapse's REST password provider does, by calling
-check_credentials on the identity server) and profiles."""
+check_credentials on the identity server), profiles, registration requestToken, room invites and createRoom."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import httpx
 
@@ -25,6 +25,9 @@ class ClientHomeserver:
         self.identity_server: str | None = None  # where the password provider points
         self.requests: list[tuple[str, str, Any]] = []  # (method, path, JSON body)
         self.search_error: tuple[int, dict[str, Any]] | None = None
+        # What register/{email,msisdn}/requestToken answers (status, body); None: a new sid.
+        self.register_answer: tuple[int, dict[str, Any]] | None = None
+        self.raw: list[tuple[str, dict[str, str], bytes]] = []  # (path, headers lower-cased, body) of every POST
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -41,7 +44,10 @@ class ClientHomeserver:
 
             def _user(self) -> str | None:
                 header = self.headers.get("Authorization", "")
-                return fake.tokens.get(header.removeprefix("Bearer ")) if header.startswith("Bearer ") else None
+                if header.startswith("Bearer "):
+                    return fake.tokens.get(header.removeprefix("Bearer "))
+                query = parse_qs(urlsplit(self.path).query).get("access_token")
+                return fake.tokens.get(query[0]) if query else None
 
             def do_GET(self) -> None:
                 fake.requests.append(("GET", self.path, None))
@@ -62,8 +68,25 @@ class ClientHomeserver:
                 self._answer(404, {"errcode": "M_UNRECOGNIZED", "error": "Unrecognized request"})
 
             def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                fake.raw.append((self.path, {k.lower(): v for k, v in self.headers.items()}, raw))
+                try:
+                    body = json.loads(raw or b"{}")
+                except ValueError:
+                    return self._answer(400, {"errcode": "M_NOT_JSON", "error": "Content not JSON."})
                 fake.requests.append(("POST", self.path, body))
+                if "/register/" in self.path and self.path.endswith("/requestToken"):
+                    if fake.register_answer is not None:
+                        return self._answer(*fake.register_answer)
+                    return self._answer(200, {"sid": f"hs-sid-{len(fake.raw)}"})
+                if self.path.split("?")[0].endswith("/createRoom"):
+                    if self._user() is None:
+                        return self._answer(401, UNKNOWN_TOKEN)
+                    return self._answer(200, {"room_id": f"!new{len(fake.raw)}:{fake.domain}"})
+                if "/rooms/" in self.path and self.path.split("?")[0].endswith("/invite"):
+                    if self._user() is None:
+                        return self._answer(401, UNKNOWN_TOKEN)
+                    return self._answer(200, {})
                 if self.path.endswith("/user_directory/search"):
                     if self._user() is None:
                         return self._answer(401, UNKNOWN_TOKEN)

@@ -179,7 +179,8 @@ class FakeTwilio:
 
     def __init__(self, account_sid: str, auth_token: str) -> None:
         self.sent: list[dict[str, str]] = []
-        self.fail = False
+        self.fail = False  # refuse the To number (Twilio's 400, error 21211)
+        self.down = False  # fail on Twilio's side (500, error 20500)
         fake = self
         expected_auth = "Basic " + base64.b64encode(f"{account_sid}:{auth_token}".encode()).decode()
 
@@ -202,6 +203,8 @@ class FakeTwilio:
                     _answer(self, 404, {"code": 20404, "message": "The requested resource was not found"})
                 elif self.headers.get("Authorization") != expected_auth:
                     _answer(self, 401, {"code": 20003, "message": "Authenticate"})
+                elif fake.down:
+                    _answer(self, 500, {"code": 20500, "message": "Internal Server Error"})
                 elif fake.fail:
                     _answer(self, 400, {"code": 21211, "message": f"The 'To' number {form.get('To')} is not valid."})
                 else:

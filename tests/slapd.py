@@ -25,6 +25,7 @@ include /etc/ldap/schema/inetorgperson.schema
 include /etc/ldap/schema/nis.schema
 modulepath /usr/lib/ldap
 moduleload back_mdb
+{modules}
 pidfile {root}/slapd.pid
 {tls}
 sizelimit {sizelimit}
@@ -80,9 +81,11 @@ def make_certificate(folder: Path) -> tuple[Path, Path]:
 class Slapd:
     """slapd serving SUFFIX on ldap://127.0.0.1:<port> (STARTTLS too) and ldaps://127.0.0.1:<tls_port>."""
 
-    def __init__(self, root: Path, sizelimit: str = "unlimited", extra: str = "", map_size: int = 4 << 30) -> None:
-        """extra: more lines for the database section (more indexes, say); map_size: the most bytes
-        the mdb database may grow to (a million entries need more than the default 4 GiB)."""
+    def __init__(self, root: Path, sizelimit: str = "unlimited", extra: str = "", modules: str = "",
+                 map_size: int = 4 << 30) -> None:
+        """extra: more lines for the database section (more indexes, overlays); modules: more
+        global lines (moduleload of an overlay); map_size: the most bytes the mdb database may grow
+        to (a million entries need more than the default 4 GiB)."""
         self.root = root
         self.port = free_port()
         self.tls_port = free_port()
@@ -94,7 +97,7 @@ class Slapd:
         self.config = root / "slapd.conf"
         self.config.write_text(_CONFIG.format(root=root, tls=tls, suffix=SUFFIX, admin=ADMIN_DN,
                                               password=ADMIN_PASSWORD, reader=READER_DN, sizelimit=sizelimit,
-                                              extra=extra, map_size=map_size))
+                                              extra=extra, modules=modules, map_size=map_size))
         self.process: subprocess.Popen[bytes] | None = None
 
     def load(self, ldif: str | Iterable[str] = "") -> None:

@@ -4,7 +4,7 @@ controller provisioned for the test run, reached by LDAPS on 127.0.0.1:636."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ldap3
@@ -12,7 +12,7 @@ import pytest
 
 from indexer.stores.ldap import LdapStore
 from indexer.sync import full_sync, incremental_sync
-from tests.conftest import make_store
+from tests.conftest import make_store, wait_until
 from tests.samba import ADMIN_DN, ADMIN_PASSWORD, DOMAIN_DN, REALM, SambaDC
 
 CONFIG = {"matrix": {"domain": "example.org"}, "threepids": {"msisdn": {"default_region": "GB"}}}
@@ -137,3 +137,38 @@ def test_simple_binds_without_tls_are_refused(domain, cache):
     assert result.outcome == "failed" and "strongerAuthRequired" in result.error
     assert cache.count("ad") == 0
     plain.close()
+
+
+def test_roles_through_nested_groups_reach_the_internal_profile(domain, make_server: Callable[..., Any]):
+    alice = domain.add("alice", "Passw0rd-Alice!", mail=f"alice.{domain.tag}@corp.example.org")
+    bob = domain.add("bob", "Passw0rd-Bob!")
+    team, inviters = domain.name("team"), domain.name("inviters")
+    for group in (team, inviters):
+        domain.dc.tool("group", "add", group, f"--groupou=OU=t{domain.tag}")
+    domain.dc.tool("group", "addmembers", team, alice)
+    domain.dc.tool("group", "addmembers", inviters, team)  # alice is an inviter through her team
+    server = make_server([])
+    server.config["stores"] = [{
+        "name": "ad", "kind": "ldap", "preset": "active_directory", "uri": "ldaps://127.0.0.1",
+        "tls": {"ca_file": str(domain.dc.cert)}, "bind": {"dn": ADMIN_DN, "password": ADMIN_PASSWORD},
+        "base_dns": [domain.ou], "sync": {"full_every": "6h", "changes_every": None},
+        "roles": {"source": "groups", "nested": True},
+    }]
+    server.start()
+
+    def roles_of(name: str) -> list[str] | None:
+        response = server.http.get(f"/_matrix-internal/profile/v1/@{name}:example.org")
+        return response.json()["roles"] if response.status_code == 200 else None
+
+    assert wait_until(lambda: roles_of(alice), 90, "the first sync") == sorted([inviters, team])
+    assert roles_of(bob) == []
+    # bob joins the inner group: its USN moves, and the incremental sync finds bob in both groups.
+    domain.dc.tool("group", "addmembers", team, bob)
+    done = server.cli("index")
+    assert done.returncode == 0 and "incremental sync" in done.stderr, done.stdout + done.stderr
+    assert roles_of(bob) == sorted([inviters, team])
+    # The team leaves the inviters: nobody's entry changed; the next full sync reads the groups again.
+    domain.dc.tool("group", "removemembers", inviters, team)
+    done = server.cli("index", "--full")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert roles_of(alice) == [team] and roles_of(bob) == [team]

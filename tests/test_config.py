@@ -69,10 +69,25 @@ def with_changes(**changes: object) -> dict:
         (with_changes(directory__hide=[{"mxid": "@svc-(.*"}]),
          "directory.hide[0].mxid: not a valid regular expression: missing ), unterminated subpattern at position 5"),
         (with_changes(directory__hide=[{"uid": "x"}]), "directory.hide[0].uid: unknown key"),
+        (with_changes(registration__policy__msisdn__patterns__deny=["44(7"]),
+         "registration.policy.msisdn.patterns.deny[0]: not a valid regular expression: missing ), unterminated "
+         "subpattern at position 2"),
+        (with_changes(registration__policy__email__domains__allow=["*.example.org"]),
+         'registration.policy.email.domains.allow[0]: expected a domain like "example.org", ".example.org" (its '
+         'subdomains) or "*example.org" (both), got "*.example.org"'),
+        (with_changes(registration__policy__email__domains__deny=["exa_mple..org"]),
+         "registration.policy.email.domains.deny[0]: not a valid email domain: 'exa_mple..org': Codepoint U+005F "
+         "at position 4 of 'exa_mple' not allowed"),
+        (with_changes(registration__policy__invite_only="yes"),
+         'registration.policy.invite_only: expected boolean, got "yes"'),
+        (with_changes(invites__policy__senders__roles="admins"),
+         'invites.policy.senders.roles: expected array, got "admins"'),
         (with_changes(homeserver__url="localhost:8008"),
          'homeserver.url: expected an http:// or https:// URL with no path, or null, got "localhost:8008"'),
         (with_changes(auth__rate_limit__per_user=0), "auth.rate_limit.per_user: 0 is less than the minimum of 1"),
         (with_changes(stores__0__colour="blue"), "stores[0].colour: unknown key"),
+        (with_changes(sessions__policy__email__local="block"),
+         'sessions.policy.email.local: expected one of "allow", "deny", "bind_only_own", got "block"'),
         (with_changes(server__port="eighty"), 'server.port: expected integer, got "eighty"'),
         (with_changes(server__port=70000), "server.port: 70000 is greater than the maximum of 65535"),
         (with_changes(server__max_body_size="4M"),
@@ -100,6 +115,18 @@ def with_changes(**changes: object) -> dict:
         (with_changes(stores=[]), "stores: [] should be non-empty"),
         (with_changes(redis__url="http://localhost"),
          'redis.url: expected null or a redis://, rediss:// or unix:// URL, got "http://localhost"'),
+        (with_changes(redis__url="redis://r:6379", redis__sentinel={"addresses": ["s:26379"], "master": "m"}),
+         'redis.url: expected null when redis.sentinel is set (one of redis.url, redis.sentinel and '
+         'redis.cluster, not several), got "redis://r:6379"'),
+        (with_changes(redis__url="redis://r:6379", redis__cluster={"nodes": ["c:6379"]}),
+         'redis.url: expected null when redis.cluster is set (one of redis.url, redis.sentinel and '
+         'redis.cluster, not several), got "redis://r:6379"'),
+        (with_changes(redis__sentinel={"addresses": ["s:26379"], "master": "m"}, redis__cluster={"nodes": ["c:1"]}),
+         "redis.cluster: expected nothing when redis.sentinel is set (one of redis.url, redis.sentinel and "
+         "redis.cluster, not several), got a mapping"),
+        (with_changes(redis__sentinel={"addresses": ["s:26379"]}), "redis.sentinel.master: missing required key"),
+        (with_changes(redis__cluster={"nodes": ["c"]}),
+         'redis.cluster.nodes[0]: expected an address like "redis-1.example.org:26379", got "c"'),
         (with_changes(stores=[VALID["stores"][0], VALID["stores"][0]]),
          "stores[1].name: 'people' is already the name of stores[0]"),
         (with_changes(stores__0__sync__max_delete_ratio=1.5),
@@ -180,7 +207,7 @@ def test_defaults_and_relative_paths(tmp_path):
     assert config.stores[0].sync == SyncConfig(full_every=6 * 3600, changes_every=60, max_delete_ratio=0.2)
     assert config.data_dir == str(tmp_path / "data")
     assert isinstance(config.stores[0], FileStoreConfig) and config.stores[0].path == str(tmp_path / "people.yml")
-    assert config.redis == RedisConfig(url=None, prefix="mxisd:", timeout=5, check_every=5)
+    assert config.redis == RedisConfig(url=None, prefix="mxisd:", timeout=5, check_every=5, sentinel=None, cluster=None)
     assert config.lookup.bulk_max == 10000
 
 
@@ -236,16 +263,37 @@ def test_missing_template_or_ca_file_is_named(tmp_path):
                     "federation: {ca_file: missing.pem}\n")
     with pytest.raises(ConfigError, match=r"federation.ca_file: cannot read"):
         load_config(path)
+    path.write_text("matrix: {domain: example.org}\nstores: [{name: s, kind: file, path: p.yml}]\n"
+                    "redis: {sentinel: {addresses: ['s:1'], master: m, tls: {enabled: true, ca_file: no.pem}}}\n")
+    with pytest.raises(ConfigError, match=r"redis.sentinel.tls.ca_file: cannot read .*no.pem"):
+        load_config(path)
 
 
 def test_a_reload_keeps_what_needs_a_restart_and_names_it(tmp_path):
     old = load_config(write(tmp_path, VALID))
     new = load_config(write(tmp_path, with_changes(
         log_level="DEBUG", stores__0__sync__full_every="2h", auth__threads=2, lookup__bulk_max=7,
-        sessions__rate_limit__per_ip={"requests": 1, "window": "1m"})))
+        sessions__rate_limit__per_ip={"requests": 1, "window": "1m"},
+        sessions__policy={"email": {"remote": "deny"}})))
     merged, ignored = reloadable(old, new)
     assert ignored == ["auth (other than rate_limit)", "lookup"]
+    assert merged.sessions.policy.email.remote == "deny"
     assert (merged.log_level, merged.stores, merged.sessions) == ("DEBUG", new.stores, new.sessions)
     assert (merged.auth, merged.lookup) == (old.auth, old.lookup)
     renamed = load_config(write(tmp_path, with_changes(stores__0__path="other.yml")))
     assert reloadable(old, renamed) == (old, ["stores (other than their sync settings)"])
+
+
+def test_ldap_roles_settings_that_cannot_work_are_named(tmp_path):
+    path = tmp_path / "config.yml"
+    store = "{name: d, kind: ldap, uri: ldap://127.0.0.1, base_dns: [dc=example], roles: %s}"
+    for roles, error in (("{source: member_of, nested: true}", r"stores\[0\].roles.nested: needs roles.source: groups"),
+                         ("{source: groups, member_attribute: memberUid, nested: true}",
+                          r"stores\[0\].roles.nested: groups listing members by memberUid cannot nest"),
+                         ("{source: everything}", r"stores\[0\].roles.source"),
+                         ("{source: groups, filter: objectClass=group}", r"stores\[0\].roles.filter")):
+        path.write_text(f"matrix: {{domain: example.org}}\nstores: [{store % roles}]\n")
+        with pytest.raises(ConfigError, match=error):
+            load_config(path)
+    path.write_text(f"matrix: {{domain: example.org}}\nstores: [{store % '{}'}]\n")
+    assert load_config(path).stores[0].roles.source is None  # off by default

@@ -19,6 +19,7 @@ from unpaddedbase64 import encode_base64
 
 from indexer.config import load_config
 from server.doctor import run as run_doctor
+from server.storage import SCHEMA_VERSION
 from tests.conftest import HS_NAME, PEOPLE, TWILIO_NUMBER, TWILIO_SID, TWILIO_TOKEN, Server, free_port, started
 from tests.fake_homeserver import ClientHomeserver
 from tests.fakes import FakeHomeserver, FakeTwilio, Mailbox
@@ -119,7 +120,7 @@ def test_a_good_deployment_passes_every_check(make_server, slapd: Slapd, homeser
     assert "PROBLEM" not in result.stdout
     assert result.stdout.splitlines()[-1].startswith("all ") and "checks passed" in result.stdout
     assert lines(result, "signing key")[0].startswith(f"ok signing key: {server.root / 'data/keys/signing.key'} ")
-    assert lines(result, "storage")[0].endswith("answers (schema version 4)")
+    assert lines(result, "storage")[0].endswith(f"answers (schema version {SCHEMA_VERSION})")
     assert lines(result, "redis")[0].startswith("ok redis: redis://")
     assert lines(result, "redis")[0].endswith(f"; holds a cache under the prefix {server.config['redis']['prefix']!r})")
     assert lines(result, "store people") == [

@@ -191,8 +191,8 @@ def test_a_refused_onbind_of_an_invite_for_a_known_address_is_retried_at_first(s
 
 def test_invite_errors(server, homeserver, mailbox):
     started(server)
-    msisdn = store_invite(server, "447700900123", medium="msisdn")
-    assert msisdn.status_code == 400 and msisdn.json()["errcode"] == "M_UNRECOGNIZED"
+    fax = store_invite(server, "447700900123", medium="fax")
+    assert fax.status_code == 400 and fax.json()["errcode"] == "M_UNRECOGNIZED"
     bad = store_invite(server, "not an address")
     assert bad.status_code == 400 and bad.json()["errcode"] == "M_INVALID_EMAIL"
     missing = server.http.post(V2 + "/store-invite", headers=server.auth(), json={"medium": "email"})

@@ -20,6 +20,7 @@ from indexer.normalize import lookup_hash
 from indexer.stores import StoreUnavailable
 from indexer.stores.ldap import LdapStore
 from indexer.stores.ldap_mapping import filter_value, normalize_time
+from indexer.stores.ldap_roles import dn_key, unescape_value
 from indexer.sync import full_sync, incremental_sync
 from tests.conftest import make_store, wait_until
 from tests.slapd import ADMIN_DN, ADMIN_PASSWORD, READER_DN, READER_PASSWORD, SUFFIX, Slapd
@@ -561,3 +562,129 @@ def test_logins_while_the_directory_hangs_fail_with_503_and_are_not_counted(own_
     assert log.count("password checks fail until the directory answers again") == 1, log
     assert log.count("password checks reach the directory again (8 failed while it was unreachable)") == 1, log
     assert " ERROR " not in log, log
+
+
+def profile_roles(server: Any, mxid: str) -> list[str] | None:
+    """The roles at GET /_matrix-internal/profile/v1/{userId}, None while the user is unknown."""
+    response = server.http.get(f"/_matrix-internal/profile/v1/{mxid}")
+    return response.json()["roles"] if response.status_code == 200 else None
+
+
+def test_roles_from_a_group_search_reach_the_internal_profile(directory, make_server: Callable[..., Any]):
+    alice, bob = directory.add("alice", mail=["alice@example.org"]), directory.add("bob")
+    carol = directory.add("carol")
+    directory.add_ou("groups")
+    groups = f"ou=groups,{directory.base}"
+    # Spelled as administrators do: case and blanks in member values differ from the entries' DNs.
+    directory.conn.add(f"cn=Inviters,{groups}", ["groupOfNames"], {"member": [alice.upper().replace(",", ", ")]})
+    directory.conn.add(f"cn=staff,{groups}", ["groupOfNames"], {"member": [alice, bob]})
+    directory.conn.add(f"cn=empty,{groups}", ["groupOfNames"], {"member": [f"uid=gone,{directory.base}"]})
+    server = make_server([])
+    server.config["stores"] = [{
+        "name": "corp", "kind": "ldap", "preset": "openldap", "uri": directory.server.uri,
+        "bind": {"dn": READER_DN, "password": READER_PASSWORD}, "base_dns": [directory.base],
+        "sync": {"full_every": "6h", "changes_every": None},
+        "roles": {"source": "groups", "base_dns": [groups]},
+    }]
+    server.start()
+    assert wait_until(lambda: profile_roles(server, "@alice:example.org"), 60, "the first sync") == [
+        "Inviters", "staff"]
+    assert profile_roles(server, "@bob:example.org") == ["staff"]
+    assert profile_roles(server, "@carol:example.org") == []
+
+    # A member added to a group: the group changed, so the next incremental sync re-reads its members.
+    time.sleep(1.1)  # modifyTimestamp has whole seconds
+    directory.conn.modify(f"cn=Inviters,{groups}", {"member": [(ldap3.MODIFY_ADD, [carol])]})
+    done = server.cli("index")
+    assert done.returncode == 0 and "incremental sync" in done.stderr, done.stdout + done.stderr
+    assert profile_roles(server, "@carol:example.org") == ["Inviters"]
+    # A member removed: nothing names them any more; the next full sync reads everyone's groups again.
+    directory.conn.modify(f"cn=Inviters,{groups}", {"member": [(ldap3.MODIFY_DELETE, [carol])]})
+    done = server.cli("index", "--full")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert profile_roles(server, "@carol:example.org") == []
+    assert profile_roles(server, "@alice:example.org") == ["Inviters", "staff"]
+
+
+def test_roles_from_posix_groups_by_member_uid_and_by_dn(directory, cache):
+    directory.add("alice")
+    directory.add("bob")
+    directory.add_ou("groups")
+    groups = f"ou=groups,{directory.base}"
+    directory.conn.add(f"cn=wheel,{groups}", ["posixGroup"], {"gidNumber": 10, "memberUid": ["Alice"]})
+    directory.conn.add(f"cn=users,{groups}", ["posixGroup"], {"gidNumber": 100, "memberUid": ["alice", "bob"]})
+    store = directory.store(roles={"source": "groups", "base_dns": [groups], "filter": "(objectClass=posixGroup)",
+                                   "member_attribute": "memberUid", "name": "dn"})
+    assert full_sync(cache, store, 0.2).outcome == "ok"
+    assert cache.identity_by_mxid("dir", "@alice:example.org").roles == (f"cn=users,{groups}", f"cn=wheel,{groups}")
+    assert cache.identity_by_mxid("dir", "@bob:example.org").roles == (f"cn=users,{groups}",)
+    # An incremental sync finds the groups of a changed person with one search of its own.
+    time.sleep(1.1)
+    directory.modify(directory.dn("bob"), mail="bob@example.org")
+    assert incremental_sync(cache, store).outcome == "ok"
+    assert cache.identity_by_mxid("dir", "@bob:example.org").roles == (f"cn=users,{groups}",)
+    store.close()
+
+
+@pytest.fixture(scope="module")
+def memberof_slapd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Slapd]:
+    """A slapd with the memberOf overlay, which keeps memberOf on the members of groupOfNames groups."""
+    server = Slapd(tmp_path_factory.mktemp("memberof"), modules="moduleload memberof", extra="overlay memberof")
+    server.load()
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_roles_from_member_of_reach_the_internal_profile(memberof_slapd, make_server: Callable[..., Any]):
+    directory = Directory(memberof_slapd)
+    alice, bob = directory.add("alice", mail=["alice@example.org"]), directory.add("bob")
+    directory.conn.add(f"cn=inviters,{directory.base}", ["groupOfNames"], {"member": [alice]})
+    # A role named by an attribute other than the group's RDN is read from the group entry.
+    directory.conn.add(f"ou=staff,{directory.base}", ["groupOfNames"], {"cn": "All staff", "member": [alice, bob]})
+    directory.conn.add(f"cn=Sales\\, EMEA,{directory.base}", ["groupOfNames"], {"member": [alice]})
+    server = make_server([])
+    server.config["stores"] = [{
+        "name": "corp", "kind": "ldap", "preset": "openldap", "uri": memberof_slapd.uri,
+        "bind": {"dn": READER_DN, "password": READER_PASSWORD}, "base_dns": [directory.base],
+        "sync": {"full_every": "6h", "changes_every": None}, "roles": {"source": "member_of"},
+    }]
+    server.start()
+    assert wait_until(lambda: profile_roles(server, "@alice:example.org"), 60, "the first sync") == [
+        "All staff", "Sales, EMEA", "inviters"]
+    assert profile_roles(server, "@bob:example.org") == ["All staff"]
+    time.sleep(1.1)
+    directory.conn.modify(f"cn=inviters,{directory.base}", {"member": [(ldap3.MODIFY_ADD, [bob])]})
+    done = server.cli("index")
+    assert done.returncode == 0 and "incremental sync" in done.stderr, done.stdout + done.stderr
+    assert profile_roles(server, "@bob:example.org") == ["All staff", "inviters"]
+    directory.conn.modify(f"ou=staff,{directory.base}", {"member": [(ldap3.MODIFY_DELETE, [bob])]})
+    done = server.cli("index", "--full")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert profile_roles(server, "@bob:example.org") == ["inviters"]
+    directory.conn.unbind()
+
+
+def test_a_group_of_many_changed_since_the_last_sync_gives_each_member_its_role(directory, cache):
+    for ou in ("staff", "elsewhere", "groups"):
+        directory.add_ou(ou)
+    dns = people(directory, 60, ou="staff")
+    outsider = directory.add("outsider", ou="elsewhere")  # in the group, but not where the store reads
+    groups = f"ou=groups,{directory.base}"
+    store = directory.store(base_dns=[f"ou=staff,{directory.base}"], roles={"source": "groups", "base_dns": [groups]})
+    assert full_sync(cache, store, 0.2).added == 60
+    assert cache.identity_by_mxid("dir", "@user059:example.org").roles == ()
+    time.sleep(1.1)
+    directory.conn.add(f"cn=everyone,{groups}", ["groupOfNames"], {"member": [*dns, outsider]})
+    result = incremental_sync(cache, store)
+    assert (result.outcome, result.changed, result.added) == ("ok", 60, 0), result.error
+    assert [i.roles for i in cache.iter_identities("dir")] == [("everyone",)] * 60
+    store.close()
+
+
+def test_group_member_values_match_however_the_dn_is_spelled():
+    # Directories other than slapd may keep a member value as an administrator typed it.
+    assert dn_key("UID=Alice, OU=People,  DC=Example,DC=org") == dn_key("uid=alice,ou=people,dc=example,dc=org")
+    assert dn_key(r"CN=Sales\, EMEA,DC=example") == dn_key(r"cn=sales\, emea,dc=example")
+    assert unescape_value(r"Sales\2C EMEA") == unescape_value(r"Sales\, EMEA") == "Sales, EMEA"
+    assert unescape_value(r"\C3\89quipe") == "Équipe"

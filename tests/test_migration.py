@@ -193,15 +193,21 @@ def test_sql_config_imported_serves_the_database(cache, tmp_path, capsys):
                                      "('@ann:example.org', 'email', 'ann@example.org'), "
                                      "('@ann:example.org', 'msisdn', '447700900123'), "
                                      "('@bob:example.org', 'email', 'bob@example.org')"))
+        conn.execute(sqlalchemy.text("CREATE TABLE people_roles (mxid text, role_name text)"))
+        conn.execute(sqlalchemy.text("INSERT INTO people_roles VALUES ('@ann:example.org', 'inviters'), "
+                                     "('@ann:example.org', 'inviters'), ('@ann:example.org', 'staff')"))
     engine.dispose()
     try:
         old = old_config("mxisd-sql.yaml", tmp_path,
                          **{"sql.connection": f"//127.0.0.1:5432/test?user=postgres&currentSchema={schema}"})
         _config, typed, _text, stderr = import_config(capsys, old, tmp_path)
-        assert "sql.profile: not carried over" in stderr
+        assert "sql.profile.displayName: not carried over" in stderr
+        assert "sql.profile.role" not in stderr  # mxisd's one-user roles query became one for everyone
         [store_config] = typed.stores
         result = full_sync(cache, build_store(store_config, typed), 0.2)
         assert result.outcome == "ok" and result.added == 2, result.error
+        assert cache.identity_by_mxid("sql", "@ann:example.org").roles == ("inviters", "staff")
+        assert cache.identity_by_mxid("sql", "@bob:example.org").roles == ()
         assert cache.mxid_of("sql", "email", "bob@example.org") == "@bob:example.org"
         assert cache.mxid_of("sql", "msisdn", "447700900123") == "@ann:example.org"
     finally:
@@ -294,6 +300,25 @@ def test_an_mxisd_sms_template_works_unchanged(make_server, twilio, tmp_path):
     token, link = sms["Body"].split(": ", 1)[1].split(" or ")
     assert token.isdigit() and link.startswith("http://127.0.0.1/_matrix/identity/v2/validate/msisdn/submitToken?")
     assert f"token={token}" in link
+
+
+def test_an_mxisd_sms_invite_template_is_carried_over_and_works_unchanged(make_server, twilio, tmp_path, capsys):
+    (tmp_path / "sms-invite.txt").write_text("%SENDER_NAME_OR_ID% invited you (%INVITE_MEDIUM%) to "
+                                             "%ROOM_NAME_OR_ID%: %REGISTER_URL%\n")
+    old = old_config("ma1sd-active-directory.yaml", tmp_path, **{
+        "threepid.medium.msisdn.generators.template.invite": "sms-invite.txt"})
+    config, _typed, _text, stderr = import_config(capsys, old, tmp_path)
+    assert config["sms"]["templates"]["invite"] == str(tmp_path / "sms-invite.txt")
+    assert "generators.template.invite" not in stderr
+    srv = make_server()
+    srv.config["sms"]["templates"] = {"invite": config["sms"]["templates"]["invite"]}
+    started(srv)
+    stored = srv.http.post(V2 + "/store-invite", headers=srv.auth(), json={
+        "medium": "msisdn", "address": "447400123456", "room_id": "!room:example.org",
+        "sender": "@tester:example.org", "room_name": "Project X"})
+    assert stored.status_code == 200, stored.text
+    [sms] = twilio.sent
+    assert sms["Body"] == "@tester:example.org invited you (msisdn) to Project X: https://example.org"
 
 
 @pytest.mark.parametrize(("content", "message"), [
@@ -559,7 +584,6 @@ def test_every_section_is_carried_over_or_named(tmp_path, capsys):
     assert config["stores"][0]["attributes"]["threepids"] == {"email": ["mail"]}
     assert "terms" not in config
     for said in ("storage.provider.postgresql.pool: not carried over: no equivalent here",
-                 "session.policy.validation.forLocal: remote validation sessions were removed in mxisd 1.3",
                  "notification: SendGrid (the one handler besides raw) is not supported",
                  "appsvc: the application service",
                  "auth.rewrite: rewriting logins", "invite.expiration.enabled: invites cannot be kept forever",
@@ -571,6 +595,39 @@ def test_every_section_is_carried_over_or_named(tmp_path, capsys):
     # What was carried over as it was is not named.
     for key in ("rest.host", "server.publicUrl", "lookup.recursive.bridge", "view.session", "forward.servers"):
         assert f": {key}" not in stderr, key
+
+
+MINIMAL = {"matrix": {"domain": "example.org"},
+           "ldap": {"enabled": True, "connection": {"host": "ldap.example.org", "baseDNs": ["dc=example,dc=org"]}}}
+
+
+def test_ma1sd_validation_switch_becomes_the_session_policy(tmp_path, capsys):
+    old = tmp_path / "ma1sd.yaml"
+    old.write_text(yaml.safe_dump({**MINIMAL, "session": {"policy": {"validation": {"enabled": False}}}}))
+    _config, typed, _text, stderr = import_config(capsys, old, tmp_path)
+    assert not typed.sessions.policy.email.enabled and not typed.sessions.policy.msisdn.enabled
+    assert "session.policy" not in stderr
+    assert typed.lookup.share_binds
+
+
+def test_mxisd_1_2_local_and_remote_sessions_become_the_session_policy(tmp_path, capsys):
+    old = tmp_path / "mxisd.yaml"
+    old.write_text(yaml.safe_dump({**MINIMAL, "session": {"policy": {"validation": {
+        # Local 3PIDs validated here and never at the central server; remote ones only at the central server.
+        "forLocal": {"enabled": True, "toLocal": True, "toRemote": {"enabled": False}},
+        "forRemote": {"enabled": True, "toLocal": False,
+                      "toRemote": {"enabled": True, "server": "https://vector.im"}}}}}}))
+    _config, typed, _text, stderr = import_config(capsys, old, tmp_path)
+    for medium in (typed.sessions.policy.email, typed.sessions.policy.msisdn):
+        assert (medium.enabled, medium.local, medium.remote) == (True, "allow", "deny")
+    assert typed.lookup.share_binds is False
+    for said in ("session.policy.validation.forRemote.toLocal: carried over as sessions.policy.<medium>.remote: deny",
+                 "session.policy.validation.forRemote.toRemote: validation by another identity server",
+                 "session.policy.validation.forLocal.toRemote: validation by another identity server (remote "
+                 "sessions) is not offered here: only this server validates 3PIDs; toRemote.enabled: false is "
+                 "carried over as lookup.share_binds: false"):
+        assert said in stderr, said
+    assert "mxisd 1.3 and later ignored this key" in stderr
 
 
 def test_an_invite_without_its_public_key_gets_it_from_the_key_store(tmp_path):
@@ -599,3 +656,51 @@ def test_an_invite_without_its_public_key_gets_it_from_the_key_store(tmp_path):
     finally:
         storage.close()
     assert import_data(config, tmp_path / "keys", url).lines()[-1] == "nothing changed: everything was imported before"
+
+
+def test_registration_and_invite_policies_are_carried_over(tmp_path, capsys):
+    threepid = {"email": {"domain": {"whitelist": ["example.org", "*partner.example", "bad domain"],
+                                     "blacklist": ["*spam.example"]},
+                          "pattern": {"blacklist": ["admin@.*", "(unclosed"]}},
+                "msisdn": {"pattern": {"whitelist": ["44.*"]}, "domain": {"whitelist": ["example.org"]}},
+                "jabber": {"pattern": {"whitelist": [".*"]}}}
+    old = old_config("mxisd-ldap.yaml", tmp_path, **{
+        "register.policy": {"allowed": False, "threepid": threepid},  # invite: true by default
+        "invite.policy.ifSender.hasRole": ["inviters", "hr"]})
+    config, typed, _text, stderr = import_config(capsys, old, tmp_path)
+    assert config["registration"]["policy"] == {
+        "invite_only": True,
+        "email": {"domains": {"allow": ["example.org", "*partner.example"], "deny": ["*spam.example"]},
+                  "patterns": {"deny": ["admin@.*"]}},
+        "msisdn": {"patterns": {"allow": ["44.*"]}}}
+    assert typed.registration.policy.allowed is True and typed.registration.policy.invite_only is True
+    assert typed.invites.policy.senders.roles == ("inviters", "hr")
+    for said in ("register.policy.threepid.jabber: registration policies are for email and msisdn only",
+                 "register.policy.threepid.msisdn.domain.whitelist: phone numbers have no domain",
+                 "register.policy.threepid.email.domain.whitelist: left out, not a valid domain entry: 'bad domain'",
+                 "register.policy.threepid.email.pattern.blacklist: left out, not a valid regular expression: "
+                 "'(unclosed'",
+                 "register.policy.invite: an invited address on a blacklist could register with mxisd; here the deny",
+                 "register: enforced only when the reverse proxy sends register requestToken here",
+                 "invite.policy.ifSender.hasRole: carried to invites.policy.senders.roles"):
+        assert said in stderr, said
+
+
+@pytest.mark.parametrize("policy, ours, note", [
+    # No invites, a whitelist for email only: phone numbers could not register at all.
+    ({"allowed": False, "invite": False, "threepid": {"email": {"domain": {"whitelist": ["example.org"]}}}},
+     {"email": {"domains": {"allow": ["example.org"]}}, "msisdn": {"patterns": {"deny": [".*"]}}},
+     "register.policy.threepid.msisdn: no whitelist: msisdn registration was closed"),
+    # Open to all: the whitelists changed nothing, the blacklists stay.
+    ({"allowed": True, "threepid": {"email": {"domain": {"whitelist": ["example.org"],
+                                                         "blacklist": ["spam.example"]}}}},
+     {"email": {"domains": {"deny": ["spam.example"]}}},
+     "register.policy.allowed: true: every address not blacklisted could register"),
+    # Closed, with nothing to open it.
+    ({"allowed": False, "invite": False}, {"allowed": False}, "register: enforced only when"),
+])
+def test_each_shape_of_mxisd_registration_policy(policy, ours, note, tmp_path, capsys):
+    old = old_config("mxisd-ldap.yaml", tmp_path, **{"register.policy": policy})
+    config, _typed, _text, stderr = import_config(capsys, old, tmp_path)
+    assert config["registration"]["policy"] == ours
+    assert note in stderr

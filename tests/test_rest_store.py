@@ -317,3 +317,29 @@ def test_config_mistakes_name_the_key(tmp_path, store, message):
     with pytest.raises(ConfigError) as error:
         load_config(path)
     assert str(error.value) == message
+
+
+def test_roles_from_the_service_reach_the_internal_profile(make_server, service):
+    service.people = [{"id": "1", "localpart": "ann", "emails": ["ann@example.org"], "roles": ["inviters", "staff"]},
+                      {"id": "2", "localpart": "ben", "roles": ["staff"]}]
+    server = make_server([])
+    server.config["stores"] = [dict(store_config(service), sync={"full_every": "6h", "changes_every": None})]
+    server.start()
+
+    def roles_of(mxid: str) -> list[str] | None:
+        response = server.http.get(f"/_matrix-internal/profile/v1/{mxid}")
+        return response.json()["roles"] if response.status_code == 200 else None
+
+    assert wait_until(lambda: roles_of("@ann:example.org"), 60, "the first sync") == ["inviters", "staff"]
+    assert roles_of("@ben:example.org") == ["staff"]
+    # A changed person comes with their roles as they are now.
+    service.people[0]["roles"] = ["staff"]
+    service.changes = [{"id": "1", "mark": 7, "identity": service.people[0]}]
+    done = server.cli("index")
+    assert done.returncode == 0 and "incremental sync" in done.stderr, done.stdout + done.stderr
+    assert roles_of("@ann:example.org") == ["staff"]
+    service.people[1]["roles"] = []
+    done = server.cli("index", "--full")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert roles_of("@ben:example.org") == []
+    assert roles_of("@ann:example.org") == ["staff"]

@@ -20,7 +20,7 @@ from indexer.identity import Identity
 from indexer.normalize import lookup_hash
 from indexer.stores import StoreError, StoreUnavailable, build_store
 from indexer.sync import full_sync, incremental_sync
-from tests.conftest import store_settings
+from tests.conftest import store_settings, wait_until
 
 CONFIG = {"matrix": {"domain": "example.org"}, "threepids": {"msisdn": {"default_region": "GB"}}}
 T0 = datetime.datetime(2026, 1, 1, 12, 0, 0)
@@ -331,3 +331,43 @@ def test_a_slow_database_times_out_and_keeps_the_cache(cache, directory, make_st
     result = full_sync(cache, make_store(directory.url, queries=slow, timeout="1s"), 1.0)
     assert result.outcome == "failed" and error in result.error
     assert cache.count("hr") == 2 and cache.mxid_of("hr", "email", "bob@example.org") == "@bob:example.org"
+
+
+def test_roles_query_reaches_the_internal_profile_after_each_sync(directory, make_server):
+    roles = sqlalchemy.Table("person_roles", directory.meta,
+                             sqlalchemy.Column("person_id", sqlalchemy.String(64), nullable=False),
+                             sqlalchemy.Column("role_name", sqlalchemy.String(64), nullable=False))
+    directory.meta.create_all(directory.engine)
+    directory.add("1", "alice", "Alice", T0, ("email", "alice@example.org"))
+    directory.add("2", "bob", "Bob", T0, ("email", "bob@example.org"))
+    with directory.engine.begin() as c:
+        c.execute(roles.insert(), [{"person_id": "1", "role_name": "inviters"},
+                                   {"person_id": "1", "role_name": "staff"}, {"person_id": "2", "role_name": "staff"}])
+    server = make_server([])
+    server.config["stores"] = [{
+        "name": "hr", "kind": "sql", "url": directory.url, "sync": {"full_every": "6h", "changes_every": None},
+        "queries": {**QUERIES, "roles": "SELECT person_id AS id, role_name AS role FROM person_roles"}}]
+    server.start()
+
+    def roles_of(mxid: str) -> list[str] | None:
+        response = server.http.get(f"/_matrix-internal/profile/v1/{mxid}")
+        return response.json()["roles"] if response.status_code == 200 else None
+
+    assert wait_until(lambda: roles_of("@alice:example.org"), 60, "the first sync") == ["inviters", "staff"]
+    assert roles_of("@bob:example.org") == ["staff"]
+
+    # An incremental sync reads the roles of the people the changes query returns.
+    with directory.engine.begin() as c:
+        c.execute(roles.delete().where(roles.c.person_id == "1", roles.c.role_name == "inviters"))
+    directory.update("1", T0 + datetime.timedelta(hours=1))
+    done = server.cli("index")
+    assert done.returncode == 0 and "incremental sync" in done.stderr, done.stdout + done.stderr
+    assert roles_of("@alice:example.org") == ["staff"]
+
+    # A role removed without the person changing leaves at the next full sync.
+    with directory.engine.begin() as c:
+        c.execute(roles.delete().where(roles.c.person_id == "2"))
+    done = server.cli("index", "--full")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert roles_of("@bob:example.org") == []
+    assert roles_of("@alice:example.org") == ["staff"]

@@ -94,13 +94,16 @@ def test_a_version_1_database_is_upgraded_keeping_its_invites(storage):
         conn.execute(sa.text("DROP TABLE counters"))
         conn.execute(sa.text("ALTER TABLE invites DROP COLUMN settled_at"))
         conn.execute(sa.text("ALTER TABLE invites DROP COLUMN known_mxid"))
+        on_table = " ON invites" if storage.engine.dialect.name == "mysql" else ""
+        conn.execute(sa.text(f"DROP INDEX invites_link_code{on_table}"))
+        conn.execute(sa.text("ALTER TABLE invites DROP COLUMN link_code"))
         conn.execute(sa.text("INSERT INTO invites (token, medium, address, room_id, sender, ephemeral_public_key, "
                              "properties, created_at) VALUES ('t1', 'email', 'a@example.net', '!r:example.org', "
                              "'@s:example.org', 'key', '{}', 1)"))
         conn.execute(schema_version.update().values(version=1))
     assert storage.upgrade() == 1
     [invite] = storage.unsettled_invites("email", "a@example.net")
-    assert (invite.token, invite.settled_at, invite.known_mxid) == ("t1", None, None)
+    assert (invite.token, invite.settled_at, invite.known_mxid, invite.link_code) == ("t1", None, None, None)
     assert storage.queue_deliveries([("email", "a@example.net"), ("email", "b@example.net")], "@a:example.org",
                                     5) == [("email", "a@example.net")]
     [delivery] = storage.claim_due_deliveries(5, 100)

@@ -7,6 +7,7 @@ Synapse's client API as Element calls it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import secrets
@@ -15,7 +16,7 @@ import ssl
 import subprocess
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -29,8 +30,8 @@ import trustme
 import yaml
 from signedjson.key import generate_signing_key, write_signing_keys
 
-from tests.conftest import Server, free_port, wait_until
-from tests.fakes import Mailbox
+from tests.conftest import TWILIO_NUMBER, TWILIO_SID, TWILIO_TOKEN, Server, free_port, wait_until
+from tests.fakes import FakeTwilio, Mailbox
 
 pytestmark = pytest.mark.synapse
 
@@ -118,7 +119,7 @@ class Synapse:
     """A Synapse for example.org: client API over plain HTTP on loopback, federation over TLS."""
 
     def __init__(self, root: Path, ca: trustme.CA, identity_port: int, identity_server: str,
-                 **module_config: Any) -> None:
+                 homeserver_config: dict[str, Any] | None = None, **module_config: Any) -> None:
         self.root = root
         self.client_port, self.federation_port = free_port(), free_port()
         self.url = f"http://127.0.0.1:{self.client_port}"
@@ -171,6 +172,7 @@ class Synapse:
                          "config": {"endpoint": f"http://127.0.0.1:{identity_port}", "timeout_s": 2,
                                     **module_config}}],
         }
+        config.update(homeserver_config or {})
         self.identity_server = identity_server
         (root / "homeserver.yaml").write_text(yaml.safe_dump(config))
         self.http = httpx.Client(base_url=self.url, timeout=30)
@@ -225,8 +227,9 @@ class Synapse:
 
 class Stack:
     def __init__(self, synapse: Synapse, server: Server, mailbox: Mailbox, ca: trustme.CA,
-                 terminator: TlsTerminator) -> None:
+                 terminator: TlsTerminator, twilio: FakeTwilio) -> None:
         self.synapse, self.server, self.mailbox, self.terminator = synapse, server, mailbox, terminator
+        self.twilio = twilio
         self.id_server = synapse.identity_server
         self.ca_file = synapse.root / "ca.pem"
         # The identity API as a client reaches it: over https, by the name Synapse is given.
@@ -243,17 +246,23 @@ class Stack:
         return registered.json()["token"]
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Stack]:
-    root = tmp_path_factory.mktemp("synapse")
+@contextlib.contextmanager
+def running_stack(root: Path, redis_url: str, people: list[dict[str, Any]],
+                  synapse_config: Callable[[Mailbox], dict[str, Any]] | None = None,
+                  **mxisd_config: Any) -> Iterator[Stack]:
+    """Synapse and mxisd wired as docs/synapse.md says, with these people in mxisd's file store;
+    synapse_config gives more homeserver.yaml settings (it is handed the test's SMTP listener),
+    mxisd_config more config sections. Everything is stopped, and mxisd's Redis keys deleted, after."""
     ca = trustme.CA()
     mailbox = Mailbox(free_port())
+    twilio = FakeTwilio(TWILIO_SID, TWILIO_TOKEN)
     server_port = free_port()
     terminator = TlsTerminator(ca.issue_cert("localhost"), server_port)
     id_server = f"localhost:{terminator.port}"
     synapse_root = root / "synapse"
     synapse_root.mkdir()
-    synapse = Synapse(synapse_root, ca, server_port, id_server)
+    synapse = Synapse(synapse_root, ca, server_port, id_server,
+                      homeserver_config=synapse_config(mailbox) if synapse_config else None)
     server_root = root / "mxisd"
     server_root.mkdir()
     prefix = f"test:{uuid.uuid4().hex[:12]}:"
@@ -271,25 +280,36 @@ def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[
         "invites": {"retry_first": "1s"},
         "email": {"from": "mxisd@id.example.org", "from_name": "Example ID",
                   "smtp": {"host": "127.0.0.1", "port": mailbox.port, "tls": "none"}},
+        "sms": {"twilio": {"base_url": twilio.url, "account_sid": TWILIO_SID, "auth_token": TWILIO_TOKEN,
+                           "number": TWILIO_NUMBER}},
+        **mxisd_config,
     }
     server = Server(server_root, config, None)  # type: ignore[arg-type]
-    server.write_people(PEOPLE)
+    server.write_people(people)
     try:
         server.start()
-        wait_until(lambda: server.lookup_v1("email", "erin@example.com").get("mxid"), 60, "the first sync")
+        last = next(p for p in reversed(people) if p["emails"])["emails"][0]
+        wait_until(lambda: server.lookup_v1("email", last).get("mxid"), 60, "the first sync")
         synapse.start()
-        yield Stack(synapse, server, mailbox, ca, terminator)
+        yield Stack(synapse, server, mailbox, ca, terminator, twilio)
     finally:
         synapse.stop()
         server.stop()
         server.http.close()
         terminator.close()
         mailbox.close()
+        twilio.close()
         client = redis.Redis.from_url(redis_url)
         keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
         if keys:
             client.delete(*keys)
         client.close()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Stack]:
+    with running_stack(tmp_path_factory.mktemp("synapse"), redis_url, PEOPLE) as running:
+        yield running
 
 
 def clean(log: str) -> None:
@@ -539,6 +559,55 @@ def test_an_email_invite_for_a_known_address_in_other_letters_reaches_the_accoun
     joined = synapse.http.post(f"/_matrix/client/v3/join/{quote(room_id)}", headers=alice, json={})
     assert joined.status_code == 200, joined.text
     assert not [m for m in stack.mailbox.to("alice@example.com") if "Mad hatters" in m.get_content()]
+    clean(synapse.log())
+
+
+def test_a_phone_number_invite_is_texted_and_reaches_the_account_once_the_number_is_bound(stack: Stack) -> None:
+    """Synapse's /invite with medium msisdn: its lookup misses, it stores the invite here and puts the
+    redacted number in the room; the invitee gets an SMS, binds the number through Synapse after
+    validating it by SMS, and the invite becomes a room invite at her account."""
+    synapse, identity = stack.synapse, stack.identity
+    bob = synapse.session("bob")
+    bob_token = stack.identity_token(bob, "@bob:example.org")
+    created = synapse.http.post("/_matrix/client/v3/createRoom", headers=bob, json={"name": "Night shift"})
+    assert created.status_code == 200, created.text
+    room_id = created.json()["room_id"]
+    invited = synapse.http.post(f"/_matrix/client/v3/rooms/{quote(room_id)}/invite", headers=bob, json={
+        "id_server": stack.id_server, "id_access_token": bob_token, "medium": "msisdn", "address": "447400123488"})
+    assert invited.status_code == 200, invited.text + "\n" + stack.server.log()[-3000:]
+    [sms] = wait_until(lambda: [s for s in stack.twilio.sent if s["To"] == "+447400123488"], 20, "the invite SMS")
+    assert sms["Body"].startswith("Bob Builder invited you to Night shift on Matrix: https://")
+    state = synapse.http.get(f"/_matrix/client/v3/rooms/{quote(room_id)}/state", headers=bob).json()
+    [third_party] = [e for e in state if e["type"] == "m.room.third_party_invite"]
+    assert third_party["content"]["display_name"] == "+44 740..."
+
+    erin = synapse.session("erin")
+    erin_token = {"Authorization": f"Bearer {stack.identity_token(erin, '@erin:example.org')}"}
+    secret = "secret" + uuid.uuid4().hex
+    requested = identity.post("/_matrix/identity/v2/validate/msisdn/requestToken", headers=erin_token, json={
+        "client_secret": secret, "country": "GB", "phone_number": "07400 123488", "send_attempt": 1})
+    assert requested.status_code == 200, requested.text
+    sid = requested.json()["sid"]
+    code = re.search(r"\b(\d{6})\b", stack.twilio.sent[-1]["Body"])
+    assert code is not None, stack.twilio.sent[-1]
+    submitted = identity.post("/_matrix/identity/v2/validate/msisdn/submitToken", headers=erin_token,
+                              json={"sid": sid, "client_secret": secret, "token": code.group(1)})
+    assert submitted.status_code == 200 and submitted.json() == {"success": True}, submitted.text
+    bound = synapse.http.post("/_matrix/client/v3/account/3pid/bind", headers=erin, json={
+        "client_secret": secret, "id_server": stack.id_server, "id_access_token": erin_token["Authorization"][7:],
+        "sid": sid})
+    assert bound.status_code == 200, bound.text
+
+    since: dict[str, str] = {}
+
+    def invited_rooms() -> dict[str, Any]:
+        sync = synapse.http.get("/_matrix/client/v3/sync", headers=erin, params={"timeout": 1000, **since}).json()
+        since["since"] = sync["next_batch"]
+        return sync.get("rooms", {}).get("invite", {})
+
+    wait_until(lambda: room_id in invited_rooms(), 30, "the room invite at Erin's")
+    joined = synapse.http.post(f"/_matrix/client/v3/join/{quote(room_id)}", headers=erin, json={})
+    assert joined.status_code == 200, joined.text
     clean(synapse.log())
 
 

@@ -100,7 +100,7 @@ class Store(ABC):
         threepids += [("msisdn", str(a)) for a in entry.get("phones", [])]
         threepids += [(t["medium"], t["address"]) for t in entry.get("threepids", [])]
         return self.build_identity(store_id, entry.get("mxid") or entry["localpart"], entry.get("display_name"),
-                                   threepids)
+                                   threepids, roles=entry.get("roles", ()))
 
     def build_identity(
         self,
@@ -110,9 +110,11 @@ class Store(ABC):
         threepids: Iterable[tuple[str, str]],
         locator: str | None = None,
         lowercase: bool = True,
+        roles: Iterable[str] = (),
     ) -> Identity | None:
         """An Identity from raw values, or None (logged) when the user id is unusable. An invalid
-        3PID is logged with the record's id and left out; the rest of the record is kept."""
+        3PID is logged with the record's id and left out; the rest of the record is kept. Roles
+        are kept as given, without surrounding blanks; empty ones are left out."""
         try:
             if user.startswith("@"):
                 mxid, local = normalize.mxid(user, lowercase)
@@ -131,7 +133,7 @@ class Store(ABC):
         name = display_name.strip() if isinstance(display_name, str) and display_name.strip() else None
         return Identity.build(
             mxid=mxid, localpart=local, display_name=name, threepids=canonical, store=self.name, store_id=store_id,
-            locator=locator,
+            locator=locator, roles=[r.strip() for r in roles if r.strip()],
         )
 
 

@@ -9,13 +9,16 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, cast
 
+from indexer.config import ConfigError
 from indexer.identity import Identity
 from indexer.settings import Config, LdapStoreConfig
 from indexer.stores import Change, Store, StoreError, StoreUnavailable
 from indexer.stores.ldap_connection import Directory
 from indexer.stores.ldap_mapping import Mapping, filter_value, first_value, normalize_time
+from indexer.stores.ldap_roles import BY_USER_ID, GroupRoles
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +40,7 @@ class LdapStore(Store):
         self.mapping = Mapping.from_config(settings)
         self.directory = Directory(self.name, settings)
         self.base_dns = list(settings.base_dns)
+        self.roles = GroupRoles(self.name, settings, self.directory, self.mapping)
         # Why password checks cannot reach the directory (None while they can), and how many failed
         # so: an outage is logged when it starts and when it ends, not once per login.
         self._unreachable: str | None = None
@@ -44,10 +48,20 @@ class LdapStore(Store):
         self._state_lock = threading.Lock()
         self._probing = threading.Lock()  # held by the one check trying an unreachable directory
 
+    @classmethod
+    def complete_config(cls, store: dict[str, Any], path: str, base: Path) -> None:
+        """roles.nested only with roles.source groups, and members named by DN."""
+        roles = store["roles"]
+        if roles["nested"] and roles["source"] != "groups":
+            raise ConfigError(f"{path}.roles.nested: needs roles.source: groups (nested groups are searched for)")
+        if roles["nested"] and roles["member_attribute"].lower() == BY_USER_ID:
+            raise ConfigError(f"{path}.roles.nested: groups listing members by memberUid cannot nest")
+
     def close(self) -> None:
+        self.roles.finish()
         self.directory.close()
 
-    def _identity(self, entry: dict[str, Any]) -> Identity | None:
+    def _identity(self, entry: dict[str, Any], roles: list[str]) -> Identity | None:
         raw = entry["raw_attributes"]
         store_id = self.mapping.store_id(entry)
         if store_id is None:
@@ -67,18 +81,21 @@ class LdapStore(Store):
             for value in raw.get(name, [])
         ]
         return self.build_identity(store_id, user, display, threepids, locator=entry["dn"],
-                                   lowercase=self.mapping.lowercase)
+                                   lowercase=self.mapping.lowercase, roles=roles)
 
     def enumerate(self) -> Iterator[Identity]:
-        """Every entry the filter selects under every base DN, page by page."""
-        wanted = self.mapping.wanted()
-        for base in self.base_dns:
-            for entry in self.directory.search(base, self.mapping.filter, wanted):
-                identity = self._identity(entry)
-                if identity is not None:
-                    yield identity
-
-    # -- changes ----------------------------------------------------------------------------
+        """Every entry the filter selects under every base DN, page by page, with its roles (with
+        roles.source groups, the groups are read once first)."""
+        self.roles.start()
+        try:
+            members = self.roles.membership()
+            for base in self.base_dns:
+                for entry in self.directory.search(base, self.mapping.filter, self.roles.person_wanted):
+                    identity = self._identity(entry, self.roles.roles(entry, members))
+                    if identity is not None:
+                        yield identity
+        finally:
+            self.roles.finish()
 
     # -- changes ----------------------------------------------------------------------------
 
@@ -113,13 +130,27 @@ class LdapStore(Store):
 
     def changes_since(self, mark: Any) -> Iterator[Change]:
         """Selected entries changed after mark, then entries that changed and are no longer
-        selected (say, a disabled account) as removals; on Active Directory also deleted entries,
-        when the service account may see them."""
+        selected (say, a disabled account) as removals, then the members of groups changed after
+        mark (their roles may have changed; README "Roles"); on Active Directory also deleted
+        entries, when the service account may see them."""
+        self.roles.start()
+        try:
+            yield from self._changes_since(mark)
+        finally:
+            self.roles.finish()
+
+    def _changes_since(self, mark: Any) -> Iterator[Change]:
         since = self._since_filter(mark)
-        wanted = self.mapping.wanted()
+        wanted = self.roles.person_wanted
+        # People whose roles are looked up in groups: read them all first, then their groups (a
+        # search may not start on the connection while a paged search still reads from it).
+        later: list[tuple[dict[str, Any], Any]] = []
         for base in self.base_dns:
             for entry in self.directory.search(base, f"(&{self.mapping.filter}{since})", wanted):
-                identity = self._identity(entry)
+                if self.roles.source == "groups":
+                    later.append((entry, self.mapping.mark_of(entry) or mark))
+                    continue
+                identity = self._identity(entry, self.roles.roles_of_changed(entry))
                 if identity is not None:
                     yield Change(identity.store_id, identity, self.mapping.mark_of(entry) or mark)
             left = [self.mapping.stable_id, self.mapping.changed]
@@ -127,6 +158,13 @@ class LdapStore(Store):
                 store_id = self.mapping.store_id(entry)
                 if store_id is not None:
                     yield Change(store_id, None, self.mapping.mark_of(entry) or mark)
+        for group, members in self.roles.changed_groups(since):
+            later += [(entry, self.mapping.mark_of(group) or mark) for entry in members]
+        roles = self.roles.roles_of_many([entry for entry, _ in later])
+        for (entry, entry_mark), entry_roles in zip(later, roles, strict=True):
+            identity = self._identity(entry, entry_roles)
+            if identity is not None:
+                yield Change(identity.store_id, identity, entry_mark)
         if self.mapping.by_usn:
             yield from self._deleted_since(since, mark)
 

@@ -11,7 +11,7 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import ldap3
 from ldap3.core.exceptions import LDAPException
@@ -23,6 +23,8 @@ log = logging.getLogger(__name__)
 
 PAGED_RESULTS = "1.2.840.113556.1.4.319"  # RFC 2696
 INVALID_CREDENTIALS = 49
+NO_SUCH_OBJECT = 32
+Scope = Literal["BASE", "LEVEL", "SUBTREE"]
 SIZE_LIMIT_EXCEEDED = 4
 ADMIN_LIMIT_EXCEEDED = 11
 SIZE_LIMIT_HINT = (" (the directory limits how many entries the service account may read, paged"
@@ -207,12 +209,15 @@ class Directory:
                 continue
 
     def _pages(self, conn: ldap3.Connection, base: str, search_filter: str, attributes: list[str],
-               controls: list[tuple[str, bool, Any]] | None) -> Iterator[list[dict[str, Any]]]:
+               controls: list[tuple[str, bool, Any]] | None, scope: Scope,
+               missing_ok: bool) -> Iterator[list[dict[str, Any]]]:
         cookie: bytes | None = None
         while True:
-            conn.search(base, search_filter, ldap3.SUBTREE, attributes=attributes,
+            conn.search(base, search_filter, scope, attributes=attributes,
                         paged_size=self.page_size, paged_cookie=cookie, controls=controls)
             code = conn.result.get("result")
+            if code == NO_SUCH_OBJECT and missing_ok:
+                return
             if code != 0:
                 hint = SIZE_LIMIT_HINT if code in (SIZE_LIMIT_EXCEEDED, ADMIN_LIMIT_EXCEEDED) else ""
                 raise StoreError(
@@ -226,13 +231,16 @@ class Directory:
 
     def search(self, base: str, search_filter: str, attributes: list[str],
                 controls: list[tuple[str, bool, Any]] | None = None,
-                own: ldap3.Connection | None = None) -> Iterator[dict[str, Any]]:
-        """Every entry under base matching search_filter (on own, else on the sync's service
-        connection), the next page requested while this one is used, so that a distant
-        directory's round trips overlap our work; StoreError when the directory fails, times out
-        or drops the connection before the last page."""
+                own: ldap3.Connection | None = None, scope: Scope = "SUBTREE",
+                missing_ok: bool = False) -> Iterator[dict[str, Any]]:
+        """Every entry under base (or base itself, with scope BASE) matching search_filter (on own,
+        else on the sync's service connection), the next page requested while this one is used,
+        so that a distant directory's round trips overlap our work; StoreError when the directory
+        fails, times out or drops the connection before the last page, or when base does not
+        exist unless missing_ok. One search at a time per connection: finish reading one before
+        starting another on the same connection."""
         conn = own or self.service()
-        pages = Prefetch(self._pages(conn, base, search_filter, attributes, controls))
+        pages = Prefetch(self._pages(conn, base, search_filter, attributes, controls, scope, missing_ok))
         try:
             for page in pages:
                 yield from page

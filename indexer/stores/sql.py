@@ -4,7 +4,8 @@ Query contract (README "The sql store"): `identities` returns rows of id, user_i
 medium, address, several rows per person merged by id; `changes` returns the same columns plus
 `mark` for the people changed after `:since` (user_id NULL: the person is gone or no longer
 selected); `high_water_mark` returns one value; `password` returns a person's hash for `:id`,
-`:user_id` or `:localpart`. `:domain` is matrix.domain everywhere. Values only ever reach a query
+`:user_id` or `:localpart`; `roles` returns rows of id, role for every person. `:domain` is
+matrix.domain everywhere. Values only ever reach a query
 as bound parameters.
 """
 
@@ -36,6 +37,7 @@ PARAMETERS = {
     "changes": {"domain", "since"},
     "high_water_mark": {"domain"},
     "password": {"domain", "id", "user_id", "localpart"},
+    "roles": {"domain"},
 }
 COLUMNS = ("id", "user_id", "display_name", "medium", "address")
 # Without a driver in the URL SQLAlchemy would pick psycopg2 and MySQLdb, which are not installed.
@@ -167,18 +169,37 @@ class SqlStore(Store):
                 person["mark"] = mark if person["mark"] is None else max(person["mark"], mark)
         return people
 
-    def _identity(self, store_id: str, person: dict[str, Any]) -> Identity | None:
+    def _roles(self, wanted: Iterable[str]) -> dict[str, list[str]]:
+        """The roles query's rows merged by id, for the ids in wanted (empty without a roles query).
+        One query for the whole store: much faster for a full sync than one per person, and an
+        incremental sync runs it only when someone changed."""
+        keep = set(wanted)
+        if "roles" not in self.queries or not keep:
+            return {}
+        roles: dict[str, list[str]] = {}
+        with contextlib.closing(self._rows("roles")) as rows:
+            for row in rows:
+                if "id" not in row or "role" not in row:
+                    raise StoreError("roles query returned no column 'id' or 'role' (expected id, role)")
+                if row["id"] is not None and row["role"] is not None and str(row["id"]) in keep:
+                    roles.setdefault(str(row["id"]), []).append(str(row["role"]))
+        return roles
+
+    def _identity(self, store_id: str, person: dict[str, Any], roles: dict[str, list[str]]) -> Identity | None:
         if person["user_id"] is None:
             return None
-        return self.build_identity(store_id, person["user_id"], person["display_name"], person["threepids"])
+        return self.build_identity(store_id, person["user_id"], person["display_name"], person["threepids"],
+                                   roles=roles.get(store_id, ()))
 
     def enumerate(self) -> Iterator[Identity]:
-        """Every person the identities query selects."""
-        for store_id, person in self._people("identities").items():
+        """Every person the identities query selects, with their roles."""
+        people = self._people("identities")
+        roles = self._roles(people)
+        for store_id, person in people.items():
             if person["user_id"] is None:
                 log.warning("store %s: record %s has no user_id; skipped", self.name, store_id)
                 continue
-            identity = self._identity(store_id, person)
+            identity = self._identity(store_id, person, roles)
             if identity is not None:
                 yield identity
 
@@ -198,8 +219,9 @@ class SqlStore(Store):
         unmarked = next((i for i, p in people.items() if p["mark"] is None), None)
         if unmarked is not None:
             raise StoreError(f"changes query returned no mark for record {unmarked}")
+        roles = self._roles(i for i, p in people.items() if p["user_id"] is not None)
         for store_id, person in sorted(people.items(), key=lambda item: item[1]["mark"]):
-            yield Change(store_id, self._identity(store_id, person), person["mark"])
+            yield Change(store_id, self._identity(store_id, person, roles), person["mark"])
 
     def authenticate(self, identity: Identity, password: str) -> bool:
         """Check password against the hash the password query returns for this person."""

@@ -21,8 +21,8 @@ async def hash_details(request: Request) -> HTTPResponse:
 @bp.post("/lookup")
 async def lookup(request: Request) -> HTTPResponse:
     """POST /_matrix/identity/v2/lookup: mxids for hashed or plain "address medium" strings."""
-    await authenticate(request)
+    requester = await authenticate(request)
     body = json_body(request, "v2_lookup")
     mappings = await services(request).associations.hashed(body["algorithm"], body["addresses"], body["pepper"],
-                                                           request)
+                                                           request, requester)
     return json({"mappings": mappings})

@@ -1,17 +1,18 @@
-"""3PID invites (identity service API "Invitation Storage" and "Ephemeral invitation signing"), v2 and v1."""
+"""3PID invites (identity service API "Invitation Storage" and "Ephemeral invitation signing"), v2 and v1,
+and the short link of an invite SMS."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from sanic import Blueprint, Request
-from sanic.response import HTTPResponse, json
+from sanic.response import HTTPResponse, json, redirect
 
 from server.api import V1, V2, authenticate_v2, json_body
 from server.caller import client_address
 from server.container import services
 from server.errors import MatrixError
-from server.services.invitations import redact
+from server.services.invitations import LINK_PATH, redact
 from server.storage import Invite
 
 bp = Blueprint("invites")
@@ -20,7 +21,7 @@ bp = Blueprint("invites")
 @bp.post(V1 + "/store-invite", name="store_invite_v1")
 @bp.post(V2 + "/store-invite", name="store_invite_v2")
 async def store_invite(request: Request) -> HTTPResponse:
-    """POST /_matrix/identity/v2/store-invite (and v1): store a 3PID invite and email the invitee."""
+    """POST /_matrix/identity/v2/store-invite (and v1): store a 3PID invite and email or text the invitee."""
     owner = await authenticate_v2(request)
     body = json_body(request, "store_invite", allow_form=True)
     svc = services(request)
@@ -39,8 +40,15 @@ def _stored_answer(request: Request, invite: Invite) -> dict[str, Any]:
         "public_keys": [server_key, {"public_key": invite.ephemeral_public_key,
                                      "key_validity_url": base + "/pubkey/ephemeral/isvalid"}],
         "public_key": server_key["public_key"],
-        "display_name": redact(invite.address),
+        "display_name": redact(invite.medium, invite.address),
     }
+
+
+@bp.get(LINK_PATH + "<code:str>", name="invite_link")
+async def invite_link(request: Request, code: str) -> HTTPResponse:
+    """GET /i/{code}: the short link of an invite SMS, redirecting to invites.register_url."""
+    # Never cached: the same code leads elsewhere once the invite has expired.
+    return redirect(await services(request).invitations.link_target(code), headers={"Cache-Control": "no-store"})
 
 
 @bp.get(V1 + "/pubkey/ephemeral/isvalid", name="ephemeral_isvalid_v1")

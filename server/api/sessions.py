@@ -123,5 +123,5 @@ async def get_validated(request: Request) -> HTTPResponse:
     """GET /_matrix/identity/v2/3pid/getValidated3pid (and v1): the 3PID a session validated."""
     await authenticate_v2(request)
     params = check_params({k: v[0] for k, v in request.args.items()}, "get_validated_3pid")
-    session = await services(request).sessions.validated_session(params["sid"], params["client_secret"])
+    session = await services(request).sessions.validated_3pid(params["sid"], params["client_secret"])
     return json({"medium": session.medium, "address": session.address, "validated_at": session.validated_at})

@@ -5,14 +5,13 @@ from __future__ import annotations
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import redis as redis_lib
 import sqlalchemy as sa
 from signedjson.key import encode_verify_key_base64, get_verify_key
 
 from indexer.cache import Cache
-from indexer.redis_clients import connect
+from indexer.redis_clients import configured_target, connect, describe
 from indexer.redis_server import EmbeddedRedis
 from indexer.settings import Config
 from server.doctor import Finding, not_checked, ok, problem
@@ -91,33 +90,26 @@ def storage(config: Config) -> Iterator[Finding]:
         yield ok(subject, f"{store.describe()} answers (schema version {version})")
 
 
-def _without_password(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 def redis(config: Config) -> Iterator[Finding]:
     subject = "redis"
-    url = config.redis.url
-    if not url:
+    target = configured_target(config.redis)
+    if target is None:
         embedded = EmbeddedRedis(config.data_dir)
         if embedded.answering():
             yield ok(subject, f"the embedded Redis of the running mxisd answers at {embedded.socket}")
         else:
-            yield not_checked(subject, f"embedded (redis.url is null), and not running: mxisd run starts it "
-                                       f"in {embedded.dir}")
+            yield not_checked(subject, f"embedded (no redis.url, sentinel or cluster), and not running: "
+                                       f"mxisd run starts it in {embedded.dir}")
         return
-    shown = _without_password(url)
+    shown = describe(target)
+    key = "sentinel" if config.redis.sentinel else "cluster" if config.redis.cluster else "url"
     prefix = config.redis.prefix
-    client = connect(url, config.redis.timeout)
+    client = connect(target, config.redis.timeout)
     try:
         info = client.info("server")
         epoch = Cache(client, prefix).epoch()
     except redis_lib.exceptions.RedisError as exc:
-        yield problem(subject, f"{shown} does not answer: {exc}: check redis.url, and that Redis runs and "
+        yield problem(subject, f"{shown} does not answer: {exc}: check redis.{key}, and that Redis runs and "
                                "lets this host in")
         return
     finally:

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from indexer.normalize import InvalidAddress, email_domain
 from indexer.stores.ldap_mapping import PRESETS
 from server.migration import MigrationError
 from server.migration.java_keys import MA1SD_ONLY, UNSUPPORTED, known
@@ -297,6 +298,10 @@ def _sql(old: OldConfig, root: str, flavour: str) -> dict[str, Any] | None:
     store: dict[str, Any] = {"name": "synapse" if root == "synapseSql" else "sql", "kind": "sql", "url": url}
     if root == "synapseSql":
         store["preset"] = "synapse"
+        if old.has(f"{root}.profile.role"):
+            old.note(f"{root}.profile.role", "Synapse's roles were its communities (group_users), which Synapse "
+                                             "removed in 1.62: write a roles query under queries if another table "
+                                             "holds roles (README: Roles)")
         for key in ("identity", "directory", "profile", "lookup", "legacyRoomNames"):
             if old.has(f"{root}.{key}"):
                 old.note(f"{root}.{key}", "the synapse preset reads Synapse's current schema; its queries can be "
@@ -317,14 +322,42 @@ def _sql(old: OldConfig, root: str, flavour: str) -> dict[str, Any] | None:
                        "<address> = ?: write the store's identities query by hand (README: The sql store)")
         return None
     store["queries"] = {"identities": identities}
-    old.get(f"{root}.identity.type")
-    for key in ("identity.medium", "directory.query", "profile"):
+    # The identities query's id is the user id of lookup.query (a Matrix ID) or identity.query's uid.
+    id_type = "mxid" if lookup else str(old.get(f"{root}.identity.type", "mxid"))
+    _roles(old, root, id_type, store["queries"])
+    for key in ("identity.medium", "directory.query", "profile.displayName", "profile.threepid"):
         if old.has(f"{root}.{key}"):
             old.note(f"{root}.{key}", "not carried over: add display names to the store's identities query; "
                                       "directory search and profiles are answered from the cache")
-    for feature in ("auth", "directory"):
+    for feature in ("auth", "directory", "profile"):
         old.get(f"{root}.{feature}.enabled")
     return store
+
+
+_ROLE_COLUMN = re.compile(r"(?P<distinct>DISTINCT\b\s*)?(?P<expr>[^,]+?)(?:\s+(?:AS\s+)?\w+)?", re.I | re.S)
+
+
+def _roles(old: OldConfig, root: str, id_type: str, queries: dict[str, str]) -> None:
+    """mxisd's profile.role.query (the roles of one user, `<column> = ?`) as our roles query of
+    every person's roles, when its shape is that simple and its ? is the identities query's id."""
+    query = old.get(f"{root}.profile.role.query")
+    if not isinstance(query, str):
+        return
+    role_type = str(old.get(f"{root}.profile.role.type", id_type))
+    match = _IDENTITY_QUERY.fullmatch(query)
+    parameters = list(_PARAMETER.finditer(match["rest"])) if match else []
+    column = _ROLE_COLUMN.fullmatch(match["select"].strip()) if match else None
+    if match is None or column is None or len(parameters) != 1 or match["rest"].count("?") != 1:
+        old.note(f"{root}.profile.role", "profile.role.query is not of the shape SELECT <role> FROM ... WHERE "
+                                         "<user column> = ?: write the store's roles query by hand (README: Roles)")
+        return
+    if role_type != id_type:
+        old.note(f"{root}.profile.role", f"profile.role.query is given a {role_type} where the store's records are "
+                                         f"keyed by {id_type}: write the store's roles query by hand (README: Roles)")
+        return
+    rest = _PARAMETER.sub("1 = 1", match["rest"])
+    distinct = "DISTINCT " if column["distinct"] else ""
+    queries["roles"] = f"SELECT {distinct}{parameters[0]['column']} AS id, {column['expr'].strip()} AS role FROM {rest}"
 
 
 def _rest(old: OldConfig) -> dict[str, Any] | None:
@@ -344,6 +377,8 @@ def _rest(old: OldConfig) -> dict[str, Any] | None:
             ("identity.bulk", "bulk lookups ask the lookup endpoint once per address (read-through)"),
             ("directory", "a store that cannot list its people is not searched: add an enumerate endpoint "
                           "(README: The rest store)"),
+            ("profile.roles", "roles are synced, not asked per user: add an enumerate endpoint whose people carry "
+                              "their roles (README: The rest store, Roles)"),
             ("profile", "profiles are answered from the cache")):
         if old.has(f"rest.endpoints.{key}"):
             old.note(f"rest.endpoints.{key}", reason)
@@ -393,9 +428,10 @@ def _sms(old: OldConfig, out: dict[str, Any]) -> None:
             old.note(root, "no complete Twilio connector (account_sid, auth_token, number): SMS is not set up")
         return
     out["sms"] = {"twilio": {k: str(twilio[k]) for k in ("account_sid", "auth_token", "number")},
-                  "templates": {"validation": _file(old, f"{root}.generators.template.session.validation")}}
+                  "templates": {"validation": _file(old, f"{root}.generators.template.session.validation"),
+                                "invite": _file(old, f"{root}.generators.template.invite")}}
     old.get(f"{root}.generator")
-    for key in ("invite", "session.unbind", "generic"):
+    for key in ("session.unbind", "generic"):
         if old.has(f"{root}.generators.template.{key}"):
             old.note(f"{root}.generators.template.{key}", "this message is never sent here")
 
@@ -478,6 +514,96 @@ def _invites(old: OldConfig, out: dict[str, Any]) -> None:
         del out["invites"]
 
 
+def _invite_policy(old: OldConfig, out: dict[str, Any]) -> None:
+    roles = old.get("invite.policy.ifSender.hasRole", []) or []
+    roles = [str(role) for role in (roles if isinstance(roles, list) else [roles]) if str(role)]
+    if roles:
+        out.setdefault("invites", {})["policy"] = {"senders": {"roles": roles}}
+        old.notes["invite.policy.ifSender.hasRole"] = (
+            "carried to invites.policy.senders.roles, enforced when the reverse proxy sends room invites here "
+            "(docs/synapse.md); roles come from the stores (LDAP groups too, which mxisd never read): check the names")
+
+
+_DOMAIN_ENTRY = re.compile(r"[*.]?[^\s@*.][^\s@*]*")
+
+
+def _usable(kind: str, entry: str) -> bool:
+    """Whether a whitelist or blacklist entry is one our schema takes (a regular expression Python
+    compiles, or a domain entry)."""
+    try:
+        if kind == "pattern":
+            re.compile(entry)
+        elif not _DOMAIN_ENTRY.fullmatch(entry):
+            return False
+        else:
+            email_domain(entry.lstrip("*."))
+    except (re.error, InvalidAddress):
+        return False
+    return True
+
+
+def _registration(old: OldConfig, out: dict[str, Any]) -> None:
+    """register.policy as registration.policy. mxisd let an address through when invited (if
+    register.policy.invite), else refused it on a blacklist, let it through on a whitelist, else
+    answered register.policy.allowed; here deny lists come first (README: Registration and invite
+    policies), the rest maps onto allowed, invite_only and the allow lists."""
+    if not old.has("register"):
+        return
+    allowed = _bool(old.get("register.policy.allowed"), False)
+    invite = _bool(old.get("register.policy.invite"), True)
+    lists: dict[str, dict[str, dict[str, list[str]]]] = {}
+    for medium in old.get("register.policy.threepid", {}) or {}:
+        root = f"register.policy.threepid.{medium}"
+        if medium not in ("email", "msisdn"):
+            old.note(root, "registration policies are for email and msisdn only")
+            continue
+        for kind, ours in (("pattern", "patterns"), ("domain", "domains")):
+            for theirs, which in (("whitelist", "allow"), ("blacklist", "deny")):
+                key = f"{root}.{kind}.{theirs}"
+                values = old.get(key, []) or []
+                values = [str(v) for v in (values if isinstance(values, list) else [values])]
+                if values and kind == "domain" and medium == "msisdn":
+                    old.note(key, "phone numbers have no domain")
+                    continue
+                kept = [v for v in values if _usable(kind, v)]
+                if len(kept) < len(values):
+                    old.notes[key] = "left out, not a valid " + ("regular expression" if kind == "pattern" else
+                                                                "domain entry") + ": " + ", ".join(
+                        repr(v) for v in values if v not in kept)
+                if kept:
+                    lists.setdefault(medium, {}).setdefault(ours, {})[which] = kept
+    allow_lists = {m: any("allow" in lists.get(m, {}).get(k, {}) for k in ("patterns", "domains"))
+                   for m in ("email", "msisdn")}
+    policy: dict[str, Any] = {}
+    if allowed:
+        if any(allow_lists.values()):
+            old.notes["register.policy.allowed"] = (
+                "true: every address not blacklisted could register, so the whitelists changed nothing and are "
+                "left out")
+            for rules in lists.values():
+                for kind_lists in rules.values():
+                    kind_lists.pop("allow", None)
+    elif invite:
+        policy["invite_only"] = True
+    elif not any(allow_lists.values()):
+        policy["allowed"] = False
+    else:
+        for medium, listed in allow_lists.items():
+            if not listed:  # mxisd refused every address of a medium without a whitelist
+                lists.setdefault(medium, {}).setdefault("patterns", {}).setdefault("deny", []).append(".*")
+                old.notes[f"register.policy.threepid.{medium}"] = (
+                    f"no whitelist: {medium} registration was closed, and is here by the deny pattern '.*'")
+    if invite and not allowed and any("deny" in k for rules in lists.values() for k in rules.values()):
+        old.notes["register.policy.invite"] = (
+            "an invited address on a blacklist could register with mxisd; here the deny lists win over invites")
+    policy.update({medium: {kind: values for kind, values in rules.items() if values}
+                   for medium, rules in lists.items() if any(rules.values())})
+    if policy:
+        out["registration"] = {"policy": policy}
+    old.notes.setdefault("register", "enforced only when the reverse proxy sends register requestToken here "
+                                     "(docs/synapse.md, sections 4 and 8)")
+
+
 def _terms(old: OldConfig, out: dict[str, Any]) -> None:
     policies = old.get("policy.policies", {}) or {}
     converted: dict[str, Any] = {}
@@ -509,8 +635,41 @@ def _sessions(old: OldConfig, out: dict[str, Any]) -> None:
             pages[ours] = page
     if pages:
         out["sessions"] = {"pages": pages}
-    if old.get("session.policy.validation.enabled", True) is False:
-        old.notes["session.policy.validation.enabled"] = "3PID validation cannot be turned off here"
+    policy = _session_policy(old, out)
+    if policy:
+        out.setdefault("sessions", {})["policy"] = policy
+
+
+# What mxisd 1.2's validation sessions did for local and remote 3PIDs, and ma1sd's on/off switch,
+# as sessions.policy (mxisd had one policy for every medium).
+HISTORICAL = "session.policy.validation"
+
+
+def _session_policy(old: OldConfig, out: dict[str, Any]) -> dict[str, Any]:
+    rules: dict[str, Any] = {}
+    if not _bool(old.get(f"{HISTORICAL}.enabled", True), True):
+        rules["enabled"] = False
+    for kind in ("local", "remote"):
+        root = f"{HISTORICAL}.for{kind.capitalize()}"
+        ignored = " (mxisd 1.3 and later ignored this key: check that it still says what you want)"
+        if not _bool(old.get(f"{root}.enabled", True), True):
+            rules[kind] = "deny"
+            old.notes[f"{root}.enabled"] = f"carried over as sessions.policy.<medium>.{kind}: deny{ignored}"
+        if not _bool(old.get(f"{root}.toLocal", True), True):
+            rules[kind] = "deny"
+            old.notes[f"{root}.toLocal"] = (
+                f"carried over as sessions.policy.<medium>.{kind}: deny: validation by another identity server "
+                f"(toRemote) is not offered here{ignored}")
+        if old.has(f"{root}.toRemote"):
+            old.note(f"{root}.toRemote", "validation by another identity server (remote sessions) is not offered "
+                                         "here: only this server validates 3PIDs")
+            if kind == "local" and old.get(f"{root}.toRemote.enabled") is False:
+                # Local 3PIDs never went to a central identity server: their binds stay inside.
+                out.setdefault("lookup", {})["share_binds"] = False
+                old.notes[f"{root}.toRemote"] += (
+                    "; toRemote.enabled: false is carried over as lookup.share_binds: false (binds of local "
+                    "addresses are not answered to other servers)")
+    return {medium: dict(rules) for medium in ("email", "msisdn")} if rules else {}
 
 
 def _storage(old: OldConfig, out: dict[str, Any]) -> None:
@@ -592,6 +751,8 @@ def _convert(location: Path, data_dir: str) -> tuple[dict[str, Any], OldConfig, 
     _homeserver(old, out)
     _recursion(old, out)
     _invites(old, out)
+    _invite_policy(old, out)
+    _registration(old, out)
     _email(old, out)
     _sms(old, out)
     _sessions(old, out)

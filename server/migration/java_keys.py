@@ -56,22 +56,16 @@ KNOWN_KEYS = [
 UNSUPPORTED = {
     "appsvc": "the application service (admin bot, invites by Matrix ID) is not part of this server",
     "exec": "the exec store (scripts) is not supported: a rest store can call a small web service instead",
-    "memory": "the memory store is not supported: write the people in a file store (README: The file store)",
+    "memory": "the memory store is not supported: write the people (and their roles) in a file store (README: The "
+              "file store)",
     "firebase": "the Firebase store is not supported",
     "wordpress": "the WordPress store is not supported: a sql store can read its database",
     "auth.rewrite": "rewriting logins by regular expression is not supported",
-    "register": "registration policies are not enforced here (no interception of the homeserver's register "
-                "requestToken)",
-    "invite.policy": "restricting 3PID invites to senders with a role is not supported",
     "notification": "SendGrid (the one handler besides raw) is not supported: email goes through SMTP (email.smtp)",
     "hashing": "v2 hashed lookups are always on here (sha256 and none), with the pepper kept in the cache",
     "internal": "the internal invite maintenance endpoint is gone: pending invites are checked every "
                 "invites.check_every, and the admin API (admin.token) has the rest",
     "session.policy.unbind": "no message is sent on unbind",
-    "session.policy.validation.forLocal": "remote validation sessions were removed in mxisd 1.3, which ignored "
-                                          "this key",
-    "session.policy.validation.forRemote": "remote validation sessions were removed in mxisd 1.3, which ignored "
-                                           "this key",
     "view.session.remote": "remote validation sessions were removed in mxisd 1.3, which ignored this key",
 }
 MA1SD_ONLY = ("matrix.v1", "matrix.v2", "accountConfig", "hashing", "policy", "logging", "internal",

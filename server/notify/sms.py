@@ -9,9 +9,14 @@ import httpx
 
 from indexer.settings import SmsConfig
 from server.metrics import NOTIFICATIONS, OUTGOING_FAILURES
-from server.notify import SendError, read_template, recipient_values, render
+from server.notify import AddressRefused, SendError, read_template, recipient_values, render
 
 log = logging.getLogger(__name__)
+
+# Twilio's error codes for a recipient it will not send to (https://www.twilio.com/docs/api/errors):
+# not a valid number, a country the account may not send to, a number that opted out, one that cannot
+# be reached, a landline. Any other refusal is ours (credentials, the From number, the account).
+RECIPIENT_ERRORS = frozenset({21211, 21408, 21610, 21612, 21614})
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any]:
@@ -52,7 +57,8 @@ class SmsSender:
         return str(body.get("status", "?"))
 
     async def send(self, kind: str, msisdn: str, values: dict[str, str]) -> None:
-        """Render the template of this kind and send it to +msisdn."""
+        """Render the template of this kind and send it to +msisdn. Raises AddressRefused when Twilio
+        will not send to this number, SendError when sending failed otherwise."""
         text = render(read_template(getattr(self.templates, kind), f"sms-{kind}.txt"),
                       {**values, **recipient_values(self.domain, "msisdn", msisdn)})
         url = f"{self.base_url}/2010-04-01/Accounts/{self.account_sid}/Messages.json"
@@ -66,7 +72,10 @@ class SmsSender:
             raise SendError(f"Twilio at {self.base_url} cannot be reached: {exc or type(exc).__name__}") from None
         if response.status_code >= 300:
             NOTIFICATIONS.labels("msisdn", "failed").inc()
-            detail = _json_object(response).get("message", "")
-            raise SendError(f"Twilio refused the SMS to +{msisdn} (HTTP {response.status_code}) {detail}".strip())
+            answer = _json_object(response)
+            message = f"Twilio refused the SMS to +{msisdn} (HTTP {response.status_code}) {answer.get('message', '')}"
+            if answer.get("code") in RECIPIENT_ERRORS:
+                raise AddressRefused(message.strip())
+            raise SendError(message.strip())
         NOTIFICATIONS.labels("msisdn", "sent").inc()
         log.info("sent %s SMS to +%s", kind, msisdn)

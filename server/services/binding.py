@@ -57,13 +57,16 @@ class Bindings:
         association. owner is the Matrix ID of the request's token (None on the v1 paths).
 
         Raises MatrixError: 403 M_UNAUTHORIZED when owner is not mxid; those of
-        ValidationSessions.validated_session."""
+        ValidationSessions.validated_session; 403 M_FORBIDDEN when sessions.policy refuses to bind
+        the 3PID to mxid."""
         if owner is not None and mxid != owner:
             raise MatrixError(403, "M_UNAUTHORIZED", "A token can only bind 3PIDs to its own Matrix ID")
         session = await self.sessions.validated_session(sid, client_secret)
+        local = await self.sessions.policy.may_bind(session.medium, session.address, mxid)
         ts = now_ms()
-        replaced, generation = await self.storage.run(self.storage.bind, session.medium, session.address, mxid, ts)
-        await self.mirror.put(session.medium, session.address, mxid, generation)
+        replaced, generation = await self.storage.run(self.storage.bind, session.medium, session.address, mxid, ts,
+                                                      local)
+        await self.mirror.put(session.medium, session.address, mxid, generation, local)
         if replaced is not None and replaced.mxid != mxid:
             log.info("%s %s rebound from %s to %s", session.medium, session.address, replaced.mxid, mxid)
         else:

@@ -8,37 +8,53 @@ from typing import Any, cast
 
 from indexer.identity import Identity
 from indexer.rediskeys import RedisKeys, plain_key
-from server.redis_pipe import PipelinedRedis
+from server.redis_pipe import CommandPipe
 
 _DECR_IF_EXISTS = "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('DECR', KEYS[1]) end return 0"
+# Count one attempt in a window of ARGV[1] seconds, started by the first (INCR keeps the TTL that
+# SET ... NX sets): the count and the milliseconds left. A script rather than MULTI ... EXEC, which a
+# Redis Cluster client cannot send as plain commands.
+_CLAIM_ATTEMPT = """
+redis.call('SET', KEYS[1], 0, 'EX', ARGV[1], 'NX')
+return {redis.call('INCR', KEYS[1]), redis.call('PTTL', KEYS[1])}
+"""
 
 
 class Lookups:
     """Non-blocking reads (and the login counters) for the HTTP server, on the worker's pipelined
     connection: one Redis round trip per request."""
 
-    def __init__(self, pipe: PipelinedRedis, prefix: str, stores: list[str]) -> None:
+    def __init__(self, pipe: CommandPipe, prefix: str, stores: list[str], hidden: frozenset[str] = frozenset(),
+                 directory: list[str] | None = None) -> None:
+        """stores: the lookup order (configured stores and binding mirrors), first match wins;
+        hidden: those of them that lookups from other servers do not see (lookup.share_binds);
+        directory: the configured stores alone (default: stores)."""
         self.pipe = pipe
         self.k = RedisKeys(prefix)
-        self.stores = stores
-        self._threepid_keys = [self.k.threepids(s) for s in stores]
-        self._hash_keys = [self.k.hashes(s) for s in stores]
+        self._orders = {True: self._keyed(stores), False: self._keyed([s for s in stores if s not in hidden])}
+        self._directory = self._keyed(stores if directory is None else directory)
+
+    def _keyed(self, stores: list[str]) -> tuple[list[str], list[str], list[str]]:
+        """(stores, their 3PID hashes, their lookup-hash hashes): key names made once, not per lookup."""
+        return stores, [self.k.threepids(s) for s in stores], [self.k.hashes(s) for s in stores]
 
     async def pepper(self) -> str | None:
         return cast("str | None", await self.pipe.execute("GET", self.k.pepper))
 
     async def _first_match(
-        self, keys: list[str], fields: list[str], with_pepper: bool, sources: list[str | None] | None
+        self, order: tuple[list[str], list[str], list[str]], hashed: bool, fields: list[str], with_pepper: bool,
+        sources: list[str | None] | None
     ) -> tuple[str | None, list[str | None]]:
         # One HMGET per store, sent together: a Lua script doing the same in one command cost Redis
         # five times the CPU, whatever the number of fields.
-        commands: list[tuple[Any, ...]] = [("HMGET", key, *fields) for key in keys]
+        stores, plain_keys, hash_keys = order
+        commands: list[tuple[Any, ...]] = [("HMGET", key, *fields) for key in (hash_keys if hashed else plain_keys)]
         if with_pepper:
             commands.append(("GET", self.k.pepper))
         replies = await self.pipe.execute_many(commands)
         found: list[str | None] = replies[0]
-        origin: list[str | None] = [self.stores[0] if mxid is not None else None for mxid in found]
-        for store, answers in zip(self.stores[1:], replies[1:len(self.stores)]):
+        origin: list[str | None] = [stores[0] if mxid is not None else None for mxid in found]
+        for store, answers in zip(stores[1:], replies[1:len(stores)]):
             if None not in found:
                 break
             for i, mxid in enumerate(answers):
@@ -49,22 +65,33 @@ class Lookups:
         return (replies[-1] if with_pepper else None), found
 
     async def by_address(
-        self, pairs: list[tuple[str, str]], sources: list[str | None] | None = None
+        self, pairs: list[tuple[str, str]], sources: list[str | None] | None = None, local: bool = True
     ) -> list[str | None]:
         """mxids for canonical (medium, address) pairs, in order (None where unknown); sources, when
-        given, is filled with the name of the store that answered each (None where none did)."""
+        given, is filled with the name of the store that answered each (None where none did). local:
+        whether the lookup is asked locally (else the hidden binding mirrors are not read)."""
         if not pairs:
             return []
-        _, found = await self._first_match(self._threepid_keys, [plain_key(a, m) for m, a in pairs], False, sources)
+        _, found = await self._first_match(self._orders[local], False, [plain_key(a, m) for m, a in pairs],
+                                           False, sources)
+        return found
+
+    async def in_directory(self, pairs: list[tuple[str, str]]) -> list[str | None]:
+        """mxids the configured stores' identities give canonical (medium, address) pairs, in order
+        (None where no store has the 3PID); bindings do not count."""
+        if not pairs or not self._directory[0]:
+            return [None] * len(pairs)
+        _, found = await self._first_match(self._directory, False, [plain_key(a, m) for m, a in pairs],
+                                           False, None)
         return found
 
     async def by_hash(
-        self, hashes: list[str], sources: list[str | None] | None = None
+        self, hashes: list[str], sources: list[str | None] | None = None, local: bool = True
     ) -> tuple[str | None, list[str | None]]:
-        """(current pepper, mxids for sha256 lookup hashes in order); sources as for by_address."""
+        """(current pepper, mxids for sha256 lookup hashes in order); sources and local as for by_address."""
         if not hashes:
             return await self.pepper(), []
-        return await self._first_match(self._hash_keys, hashes, True, sources)
+        return await self._first_match(self._orders[local], True, hashes, True, sources)
 
     async def read_through_answers(self, store: str, pairs: list[tuple[str, str]]) -> list[str | None]:
         """Cached answers of a read-through store for (medium, address) pairs: an mxid, "" for a
@@ -83,9 +110,10 @@ class Lookups:
         that has an mxid wins. Two round trips whatever the number of mxids."""
         if not mxids:
             return []
-        replies = await self.pipe.execute_many([("HMGET", self.k.mxids(s), *mxids) for s in self.stores])
+        stores = self._directory[0]
+        replies = await self.pipe.execute_many([("HMGET", self.k.mxids(s), *mxids) for s in stores])
         owners: list[tuple[str, str] | None] = [None] * len(mxids)
-        for store, store_ids in zip(self.stores, replies):
+        for store, store_ids in zip(stores, replies):
             owners = [o if o is not None or i is None else (store, i) for o, i in zip(owners, store_ids)]
         reads = [("HGET", key, store_id) for store, store_id in filter(None, owners)
                  for key in (self.k.records(store), self.k.locators(store))]
@@ -96,6 +124,17 @@ class Lookups:
             found.append(replace(Identity.from_json(raw), locator=locator) if raw else None)
         return found
 
+    async def identity_everywhere(self, mxid: str) -> list[Identity]:
+        """Every configured store's identity of mxid, in config order (empty when no store has one).
+        Two round trips whatever the number of stores."""
+        stores = self._directory[0]
+        store_ids = await self.pipe.execute_many([("HGET", self.k.mxids(s), mxid) for s in stores])
+        held = [(store, store_id) for store, store_id in zip(stores, store_ids) if store_id is not None]
+        if not held:
+            return []
+        raws = await self.pipe.execute_many([("HGET", self.k.records(s), i) for s, i in held])
+        return [Identity.from_json(raw) for raw in raws if raw]
+
     async def failures(self, kind: str, who: str) -> tuple[int, int]:
         """(failed logins of who in the current window, milliseconds until the window ends)."""
         count, ttl = await self.pipe.execute_many([("GET", self.k.failures(kind, who)),
@@ -105,12 +144,8 @@ class Lookups:
     async def claim_attempt(self, kind: str, who: str, window: int, most: int) -> int | None:
         """Count one login attempt of who, before its outcome is known: None while within most per
         window, else milliseconds until the window ends. The count and the check are one
-        transaction, so a burst sent at once gets no more attempts than one sent after another."""
-        key = self.k.failures(kind, who)
-        # INCR keeps the TTL that SET ... NX sets for the first attempt of a window.
-        replies = await self.pipe.execute_many([("MULTI",), ("SET", key, 0, "EX", window, "NX"), ("INCR", key),
-                                                ("PTTL", key), ("EXEC",)])
-        _, count, ttl = replies[-1]
+        script, so a burst sent at once gets no more attempts than one sent after another."""
+        count, ttl = await self.pipe.execute("EVAL", _CLAIM_ATTEMPT, 1, self.k.failures(kind, who), window)
         return None if int(count) <= most else max(int(ttl), 1)
 
     async def return_attempt(self, kind: str, who: str) -> None:

@@ -53,11 +53,16 @@ class Profiles:
         return True
 
     async def internal(self, user_id: str) -> dict[str, Any]:
-        """{"user_id", "display_name", "threepids", "roles"} of the identity of user_id in the cache.
+        """{"user_id", "display_name", "threepids", "roles"} of user_id from the cache: the name and
+        3PIDs of the first store in config order that has the user (as lookups answer), the roles
+        of every store that has them (an organisation may keep people in one store and roles in
+        another, as mxisd gathered roles from every store).
 
         Raises MatrixError: 404 M_NOT_FOUND when the cache has none."""
-        identity = (await self.lookups.identities([user_id]))[0]
-        if identity is None:
+        identities = await self.lookups.identity_everywhere(user_id)
+        if not identities:
             raise MatrixError(404, "M_NOT_FOUND", "No such user in the directory")
-        return {"user_id": identity.mxid, "display_name": identity.display_name,
-                "threepids": identity.threepid_objects(), "roles": list(identity.roles)}
+        first = identities[0]
+        roles = sorted({role for identity in identities for role in identity.roles})
+        return {"user_id": first.mxid, "display_name": first.display_name,
+                "threepids": first.threepid_objects(), "roles": roles}

@@ -16,6 +16,7 @@ from server.notify import AddressRefused, SendError
 from server.notify.email import EmailSender
 from server.notify.sms import SmsSender
 from server.rate_limits import RateLimits
+from server.services.session_policy import SessionPolicy
 from server.storage import Session, Storage, now_ms
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,8 @@ def _new_token(medium: str) -> str:
 @dataclass
 class ValidationSessions:
     """Validation sessions in SQL; their messages sent by the email and SMS senders (None when their
-    config section is absent); requests for them rate limited in Redis."""
+    config section is absent); requests for them rate limited in Redis and checked against
+    sessions.policy."""
 
     # Not frozen: a reload (Services.reload) replaces config, whose rate limits are read at each use.
     config: Config
@@ -41,6 +43,7 @@ class ValidationSessions:
     rate_limits: RateLimits
     email: EmailSender | None
     sms: SmsSender | None
+    policy: SessionPolicy
 
     async def request_token(self, medium: str, address: str, client_secret: str, send_attempt: int,
                             next_link: str | None, client: str) -> Session:
@@ -49,11 +52,13 @@ class ValidationSessions:
         send_attempt went up, else nothing is sent. address is canonical; client is the requester's
         address, for the rate limits.
 
-        Raises MatrixError: 429 M_LIMIT_EXCEEDED (with retry_after_ms); for email 400
+        Raises MatrixError: 429 M_LIMIT_EXCEEDED (with retry_after_ms); 403 M_FORBIDDEN when
+        sessions.policy refuses to validate the address; for email 400
         M_EMAIL_SEND_ERROR when the address cannot be sent to and 500 M_EMAIL_SEND_ERROR when sending
         failed; for msisdn 400 M_SEND_ERROR when sending failed. A session whose message was not sent
         keeps its send_attempt, so the same request can be tried again."""
         await self._rate_limit(f"{medium}:{address}", client)
+        await self.policy.may_validate(medium, address)
         storage = self.storage
         now = now_ms()
         session = await storage.run(storage.find_session, medium, address, client_secret)
@@ -94,11 +99,13 @@ class ValidationSessions:
         towards sessions.max_token_attempts; a right one gives its attempt back.
 
         Raises MatrixError: 404 M_NO_VALID_SESSION (also for a session of another medium); 400
-        M_SESSION_EXPIRED for an expired session or one out of attempts; 400 M_TOKEN_INCORRECT
+        M_SESSION_EXPIRED for an expired session or one out of attempts; 403 M_FORBIDDEN when
+        sessions.policy (since reloaded) refuses to validate its address; 400 M_TOKEN_INCORRECT
         (with success: false)."""
         session = await self.live_session(sid, client_secret)
         if session.medium != medium:
             raise MatrixError(404, "M_NO_VALID_SESSION", "No session with that sid and client_secret")
+        await self.policy.may_validate(session.medium, session.address)
         storage = self.storage
         max_attempts = self.config.sessions.max_token_attempts
         # The attempt is counted before the token is compared: a burst of guesses sent at once gets
@@ -136,6 +143,15 @@ class ValidationSessions:
         session = await self.live_session(sid, client_secret)
         if session.validated_at is None:
             raise MatrixError(400, "M_SESSION_NOT_VALIDATED", "This 3PID has not been validated yet")
+        return session
+
+    async def validated_3pid(self, sid: str, client_secret: str) -> Session:
+        """The live session for sid and client_secret, which has validated a 3PID that
+        sessions.policy still lets be validated.
+
+        Raises MatrixError: those of validated_session; 403 M_FORBIDDEN."""
+        session = await self.validated_session(sid, client_secret)
+        await self.policy.may_validate(session.medium, session.address)
         return session
 
     def _expired(self, session: Session) -> bool:

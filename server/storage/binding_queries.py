@@ -25,24 +25,25 @@ class BindingQueries:
 
     engine: Engine
 
-    def bind(self, medium: str, address: str, mxid: str, ts: int) -> tuple[Binding | None, int]:
-        """Bind the 3PID to mxid (replacing any earlier binding); the binding it replaced and the
-        bindings generation this bind made."""
+    def bind(self, medium: str, address: str, mxid: str, ts: int, local: bool = False) -> tuple[Binding | None, int]:
+        """Bind the 3PID to mxid (replacing any earlier binding); local: whether a store knows the
+        address. The binding it replaced and the bindings generation this bind made."""
         try:
-            return self._bind(medium, address, mxid, ts)
+            return self._bind(medium, address, mxid, ts, local)
         except sa.exc.IntegrityError:
             # Another request bound the same new 3PID at the same moment: now there is a row to replace.
-            return self._bind(medium, address, mxid, ts)
+            return self._bind(medium, address, mxid, ts, local)
 
-    def _bind(self, medium: str, address: str, mxid: str, ts: int) -> tuple[Binding | None, int]:
+    def _bind(self, medium: str, address: str, mxid: str, ts: int, local: bool) -> tuple[Binding | None, int]:
         with self.engine.begin() as conn:
             row = conn.execute(sa.select(bindings).where(
                 bindings.c.medium == medium, bindings.c.address == address).with_for_update()).first()
             if row is None:
-                conn.execute(bindings.insert().values(medium=medium, address=address, mxid=mxid, ts=ts))
+                conn.execute(bindings.insert().values(medium=medium, address=address, mxid=mxid, ts=ts,
+                                                      local_address=local))
                 return None, _next_generation(conn)
             conn.execute(bindings.update().where(bindings.c.medium == medium, bindings.c.address == address)
-                         .values(mxid=mxid, ts=ts))
+                         .values(mxid=mxid, ts=ts, local_address=local))
             return Binding(**row._mapping), _next_generation(conn)
 
     def unbind(self, medium: str, address: str, mxid: str) -> int | None:

@@ -27,6 +27,11 @@ class InviteQueries:
             row = conn.execute(sa.select(invites).where(invites.c.token == token)).first()
         return Invite(**row._mapping) if row else None
 
+    def invite_by_link_code(self, code: str) -> Invite | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(invites).where(invites.c.link_code == code)).first()
+        return Invite(**row._mapping) if row else None
+
     def ephemeral_key_known(self, public_key: str) -> bool:
         """Whether a stored invite (delivered or not, until it expires) was given this ephemeral key."""
         with self.engine.connect() as conn:
@@ -41,6 +46,14 @@ class InviteQueries:
             return [(r.medium, r.address) for r in conn.execute(
                 sa.select(invites.c.medium, invites.c.address).distinct()
                 .where(invites.c.settled_at.is_(None), ~queued.exists()))]
+
+    def has_pending_invite(self, medium: str, address: str, created_after: int) -> bool:
+        """Whether an invite for (medium, canonical address) stored after created_after (ms) is not
+        settled yet."""
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(invites.c.token).where(
+                invites.c.medium == medium, invites.c.address == address, invites.c.settled_at.is_(None),
+                invites.c.created_at > created_after).limit(1)).first() is not None
 
     def unsettled_invites(self, medium: str, address: str) -> list[Invite]:
         with self.engine.connect() as conn:

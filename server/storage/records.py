@@ -40,6 +40,7 @@ class Binding:
     address: str
     mxid: str
     ts: int
+    local_address: bool  # a store knew the address when it was bound (lookup.share_binds)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Invite:
     created_at: int
     settled_at: int | None
     known_mxid: str | None = None
+    link_code: str | None = None  # of the short link in an invite SMS
 
 
 @dataclass(frozen=True)

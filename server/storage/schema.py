@@ -7,7 +7,7 @@ from collections.abc import Callable
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 6
 
 metadata = sa.MetaData()
 
@@ -52,6 +52,8 @@ bindings = sa.Table(
     sa.Column("address", sa.String(512), primary_key=True),
     sa.Column("mxid", sa.String(255), nullable=False, index=True),
     sa.Column("ts", sa.BigInteger, nullable=False),
+    # Version 6: whether a store knew the address when it was bound (lookup.share_binds).
+    sa.Column("local_address", sa.Boolean, nullable=False, server_default=sa.false()),
 )
 
 invites = sa.Table(
@@ -70,7 +72,10 @@ invites = sa.Table(
     # another letter case, or known only to a read-through store or another identity server, so the
     # homeserver's own lookup missed it); null for an address nobody knew.
     sa.Column("known_mxid", sa.String(255), nullable=True),
+    # Version 5: the code of the invite's short link (/i/<code>) in an invite SMS; null for other invites.
+    sa.Column("link_code", sa.String(32), nullable=True),
     sa.Index("invites_threepid", "medium", "address"),
+    sa.Index("invites_link_code", "link_code", unique=True),
 )
 
 onbind_deliveries = sa.Table(
@@ -120,10 +125,26 @@ def _add_known_mxid(conn: Connection) -> None:
         conn.execute(sa.text("ALTER TABLE invites ADD COLUMN known_mxid VARCHAR(255) NULL"))
 
 
+def _add_link_code(conn: Connection) -> None:
+    # A database created at an earlier version by this code already has the column and its index.
+    if "link_code" not in {c["name"] for c in sa.inspect(conn).get_columns("invites")}:
+        conn.execute(sa.text("ALTER TABLE invites ADD COLUMN link_code VARCHAR(32) NULL"))
+    if "invites_link_code" not in {i["name"] for i in sa.inspect(conn).get_indexes("invites")}:
+        conn.execute(sa.text("CREATE UNIQUE INDEX invites_link_code ON invites (link_code)"))
+
+
+def _add_binding_local(conn: Connection) -> None:
+    # Bindings made before it are counted as remote: nothing said whether a store knew them.
+    if "local_address" not in {c["name"] for c in sa.inspect(conn).get_columns("bindings")}:
+        conn.execute(sa.text("ALTER TABLE bindings ADD COLUMN local_address BOOLEAN NOT NULL DEFAULT FALSE"))
+
+
 # version -> the upgrade from version-1; version 1 creates everything.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: lambda conn: metadata.create_all(conn, tables=[accounts, accepted_terms, sessions, bindings, invites]),
     2: _add_onbind_deliveries,
     3: _add_counters,
     4: _add_known_mxid,
+    5: _add_link_code,
+    6: _add_binding_local,
 }
