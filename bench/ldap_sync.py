@@ -1,26 +1,38 @@
 """Benchmark: syncing a large OpenLDAP directory into the cache, against ldapsearch as the floor.
 
-    .venv/bin/python bench/ldap_sync.py [N] [--changes 1000] [--page-size 500] [--latency-ms 0] [--redis-url redis://...]
+    .venv/bin/python bench/ldap_sync.py [N] [--changes 1000] [--page-size 500] [--latency-ms 0]
+                                        [--lookups 20000] [--no-fulltext] [--redis-url redis://...]
 
 Generates N users (default 100,000) into a throwaway slapd with slapadd, then prints the time for
 ldapsearch to dump them all (the floor), our full sync until every identity is answerable by
-lookup, until the Whoosh index holds them all, and an incremental sync of --changes modified
-entries, each with its ratio to the floor. Targets on a 2-core machine: 100,000 users answerable
-within 60 s, 1,000 changes within 2 s. Without --redis-url an embedded Redis is started;
+lookup, until the Whoosh index holds them all (not with --no-fulltext), and an incremental sync of
+--changes modified entries, each with its ratio to the floor; then lookups at that size (single
+addresses one after another, and bulk hashed lookups of 100 at a time from 32 concurrent callers, on
+the server's pipelined Redis connection) and the costs per identity: Redis memory (INFO used_memory
+grown by the sync, without the change stream, which is trimmed to a fixed length), Whoosh index
+bytes on disk, full-sync seconds per 100,000. Targets on a 2-core machine: 100,000 users answerable
+within 60 s, 1,000 changes within 2 s. Without --redis-url an embedded Redis is started; memory is
+measured in it, or in a --redis-url Redis that was empty (not in one holding other data).
 --latency-ms puts a proxy in front of slapd that delays every request, as a distant directory would.
+Nothing is held whole in memory: the LDIF is written entry by entry and ldapsearch's dump goes to a
+file.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import logging
+import random
+import resource
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import ldap3
@@ -32,10 +44,13 @@ from indexer.cache import Cache  # noqa: E402
 from indexer.config import parse_config  # noqa: E402
 from indexer.follower import Follower  # noqa: E402
 from indexer.fulltext import FullText  # noqa: E402
+from indexer.normalize import lookup_hash  # noqa: E402
 from indexer.redis_clients import connect  # noqa: E402
 from indexer.redis_server import EmbeddedRedis  # noqa: E402
 from indexer.stores import build_store  # noqa: E402
 from indexer.sync import full_sync, incremental_sync  # noqa: E402
+from server.redis_pipe import PipelinedRedis  # noqa: E402
+from server.services.lookups import Lookups  # noqa: E402
 from tests.slapd import ADMIN_DN, ADMIN_PASSWORD, READER_DN, READER_PASSWORD, SUFFIX, Slapd  # noqa: E402
 
 BASE = f"ou=people,{SUFFIX}"
@@ -70,19 +85,18 @@ def full_name(i: int) -> str:
     return f"{first} {last}" if i < pairs else f"{first} {last}-{second}"
 
 
-def ldif(count: int, passwords: bool = False) -> str:
+def ldif(count: int, passwords: bool = False) -> Iterator[str]:
     """count people with a realistic name, two email addresses and a phone number each (and, with
-    passwords, userPassword "pw<i>")."""
-    parts = [f"dn: {BASE}\nobjectClass: organizationalUnit\nou: people\n\n"]
+    passwords, userPassword "pw<i>"), entry by entry."""
+    yield f"dn: {BASE}\nobjectClass: organizationalUnit\nou: people\n\n"
     for i in range(count):
         name = full_name(i)
-        parts.append(
+        yield (
             f"dn: uid=user{i},{BASE}\nobjectClass: inetOrgPerson\nuid: user{i}\ncn:: {_b64(name)}\n"
             f"sn:: {_b64(name.split(' ', 1)[1])}\ndisplayName:: {_b64(name)}\nmail: user{i}@example.org\n"
             f"mail: u{i}@mail.example.com\ntelephoneNumber: +44 7{i:09d}\n"
             + (f"userPassword: pw{i}\n" if passwords else "") + "\n"
         )
-    return "".join(parts)
 
 
 def _b64(text: str) -> str:
@@ -102,13 +116,20 @@ def main() -> None:
     parser.add_argument("--page-size", type=int, default=500)
     parser.add_argument("--latency-ms", type=float, default=0.0,
                         help="delay every request to the directory by this much (a distant directory)")
+    parser.add_argument("--lookups", type=int, default=20_000,
+                        help="single lookups timed one after another, and 100 times as many addresses in bulk "
+                             "(0: none)")
+    parser.add_argument("--no-fulltext", action="store_true",
+                        help="no Whoosh index (its time and bytes are not measured): sync and lookups only")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     with tempfile.TemporaryDirectory(prefix="mxisd-bench-") as tmp:
         root = Path(tmp)
         (root / "slapd").mkdir()
-        slapd = Slapd(root / "slapd")
+        # mdb takes about 3.5 KiB per generated entry with these indexes; the map is sparse, so room
+        # to spare costs nothing.
+        slapd = Slapd(root / "slapd", map_size=max(4 << 30, args.n * 16 << 10))
         started = time.perf_counter()
         slapd.load(ldif(args.n))
         print(f"slapadd of {args.n} users took {time.perf_counter() - started:.1f} s (setup, not measured)")
@@ -126,8 +147,10 @@ def main() -> None:
             redis_url = embedded.url
         prefix = f"bench:{uuid.uuid4().hex[:8]}:"
         client = connect(redis_url)
+        # Memory is measured only in a Redis that held nothing else: other data would move it too.
+        own_redis = embedded is not None or client.dbsize() == 0
         try:
-            run(args, slapd, uri, Cache(client, prefix), root)
+            run(args, slapd, uri, Cache(client, prefix), root, redis_url, prefix, own_redis)
         finally:
             keys = list(client.scan_iter(match=f"{prefix}*", count=10_000))
             for start in range(0, len(keys), 10_000):
@@ -140,17 +163,73 @@ def main() -> None:
                 embedded.stop()
 
 
-def run(args: argparse.Namespace, slapd: Slapd, uri: str, cache: Cache, root: Path) -> None:
+async def lookups(n: int, count: int, redis_url: str, prefix: str, pepper: str, changed: set[int]) -> None:
+    """count single-address lookups one after another, then count // 10 bulk lookups of 100 hashes
+    from 32 concurrent callers, as the server makes them (Lookups on its pipelined connection)."""
+    pipe = PipelinedRedis(redis_url)
+    service = Lookups(pipe, prefix, ["bench"])
+    rng = random.Random(17)
+
+    def expected(i: int) -> str | None:
+        # The incremental sync replaced the addresses of the changed entries.
+        return None if i in changed else f"@user{i}:example.org"
+
+    picks = [rng.randrange(n) for _ in range(count)]
+    latencies = []
+    started = time.perf_counter()
+    for i in picks:
+        asked = time.perf_counter()
+        found = await service.by_address([("email", f"u{i}@mail.example.com")])
+        latencies.append(time.perf_counter() - asked)
+        assert found == [expected(i)], (i, found)
+    took = time.perf_counter() - started
+    latencies.sort()
+    print(f"single lookups at {n} identities, one after another: median {latencies[len(latencies) // 2] * 1e3:.3f} ms,"
+          f" p99 {latencies[len(latencies) * 99 // 100] * 1e3:.3f} ms, {count / took:.0f} lookups/s")
+
+    batches = [[rng.randrange(n) for _ in range(100)] for _ in range(max(1, count // 10))]
+    hashed = [[lookup_hash(f"u{i}@mail.example.com", "email", pepper) for i in batch] for batch in batches]
+    queue = iter(zip(batches, hashed))
+
+    async def caller() -> None:
+        for batch, hashes in queue:
+            _, found = await service.by_hash(hashes)
+            assert found == [expected(i) for i in batch]
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(32)))
+    took = time.perf_counter() - started
+    print(f"bulk hashed lookups of 100 at {n} identities, 32 callers: {len(batches) / took:.0f} requests/s, "
+          f"{len(batches) * 100 / took:.0f} addresses/s")
+    pipe.close()
+
+
+def used_memory(cache: Cache) -> int:
+    return int(cache.r.info("memory")["used_memory"])
+
+
+def disk_bytes(folder: Path) -> int:
+    """The bytes the files under folder take on disk."""
+    return sum(path.stat().st_blocks * 512 for path in folder.rglob("*") if path.is_file())
+
+
+def run(args: argparse.Namespace, slapd: Slapd, uri: str, cache: Cache, root: Path, redis_url: str, prefix: str,
+        own_redis: bool) -> None:
     cache.initialize()
     started = time.perf_counter()
-    dump = subprocess.run(
-        ["ldapsearch", "-LLL", "-x", "-H", uri, "-D", READER_DN, "-w", READER_PASSWORD, "-b", BASE,
-         "-E", f"pr={args.page_size}/noprompt", "(objectClass=inetOrgPerson)",
-         "uid", "entryUUID", "modifyTimestamp", "displayName", "cn", "mail", "telephoneNumber", "mobile"],
-        capture_output=True, check=True,
-    )
+    dump_path = root / "dump.ldif"
+    with dump_path.open("wb") as dump:
+        subprocess.run(
+            ["ldapsearch", "-LLL", "-x", "-H", uri, "-D", READER_DN, "-w", READER_PASSWORD, "-b", BASE,
+             "-E", f"pr={args.page_size}/noprompt", "(objectClass=inetOrgPerson)",
+             "uid", "entryUUID", "modifyTimestamp", "displayName", "cn", "mail", "telephoneNumber", "mobile"],
+            stdout=dump, check=True, timeout=3600,
+        )
     floor = time.perf_counter() - started
-    assert dump.stdout.count(b"\ndn: ") + 1 >= args.n, "ldapsearch did not return every entry"
+    with dump_path.open("rb") as dump:
+        entries = sum(1 for line in dump if line.startswith(b"dn: "))
+    dump_path.unlink()
+    assert entries >= args.n, "ldapsearch did not return every entry"
     timed(f"ldapsearch dump of {args.n} entries (floor)", None, floor)
 
     config = parse_config({**CONFIG, "stores": [{
@@ -158,29 +237,41 @@ def run(args: argparse.Namespace, slapd: Slapd, uri: str, cache: Cache, root: Pa
         "bind": {"dn": READER_DN, "password": READER_PASSWORD}, "page_size": args.page_size}]}, root)
     store = build_store(config.stores[0], config)
     fulltext = FullText(root / "fulltext", config.directory.threepids)  # as `mxisd index` writes it
-    follower = Follower(cache, fulltext, ["bench"])
-    follower.start()  # an empty index, following the change stream like the indexer's thread
     stop = threading.Event()
     indexed_at: list[float] = []
+    thread = None
+    if not args.no_fulltext:
+        follower = Follower(cache, fulltext, ["bench"], "bench")
+        follower.start()  # an empty index, following the change stream like the indexer's thread
 
-    def follow() -> None:
-        while not stop.is_set():
-            follower.step(block_ms=200)
-            if not indexed_at and fulltext.count() >= args.n:
-                indexed_at.append(time.perf_counter())
+        def follow() -> None:
+            # Until every identity is indexed, not on to the consolidating rebuild a quiet stream starts.
+            while not stop.is_set() and not indexed_at:
+                follower.step(block_ms=200)
+                if fulltext.count() >= args.n:
+                    indexed_at.append(time.perf_counter())
 
-    thread = threading.Thread(target=follow, daemon=True)
-    started = time.perf_counter()
-    thread.start()
+        thread = threading.Thread(target=follow, daemon=True)
+    memory_before = used_memory(cache)
+    started = sync_started = time.perf_counter()
+    if thread:
+        thread.start()
     result = full_sync(cache, store, 0.2)
     answerable = time.perf_counter() - started
     assert result.outcome == "ok" and result.added == args.n, result
     last = args.n - 1
     assert cache.mxid_of("bench", "email", f"u{last}@mail.example.com") == f"@user{last}:example.org"
     timed("full sync: every identity answerable by lookup", floor, answerable)
-    while not indexed_at:
-        time.sleep(0.05)
-    timed("full sync: every identity in the Whoosh index", floor, indexed_at[0] - started)
+    memory_after = used_memory(cache)
+    # The stream is trimmed to STREAM_MAXLEN entries, so it is a fixed cost, not one per identity.
+    stream_bytes = int(cache.r.memory_usage(cache.k.changes, samples=0) or 0)
+    stream_entries = int(cache.r.xlen(cache.k.changes))
+    if thread:
+        while not indexed_at:
+            time.sleep(0.05)
+        timed("full sync: every identity in the Whoosh index", floor, indexed_at[0] - started)
+        stop.set()
+        thread.join()
 
     conn = ldap3.Connection(slapd.uri, ADMIN_DN, ADMIN_PASSWORD, auto_bind=True, raise_exceptions=True)
     # modifyTimestamp has whole seconds, so an incremental sync re-reads the entries of its mark's
@@ -204,9 +295,26 @@ def run(args: argparse.Namespace, slapd: Slapd, uri: str, cache: Cache, root: Pa
     assert cache.mxid_of("bench", "email", f"changed{changed[-1]}@example.org") == f"@user{changed[-1]}:example.org"
     timed(f"incremental sync of {len(changed)} changed entries", floor, took)
     print(f"  (the incremental sync read {result.read} entries: those changed at or after the mark's second)")
-    stop.set()
-    thread.join()
     store.close()
+    if args.lookups:
+        asyncio.run(lookups(args.n, args.lookups, redis_url, prefix, cache.pepper(), set(changed)))
+
+    print(f"\nper identity, at {args.n} identities:")
+    if own_redis:
+        grown = memory_after - memory_before
+        print(f"  Redis memory: {(grown - stream_bytes) / args.n:.0f} bytes (INFO used_memory grew by "
+              f"{grown / 2**20:.1f} MiB, of which the change stream of {stream_entries} entries "
+              f"{stream_bytes / 2**20:.1f} MiB, {stream_bytes / max(1, stream_entries):.0f} bytes per entry)")
+        print(f"  Redis used_memory_peak: {int(cache.r.info('memory')['used_memory_peak']) / 2**20:.1f} MiB")
+    else:
+        print("  Redis memory: not measured (the --redis-url Redis held other keys, which move it too)")
+    per_100k = 100_000 / args.n
+    if indexed_at:
+        size = disk_bytes(fulltext.path)
+        print(f"  fulltext index: {size / args.n:.0f} bytes on disk ({size / 2**20:.1f} MiB)")
+    print(f"  full sync: {answerable * per_100k:.1f} s per 100,000 until answerable"
+          + (f", {(indexed_at[0] - sync_started) * per_100k:.1f} s until indexed" if indexed_at else ""))
+    print(f"  bench process peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10:.0f} MiB")
 
 
 if __name__ == "__main__":

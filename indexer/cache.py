@@ -19,7 +19,7 @@ from indexer.claims import BatchWriter
 from indexer.identity import Identity
 from indexer.redis_clients import run_plan
 from indexer.rediskeys import BINDINGS, LOCAL_BINDINGS, STREAM_MAXLEN, RedisKeys, lookup_fields, plain_key
-from indexer.status import status_plan, stream_id
+from indexer.status import HostBounds, status_plan, stream_id
 
 PEPPER_LENGTH = 20
 # A queued job nobody picks up, or a running one whose indexer stopped refreshing it, expires and
@@ -196,14 +196,16 @@ class Cache:
         return [StreamEntry(i, f["store"], f["id"], f["op"]) for i, f in reply[0][1]]
 
     def set_follower_status(self, host: str, **fields: Any) -> None:
+        """Record host's follower position (fields such as last_id), and that host was heard from now."""
         tx = self.r.pipeline(transaction=True)
         tx.hset(self.k.follower(host), mapping={k: str(v) for k, v in fields.items()})
-        tx.sadd(self.k.followers, host)
+        tx.zadd(self.k.hosts, {host: time.time()})
         tx.execute()
 
-    def status(self, stores: list[str]) -> dict[str, Any]:
-        """Each store's size, sync state and active job; each follower's lag (see Admin.status)."""
-        return cast("dict[str, Any]", run_plan(self.r, status_plan(self.k, stores, time.time())))
+    def status(self, stores: list[str], bounds: HostBounds) -> dict[str, Any]:
+        """Each store's size, sync state and active job; each host's indexer and follower, stale ones
+        marked and forgotten ones removed (see Admin.status)."""
+        return cast("dict[str, Any]", run_plan(self.r, status_plan(self.k, stores, time.time(), bounds)))
 
     def rebuild_requests(self) -> int:
         """How many fulltext rebuilds were ever requested (a follower rebuilds when this moves)."""
@@ -226,16 +228,18 @@ class Cache:
     def beat(self, host: str, ttl: int, **fields: Any) -> None:
         """Say that host's indexer is alive (with fields such as its pid) for the next ttl seconds."""
         tx = self.r.pipeline(transaction=True)
-        tx.set(self.k.indexer(host), json.dumps(dict(fields, beat=time.time())), ex=ttl)
-        tx.sadd(self.k.indexer_hosts, host)
+        now = time.time()
+        tx.set(self.k.indexer(host), json.dumps(dict(fields, beat=now)), ex=ttl)
+        tx.zadd(self.k.hosts, {host: now})
         tx.execute()
 
     def indexer_exited(self, host: str, **fields: Any) -> None:
         """Record how host's indexer ended, and forget its heartbeat: it is down from now on."""
         tx = self.r.pipeline(transaction=True)
         tx.delete(self.k.indexer(host))
-        tx.set(self.k.indexer_exit(host), json.dumps(dict(fields, at=time.time())))
-        tx.sadd(self.k.indexer_hosts, host)
+        now = time.time()
+        tx.set(self.k.indexer_exit(host), json.dumps(dict(fields, at=now)))
+        tx.zadd(self.k.hosts, {host: now})
         tx.execute()
 
     def fail_running_jobs(self, host: str, stores: list[str], error: str) -> list[str]:

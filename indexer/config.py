@@ -11,6 +11,7 @@ import keyword
 import os
 import pickle
 import re
+import socket
 import types
 from collections.abc import Mapping
 from functools import cache
@@ -335,6 +336,7 @@ def _complete(config: dict[str, Any], base: Path) -> dict[str, Any]:
     server.setdefault("name", config["matrix"]["domain"])
     server.setdefault("public_url", f"https://{server['name']}")
     server["public_url"] = server["public_url"].rstrip("/")
+    server.setdefault("host_id", socket.gethostname())
     config["data_dir"] = str((base / config["data_dir"]).resolve())
     from indexer.stores import store_class  # here: the stores import this module
 

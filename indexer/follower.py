@@ -4,7 +4,6 @@ the index from Redis alone when it is missing, from another cache, or too far be
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -30,11 +29,11 @@ CONSOLIDATE_AFTER = 10_000
 class Follower:
     """Keeps one FullText index in step with the cache for the configured stores."""
 
-    def __init__(self, cache: Cache, fulltext: FullText, stores: list[str]) -> None:
+    def __init__(self, cache: Cache, fulltext: FullText, stores: list[str], host: str) -> None:
         self.cache = cache
         self.fulltext = fulltext
         self.stores = stores
-        self.host = socket.gethostname()
+        self.host = host  # server.host_id: the follower reports its position under it
         self.epoch = ""
         self.last_id = "0-0"
         self.rebuilds_seen = 0

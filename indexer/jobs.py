@@ -4,7 +4,6 @@ recording progress and outcome in the job for the API to report."""
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 from collections.abc import Callable
 
@@ -38,7 +37,7 @@ class JobRunner:
         """Wait for jobs until stop is set; Redis outages are waited out."""
         while not stop.is_set():
             try:
-                job = self.cache.next_job(timeout=1, host=socket.gethostname())
+                job = self.cache.next_job(timeout=1, host=self.config.server.host_id)
             except redis.exceptions.RedisError as exc:
                 logs.repeated.warning(log, "sync jobs: Redis unavailable (%s); retrying", exc, key="jobs redis")
                 stop.wait(2)

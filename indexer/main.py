@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -203,7 +202,8 @@ def run_indexer(config: Config, target: RedisTarget, stop: threading.Event, pare
                                 key="indexer start redis")
             stop.wait(RETRY_AFTER)
     store_names = [s.name for s in config.stores]
-    follower = Follower(cache, FullText(fulltext_path(config), config.directory.threepids), store_names)
+    follower = Follower(cache, FullText(fulltext_path(config), config.directory.threepids), store_names,
+                        config.server.host_id)
     follower_thread = threading.Thread(target=follower.run, args=(stop,), name="fulltext-follower", daemon=True)
     follower_thread.start()
     if parent_pid is not None:
@@ -212,7 +212,7 @@ def run_indexer(config: Config, target: RedisTarget, stop: threading.Event, pare
                             daemon=True)
     jobs.start()
     heartbeat = threading.Thread(target=_heartbeat, name="heartbeat", daemon=True,
-                                 args=(cache, config.supervisor.heartbeat,
+                                 args=(cache, config.server.host_id, config.supervisor.heartbeat,
                                        [follower_thread, jobs], stop))
     heartbeat.start()
     indexer = Indexer(config, cache)
@@ -226,10 +226,10 @@ def run_indexer(config: Config, target: RedisTarget, stop: threading.Event, pare
         indexer.close()
 
 
-def _heartbeat(cache: Cache, every: int, threads: list[threading.Thread], stop: threading.Event) -> None:
+def _heartbeat(cache: Cache, host: str, every: int, threads: list[threading.Thread], stop: threading.Event) -> None:
     """Tell Redis that this host's indexer is alive every `every` seconds, while each of its threads
     is: readiness fails, and `mxisd status` says the indexer is down, once three beats are missed."""
-    host, started, failing = socket.gethostname(), time.time(), False
+    started, failing = time.time(), False
     while not stop.is_set():
         dead = [t.name for t in threads if not t.is_alive()]
         if dead:

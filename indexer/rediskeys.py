@@ -36,11 +36,13 @@ so that lookups from other servers can leave them out (lookup.share_binds: false
 Global: epoch (changes when the cache is emptied), pepper, changes (stream of upsert/delete events),
 generation (counts completed syncs; SQL keeps the highest any server saw, so a Redis restored from an
 older copy shows a lower one),
-fulltext:<host> (follower position, for status), fulltext-hosts (set of hosts with a follower),
+<host> is a host id (server.host_id): fulltext:<host> (hash: the follower's position, for status),
 fulltext-rebuild (a counter: followers rebuild their index when it moves),
 jobs (list: ids of sync jobs waiting for an indexer), job:<id> (hash: one sync job, expiring),
 indexer:<host> (the indexer's heartbeat: JSON, expiring unless renewed), indexer-exit:<host> (JSON: how
-the host's indexer last ended, written by `mxisd run`'s supervisor), indexer-hosts (set of hosts),
+the host's indexer last ended, written by `mxisd run`'s supervisor), hosts-seen (zset: host id scored by
+when its indexer or follower last reported; status forgets a host, with its fulltext: and indexer-exit:
+keys, once that is longer ago than health.forget_host_after),
 untagged (P rate:...): rate:<kind>:<key> (rate-limit windows), remote:<address> <medium> (another
 identity server's answer to a recursive lookup, mxid or "" for not found, with a TTL),
 fail:<kind>:<who> (failed logins counted in a window, with a TTL; kind is "user" or "ip").
@@ -97,12 +99,11 @@ class RedisKeys:
         self.epoch = f"{cache}epoch"
         self.pepper = f"{cache}pepper"
         self.changes = f"{cache}changes"
-        self.followers = f"{cache}fulltext-hosts"
         self.rebuild = f"{cache}fulltext-rebuild"
         self.jobs = f"{cache}jobs"
         self.job_prefix = f"{cache}job:"
         self.generation = f"{cache}generation"
-        self.indexer_hosts = f"{cache}indexer-hosts"
+        self.hosts = f"{cache}hosts-seen"
 
     def indexer(self, host: str) -> str:
         return f"{self.cache_prefix}indexer:{host}"

@@ -55,6 +55,7 @@ class ServerConfig:
     workers: int
     access_log: bool
     max_body_size: int
+    host_id: str
     proxies_count: int
 
 
@@ -128,6 +129,7 @@ class MetricsConfig:
 @dataclass(frozen=True, slots=True)
 class HealthConfig:
     max_follower_lag: Duration
+    forget_host_after: Duration
 
 
 @dataclass(frozen=True, slots=True)

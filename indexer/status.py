@@ -1,16 +1,32 @@
 """What `mxisd status`, the admin API, readiness and /metrics show of the cache: each store's size,
-sync state and active job, each follower's position and lag, each indexer's heartbeat. One plan,
-run by the indexer's blocking client and the server's asyncio one."""
+sync state and active job, and per host (server.host_id) its follower's position and lag and its
+indexer's heartbeat. One plan, run by the indexer's blocking client and the server's asyncio one."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from indexer.redis_clients import Commands, Plan
 from indexer.rediskeys import RedisKeys
+from indexer.settings import Config
 
 JOB_ACTIVE = ("queued", "running")
+
+
+@dataclass(frozen=True, slots=True)
+class HostBounds:
+    """When a host that stopped reporting is shown as stale, and when it is no longer shown (seconds)."""
+
+    stale_after: float
+    forget_after: float
+
+
+def host_bounds(config: Config) -> HostBounds:
+    """Stale after three missed heartbeats (as the indexer counts as down), forgotten after
+    health.forget_host_after."""
+    return HostBounds(3 * config.supervisor.heartbeat, config.health.forget_host_after)
 
 
 def stream_id(value: str) -> tuple[int, int]:
@@ -46,34 +62,47 @@ def job_view(job_id: str, raw: dict[str, str]) -> dict[str, Any] | None:
     }
 
 
-def status_plan(k: RedisKeys, stores: list[str], now: float) -> Plan:
-    """Every store's size, sync state and active job, and every follower's position and lag."""
+def status_plan(k: RedisKeys, stores: list[str], now: float, bounds: HostBounds) -> Plan:
+    """Every store's size, sync state and active job, and every host's follower (position, lag) and
+    indexer (heartbeat, last exit), each with when the host last reported and whether that makes it
+    stale. Hosts silent for longer than bounds.forget_after are removed, with their keys."""
     first: Commands = []
     for store in stores:
         first += [("hlen", k.records(store)), ("hgetall", k.state(store)), ("get", k.store_job(store))]
-    first += [("smembers", k.followers), ("xrevrange", k.changes, "+", "-", 1), ("get", k.epoch),
-              ("smembers", k.indexer_hosts)]
+    first += [("zrange", k.hosts, 0, -1, False, True), ("xrevrange", k.changes, "+", "-", 1), ("get", k.epoch)]
     replies = yield first
     per_store = [replies[i:i + 3] for i in range(0, 3 * len(stores), 3)]
-    hosts, newest, epoch, indexer_hosts = sorted(replies[-4]), replies[-3], replies[-2], sorted(replies[-1])
+    seen, newest, epoch = replies[-3], replies[-2], replies[-1]
+    last_seen = {host: float(score) for host, score in seen if now - float(score) <= bounds.forget_after}
+    forgotten = [host for host, _ in seen if host not in last_seen]
+    hosts = sorted(last_seen)
     newest_id = newest[0][0] if newest else "0-0"
     pointers = [job_id for _, _, job_id in per_store]
     job_ids = [j for j in pointers if j]
     second: Commands = ([("hgetall", k.job(j)) for j in job_ids] + [("hgetall", k.follower(h)) for h in hosts]
-                        + [("get", key(h)) for h in indexer_hosts for key in (k.indexer, k.indexer_exit)])
+                        + [("get", key(h)) for h in hosts for key in (k.indexer, k.indexer_exit)])
+    # One key per command, so that each stays in its own hash slot on a Redis Cluster.
+    for host in forgotten:
+        second += [("zrem", k.hosts, host), ("delete", k.follower(host)), ("delete", k.indexer_exit(host))]
     replies = yield second
     jobs = dict(zip(job_ids, replies[:len(job_ids)]))
-    followers = [dict(raw, host=h) for h, raw in zip(hosts, replies[len(job_ids):len(job_ids) + len(hosts)])]
-    indexer_replies = replies[len(job_ids) + len(hosts):]
+    reported = replies[len(job_ids):len(job_ids) + len(hosts)]
+    followers = [dict(raw, host=h) for h, raw in zip(hosts, reported) if raw]
+    indexer_replies = replies[len(job_ids) + len(hosts):len(job_ids) + 3 * len(hosts)]
     behind = [f for f in followers if stream_id(f.get("last_id") or "0-0") < stream_id(newest_id)]
     replies = yield [("xrange", k.changes, "(" + f.get("last_id", "0-0"), "+", 1) for f in behind]
     oldest_unapplied = {f["host"]: (r[0][0] if r else newest_id) for f, r in zip(behind, replies)}
-    result: dict[str, Any] = {"stores": {}, "followers": [], "last_change_id": newest_id, "indexers": []}
-    for i, host in enumerate(indexer_hosts):
+
+    def seen_fields(host: str) -> dict[str, Any]:
+        return {"last_seen": last_seen[host], "stale": now - last_seen[host] > bounds.stale_after}
+
+    result: dict[str, Any] = {"stores": {}, "followers": [], "last_change_id": newest_id, "indexers": [],
+                              "hosts": [{"host": h, **seen_fields(h)} for h in hosts]}
+    for i, host in enumerate(hosts):
         beat, last_exit = indexer_replies[2 * i], indexer_replies[2 * i + 1]
         result["indexers"].append({"host": host, "alive": beat is not None,
                                    **(json.loads(beat) if beat else {}),
-                                   "last_exit": json.loads(last_exit) if last_exit else None})
+                                   "last_exit": json.loads(last_exit) if last_exit else None, **seen_fields(host)})
     for store, (count, state, job_id) in zip(stores, per_store):
         fields = {name: json.loads(value) for name, value in state.items()}
         job = job_view(job_id, jobs[job_id]) if job_id else None
@@ -93,5 +122,6 @@ def status_plan(k: RedisKeys, stores: list[str], now: float) -> Plan:
             "host": follower["host"], "last_id": follower.get("last_id"), "lag_seconds": round(lag, 3),
             "updated": float(follower["updated"]) if follower.get("updated") else None,
             "rebuilt": float(follower["rebuilt"]) if follower.get("rebuilt") else None,
+            **seen_fields(follower["host"]),
         })
     return result

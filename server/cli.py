@@ -26,6 +26,7 @@ from indexer.normalize import email as canonical_email
 from indexer.redis_clients import configured_target
 from indexer.redis_server import EmbeddedRedis, EmbeddedRedisError
 from indexer.settings import Config
+from indexer.status import host_bounds
 from indexer.stores import build_store
 from indexer.sync import SyncBusy, SyncResult, sync_store
 from server import doctor
@@ -277,9 +278,9 @@ def _last(sync: dict[str, Any] | None) -> str:
 
 
 def _status(config: Config) -> int:
-    """Print the stores table and the fulltext followers' lag."""
+    """Print the stores table, then each host's fulltext follower and indexer."""
     with _open_cache(config) as cache:
-        state = cache.status([s.name for s in config.stores])
+        state = cache.status([s.name for s in config.stores], host_bounds(config))
     rows = [("STORE", "KIND", "IDENTITIES", "LAST FULL SYNC", "LAST INCREMENTAL", "NEXT FULL", "JOB")]
     for settings in config.stores:
         s = state["stores"][settings.name]
@@ -290,8 +291,14 @@ def _status(config: Config) -> int:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
-    for follower in state["followers"]:
-        print(f"fulltext index on {follower['host']}: {follower['lag_seconds']:.1f} s behind the cache")
+    followers = {f["host"]: f for f in state["followers"]}
+    for host in state["hosts"]:
+        follower = followers.get(host["host"])
+        if host["stale"]:
+            print(f"host {host['host']}: STALE: last reported {time.time() - host['last_seen']:.0f} s ago "
+                  f"(at {_when(host['last_seen'])})")
+        if follower:
+            print(f"fulltext index on {follower['host']}: {follower['lag_seconds']:.1f} s behind the cache")
     for indexer in state["indexers"]:
         print(_indexer_line(indexer))
     return 0

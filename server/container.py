@@ -17,6 +17,7 @@ from indexer.fulltext import fulltext_path
 from indexer.redis_clients import RedisTarget, connect_async
 from indexer.rediskeys import BINDINGS, LOCAL_BINDINGS
 from indexer.settings import Config
+from indexer.status import host_bounds
 from server.bindings import BindingMirror
 from server.credentials import Credentials
 from server.federation import Federation
@@ -123,7 +124,7 @@ class Services:
         search_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
         homeserver = Homeserver(config.homeserver)
         credentials = Credentials(config, lookups)
-        admin = Admin(client, prefix, config.stores, config.admin.job_start_timeout)
+        admin = Admin(client, prefix, config.stores, config.admin.job_start_timeout, host_bounds(config))
         binding = Bindings(config, storage, binding_mirror, sessions, invite_worker, keys, federation)
         return cls(
             config=config,

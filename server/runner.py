@@ -9,7 +9,6 @@ import fcntl
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -309,7 +308,7 @@ class Supervisor:
         self.config = config
         self.path = config_path
         self.signals = Signals()
-        self.host = socket.gethostname()
+        self.host = config.server.host_id
         self.cache: Cache | None = None
         self.children: list[Child] = []
 

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 SLAPD = os.environ.get("MXISD_TEST_SLAPD", "/usr/sbin/slapd")
@@ -31,7 +32,7 @@ sizelimit {sizelimit}
 access to attrs=userPassword by anonymous auth by self write by * none
 access to * by dn.exact="{reader}" read by self read by * none
 database mdb
-maxsize 4294967296
+maxsize {map_size}
 suffix "{suffix}"
 rootdn "{admin}"
 rootpw {password}
@@ -80,9 +81,11 @@ def make_certificate(folder: Path) -> tuple[Path, Path]:
 class Slapd:
     """slapd serving SUFFIX on ldap://127.0.0.1:<port> (STARTTLS too) and ldaps://127.0.0.1:<tls_port>."""
 
-    def __init__(self, root: Path, sizelimit: str = "unlimited", extra: str = "", modules: str = "") -> None:
+    def __init__(self, root: Path, sizelimit: str = "unlimited", extra: str = "", modules: str = "",
+                 map_size: int = 4 << 30) -> None:
         """extra: more lines for the database section (more indexes, overlays); modules: more
-        global lines (moduleload of an overlay)."""
+        global lines (moduleload of an overlay); map_size: the most bytes the mdb database may grow
+        to (a million entries need more than the default 4 GiB)."""
         self.root = root
         self.port = free_port()
         self.tls_port = free_port()
@@ -94,13 +97,16 @@ class Slapd:
         self.config = root / "slapd.conf"
         self.config.write_text(_CONFIG.format(root=root, tls=tls, suffix=SUFFIX, admin=ADMIN_DN,
                                               password=ADMIN_PASSWORD, reader=READER_DN, sizelimit=sizelimit,
-                                              extra=extra, modules=modules))
+                                              extra=extra, modules=modules, map_size=map_size))
         self.process: subprocess.Popen[bytes] | None = None
 
-    def load(self, ldif: str = "") -> None:
-        """slapadd the suffix, the reader account and ldif, while slapd is stopped (fast bulk load)."""
+    def load(self, ldif: str | Iterable[str] = "") -> None:
+        """slapadd the suffix, the reader account and ldif (a string, or chunks written one by one so
+        that a large directory is never whole in memory), while slapd is stopped (fast bulk load)."""
         path = self.root / "load.ldif"
-        path.write_text(_BASE_LDIF + ldif)
+        with path.open("w") as out:
+            out.write(_BASE_LDIF)
+            out.writelines([ldif] if isinstance(ldif, str) else ldif)
         subprocess.run([SLAPADD, "-q", "-f", str(self.config), "-l", str(path)],
                        check=True, capture_output=True, timeout=3600)
 

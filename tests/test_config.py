@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,9 @@ def with_changes(**changes: object) -> dict:
         (with_changes(server__port=70000), "server.port: 70000 is greater than the maximum of 65535"),
         (with_changes(server__max_body_size="4M"),
          'server.max_body_size: expected a number of bytes, at least 1024, got "4M"'),
+        (with_changes(server__host_id="host a:1"),
+         'server.host_id: expected a name of letters, digits, dots, hyphens or underscores, like a hostname, '
+         'got "host a:1"'),
         ({"stores": VALID["stores"]}, "matrix: missing required key"),
         (with_changes(matrix={}), "matrix.domain: missing required key"),
         (with_changes(stores__0={"name": "people", "kind": "file"}), "stores[0].path: missing required key"),
@@ -195,7 +199,7 @@ def test_defaults_and_relative_paths(tmp_path):
     config = load_config(write(tmp_path, VALID))
     assert config.server == ServerConfig(
         name="example.org", public_url="https://example.org", bind="127.0.0.1", port=8090,
-        workers=1, access_log=False, max_body_size=4 * 1024 * 1024, proxies_count=0,
+        workers=1, access_log=False, max_body_size=4 * 1024 * 1024, host_id=socket.gethostname(), proxies_count=0,
     )
     assert config.homeserver == HomeserverConfig(url=None, timeout=10, whoami_cache=60)
     assert config.directory == DirectoryConfig(homeserver=True, threepids=False, hide=())

@@ -36,7 +36,7 @@ def test_follower_catches_up_resumes_and_rebuilds(rclient, prefix, tmp_path, cap
     sync(cache, people, [{"localpart": "alice", "display_name": "Alice Liddell"},
                          {"localpart": "bob", "display_name": "Bob Builder"}])
     index = FullText(tmp_path / "fulltext")
-    follower = Follower(cache, index, ["hr"])
+    follower = Follower(cache, index, ["hr"], "host-a")
     follower.start()
     assert "because the index is missing: 2 identities" in caplog.text
     assert names(index, "builder") == ["@bob:example.org"]
@@ -51,7 +51,7 @@ def test_follower_catches_up_resumes_and_rebuilds(rclient, prefix, tmp_path, cap
 
     # A new follower on the same index resumes from the saved position instead of rebuilding.
     caplog.clear()
-    again = Follower(cache, index, ["hr"])
+    again = Follower(cache, index, ["hr"], "host-a")
     again.start()
     assert "following changes after" in caplog.text and "rebuilt" not in caplog.text
     assert again.last_id == follower.last_id
@@ -73,12 +73,12 @@ def test_an_index_of_another_schema_version_is_rebuilt(rclient, prefix, tmp_path
     cache.initialize()
     sync(cache, tmp_path / "people.yml", [{"localpart": "alice", "display_name": "Alice Liddell"}])
     index = FullText(tmp_path / "fulltext")
-    Follower(cache, index, ["hr"]).start()
+    Follower(cache, index, ["hr"], "host-a").start()
     position = index.path / "position.json"
     written = json.loads(position.read_text())
     position.write_text(json.dumps({**written, "schema": written["schema"] - 1}))  # as an older version left it
     caplog.clear()
-    Follower(cache, index, ["hr"]).start()
+    Follower(cache, index, ["hr"], "host-a").start()
     assert "rebuilt from the cache because the index was built with another schema: 1 identities" in caplog.text
     assert search_mxids(index.path, "lidd") == ["@alice:example.org"]
 
@@ -97,10 +97,10 @@ def test_addresses_are_indexed_only_when_searches_may_use_them(rclient, prefix, 
         finally:
             search.close()
 
-    Follower(cache, FullText(tmp_path / "fulltext", threepids=False), ["hr"]).start()
+    Follower(cache, FullText(tmp_path / "fulltext", threepids=False), ["hr"], "host-a").start()
     assert by_address() == [] and search_mxids(tmp_path / "fulltext", "alice") == ["@alice:example.org"]
     caplog.clear()
-    Follower(cache, FullText(tmp_path / "fulltext", threepids=True), ["hr"]).start()
+    Follower(cache, FullText(tmp_path / "fulltext", threepids=True), ["hr"], "host-a").start()
     assert "rebuilt from the cache because directory.threepids changed: 1 identities" in caplog.text
     assert by_address() == ["@alice:example.org"]
 
@@ -112,7 +112,7 @@ def test_many_small_batches_are_consolidated_when_the_stream_is_quiet(rclient, p
     cache.initialize()
     people = tmp_path / "people.yml"
     index = FullText(tmp_path / "fulltext")
-    follower = Follower(cache, index, ["hr"])
+    follower = Follower(cache, index, ["hr"], "host-a")
     follower.start()
     everyone: list[dict] = []
     for name in ("Alice Liddell", "Bob Builder", "Carol Danvers"):

@@ -19,7 +19,7 @@ from indexer.settings import Config, Seconds
 ROOT = load_schema("config.schema.json")
 REPO = Path(__file__).resolve().parent.parent
 # Keys the schema lets be null or absent that loading always fills in (see indexer.config._complete).
-COMPLETED = {"server.name", "server.public_url", "accounts.homeservers"}
+COMPLETED = {"server.name", "server.public_url", "server.host_id", "accounts.homeservers"}
 NETWORK = 'an address or network like "10.0.0.0/8"'
 JSON_TYPES = {str: {"string"}, int: {"integer"}, float: {"number", "integer"}, bool: {"boolean"}}
 

@@ -17,6 +17,7 @@ from indexer.config import load_schema
 from indexer.identity import Identity
 from indexer.normalize import lookup_hash
 from indexer.settings import Config, StoreConfig
+from indexer.status import HostBounds
 from indexer.stores import Change, Store, StoreError
 from indexer.sync import SyncBusy, full_sync, incremental_sync, sync_store
 from tests.conftest import make_store, store_settings
@@ -315,11 +316,11 @@ def test_status_shows_incremental_runs_only_for_stores_that_list_changes(cache):
     source = Versioned()
     source.put("ann", "ann@example.org")
     cache.set_state("dir", next_full=2000.0, next_incremental=1000.0)
-    before = cache.status(["dir"])["stores"]["dir"]
+    before = cache.status(["dir"], HostBounds(15, 3600))["stores"]["dir"]
     assert before["identities"] == 0 and before["last_full"] is None and before["last_success"] is None
     assert before["next_incremental"] is None  # no mark yet: the scheduled run would do nothing
     full_sync(cache, source, 0.2)
-    after = cache.status(["dir"])["stores"]["dir"]
+    after = cache.status(["dir"], HostBounds(15, 3600))["stores"]["dir"]
     assert after["identities"] == 1 and after["last_full"]["outcome"] == "ok"
     assert after["last_success"] == after["last_full"]["ended"]
     assert (after["next_full"], after["next_incremental"]) == (2000.0, 1000.0)

@@ -16,7 +16,7 @@ from indexer.cache import JOB_DONE_TTL, JOB_QUEUED_TTL
 from indexer.redis_clients import Plan, run_plan_async
 from indexer.rediskeys import RedisKeys, plain_key
 from indexer.settings import StoreConfig
-from indexer.status import job_view, status_plan
+from indexer.status import HostBounds, job_view, status_plan
 from server.errors import MatrixError
 
 # Atomically: the store's active job if it has one, else a new queued job (returns [id, created]).
@@ -72,8 +72,9 @@ class Admin:
     """Non-blocking reads and requests for the admin API and the readiness check."""
 
     def __init__(self, client: redis.asyncio.Redis, prefix: str, stores: Sequence[StoreConfig],
-                 job_start_timeout: float = 30.0) -> None:
+                 job_start_timeout: float, bounds: HostBounds) -> None:
         self.r = client
+        self.bounds = bounds
         self.k = RedisKeys(prefix)
         self.kinds = {s.name: s.kind for s in stores}
         self.stores = list(self.kinds)
@@ -83,16 +84,20 @@ class Admin:
 
     async def status(self) -> dict[str, Any]:
         """{"stores": {name: {identities, last_full, last_incremental, last_success, next_full,
-        next_incremental, job}}, "followers": [{host, last_id, lag_seconds, ...}], "last_change_id"}."""
-        return cast("dict[str, Any]", await run_plan_async(self.r, status_plan(self.k, self.stores, time.time())))
+        next_incremental, job}}, "followers": [{host, last_id, lag_seconds, last_seen, stale, ...}],
+        "indexers": [{host, alive, last_exit, last_seen, stale, ...}], "hosts": [{host, last_seen, stale}],
+        "last_change_id"}: one entry per host id that reported within health.forget_host_after."""
+        return cast("dict[str, Any]",
+                    await run_plan_async(self.r, status_plan(self.k, self.stores, time.time(), self.bounds)))
 
     async def overview(self) -> dict[str, Any]:
         """{"stores": [{name, kind, and what status() tells of it}, in config order], "followers",
-        "last_change_id", "indexers"}: the admin API's view of the stores. Raises nothing of its own."""
+        "last_change_id", "indexers", "hosts"}: the admin API's view of the stores and of every host.
+        Raises nothing of its own."""
         status = await self.status()
         listed = [{"name": name, "kind": kind, **status["stores"][name]} for name, kind in self.kinds.items()]
         return {"stores": listed, "followers": status["followers"], "last_change_id": status["last_change_id"],
-                "indexers": status["indexers"]}
+                "indexers": status["indexers"], "hosts": status["hosts"]}
 
     async def start_job(self, store: str, full: bool, request_id: str | None) -> tuple[dict[str, Any], bool]:
         """The store's queued or running job, or a new queued one; (job, whether it is new).

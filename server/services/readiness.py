@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,7 +62,7 @@ class Readiness:
                           else {"error": "no full sync has completed into this cache yet"})}
                 for name, s in state["stores"].items()
             }
-            host = socket.gethostname()
+            host = self.config.server.host_id
             indexer = next((i for i in state["indexers"] if i["host"] == host), None)
             if indexer is not None and indexer["alive"]:
                 checks["indexer"] = {"ok": True, "host": host, "pid": indexer["pid"], "heartbeat": indexer["beat"]}
