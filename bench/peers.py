@@ -12,6 +12,11 @@ that drift on a shared machine hits both. Prints requests per second and p50/p99
 scenario and server, and our ratio to Sydent. Targets on a 2-core machine: v2 sha256 lookup of
 100 hashes >= 20x Sydent, v1 bulk_lookup of 100 >= 5x, v1 single lookup >= 1x.
 
+The framework's ceiling: the v1 lookup and hash_details are also measured on a bare Sanic app
+(bench/bare_sanic.py) with as many workers as ours, answering the JSON our server answered for the
+same request, in the same alternating runs; the report prints ours / bare Sanic beside ours /
+Sydent (target for the v1 lookup: >= 0.6).
+
 Seeding: ours through a `file` store of N people synced with `mxisd index` (what lookups read is
 the Redis cache either way; a binding made through /3pid/bind lands in the same cache), and one v2
 account written into its SQL storage. Sydent through its SQLite database while it is stopped: N
@@ -55,6 +60,7 @@ DOMAIN = "example.org"
 SYDENT_NAME = "sydent.bench"
 BODIES = 20  # distinct request bodies per POST scenario, cycled by wrk
 SCENARIOS = ["v1 lookup", "v1 bulk_lookup 100", "v2 sha256 lookup 100", "v2 sha256 lookup 1000", "hash_details"]
+BARE = ["v1 lookup", "hash_details"]  # the scenarios also run on a bare Sanic app (the framework's ceiling)
 
 
 def free_port() -> int:
@@ -245,6 +251,29 @@ class Ours:
         client.close()
 
 
+class BareSanic:
+    """bench/bare_sanic.py on loopback with as many workers as ours, answering what ours answered."""
+
+    def __init__(self, root: Path, answers: dict[str, Any]) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = root / "bare-sanic.log"
+        (root / "answers.json").write_text(json.dumps(answers))
+        self.probe = next(iter(answers))
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.process = start([sys.executable, str(ROOT / "bench" / "bare_sanic.py"), str(self.root / "answers.json"),
+                              str(self.port), str(os.cpu_count() or 1)], ROOT, self.log)
+        wait_ready(self.url + self.probe, self.process, self.log)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop(self.process)
+
+
 def lua(method: str, path: str, token: str | None, bodies: list[Any] | None = None,
         paths: list[str] | None = None) -> str:
     """A wrk script cycling through the given bodies or paths; its done() prints one RESULT line."""
@@ -325,6 +354,7 @@ def main() -> None:
     sydent, ours = Sydent(python, run_dir / "sydent", args.n), Ours(run_dir / "ours", args.n,
                                                                    {"cluster": {"nodes": args.redis_cluster}}
                                                                    if args.redis_cluster else {"url": args.redis_url})
+    bare: BareSanic | None = None
     try:
         print(f"seeding {args.n} associations into Sydent and into ours ...", flush=True)
         sydent_pepper = sydent.seed()
@@ -332,12 +362,21 @@ def main() -> None:
         sydent.start()
         ours.start()
         _, details = http("GET", ours.url + "/_matrix/identity/v2/hash_details", token=ours.token)
+        ours_plan = scenarios(args.n, ours.token, details["lookup_pepper"], random.Random(7))
+        # The bare app answers each path with the JSON ours answered for the scenario's first request.
+        answers = {probe[1].partition("?")[0]: http("GET", ours.url + probe[1], token=ours.token)[1]
+                   for name, (_, probe, _) in ours_plan.items() if name in BARE}
+        bare = BareSanic(run_dir / "bare", answers)
+        bare.start()
         servers = {"ours": (ours.url, ours.token, details["lookup_pepper"]),
-                   "sydent": (sydent.url, sydent.token, sydent_pepper)}
+                   "sydent": (sydent.url, sydent.token, sydent_pepper),
+                   "sanic": (bare.url, ours.token, details["lookup_pepper"])}
         plans: dict[str, dict[str, tuple[Path, tuple[str, str, Any], int]]] = {}
         for server, (url, token, pepper) in servers.items():
             plans[server] = {}
             for name, (script, probe, expected) in scenarios(args.n, token, pepper, random.Random(7)).items():
+                if server == "sanic" and name not in BARE:
+                    continue
                 path = run_dir / f"{server}-{name.replace(' ', '_')}.lua"
                 path.write_text(script)
                 check(name, url, token, probe, expected)
@@ -347,14 +386,17 @@ def main() -> None:
         results: dict[tuple[str, str], list[dict[str, float]]] = {}
         chosen = [name for name in SCENARIOS if not args.only or name in args.only]
         for name in chosen:
-            for server in servers:
+            running = [server for server in servers if name in plans[server]]
+            for server in running:
                 wrk(binary, plans[server][name][0], servers[server][0], 1, args.connections)  # warm up
             for round_ in range(args.rounds):
-                for server in (list(servers) if round_ % 2 == 0 else list(reversed(servers))):
+                for server in (running if round_ % 2 == 0 else list(reversed(running))):
                     results.setdefault((name, server), []).append(
                         wrk(binary, plans[server][name][0], servers[server][0], args.duration, args.connections))
         report(chosen, results)
     finally:
+        if bare is not None:
+            bare.stop()
         ours.stop()
         sydent.stop()
 
@@ -364,12 +406,21 @@ def report(chosen: list[str], results: dict[tuple[str, str], list[dict[str, floa
         runs = results[(name, server)]
         return sum(r[key] for r in runs) / len(runs)
     print(f"\n{'scenario':<24}{'ours rps':>10}{'p50 ms':>8}{'p99 ms':>8}{'sydent rps':>12}{'p50 ms':>8}"
-          f"{'p99 ms':>8}{'ratio':>8}")
+          f"{'p99 ms':>8}{'ratio':>8}{'bare Sanic rps':>16}{'p50 ms':>8}{'p99 ms':>8}{'ours/bare':>11}")
     for name in chosen:
         ours_rps, syd_rps = mean(name, "ours", "rps"), mean(name, "sydent", "rps")
-        print(f"{name:<24}{ours_rps:>10.0f}{mean(name, 'ours', 'p50'):>8.1f}{mean(name, 'ours', 'p99'):>8.1f}"
-              f"{syd_rps:>12.0f}{mean(name, 'sydent', 'p50'):>8.1f}{mean(name, 'sydent', 'p99'):>8.1f}"
-              f"{ours_rps / syd_rps:>7.1f}x")
+        line = (f"{name:<24}{ours_rps:>10.0f}{mean(name, 'ours', 'p50'):>8.1f}{mean(name, 'ours', 'p99'):>8.1f}"
+                f"{syd_rps:>12.0f}{mean(name, 'sydent', 'p50'):>8.1f}{mean(name, 'sydent', 'p99'):>8.1f}"
+                f"{ours_rps / syd_rps:>7.1f}x")
+        if (name, "sanic") in results:
+            bare_rps = mean(name, "sanic", "rps")
+            line += (f"{bare_rps:>16.0f}{mean(name, 'sanic', 'p50'):>8.1f}{mean(name, 'sanic', 'p99'):>8.1f}"
+                     f"{ours_rps / bare_rps:>10.2f}x")
+        print(line)
+    for name in BARE:
+        if (name, "sanic") in results:
+            target = " (target >= 0.6)" if name == "v1 lookup" else ""
+            print(f"{name}: ours / bare Sanic = {mean(name, 'ours', 'rps') / mean(name, 'sanic', 'rps'):.2f}{target}")
     errors = {k: sum(r["errors"] for r in v) for k, v in results.items() if any(r["errors"] for r in v)}
     if errors:
         print("errors (non-2xx or socket) during the runs:", errors)

@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import time
-import uuid
 
 import orjson
 import redis
@@ -60,6 +59,11 @@ CORS_HEADERS = {
     "Access-Control-Allow-Methods": "GET, POST, PUT, DELETE, OPTIONS",
     "Access-Control-Allow-Headers": "Origin, X-Requested-With, Content-Type, Accept, Authorization",
 }
+
+
+def new_request_id() -> str:
+    """A random request id: 32 hex digits (uuid4().hex cost 3 us more, for its object)."""
+    return os.urandom(16).hex()
 
 
 def blueprints(with_admin: bool, with_metrics: bool) -> list[Blueprint]:
@@ -121,7 +125,7 @@ def create_app(config: Config, target: RedisTarget) -> App:
     @app.middleware("request", priority=10)
     async def identify(request: Request) -> HTTPResponse | None:
         given = request.headers.get(REQUEST_ID_HEADER, "")
-        request.ctx.request_id = given if _GOOD_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        request.ctx.request_id = given if _GOOD_REQUEST_ID.fullmatch(given) else new_request_id()
         request.ctx.started = time.perf_counter()
         logs.request_id.set(request.ctx.request_id)
         # CORS preflight, answered on every path. (One middleware each way: each costs a coroutine
@@ -178,15 +182,13 @@ def record_response(request: Request, response: BaseHTTPResponse) -> None:
     """The request id header, the request metrics and the access log line of one answered request."""
     request_id = getattr(request.ctx, "request_id", None)
     if request_id is None:  # the request failed before any middleware ran (such as a 404)
-        request_id = request.ctx.request_id = uuid.uuid4().hex
+        request_id = request.ctx.request_id = new_request_id()
     if REQUEST_ID_HEADER not in response.headers:
         response.headers[REQUEST_ID_HEADER] = request_id
     started = getattr(request.ctx, "started", None)
     took = time.perf_counter() - started if started is not None else None
     endpoint = "/" + request.route.path if request.route is not None else "unmatched"
-    metrics.REQUESTS.labels(request.method, endpoint, str(response.status)).inc()
-    if took is not None:
-        metrics.LATENCY.labels(request.method, endpoint).observe(took)
+    metrics.count_request(request.method, endpoint, response.status, took)
     if services(request).config.server.access_log:
         target = logs.mask_secrets(request.path + (f"?{request.query_string}" if request.query_string else ""))
         access_log.info(

@@ -35,6 +35,12 @@ OUTGOING_FAILURES = Counter("mxisd_outgoing_request_failures",
                             "(homeserver, identity, bridge, read_through, twilio)", ["purpose"])
 
 
+# The labelled children of the per-request metrics, by labels: prometheus-client's labels() (label
+# checks, a tuple of str(), a lock) cost as much as the increments themselves on every request.
+_REQUEST_CHILDREN: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+_LOOKUP_CHILDREN: dict[str, Counter] = {}
+
+
 def use_directory(data_dir: str) -> Path:
     """Empty data_dir/metrics and make this process and the ones it starts record metrics there."""
     path = Path(data_dir) / "metrics"
@@ -45,6 +51,19 @@ def use_directory(data_dir: str) -> Path:
     # run` has read the config that names the directory: choose again now.
     values.ValueClass = values.get_value_class()
     return path
+
+
+def count_request(method: str, endpoint: str, status: int, took: float | None) -> None:
+    """Count one answered request of endpoint (a route, or "unmatched") and its duration in seconds
+    (None when it failed before it was timed)."""
+    key = (method, endpoint, status)
+    children = _REQUEST_CHILDREN.get(key)
+    if children is None:
+        children = _REQUEST_CHILDREN[key] = (REQUESTS.labels(method, endpoint, str(status)),
+                                             LATENCY.labels(method, endpoint))
+    children[0].inc()
+    if took is not None:
+        children[1].observe(took)
 
 
 def count_lookups(found: list[str | None], sources: list[str | None], local: list[str | None]) -> None:
@@ -62,7 +81,10 @@ def count_lookups(found: list[str | None], sources: list[str | None], local: lis
             source = "read_through" if here is not None else "federation"
         tally[source] = tally.get(source, 0) + 1
     for source, count in tally.items():
-        LOOKUPS.labels(source).inc(count)
+        child = _LOOKUP_CHILDREN.get(source)
+        if child is None:
+            child = _LOOKUP_CHILDREN[source] = LOOKUPS.labels(source)
+        child.inc(count)
 
 
 class _CacheGauges:

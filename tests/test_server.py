@@ -12,12 +12,14 @@ import time
 
 import pytest
 import redis
+from sanic.response import HTTPResponse
 from signedjson.key import decode_verify_key_bytes
 from signedjson.sign import SignatureVerifyException, verify_signed_json
 from unpaddedbase64 import decode_base64
 
 from indexer.cache import Cache
 from indexer.fulltext import FullText
+from server.app import CORS_HEADERS
 from tests.conftest import PEOPLE, V1, V2, search_mxids, wait_until
 
 
@@ -169,6 +171,14 @@ def test_cors_options_and_unknown_paths(server):
     assert unknown.headers["access-control-allow-origin"] == "*"
     wrong_method = server.http.delete(V2 + "/lookup")
     assert wrong_method.status_code == 405 and wrong_method.json()["errcode"] == "M_UNRECOGNIZED"
+
+
+def test_header_values_cannot_split_headers():
+    # The server checks headers for CR, LF and NUL faster than Sanic does; what is sent is the same.
+    response = HTTPResponse(headers={**CORS_HEADERS, "X-Echo": "a\r\nSet-Cookie: x=1\x00;\n"})
+    sent = {name.lower(): value for name, value in response.processed_headers}
+    assert sent[b"x-echo"] == b"aSet-Cookie: x=1;"
+    assert {k.lower().encode(): v.encode() for k, v in CORS_HEADERS.items()}.items() <= sent.items()
 
 
 def test_signing_key_survives_restart(server):
