@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -33,6 +35,7 @@ POSITION_FILE = "position.json"
 SCHEMA_VERSION = 3
 # A write (a batch of changes, or a whole index) that takes longer has a stuck writer: it is stopped.
 WRITE_TIMEOUT = 1800.0
+PARENT_CHECK_S = 0.5  # how soon the writer process notices that the indexer is gone
 
 _WORD = r"\w+"
 _words = RegexTokenizer(_WORD) | LowercaseFilter() | CharsetFilter(accent_map)
@@ -189,13 +192,26 @@ _pool: ProcessPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
+def _exit_with(parent_pid: int) -> None:
+    """In the writer process: exit as soon as the process that started it is gone. A killed indexer
+    (a second stop signal) cannot stop its writer, which would otherwise wait for work forever."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_CHECK_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
+
+
 def _in_writer_process(work: Callable[..., None], *args: Any) -> None:
     """Run work(*args) in the writer process (started the first time), and wait for it."""
     global _pool
     with _pool_lock:
         if _pool is None:
             # Spawned, not forked: the follower's process has threads and open connections.
-            _pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+            _pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_exit_with, initargs=(os.getpid(),))
         pool = _pool
     try:
         pool.submit(work, *args).result(timeout=WRITE_TIMEOUT)
