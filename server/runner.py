@@ -8,10 +8,10 @@ import dataclasses
 import fcntl
 import logging
 import os
+import select
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -239,7 +239,13 @@ class Signals:
     def __init__(self) -> None:
         self.stops: list[str] = []
         self.reload = False
-        self.wake = threading.Event()
+        # A handler that set a threading.Event could wait forever for the Event's lock, held by the
+        # very loop it interrupted: the handlers take no lock, and the interpreter writes each
+        # signal's number to this pipe (set_wakeup_fd), which wait() selects on.
+        self._woken, wakeup = os.pipe()
+        os.set_blocking(self._woken, False)
+        os.set_blocking(wakeup, False)
+        signal.set_wakeup_fd(wakeup, warn_on_full_buffer=False)
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, self._note)
 
@@ -248,7 +254,13 @@ class Signals:
             self.reload = True
         else:
             self.stops.append(signal.Signals(signum).name)
-        self.wake.set()
+
+    def wait(self, timeout: float) -> None:
+        """Until a signal comes or timeout seconds have passed."""
+        select.select([self._woken], [], [], timeout)
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._woken, 64):
+                pass
 
     def stopping(self) -> bool:
         return bool(self.stops)
@@ -372,8 +384,7 @@ class Supervisor:
                         if os.read(listening, 16):
                             up.append(True)
                             notify("READY=1", f"STATUS=answering on {config.server.bind}:{config.server.port}")
-                self.signals.wake.wait(TICK)
-                self.signals.wake.clear()
+                self.signals.wait(TICK)
                 if self.signals.reload:
                     self.signals.reload = False
                     if up:
