@@ -244,11 +244,25 @@ class Ours:
         if self.process is not None:
             stop(self.process)
         target = self.redis.get("url") or RedisClusterConfig(tuple(self.redis["cluster"]["nodes"]), None, None,
-                                                             RedisTlsConfig(False, None, True))
+                                                             RedisTlsConfig(False, None, True), 64)
         client = connect(target)
+        if "cluster" in self.redis:
+            print(f"the cache over the cluster's masters: {spread(client, self.prefix)}", flush=True)
         for key in client.scan_iter(match=self.prefix + "*", count=1000):
             client.delete(key)
         client.close()
+
+
+def spread(client: Any, prefix: str) -> str:
+    """How the keys under prefix and their memory (MEMORY USAGE) are shared among a cluster's masters."""
+    held = {}
+    for node in client.get_primaries():
+        names = list(node.redis_connection.scan_iter(match=prefix + "*", count=1000))
+        held[f"{node.host}:{node.port}"] = (len(names), sum(node.redis_connection.memory_usage(n, samples=0) or 0
+                                                            for n in names))
+    total = sum(size for _, size in held.values()) or 1
+    return ", ".join(f"{name}: {keys} keys, {size / 2**20:.1f} MiB ({100 * size / total:.0f} %)"
+                     for name, (keys, size) in sorted(held.items()))
 
 
 class BareSanic:

@@ -15,7 +15,9 @@ from typing import Any, cast
 import redis
 from redis.typing import EncodableT, FieldT
 
+from indexer import buckets
 from indexer.claims import BatchWriter
+from indexer.config import ConfigError
 from indexer.identity import Identity
 from indexer.redis_clients import run_plan
 from indexer.rediskeys import BINDINGS, LOCAL_BINDINGS, STREAM_MAXLEN, RedisKeys, lookup_fields, plain_key
@@ -34,6 +36,17 @@ if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return nil end
 redis.call('HSET', KEYS[1], 'state', 'running', 'started', ARGV[1], 'host', ARGV[3])
 redis.call('EXPIRE', KEYS[1], ARGV[2])
 return redis.call('HGETALL', KEYS[1])
+"""
+
+# Create the epoch (ARGV[1]) of a new cache with its number of buckets (ARGV[2]); a cache written by a
+# version without buckets had one. The number of buckets the cache holds.
+_INITIALIZE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') then
+  redis.call('SET', KEYS[2], ARGV[2])
+else
+  redis.call('SET', KEYS[2], '1', 'NX')
+end
+return redis.call('GET', KEYS[2])
 """
 
 # Raise a counter (a string key, or a hash field when ARGV[2] is given) to ARGV[1] unless it is higher.
@@ -59,15 +72,24 @@ class StreamEntry:
 class Cache:
     """Blocking access for the indexer: sync writes, state, locks, the change stream."""
 
-    def __init__(self, client: redis.Redis, prefix: str) -> None:
+    def __init__(self, client: redis.Redis, prefix: str, spread: int = 1) -> None:
+        """spread: the number of buckets of the store hashes (redis.cluster.buckets, or 1)."""
         self.r = client
-        self.k = RedisKeys(prefix)
+        self.k = RedisKeys(prefix, spread)
         self._writer = BatchWriter(client, self.k)
 
     def initialize(self, pepper: str | None = None) -> str | None:
-        """Create the epoch and the lookup pepper (random unless given) if this cache has none yet;
-        return the epoch."""
-        self.r.set(self.k.epoch, secrets.token_hex(8), nx=True)
+        """Create the epoch, with this cache's number of buckets, and the lookup pepper (random
+        unless given) if this cache has none yet; return the epoch. Raises ConfigError when the
+        cache was written with another number of buckets: its lookups would read the wrong keys."""
+        held = int(self.r.eval(_INITIALIZE, 2, self.k.epoch, self.k.bucket_count, secrets.token_hex(8),
+                               self.k.buckets))
+        if held != self.k.buckets:
+            raise ConfigError(
+                f"the cache in Redis (prefix {self.k.prefix!r}) was written with {held} bucket(s) per store "
+                f"hash, this config gives {self.k.buckets} (redis.cluster.buckets, 1 without a cluster): set it "
+                f"back, or empty the cache (delete the keys of prefix {self.k.prefix!r}) to have it rebuilt "
+                "from the stores and the database with the new number")
         alphabet = string.ascii_letters + string.digits
         if pepper is None:
             pepper = "".join(secrets.choice(alphabet) for _ in range(PEPPER_LENGTH))
@@ -88,51 +110,74 @@ class Cache:
     # -- records -------------------------------------------------------------------------------
 
     def count(self, store: str) -> int:
-        return self.r.hlen(self.k.records(store))
+        pipe = self.r.pipeline(transaction=False)
+        for key in buckets.every(self.k, self.k.records, store):
+            pipe.hlen(key)
+        return sum(pipe.execute())
 
     def content_hashes(self, store: str) -> dict[str, str]:
-        return cast("dict[str, str]", self.r.hgetall(self.k.content_hashes(store)))
+        pipe = self.r.pipeline(transaction=False)
+        for key in buckets.every(self.k, self.k.content_hashes, store):
+            pipe.hgetall(key)
+        known: dict[str, str] = {}
+        for part in pipe.execute():
+            known.update(part)
+        return known
 
     def get(self, store: str, store_ids: list[str]) -> list[Identity | None]:
-        if not store_ids:
-            return []
-        raw = self.r.hmget(self.k.records(store), store_ids)
+        raw = buckets.hmget(self.r, self.k, self.k.records, store, store_ids)
         return [Identity.from_json(r) if r else None for r in raw]
 
     def iter_identities(self, store: str, batch: int = 1000) -> Iterator[Identity]:
-        for _, raw in self.r.hscan_iter(self.k.records(store), count=batch):
-            yield Identity.from_json(raw)
+        for key in buckets.every(self.k, self.k.records, store):
+            for _, raw in self.r.hscan_iter(key, count=batch):
+                yield Identity.from_json(raw)
 
     def mxid_of(self, store: str, medium: str, address: str) -> str | None:
-        return cast("str | None", self.r.hget(self.k.threepids(store), plain_key(address, medium)))
+        field = plain_key(address, medium)
+        return cast("str | None", self.r.hget(self.k.threepids(store, self.k.bucket(store, field)), field))
 
     def identity_by_mxid(self, store: str, mxid: str) -> Identity | None:
         """The store's identity for mxid with its locator (for a password check), or None."""
-        store_id = self.r.hget(self.k.mxids(store), mxid)
+        store_id = cast("str | None", self.r.hget(self.k.mxids(store, self.k.bucket(store, mxid)), mxid))
         if store_id is None:
             return None
+        bucket = self.k.bucket(store, store_id)
         pipe = self.r.pipeline(transaction=False)
-        pipe.hget(self.k.records(store), store_id)
-        pipe.hget(self.k.locators(store), store_id)
+        pipe.hget(self.k.records(store, bucket), store_id)
+        pipe.hget(self.k.locators(store, bucket), store_id)
         raw, locator = pipe.execute()
         return replace(Identity.from_json(raw), locator=locator) if raw else None
 
     # -- writes by the sync (one writer per store, holding the store's lock) --------------------
 
     def mark(self, store: str, store_ids: Iterable[str], generation: int) -> None:
-        ids = list(store_ids)
-        if ids:
-            self.r.zadd(self.k.generations(store), {i: generation for i in ids})
+        self._write_spread(store, self.k.generations, {i: generation for i in store_ids}, zset=True)
 
     def set_locators(self, store: str, identities: Iterable[Identity]) -> None:
         """Record where the store finds these people (unchanged records too: an entry can move
         without its content changing)."""
-        locators: dict[FieldT, EncodableT] = {i.store_id: i.locator for i in identities if i.locator is not None}
-        if locators:
-            self.r.hset(self.k.locators(store), mapping=locators)
+        locators = {i.store_id: i.locator for i in identities if i.locator is not None}
+        self._write_spread(store, self.k.locators, locators, zset=False)
+
+    def _write_spread(self, store: str, key_of: buckets.KeyOf, mapping: dict[str, Any], zset: bool) -> None:
+        """HSET (or ZADD, zset) the fields of a bucketed hash, one command per bucket."""
+        groups = buckets.split(self.k, store, mapping)
+        if not groups:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for bucket, part in groups.items():
+            if zset:
+                pipe.zadd(key_of(store, bucket), cast("dict[str, float]", part))
+            else:
+                pipe.hset(key_of(store, bucket), mapping=part)
+        pipe.execute()
 
     def stale_ids(self, store: str, generation: int) -> list[str]:
-        return cast("list[str]", self.r.zrangebyscore(self.k.generations(store), "-inf", f"({generation}"))
+        pipe = self.r.pipeline(transaction=False)
+        for key in buckets.every(self.k, self.k.generations, store):
+            pipe.zrangebyscore(key, "-inf", f"({generation}")
+        return [i for part in pipe.execute() for i in part]
 
     def apply(
         self,
@@ -309,10 +354,11 @@ class Cache:
             hashed[local].update((h, mxid) for h in hashes)
         tx = self.r.pipeline(transaction=True)
         for local, family in ((False, BINDINGS), (True, LOCAL_BINDINGS)):
-            tx.delete(self.k.threepids(family), self.k.hashes(family))
+            # The binding mirrors are not bucketed: one key each, beside their state.
+            tx.delete(self.k.threepids(family, 0), self.k.hashes(family, 0))
             if plain[local]:
-                tx.hset(self.k.threepids(family), mapping=plain[local])
-                tx.hset(self.k.hashes(family), mapping=hashed[local])
+                tx.hset(self.k.threepids(family, 0), mapping=plain[local])
+                tx.hset(self.k.hashes(family, 0), mapping=hashed[local])
         tx.hset(self.k.state(BINDINGS), mapping={"epoch": epoch or "", "generation": generation})
         tx.execute()
         return len(plain[False]) + len(plain[True])

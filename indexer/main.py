@@ -20,7 +20,7 @@ from indexer.follower import Follower
 from indexer.fulltext import FullText, fulltext_path, stop_writer
 from indexer.jobs import JobRunner
 from indexer.metrics import observe_sync
-from indexer.redis_clients import REDIS_ERRORS, RedisTarget, configured_target, connect
+from indexer.redis_clients import REDIS_ERRORS, RedisTarget, cache_spread, configured_target, connect
 from indexer.settings import Config, SyncConfig
 from indexer.stores import Store, build_store
 from indexer.sync import SyncBusy, SyncResult, full_sync, incremental_sync
@@ -192,7 +192,8 @@ class Indexer:
 def run_indexer(config: Config, target: RedisTarget, stop: threading.Event, parent_pid: int | None = None) -> None:
     """The body of the indexer process: follower thread plus scheduled syncs, until stop is set
     (or the parent process has gone away)."""
-    cache = Cache(connect(target, config.redis.timeout, blocking=True), config.redis.prefix)
+    cache = Cache(connect(target, config.redis.timeout, blocking=True), config.redis.prefix,
+                  cache_spread(config.redis))
     while not stop.is_set():
         try:
             cache.initialize()

@@ -46,6 +46,12 @@ def configured_target(config: RedisConfig) -> RedisTarget | None:
     return config.sentinel or config.cluster or config.url
 
 
+def cache_spread(config: RedisConfig) -> int:
+    """How many buckets the store hashes are cut into (indexer.rediskeys): redis.cluster.buckets on a
+    Redis Cluster; else 1, which keeps a single node's keys those of versions without buckets."""
+    return config.cluster.buckets if config.cluster else 1
+
+
 def describe(target: RedisTarget) -> str:
     """The target for a message (no password)."""
     if isinstance(target, RedisSentinelConfig):

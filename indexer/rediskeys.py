@@ -1,13 +1,22 @@
 """The Redis key layout, shared by the indexer and the server: the one module that spells key names.
 
 Every key starts with the configured prefix P. The cache's own keys (all but those of single
-requests: rate:, fail:, remote: and s:S:rt:) then carry the hash tag "{cache}" (P{cache}epoch,
-P{cache}s:S:rec): a sync writes a store's hashes and the change stream in one transaction, and
-scripts and transactions of jobs, heartbeats and follower status span several keys, so in a Redis
-Cluster they must share one slot (each of a store's hashes is one key on one node anyway). The keys
-of single requests are untagged, so that a Cluster spreads them over its nodes.
+requests: rate:, fail:, remote: and s:S:rt:) then carry a hash tag. The keys of single requests are
+untagged, so that a Cluster spreads them over its nodes.
 
-Per store S (the cache's keys are written below without P{cache}):
+A store's large hashes (rec, chash, gen, 3pid, sha256, mxid, claims, locator: one field per
+identity or address) are each cut into B buckets (redis.cluster.buckets on a Redis Cluster, else 1):
+a field lives in bucket crc32(field) mod B, whose key carries the tag "{cache:<bucket>}"
+(P{cache:7}s:S:3pid), so that a Cluster spreads them, and their memory, over its masters. With B = 1
+(one Redis, or Sentinel) there is one bucket and its key is tagged "{cache}" (P{cache}s:S:3pid): the
+key names and the number of keys of a single node stay those of versions without buckets. B is
+recorded in the cache (buckets); a cache written with another B is refused (Cache.check_buckets).
+Everything else carries "{cache}" (P{cache}epoch, P{cache}changes): scripts and transactions of
+jobs, heartbeats, follower status and the binding mirror span several keys, so in a Redis Cluster
+they share one slot (the binding mirror, written one bind at a time, is not bucketed).
+
+Per store S (the cache's keys are written below without P{cache} or P{cache:<bucket>}; bucketed:
+rec, chash, gen, 3pid, sha256, mxid, claims and locator of configured stores):
   s:S:rec     hash  store_id -> identity JSON
   s:S:chash   hash  store_id -> content hash (unchanged records are not rewritten)
   s:S:gen     zset  store_id scored by the generation of the last full sync that saw it (mark-and-sweep)
@@ -33,7 +42,8 @@ rebuilt for and the SQL bindings generation they hold (SQL counts every bind and
 Bindings of local addresses (a store knew the address when it was bound) are mirrored apart, as the
 pseudo-store "_localbinds" (s:_localbinds:3pid and s:_localbinds:sha256; its state is _bindings'),
 so that lookups from other servers can leave them out (lookup.share_binds: false) at no extra cost.
-Global: epoch (changes when the cache is emptied), pepper, changes (stream of upsert/delete events),
+Global: epoch (changes when the cache is emptied), pepper, buckets (B, the number of buckets the
+store hashes were cut into; written with the epoch), changes (stream of upsert/delete events),
 generation (counts completed syncs; SQL keeps the highest any server saw, so a Redis restored from an
 older copy shows a lower one),
 <host> is a host id (server.host_id): fulltext:<host> (hash: the follower's position, for status),
@@ -51,6 +61,7 @@ fail:<kind>:<who> (failed logins counted in a window, with a TTL; kind is "user"
 from __future__ import annotations
 
 import hashlib
+import zlib
 
 from indexer.normalize import lookup_forms, lookup_hash
 
@@ -91,12 +102,14 @@ CACHE_TAG = "{cache}"
 
 
 class RedisKeys:
-    """Key names under a prefix."""
+    """Key names under a prefix, with the store hashes cut into buckets (see the module's docstring)."""
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, buckets: int = 1) -> None:
         self.prefix = prefix
+        self.buckets = buckets
         cache = self.cache_prefix = f"{prefix}{CACHE_TAG}"
         self.epoch = f"{cache}epoch"
+        self.bucket_count = f"{cache}buckets"
         self.pepper = f"{cache}pepper"
         self.changes = f"{cache}changes"
         self.rebuild = f"{cache}fulltext-rebuild"
@@ -114,29 +127,49 @@ class RedisKeys:
     def _store(self, store: str, part: str) -> str:
         return f"{self.cache_prefix}s:{store}:{part}"
 
-    def records(self, store: str) -> str:
-        return self._store(store, "rec")
+    def spread(self, store: str) -> int:
+        """How many buckets the store's hashes are cut into (the binding mirrors are not cut)."""
+        return 1 if store.startswith("_") else self.buckets
 
-    def content_hashes(self, store: str) -> str:
-        return self._store(store, "chash")
+    def bucket(self, store: str, field: str) -> int:
+        """The bucket of a field of any of the store's bucketed hashes."""
+        if store.startswith("_") or self.buckets == 1:
+            return 0
+        return self.field_bucket(field)
 
-    def generations(self, store: str) -> str:
-        return self._store(store, "gen")
+    def field_bucket(self, field: str) -> int:
+        """The bucket of a field in the hashes of a configured store."""
+        return zlib.crc32(field.encode("utf-8", "surrogatepass")) % self.buckets
 
-    def threepids(self, store: str) -> str:
-        return self._store(store, "3pid")
+    def _bucketed(self, store: str, part: str, bucket: int) -> str:
+        if self.buckets == 1 or store.startswith("_"):
+            return self._store(store, part)
+        return f"{self.prefix}{{cache:{bucket}}}s:{store}:{part}"
 
-    def hashes(self, store: str) -> str:
-        return self._store(store, "sha256")
+    # Each takes a bucket: bucket(store, field) for one field, or each of range(spread(store)).
+    def records(self, store: str, bucket: int) -> str:
+        return self._bucketed(store, "rec", bucket)
 
-    def mxids(self, store: str) -> str:
-        return self._store(store, "mxid")
+    def content_hashes(self, store: str, bucket: int) -> str:
+        return self._bucketed(store, "chash", bucket)
 
-    def claims(self, store: str) -> str:
-        return self._store(store, "claims")
+    def generations(self, store: str, bucket: int) -> str:
+        return self._bucketed(store, "gen", bucket)
 
-    def locators(self, store: str) -> str:
-        return self._store(store, "locator")
+    def threepids(self, store: str, bucket: int) -> str:
+        return self._bucketed(store, "3pid", bucket)
+
+    def hashes(self, store: str, bucket: int) -> str:
+        return self._bucketed(store, "sha256", bucket)
+
+    def mxids(self, store: str, bucket: int) -> str:
+        return self._bucketed(store, "mxid", bucket)
+
+    def claims(self, store: str, bucket: int) -> str:
+        return self._bucketed(store, "claims", bucket)
+
+    def locators(self, store: str, bucket: int) -> str:
+        return self._bucketed(store, "locator", bucket)
 
     def state(self, store: str) -> str:
         return self._store(store, "state")

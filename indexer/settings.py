@@ -83,6 +83,7 @@ class RedisClusterConfig:
     username: str | None
     password: str | None
     tls: RedisTlsConfig
+    buckets: int
 
 
 @dataclass(frozen=True, slots=True)

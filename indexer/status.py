@@ -68,10 +68,17 @@ def status_plan(k: RedisKeys, stores: list[str], now: float, bounds: HostBounds)
     stale. Hosts silent for longer than bounds.forget_after are removed, with their keys."""
     first: Commands = []
     for store in stores:
-        first += [("hlen", k.records(store)), ("hgetall", k.state(store)), ("get", k.store_job(store))]
+        first += [("hgetall", k.state(store)), ("get", k.store_job(store))]
+        first += [("hlen", k.records(store, bucket)) for bucket in range(k.spread(store))]
     first += [("zrange", k.hosts, 0, -1, False, True), ("xrevrange", k.changes, "+", "-", 1), ("get", k.epoch)]
     replies = yield first
-    per_store = [replies[i:i + 3] for i in range(0, 3 * len(stores), 3)]
+    per_store = []
+    at = 0
+    for store in stores:
+        # A store's size is the sum over its buckets.
+        state, job_id, *sizes = replies[at:at + 2 + k.spread(store)]
+        per_store.append((sum(sizes), state, job_id))
+        at += 2 + k.spread(store)
     seen, newest, epoch = replies[-3], replies[-2], replies[-1]
     last_seen = {host: float(score) for host, score in seen if now - float(score) <= bounds.forget_after}
     forgotten = [host for host, _ in seen if host not in last_seen]

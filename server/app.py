@@ -20,7 +20,7 @@ from sanic.response import BaseHTTPResponse, HTTPResponse, empty, json
 
 from indexer import logs
 from indexer.cache import Cache
-from indexer.redis_clients import REDIS_ERRORS, RedisTarget, connect
+from indexer.redis_clients import REDIS_ERRORS, RedisTarget, cache_spread, connect
 from indexer.settings import Config
 from server import metrics
 from server.api import (
@@ -154,7 +154,7 @@ async def maintenance(built: Services, target: RedisTarget) -> None:
     than sessions.keep_expired ago."""
     config = built.config
     storage = built.storage
-    cache = Cache(connect(target, config.redis.timeout), config.redis.prefix)
+    cache = Cache(connect(target, config.redis.timeout), config.redis.prefix, cache_spread(config.redis))
     stores = [s.name for s in config.stores]
     check_every = max(1, config.redis.check_every)
     purge_every = max(1, config.sessions.purge_every)

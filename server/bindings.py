@@ -65,7 +65,7 @@ class BindingMirror:
         fields, hashes = lookup_fields(medium, address, pepper)
         families = [*drop, *([family] if family else [])]
         await self.r.eval(_MIRROR, 1 + 2 * len(families), self.k.state(BINDINGS),
-                          *(key for f in families for key in (self.k.threepids(f), self.k.hashes(f))),
+                          *(key for f in families for key in (self.k.threepids(f, 0), self.k.hashes(f, 0))),
                           generation, mxid or "", len(fields), len(drop), *fields, *hashes)
 
     async def behind(self, generation: int) -> str | None:

@@ -23,7 +23,7 @@ from indexer.cache import Cache
 from indexer.config import ConfigError, load_config
 from indexer.normalize import InvalidAddress
 from indexer.normalize import email as canonical_email
-from indexer.redis_clients import configured_target
+from indexer.redis_clients import cache_spread, configured_target
 from indexer.redis_server import EmbeddedRedis, EmbeddedRedisError
 from indexer.settings import Config
 from indexer.status import host_bounds
@@ -144,7 +144,7 @@ def _open_cache(config: Config) -> Iterator[Cache]:
             candidate.start()
             embedded = candidate
     try:
-        cache = Cache(wait_for_redis(target, config.redis.timeout), config.redis.prefix)
+        cache = Cache(wait_for_redis(target, config.redis.timeout), config.redis.prefix, cache_spread(config.redis))
         cache.initialize()
         yield cache
     finally:
@@ -411,6 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     except (StartupError, EmbeddedRedisError) as exc:
         print(f"mxisd: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except ConfigError as exc:  # the cache in Redis does not fit the config (Cache.initialize)
+        print(f"mxisd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     except KeyboardInterrupt:
         return EXIT_FAILED
 

@@ -14,7 +14,7 @@ import redis.asyncio
 from sanic import Request
 
 from indexer.fulltext import fulltext_path
-from indexer.redis_clients import RedisTarget, connect_async
+from indexer.redis_clients import RedisTarget, cache_spread, connect_async
 from indexer.rediskeys import BINDINGS, LOCAL_BINDINGS
 from indexer.settings import Config
 from indexer.status import host_bounds
@@ -107,7 +107,8 @@ class Services:
         sms = SmsSender(config.sms, domain) if config.sms else None
         redis_pipe = lookup_pipe(target, config.redis.timeout)
         hidden = frozenset() if config.lookup.share_binds else frozenset([LOCAL_BINDINGS])
-        lookups = Lookups(redis_pipe, prefix, lookup_order(config), hidden, [s.name for s in config.stores])
+        spread = cache_spread(config.redis)
+        lookups = Lookups(redis_pipe, prefix, lookup_order(config), hidden, [s.name for s in config.stores], spread)
         read_through = ReadThrough(config, lookups)
         binding_mirror = BindingMirror(client, prefix)
         rate_limits = RateLimits(client, prefix)
@@ -124,7 +125,7 @@ class Services:
         search_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
         homeserver = Homeserver(config.homeserver)
         credentials = Credentials(config, lookups)
-        admin = Admin(client, prefix, config.stores, config.admin.job_start_timeout, host_bounds(config))
+        admin = Admin(client, prefix, config.stores, config.admin.job_start_timeout, host_bounds(config), spread)
         binding = Bindings(config, storage, binding_mirror, sessions, invite_worker, keys, federation)
         return cls(
             config=config,

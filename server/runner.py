@@ -21,7 +21,7 @@ import redis
 
 from indexer.cache import Cache
 from indexer.config import ConfigError, load_config, write_config
-from indexer.redis_clients import REDIS_ERRORS, RedisTarget, configured_target, connect, describe
+from indexer.redis_clients import REDIS_ERRORS, RedisTarget, cache_spread, configured_target, connect, describe
 from indexer.redis_server import EmbeddedRedis
 from indexer.settings import Config
 from server.bindings import check_cache
@@ -362,7 +362,7 @@ class Supervisor:
             self.checkpoint()
             client = wait_for_redis(target, config.redis.timeout, cancelled=self.signals.stopping)
             self.checkpoint()
-            self.cache = Cache(client, config.redis.prefix)
+            self.cache = Cache(client, config.redis.prefix, cache_spread(config.redis))
             self.cache.initialize()
             prepare_storage(config, self.cache)
             self.checkpoint()

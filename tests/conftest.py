@@ -12,7 +12,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import psycopg
@@ -170,10 +170,24 @@ def rclient(redis_url: str) -> Iterator[redis.Redis]:
 
 @pytest.fixture
 def cache(rclient: redis.Redis, prefix: str) -> Cache:
-    """A cache under this test's prefix, with a known lookup pepper."""
-    c = Cache(rclient, prefix)
+    """A cache under this test's prefix, with a known lookup pepper; its store hashes cut into
+    MXISD_TEST_BUCKETS buckets (default 1), to run the cache's tests as on a Redis Cluster."""
+    c = Cache(rclient, prefix, int(os.environ.get("MXISD_TEST_BUCKETS", "1")))
     c.initialize(pepper="pepper")
     return c
+
+
+def cached(cache: Cache, key_of: Callable[[str, int], str], store: str, field: str) -> str | None:
+    """A field of one of a store's bucketed hashes (key_of: cache.k.hashes and the like)."""
+    return cast("str | None", cache.r.hget(key_of(store, cache.k.bucket(store, field)), field))
+
+
+def cached_all(cache: Cache, key_of: Callable[[str, int], str], store: str) -> dict[str, str]:
+    """Every field of one of a store's bucketed hashes."""
+    found: dict[str, str] = {}
+    for bucket in range(cache.k.spread(store)):
+        found.update(cast("dict[str, str]", cache.r.hgetall(key_of(store, bucket))))
+    return found
 
 
 PEOPLE = [

@@ -22,7 +22,7 @@ from indexer.stores.ldap import LdapStore
 from indexer.stores.ldap_mapping import filter_value, normalize_time
 from indexer.stores.ldap_roles import dn_key, unescape_value
 from indexer.sync import full_sync, incremental_sync
-from tests.conftest import make_store, wait_until
+from tests.conftest import cached, make_store, wait_until
 from tests.slapd import ADMIN_DN, ADMIN_PASSWORD, READER_DN, READER_PASSWORD, SUFFIX, Slapd
 
 CONFIG = {"matrix": {"domain": "example.org"}, "threepids": {"msisdn": {"default_region": "GB"}}}
@@ -104,7 +104,7 @@ def test_full_sync_reads_every_page(directory, cache):
     assert cache.mxid_of("dir", "msisdn", "447700800042") == "@user042:example.org"  # mobile, national form
     assert cache.mxid_of("dir", "email", "zoe@example.org") == "@zoe.mixed:example.org"
     hashed = lookup_hash("user12@example.org", "email", "pepper")
-    assert cache.r.hget(cache.k.hashes("dir"), hashed) == "@user012:example.org"
+    assert cached(cache, cache.k.hashes, "dir", hashed) == "@user012:example.org"
     user = cache.identity_by_mxid("dir", "@user012:example.org")
     assert user.display_name == "User Number 12"
     assert uuid.UUID(user.store_id)  # keyed by entryUUID
@@ -174,7 +174,7 @@ def test_an_entry_deleted_and_created_again_answers_throughout(directory, cache)
         return directory.add("jdoe", mail=["john.doe@example.org"], phones=["+44 7700 900123"])
 
     def answers() -> tuple[str | None, str | None, str | None]:
-        hashed = cache.r.hget(cache.k.hashes("dir"), lookup_hash("john.doe@example.org", "email", "pepper"))
+        hashed = cached(cache, cache.k.hashes, "dir", lookup_hash("john.doe@example.org", "email", "pepper"))
         return cache.mxid_of("dir", "email", "john.doe@example.org"), cache.mxid_of("dir", "msisdn", "447700900123"), \
             hashed
 

@@ -18,12 +18,13 @@ import pytest
 import redis
 import yaml
 
+from indexer.normalize import lookup_hash
 from indexer.redis_clients import connect
 from indexer.rediskeys import RedisKeys
 from indexer.settings import RedisClusterConfig, RedisSentinelConfig, RedisTlsConfig
 from server.redis_pipe import lookup_pipe
 from server.services.lookups import Lookups
-from tests.conftest import PEOPLE, V1, Server, wait_until
+from tests.conftest import PEOPLE, V1, V2, Server, wait_until
 from tests.fake_homeserver import ClientHomeserver
 from tests.redis_ha import MASTER, ClusterSetup, SentinelSetup
 from tests.test_api import link_of
@@ -33,6 +34,8 @@ pytestmark = pytest.mark.slow
 TOKEN = "syt_searcher"
 # Generous bounds for this shared 2-core machine; the README gives the figures measured.
 RECOVERY_BOUND_S = 20.0
+# redis.cluster.buckets by default (schemas/config.schema.json).
+BUCKETS = 64
 
 
 @pytest.fixture
@@ -68,6 +71,7 @@ def two_hosts(make_server: Callable[..., Server], postgres_url: str, client_home
         host.config["stores"][0]["path"] = str(people)
         host.config["homeserver"] = {"url": client_homeserver.url}
         host.config["directory"] = {"homeserver": False}
+        host.config["lookup"] = {"bulk_max": 1000}
         host.config["sessions"] = {"rate_limit": {"per_address": {"requests": 2, "window": "1h"},
                                                   "per_ip": {"requests": 1000, "window": "1h"}}}
         hosts.append(host)
@@ -254,14 +258,16 @@ def test_cluster_two_hosts_and_a_failed_master(cluster, make_server, postgres_ur
                       {"cluster": {"nodes": cluster.addresses[:2]}}, tmp_path)
     check_both_hosts(*hosts, mailbox, tmp_path)
     prefix = hosts[0].config["redis"]["prefix"]
-    # The keys of single requests are spread over the masters, the cache's own keys share one slot.
+    # The keys of single requests are spread over the masters, and so are the buckets of a store's
+    # hashes; the rest of the cache's keys share one slot.
     with cluster.nodes[0].client() as client:
         def slot(key: str) -> int:
             return int(client.execute_command("CLUSTER", "KEYSLOT", key))
 
         assert len({slot(f"{prefix}rate:a:{who}") for who in "xyz"}) > 1
-        keys = RedisKeys(prefix)
-        assert slot(keys.changes) == slot(keys.epoch) == slot(keys.threepids("people")) == slot(keys.jobs)
+        keys = RedisKeys(prefix, BUCKETS)
+        assert slot(keys.changes) == slot(keys.epoch) == slot(keys.state("people")) == slot(keys.jobs)
+        assert len({slot(keys.threepids("people", bucket)) for bucket in range(BUCKETS)}) == BUCKETS
     # The master holding the cache fails; its replica takes over.
     master = cluster.node_of(RedisKeys(prefix).epoch)
     replica = cluster.replica_of(master)
@@ -274,7 +280,8 @@ def test_cluster_two_hosts_and_a_failed_master(cluster, make_server, postgres_ur
 def test_cluster_lookups_pipeline_per_node(cluster):
     """The lookups' client on a cluster: commands for keys on several nodes sent together, an MGET
     over keys of several nodes, a script, and an error, each answered in order."""
-    target = RedisClusterConfig(nodes=(cluster.addresses[0],), username=None, password=None, tls=_no_tls())
+    target = RedisClusterConfig(nodes=(cluster.addresses[0],), username=None, password=None, tls=_no_tls(),
+                                buckets=BUCKETS)
     keys = [f"lk:{i}" for i in range(12)]
     assert len({cluster.node_of(k).port for k in keys}) == 3
     for key in keys:
@@ -299,3 +306,42 @@ def test_cluster_lookups_pipeline_per_node(cluster):
             await pipe.aclose()
 
     assert asyncio.run(scenario()) == ["LK:0", [k.upper() for k in keys] + [None], [None], "LK:5"]
+
+
+def test_cluster_spreads_the_cache(cluster, make_server, postgres_url, client_homeserver, tmp_path):
+    """A store of thousands of identities synced on the cluster: its keys and their memory are spread
+    over the three masters, and v1, v1 bulk and v2 (sha256, bulk) lookups answer from both hosts."""
+    hosts = two_hosts(make_server, postgres_url, client_homeserver,
+                      {"cluster": {"nodes": cluster.addresses[:2]}}, tmp_path)
+    many = [{"localpart": f"u{i:05}", "emails": [f"user{i:05}@example.com"]} for i in range(3000)]
+    (tmp_path / "people.yml").write_text(yaml.safe_dump([*PEOPLE, *many]))
+    synced = hosts[0].cli("index", "--store", "people", "--full")
+    assert synced.returncode == 0, synced.stderr
+    prefix = hosts[0].config["redis"]["prefix"]
+    masters = {cluster.node_of(f"{{cache:{bucket}}}").port: cluster.node_of(f"{{cache:{bucket}}}")
+               for bucket in range(BUCKETS)}
+    assert len(masters) == 3
+    held: dict[int, tuple[int, int]] = {}  # master port -> (keys, bytes) of the cache
+    for port, node in masters.items():
+        with node.client() as client:
+            names = list(client.scan_iter(match=f"{prefix}*", count=1000))
+            held[port] = (len(names), sum(int(client.memory_usage(n, samples=0) or 0) for n in names))
+    total_bytes = sum(b for _, b in held.values())
+    print(f"\ncache over the masters (keys, bytes): {held}")
+    for keys, size in held.values():
+        assert keys > 0 and size < 0.6 * total_bytes, held
+    addresses = [f"user{i:05}@example.com" for i in range(0, 3000, 4)]
+    expected = {a: f"@u{a[4:9]}:example.org" for a in addresses}
+    for host in hosts:
+        for address in addresses[:20]:
+            assert host.lookup_v1("email", address)["mxid"] == expected[address]
+        bulk = host.http.post(V1 + "/bulk_lookup", json={"threepids": [["email", a] for a in addresses]})
+        assert bulk.status_code == 200, bulk.text
+        assert {a: m for _, a, m in bulk.json()["threepids"]} == expected
+        auth = host.auth()
+        pepper = host.http.get(V2 + "/hash_details", headers=auth).json()["lookup_pepper"]
+        hashed = {lookup_hash(a, "email", pepper): expected[a] for a in addresses}
+        response = host.http.post(V2 + "/lookup", headers=auth, json={
+            "algorithm": "sha256", "pepper": pepper, "addresses": [*hashed, "not-a-known-hash"]})
+        assert response.status_code == 200, response.text
+        assert response.json()["mappings"] == hashed

@@ -18,7 +18,7 @@ from indexer.config import ConfigError, load_config
 from indexer.normalize import lookup_hash
 from indexer.stores import StoreUnavailable
 from indexer.sync import full_sync, incremental_sync
-from tests.conftest import make_store, wait_until
+from tests.conftest import cached, make_store, wait_until
 
 CONFIG = {"matrix": {"domain": "example.org"}, "threepids": {"msisdn": {"default_region": "GB"}}}
 AUTH = "/_mxisd/backend/api/v1/auth/login"
@@ -155,8 +155,8 @@ def test_full_sync_reads_every_page(cache, service, rest_store):
     assert (result.outcome, result.read, result.added) == ("ok", 5, 5)
     assert [b["cursor"] for b in service.asked("/people")] == [None, "2", "4", "6"]
     assert cache.mxid_of("app", "msisdn", "447700900123") == "@user1:example.org"
-    assert cache.r.hget(cache.k.hashes("app"),
-                        lookup_hash("user4@example.org", "email", "pepper")) == "@user4:example.org"
+    hashed = lookup_hash("user4@example.org", "email", "pepper")
+    assert cached(cache, cache.k.hashes, "app", hashed) == "@user4:example.org"
 
 
 def test_incremental_sync_applies_changes_and_deletions(cache, service, rest_store):

@@ -20,7 +20,7 @@ from indexer.identity import Identity
 from indexer.normalize import lookup_hash
 from indexer.stores import StoreError, StoreUnavailable, build_store
 from indexer.sync import full_sync, incremental_sync
-from tests.conftest import store_settings, wait_until
+from tests.conftest import cached, store_settings, wait_until
 
 CONFIG = {"matrix": {"domain": "example.org"}, "threepids": {"msisdn": {"default_region": "GB"}}}
 T0 = datetime.datetime(2026, 1, 1, 12, 0, 0)
@@ -135,8 +135,7 @@ def test_full_sync_merges_rows_per_person(cache, directory, make_store):
     assert alice.threepids == (("email", "alice@example.org"), ("msisdn", "447700900123"))
     assert bob.mxid == "@bob:example.org" and carol.threepids == () and dave is None
     assert cache.mxid_of("hr", "msisdn", "447700900123") == "@alice:example.org"
-    assert cache.r.hget(cache.k.hashes("hr"),
-                        lookup_hash("bob@example.org", "email", "pepper")) == "@bob:example.org"
+    assert cached(cache, cache.k.hashes, "hr", lookup_hash("bob@example.org", "email", "pepper")) == "@bob:example.org"
     assert cache.mxid_of("hr", "email", "dave@example.org") is None
     # A timestamp mark in one fixed format, so that string order is time order (SQLite has no
     # timestamp type: the text as stored is the mark).

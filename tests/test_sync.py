@@ -13,14 +13,15 @@ import pytest
 import yaml
 
 from indexer.cache import Cache
-from indexer.config import load_schema
+from indexer.config import ConfigError, load_schema
 from indexer.identity import Identity
 from indexer.normalize import lookup_hash
+from indexer.rediskeys import RedisKeys
 from indexer.settings import Config, StoreConfig
 from indexer.status import HostBounds
 from indexer.stores import Change, Store, StoreError
 from indexer.sync import SyncBusy, full_sync, incremental_sync, sync_store
-from tests.conftest import make_store, store_settings
+from tests.conftest import cached, cached_all, make_store, store_settings
 
 CONFIG = {"matrix": {"domain": "example.org"}, "threepids": {"msisdn": {"default_region": "GB"}}}
 HR = {"name": "hr", "kind": "file", "path": "/dev/null"}  # the settings of the test's own Store classes
@@ -54,7 +55,7 @@ def test_full_sync_writes_identities_lookups_and_hashes(cache, people_file):
     assert cache.mxid_of("hr", "email", "alice@example.org") == "@alice:example.org"
     assert cache.mxid_of("hr", "msisdn", "447700900123") == "@alice:example.org"
     assert cache.mxid_of("hr", "email", "bob@xn--bcher-kva.example") == "@bob:example.org"
-    hashed = cache.r.hget(cache.k.hashes("hr"), lookup_hash("alice@example.org", "email", "pepper"))
+    hashed = cached(cache, cache.k.hashes, "hr", lookup_hash("alice@example.org", "email", "pepper"))
     assert hashed == "@alice:example.org"
     assert cache.state("hr")["last_full"]["outcome"] == "ok"
     assert sorted(changes(cache)) == [("alice", "upsert"), ("bob", "upsert")]
@@ -82,7 +83,7 @@ def test_addresses_move_between_people_and_renames_keep_the_record(cache, people
     assert cache.mxid_of("hr", "email", "bob@example.org") == "@robert:example.org"
     assert cache.mxid_of("hr", "email", "alice@example.org") == "@alice:example.org"
     assert cache.count("hr") == 2
-    assert cache.r.hget(cache.k.mxids("hr"), "@bob:example.org") is None
+    assert cached(cache, cache.k.mxids, "hr", "@bob:example.org") is None
 
 
 def test_removed_people_disappear_with_their_addresses(cache, people_file):
@@ -93,7 +94,7 @@ def test_removed_people_disappear_with_their_addresses(cache, people_file):
     assert cache.mxid_of("hr", "email", "user9@example.org") is None
     assert cache.get("hr", ["user9"]) == [None]
     assert ("user9", "delete") in changes(cache)
-    hashes = cache.r.hgetall(cache.k.hashes("hr"))
+    hashes = cached_all(cache, cache.k.hashes, "hr")
     assert len(hashes) == 8
 
 
@@ -211,7 +212,7 @@ def test_file_store_checks_bcrypt_passwords(people_file):
 def test_identity_records_match_their_schema(cache, people_file):
     alice = {"localpart": "alice", "emails": ["a@example.org"], "phones": ["+447700900123"]}
     full_sync(cache, people_file([alice]), 0.2)
-    raw = cache.r.hget(cache.k.records("hr"), "alice")
+    raw = cached(cache, cache.k.records, "hr", "alice")
     jsonschema.validate(json.loads(raw), load_schema("identity.schema.json"))
 
 
@@ -341,7 +342,7 @@ def test_a_mark_left_by_another_kind_fails_cleanly_and_a_full_sync_drops_it(cach
 def answers(cache: Cache, store: str, medium: str, address: str) -> str | None:
     """The mxid a v1 lookup and a v2 sha256 lookup find in one store's cache for a 3PID; both must agree."""
     plain = cache.mxid_of(store, medium, address)
-    hashed = cache.r.hget(cache.k.hashes(store), lookup_hash(address, medium, "pepper"))
+    hashed = cached(cache, cache.k.hashes, store, lookup_hash(address, medium, "pepper"))
     assert plain == hashed, (address, plain, hashed)
     return plain
 
@@ -387,7 +388,7 @@ def test_an_address_two_records_hold_stays_until_neither_holds_it(cache, people_
             {"id": "u4", "localpart": "carol"}]
     full_sync(cache, people_file(both), 1.0)
     assert answers(cache, "hr", "email", "desk@example.org") == "@bob:example.org"  # the record written last
-    assert sorted(cache.r.hkeys(cache.k.claims("hr"))) == ["@alice:example.org", "email desk@example.org"]
+    assert sorted(cached_all(cache, cache.k.claims, "hr")) == ["@alice:example.org", "email desk@example.org"]
     full_sync(cache, people_file([p for p in both if p["id"] != "u2"]), 1.0)
     assert answers(cache, "hr", "email", "desk@example.org") == "@alice:example.org"
     full_sync(cache, people_file([p for p in both if p["id"] not in ("u2", "u3")]), 1.0)
@@ -395,7 +396,7 @@ def test_an_address_two_records_hold_stays_until_neither_holds_it(cache, people_
     full_sync(cache, people_file([both[3]]), 1.0)
     assert answers(cache, "hr", "email", "desk@example.org") is None
     assert cache.identity_by_mxid("hr", "@alice:example.org") is None
-    assert cache.r.hkeys(cache.k.claims("hr")) == []  # lists are kept only while several records hold
+    assert list(cached_all(cache, cache.k.claims, "hr")) == []  # lists are kept only while several records hold
 
 
 @pytest.mark.parametrize("order", [("a", "b"), ("b", "a")])
@@ -425,9 +426,10 @@ def test_a_cache_written_before_records_owned_addresses_is_upgraded(cache, peopl
                                   {"id": "u2", "localpart": "bob", "emails": ["desk@example.org"]},
                                   {"id": "u3", "localpart": "carol"}]), 0.5)
     # As an older version left it: no claim lists, desk@ answered by alice.
-    cache.r.delete(cache.k.claims("hr"))
+    cache.r.delete(*(cache.k.claims("hr", bucket) for bucket in range(cache.k.spread("hr"))))
     cache.r.hdel(cache.k.state("hr"), "claims")
-    cache.r.hset(cache.k.threepids("hr"), "desk@example.org email", "@alice:example.org")
+    field = "desk@example.org email"
+    cache.r.hset(cache.k.threepids("hr", cache.k.bucket("hr", field)), field, "@alice:example.org")
     result = full_sync(cache, people_file([
         {"id": "u9", **alice}, {"id": "u2", "localpart": "bob", "emails": ["desk@example.org"], "display_name": "Bob"},
         {"id": "u3", "localpart": "carol"}]), 0.5)
@@ -518,7 +520,7 @@ def test_lookups_answer_exactly_what_live_records_hold_through_random_changes(ca
         for address in addresses:
             answer = answers(cache, "hr", "email", address)
             assert (answer in holders[address]) if address in holders else answer is None, (address, people)
-        mxids = cache.r.hgetall(cache.k.mxids("hr"))
+        mxids = cached_all(cache, cache.k.mxids, "hr")
         assert set(mxids) == {f"@{p['localpart']}:example.org" for p in people.values()}
         for mxid, store_id in mxids.items():
             assert f"@{people[store_id]['localpart']}:example.org" == mxid
@@ -527,5 +529,46 @@ def test_lookups_answer_exactly_what_live_records_hold_through_random_changes(ca
         for store_id, person in people.items():
             for claim in [f"@{person['localpart']}:example.org"] + [f"email {a}" for a in person["emails"]]:
                 shared.setdefault(claim, set()).add(store_id)
-        listed = {k: set(json.loads(v)) for k, v in cache.r.hgetall(cache.k.claims("hr")).items()}
+        listed = {k: set(json.loads(v)) for k, v in cached_all(cache, cache.k.claims, "hr").items()}
         assert listed == {claim: ids for claim, ids in shared.items() if len(ids) > 1}
+
+
+def test_a_cache_written_with_other_buckets_is_refused(rclient, prefix):
+    """The number of buckets is recorded with the epoch: another one would read the wrong keys. A
+    cache written before buckets existed counts as one bucket."""
+    Cache(rclient, prefix, 8).initialize()
+    assert Cache(rclient, prefix, 8).initialize()
+    with pytest.raises(ConfigError, match="written with 8 bucket"):
+        Cache(rclient, prefix, 1).initialize()
+    rclient.delete(RedisKeys(prefix).bucket_count)
+    assert Cache(rclient, prefix).initialize()
+    with pytest.raises(ConfigError, match="written with 1 bucket"):
+        Cache(rclient, prefix, 64).initialize()
+
+
+def test_a_batch_failing_part_way_over_buckets_is_repaired_by_the_next_sync(rclient, prefix, people_file,
+                                                                             monkeypatch):
+    """With several buckets (a Redis Cluster) a batch is written in steps: one that fails after the
+    lookup keys leaves the records as they were, and the next sync writes them again."""
+    cache = Cache(rclient, prefix, 8)
+    cache.initialize(pepper="pepper")
+    both = [{"id": "u1", "localpart": "alice", "emails": ["desk@example.org"]},
+            {"id": "u2", "localpart": "bob", "emails": ["desk@example.org", "bob@example.org"]},
+            {"id": "u3", "localpart": "carol", "emails": ["carol@example.org"]}]
+    full_sync(cache, people_file(both), 1.0)
+    assert answers(cache, "hr", "email", "desk@example.org") == "@bob:example.org"
+    # bob gives up desk@, which alice still holds.
+    moved = [both[0], {"id": "u2", "localpart": "bob", "emails": ["bob@example.net"]}, both[2]]
+    monkeypatch.setattr("indexer.claims._RECORDS", "return redis.error_reply('ERR a master was lost')")
+    assert full_sync(cache, people_file(moved), 1.0).outcome == "failed"
+    assert changes(cache) == [("u1", "upsert"), ("u2", "upsert"), ("u3", "upsert")]  # nothing announced
+    assert ("email", "bob@example.org") in cache.get("hr", ["u2"])[0].threepids  # the record as it was
+    monkeypatch.undo()
+    result = full_sync(cache, people_file(moved), 1.0)
+    assert (result.outcome, result.changed) == ("ok", 1)
+    assert answers(cache, "hr", "email", "desk@example.org") == "@alice:example.org"
+    assert answers(cache, "hr", "email", "bob@example.org") is None
+    assert answers(cache, "hr", "email", "bob@example.net") == "@bob:example.org"
+    full_sync(cache, people_file(moved[1:]), 1.0)
+    assert answers(cache, "hr", "email", "desk@example.org") is None
+    assert cached_all(cache, cache.k.claims, "hr") == {}

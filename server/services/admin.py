@@ -50,11 +50,12 @@ def _inspect_plan(k: RedisKeys, stores: list[str], medium: str | None, address: 
     if medium is None:
         mxids = [address] * len(stores)
     else:
-        mxids = yield [("hget", k.threepids(s), plain_key(address, medium)) for s in stores]
+        field = plain_key(address, medium)
+        mxids = yield [("hget", k.threepids(s, k.bucket(s, field)), field) for s in stores]
     found = [(s, m) for s, m in zip(stores, mxids) if m]
-    store_ids = yield [("hget", k.mxids(s), m) for s, m in found]
+    store_ids = yield [("hget", k.mxids(s, k.bucket(s, m)), m) for s, m in found]
     held = [(s, m, i) for (s, m), i in zip(found, store_ids)]
-    records = yield [("hget", k.records(s), i) for s, _, i in held if i]
+    records = yield [("hget", k.records(s, k.bucket(s, i)), i) for s, _, i in held if i]
     records_by = iter(records)
     matches = []
     for store, mxid, store_id in held:
@@ -72,10 +73,11 @@ class Admin:
     """Non-blocking reads and requests for the admin API and the readiness check."""
 
     def __init__(self, client: redis.asyncio.Redis, prefix: str, stores: Sequence[StoreConfig],
-                 job_start_timeout: float, bounds: HostBounds) -> None:
+                 job_start_timeout: float, bounds: HostBounds, spread: int = 1) -> None:
+        """spread: the number of buckets of the store hashes (redis.cluster.buckets, or 1)."""
         self.r = client
         self.bounds = bounds
-        self.k = RedisKeys(prefix)
+        self.k = RedisKeys(prefix, spread)
         self.kinds = {s.name: s.kind for s in stores}
         self.stores = list(self.kinds)
         self.job_start_timeout = job_start_timeout

@@ -1,8 +1,13 @@
 """The lookups of the HTTP server: 3PID and hash lookups, identities by mxid, read-through answers
-and the failed-login counters, each one round trip on the worker's pipelined Redis connection."""
+and the failed-login counters, each one round trip on the worker's pipelined Redis connection.
+
+A store's hashes may be cut into buckets (indexer.rediskeys): the fields of a bulk lookup are then
+grouped by bucket, one HMGET per store and bucket, all sent together (the cluster pipe sends each
+node its own)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any, cast
 
@@ -14,6 +19,9 @@ _DECR_IF_EXISTS = "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call(
 # Count one attempt in a window of ARGV[1] seconds, started by the first (INCR keeps the TTL that
 # SET ... NX sets): the count and the milliseconds left. A script rather than MULTI ... EXEC, which a
 # Redis Cluster client cannot send as plain commands.
+# A key per bucket of a store's hash (one for a binding mirror, or with one bucket).
+Buckets = list[str]
+
 _CLAIM_ATTEMPT = """
 redis.call('SET', KEYS[1], 0, 'EX', ARGV[1], 'NX')
 return {redis.call('INCR', KEYS[1]), redis.call('PTTL', KEYS[1])}
@@ -25,36 +33,83 @@ class Lookups:
     connection: one Redis round trip per request."""
 
     def __init__(self, pipe: CommandPipe, prefix: str, stores: list[str], hidden: frozenset[str] = frozenset(),
-                 directory: list[str] | None = None) -> None:
+                 directory: list[str] | None = None, spread: int = 1) -> None:
         """stores: the lookup order (configured stores and binding mirrors), first match wins;
         hidden: those of them that lookups from other servers do not see (lookup.share_binds);
-        directory: the configured stores alone (default: stores)."""
+        directory: the configured stores alone (default: stores); spread: the number of buckets of
+        the store hashes (redis.cluster.buckets, or 1)."""
         self.pipe = pipe
-        self.k = RedisKeys(prefix)
+        self.k = RedisKeys(prefix, spread)
         self._orders = {True: self._keyed(stores), False: self._keyed([s for s in stores if s not in hidden])}
         self._directory = self._keyed(stores if directory is None else directory)
+        directory_stores = self._directory[0]
+        self._mxid_keys = [self._buckets(self.k.mxids, s) for s in directory_stores]
+        self._record_keys = {s: (self._buckets(self.k.records, s), self._buckets(self.k.locators, s))
+                             for s in directory_stores}
 
-    def _keyed(self, stores: list[str]) -> tuple[list[str], list[str], list[str]]:
+    def _buckets(self, key_of: Callable[[str, int], str], store: str) -> Buckets:
+        return [key_of(store, bucket) for bucket in range(self.k.spread(store))]
+
+    def _keyed(self, stores: list[str]) -> tuple[list[str], list[Buckets], list[Buckets]]:
         """(stores, their 3PID hashes, their lookup-hash hashes): key names made once, not per lookup."""
-        return stores, [self.k.threepids(s) for s in stores], [self.k.hashes(s) for s in stores]
+        return (stores, [self._buckets(self.k.threepids, s) for s in stores],
+                [self._buckets(self.k.hashes, s) for s in stores])
+
+    def _hmgets(self, hashes: list[Buckets], fields: list[str]) -> tuple[list[tuple[Any, ...]], list[Any]]:
+        """The HMGETs that read fields from each of hashes, and how to put their replies back in
+        order (for _assemble)."""
+        if self.k.buckets == 1:
+            return [("HMGET", keys[0], *fields) for keys in hashes], []
+        groups: dict[int, list[int]] = {}
+        for i, field in enumerate(fields):
+            groups.setdefault(self.k.field_bucket(field), []).append(i)
+        commands: list[tuple[Any, ...]] = []
+        shapes: list[Any] = []
+        for keys in hashes:
+            if len(keys) == 1:
+                commands.append(("HMGET", keys[0], *fields))
+                shapes.append(None)
+            else:
+                commands += [("HMGET", keys[bucket], *(fields[i] for i in where)) for bucket, where in groups.items()]
+                shapes.append(groups)
+        return commands, shapes
+
+    @staticmethod
+    def _assemble(replies: list[Any], shapes: list[Any], count: int) -> list[list[Any]]:
+        """Each hash's values of _hmgets's fields, in order, from the replies to its commands."""
+        if not shapes:
+            return replies[:count]
+        answers = iter(replies)
+        out = []
+        for groups in shapes:
+            if groups is None:
+                out.append(next(answers))
+                continue
+            values: list[Any] = [None] * sum(len(where) for where in groups.values())
+            for where in groups.values():
+                for i, value in zip(where, next(answers)):
+                    values[i] = value
+            out.append(values)
+        return out
 
     async def pepper(self) -> str | None:
         return cast("str | None", await self.pipe.execute("GET", self.k.pepper))
 
     async def _first_match(
-        self, order: tuple[list[str], list[str], list[str]], hashed: bool, fields: list[str], with_pepper: bool,
+        self, order: tuple[list[str], list[Buckets], list[Buckets]], hashed: bool, fields: list[str], with_pepper: bool,
         sources: list[str | None] | None
     ) -> tuple[str | None, list[str | None]]:
         # One HMGET per store, sent together: a Lua script doing the same in one command cost Redis
         # five times the CPU, whatever the number of fields.
         stores, plain_keys, hash_keys = order
-        commands: list[tuple[Any, ...]] = [("HMGET", key, *fields) for key in (hash_keys if hashed else plain_keys)]
+        commands, shapes = self._hmgets(hash_keys if hashed else plain_keys, fields)
         if with_pepper:
             commands.append(("GET", self.k.pepper))
         replies = await self.pipe.execute_many(commands)
-        found: list[str | None] = replies[0]
+        per_store = self._assemble(replies, shapes, len(stores))
+        found: list[str | None] = per_store[0]
         origin: list[str | None] = [stores[0] if mxid is not None else None for mxid in found]
-        for store, answers in zip(stores[1:], replies[1:len(stores)]):
+        for store, answers in zip(stores[1:], per_store[1:]):
             if None not in found:
                 break
             for i, mxid in enumerate(answers):
@@ -111,12 +166,13 @@ class Lookups:
         if not mxids:
             return []
         stores = self._directory[0]
-        replies = await self.pipe.execute_many([("HMGET", self.k.mxids(s), *mxids) for s in stores])
+        commands, shapes = self._hmgets(self._mxid_keys, mxids)
+        replies = self._assemble(await self.pipe.execute_many(commands), shapes, len(stores))
         owners: list[tuple[str, str] | None] = [None] * len(mxids)
         for store, store_ids in zip(stores, replies):
             owners = [o if o is not None or i is None else (store, i) for o, i in zip(owners, store_ids)]
-        reads = [("HGET", key, store_id) for store, store_id in filter(None, owners)
-                 for key in (self.k.records(store), self.k.locators(store))]
+        reads = [("HGET", keys[self.k.bucket(store, store_id)], store_id) for store, store_id in filter(None, owners)
+                 for keys in self._record_keys[store]]
         records = iter(await self.pipe.execute_many(reads))
         found: list[Identity | None] = []
         for owner in owners:
@@ -128,11 +184,13 @@ class Lookups:
         """Every configured store's identity of mxid, in config order (empty when no store has one).
         Two round trips whatever the number of stores."""
         stores = self._directory[0]
-        store_ids = await self.pipe.execute_many([("HGET", self.k.mxids(s), mxid) for s in stores])
+        store_ids = await self.pipe.execute_many([("HGET", keys[self.k.bucket(s, mxid)], mxid)
+                                                  for s, keys in zip(stores, self._mxid_keys)])
         held = [(store, store_id) for store, store_id in zip(stores, store_ids) if store_id is not None]
         if not held:
             return []
-        raws = await self.pipe.execute_many([("HGET", self.k.records(s), i) for s, i in held])
+        raws = await self.pipe.execute_many([("HGET", self._record_keys[s][0][self.k.bucket(s, i)], i)
+                                             for s, i in held])
         return [Identity.from_json(raw) for raw in raws if raw]
 
     async def failures(self, kind: str, who: str) -> tuple[int, int]:
