@@ -10,7 +10,7 @@ a field lives in bucket crc32(field) mod B, whose key carries the tag "{cache:<b
 (P{cache:7}s:S:3pid), so that a Cluster spreads them, and their memory, over its masters. With B = 1
 (one Redis, or Sentinel) there is one bucket and its key is tagged "{cache}" (P{cache}s:S:3pid): the
 key names and the number of keys of a single node stay those of versions without buckets. B is
-recorded in the cache (buckets); a cache written with another B is refused (Cache.check_buckets).
+recorded in the cache (buckets); a cache written with another B is refused (Cache.initialize).
 Everything else carries "{cache}" (P{cache}epoch, P{cache}changes): scripts and transactions of
 jobs, heartbeats, follower status and the binding mirror span several keys, so in a Redis Cluster
 they share one slot (the binding mirror, written one bind at a time, is not bucketed).
