@@ -244,7 +244,7 @@ class Ours:
         if self.process is not None:
             stop(self.process)
         target = self.redis.get("url") or RedisClusterConfig(tuple(self.redis["cluster"]["nodes"]), None, None,
-                                                             RedisTlsConfig(False, None, True), 64)
+                                                             RedisTlsConfig(False, None, True), 24)
         client = connect(target)
         if "cluster" in self.redis:
             print(f"the cache over the cluster's masters: {spread(client, self.prefix)}", flush=True)

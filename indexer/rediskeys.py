@@ -6,8 +6,12 @@ untagged, so that a Cluster spreads them over its nodes.
 
 A store's large hashes (rec, chash, gen, 3pid, sha256, mxid, claims, locator: one field per
 identity or address) are each cut into B buckets (redis.cluster.buckets on a Redis Cluster, else 1):
-a field lives in bucket crc32(field) mod B, whose key carries the tag "{cache:<bucket>}"
-(P{cache:7}s:S:3pid), so that a Cluster spreads them, and their memory, over its masters. With B = 1
+a field lives in bucket crc32(field) mod B, whose key carries the tag "{cache:<bucket>.<n>}"
+(P{cache:7.12}s:S:3pid), so that a Cluster spreads them, and their memory, over its masters. n is
+the first number that puts the tag's slot in the middle of the bucket's own B-th of the 16,384
+slots (bucket_tags): the buckets lie evenly over the slots, so masters that serve equal ranges of
+slots (as `redis-cli --cluster create` makes them) hold equal numbers of buckets when B is a
+multiple of their number (B = 24: 2, 3, 4, 6, 8 or 12 masters). With B = 1
 (one Redis, or Sentinel) there is one bucket and its key is tagged "{cache}" (P{cache}s:S:3pid): the
 key names and the number of keys of a single node stay those of versions without buckets. B is
 recorded in the cache (buckets); a cache written with another B is refused (Cache.initialize).
@@ -62,6 +66,9 @@ from __future__ import annotations
 
 import hashlib
 import zlib
+from functools import lru_cache
+
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 from indexer.normalize import lookup_forms, lookup_hash
 
@@ -101,12 +108,28 @@ def lookup_fields(medium: str, address: str, pepper: str) -> tuple[list[str], li
 CACHE_TAG = "{cache}"
 
 
+@lru_cache(maxsize=4)
+def bucket_tags(buckets: int) -> tuple[str, ...]:
+    """The hash tag of each of B buckets: "cache:<bucket>.<n>", n the first number that puts its slot
+    in the middle half of the bucket's B-th of the slots (see the module's docstring)."""
+    width = REDIS_CLUSTER_HASH_SLOTS / buckets
+    tags = []
+    for bucket in range(buckets):
+        low, high = (bucket + 0.25) * width, (bucket + 0.75) * width
+        n = 0
+        while not low <= key_slot(f"cache:{bucket}.{n}".encode()) < high:
+            n += 1
+        tags.append(f"cache:{bucket}.{n}")
+    return tuple(tags)
+
+
 class RedisKeys:
     """Key names under a prefix, with the store hashes cut into buckets (see the module's docstring)."""
 
     def __init__(self, prefix: str, buckets: int = 1) -> None:
         self.prefix = prefix
         self.buckets = buckets
+        self._tags = bucket_tags(buckets) if buckets > 1 else ()
         cache = self.cache_prefix = f"{prefix}{CACHE_TAG}"
         self.epoch = f"{cache}epoch"
         self.bucket_count = f"{cache}buckets"
@@ -144,7 +167,7 @@ class RedisKeys:
     def _bucketed(self, store: str, part: str, bucket: int) -> str:
         if self.buckets == 1 or store.startswith("_"):
             return self._store(store, part)
-        return f"{self.prefix}{{cache:{bucket}}}s:{store}:{part}"
+        return f"{self.prefix}{{{self._tags[bucket]}}}s:{store}:{part}"
 
     # Each takes a bucket: bucket(store, field) for one field, or each of range(spread(store)).
     def records(self, store: str, bucket: int) -> str:
