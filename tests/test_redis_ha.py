@@ -345,3 +345,20 @@ def test_cluster_spreads_the_cache(cluster, make_server, postgres_url, client_ho
             "algorithm": "sha256", "pepper": pepper, "addresses": [*hashed, "not-a-known-hash"]})
         assert response.status_code == 200, response.text
         assert response.json()["mappings"] == hashed
+    # The identities of Matrix IDs (password checks, profiles), read from their buckets.
+    target = RedisClusterConfig(nodes=(cluster.addresses[0],), username=None, password=None, tls=_no_tls(),
+                                buckets=BUCKETS)
+
+    async def identities() -> tuple[list[str | None], list[str]]:
+        pipe = lookup_pipe(target, 2)
+        try:
+            service = Lookups(pipe, prefix, ["people"], spread=BUCKETS)
+            found = await service.identities(["@u00007:example.org", "@nobody:example.org", "@u02999:example.org"])
+            everywhere = await service.identity_everywhere("@u00042:example.org")
+            return [i.store_id if i else None for i in found], [i.mxid for i in everywhere]
+        finally:
+            await pipe.aclose()
+
+    found, everywhere = asyncio.run(identities())
+    assert found[1] is None and found[0] and found[2] and found[0] != found[2]
+    assert everywhere == ["@u00042:example.org"]

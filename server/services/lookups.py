@@ -60,6 +60,9 @@ class Lookups:
         order (for _assemble)."""
         if self.k.buckets == 1:
             return [("HMGET", keys[0], *fields) for keys in hashes], []
+        if len(fields) == 1:  # one command per hash, as with one bucket
+            bucket = self.k.field_bucket(fields[0])
+            return [("HMGET", keys[bucket if len(keys) > 1 else 0], *fields) for keys in hashes], []
         groups: dict[int, list[int]] = {}
         for i, field in enumerate(fields):
             groups.setdefault(self.k.field_bucket(field), []).append(i)
