@@ -66,28 +66,56 @@ def search_entry(message: bytes, message_id: int) -> dict[str, Any] | None:
     at += size
     size, at = _length(message, at + 1)  # attributes, a SEQUENCE OF PartialAttribute
     stop = at + size
-    raw = RawAttributes()
-    ranged = RawAttributes()
+    attributes: dict[str, list[bytes]] = {}
+    ranged: dict[str, list[bytes]] = {}
+    # Short lengths (one octet, nearly all of them) are read inline: this loop is most of a sync's
+    # reading.
     while at < stop:
-        _, at = _length(message, at + 1)  # PartialAttribute, a SEQUENCE
-        size, at = _length(message, at + 1)  # its type, an OCTET STRING
-        name = message[at:at + size].decode("utf-8", "replace").lower()
+        # The PartialAttribute SEQUENCE's own length is not needed: its parts follow.
+        at = at + 2 if message[at + 1] < 0x80 else _length(message, at + 1)[1]
+        size = message[at + 1]  # its type, an OCTET STRING
+        if size < 0x80:
+            at += 2
+        else:
+            size, at = _length(message, at + 1)
+        raw_name = message[at:at + size]
+        name = _NAMES.get(raw_name) or _name(raw_name)
         at += size
-        size, at = _length(message, at + 1)  # its values, a SET OF OCTET STRING
+        size = message[at + 1]  # its values, a SET OF OCTET STRING
+        if size < 0x80:
+            at += 2
+        else:
+            size, at = _length(message, at + 1)
         end = at + size
         values = []
         while at < end:
-            size, at = _length(message, at + 1)
+            size = message[at + 1]
+            if size < 0x80:
+                at += 2
+            else:
+                size, at = _length(message, at + 1)
             values.append(message[at:at + size])
             at += size
-        dict.__setitem__(raw, name, values)
+        attributes[name] = values
         if _RANGE in name:
-            dict.__setitem__(ranged, name, list(values))
+            ranged[name] = list(values)
     try:
         dn = raw_dn.decode("utf-8")
     except UnicodeDecodeError:
         dn = to_unicode(raw_dn, from_server=True)
-    return {"type": "searchResEntry", "raw_dn": raw_dn, "dn": dn, "raw_attributes": raw, "attributes": ranged}
+    return {"type": "searchResEntry", "raw_dn": raw_dn, "dn": dn, "raw_attributes": RawAttributes(attributes),
+            "attributes": RawAttributes(ranged)}
+
+
+# Attribute names as they come, lowercased: a directory has a few hundred (ranged ones may vary).
+_NAMES: dict[bytes, str] = {}
+
+
+def _name(raw: bytes) -> str:
+    if len(_NAMES) >= 4096:
+        _NAMES.clear()
+    name = _NAMES[raw] = raw.decode("utf-8", "replace").lower()
+    return name
 
 
 class LeanSync(SyncStrategy):
