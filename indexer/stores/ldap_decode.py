@@ -17,20 +17,14 @@ _RANGE = ";range="  # Active Directory's ranged values (ldap3 fetches the rest o
 
 
 class RawAttributes(dict[str, list[bytes]]):
-    """An entry's raw values by attribute name, in any case (as ldap3's raw_attributes): held under
-    lowercased names."""
+    """An entry's raw values by attribute name, read in any case (as ldap3's raw_attributes); written
+    under lowercased names (by search_entry, and by ldap3's auto_range under the names it found)."""
 
     def get(self, name: str, default: Any = None) -> Any:
         return super().get(name.lower(), default)
 
     def __getitem__(self, name: str) -> list[bytes]:
         return super().__getitem__(name.lower())
-
-    def __setitem__(self, name: str, values: list[bytes]) -> None:
-        super().__setitem__(name.lower(), values)
-
-    def __delitem__(self, name: str) -> None:
-        super().__delitem__(name.lower())
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and super().__contains__(name.lower())
@@ -66,7 +60,7 @@ def search_entry(message: bytes, message_id: int) -> dict[str, Any] | None:
     at += size
     size, at = _length(message, at + 1)  # attributes, a SEQUENCE OF PartialAttribute
     stop = at + size
-    attributes: dict[str, list[bytes]] = {}
+    attributes = RawAttributes()
     ranged: dict[str, list[bytes]] = {}
     # Short lengths (one octet, nearly all of them) are read inline: this loop is most of a sync's
     # reading.
@@ -103,8 +97,7 @@ def search_entry(message: bytes, message_id: int) -> dict[str, Any] | None:
         dn = raw_dn.decode("utf-8")
     except UnicodeDecodeError:
         dn = to_unicode(raw_dn, from_server=True)
-    return {"type": "searchResEntry", "raw_dn": raw_dn, "dn": dn, "raw_attributes": RawAttributes(attributes),
-            "attributes": RawAttributes(ranged)}
+    return {"type": "searchResEntry", "raw_dn": raw_dn, "dn": dn, "raw_attributes": attributes, "attributes": ranged}
 
 
 # Attribute names as they come, lowercased: a directory has a few hundred (ranged ones may vary).
