@@ -90,8 +90,12 @@ class Cache:
     def count(self, store: str) -> int:
         return self.r.hlen(self.k.records(store))
 
-    def content_hashes(self, store: str) -> dict[str, str]:
-        return cast("dict[str, str]", self.r.hgetall(self.k.content_hashes(store)))
+    def content_hashes(self, store: str, store_ids: list[str] | None = None) -> dict[str, str]:
+        """The content hash of every record of the store, or of those of store_ids it holds."""
+        if store_ids is None:
+            return cast("dict[str, str]", self.r.hgetall(self.k.content_hashes(store)))
+        held = cast("list[str | None]", self.r.hmget(self.k.content_hashes(store), store_ids) if store_ids else [])
+        return {i: h for i, h in zip(store_ids, held) if h is not None}
 
     def get(self, store: str, store_ids: list[str]) -> list[Identity | None]:
         if not store_ids:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
 from collections.abc import Iterator
+from typing import Any
 
 import bcrypt
 import jsonschema
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from indexer.cache import Cache
 from indexer.config import load_schema
@@ -529,3 +533,26 @@ def test_lookups_answer_exactly_what_live_records_hold_through_random_changes(ca
                 shared.setdefault(claim, set()).add(store_id)
         listed = {k: set(json.loads(v)) for k, v in cache.r.hgetall(cache.k.claims("hr")).items()}
         assert listed == {claim: ids for claim, ids in shared.items() if len(ids) > 1}
+
+
+_texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_texts, _texts, st.none() | _texts, st.lists(st.tuples(_texts, _texts), max_size=3), _texts,
+       st.lists(_texts, max_size=3))
+def test_identity_json_is_what_json_dumps_gives(user, store_id, name, threepids, store, roles):
+    # Identity writes its hashed body and its record directly; they must stay byte for byte what
+    # json.dumps gave, or every cached record would be rewritten (and its lookups re-claimed).
+    identity = Identity.build(mxid=f"@{user}:example.org", localpart=user, display_name=name, threepids=threepids,
+                              store=store, store_id=store_id, roles=roles)
+    body: dict[str, Any] = {"mxid": identity.mxid, "localpart": user, "display_name": name,
+                            "threepids": [list(t) for t in sorted(set(threepids))], "store": store,
+                            "store_id": store_id}
+    record = {**body, "threepids": identity.threepid_objects(), "hash": identity.hash}
+    if identity.roles:
+        body["roles"] = record["roles"] = list(identity.roles)
+    hashed = json.dumps(body, sort_keys=True, ensure_ascii=False).encode()
+    assert identity.hash == hashlib.sha256(hashed).hexdigest()
+    assert identity.to_json() == json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+    assert Identity.from_json(identity.to_json()) == identity
