@@ -115,7 +115,11 @@ class Cache:
             pipe.hlen(key)
         return sum(pipe.execute())
 
-    def content_hashes(self, store: str) -> dict[str, str]:
+    def content_hashes(self, store: str, store_ids: list[str] | None = None) -> dict[str, str]:
+        """The content hash of every record of the store, or of those of store_ids it holds."""
+        if store_ids is not None:
+            held = buckets.hmget(self.r, self.k, self.k.content_hashes, store, store_ids)
+            return {i: h for i, h in zip(store_ids, held) if h is not None}
         pipe = self.r.pipeline(transaction=False)
         for key in buckets.every(self.k, self.k.content_hashes, store):
             pipe.hgetall(key)

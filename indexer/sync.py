@@ -15,7 +15,7 @@ from indexer import logs
 from indexer.cache import Cache
 from indexer.identity import Identity
 from indexer.settings import SyncConfig
-from indexer.stores import Store, StoreError
+from indexer.stores import Change, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -169,16 +169,38 @@ def sync_store(
 
 def _run_incremental(cache: Cache, store: Store, mark: Any, result: SyncResult, progress: Progress) -> None:
     generation = cache.generation(store.name)
-    known = cache.content_hashes(store.name)
+    # The content hash of each record these changes touch (None: not in the cache), read a batch at
+    # a time (not every record's: that grew with the store, whatever the number of changes), then
+    # kept as this sync leaves it.
+    known: dict[str, str | None] = {}
     newest = mark
-    pending: dict[str, Identity | None] = {}
-    located: list[Identity] = []
+    batch: list[Change] = []
     applied = 0
 
     def flush() -> None:
         nonlocal applied
+        unread = list({c.store_id for c in batch if c.store_id not in known})
+        hashes = cache.content_hashes(store.name, unread)
+        known.update((i, hashes.get(i)) for i in unread)
+        located = [c.identity for c in batch if c.identity is not None]
+        pending: dict[str, Identity | None] = {}
+        for change in batch:
+            previous = known[change.store_id]
+            if change.identity is not None and previous == change.identity.hash:
+                continue
+            if change.identity is None and previous is None:
+                continue
+            if change.identity is not None:
+                if previous is not None:
+                    result.changed += 1
+                else:
+                    result.added += 1
+                known[change.store_id] = change.identity.hash
+            else:
+                known[change.store_id] = None
+            pending[change.store_id] = change.identity
+        batch.clear()
         cache.set_locators(store.name, located)
-        located.clear()
         ids = list(pending)
         old = dict(zip(ids, cache.get(store.name, ids)))
         upserts = [(new, old[i]) for i, new in pending.items() if new is not None]
@@ -186,28 +208,13 @@ def _run_incremental(cache: Cache, store: Store, mark: Any, result: SyncResult, 
         cache.apply(store.name, upserts, deletes, generation)
         applied += len(upserts) + len(deletes)
         result.removed += len(deletes)
-        pending.clear()
         progress(result.read, applied)
 
     for change in store.changes_since(mark):
         result.read += 1
         newest = max(newest, change.mark)
-        if change.identity is not None:
-            located.append(change.identity)
-        if change.identity is not None and known.get(change.store_id) == change.identity.hash:
-            continue
-        if change.identity is None and change.store_id not in known:
-            continue
-        if change.identity is not None:
-            if change.store_id in known:
-                result.changed += 1
-            else:
-                result.added += 1
-            known[change.store_id] = change.identity.hash
-        else:
-            known.pop(change.store_id, None)
-        pending[change.store_id] = change.identity
-        if len(pending) >= BATCH or len(located) >= BATCH:
+        batch.append(change)
+        if len(batch) >= BATCH:
             flush()
     flush()
     # Only now that every change is in the cache may the mark move on.

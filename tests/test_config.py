@@ -160,6 +160,8 @@ def with_changes(**changes: object) -> dict:
          'recursion.proxies[0]: expected an address or network like "10.0.0.0/8", got "10.0.0.0/33"'),
         (with_changes(recursion__forwarders=["matrix.org"]),
          'recursion.forwarders[0]: expected an http(s) URL, got "matrix.org"'),
+        (with_changes(invites__register_url="javascript:alert(1)"),
+         'invites.register_url: expected an http:// or https:// URL, or null, got "javascript:alert(1)"'),
         (with_changes(invites__expire_after="a week"),
          'invites.expire_after: expected a duration like "1h", got "a week"'),
     ],

@@ -14,11 +14,14 @@ from typing import Any
 
 import ldap3
 import pytest
+from ldap3.operation.search import search_result_entry_response_to_dict_fast
+from ldap3.utils.asn1 import decode_message_fast
 
 from indexer.identity import Identity
 from indexer.normalize import lookup_hash
 from indexer.stores import StoreUnavailable
 from indexer.stores.ldap import LdapStore
+from indexer.stores.ldap_decode import search_entry
 from indexer.stores.ldap_mapping import filter_value, normalize_time
 from indexer.stores.ldap_roles import dn_key, unescape_value
 from indexer.sync import full_sync, incremental_sync
@@ -688,3 +691,31 @@ def test_group_member_values_match_however_the_dn_is_spelled():
     assert dn_key(r"CN=Sales\, EMEA,DC=example") == dn_key(r"cn=sales\, emea,dc=example")
     assert unescape_value(r"Sales\2C EMEA") == unescape_value(r"Sales\, EMEA") == "Sales, EMEA"
     assert unescape_value(r"\C3\89quipe") == "Équipe"
+
+
+def _ber(tag: int, value: bytes) -> bytes:
+    size = len(value)
+    length = bytes([size]) if size < 0x80 else bytes([0x80 | (size.bit_length() + 7) // 8]) + size.to_bytes(
+        (size.bit_length() + 7) // 8, "big")
+    return bytes([tag]) + length + value
+
+
+def test_entries_decoded_lean_hold_what_ldap3_decodes():
+    # Short and long BER lengths, binary and multiple values, a name in any case, a ranged value.
+    attributes = [("objectGUID", [uuid.UUID(int=7).bytes_le]), ("mail", [b"a@example.org", b"b@example.org"]),
+                  ("displayName", ["Zoë ".encode() * 60]), ("description", [bytes(range(256)) * 300]),
+                  ("member;range=0-1499", [b"cn=x"]), ("cn", [])]
+    entry = _ber(0x04, "cn=Zoë,dc=example,dc=org".encode()) + _ber(0x30, b"".join(
+        _ber(0x30, _ber(0x04, name.encode()) + _ber(0x31, b"".join(_ber(0x04, v) for v in values)))
+        for name, values in attributes))
+    message = _ber(0x30, _ber(0x02, (300).to_bytes(2, "big")) + _ber(0x64, entry))
+    ours = search_entry(message, 300)
+    theirs = search_result_entry_response_to_dict_fast(decode_message_fast(message)["payload"], None, None, True)
+    assert ours is not None and ours["type"] == "searchResEntry"
+    assert (ours["dn"], ours["raw_dn"]) == (theirs["dn"], theirs["raw_dn"])
+    # (No values: ldap3 says None, which no reader of ours would iterate.)
+    assert ours["raw_attributes"] == {name.lower(): values or [] for name, values in theirs["raw_attributes"].items()}
+    assert ours["raw_attributes"].get("OBJECTGUID") == theirs["raw_attributes"]["objectguid"]
+    assert list(ours["attributes"]) == ["member;range=0-1499"]  # for ldap3's auto_range to complete
+    assert search_entry(message, 301) is None  # another search's entry: ldap3's, as anything else
+    assert search_entry(_ber(0x30, _ber(0x02, b"\x01") + _ber(0x65, b"")), 1) is None

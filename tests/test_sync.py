@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
 from collections.abc import Iterator
+from typing import Any
 
 import bcrypt
 import jsonschema
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from indexer.cache import Cache
 from indexer.config import ConfigError, load_schema
@@ -572,3 +576,26 @@ def test_a_batch_failing_part_way_over_buckets_is_repaired_by_the_next_sync(rcli
     full_sync(cache, people_file(moved[1:]), 1.0)
     assert answers(cache, "hr", "email", "desk@example.org") is None
     assert cached_all(cache, cache.k.claims, "hr") == {}
+
+
+_texts = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_texts, _texts, st.none() | _texts, st.lists(st.tuples(_texts, _texts), max_size=3), _texts,
+       st.lists(_texts, max_size=3))
+def test_identity_json_is_what_json_dumps_gives(user, store_id, name, threepids, store, roles):
+    # Identity writes its hashed body and its record directly; they must stay byte for byte what
+    # json.dumps gave, or every cached record would be rewritten (and its lookups re-claimed).
+    identity = Identity.build(mxid=f"@{user}:example.org", localpart=user, display_name=name, threepids=threepids,
+                              store=store, store_id=store_id, roles=roles)
+    body: dict[str, Any] = {"mxid": identity.mxid, "localpart": user, "display_name": name,
+                            "threepids": [list(t) for t in sorted(set(threepids))], "store": store,
+                            "store_id": store_id}
+    record = {**body, "threepids": identity.threepid_objects(), "hash": identity.hash}
+    if identity.roles:
+        body["roles"] = record["roles"] = list(identity.roles)
+    hashed = json.dumps(body, sort_keys=True, ensure_ascii=False).encode()
+    assert identity.hash == hashlib.sha256(hashed).hexdigest()
+    assert identity.to_json() == json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+    assert Identity.from_json(identity.to_json()) == identity

@@ -18,6 +18,7 @@ from ldap3.core.exceptions import LDAPException
 
 from indexer.settings import LdapStoreConfig
 from indexer.stores import StoreError, StoreUnavailable
+from indexer.stores.ldap_decode import lean
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +123,11 @@ class Directory:
             server = ldap3.Server(uri, connect_timeout=min(self.connect_timeout, left), tls=self.tls,
                                   get_info=ldap3.NONE)
             # The TLS handshake of ldaps:// may take what is left (ldap3 wants whole seconds here).
-            conn = ldap3.Connection(server, user=dn, password=password,
-                                    authentication=ldap3.SIMPLE if dn else ldap3.ANONYMOUS,
-                                    read_only=True, raise_exceptions=False, auto_referrals=False,
-                                    receive_timeout=math.ceil(left))
+            # Attributes an entry lacks are absent, not empty lists: they are read with get().
+            conn = lean(ldap3.Connection(server, user=dn, password=password,
+                                         authentication=ldap3.SIMPLE if dn else ldap3.ANONYMOUS,
+                                         read_only=True, raise_exceptions=False, auto_referrals=False,
+                                         receive_timeout=math.ceil(left), return_empty_attributes=False))
             try:
                 conn.open()
                 self.wait_at_most(conn, deadline)

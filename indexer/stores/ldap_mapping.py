@@ -47,6 +47,10 @@ def filter_value(value: str | bytes) -> str:
 
 def normalize_time(value: str) -> str:
     """A generalizedTime as UTC "YYYYMMDDHHMMSS.ffffffZ", so that string order is time order."""
+    if len(value) == 15 and value[14] == "Z" and value[:14].isascii() and value[:14].isdigit():
+        # Whole seconds in UTC, as OpenLDAP's modifyTimestamp always is: no date to parse (a full
+        # sync's mark reads every entry changed in the last hour).
+        return f"{value[:14]}.000000Z"
     text = value.strip().replace(",", ".")
     offset = UTC
     if text.endswith("Z"):

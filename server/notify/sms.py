@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import httpx
 
 from indexer.settings import SmsConfig
+from server.homeserver import answer_json
 from server.metrics import NOTIFICATIONS, OUTGOING_FAILURES
 from server.notify import AddressRefused, SendError, read_template, recipient_values, render
 
@@ -17,15 +17,6 @@ log = logging.getLogger(__name__)
 # not a valid number, a country the account may not send to, a number that opted out, one that cannot
 # be reached, a landline. Any other refusal is ours (credentials, the From number, the account).
 RECIPIENT_ERRORS = frozenset({21211, 21408, 21610, 21612, 21614})
-
-
-def _json_object(response: httpx.Response) -> dict[str, Any]:
-    """Twilio's JSON answer ({} when it is not a JSON object)."""
-    try:
-        body = response.json()
-    except ValueError:
-        return {}
-    return body if isinstance(body, dict) else {}
 
 
 class SmsSender:
@@ -50,7 +41,7 @@ class SmsSender:
                 response = await client.get(url, auth=(self.account_sid, self.auth_token))
         except httpx.HTTPError as exc:
             raise SendError(f"Twilio at {self.base_url} cannot be reached: {exc or type(exc).__name__}") from None
-        body = _json_object(response)
+        body = answer_json(response)
         if response.status_code != 200:
             raise SendError(f"Twilio refused the account {self.account_sid} (HTTP {response.status_code}) "
                             f"{body.get('message', '')}".strip())
@@ -72,7 +63,7 @@ class SmsSender:
             raise SendError(f"Twilio at {self.base_url} cannot be reached: {exc or type(exc).__name__}") from None
         if response.status_code >= 300:
             NOTIFICATIONS.labels("msisdn", "failed").inc()
-            answer = _json_object(response)
+            answer = answer_json(response)
             message = f"Twilio refused the SMS to +{msisdn} (HTTP {response.status_code}) {answer.get('message', '')}"
             if answer.get("code") in RECIPIENT_ERRORS:
                 raise AddressRefused(message.strip())
