@@ -15,7 +15,7 @@ from whoosh import index
 from indexer.fulltext import POSITION_FILE
 from indexer.identity import Identity
 from indexer.settings import DirectoryHideConfig
-from server.services.directory_ranking import WORD_FIELDS, Hit, IndexNotReady, OpenIndex, ranked
+from server.services.directory_ranking import WORD_FIELDS, Hit, IndexNotReady, OpenIndex, capped, ranked
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def _search(opened: OpenIndex, text: str, threepids: bool, limit: int, hide: Hid
         hits.append(hit)
         if len(hits) > limit:
             return hits[:limit], True
-    return hits, False
+    return hits, capped(opened, text, threepids)
 
 
 
