@@ -138,3 +138,15 @@ def test_an_index_filled_change_by_change_finds_what_a_rebuilt_one_does(tmp_path
     rebuilt = FullText(tmp_path / "rebuilt")
     rebuilt.rebuild([final[i] for i in order], "epoch", "0-9999")
     assert results(changed.path) == results(rebuilt.path)
+
+
+def test_a_search_answered_from_kept_matches_is_the_search_itself(tmp_path):
+    # The HTTP server answers on its event loop the searches whose matches earlier ones have kept.
+    FullText(tmp_path / "fulltext").rebuild(population(), "epoch", "0-0")
+    search = DirectorySearch(tmp_path / "fulltext", HideRules([]), True)
+    search.search("alice", LIMIT)  # waits for the index to open
+    for query in ("smith", "ser12", "smiht", "maria smith", "@user13:example.org", "4479"):
+        assert search.search_kept(query, LIMIT) is None
+        answer = search.search(query, LIMIT)
+        assert search.search_kept(query, LIMIT) == answer
+    search.close()

@@ -177,6 +177,8 @@ class OpenIndex:
         self._held = 0
         self._people: OrderedDict[int, tuple[Hit, tuple[str, ...]]] = OrderedDict()
         self._capped: dict[tuple[str, str], None] = {}  # (field, word) of capped inside(), oldest first
+        # While set, a search that needs a match not kept raises NotKept instead of computing it.
+        self.kept_only = False
 
     def close(self) -> None:
         self.reader.close()
@@ -186,6 +188,8 @@ class OpenIndex:
         if found is not None:
             self._matches.move_to_end(key)
             return found
+        if self.kept_only:
+            raise NotKept(key)
         found = self._matches[key] = read()
         self._held += _bytes(found)
         while self._held > MATCHES_KEPT_BYTES and len(self._matches) > 1:
@@ -341,6 +345,10 @@ class Hit:
     mxid: str
     display_name: str | None
     store: str
+
+
+class NotKept(Exception):
+    """A search with OpenIndex.kept_only set needs a match that is not kept."""
 
 
 class IndexNotReady(Exception):
