@@ -21,7 +21,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
+import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -42,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.latency_proxy import LatencyProxy  # noqa: E402
 from bench.ldap_sync import BASE, FIRST, LAST, full_name, ldif  # noqa: E402
+from indexer.follower import CONSOLIDATE_AFTER  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 from tests.fake_homeserver import ClientHomeserver  # noqa: E402
 from tests.slapd import READER_DN, READER_PASSWORD, Slapd  # noqa: E402
@@ -143,6 +147,10 @@ def main() -> None:
     parser.add_argument("--redis-url", help="a Redis to use (a fresh key prefix); default: an embedded one")
     args = parser.parse_args()
 
+    # SIGTERM (and SIGHUP) end the benchmark as Ctrl-C does, through the finally blocks below that
+    # stop mxisd, slapd and the proxy: the default action would leave them running.
+    for number in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, interrupted)
     with tempfile.TemporaryDirectory(prefix="mxisd-bench-") as tmp:
         root = Path(tmp)
         (root / "slapd").mkdir()
@@ -154,22 +162,42 @@ def main() -> None:
         proxy = LatencyProxy(slapd.port, 0.010, 0.010)
         homeserver = ClientHomeserver()
         homeserver.tokens[TOKEN] = "@bench:example.org"
-        server = None
+        servers: list[subprocess.Popen[bytes]] = []
         try:
-            server, url = start_server(args, root, slapd, homeserver)
+            url = start_server(args, root, slapd, homeserver, servers)
             run(args, url, slapd, f"ldap://127.0.0.1:{proxy.port}")
         finally:
-            if server is not None:
-                server.terminate()
-                server.wait(timeout=60)
+            for server in servers:
+                stop(server)
             homeserver.stop()
             proxy.close()
             slapd.stop()
 
 
-def start_server(args: argparse.Namespace, root: Path, slapd: Slapd,
-                 homeserver: ClientHomeserver) -> tuple[subprocess.Popen[bytes], str]:
-    """`mxisd run` on the directory, once its Whoosh index holds every user."""
+def interrupted(number: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {number}")
+
+
+def stop(server: subprocess.Popen[bytes]) -> None:
+    """Stop `mxisd run` and whatever it started (its indexer and the indexer's Whoosh writer): the
+    process group it leads, killed when it has not stopped within a minute."""
+    if server.poll() is None:
+        server.terminate()
+    try:
+        server.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait(timeout=10)
+    try:
+        os.killpg(server.pid, signal.SIGKILL)  # children left behind by a killed supervisor
+    except ProcessLookupError:
+        pass
+
+
+def start_server(args: argparse.Namespace, root: Path, slapd: Slapd, homeserver: ClientHomeserver,
+                 servers: list[subprocess.Popen[bytes]]) -> str:
+    """The URL of `mxisd run` on the directory (its process appended to servers as soon as it is
+    started, for the caller to stop), once its Whoosh index holds every user."""
     port = free_port()
     config = {
         "matrix": {"domain": "example.org"},
@@ -187,12 +215,19 @@ def start_server(args: argparse.Namespace, root: Path, slapd: Slapd,
     (root / "config.yml").write_text(yaml.safe_dump(config))
     log = open(root / "server.log", "ab")
     process = subprocess.Popen([sys.executable, "-m", "server.cli", "run", "--config", str(root / "config.yml")],
-                               stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent)
+                               stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent,
+                               start_new_session=True)  # its own process group: stop() ends its children too
+    servers.append(process)
     url = f"http://127.0.0.1:{port}"
     last = full_name(args.n - 1)
     started = time.perf_counter()
+    # Generous (a loaded machine syncs and indexes 100,000 people in minutes), but bounded.
+    deadline = started + 300 + args.n / 100
     with httpx.Client(base_url=url, timeout=30, headers={"Authorization": f"Bearer {TOKEN}"}) as http:
         while True:
+            if time.perf_counter() > deadline:
+                raise SystemExit(f"mxisd did not index {args.n} users in {deadline - started:.0f} s; its log: "
+                                 f"{root / 'server.log'}")
             if process.poll() is not None:
                 raise SystemExit(f"mxisd exited with {process.returncode}: {(root / 'server.log').read_text()}")
             try:
@@ -204,11 +239,23 @@ def start_server(args: argparse.Namespace, root: Path, slapd: Slapd,
                 pass
             time.sleep(1)
     print(f"mxisd synced and indexed {args.n} users in {time.perf_counter() - started:.1f} s (setup, not measured)")
-    # The follower applied the sync batch by batch; it rebuilds the index whole once the stream is quiet.
-    while "changes were applied batch by batch" not in (root / "server.log").read_text(errors="replace"):
+    # The follower applied the sync batch by batch; it rebuilds the index whole once the stream is
+    # quiet, if CONSOLIDATE_AFTER changes (and half the index) were applied so. A smaller directory
+    # is searched as the batches left it.
+    if args.n < CONSOLIDATE_AFTER:
+        print(f"... its index left in the follower's segments (fewer than {CONSOLIDATE_AFTER} changes)")
+        return url
+    # The follower may also have built it whole, from a cache the sync had filled, and have nothing
+    # to consolidate: then the searches go on after a minute or two.
+    rebuilt = re.compile(rf"fulltext index rebuilt from the cache because .*: {args.n} identities")
+    consolidating = time.perf_counter() + 60 + args.n / 1000
+    while not rebuilt.search((root / "server.log").read_text(errors="replace")):
+        if time.perf_counter() > consolidating:
+            print("... its index not consolidated in one segment meanwhile: searched as it is")
+            return url
         time.sleep(1)
     print(f"... and consolidated its index in one segment after {time.perf_counter() - started:.1f} s")
-    return process, url
+    return url
 
 
 def run(args: argparse.Namespace, url: str, slapd: Slapd, proxied_uri: str) -> None:

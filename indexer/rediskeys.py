@@ -59,7 +59,10 @@ when its indexer or follower last reported; status forgets a host, with its full
 keys, once that is longer ago than health.forget_host_after),
 untagged (P rate:...): rate:<kind>:<key> (rate-limit windows), remote:<address> <medium> (another
 identity server's answer to a recursive lookup, mxid or "" for not found, with a TTL),
-fail:<kind>:<who> (failed logins counted in a window, with a TTL; kind is "user" or "ip").
+fail:<kind>:<who> (failed logins counted in a window, with a TTL; kind is "user" or "ip"),
+invited (zset: "<medium> <canonical address>" of every 3PID with a stored invite not settled yet,
+and maybe of some settled since (SQL is the truth; a login asks it only for these), each scored by
+the time in ms until which no pruning removes it whatever SQL says).
 """
 
 from __future__ import annotations
@@ -140,6 +143,7 @@ class RedisKeys:
         self.job_prefix = f"{cache}job:"
         self.generation = f"{cache}generation"
         self.hosts = f"{cache}hosts-seen"
+        self.invited = f"{prefix}invited"
 
     def indexer(self, host: str) -> str:
         return f"{self.cache_prefix}indexer:{host}"

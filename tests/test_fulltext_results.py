@@ -86,19 +86,32 @@ def results(path: Path) -> dict[str, list[object]]:
     return out
 
 
-@pytest.mark.parametrize("limits", [(ranking.FEW_TERMS, ranking.NEAR_SPELLINGS), (0, 0)],
-                         ids=["as-configured", "every-term-at-once-and-whoosh-near-terms"])
-def test_search_results_are_those_recorded_before_the_index_was_made_faster(tmp_path, monkeypatch, limits):
-    # Parts of words are looked for term by term or in every term at once, by how often they occur;
-    # near terms are looked up spelling by spelling or listed by Whoosh, by the size of the alphabet.
-    monkeypatch.setattr(ranking, "FEW_TERMS", limits[0])
-    monkeypatch.setattr(ranking, "NEAR_SPELLINGS", limits[1])
+@pytest.mark.parametrize("near_spellings", [ranking.NEAR_SPELLINGS, 0], ids=["as-configured", "whoosh-near-terms"])
+def test_search_results_are_those_recorded_before_the_index_was_made_faster(tmp_path, monkeypatch, near_spellings):
+    # Near terms are looked up spelling by spelling or listed by Whoosh, by the size of the alphabet.
+    monkeypatch.setattr(ranking, "NEAR_SPELLINGS", near_spellings)
     FullText(tmp_path / "fulltext").rebuild(population(), "epoch", "0-0")
     recorded = json.loads(RECORDED.read_text())
     found = results(tmp_path / "fulltext")
     assert found.keys() == recorded.keys()
     for query, expected in recorded.items():
         assert found[query] == expected, query
+
+
+def test_a_part_of_a_word_held_by_more_terms_than_looked_at_gives_a_limited_answer(tmp_path, monkeypatch):
+    # "ser1" is inside 111 localparts user1<j> of the first 1,500 people, and as many addresses.
+    FullText(tmp_path / "fulltext").rebuild(population(), "epoch", "0-0")
+    whole = DirectorySearch(tmp_path / "fulltext", HideRules([]), True)
+    everyone, limited = whole.search("ser1", COUNT)
+    whole.close()
+    assert len(everyone) > 20 and not limited
+    monkeypatch.setattr(ranking, "INSIDE_MOST", 20)
+    capped = DirectorySearch(tmp_path / "fulltext", HideRules([]), True)
+    some, limited = capped.search("ser1", COUNT)
+    assert limited and 0 < len(some) < len(everyone) and {h.mxid for h in some} < {h.mxid for h in everyone}
+    # Every word must match: "ser1 smith" finds at most what "ser1" did, and says it is limited too.
+    assert capped.search("ser1 smith", COUNT)[1]
+    capped.close()
 
 
 def test_an_index_filled_change_by_change_finds_what_a_rebuilt_one_does(tmp_path):
@@ -125,3 +138,15 @@ def test_an_index_filled_change_by_change_finds_what_a_rebuilt_one_does(tmp_path
     rebuilt = FullText(tmp_path / "rebuilt")
     rebuilt.rebuild([final[i] for i in order], "epoch", "0-9999")
     assert results(changed.path) == results(rebuilt.path)
+
+
+def test_a_search_answered_from_kept_matches_is_the_search_itself(tmp_path):
+    # The HTTP server answers on its event loop the searches whose matches earlier ones have kept.
+    FullText(tmp_path / "fulltext").rebuild(population(), "epoch", "0-0")
+    search = DirectorySearch(tmp_path / "fulltext", HideRules([]), True)
+    search.search("alice", LIMIT)  # waits for the index to open
+    for query in ("smith", "ser12", "smiht", "maria smith", "@user13:example.org", "4479"):
+        assert search.search_kept(query, LIMIT) is None
+        answer = search.search(query, LIMIT)
+        assert search.search_kept(query, LIMIT) == answer
+    search.close()

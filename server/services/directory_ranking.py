@@ -3,7 +3,8 @@ bitmaps of document numbers (indexer/fulltext.py writes the index). Blocking; ne
 
 Matching rules of a directory search: every word of the query must match a word of the person
 (display name and localpart, and their 3PIDs where the config allows) exactly, as a prefix, inside a
-word (3 letters or more) or, for words of 5 letters or more, with one typo (a
+word (3 letters or more; looked for in the first INSIDE_MOST words of an index segment that hold
+it, and the answer is limited when there were more) or, for words of 5 letters or more, with one typo (a
 letter wrong, missing or extra, or two adjacent letters swapped); the last two only for query words
 that nobody in the index has as a whole word (deleted people do not count). Case and diacritics are
 folded on both sides. Exact words rank above prefixes, which rank above matches inside a word, which
@@ -14,13 +15,13 @@ in index order.
 
 from __future__ import annotations
 
+import re
 from array import array
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from itertools import accumulate, compress, repeat
-from operator import contains
+from itertools import islice
 
 from pyroaring import FrozenBitMap
 from whoosh.reading import IndexReader, TermNotFound
@@ -32,9 +33,12 @@ EXACT, PREFIX, INSIDE, TYPO = 12.0, 4.0, 2.0, 1.0
 TYPO_MIN_LENGTH = 5
 MATCHES_KEPT_BYTES = 32 * 1024 * 1024
 PEOPLE_KEPT = 10_000
+CAPPED_KEPT = 10_000
 WORD_FIELDS = ("words", "tp_words")
-# Up to this many occurrences, a part of a word is looked for term by term; above, in every term at once.
-FEW_TERMS = 2000
+# A part of a word is looked for in the first this many terms (in term order) that hold it past
+# their first letter, per index segment: `ser` is inside every one of 100,000 `user<i>`, and the
+# answer of a search that stopped there says it is limited.
+INSIDE_MOST = 10_000
 # Spellings one typo away from a word are looked up in the term list up to this many; beyond (a large
 # alphabet), Whoosh's Levenshtein automaton lists the near terms.
 NEAR_SPELLINGS = 4000
@@ -65,10 +69,12 @@ class SegmentTerms:
             terms.append(btext.decode())
         self.terms = terms
         self.several = sorted(self.more)
-        # Every term on its own line: a part of a word that few terms hold is found in this text.
-        self.text = "\n".join(terms)
-        self.starts = array("I", accumulate((len(t) + 1 for t in terms[:-1]), initial=0)) if terms else array("I")
-        self.letters = sorted(set(self.text) - {"\n"})
+        # Each term but its first letter, then NUL and the term's number, on a line of its own: a
+        # part of a word is found in this text with the numbers of the terms that hold it, by one
+        # regular expression (a term holding it from its first letter is a prefix match, which
+        # ranks higher anyway). Terms are runs of word characters: no NUL, no line break.
+        self.tails = "".join(f"{term[1:]}\0{i}\n" for i, term in enumerate(terms))
+        self.letters = sorted(set("".join(terms)))
 
     def _range(self, low: int, high: int) -> FrozenBitMap:
         if low >= high:
@@ -100,28 +106,18 @@ class SegmentTerms:
         at = bisect_left(self.terms, term)
         return at < len(self.terms) and self.terms[at] == term
 
-    def inside(self, word: str) -> FrozenBitMap:
-        """Who has a term containing word."""
-        count = self.text.count(word)
-        if not count:
-            return _NOBODY
-        if count > FEW_TERMS:
-            # Many terms (a part of every user<i>): one pass over them all, no Python loop per term.
-            holds = list(map(contains, self.terms, repeat(word)))
-            return self._union(compress(self.first, holds), [i for i in self.several if holds[i]])
-        found, several = array("I"), []
-        text, starts, last = self.text, self.starts, len(self.terms) - 1
-        at = text.find(word)
-        while at >= 0:
-            term = bisect_right(starts, at) - 1
-            if term in self.more:
-                several.append(term)
-            else:
-                found.append(self.first[term])
-            if term >= last:
-                break
-            at = text.find(word, starts[term + 1])
-        return self._union(found, several)
+    def inside(self, word: str) -> tuple[FrozenBitMap, bool]:
+        """Who has a term holding word after its first letter (a term starting with it is a prefix
+        match), from the first INSIDE_MOST occurrences; and whether there were more. A pass over the
+        text in C, and C calls per occurrence: no Python loop per term."""
+        # One match per term at most: a match runs on to the term's number, past any other occurrence.
+        pattern = re.compile(re.escape(word) + "[^\n]*?\0([0-9]+)")
+        numbers = [int(m.group(1)) for m in islice(pattern.finditer(self.tails), INSIDE_MOST + 1)]
+        capped = len(numbers) > INSIDE_MOST
+        if not numbers:
+            return _NOBODY, False
+        holding = numbers[:INSIDE_MOST]
+        return self._union(map(self.first.__getitem__, holding), sorted(self.more.keys() & holding)), capped
 
     def _union(self, first: Iterable[int], several: list[int]) -> FrozenBitMap:
         """first, and the documents of the terms numbered several."""
@@ -180,6 +176,9 @@ class OpenIndex:
         self._matches: OrderedDict[tuple[str, str, str], FrozenBitMap] = OrderedDict()
         self._held = 0
         self._people: OrderedDict[int, tuple[Hit, tuple[str, ...]]] = OrderedDict()
+        self._capped: dict[tuple[str, str], None] = {}  # (field, word) of capped inside(), oldest first
+        # While set, a search that needs a match not kept raises NotKept instead of computing it.
+        self.kept_only = False
 
     def close(self) -> None:
         self.reader.close()
@@ -189,6 +188,8 @@ class OpenIndex:
         if found is not None:
             self._matches.move_to_end(key)
             return found
+        if self.kept_only:
+            raise NotKept(key)
         found = self._matches[key] = read()
         self._held += _bytes(found)
         while self._held > MATCHES_KEPT_BYTES and len(self._matches) > 1:
@@ -224,8 +225,24 @@ class OpenIndex:
         return self._kept(("prefix", field, word), lambda: self._every_segment(field, lambda t: t.prefixed(word)))
 
     def inside(self, field: str, word: str) -> FrozenBitMap:
-        """Who has a word containing word."""
-        return self._kept(("inside", field, word), lambda: self._every_segment(field, lambda t: t.inside(word)))
+        """Who has a word holding word after its first letter (those starting with it are prefix
+        matches), as far as INSIDE_MOST occurrences per segment go: see capped."""
+        def read() -> FrozenBitMap:
+            def find(terms: SegmentTerms) -> FrozenBitMap:
+                found, capped = terms.inside(word)
+                if capped:
+                    self._capped[(field, word)] = None
+                    while len(self._capped) > CAPPED_KEPT:
+                        del self._capped[next(iter(self._capped))]
+                return found
+
+            return self._every_segment(field, find)
+
+        return self._kept(("inside", field, word), read)
+
+    def capped(self, field: str, word: str) -> bool:
+        """Whether inside(field, word) stopped at INSIDE_MOST occurrences in a segment."""
+        return (field, word) in self._capped
 
     def near(self, field: str, word: str) -> FrozenBitMap:
         """Who has a word one typo away from word: one letter wrong, missing or extra (with the same
@@ -314,6 +331,13 @@ def ranked(opened: OpenIndex, text: str, threepids: bool) -> Iterator[int]:
         yield from scores[score] - shown
 
 
+def capped(opened: OpenIndex, text: str, threepids: bool) -> bool:
+    """Whether, after ranked(), who matches a word of text inside a word was cut at INSIDE_MOST:
+    there may be more matches than it gave."""
+    fields = ["words", "tp_words"] if threepids else ["words"]
+    return any(opened.capped(field, word) for word in query_words(text) for field in fields)
+
+
 @dataclass(frozen=True)
 class Hit:
     """One person found by a directory search."""
@@ -321,6 +345,10 @@ class Hit:
     mxid: str
     display_name: str | None
     store: str
+
+
+class NotKept(Exception):
+    """A search with OpenIndex.kept_only set needs a match that is not kept."""
 
 
 class IndexNotReady(Exception):

@@ -15,7 +15,7 @@ from whoosh import index
 from indexer.fulltext import POSITION_FILE
 from indexer.identity import Identity
 from indexer.settings import DirectoryHideConfig
-from server.services.directory_ranking import WORD_FIELDS, Hit, IndexNotReady, OpenIndex, ranked
+from server.services.directory_ranking import WORD_FIELDS, Hit, IndexNotReady, NotKept, OpenIndex, capped, ranked
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def _search(opened: OpenIndex, text: str, threepids: bool, limit: int, hide: Hid
         hits.append(hit)
         if len(hits) > limit:
             return hits[:limit], True
-    return hits, False
+    return hits, capped(opened, text, threepids)
 
 
 
@@ -132,6 +132,23 @@ class DirectorySearch:
         opened = self._current()
         with self._lock:
             return _search(self._opened or opened, text, self.threepids, limit, self.hide)
+
+    def search_kept(self, text: str, limit: int) -> tuple[list[Hit], bool] | None:
+        """search(text, limit) when the open index has kept every match it needs and no other
+        search runs (a few set operations, and at most a page of people read: fit for the event
+        loop, which a thread hand-off would cost more than the search); None when not."""
+        self._open_soon()
+        opened = self._opened
+        if opened is None or not self._lock.acquire(blocking=False):
+            return None
+        try:
+            opened.kept_only = True
+            return _search(opened, text, self.threepids, limit, self.hide)
+        except NotKept:
+            return None
+        finally:
+            opened.kept_only = False
+            self._lock.release()
 
     def close(self) -> None:
         if self._opening is not None:

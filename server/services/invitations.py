@@ -187,6 +187,7 @@ class Invitations:
         errcode = "M_EMAIL_SEND_ERROR" if medium == "email" else "M_SEND_ERROR"
         message = "email" if medium == "email" else "SMS"
         if mxid is not None:
+            await self.invite_worker.storing(medium, address)
             await storage.run(storage.add_invite, invite)
             log.info("stored invite from %s to room %s for %s %s, known to %s: no %s, delivered by onbind",
                      invite.sender, invite.room_id, medium, logs.untrusted(address), mxid, message)
@@ -196,6 +197,7 @@ class Invitations:
         if sender is None:
             raise MatrixError(500, errcode, f"The invite {message} could not be sent: the {message.lower()} "
                                             "section is not configured")
+        await self.invite_worker.storing(medium, address)
         await storage.run(storage.add_invite, invite)
         sent = False
         try:

@@ -47,7 +47,7 @@ class Logins:
             return None
         log.info("check_credentials: %s authenticated as %s", logs.untrusted(login), identity.mxid)
         # A login proves who owns these 3PIDs: invites waiting for them go to the user's homeserver.
-        await self.invite_worker.addresses_known(list(identity.threepids), identity.mxid)
+        await self.invite_worker.logged_in(list(identity.threepids), identity.mxid)
         return identity
 
     async def login(self, body: dict[str, Any], client: str, path: str, headers: Any) -> httpx.Response:

@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Any, cast
 
 from indexer.identity import Identity
-from indexer.rediskeys import RedisKeys, plain_key
+from indexer.rediskeys import RedisKeys, claim_key, plain_key
 from server.redis_pipe import CommandPipe
 
 _DECR_IF_EXISTS = "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('DECR', KEYS[1]) end return 0"
@@ -26,6 +26,26 @@ _CLAIM_ATTEMPT = """
 redis.call('SET', KEYS[1], 0, 'EX', ARGV[1], 'NX')
 return {redis.call('INCR', KEYS[1]), redis.call('PTTL', KEYS[1])}
 """
+
+# Scripts, not TIME: a Redis Cluster client routes a command by its key.
+_NOW_MS = "local now = redis.call('TIME') return now[1] * 1000 + math.floor(now[2] / 1000)"
+# Mark a 3PID as invited, kept by prunings for ARGV[2] ms from now (Redis's clock: every host's).
+_MARK_INVITED = """
+local now = redis.call('TIME')
+redis.call('ZADD', KEYS[1], 'GT', now[1] * 1000 + math.floor(now[2] / 1000) + tonumber(ARGV[2]), ARGV[1])
+"""
+# Unmark the 3PIDs of ARGV[2...] that no marking has kept beyond ARGV[1] (ms).
+_UNMARK_INVITED = """
+local removed = 0
+for i = 2, #ARGV do
+    local kept = redis.call('ZSCORE', KEYS[1], ARGV[i])
+    if kept and tonumber(kept) < tonumber(ARGV[1]) then
+        removed = removed + redis.call('ZREM', KEYS[1], ARGV[i])
+    end
+end
+return removed
+"""
+_CHUNK = 1000  # members per command when pruning the invited marks
 
 
 class Lookups:
@@ -215,3 +235,40 @@ class Lookups:
 
     async def clear_failures(self, kind: str, who: str) -> None:
         await self.pipe.execute("DEL", self.k.failures(kind, who))
+
+    async def invited(self, threepids: list[tuple[str, str]]) -> list[bool]:
+        """Whether each (medium, canonical address) is marked as having invites waiting (SQL says
+        which do: a mark may outlive its invites until the next pruning)."""
+        if not threepids:
+            return []
+        scores = await self.pipe.execute("ZMSCORE", self.k.invited, *(claim_key(m, a) for m, a in threepids))
+        return [score is not None for score in scores]
+
+    async def mark_invited(self, medium: str, address: str, keep_ms: int) -> None:
+        """Mark a 3PID as invited before its invite is stored, for prunings to keep for at least
+        keep_ms (longer than storing the invite can take: a pruning reading SQL meanwhile would
+        not see it)."""
+        await self.pipe.execute("EVAL", _MARK_INVITED, 1, self.k.invited, claim_key(medium, address), keep_ms)
+
+    async def invited_clock_ms(self) -> int:
+        """The time in ms on the clock of the invited marks (Redis's, on the node that holds them)."""
+        return int(await self.pipe.execute("EVAL", _NOW_MS, 1, self.k.invited))
+
+    async def prune_invited(self, since_ms: int, pending: list[tuple[str, str]]) -> int:
+        """Make the invited marks those of pending (the 3PIDs whose invites SQL held unsettled when
+        read, after Redis's clock said since_ms), keeping those marked for after since_ms: marks
+        are added for pending 3PIDs without one (invites stored before marks existed, or a Redis
+        emptied) and removed from other 3PIDs; how many were removed."""
+        key = self.k.invited
+        members = [claim_key(m, a) for m, a in pending]
+        for at in range(0, len(members), _CHUNK):
+            await self.pipe.execute("ZADD", key, "NX", *(x for member in members[at:at + _CHUNK]
+                                                        for x in (since_ms, member)))
+        wanted = set(members)
+        stale = [member for member in await self.pipe.execute("ZRANGE", key, "-inf", f"({since_ms}", "BYSCORE")
+                 if member not in wanted]
+        removed = 0
+        for at in range(0, len(stale), _CHUNK):
+            removed += int(await self.pipe.execute("EVAL", _UNMARK_INVITED, 1, key, since_ms,
+                                                   *stale[at:at + _CHUNK]))
+        return removed

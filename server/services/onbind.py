@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 ONBIND_PATH = "/_matrix/federation/v1/3pid/onbind"
 
 IDLE_WAKE_S = 30.0  # look at the queue at least this often: other workers queue deliveries too
+# An invited mark outlives any pruning for this long after it is made: far longer than storing the
+# invite in SQL can take (a pruning that read SQL before the invite was there must not remove it).
+MARK_KEPT_MS = 10 * 60 * 1000
 
 
 def onbind_body(keys: SigningKeys, medium: str, address: str, mxid: str, pending: list[Invite],
@@ -71,6 +74,19 @@ class InviteWorker:
         if queued:
             self.wake.set()
 
+    async def logged_in(self, threepids: list[tuple[str, str]], mxid: str) -> None:
+        """A login proved that mxid owns these (medium, address): queue the delivery of their
+        pending invites. SQL is asked only about the 3PIDs marked as invited in Redis, which on
+        nearly every login is none."""
+        marked = await self.lookups.invited(threepids)
+        if any(marked):
+            await self.addresses_known([t for t, invited in zip(threepids, marked) if invited], mxid)
+
+    async def storing(self, medium: str, address: str) -> None:
+        """An invite for (medium, canonical address) is about to be stored: mark the 3PID as
+        invited in Redis first, so that a login on any host from now on asks SQL for it."""
+        await self.lookups.mark_invited(medium, address, MARK_KEPT_MS)
+
     async def stored_for_known_address(self, medium: str, address: str, mxid: str) -> None:
         """An invite was just stored for an address already known to mxid: deliver it after
         known_address_delay, once the homeserver has recorded the room's invite event, which it does
@@ -103,11 +119,18 @@ class InviteWorker:
                 pass
 
     async def check_pending(self) -> None:
-        """Forget expired invites; queue deliveries for pending invites whose address a store sync
+        """Forget expired invites; mark in Redis the 3PIDs that have pending invites, and only
+        those (see logged_in); queue deliveries for pending invites whose address a store sync
         (or a binding made by another worker) has made known."""
         expired = await self.storage.run(self.storage.delete_invites_before, now_ms() - self.expire_ms)
         if expired:
             log.info("forgot %d expired invites", expired)
+        # The invited marks made again from SQL (at the start too: the first check runs then).
+        since = await self.lookups.invited_clock_ms()
+        invited = await self.storage.run(self.storage.invited_threepids)
+        unmarked = await self.lookups.prune_invited(since, invited)
+        if unmarked:
+            log.info("%d 3PIDs without pending invites any more", unmarked)
         threepids = await self.storage.run(self.storage.unsettled_threepids)
         if not threepids:
             return

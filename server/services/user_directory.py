@@ -63,6 +63,10 @@ class UserDirectory:
         return merged[:limit], more or their_more or len(merged) > limit
 
     async def _search(self, term: str, limit: int) -> tuple[list[Hit], bool]:
+        # Most searches find every match they need kept from earlier ones: answered at once.
+        found = self.search_index.search_kept(term, limit)
+        if found is not None:
+            return found
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self.search_executor, self.search_index.search, term, limit)

@@ -47,6 +47,12 @@ class InviteQueries:
                 sa.select(invites.c.medium, invites.c.address).distinct()
                 .where(invites.c.settled_at.is_(None), ~queued.exists()))]
 
+    def invited_threepids(self) -> list[tuple[str, str]]:
+        """(medium, address) of every invite not settled yet, queued for delivery or not."""
+        with self.engine.connect() as conn:
+            return [(r.medium, r.address) for r in conn.execute(
+                sa.select(invites.c.medium, invites.c.address).distinct().where(invites.c.settled_at.is_(None)))]
+
     def has_pending_invite(self, medium: str, address: str, created_after: int) -> bool:
         """Whether an invite for (medium, canonical address) stored after created_after (ms) is not
         settled yet."""
