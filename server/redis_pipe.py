@@ -154,13 +154,23 @@ def _error(message: str) -> redis.exceptions.RedisError:
 
 async def _replies(waiters: list[asyncio.Future[Any]]) -> list[Any]:
     """Every waiter's reply, or the first error once all have come back (none is left unread)."""
-    if len(waiters) == 1:  # most calls: gather's own future and callbacks cost more than the wait
-        return [await waiters[0]]
-    replies = await asyncio.gather(*waiters, return_exceptions=True)
-    for reply in replies:
-        if isinstance(reply, BaseException):
-            raise reply
-    return replies
+    # Replies, and the failures of a lost connection, reach the waiters in the order they were sent:
+    # once the last is done, all are (gather's own future and callbacks cost more than the wait).
+    if not waiters:
+        return []
+    try:
+        await waiters[-1]
+    except asyncio.CancelledError:
+        for waiter in waiters:
+            waiter.cancel()
+        raise
+    except Exception:
+        pass  # read below, with the others' replies
+    errors = [waiter.exception() for waiter in waiters]
+    for error in errors:
+        if error is not None:
+            raise error
+    return [waiter.result() for waiter in waiters]
 
 
 class CommandPipe(Protocol):

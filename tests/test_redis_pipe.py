@@ -39,12 +39,18 @@ def test_an_error_reply_raises_for_its_caller_only(redis_url, prefix):
         await pipe.execute("SET", f"{prefix}text", "not a number")
         results = await asyncio.gather(pipe.execute("INCR", f"{prefix}text"), pipe.execute("GET", f"{prefix}text"),
                                        return_exceptions=True)
+        # In a batch, the first error raises once every reply of the batch is read.
+        batch = await asyncio.gather(pipe.execute_many([("GET", f"{prefix}text"), ("INCR", f"{prefix}text"),
+                                                        ("INCR", f"{prefix}text")]), return_exceptions=True)
+        after = await pipe.execute("STRLEN", f"{prefix}text")
         pipe.close()
-        return results
+        return [*results, *batch, after]
 
-    failed, fine = asyncio.run(check())
+    failed, fine, failed_batch, after = asyncio.run(check())
     assert isinstance(failed, redis.exceptions.ResponseError) and "not an integer" in str(failed)
     assert fine == "not a number"
+    assert isinstance(failed_batch, redis.exceptions.ResponseError) and "not an integer" in str(failed_batch)
+    assert after == len("not a number")
 
 
 def test_a_cancelled_request_leaves_the_next_replies_in_order(redis_url, prefix):
