@@ -11,12 +11,17 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import pytest
 import redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sanic.compat import Header
+from sanic.request import Request
 from signedjson.key import decode_verify_key_bytes, generate_signing_key
 from signedjson.sign import verify_signed_json
 from unpaddedbase64 import decode_base64
 
 from indexer.cache import Cache
 from indexer.normalize import lookup_hash
+from server.api import query_params
 from server.services.binding import our_names
 from server.token_cache import TOKEN_TRUST_S
 from tests.conftest import V1, V2, started, typed_config, wait_until
@@ -633,3 +638,11 @@ def test_email_over_starttls_with_login_and_over_implicit_tls(server, homeserver
         assert "smtp-password" not in server.log()
     finally:
         secure.close()
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(["medium", "address", "a", "=", "&", "+", "%", "%2", "%40", "%6D", "%zz", "%C3",
+                                 "%A9", ";"]), max_size=12).map("".join))
+def test_query_params_read_the_query_as_sanic_args_do(query):
+    request = Request(b"/_matrix/identity/api/v1/lookup?" + query.encode(), Header(), "1.1", "GET", None, None)
+    assert query_params(request) == {name: values[0] for name, values in request.args.items()}

@@ -39,12 +39,18 @@ def test_an_error_reply_raises_for_its_caller_only(redis_url, prefix):
         await pipe.execute("SET", f"{prefix}text", "not a number")
         results = await asyncio.gather(pipe.execute("INCR", f"{prefix}text"), pipe.execute("GET", f"{prefix}text"),
                                        return_exceptions=True)
+        # In a batch, the first error raises once every reply of the batch is read.
+        batch = await asyncio.gather(pipe.execute_many([("GET", f"{prefix}text"), ("INCR", f"{prefix}text"),
+                                                        ("INCR", f"{prefix}text")]), return_exceptions=True)
+        after = await pipe.execute("STRLEN", f"{prefix}text")
         pipe.close()
-        return results
+        return [*results, *batch, after]
 
-    failed, fine = asyncio.run(check())
+    failed, fine, failed_batch, after = asyncio.run(check())
     assert isinstance(failed, redis.exceptions.ResponseError) and "not an integer" in str(failed)
     assert fine == "not a number"
+    assert isinstance(failed_batch, redis.exceptions.ResponseError) and "not an integer" in str(failed_batch)
+    assert after == len("not a number")
 
 
 def test_a_cancelled_request_leaves_the_next_replies_in_order(redis_url, prefix):
@@ -178,4 +184,40 @@ def test_a_command_without_an_answer_times_out_and_the_connection_is_made_again(
 
     frozen, answered, connections = asyncio.run(check())
     assert all(isinstance(r, redis.exceptions.TimeoutError) for r in frozen)
+    assert answered == "value" and connections == 2
+
+
+def test_a_connection_that_stops_answering_fails_every_waiting_command_by_the_oldest_ones_deadline():
+    async def check():
+        connections: list[asyncio.StreamReader] = []
+
+        async def answer_once_then_freeze(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            connections.append(reader)
+            await reader.readuntil(b"k\r\n")
+            writer.write(b"$5\r\nvalue\r\n")
+            await writer.drain()
+            if len(connections) == 1:
+                await reader.read()  # from now on keeps quiet, like a frozen Redis, until the client hangs up
+                return
+            await reader.read()
+
+        server = await asyncio.start_server(answer_once_then_freeze, "127.0.0.1", 0)
+        pipe = PipelinedRedis(f"redis://127.0.0.1:{server.sockets[0].getsockname()[1]}/0", timeout_s=0.5)
+        assert await pipe.execute("GET", "k") == "value"  # connected: the calls below wait on its watchdog
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first = asyncio.ensure_future(pipe.execute("GET", "k"))
+        await asyncio.sleep(0.3)
+        later = asyncio.ensure_future(pipe.execute_many([("GET", "k"), ("GET", "k")]))
+        frozen = await asyncio.wait_for(asyncio.gather(first, later, return_exceptions=True), 5)
+        waited = loop.time() - started
+        answered = await pipe.execute("GET", "k")
+        pipe.close()
+        server.close()
+        return frozen, waited, answered, len(connections)
+
+    frozen, waited, answered, connections = asyncio.run(check())
+    assert all(isinstance(r, redis.exceptions.TimeoutError) and "did not answer within 0.5 s" in str(r)
+               for r in frozen)
+    assert 0.5 <= waited < 0.75  # the later call failed with the first, at the first one's deadline
     assert answered == "value" and connections == 2

@@ -6,7 +6,7 @@ import ipaddress
 from collections.abc import Iterable
 from functools import cache
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 import jsonschema
 import jsonschema_rs
@@ -55,6 +55,27 @@ def load_json(body: bytes) -> Any:
                 return value
         raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     return value
+
+
+def query_params(request: Request) -> dict[str, str]:
+    """The first value of each query parameter, as request.args.get gives it (urllib's parse_qs
+    without blank values, undecodable bytes replaced), for the hottest handlers: Sanic's parsing
+    (parse_qs, its dict of lists, its cache) cost 3 us of a v1 lookup."""
+    params: dict[str, str] = {}
+    query = request.query_string
+    for pair in query.split("&") if query else ():
+        name, equals, value = pair.partition("=")
+        if equals and value:  # a parameter without "=" or without a value counts as absent
+            name = _unquote(name)
+            if name not in params:
+                params[name] = _unquote(value)
+    return params
+
+
+def _unquote(text: str) -> str:
+    if "+" in text:
+        text = text.replace("+", " ")
+    return unquote(text, errors="replace") if "%" in text else text
 
 
 def json_body(request: Request, schema: str, allow_form: bool = False) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from sanic import Blueprint, Request
 from sanic.response import HTTPResponse, json
 
-from server.api import json_body
+from server.api import json_body, query_params
 from server.container import services
 from server.errors import MatrixError
 
@@ -15,7 +15,8 @@ bp = Blueprint("identity_v1", url_prefix="/_matrix/identity/api/v1")
 @bp.get("/lookup")
 async def lookup(request: Request) -> HTTPResponse:
     """GET /_matrix/identity/api/v1/lookup: the signed association for one 3PID, or {}."""
-    medium, address = request.args.get("medium"), request.args.get("address")
+    params = query_params(request)
+    medium, address = params.get("medium"), params.get("address")
     if not medium or not address:
         missing = [n for n, v in (("medium", medium), ("address", address)) if not v]
         raise MatrixError(400, "M_MISSING_PARAMS", f"Missing parameters: {','.join(missing)}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from sanic import Blueprint, Request
-from sanic.response import HTTPResponse, json
+from sanic.response import HTTPResponse, json, raw
 
 from server.api import authenticate, json_body
 from server.container import services
@@ -15,7 +15,7 @@ bp = Blueprint("identity_v2", url_prefix="/_matrix/identity/v2")
 async def hash_details(request: Request) -> HTTPResponse:
     """GET /_matrix/identity/v2/hash_details: the current pepper and the algorithms offered."""
     await authenticate(request)
-    return json(await services(request).associations.hash_details())
+    return raw(await services(request).associations.hash_details(), content_type="application/json")
 
 
 @bp.post("/lookup")

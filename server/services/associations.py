@@ -4,9 +4,10 @@ signed."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from sanic import Request
 
 from indexer.normalize import query_address
@@ -38,6 +39,7 @@ class Associations:
     recursion: Recursion
     binding: Bindings
     keys: SigningKeys
+    _hash_details: dict[str, bytes] = field(default_factory=dict, init=False, repr=False)  # pepper -> answer
 
     def _local_v1(self, request: Request) -> bool:
         """Whether an unauthenticated (v1) lookup is asked locally: by a client of recursion.allow.
@@ -84,11 +86,18 @@ class Associations:
         found, _ = await self._find([(m, query_address(m, a)) for m, a in pairs], request, self._local_v1(request))
         return [[m, a, mxid] for (m, a), mxid in zip(pairs, found) if mxid is not None]
 
-    async def hash_details(self) -> dict[str, Any]:
-        """{"lookup_pepper", "algorithms"}: what a v2 lookup must use.
+    async def hash_details(self) -> bytes:
+        """{"lookup_pepper", "algorithms"} as JSON: what a v2 lookup must use. Encoded once per
+        pepper (the pepper is still read on each call: Redis rebuilt afresh has a new one).
 
         Raises MatrixError: 503 M_UNKNOWN while the cache has no pepper yet."""
-        return {"lookup_pepper": await self._pepper(), "algorithms": ALGORITHMS}
+        pepper = await self._pepper()
+        encoded = self._hash_details.get(pepper)
+        if encoded is None:
+            encoded = orjson.dumps({"lookup_pepper": pepper, "algorithms": ALGORITHMS})
+            self._hash_details.clear()
+            self._hash_details[pepper] = encoded
+        return encoded
 
     async def _pepper(self) -> str:
         pepper = await self.lookups.pepper()
