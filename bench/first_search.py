@@ -4,11 +4,12 @@
 
 Writes a Whoosh index of N generated people (default 100,000: the LDAP sync benchmark's names,
 localparts user0 ... user<N-1>, two email addresses and a phone number each) as the follower does,
-opens it for searches as the server does, then changes it (one person more) and times, in the
+opens it for searches as the server does (the time until it is ready, which the server's readiness
+check waits for, then the first search), then changes it (one person more) and times, in the
 server's search path and without HTTP: each probe term searched right after the change (the index
 opened before still answers), then each again once the changed index has taken over (the first
 search of each term on it), then the benchmark's mix of terms (full names, 3-letter prefixes,
-surnames with a typo): median and 99th percentile. Target: every one under 20 ms.
+surnames with a typo): median and 99th percentile. Target: every search under 20 ms.
 """
 
 from __future__ import annotations
@@ -55,7 +56,14 @@ def main() -> None:
             search.search(term, 10)
             return 1000 * (time.perf_counter() - started)
 
-        print(f"first search after the start (opens the index, reads its terms): {timed('smith'):.1f} ms")
+        started = time.perf_counter()
+        deadline = time.monotonic() + 600
+        while not search.ready():  # as the server's readiness check asks
+            if time.monotonic() > deadline:
+                raise SystemExit("the index was not opened within 10 minutes")
+            time.sleep(0.01)
+        print(f"ready (the index opened, its terms read) {time.perf_counter() - started:.1f} s after the start; "
+              f"the first search then: {timed('smith'):.1f} ms")
         index.apply([person(args.n)], [], "bench", "0-1")
         changed = time.perf_counter()
         show("right after the change, while the changed index opens", [(p, timed(p)) for p in PROBES])

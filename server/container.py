@@ -157,7 +157,7 @@ class Services:
             terms=terms,
             user_directory=UserDirectory(config, directory, search_executor, homeserver, lookups),
             profiles=Profiles(config, homeserver, lookups),
-            readiness=Readiness(config, storage, admin, binding_mirror, read_through),
+            readiness=Readiness(config, storage, admin, binding_mirror, read_through, directory),
             logins=Logins(credentials, homeserver, invite_worker),
             registration=RegistrationPolicy(config, storage, homeserver),
             invite_policy=InvitePolicy(config, homeserver, lookups),

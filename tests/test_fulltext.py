@@ -118,3 +118,11 @@ def test_two_swapped_letters_are_one_typo(tmp_path):
     assert ids(search, "bregamo") == ["lbergamo"]
     assert ids(search, "johan bregamo") == []  # every word must still match
     assert ids(search, "rosa mraoo") == []  # a swap and another typo are two
+
+
+def test_ready_once_the_index_is_open(tmp_path):
+    search = searcher(tmp_path)
+    assert search.ready() is False  # no index yet
+    FullText(tmp_path / "fulltext").rebuild(PEOPLE, "epoch", "0-0")
+    wait_until(search.ready, what="the index opened for searches")
+    assert ids(search, "berg") == ["jberg", "lbergamo"]

@@ -45,6 +45,8 @@ NEAR_SPELLINGS = 4000
 _NOBODY = FrozenBitMap()
 # Above every character a term can hold: the end of the terms starting with a prefix.
 _LAST = "\U0010ffff"
+# Terms read between two calls of the pause of SegmentTerms (about a millisecond of reading).
+PAUSE_EVERY = 1000
 
 
 class SegmentTerms:
@@ -53,13 +55,17 @@ class SegmentTerms:
     this list and a part of a word one pass over it at C speed (map, compress): no posting list is
     read, however many terms match (a one-letter prefix matches every user<i>). Built once per
     segment, which Whoosh never changes but to delete documents; a person is almost always a
-    term's only document, which the term list tells, so building reads little more than that."""
+    term's only document, which the term list tells, so building reads little more than that.
+    pause is called every PAUSE_EVERY terms: building runs beside searches on the index opened
+    before, and holds the interpreter lock while it reads (see DirectorySearch)."""
 
-    def __init__(self, reader: IndexReader, field: str) -> None:
+    def __init__(self, reader: IndexReader, field: str, pause: Callable[[], None] = lambda: None) -> None:
         terms: list[str] = []
         self.first = array("I")  # each term's first document
         self.more: dict[int, array[int]] = {}  # the documents of the few terms that have several
         for btext, info in reader.iter_field(field):
+            if len(terms) % PAUSE_EVERY == 0:
+                pause()
             if info.doc_frequency() == 1:
                 self.first.append(info.min_id())
             else:
@@ -73,7 +79,12 @@ class SegmentTerms:
         # part of a word is found in this text with the numbers of the terms that hold it, by one
         # regular expression (a term holding it from its first letter is a prefix match, which
         # ranks higher anyway). Terms are runs of word characters: no NUL, no line break.
-        self.tails = "".join(f"{term[1:]}\0{i}\n" for i, term in enumerate(terms))
+        tails = []
+        for start in range(0, len(terms), PAUSE_EVERY):
+            pause()
+            chunk = enumerate(terms[start:start + PAUSE_EVERY], start)
+            tails.append("".join(f"{term[1:]}\0{i}\n" for i, term in chunk))
+        self.tails = "".join(tails)
         self.letters = sorted(set("".join(terms)))
 
     def _range(self, low: int, high: int) -> FrozenBitMap:
@@ -155,7 +166,7 @@ class OpenIndex:
     search, and the same names come back (people type them letter by letter, and names repeat)."""
 
     def __init__(self, reader: IndexReader, fields: tuple[str, ...] = WORD_FIELDS,
-                 before: OpenIndex | None = None) -> None:
+                 before: OpenIndex | None = None, pause: Callable[[], None] = lambda: None) -> None:
         self.reader = reader
         known = before.segments if before is not None else {}
         self.segments: dict[tuple[str, str], SegmentTerms] = {}
@@ -167,7 +178,7 @@ class OpenIndex:
                 continue
             terms = {}
             for field in fields:
-                terms[field] = self.segments[(key, field)] = known.get((key, field)) or SegmentTerms(leaf, field)
+                terms[field] = self.segments[(key, field)] = known.get((key, field)) or SegmentTerms(leaf, field, pause)
             deleted = FrozenBitMap(leaf.deleted_docs_set) if leaf.has_deletions() else _NOBODY
             self._leaves.append((terms, offset, deleted))
             # Whoosh opens a segment's stored fields at their first use: now, while its files exist.

@@ -13,6 +13,7 @@ from indexer.settings import Config
 from server.bindings import BindingMirror
 from server.read_through import ReadThrough
 from server.services.admin import Admin
+from server.services.directory_search import DirectorySearch
 from server.storage import BINDINGS_GENERATION, Storage
 
 REDIS_TIMEOUT = 2.0
@@ -22,19 +23,22 @@ SQL_TIMEOUT = 2.0
 @dataclass(frozen=True)
 class Readiness:
     """The checks of SQL, Redis, the bindings mirror, the stores' syncs, this host's indexer and its
-    fulltext follower, each bounded by a timeout."""
+    fulltext follower, each bounded by a timeout, and of this worker's open fulltext index."""
 
     config: Config
     storage: Storage
     admin: Admin
     binding_mirror: BindingMirror
     read_through: ReadThrough
+    directory: DirectorySearch
 
     async def check(self) -> tuple[bool, dict[str, Any]]:
         """Whether the server is ready: Redis and the SQL database answer, Redis holds every binding
         SQL has and a full sync of every store completed into it (since it was last emptied or found
         restored from an older copy), this host's indexer is alive (its heartbeat is recent) and this
-        host's fulltext index keeps up; and each check's state ({"ok", and "error" or details})."""
+        host's fulltext index keeps up and this worker has it open for searches (the first search
+        would otherwise wait for its terms to be read: a second and more at 100,000 people); and each
+        check's state ({"ok", and "error" or details})."""
         checks: dict[str, Any] = {}
         generation = None
         try:
@@ -72,10 +76,12 @@ class Readiness:
                     f" (it {last_exit['reason']})" if last_exit else ": no recent heartbeat")}
             mine = next((f for f in state["followers"] if f["host"] == host), None)
             limit = self.config.health.max_follower_lag
+            opened = self.directory.ready()
             checks["fulltext"] = (
                 {"ok": False, "host": host, "error": "no fulltext follower has reported from this host"} if mine is None
-                else {"ok": mine["lag_seconds"] <= limit, "host": host, "lag_seconds": mine["lag_seconds"],
-                      "max_lag_seconds": limit}
+                else {"ok": mine["lag_seconds"] <= limit and opened, "host": host, "lag_seconds": mine["lag_seconds"],
+                      "max_lag_seconds": limit, "opened": opened,
+                      **({} if opened else {"error": "the index is being opened for searches (its terms read)"})}
             )
         is_ready = (state is not None and checks["sql"]["ok"] and checks["fulltext"]["ok"] and checks["bindings"]["ok"]
                     and checks["indexer"]["ok"] and all(c["ok"] for c in checks["stores"].values()))
