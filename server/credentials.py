@@ -4,8 +4,10 @@ failed-login limits per user and per client address."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -71,6 +73,10 @@ class Credentials:
         """The identity a login identifier names: a Matrix ID or localpart of ours, an email address
         or a phone number (also wrapped as @<email or phone>:<our domain>, as Synapse qualifies
         whatever was typed as a username)."""
+        return await self._identity(self._named(login))
+
+    def _named(self, login: str) -> tuple[str, str] | str | None:
+        """What a login identifier names: a (medium, canonical address), a Matrix ID, or None."""
         text = login.strip()
         if text.startswith("@"):
             inner, _, server = text[1:].rpartition(":")
@@ -81,12 +87,14 @@ class Credentials:
             text = inner
         threepid = self.threepid(text)
         if threepid is not None:
-            mxid = (await self.lookups.by_address([threepid]))[0]
-        else:
-            try:
-                mxid = f"@{normalize.localpart(text)}:{self.domain}"
-            except normalize.InvalidAddress:
-                return None
+            return threepid
+        try:
+            return f"@{normalize.localpart(text)}:{self.domain}"
+        except normalize.InvalidAddress:
+            return None
+
+    async def _identity(self, named: tuple[str, str] | str | None) -> Identity | None:
+        mxid = (await self.lookups.by_address([named]))[0] if isinstance(named, tuple) else named
         return (await self.lookups.identities([mxid]))[0] if mxid else None
 
     async def check_limits(self, user: str | None) -> None:
@@ -122,14 +130,33 @@ class Credentials:
         if ip is not None:
             await self.lookups.return_attempt("ip", ip)
 
-    async def authenticate(self, login: str, password: str, ip: str | None) -> Identity | None:
+    async def authenticate(self, login: str, password: str, ip: str | None,
+                           then: Callable[[Identity], Awaitable[None]] | None = None) -> Identity | None:
         """The identity when password is the password of whoever login names, else None (an
         unknown user and a wrong password look the same); raises Limited first when over a limit,
-        and StoreUnavailable (not counted as a failed login) when the store could not check it."""
-        identity = await self.resolve(login)
+        and StoreUnavailable (not counted as a failed login) when the store could not check it.
+        then, when given, is awaited with the identity of a successful check, alongside the
+        clearing of its failed logins (their Redis commands leave together)."""
+        named = self._named(login)
         # One count per person however they name themselves; unknown names are counted as typed.
-        user = identity.mxid if identity is not None else login.strip().lower()
-        await self.claim(user, ip)
+        typed = login.strip().lower()
+        if named == typed:
+            # A Matrix ID written as the cache files identities: counted under it whether the cache
+            # knows it or not, so the attempt is claimed while the cache is read (a round trip less).
+            user = typed
+            claiming = asyncio.ensure_future(self.claim(user, ip))
+            try:
+                identity = await self._identity(named)
+            except BaseException:
+                with contextlib.suppress(Limited):  # what failed the read is what is raised
+                    await claiming
+                    await self._give_back(user, ip)
+                raise
+            await claiming
+        else:
+            identity = await self._identity(named)
+            user = identity.mxid if identity is not None else typed
+            await self.claim(user, ip)
         ok = checked = False
         try:
             if identity is None:
@@ -142,13 +169,19 @@ class Credentials:
                     self.executor, store.authenticate, identity, password)
             checked = True
         finally:
-            if checked:
-                await self.settle(user, ip, ok)
-            else:  # the store could not check the password: nothing against it, the attempt is returned
-                for kind, who in (("user", user), ("ip", ip)):
-                    if who is not None:
-                        await self.lookups.return_attempt(kind, who)
+            if not checked:  # the store could not check the password: nothing against it, the attempt is returned
+                await self._give_back(user, ip)
+        if ok and identity is not None and then is not None:
+            await asyncio.gather(self.settle(user, ip, ok), then(identity))
+        else:
+            await self.settle(user, ip, ok)
         return identity if ok else None
+
+    async def _give_back(self, user: str | None, ip: str | None) -> None:
+        """Return the attempts claim() counted, that said nothing against the password."""
+        for kind, who in (("user", user), ("ip", ip)):
+            if who is not None:
+                await self.lookups.return_attempt(kind, who)
 
     def close(self) -> None:
         """Stop the password-check threads and close the stores' connections."""

@@ -1,11 +1,13 @@
 """Authentication for the homeserver over real HTTP: check_credentials against the YAML store,
 a real slapd and a PostgreSQL table, failed-login limits, login with an email or phone number through a fake homeserver
-that checks passwords the way Synapse's REST password provider does, and profiles."""
+that checks passwords the way Synapse's REST password provider does, and profiles; and the
+failed-login counts of a login whose identity read fails."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import argon2
 import bcrypt
@@ -13,6 +15,9 @@ import ldap3
 import pytest
 import sqlalchemy
 
+from indexer.config import parse_config
+from server.credentials import Credentials
+from server.services.lookups import Lookups
 from tests.conftest import wait_until
 from tests.fake_homeserver import ClientHomeserver
 from tests.slapd import ADMIN_DN, ADMIN_PASSWORD, READER_DN, READER_PASSWORD, SUFFIX
@@ -221,3 +226,42 @@ def test_failed_logins_per_address_behind_a_reverse_proxy(make_server, client_ho
     # Without proxies_count a client cannot escape its count by sending X-Forwarded-For.
     assert failed_logins(direct, "198.51.100.7", 2) == [403, 403]
     assert failed_logins(direct, "203.0.113.9", 1) == [429]
+
+
+class _FailingCache:
+    """Lookups whose identity reads fail, recording the failed-login counts."""
+
+    def __init__(self, limited: bool) -> None:
+        self.limited = limited
+        self.counts: dict[tuple[str, str], int] = {}
+
+    async def identities(self, mxids: list[str]) -> list[Any]:
+        await asyncio.sleep(0.01)  # the claim, sent with this read, is answered first
+        raise ConnectionError("Redis went away")
+
+    async def claim_attempt(self, kind: str, who: str, window: int, most: int) -> int | None:
+        self.counts[kind, who] = self.counts.get((kind, who), 0) + 1  # counted over the limit too
+        return 1000 if self.limited else None
+
+    async def return_attempt(self, kind: str, who: str) -> None:
+        self.counts[kind, who] -= 1
+
+
+@pytest.mark.parametrize("limited", [False, True])
+def test_a_failed_identity_read_counts_nothing(tmp_path, limited):
+    """A Matrix ID login's attempt is claimed while its identity is read: when the read fails, the
+    attempt is returned, and the read's error is what is raised even when the login was over its limit."""
+    (tmp_path / "people.yml").write_text("[]")
+    config = parse_config({"matrix": {"domain": "example.org"}, "server": {"name": "id.example.org"},
+                           "data_dir": str(tmp_path), "stores": [{"name": "people", "kind": "file",
+                                                                  "path": str(tmp_path / "people.yml")}]}, tmp_path)
+    cache = _FailingCache(limited)
+    credentials = Credentials(config, cast(Lookups, cache))
+    try:
+        with pytest.raises(ConnectionError):
+            asyncio.run(credentials.authenticate("@alice:example.org", PASSWORD, "10.0.0.1"))
+    finally:
+        credentials.close()
+    assert all(count == 0 for count in cache.counts.values())
+    assert set(cache.counts) == ({("user", "@alice:example.org")} if limited
+                                 else {("user", "@alice:example.org"), ("ip", "10.0.0.1")})

@@ -36,7 +36,7 @@ class Logins:
         Raises MatrixError: 503 M_UNKNOWN when the identity's store does not answer."""
         try:
             # Only the homeserver calls here: its address says nothing about who is logging in.
-            identity = await self.credentials.authenticate(login, password, None)
+            identity = await self.credentials.authenticate(login, password, None, self._logged_in)
         except Limited:
             return None
         except StoreUnavailable:
@@ -46,9 +46,11 @@ class Logins:
         if identity is None:
             return None
         log.info("check_credentials: %s authenticated as %s", logs.untrusted(login), identity.mxid)
+        return identity
+
+    async def _logged_in(self, identity: Identity) -> None:
         # A login proves who owns these 3PIDs: invites waiting for them go to the user's homeserver.
         await self.invite_worker.logged_in(list(identity.threepids), identity.mxid)
-        return identity
 
     async def login(self, body: dict[str, Any], client: str, path: str, headers: Any) -> httpx.Response:
         """The homeserver's answer to the login body (sent to path with the client's headers), its
