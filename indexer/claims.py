@@ -75,9 +75,9 @@ class BatchWriter:
         generation: int | None,
         pepper: str,
     ) -> None:
-        """Write new and changed identities (with the records they replace) and remove deleted ones,
-        all in one transaction, so a lookup sees every identity either before or after; pepper: the
-        cache's, for the hashed lookup keys."""
+        """Write new and changed identities (with the records they replace; their locators too) and
+        remove deleted ones, all in one transaction, so a lookup sees every identity either before
+        or after; pepper: the cache's, for the hashed lookup keys."""
         # Every claim an identity makes, with what it stands for: ("3pid", medium, address) or ("mxid", mxid).
         meaning: dict[str, tuple[str, ...]] = {}
 
@@ -108,6 +108,7 @@ class BatchWriter:
 
         # The mxid of each record that answers for an address: written in this batch, or read.
         written = {new.store_id: new for new, _ in upserts}
+        locators: dict[str, EncodableT] = {i: new.locator for i, new in written.items() if new.locator is not None}
         deleted = {gone.store_id for gone in deletes}
         mxids = {store_id: identity.mxid for store_id, identity in written.items() if store_id not in deleted}
         unread = sorted({held[-1] for key, held in lists.items()
@@ -165,6 +166,8 @@ class BatchWriter:
                 tx.hset(self.k.content_hashes(store, 0), mapping={i: new.hash for i, new in written.items()})
                 if generation is not None:
                     tx.zadd(self.k.generations(store, 0), {i: generation for i in written})
+                if locators:
+                    tx.hset(self.k.locators(store, 0), mapping=cast("dict[FieldT, EncodableT]", locators))
             if deletes:
                 gone_ids = [gone.store_id for gone in deletes]
                 tx.hdel(self.k.records(store, 0), *gone_ids)
@@ -197,6 +200,8 @@ class BatchWriter:
                 "EVAL", _RECORDS, 4, self.k.records(store, bucket), self.k.content_hashes(store, bucket),
                 self.k.generations(store, bucket), self.k.locators(store, bucket),
                 "" if generation is None else generation, len(values) // 3, *values, *removed)
+        for bucket, part in buckets.split(self.k, store, locators).items():
+            records.hset(self.k.locators(store, bucket), mapping=part)
         records.execute()
         tx = self.r.pipeline(transaction=True)
         self._announce(tx, store, upserts, deletes)
