@@ -95,7 +95,6 @@ class BatchWriter:
         # In order: each record's claims before and after this batch (after: none for a deletion).
         steps = [(new.store_id, claims_of(old), claims_of(new)) for new, old in upserts]
         steps += [(gone.store_id, claims_of(gone), set()) for gone in deletes]
-        self._ensure_claims(store)
         lists, with_list = self._holders(store, meaning, steps)
         answered = {key: held[-1] if held else None for key, held in lists.items()}
         for store_id, before, after in steps:
@@ -222,17 +221,26 @@ class BatchWriter:
                     *(gone.store_id for gone in deletes))
 
     def _holders(self, store: str, meaning: dict[str, tuple[str, ...]],
-                 steps: list[tuple[str, set[str], set[str]]]) -> tuple[dict[str, list[str]], set[str]]:
+                 steps: list[tuple[str, set[str], set[str]]],
+                 built: bool = False) -> tuple[dict[str, list[str]], set[str]]:
         """Which records hold each claim before this batch (the one answering last), and which
         claims have a list in s:S:claims. Only claims that several records hold have one; a claim
         held once is known from what answers it: s:S:mxid for a Matrix ID; for an address, the
-        record of this batch that held it, else the record with the answering mxid that holds it."""
+        record of this batch that held it, else the record with the answering mxid that holds it.
+        The lists are built first when the store's state says they are not whole (built: they
+        just were)."""
         keys = list(meaning)
         mxid_keys = [k for k in keys if meaning[k][0] == "mxid"]
         addresses = [k for k in keys if meaning[k][0] == "3pid"]
-        listed, owners, answers = buckets.hmget_many(self.r, self.k, store, [
+        # The state's "claims" flag is read in the same round trip as the lists it vouches for (the
+        # store's lock keeps other writers out); it is rarely missing.
+        listed, owners, answers, flag = buckets.hmget_many(self.r, self.k, store, [
             (self.k.claims, keys), (self.k.mxids, mxid_keys),
-            (self.k.threepids, [plain_key(meaning[k][2], meaning[k][1]) for k in addresses])])
+            (self.k.threepids, [plain_key(meaning[k][2], meaning[k][1]) for k in addresses]),
+            (lambda of, _: self.k.state(of), ["claims"])])
+        if flag[0] is None and not built:
+            self._ensure_claims(store)
+            return self._holders(store, meaning, steps, built=True)
         holders = {key: json.loads(raw) for key, raw in zip(keys, listed) if raw}
         with_list = set(holders)
         for key, owner in zip(mxid_keys, owners):
