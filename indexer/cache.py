@@ -129,8 +129,11 @@ class Cache:
         return known
 
     def get(self, store: str, store_ids: list[str]) -> list[Identity | None]:
-        raw = buckets.hmget(self.r, self.k, self.k.records, store, store_ids)
-        return [Identity.from_json(r) if r else None for r in raw]
+        return [Identity.from_json(r) if r else None for r in self.get_raw(store, store_ids)]
+
+    def get_raw(self, store: str, store_ids: list[str]) -> list[str | None]:
+        """The records' JSON (None where missing), for a reader that parses them elsewhere."""
+        return [r or None for r in buckets.hmget(self.r, self.k, self.k.records, store, store_ids)]
 
     def iter_identities(self, store: str, batch: int = 1000) -> Iterator[Identity]:
         for key in buckets.every(self.k, self.k.records, store):
@@ -155,27 +158,33 @@ class Cache:
 
     # -- writes by the sync (one writer per store, holding the store's lock) --------------------
 
-    def mark(self, store: str, store_ids: Iterable[str], generation: int) -> None:
-        self._write_spread(store, self.k.generations, {i: generation for i in store_ids}, zset=True)
+    def mark_unchanged(self, store: str, identities: list[Identity], generation: int) -> None:
+        """Mark these records as seen by the full sync of generation and record where the store
+        finds them (an entry can move without its content changing), in one round trip."""
+        self._write_spread(store, [
+            (self.k.generations, {i.store_id: generation for i in identities}, True),
+            (self.k.locators, {i.store_id: i.locator for i in identities if i.locator is not None}, False)])
 
     def set_locators(self, store: str, identities: Iterable[Identity]) -> None:
         """Record where the store finds these people (unchanged records too: an entry can move
         without its content changing)."""
         locators = {i.store_id: i.locator for i in identities if i.locator is not None}
-        self._write_spread(store, self.k.locators, locators, zset=False)
+        self._write_spread(store, [(self.k.locators, locators, False)])
 
-    def _write_spread(self, store: str, key_of: buckets.KeyOf, mapping: dict[str, Any], zset: bool) -> None:
-        """HSET (or ZADD, zset) the fields of a bucketed hash, one command per bucket."""
-        groups = buckets.split(self.k, store, mapping)
-        if not groups:
-            return
+    def _write_spread(self, store: str, writes: list[tuple[buckets.KeyOf, dict[str, Any], bool]]) -> None:
+        """HSET (or ZADD, when its flag is set) the fields of each bucketed hash, one command per
+        bucket, all in one pipeline."""
         pipe = self.r.pipeline(transaction=False)
-        for bucket, part in groups.items():
-            if zset:
-                pipe.zadd(key_of(store, bucket), cast("dict[str, float]", part))
-            else:
-                pipe.hset(key_of(store, bucket), mapping=part)
-        pipe.execute()
+        queued = False
+        for key_of, mapping, zset in writes:
+            for bucket, part in buckets.split(self.k, store, mapping).items():
+                if zset:
+                    pipe.zadd(key_of(store, bucket), cast("dict[str, float]", part))
+                else:
+                    pipe.hset(key_of(store, bucket), mapping=part)
+                queued = True
+        if queued:
+            pipe.execute()
 
     def stale_ids(self, store: str, generation: int) -> list[str]:
         pipe = self.r.pipeline(transaction=False)
@@ -190,8 +199,9 @@ class Cache:
         deletes: list[Identity],
         generation: int | None,
     ) -> None:
-        """Write new and changed identities (with the records they replace) and remove deleted ones,
-        all in one transaction (indexer.claims says who then answers for each address)."""
+        """Write new and changed identities (with the records they replace, and where the store
+        finds them) and remove deleted ones, all in one transaction (indexer.claims says who then
+        answers for each address)."""
         if upserts or deletes:
             self._writer.apply(store, upserts, deletes, generation, self.pepper())
 

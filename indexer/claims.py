@@ -75,9 +75,9 @@ class BatchWriter:
         generation: int | None,
         pepper: str,
     ) -> None:
-        """Write new and changed identities (with the records they replace) and remove deleted ones,
-        all in one transaction, so a lookup sees every identity either before or after; pepper: the
-        cache's, for the hashed lookup keys."""
+        """Write new and changed identities (with the records they replace; their locators too) and
+        remove deleted ones, all in one transaction, so a lookup sees every identity either before
+        or after; pepper: the cache's, for the hashed lookup keys."""
         # Every claim an identity makes, with what it stands for: ("3pid", medium, address) or ("mxid", mxid).
         meaning: dict[str, tuple[str, ...]] = {}
 
@@ -95,7 +95,6 @@ class BatchWriter:
         # In order: each record's claims before and after this batch (after: none for a deletion).
         steps = [(new.store_id, claims_of(old), claims_of(new)) for new, old in upserts]
         steps += [(gone.store_id, claims_of(gone), set()) for gone in deletes]
-        self._ensure_claims(store)
         lists, with_list = self._holders(store, meaning, steps)
         answered = {key: held[-1] if held else None for key, held in lists.items()}
         for store_id, before, after in steps:
@@ -108,6 +107,7 @@ class BatchWriter:
 
         # The mxid of each record that answers for an address: written in this batch, or read.
         written = {new.store_id: new for new, _ in upserts}
+        locators: dict[str, EncodableT] = {i: new.locator for i, new in written.items() if new.locator is not None}
         deleted = {gone.store_id for gone in deletes}
         mxids = {store_id: identity.mxid for store_id, identity in written.items() if store_id not in deleted}
         unread = sorted({held[-1] for key, held in lists.items()
@@ -165,6 +165,8 @@ class BatchWriter:
                 tx.hset(self.k.content_hashes(store, 0), mapping={i: new.hash for i, new in written.items()})
                 if generation is not None:
                     tx.zadd(self.k.generations(store, 0), {i: generation for i in written})
+                if locators:
+                    tx.hset(self.k.locators(store, 0), mapping=cast("dict[FieldT, EncodableT]", locators))
             if deletes:
                 gone_ids = [gone.store_id for gone in deletes]
                 tx.hdel(self.k.records(store, 0), *gone_ids)
@@ -197,6 +199,8 @@ class BatchWriter:
                 "EVAL", _RECORDS, 4, self.k.records(store, bucket), self.k.content_hashes(store, bucket),
                 self.k.generations(store, bucket), self.k.locators(store, bucket),
                 "" if generation is None else generation, len(values) // 3, *values, *removed)
+        for bucket, part in buckets.split(self.k, store, locators).items():
+            records.hset(self.k.locators(store, bucket), mapping=part)
         records.execute()
         tx = self.r.pipeline(transaction=True)
         self._announce(tx, store, upserts, deletes)
@@ -217,17 +221,26 @@ class BatchWriter:
                     *(gone.store_id for gone in deletes))
 
     def _holders(self, store: str, meaning: dict[str, tuple[str, ...]],
-                 steps: list[tuple[str, set[str], set[str]]]) -> tuple[dict[str, list[str]], set[str]]:
+                 steps: list[tuple[str, set[str], set[str]]],
+                 built: bool = False) -> tuple[dict[str, list[str]], set[str]]:
         """Which records hold each claim before this batch (the one answering last), and which
         claims have a list in s:S:claims. Only claims that several records hold have one; a claim
         held once is known from what answers it: s:S:mxid for a Matrix ID; for an address, the
-        record of this batch that held it, else the record with the answering mxid that holds it."""
+        record of this batch that held it, else the record with the answering mxid that holds it.
+        The lists are built first when the store's state says they are not whole (built: they
+        just were)."""
         keys = list(meaning)
         mxid_keys = [k for k in keys if meaning[k][0] == "mxid"]
         addresses = [k for k in keys if meaning[k][0] == "3pid"]
-        listed, owners, answers = buckets.hmget_many(self.r, self.k, store, [
+        # The state's "claims" flag is read in the same round trip as the lists it vouches for (the
+        # store's lock keeps other writers out); it is rarely missing.
+        listed, owners, answers, flag = buckets.hmget_many(self.r, self.k, store, [
             (self.k.claims, keys), (self.k.mxids, mxid_keys),
-            (self.k.threepids, [plain_key(meaning[k][2], meaning[k][1]) for k in addresses])])
+            (self.k.threepids, [plain_key(meaning[k][2], meaning[k][1]) for k in addresses]),
+            (lambda of, _: self.k.state(of), ["claims"])])
+        if flag[0] is None and not built:
+            self._ensure_claims(store)
+            return self._holders(store, meaning, steps, built=True)
         holders = {key: json.loads(raw) for key, raw in zip(keys, listed) if raw}
         with_list = set(holders)
         for key, owner in zip(mxid_keys, owners):

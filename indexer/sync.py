@@ -237,11 +237,15 @@ def _run_full(cache: Cache, store: Store, ratio: float, result: SyncResult, prog
 
     def flush() -> None:
         nonlocal applied
-        cache.mark(store.name, [i.store_id for i in unchanged], generation)
-        cache.set_locators(store.name, unchanged + changed)
+        if unchanged:
+            cache.mark_unchanged(store.name, unchanged, generation)
         if changed:
-            old = cache.get(store.name, [i.store_id for i in changed])
-            cache.apply(store.name, list(zip(changed, old)), [], generation)
+            # Only the records this sync replaces are read: one with no content hash is not in the
+            # cache (a record and its content hash are written and removed together), and most of
+            # a first sync's are new.
+            replaced = [i.store_id for i in changed if i.store_id in known]
+            old = dict(zip(replaced, cache.get(store.name, replaced))) if replaced else {}
+            cache.apply(store.name, [(i, old.get(i.store_id)) for i in changed], [], generation)
             applied += len(changed)
         unchanged.clear()
         changed.clear()
