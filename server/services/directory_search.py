@@ -144,10 +144,13 @@ class DirectorySearch:
             self._opening.start()
         return self._opening if stamp is not None else None
 
-    def ready(self) -> bool:
+    def ready(self, wait: float = 0.0) -> bool:
         """Whether an index is open for searches, its terms read (a search would not wait for the
-        opening); starts opening the index as it is now when it changed."""
-        self._open_soon()
+        opening); starts opening the index as it is now when it changed, and waits for a first
+        opening at most `wait` seconds (blocking: call it in a thread)."""
+        opening = self._open_soon()
+        if self._opened is None and opening is not None and wait > 0:
+            opening.join(wait)
         return self._opened is not None
 
     def _current(self) -> OpenIndex:

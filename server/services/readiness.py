@@ -18,6 +18,10 @@ from server.storage import BINDINGS_GENERATION, Storage
 
 REDIS_TIMEOUT = 2.0
 SQL_TIMEOUT = 2.0
+# How long a readiness check waits for this worker's first opening of the fulltext index: a worker
+# started before the index existed begins opening it at its first check, and would otherwise answer
+# 503 where the host's other workers answer 200 (an index of 100,000 people opens in about 1.5 s).
+OPEN_TIMEOUT = 3.0
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,7 @@ class Readiness:
                     f" (it {last_exit['reason']})" if last_exit else ": no recent heartbeat")}
             mine = next((f for f in state["followers"] if f["host"] == host), None)
             limit = self.config.health.max_follower_lag
-            opened = self.directory.ready()
+            opened = await asyncio.to_thread(self.directory.ready, OPEN_TIMEOUT)
             checks["fulltext"] = (
                 {"ok": False, "host": host, "error": "no fulltext follower has reported from this host"} if mine is None
                 else {"ok": mine["lag_seconds"] <= limit and opened, "host": host, "lag_seconds": mine["lag_seconds"],
