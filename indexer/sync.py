@@ -182,11 +182,14 @@ def _run_incremental(cache: Cache, store: Store, mark: Any, result: SyncResult, 
         unread = list({c.store_id for c in batch if c.store_id not in known})
         hashes = cache.content_hashes(store.name, unread)
         known.update((i, hashes.get(i)) for i in unread)
-        located = [c.identity for c in batch if c.identity is not None]
+        # An entry can move without its content changing: only where it is now is written (apply
+        # writes the locators of the records it writes).
+        moved: list[Identity] = []
         pending: dict[str, Identity | None] = {}
         for change in batch:
             previous = known[change.store_id]
             if change.identity is not None and previous == change.identity.hash:
+                moved.append(change.identity)
                 continue
             if change.identity is None and previous is None:
                 continue
@@ -200,7 +203,7 @@ def _run_incremental(cache: Cache, store: Store, mark: Any, result: SyncResult, 
                 known[change.store_id] = None
             pending[change.store_id] = change.identity
         batch.clear()
-        cache.set_locators(store.name, located)
+        cache.set_locators(store.name, moved)
         ids = list(pending)
         old = dict(zip(ids, cache.get(store.name, ids)))
         upserts = [(new, old[i]) for i, new in pending.items() if new is not None]
