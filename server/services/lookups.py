@@ -15,13 +15,13 @@ from indexer.identity import Identity
 from indexer.rediskeys import RedisKeys, claim_key, plain_key
 from server.redis_pipe import CommandPipe
 
+# A key per bucket of a store's hash (one for a binding mirror, or with one bucket).
+Buckets = list[str]
+
 _DECR_IF_EXISTS = "if redis.call('EXISTS', KEYS[1]) == 1 then return redis.call('DECR', KEYS[1]) end return 0"
 # Count one attempt in a window of ARGV[1] seconds, started by the first (INCR keeps the TTL that
 # SET ... NX sets): the count and the milliseconds left. A script rather than MULTI ... EXEC, which a
 # Redis Cluster client cannot send as plain commands.
-# A key per bucket of a store's hash (one for a binding mirror, or with one bucket).
-Buckets = list[str]
-
 _CLAIM_ATTEMPT = """
 redis.call('SET', KEYS[1], 0, 'EX', ARGV[1], 'NX')
 return {redis.call('INCR', KEYS[1]), redis.call('PTTL', KEYS[1])}
