@@ -127,11 +127,11 @@ class InviteWorker:
             log.info("forgot %d expired invites", expired)
         # The invited marks made again from SQL (at the start too: the first check runs then).
         since = await self.lookups.invited_clock_ms()
-        invited = await self.storage.run(self.storage.invited_threepids)
-        unmarked = await self.lookups.prune_invited(since, invited)
+        unsettled = await self.storage.run(self.storage.unsettled_threepids)
+        unmarked = await self.lookups.prune_invited(since, [(m, a) for m, a, _ in unsettled])
         if unmarked:
             log.info("%d 3PIDs without pending invites any more", unmarked)
-        threepids = await self.storage.run(self.storage.unsettled_threepids)
+        threepids = [(m, a) for m, a, queued in unsettled if not queued]
         if not threepids:
             return
         for (medium, address), mxid in zip(threepids, await self.lookups.by_address(threepids)):

@@ -38,20 +38,14 @@ class InviteQueries:
             return conn.execute(sa.select(invites.c.token)
                                 .where(invites.c.ephemeral_public_key == public_key).limit(1)).first() is not None
 
-    def unsettled_threepids(self) -> list[tuple[str, str]]:
-        """(medium, address) of invites neither settled nor queued for delivery."""
+    def unsettled_threepids(self) -> list[tuple[str, str, bool]]:
+        """(medium, address, whether a delivery of them is queued) of every invite not settled yet."""
         queued = sa.select(onbind_deliveries.c.id).where(onbind_deliveries.c.medium == invites.c.medium,
                                                          onbind_deliveries.c.address == invites.c.address)
         with self.engine.connect() as conn:
-            return [(r.medium, r.address) for r in conn.execute(
-                sa.select(invites.c.medium, invites.c.address).distinct()
-                .where(invites.c.settled_at.is_(None), ~queued.exists()))]
-
-    def invited_threepids(self) -> list[tuple[str, str]]:
-        """(medium, address) of every invite not settled yet, queued for delivery or not."""
-        with self.engine.connect() as conn:
-            return [(r.medium, r.address) for r in conn.execute(
-                sa.select(invites.c.medium, invites.c.address).distinct().where(invites.c.settled_at.is_(None)))]
+            return [(r.medium, r.address, bool(r.queued)) for r in conn.execute(
+                sa.select(invites.c.medium, invites.c.address, queued.exists().label("queued")).distinct()
+                .where(invites.c.settled_at.is_(None)))]
 
     def has_pending_invite(self, medium: str, address: str, created_after: int) -> bool:
         """Whether an invite for (medium, canonical address) stored after created_after (ms) is not
