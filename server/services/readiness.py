@@ -80,7 +80,8 @@ class Readiness:
                     f" (it {last_exit['reason']})" if last_exit else ": no recent heartbeat")}
             mine = next((f for f in state["followers"] if f["host"] == host), None)
             limit = self.config.health.max_follower_lag
-            opened = await asyncio.to_thread(self.directory.ready, OPEN_TIMEOUT)
+            # A thread only for the wait, which a worker makes once, opening its first index.
+            opened = self.directory.ready() or await asyncio.to_thread(self.directory.ready, OPEN_TIMEOUT)
             checks["fulltext"] = (
                 {"ok": False, "host": host, "error": "no fulltext follower has reported from this host"} if mine is None
                 else {"ok": mine["lag_seconds"] <= limit and opened, "host": host, "lag_seconds": mine["lag_seconds"],
