@@ -52,7 +52,7 @@ PAUSE_EVERY = 1000
 class SegmentTerms:
     """The terms of one field in one index segment, held in memory in order, with the documents
     (numbered within the segment, deleted ones included) that have each. A prefix is a range of
-    this list and a part of a word one pass over it at C speed (map, compress): no posting list is
+    this list and a part of a word one regular expression over a text of the terms (inside): no posting list is
     read, however many terms match (a one-letter prefix matches every user<i>). Built once per
     segment, which Whoosh never changes but to delete documents; a person is almost always a
     term's only document, which the term list tells, so building reads little more than that.
