@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.directory import terms  # noqa: E402
 from bench.ldap_sync import full_name  # noqa: E402
-from indexer.fulltext import FullText, stop_writer  # noqa: E402
+from indexer.fulltext import FullText  # noqa: E402
 from indexer.identity import Identity  # noqa: E402
 from server.services.directory_search import DirectorySearch, HideRules  # noqa: E402
 
@@ -81,7 +81,6 @@ def main() -> None:
               f"median {statistics.median(latencies):.3f} ms, p99 {latencies[int(0.99 * len(latencies))]:.2f} ms, "
               f"max {latencies[-1]:.1f} ms")
         search.close()
-    stop_writer()
 
 
 def wait_for(search: DirectorySearch, i: int) -> None:

@@ -1,23 +1,12 @@
 """The local Whoosh index of identities: its schema and its writer (the follower's), and the analysis
 of a search term that matches it. Blocking; never on the event loop. The server reads the index
-in server/services/directory_ranking.py.
-
-Whoosh writes in pure Python, and a sync runs in the same process as the follower: the writing is
-done in a child process (one, kept between batches), so that it runs on another core than the
-sync and does not hold the sync's interpreter lock."""
+in server/services/directory_ranking.py."""
 
 from __future__ import annotations
 
 import json
-import multiprocessing
-import os
 import shutil
-import threading
-import time
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +22,6 @@ from indexer.settings import Config
 POSITION_FILE = "position.json"
 # Bump when SCHEMA or _document changes: a follower finding another version rebuilds the index.
 SCHEMA_VERSION = 3
-# A write (a batch of changes, or a whole index) that takes longer has a stuck writer: it is stopped.
-WRITE_TIMEOUT = 1800.0
-PARENT_CHECK_S = 0.5  # how soon the writer process notices that the indexer is gone
 
 _WORD = r"\w+"
 _words = RegexTokenizer(_WORD) | LowercaseFilter() | CharsetFilter(accent_map)
@@ -132,10 +118,9 @@ class FullText:
         tmp.replace(path / POSITION_FILE)
 
     def rebuild(self, identities: Iterable[Identity], epoch: str, last_id: str) -> int:
-        """Write a new index from identities beside the current one, then swap it in."""
+        """Write a new index from identities beside the current one, then swap it in; how many it holds."""
         fresh = self.path.with_name(self.path.name + ".new")
-        documents = [_document(identity, self.threepids) for identity in identities]
-        _in_writer_process(_write_fresh, str(fresh), documents)
+        count = _write_fresh(fresh, (_document(identity, self.threepids) for identity in identities))
         self._save_position(fresh, epoch, last_id)
         old = self.path.with_name(self.path.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -143,35 +128,34 @@ class FullText:
             self.path.rename(old)
         fresh.rename(self.path)
         shutil.rmtree(old, ignore_errors=True)
-        return len(documents)
+        return count
 
     def apply(self, upserts: Sequence[Identity | str], deleted_keys: list[str], epoch: str, last_id: str) -> None:
         """Apply a batch of changes (upserts: identities, or their records' JSON as the cache holds
         it), then record the stream position they bring the index to."""
-        # A record's JSON is made a document in the writer process: parsed here, it took the
-        # interpreter lock from the sync running beside the follower (a tenth of a full sync).
-        documents = [u if isinstance(u, str) else _document(u, self.threepids) for u in upserts]
-        _in_writer_process(_write_changes, str(self.path), documents, deleted_keys, self.threepids)
+        documents = [_document(Identity.from_json(u) if isinstance(u, str) else u, self.threepids) for u in upserts]
+        _write_changes(self.path, documents, deleted_keys)
         self._save_position(self.path, epoch, last_id)
 
     def count(self) -> int:
         return int(index.open_dir(str(self.path)).doc_count())
 
 
-def _write_fresh(path: str, documents: list[dict[str, Any]]) -> None:
-    """In the writer process: a new index at path holding documents, in their order."""
+def _write_fresh(path: Path, documents: Iterator[dict[str, Any]]) -> int:
+    """A new index at path holding documents, in their order; how many."""
     shutil.rmtree(path, ignore_errors=True)
-    Path(path).mkdir(parents=True)
-    with index.create_in(path, SCHEMA).writer(**_WRITER) as writer:
+    path.mkdir(parents=True)
+    count = 0
+    with index.create_in(str(path), SCHEMA).writer(**_WRITER) as writer:
         for document in documents:
             writer.add_document(**document)
+            count += 1
+    return count
 
 
-def _write_changes(path: str, given: list[dict[str, Any] | str], deleted_keys: list[str], threepids: bool) -> None:
-    """In the writer process: deleted_keys out of the index at path, documents in (replacing theirs);
-    given: documents, or records' JSON to make them from."""
-    documents = [_document(Identity.from_json(d), threepids) if isinstance(d, str) else d for d in given]
-    writer = index.open_dir(path).writer(**_WRITER)
+def _write_changes(path: Path, documents: list[dict[str, Any]], deleted_keys: list[str]) -> None:
+    """deleted_keys out of the index at path, documents in (replacing theirs)."""
+    writer = index.open_dir(str(path)).writer(**_WRITER)
     try:
         # One reader for the batch: Whoosh's update_document and delete_by_term open one per document.
         with writer.reader() as reader:
@@ -194,53 +178,3 @@ def _write_changes(path: str, given: list[dict[str, Any] | str], deleted_keys: l
     # Merging segments rewrites them, and a searcher reads each new segment's terms again: small
     # segments are merged only once there are many (a consolidation rebuilds the index whole).
     writer.commit(merge=segments >= MERGE_FROM_SEGMENTS)
-
-
-_pool: ProcessPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _exit_with(parent_pid: int) -> None:
-    """In the writer process: exit as soon as the process that started it is gone. A killed indexer
-    (a second stop signal) cannot stop its writer, which would otherwise wait for work forever."""
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(PARENT_CHECK_S)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="watch-parent", daemon=True).start()
-
-
-def _in_writer_process(work: Callable[..., None], *args: Any) -> None:
-    """Run work(*args) in the writer process (started the first time), and wait for it."""
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            # Spawned, not forked: the follower's process has threads and open connections.
-            _pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_exit_with, initargs=(os.getpid(),))
-        pool = _pool
-    try:
-        pool.submit(work, *args).result(timeout=WRITE_TIMEOUT)
-    except (FutureTimeout, BrokenProcessPool):
-        # A stuck or dead writer is replaced: the next write starts a new one.
-        _stop(pool)
-        raise
-
-
-def stop_writer() -> None:
-    """End the writer process, if one was started (a write in progress is abandoned)."""
-    if _pool is not None:
-        _stop(_pool)
-
-
-def _stop(pool: ProcessPoolExecutor) -> None:
-    global _pool
-    with _pool_lock:
-        if _pool is pool:
-            _pool = None
-    # The executor has no way to stop a busy process; its processes are reached through its state.
-    for process in list((getattr(pool, "_processes", None) or {}).values()):
-        process.kill()
-    pool.shutdown(wait=False, cancel_futures=True)

@@ -7,6 +7,7 @@ import contextvars
 import json
 import logging
 import re
+import signal
 import sys
 import threading
 import time
@@ -117,6 +118,16 @@ def setup(level: str, role: str, fmt: str = "text") -> None:
     logging.basicConfig(level=getattr(logging, level), handlers=[handler], force=True)
     # httpx logs every request at INFO: one line per read-through lookup or sync page is noise.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, getattr(logging, level)))
+
+
+def describe_exit(status: int) -> str:
+    """A child process's exit status (a negative one: the signal that killed it) for a message."""
+    if status < 0:
+        try:
+            return f"was killed by {signal.Signals(-status).name}"
+        except ValueError:
+            return f"was killed by signal {-status}"
+    return f"exited with status {status}"
 
 
 class Repeated:

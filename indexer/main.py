@@ -1,5 +1,5 @@
-"""The indexer process: periodic syncs per store (with `schedule`), admin-triggered sync jobs and
-the fulltext follower."""
+"""The indexer process: periodic syncs per store (with `schedule`), admin-triggered sync jobs, and
+the fulltext follower's process, started again when it dies."""
 
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ import schedule
 from indexer import logs
 from indexer.cache import Cache
 from indexer.config import read_config
-from indexer.follower import Follower
-from indexer.fulltext import FullText, fulltext_path, stop_writer
+from indexer.follower import FollowerProcess
 from indexer.jobs import JobRunner
 from indexer.metrics import observe_sync
 from indexer.redis_clients import REDIS_ERRORS, RedisTarget, cache_spread, configured_target, connect
@@ -190,8 +189,8 @@ class Indexer:
 
 
 def run_indexer(config: Config, target: RedisTarget, stop: threading.Event, parent_pid: int | None = None) -> None:
-    """The body of the indexer process: follower thread plus scheduled syncs, until stop is set
-    (or the parent process has gone away)."""
+    """The body of the indexer process: the follower's process, sync jobs and scheduled syncs, until
+    stop is set (or the parent process has gone away)."""
     cache = Cache(connect(target, config.redis.timeout, blocking=True), config.redis.prefix,
                   cache_spread(config.redis))
     while not stop.is_set():
@@ -202,34 +201,32 @@ def run_indexer(config: Config, target: RedisTarget, stop: threading.Event, pare
             logs.repeated.error(log, "indexer: Redis unavailable (%s); trying again in %.0f s", exc, RETRY_AFTER,
                                 key="indexer start redis")
             stop.wait(RETRY_AFTER)
-    store_names = [s.name for s in config.stores]
-    follower = Follower(cache, FullText(fulltext_path(config), config.directory.threepids), store_names,
-                        config.server.host_id)
-    follower_thread = threading.Thread(target=follower.run, args=(stop,), name="fulltext-follower", daemon=True)
-    follower_thread.start()
+    follower = FollowerProcess(config, target)
+    follower.start()
     if parent_pid is not None:
         threading.Thread(target=_watch_parent, args=(parent_pid, stop), daemon=True).start()
     jobs = threading.Thread(target=JobRunner(config, cache, observe_sync).run, args=(stop,), name="sync-jobs",
                             daemon=True)
     jobs.start()
     heartbeat = threading.Thread(target=_heartbeat, name="heartbeat", daemon=True,
-                                 args=(cache, config.server.host_id, config.supervisor.heartbeat,
-                                       [follower_thread, jobs], stop))
+                                 args=(cache, config.server.host_id, config.supervisor.heartbeat, [jobs], follower,
+                                       stop))
     heartbeat.start()
     indexer = Indexer(config, cache)
     try:
         indexer.run(stop)
     finally:
         stop.set()
-        follower_thread.join(timeout=10)
-        stop_writer()
+        follower.stop()
         jobs.join(timeout=10)
         indexer.close()
 
 
-def _heartbeat(cache: Cache, host: str, every: int, threads: list[threading.Thread], stop: threading.Event) -> None:
+def _heartbeat(cache: Cache, host: str, every: int, threads: list[threading.Thread], follower: FollowerProcess,
+               stop: threading.Event) -> None:
     """Tell Redis that this host's indexer is alive every `every` seconds, while each of its threads
-    is: readiness fails, and `mxisd status` says the indexer is down, once three beats are missed."""
+    is: readiness fails, and `mxisd status` says the indexer is down, once three beats are missed.
+    A follower process found dead is started again, and the beat says how often that happened."""
     started, failing = time.time(), False
     while not stop.is_set():
         dead = [t.name for t in threads if not t.is_alive()]
@@ -239,7 +236,12 @@ def _heartbeat(cache: Cache, host: str, every: int, threads: list[threading.Thre
             stop.set()
             return
         try:
-            cache.beat(host, 3 * every, pid=os.getpid(), started=started)
+            follower.revive()
+        except OSError as exc:  # no process could be started (out of memory or processes): the next beat tries again
+            logs.repeated.error(log, "indexer: could not start the fulltext follower: %s", exc, key="follower start")
+        try:
+            cache.beat(host, 3 * every, pid=os.getpid(), started=started, follower_pid=follower.pid,
+                       follower_restarts=follower.restarts, follower_last_exit=follower.last_exit)
             if failing:
                 log.info("indexer: heartbeat recorded again")
             failing = False

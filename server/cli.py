@@ -311,6 +311,11 @@ def _indexer_line(indexer: dict[str, Any]) -> str:
     if indexer["alive"]:
         line = (f"indexer on {indexer['host']}: running (pid {indexer['pid']}, since {_when(indexer['started'])}, "
                 f"heartbeat {time.time() - indexer['beat']:.0f} s ago)")
+        if indexer.get("follower_pid"):  # an indexer of an older version does not say
+            line += f"; its fulltext follower: pid {indexer['follower_pid']}"
+            if restarts := indexer.get("follower_restarts"):
+                line += (f", started again {restarts} time{'s' if restarts > 1 else ''} "
+                         f"(the follower before it {indexer['follower_last_exit']})")
         return line + (f"; before that it {ended}" if ended else "")
     if ended:
         return f"indexer on {indexer['host']}: NOT RUNNING: it {ended}; mxisd run starts it again"

@@ -21,6 +21,7 @@ import redis
 
 from indexer.cache import Cache
 from indexer.config import ConfigError, load_config, write_config
+from indexer.logs import describe_exit
 from indexer.redis_clients import REDIS_ERRORS, RedisTarget, cache_spread, configured_target, connect, describe
 from indexer.redis_server import EmbeddedRedis
 from indexer.settings import Config
@@ -111,15 +112,6 @@ def _send_config(process: subprocess.Popen[bytes] | None, config: Config) -> Non
         return  # it starts with the new config when it is started again
     with contextlib.suppress(BrokenPipeError):
         write_config(process.stdin, config)
-
-
-def describe_exit(status: int) -> str:
-    if status < 0:
-        try:
-            return f"was killed by {signal.Signals(-status).name}"
-        except ValueError:
-            return f"was killed by signal {-status}"
-    return f"exited with status {status}"
 
 
 class Child:

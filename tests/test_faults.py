@@ -21,9 +21,10 @@ import pytest
 import redis
 import yaml
 
+from indexer.fulltext import FullText
 from indexer.redis_server import EmbeddedRedis
 from indexer.rediskeys import RedisKeys
-from tests.conftest import PEOPLE, V1, V2, Server, started, wait_until
+from tests.conftest import PEOPLE, V1, V2, Server, search_mxids, started, wait_until
 from tests.test_health_metrics import scrape, value
 
 pytestmark = pytest.mark.faults
@@ -76,6 +77,33 @@ def test_a_killed_indexer_is_restarted_and_readiness_shows_the_gap(make_server):
     done = srv.cli("index")
     assert done.returncode == 0, done.stderr
     assert srv.lookup_v1("email", "erin@example.com")["mxid"] == "@erin:example.org"
+
+
+def test_a_killed_fulltext_follower_is_started_again_and_status_shows_it(make_server):
+    srv = make_server()
+    srv.config["supervisor"] = {"heartbeat": "1s"}
+    srv.start()
+    wait_until(lambda: readiness(srv)[0] == 200, what="readiness after the first sync")
+    indexer = child(srv, "indexer.main")
+    first = readiness(srv)[1]["checks"]["indexer"]["follower_pid"]
+    assert first in [p.pid for p in indexer.children()]  # a process of its own, the indexer's child
+
+    psutil.Process(first).kill()
+    check = wait_until(lambda: (c := readiness(srv)[1]["checks"].get("indexer", {})).get("follower_restarts") and c,
+                       what="the heartbeat to report the restart")
+    assert check["ok"] and check["follower_restarts"] == 1 and check["follower_pid"] not in (None, first)
+    assert (f"fulltext follower (pid {first}) was killed by SIGKILL; starting it again (1 restarts so far)"
+            in srv.log())
+    shown = srv.cli("status").stdout
+    assert (f"its fulltext follower: pid {check['follower_pid']}, started again 1 time (the follower before it "
+            "was killed by SIGKILL)") in shown
+    assert child(srv, "indexer.main").pid == indexer.pid  # the indexer itself went on
+
+    # The new follower indexes what the next sync brings.
+    srv.write_people(PEOPLE + [{"localpart": "erin", "display_name": "Érin Ölsen"}])
+    assert srv.cli("index").returncode == 0
+    index = FullText(srv.root / "data" / "fulltext")
+    wait_until(lambda: search_mxids(index.path, "olsen") == ["@erin:example.org"], what="the follower to index erin")
 
 
 def test_a_killed_embedded_redis_is_restarted_with_its_data(make_server):

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import whoosh.index
 import yaml
 
 import indexer.follower as follower_module
 from indexer.cache import Cache
-from indexer.follower import Follower
+from indexer.follower import Follower, FollowerProcess
 from indexer.fulltext import FullText
+from indexer.status import HostBounds
 from indexer.sync import full_sync
 from server.services.directory_search import DirectorySearch, HideRules
-from tests.conftest import make_store, search_mxids
+from tests.conftest import make_store, search_mxids, typed_config, wait_until
 
 CONFIG = {"matrix": {"domain": "example.org"}, "threepids": {"msisdn": {"default_region": None}}}
 
@@ -129,3 +132,52 @@ def test_many_small_batches_are_consolidated_when_the_stream_is_quiet(rclient, p
 
 def index_segments(index: FullText) -> list:
     return whoosh.index.open_dir(str(index.path)).reader().leaf_readers()
+
+
+def test_the_follower_process_follows_a_sync_and_is_started_again_when_killed(redis_url, rclient, prefix, tmp_path,
+                                                                              caplog):
+    caplog.set_level("INFO")
+    people = tmp_path / "people.yml"
+    config = typed_config([{"name": "hr", "kind": "file", "path": str(people)}], data_dir=str(tmp_path),
+                          server={"host_id": "host-a"}, redis={"url": redis_url, "prefix": prefix}, **CONFIG)
+    cache = Cache(rclient, prefix)
+    cache.initialize()
+    index = FullText(tmp_path / "fulltext")
+
+    def follower_position() -> str | None:
+        reported = cache.status(["hr"], HostBounds(60, 3600))["followers"]
+        return reported[0]["last_id"] if reported else None
+
+    follower = FollowerProcess(config, redis_url)
+    follower.start()
+    try:
+        first = follower.pid
+        assert first is not None and first != os.getpid()
+        sync(cache, people, [{"localpart": "alice", "display_name": "Alice Liddell"}])
+        # The process reads the change stream and the records from Redis itself, and reports where it is.
+        wait_until(lambda: follower_position() == cache.last_change_id(), what="the follower to report the sync")
+        assert names(index, "liddell") == ["@alice:example.org"]
+
+        follower.revive()  # a live follower is left alone
+        assert follower.pid == first and follower.restarts == 0
+
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: follower.pid is None, what="the killed follower to be seen dead")
+        follower.revive()
+        assert follower.restarts == 1 and follower.last_exit == "was killed by SIGKILL"
+        assert f"fulltext follower (pid {first}) was killed by SIGKILL; starting it again (1 restarts so far)" \
+            in caplog.text
+        second = follower.pid
+        assert second is not None and second != first
+
+        # The new process resumes where the index is, and follows the next sync.
+        sync(cache, people, [{"localpart": "alice", "display_name": "Alice Kingsleigh"},
+                             {"localpart": "bob", "display_name": "Bob Builder"}])
+        wait_until(lambda: follower_position() == cache.last_change_id(), what="the new follower to catch up")
+        assert names(index, "kingsleigh") == ["@alice:example.org"] and names(index, "liddell") == []
+        assert names(index, "builder") == ["@bob:example.org"]
+    finally:
+        follower.stop()
+    assert follower.pid is None
+    follower.revive()  # a stopped follower is not started again
+    assert follower.pid is None and follower.restarts == 1

@@ -39,10 +39,10 @@ class Readiness:
     async def check(self) -> tuple[bool, dict[str, Any]]:
         """Whether the server is ready: Redis and the SQL database answer, Redis holds every binding
         SQL has and a full sync of every store completed into it (since it was last emptied or found
-        restored from an older copy), this host's indexer is alive (its heartbeat is recent) and this
-        host's fulltext index keeps up and this worker has it open for searches (the first search
-        would otherwise wait for its terms to be read: a second and more at 100,000 people); and each
-        check's state ({"ok", and "error" or details})."""
+        restored from an older copy), this host's indexer is alive (its heartbeat is recent) with its
+        fulltext follower's process, and this host's fulltext index keeps up and this worker has it
+        open for searches (the first search would otherwise wait for its terms to be read: a second
+        and more at 100,000 people); and each check's state ({"ok", and "error" or details})."""
         checks: dict[str, Any] = {}
         generation = None
         try:
@@ -73,7 +73,13 @@ class Readiness:
             host = self.config.server.host_id
             indexer = next((i for i in state["indexers"] if i["host"] == host), None)
             if indexer is not None and indexer["alive"]:
-                checks["indexer"] = {"ok": True, "host": host, "pid": indexer["pid"], "heartbeat": indexer["beat"]}
+                # The indexer starts a dead follower again at each beat: none running means it could not.
+                following = indexer.get("follower_pid") is not None
+                checks["indexer"] = {"ok": following, "host": host, "pid": indexer["pid"], "heartbeat": indexer["beat"],
+                                     "follower_pid": indexer.get("follower_pid"),
+                                     "follower_restarts": indexer.get("follower_restarts", 0),
+                                     **({} if following else {"error": "the fulltext follower of this host's indexer "
+                                                                       "could not be started"})}
             else:
                 last_exit = indexer and indexer["last_exit"]
                 checks["indexer"] = {"ok": False, "host": host, "error": "the indexer of this host is not running" + (
