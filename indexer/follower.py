@@ -1,10 +1,9 @@
 """The index follower: tails the cache's change stream into this host's Whoosh index, and rebuilds
 the index from Redis alone when it is missing, from another cache, or too far behind.
 
-The indexer runs it in a process of its own (FollowerProcess): reading the changes and records,
-making documents and Whoosh's writing (pure Python) would otherwise hold the interpreter lock that
-the sync needs (at 30,000 users, a full sync took 6.0 s until answerable beside the follower's
-thread, 3.3 s alone)."""
+The indexer runs it in a process of its own (FollowerProcess), at a lower priority: reading the
+changes and records, making documents and Whoosh's writing (pure Python) would otherwise take the
+sync's interpreter lock, and the CPU time that the sync, Redis and the directory need."""
 
 from __future__ import annotations
 
@@ -35,6 +34,11 @@ BATCH = 20_000
 # this many changes (and at least half the index) were applied batch by batch, the follower
 # rebuilds the index whole (one segment) the next time the stream is quiet.
 CONSOLIDATE_AFTER = 10_000
+# The follower's process gives way to the sync, Redis and the HTTP server when they want the CPU:
+# on two cores, a full sync competed with Whoosh's writing (a core's worth) for the cores its
+# process, Redis and the directory need, and every identity became answerable by lookup later.
+# The index is written with the CPU that is left, and wholly once the sync is done.
+NICENESS = 10
 PARENT_CHECK_S = 0.5  # how soon the follower process notices that the indexer is gone
 # How long a stopping follower process may take (it stops between batches) before it is killed: less
 # than the grace `mxisd run` gives the indexer.
@@ -164,6 +168,7 @@ def follow(config: Config, target: RedisTarget, parent_pid: int) -> None:
     """The body of the follower process: follow the cache until SIGTERM, or until the process that
     started it is gone."""
     logs.setup(config.log_level, "follower", config.log_format)
+    os.nice(NICENESS)
     stop = threading.Event()
     # Ctrl-C reaches the whole process group; the indexer decides when the follower stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
