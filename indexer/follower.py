@@ -13,8 +13,9 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.process import BaseProcess
+from multiprocessing.sharedctypes import Synchronized
 
 import redis
 
@@ -43,13 +44,21 @@ PARENT_CHECK_S = 0.5  # how soon the follower process notices that the indexer i
 # How long a stopping follower process may take (it stops between batches) before it is killed: less
 # than the grace `mxisd run` gives the indexer.
 STOP_TIMEOUT_S = 3.0
+# A follower process that has shown no progress for this long (a batch applied, a quiet second of
+# the stream waited out, 10,000 identities read for a rebuild) is stuck (a hung Whoosh write, a
+# file system that stopped answering): it is killed and started again.
+STUCK_AFTER_S = 1800.0
+PROGRESS_EVERY = 10_000  # identities read for a rebuild between two signs of progress
 
 
 class Follower:
     """Keeps one FullText index in step with the cache for the configured stores."""
 
-    def __init__(self, cache: Cache, fulltext: FullText, stores: list[str], host: str) -> None:
+    def __init__(self, cache: Cache, fulltext: FullText, stores: list[str], host: str,
+                 progress: Callable[[], None] = lambda: None) -> None:
+        """progress: called at every sign of progress (FollowerProcess tells a stuck process by it)."""
         self.cache = cache
+        self.progress = progress
         self.fulltext = fulltext
         self.stores = stores
         self.host = host  # server.host_id: the follower reports its position under it
@@ -93,8 +102,13 @@ class Follower:
         self.last_id = self.cache.last_change_id()
 
         def everyone() -> Iterator[Identity]:
+            read = 0
             for store in self.stores:
-                yield from self.cache.iter_identities(store)
+                for identity in self.cache.iter_identities(store):
+                    read += 1
+                    if read % PROGRESS_EVERY == 0:
+                        self.progress()
+                    yield identity
 
         count = self.fulltext.rebuild(everyone(), self.epoch, self.last_id)
         self.indexed, self.applied = count, 0
@@ -148,6 +162,7 @@ class Follower:
     def run(self, stop: threading.Event) -> None:
         """Follow until stop is set; Redis outages are waited out, and no error ends the loop."""
         while not stop.is_set():
+            self.progress()
             try:
                 if not self.epoch:
                     self.start()
@@ -164,9 +179,9 @@ class Follower:
                 stop.wait(5)
 
 
-def follow(config: Config, target: RedisTarget, parent_pid: int) -> None:
+def follow(config: Config, target: RedisTarget, parent_pid: int, alive: Synchronized[float]) -> None:
     """The body of the follower process: follow the cache until SIGTERM, or until the process that
-    started it is gone."""
+    started it is gone; alive holds the time.monotonic() of its last sign of progress."""
     logs.setup(config.log_level, "follower", config.log_format)
     os.nice(NICENESS)
     stop = threading.Event()
@@ -177,7 +192,11 @@ def follow(config: Config, target: RedisTarget, parent_pid: int) -> None:
     cache = Cache(connect(target, config.redis.timeout, blocking=True), config.redis.prefix,
                   cache_spread(config.redis))
     fulltext = FullText(fulltext_path(config), config.directory.threepids)
-    Follower(cache, fulltext, [s.name for s in config.stores], config.server.host_id).run(stop)
+
+    def progress() -> None:
+        alive.value = time.monotonic()  # CLOCK_MONOTONIC: the same clock in every process
+
+    Follower(cache, fulltext, [s.name for s in config.stores], config.server.host_id, progress).run(stop)
 
 
 def _exit_with(parent_pid: int) -> None:
@@ -193,12 +212,16 @@ def _exit_with(parent_pid: int) -> None:
 
 
 class FollowerProcess:
-    """The follower of config's stores in a process of its own, started again when it dies
-    (revive). Thread-safe: the indexer's heartbeat revives it, its main thread stops it."""
+    """The follower of config's stores in a process of its own, started again when it dies or has
+    shown no progress for stuck_after seconds (revive). Thread-safe: the indexer's heartbeat revives
+    it, its main thread stops it."""
 
-    def __init__(self, config: Config, target: RedisTarget) -> None:
+    def __init__(self, config: Config, target: RedisTarget, stuck_after: float = STUCK_AFTER_S) -> None:
         self.config = config
         self.target = target
+        self.stuck_after = stuck_after
+        self._context = multiprocessing.get_context("spawn")
+        self._alive: Synchronized[float] = self._context.Value("d", time.monotonic(), lock=False)
         self.restarts = 0
         self.last_exit: str | None = None  # how the last process that died ended
         self._process: BaseProcess | None = None
@@ -211,8 +234,9 @@ class FollowerProcess:
 
     def _start(self) -> None:
         # Spawned, not forked: the indexer's process has threads and open connections.
-        self._process = multiprocessing.get_context("spawn").Process(
-            target=follow, args=(self.config, self.target, os.getpid()), name="fulltext-follower")
+        self._alive.value = time.monotonic()
+        self._process = self._context.Process(
+            target=follow, args=(self.config, self.target, os.getpid(), self._alive), name="fulltext-follower")
         self._process.start()
 
     @property
@@ -222,14 +246,23 @@ class FollowerProcess:
             return self._process.pid if self._process is not None and self._process.is_alive() else None
 
     def revive(self) -> None:
-        """Start the process again if it died (or could not be started), unless it was stopped."""
+        """Start the process again if it died, is stuck (killed first) or could not be started,
+        unless it was stopped."""
         with self._lock:
             process = self._process
-            if self._stopped or (process is not None and process.is_alive()):
+            if self._stopped:
                 return
+            stuck = None
+            if process is not None and process.is_alive():
+                stuck_for = time.monotonic() - self._alive.value
+                if stuck_for < self.stuck_after:
+                    return
+                process.kill()
+                process.join(STOP_TIMEOUT_S)
+                stuck = f"showed no progress for {stuck_for:.0f} s and was killed"
             if process is not None:
                 self.restarts += 1
-                self.last_exit = logs.describe_exit(process.exitcode or 0)
+                self.last_exit = stuck or logs.describe_exit(process.exitcode or 0)
                 log.error("fulltext follower (pid %s) %s; starting it again (%d restarts so far)", process.pid,
                           self.last_exit, self.restarts)
                 process.close()

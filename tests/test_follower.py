@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import time
 
+import pytest
 import whoosh.index
 import yaml
 
@@ -181,3 +184,42 @@ def test_the_follower_process_follows_a_sync_and_is_started_again_when_killed(re
     assert follower.pid is None
     follower.revive()  # a stopped follower is not started again
     assert follower.pid is None and follower.restarts == 1
+
+
+def test_a_follower_process_that_shows_no_progress_is_killed_and_started_again(redis_url, rclient, prefix, tmp_path,
+                                                                              caplog):
+    caplog.set_level("INFO")
+    people = tmp_path / "people.yml"
+    config = typed_config([{"name": "hr", "kind": "file", "path": str(people)}], data_dir=str(tmp_path),
+                          server={"host_id": "host-a"}, redis={"url": redis_url, "prefix": prefix}, **CONFIG)
+    cache = Cache(rclient, prefix)
+    cache.initialize()
+    # A following process shows progress at least once a second, while it waits for changes.
+    follower = FollowerProcess(config, redis_url, stuck_after=3.0)
+    follower.start()
+    try:
+        first = follower.pid
+        assert first is not None
+        wait_until(lambda: cache.status(["hr"], HostBounds(60, 3600))["followers"], what="the follower to start")
+        time.sleep(4)
+        follower.revive()  # a quiet stream is not being stuck
+        assert follower.pid == first and follower.restarts == 0
+
+        os.kill(first, signal.SIGSTOP)  # alive, but as a hung write: no progress
+        time.sleep(3.5)
+        follower.revive()
+        assert follower.restarts == 1 and follower.last_exit is not None
+        assert re.fullmatch(r"showed no progress for \d+ s and was killed", follower.last_exit)
+        assert f"fulltext follower (pid {first}) showed no progress for " in caplog.text
+        second = follower.pid
+        assert second is not None and second != first
+        with pytest.raises(ProcessLookupError):
+            os.kill(first, 0)  # the stuck process is gone, not left behind
+
+        # The new process follows the next sync.
+        sync(cache, people, [{"localpart": "alice", "display_name": "Alice Liddell"}])
+        reported = lambda: cache.status(["hr"], HostBounds(60, 3600))["followers"][0]["last_id"]  # noqa: E731
+        wait_until(lambda: reported() == cache.last_change_id(), what="the new follower to follow the sync")
+        assert names(FullText(tmp_path / "fulltext"), "liddell") == ["@alice:example.org"]
+    finally:
+        follower.stop()
