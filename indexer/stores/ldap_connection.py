@@ -358,13 +358,19 @@ async def _readable(sock: Any, deadline: float) -> None:
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[None] = loop.create_future()
 
-    def readable() -> None:
+    def settle(error: Exception | None) -> None:
         if not ready.done():
-            ready.set_result(None)
+            if error is None:
+                ready.set_result(None)
+            else:
+                ready.set_exception(error)
 
     fd = sock.fileno()
-    loop.add_reader(fd, readable)
+    loop.add_reader(fd, settle, None)
+    # A timer on the future itself: asyncio.wait_for's own future and callbacks cost more.
+    timer = loop.call_later(max(deadline - time.monotonic(), 0), settle, TimeoutError())
     try:
-        await asyncio.wait_for(ready, max(deadline - time.monotonic(), 0))
+        await ready
     finally:
         loop.remove_reader(fd)
+        timer.cancel()
