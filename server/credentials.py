@@ -38,9 +38,10 @@ class Credentials:
         self.region = config.threepids.msisdn.default_region
         self.set_limits(config.auth.rate_limit)
         self.stores: dict[str, Store] = {s.name: build_store(s, config) for s in config.stores}
-        # Password checks block (a bind, a query, an HTTP call): threads, never the event loop. Each
-        # waits on its store for at most that store's timeout, so these many bound how many logins a
-        # slow directory can hold up at once.
+        # Password checks block (a bind, a query, an HTTP call): threads, never the event loop (but
+        # for what a store awaits there, Store.authenticate_async). Each waits on its store for at
+        # most that store's timeout, so these many bound how many logins a slow directory can hold
+        # up at once.
         self.executor = ThreadPoolExecutor(max_workers=config.auth.threads, thread_name_prefix="auth")
 
     def set_limits(self, limits: AuthRateLimitConfig) -> None:
@@ -164,9 +165,7 @@ class Credentials:
             elif not password:
                 log.info("login for %s refused: empty password", identity.mxid)
             else:
-                store = self.stores[identity.store]
-                ok = await asyncio.get_running_loop().run_in_executor(
-                    self.executor, store.authenticate, identity, password)
+                ok = await self.stores[identity.store].authenticate_async(identity, password, self._in_thread)
             checked = True
         finally:
             if not checked:  # the store could not check the password: nothing against it, the attempt is returned
@@ -176,6 +175,9 @@ class Credentials:
         else:
             await self.settle(user, ip, ok)
         return identity if ok else None
+
+    async def _in_thread(self, check: Callable[[], bool]) -> bool:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, check)
 
     async def _give_back(self, user: str | None, ip: str | None) -> None:
         """Return the attempts claim() counted, that said nothing against the password."""

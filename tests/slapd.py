@@ -144,6 +144,13 @@ class Slapd:
         into the listen backlog) and nothing is ever answered, as a hung directory does."""
         assert self.process is not None
         self.process.send_signal(signal.SIGSTOP)
+        # The signal takes effect a moment later: a request sent meanwhile would still be answered.
+        stat = Path(f"/proc/{self.process.pid}/stat")
+        deadline = time.monotonic() + 10
+        while stat.read_text().rsplit(")", 1)[1].split()[0] != "T":
+            if time.monotonic() > deadline:
+                raise RuntimeError("slapd did not stop within 10 s of SIGSTOP")
+            time.sleep(0.01)
 
     def thaw(self) -> None:
         assert self.process is not None

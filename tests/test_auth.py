@@ -16,7 +16,9 @@ import pytest
 import sqlalchemy
 
 from indexer.config import parse_config
+from indexer.identity import Identity
 from server.credentials import Credentials
+from server.redis_pipe import PipelinedRedis
 from server.services.lookups import Lookups
 from tests.conftest import wait_until
 from tests.fake_homeserver import ClientHomeserver
@@ -265,3 +267,30 @@ def test_a_failed_identity_read_counts_nothing(tmp_path, limited):
     assert all(count == 0 for count in cache.counts.values())
     assert set(cache.counts) == ({("user", "@alice:example.org")} if limited
                                  else {("user", "@alice:example.org"), ("ip", "10.0.0.1")})
+
+
+def test_a_login_reads_the_identity_of_the_first_store_that_holds_the_user(cache, redis_url, prefix):
+    """Whom a password is checked against: the identity (and where its store finds it) of the first
+    store in config order that has the Matrix ID, read from the cache as the server reads it."""
+    def person(store: str, mxid: str, name: str, locator: str) -> tuple[Identity, None]:
+        return Identity.build(mxid=mxid, localpart=mxid[1:].split(":")[0], display_name=name, threepids=[],
+                              store=store, store_id=f"{store}-{name}", locator=locator), None
+
+    cache.apply("staff", [person("staff", "@alice:example.org", "Alice", "uid=alice,ou=staff")], [], 1)
+    cache.apply("guests", [person("guests", "@alice:example.org", "Alice G.", "uid=alice,ou=guests"),
+                           person("guests", "@carol:example.org", "Carol", "uid=carol,ou=guests")], [], 1)
+
+    async def read() -> list[Identity | None]:
+        pipe = PipelinedRedis(redis_url)
+        try:
+            lookups = Lookups(pipe, prefix, ["staff", "guests"], spread=cache.k.buckets)
+            return await lookups.identities(["@carol:example.org", "@nobody:example.org", "@alice:example.org"])
+        finally:
+            pipe.close()
+
+    carol, nobody, alice = asyncio.run(read())
+    assert nobody is None
+    assert carol is not None and (carol.store, carol.display_name, carol.locator) == \
+        ("guests", "Carol", "uid=carol,ou=guests")
+    assert alice is not None and (alice.store, alice.display_name, alice.locator) == \
+        ("staff", "Alice", "uid=alice,ou=staff")

@@ -3,12 +3,14 @@ guard, filter escaping, password checks, TLS, and a directory that fails mid-syn
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -261,6 +263,72 @@ def test_authentication_binds_as_the_entry(directory, cache, caplog):
     assert incremental_sync(cache, store).outcome == "ok"
     assert cache.identity_by_mxid("dir", "@alice:example.org").locator == directory.dn("alice", "alumni")
     assert "correct horse" not in caplog.text and "bob-pw" not in caplog.text
+    store.close()
+
+
+def checks_from_the_event_loop(store: LdapStore, identity: Identity, passwords: list[str]) -> tuple[list[bool], int]:
+    """store.authenticate_async's answers for each password in turn, as the server asks them, and
+    how many of them needed a thread."""
+    threaded: list[Callable[[], bool]] = []
+    executor = ThreadPoolExecutor(2)
+
+    async def in_thread(check: Callable[[], bool]) -> bool:
+        threaded.append(check)
+        return await asyncio.get_running_loop().run_in_executor(executor, check)
+
+    async def run() -> list[bool]:
+        return [await store.authenticate_async(identity, password, in_thread) for password in passwords]
+
+    try:
+        return asyncio.run(run()), len(threaded)
+    finally:
+        executor.shutdown()
+
+
+@pytest.mark.parametrize("ldaps", [False, True])
+def test_checks_awaited_on_the_event_loop_answer_as_those_in_a_thread(directory, cache, slapd, caplog, ldaps):
+    caplog.set_level(logging.INFO)
+    directory.add_ou("staff")
+    directory.add_ou("alumni")
+    directory.add("alice", password="correct horse", ou="staff")
+    directory.add("bob", password="bob-pw", ou="staff")
+    store = directory.store(uri=slapd.ldaps_uri, tls={"ca_file": str(slapd.cert)}) if ldaps else directory.store()
+    full_sync(cache, store, 0.2)
+    alice = cache.identity_by_mxid("dir", "@alice:example.org")
+    answers, threaded = checks_from_the_event_loop(
+        store, alice, ["correct horse", "correct horse", "wrong horse", "bob-pw", "", "correct horse"])
+    assert answers == [True, True, False, False, False, True]
+    # A thread for the first (connecting), each refused bind (whether the entry moved) and the empty
+    # password (refused unsent); the other binds went on the connection left open.
+    assert threaded == 4
+    assert "empty password for @alice:example.org refused" in caplog.text
+    directory.conn.modify_dn(directory.dn("alice", "staff"), "uid=alice", new_superior=f"ou=alumni,{directory.base}")
+    assert checks_from_the_event_loop(store, alice, ["correct horse", "wrong horse"])[0] == [True, False]
+    assert "moved from" in caplog.text
+    assert "correct horse" not in caplog.text and "bob-pw" not in caplog.text
+    store.close()
+
+
+def test_checks_awaited_on_the_event_loop_survive_a_restart_and_time_out_on_a_hang(own_slapd, caplog):
+    caplog.set_level(logging.INFO)
+    store = make_store({"name": "dir", "kind": "ldap", "uri": own_slapd.uri, "base_dns": [f"ou=people,{SUFFIX}"],
+                        "bind": {"dn": READER_DN, "password": READER_PASSWORD}, "timeout": "2s"}, CONFIG)
+    p7 = store.build_identity("x", "p7", None, [], locator=f"uid=p7,ou=people,{SUFFIX}")
+    assert checks_from_the_event_loop(store, p7, ["pw7", "pw7"])[0] == [True, True]
+    own_slapd.stop()  # the connection left open is closed
+    own_slapd.start()
+    assert checks_from_the_event_loop(store, p7, ["pw7", "wrong", "pw7"])[0] == [True, False, True]
+    own_slapd.freeze()
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="no answer to a bind: timed out"):
+            checks_from_the_event_loop(store, p7, ["pw7"])
+        assert time.monotonic() - started < 20  # only a hang guard: the bound is the 2 s timeout
+    finally:
+        own_slapd.thaw()
+    assert checks_from_the_event_loop(store, p7, ["pw7", "pw7"])[0] == [True, True]
+    assert caplog.text.count("password checks fail until the directory answers again") == 1
+    assert caplog.text.count("password checks reach the directory again") == 1
     store.close()
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,9 @@ from indexer.identity import Identity
 from indexer.settings import Config, StoreConfig
 
 log = logging.getLogger(__name__)
+
+# Runs a blocking password check off the event loop (in a thread of the server's) and awaits it.
+InThread = Callable[[Callable[[], bool]], Awaitable[bool]]
 
 
 class StoreError(Exception):
@@ -74,6 +77,11 @@ class Store(ABC):
         StoreUnavailable when the source cannot answer."""
         log.info("store %s cannot check passwords", self.name)
         return False
+
+    async def authenticate_async(self, identity: Identity, password: str, in_thread: InThread) -> bool:
+        """authenticate() from the event loop: whatever may block runs through in_thread. All of it
+        by default; a store that can wait for an answer without blocking overrides it."""
+        return await in_thread(partial(self.authenticate, identity, password))
 
     def close(self) -> None:  # noqa: B027 (a hook: stores holding connections override it)
         """Release connections; the default store holds none."""

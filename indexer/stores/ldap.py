@@ -9,13 +9,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
 from indexer.config import ConfigError
 from indexer.identity import Identity
 from indexer.settings import Config, LdapStoreConfig
-from indexer.stores import Change, Store, StoreError, StoreUnavailable
+from indexer.stores import Change, InThread, Store, StoreError, StoreUnavailable
 from indexer.stores.ldap_connection import Directory
 from indexer.stores.ldap_mapping import Mapping, filter_value, first_value, normalize_time
 from indexer.stores.ldap_roles import BY_USER_ID, GroupRoles
@@ -241,11 +242,35 @@ class LdapStore(Store):
             if probe:
                 self._probing.release()
 
-    def _authenticate(self, identity: Identity, password: str) -> bool:
+    async def authenticate_async(self, identity: Identity, password: str, in_thread: InThread) -> bool:
+        """authenticate(), its bind on an open pooled connection sent and awaited on the event loop
+        while the directory answers; in_thread whatever else: connecting, finding a moved entry
+        after a refused bind, and every check while the directory is unreachable."""
+        if not password or not identity.locator or self._unreachable is not None:
+            return await in_thread(partial(self.authenticate, identity, password))
         started = time.monotonic()
         deadline = self.directory.deadline()
         try:
-            ok = bool(identity.locator) and self.directory.bind(identity.locator or "", password, deadline)
+            bound = await self.directory.bind_async(identity.locator, password, deadline)
+        except StoreUnavailable as exc:
+            self._reached(exc)
+            raise
+        if bound is None:
+            return await in_thread(partial(self.authenticate, identity, password))
+        if not bound:
+            return await in_thread(partial(self._authenticate, identity, password, started, deadline, bound))
+        self._reached(None)
+        self._log_outcome(identity, bound, started)
+        return bound
+
+    def _authenticate(self, identity: Identity, password: str, started: float | None = None,
+                      deadline: float | None = None, bound: bool | None = None) -> bool:
+        """bound: the outcome of a first bind already made (by authenticate_async), begun at started."""
+        started = time.monotonic() if started is None else started
+        deadline = self.directory.deadline() if deadline is None else deadline
+        try:
+            ok = bound if bound is not None else \
+                bool(identity.locator) and self.directory.bind(identity.locator or "", password, deadline)
             current = None if ok else self._find_dn(identity.store_id, deadline)
             moved = current is not None and current != identity.locator
             if moved:
@@ -257,9 +282,12 @@ class LdapStore(Store):
             self._reached(unavailable)
             raise unavailable from None
         self._reached(None)
+        self._log_outcome(identity, ok, started)
+        return ok
+
+    def _log_outcome(self, identity: Identity, ok: bool, started: float) -> None:
         if ok:
             log.info("store %s: %s authenticated in %.0f ms", self.name, identity.mxid,
                      1000 * (time.monotonic() - started))
         else:
             log.info("store %s: wrong password for %s", self.name, identity.mxid)
-        return ok

@@ -4,6 +4,7 @@ page ahead; and the pool of connections that password checks bind on."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import queue
@@ -15,6 +16,7 @@ from typing import Any, Literal, cast
 
 import ldap3
 from ldap3.core.exceptions import LDAPException
+from ldap3.operation.bind import bind_operation
 
 from indexer.settings import LdapStoreConfig
 from indexer.stores import StoreError, StoreUnavailable
@@ -289,15 +291,58 @@ class Directory:
                 break
             except LDAPException as exc:
                 if conn is not None:
-                    try:
-                        conn.unbind()
-                    except LDAPException:
-                        pass
+                    self._discard(conn)
                 conn = None
                 # A pooled connection the directory closed is replaced, if there is time left.
                 if not reused or time.monotonic() >= deadline:
                     raise StoreUnavailable(
                         f"cannot reach the directory: {', '.join(self.uris)}: no answer to a bind: {exc}") from None
+        return self._bound(conn, dn, ok)
+
+    async def bind_async(self, dn: str, password: str, deadline: float) -> bool | None:
+        """bind() on an open pooled connection, its answer awaited on the event loop rather than
+        in a thread (the hand-off to a thread and back cost a login more than the bind's own round
+        trip); None when no pooled connection is open, or when the one taken fails to send or to
+        read (the directory closed it): bind() then connects anew, in a thread."""
+        try:
+            conn = self._auth_pool.get_nowait()
+        except queue.Empty:
+            return None
+        if conn.closed:
+            self._discard(conn)
+            return None
+        try:
+            # Bounds the send, and the reading of an answer once it has begun: one segment carries a
+            # bind's answer, but the rest of one cut short would be waited for here, on the event loop.
+            self.wait_at_most(conn, deadline)
+            conn.user, conn.password, conn.authentication = dn, password, ldap3.SIMPLE
+            message_id = conn.send("bindRequest", bind_operation(conn.version, ldap3.SIMPLE, dn, password,
+                                                                 auto_encode=conn.auto_encode), None)
+            await _readable(conn.socket, deadline)
+            conn.post_send_single_response(message_id)
+        except LDAPException:
+            self._discard(conn)
+            return None
+        except TimeoutError:
+            self._discard(conn)  # its answer may still come: never reused
+            raise StoreUnavailable(
+                f"cannot reach the directory: {', '.join(self.uris)}: no answer to a bind: timed out") from None
+        except BaseException:
+            self._discard(conn)  # cancelled while its answer was awaited
+            raise
+        conn.bound = ok = conn.result is not None and conn.result.get("result") == 0
+        return self._bound(conn, dn, ok)
+
+    @staticmethod
+    def _discard(conn: ldap3.Connection) -> None:
+        try:
+            conn.unbind()
+        except LDAPException:
+            pass
+
+    def _bound(self, conn: ldap3.Connection, dn: str, ok: bool) -> bool:
+        """ok, the outcome of a bind as dn on conn, logged when the directory refused it for another
+        reason than a wrong password; conn pooled for the next bind."""
         if not ok and conn.result.get("result") != INVALID_CREDENTIALS:
             log.warning("store %s: bind as %s refused: %s %s", self.name, dn,
                         conn.result.get("description"), conn.result.get("message") or "")
@@ -306,3 +351,26 @@ class Directory:
         else:
             conn.unbind()
         return ok
+
+
+async def _readable(sock: Any, deadline: float) -> None:
+    """Until sock has something to read; TimeoutError once deadline (time.monotonic()) is past."""
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: Exception | None) -> None:
+        if not ready.done():
+            if error is None:
+                ready.set_result(None)
+            else:
+                ready.set_exception(error)
+
+    fd = sock.fileno()
+    loop.add_reader(fd, settle, None)
+    # A timer on the future itself: asyncio.wait_for's own future and callbacks cost more.
+    timer = loop.call_later(max(deadline - time.monotonic(), 0), settle, TimeoutError())
+    try:
+        await ready
+    finally:
+        loop.remove_reader(fd)
+        timer.cancel()

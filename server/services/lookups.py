@@ -46,6 +46,32 @@ end
 return removed
 """
 _CHUNK = 1000  # members per command when pruning the invited marks
+# The record and locator of each mxid of ARGV, from the first store (KEYS: every store's mxid hash,
+# then their record hashes, then their locator hashes, in config order) whose mxid hash has it
+# (false, false where none has). With one bucket, all of these hashes share one hash tag: one
+# round trip rather than the mxids' store ids, then the records.
+_IDENTITIES = """
+local stores = #KEYS / 3
+local out = {}
+for i = 1, #ARGV do
+    local record, locator = false, false
+    for s = 1, stores do
+        local store_id = redis.call('HGET', KEYS[s], ARGV[i])
+        if store_id then
+            record = redis.call('HGET', KEYS[stores + s], store_id)
+            locator = redis.call('HGET', KEYS[2 * stores + s], store_id)
+            break
+        end
+    end
+    out[2 * i - 1], out[2 * i] = record, locator
+end
+return out
+"""
+
+
+def _identity(raw: str | None, locator: str | None) -> Identity | None:
+    """An identity from its cached record and locator (None without a record)."""
+    return replace(Identity.from_json(raw), locator=locator) if raw else None
 
 
 class Lookups:
@@ -66,6 +92,9 @@ class Lookups:
         self._mxid_keys = [self._buckets(self.k.mxids, s) for s in directory_stores]
         self._record_keys = {s: (self._buckets(self.k.records, s), self._buckets(self.k.locators, s))
                              for s in directory_stores}
+        self._identity_keys = [keys[0] for keys in self._mxid_keys] \
+            + [self._record_keys[s][0][0] for s in directory_stores] \
+            + [self._record_keys[s][1][0] for s in directory_stores]
 
     def _buckets(self, key_of: Callable[[str, int], str], store: str) -> Buckets:
         return [key_of(store, bucket) for bucket in range(self.k.spread(store))]
@@ -185,9 +214,15 @@ class Lookups:
 
     async def identities(self, mxids: list[str]) -> list[Identity | None]:
         """The identities (with their locators) of mxids, in order; the first store in config order
-        that has an mxid wins. Two round trips whatever the number of mxids."""
+        that has an mxid wins. One round trip with one bucket, else two, whatever the number of mxids."""
         if not mxids:
             return []
+        if self.k.buckets == 1:
+            if not self._directory[0]:
+                return [None] * len(mxids)
+            replies = await self.pipe.execute("EVAL", _IDENTITIES, len(self._identity_keys), *self._identity_keys,
+                                              *mxids)
+            return [_identity(raw, locator) for raw, locator in zip(replies[::2], replies[1::2])]
         stores = self._directory[0]
         commands, shapes = self._hmgets(self._mxid_keys, mxids)
         replies = self._assemble(await self.pipe.execute_many(commands), shapes, len(stores))
@@ -197,11 +232,7 @@ class Lookups:
         reads = [("HGET", keys[self.k.bucket(store, store_id)], store_id) for store, store_id in filter(None, owners)
                  for keys in self._record_keys[store]]
         records = iter(await self.pipe.execute_many(reads))
-        found: list[Identity | None] = []
-        for owner in owners:
-            raw, locator = (next(records), next(records)) if owner is not None else (None, None)
-            found.append(replace(Identity.from_json(raw), locator=locator) if raw else None)
-        return found
+        return [_identity(next(records), next(records)) if owner is not None else None for owner in owners]
 
     async def identity_everywhere(self, mxid: str) -> list[Identity]:
         """Every configured store's identity of mxid, in config order (empty when no store has one).
