@@ -131,11 +131,19 @@ class LeanClient:
     def post(self, path: str, body: Any) -> tuple[int, Any]:
         """(status, JSON answer) of a POST of body as JSON."""
         try:
-            conn = self.idle.get_nowait()
+            conn, kept = self.idle.get_nowait(), True
         except queue.Empty:
-            conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
-        conn.request("POST", path, json.dumps(body), self.headers)
-        response = conn.getresponse()
+            conn, kept = http.client.HTTPConnection(self.host, self.port, timeout=30), False
+        try:
+            conn.request("POST", path, json.dumps(body), self.headers)
+            response = conn.getresponse()
+        except (BrokenPipeError, ConnectionResetError, http.client.RemoteDisconnected):
+            conn.close()
+            if not kept:
+                raise
+            # A kept connection idle longer than the server's keep-alive timeout (while the slow
+            # LDAP searches ran) was closed by the server: once more on a new one.
+            return self.post(path, body)
         answer = response.status, json.loads(response.read())
         self.idle.put(conn)
         return answer
