@@ -137,14 +137,20 @@ def index_segments(index: FullText) -> list:
     return whoosh.index.open_dir(str(index.path)).reader().leaf_readers()
 
 
-def test_the_follower_process_follows_a_sync_and_is_started_again_when_killed(redis_url, rclient, prefix, tmp_path,
-                                                                              caplog):
-    caplog.set_level("INFO")
+def process_setup(redis_url, rclient, prefix, tmp_path):
+    """(the file store's path, a config of it for a follower process on this test's Redis, the cache)."""
     people = tmp_path / "people.yml"
     config = typed_config([{"name": "hr", "kind": "file", "path": str(people)}], data_dir=str(tmp_path),
                           server={"host_id": "host-a"}, redis={"url": redis_url, "prefix": prefix}, **CONFIG)
     cache = Cache(rclient, prefix)
     cache.initialize()
+    return people, config, cache
+
+
+def test_the_follower_process_follows_a_sync_and_is_started_again_when_killed(redis_url, rclient, prefix, tmp_path,
+                                                                              caplog):
+    caplog.set_level("INFO")
+    people, config, cache = process_setup(redis_url, rclient, prefix, tmp_path)
     index = FullText(tmp_path / "fulltext")
 
     def follower_position() -> str | None:
@@ -189,11 +195,7 @@ def test_the_follower_process_follows_a_sync_and_is_started_again_when_killed(re
 def test_a_follower_process_that_shows_no_progress_is_killed_and_started_again(redis_url, rclient, prefix, tmp_path,
                                                                               caplog):
     caplog.set_level("INFO")
-    people = tmp_path / "people.yml"
-    config = typed_config([{"name": "hr", "kind": "file", "path": str(people)}], data_dir=str(tmp_path),
-                          server={"host_id": "host-a"}, redis={"url": redis_url, "prefix": prefix}, **CONFIG)
-    cache = Cache(rclient, prefix)
-    cache.initialize()
+    people, config, cache = process_setup(redis_url, rclient, prefix, tmp_path)
     # A following process shows progress at least once a second, while it waits for changes.
     follower = FollowerProcess(config, redis_url, stuck_after=3.0)
     follower.start()
