@@ -129,11 +129,8 @@ class Cache:
         return known
 
     def get(self, store: str, store_ids: list[str]) -> list[Identity | None]:
-        return [Identity.from_json(r) if r else None for r in self.get_raw(store, store_ids)]
-
-    def get_raw(self, store: str, store_ids: list[str]) -> list[str | None]:
-        """The records' JSON (None where missing), for a reader that parses them elsewhere."""
-        return [r or None for r in buckets.hmget(self.r, self.k, self.k.records, store, store_ids)]
+        return [Identity.from_json(r) if r else None
+                for r in buckets.hmget(self.r, self.k, self.k.records, store, store_ids)]
 
     def iter_identities(self, store: str, batch: int = 1000) -> Iterator[Identity]:
         for key in buckets.every(self.k, self.k.records, store):

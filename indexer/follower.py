@@ -134,17 +134,17 @@ class Follower:
         for change in changes:
             latest[(change.store, change.store_id)] = change.op
         wanted = [(s, i) for (s, i), op in latest.items() if op == "upsert" and s in self.stores]
-        upserts: list[str] = []  # records' JSON, as FullText.apply takes them
+        upserts: list[Identity] = []
         deleted = [document_key(s, i) for (s, i), op in latest.items() if op == "delete"]
         by_store: dict[str, list[str]] = {}
         for store, store_id in wanted:
             by_store.setdefault(store, []).append(store_id)
         for store, ids in by_store.items():
-            for store_id, raw in zip(ids, self.cache.get_raw(store, ids)):
-                if raw is None:
+            for store_id, identity in zip(ids, self.cache.get(store, ids)):
+                if identity is None:
                     deleted.append(document_key(store, store_id))
                 else:
-                    upserts.append(raw)
+                    upserts.append(identity)
         self.fulltext.apply(upserts, deleted, self.epoch, changes[-1].id)
         self.last_id = changes[-1].id
         self.applied += len(changes)

@@ -130,10 +130,9 @@ class FullText:
         shutil.rmtree(old, ignore_errors=True)
         return count
 
-    def apply(self, upserts: Sequence[Identity | str], deleted_keys: list[str], epoch: str, last_id: str) -> None:
-        """Apply a batch of changes (upserts: identities, or their records' JSON as the cache holds
-        it), then record the stream position they bring the index to."""
-        documents = [_document(Identity.from_json(u) if isinstance(u, str) else u, self.threepids) for u in upserts]
+    def apply(self, upserts: Sequence[Identity], deleted_keys: list[str], epoch: str, last_id: str) -> None:
+        """Apply a batch of changes, then record the stream position they bring the index to."""
+        documents = [_document(identity, self.threepids) for identity in upserts]
         _write_changes(self.path, documents, deleted_keys)
         self._save_position(self.path, epoch, last_id)
 
