@@ -39,12 +39,12 @@ import ldap3
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.latency_proxy import LatencyProxy  # noqa: E402
-from indexer.cache import Cache  # noqa: E402
+from indexer.cache import Cache, CacheAddress  # noqa: E402
 from indexer.config import parse_config  # noqa: E402
 from indexer.follower import FollowerProcess  # noqa: E402
 from indexer.fulltext import FullText, fulltext_path  # noqa: E402
 from indexer.normalize import lookup_hash  # noqa: E402
-from indexer.redis_clients import connect  # noqa: E402
+from indexer.redis_clients import DEFAULT_TIMEOUT_S, connect  # noqa: E402
 from indexer.redis_server import EmbeddedRedis  # noqa: E402
 from indexer.status import HostBounds  # noqa: E402
 from indexer.stores import build_store  # noqa: E402
@@ -150,7 +150,8 @@ def main() -> None:
         # Memory is measured only in a Redis that held nothing else: other data would move it too.
         own_redis = embedded is not None or client.dbsize() == 0
         try:
-            run(args, slapd, uri, Cache(client, prefix), root, redis_url, prefix, own_redis)
+            cache = Cache(client, prefix, address=CacheAddress(redis_url, DEFAULT_TIMEOUT_S, prefix))
+            run(args, slapd, uri, cache, root, redis_url, prefix, own_redis)
         finally:
             if not embedded:  # an embedded Redis goes with its directory
                 # UNLINK frees the large hashes in the background: a DEL of a million identities'

@@ -19,7 +19,7 @@ from indexer import buckets
 from indexer.claims import BatchWriter
 from indexer.config import ConfigError
 from indexer.identity import Identity
-from indexer.redis_clients import run_plan
+from indexer.redis_clients import RedisTarget, connect, run_plan
 from indexer.rediskeys import BINDINGS, LOCAL_BINDINGS, STREAM_MAXLEN, RedisKeys, lookup_fields, plain_key
 from indexer.status import HostBounds, status_plan, stream_id
 
@@ -69,13 +69,31 @@ class StreamEntry:
     op: str  # "upsert" or "delete"
 
 
+@dataclass(frozen=True)
+class CacheAddress:
+    """What another process needs to open the same cache: the Redis target, its timeout (seconds),
+    the key prefix and the number of buckets of the store hashes."""
+
+    target: RedisTarget
+    timeout: float
+    prefix: str
+    spread: int = 1
+
+    def open(self) -> Cache:
+        """A Cache on a new blocking client (for a process's own use)."""
+        return Cache(connect(self.target, self.timeout, blocking=True), self.prefix, self.spread, address=self)
+
+
 class Cache:
     """Blocking access for the indexer: sync writes, state, locks, the change stream."""
 
-    def __init__(self, client: redis.Redis, prefix: str, spread: int = 1) -> None:
-        """spread: the number of buckets of the store hashes (redis.cluster.buckets, or 1)."""
+    def __init__(self, client: redis.Redis, prefix: str, spread: int = 1, address: CacheAddress | None = None) -> None:
+        """spread: the number of buckets of the store hashes (redis.cluster.buckets, or 1); address:
+        where client connects (a full sync of a large store then writes from a process of its own,
+        see indexer.sync_writer), or None."""
         self.r = client
         self.k = RedisKeys(prefix, spread)
+        self.address = address
         self._writer = BatchWriter(client, self.k)
 
     def initialize(self, pepper: str | None = None) -> str | None:

@@ -110,14 +110,25 @@ class _Json(logging.Formatter):
         return json.dumps(event, ensure_ascii=False)
 
 
+# (level, format) as setup() last set them, for the processes this one spawns.
+_settings = ("WARNING", "text")
+
+
 def setup(level: str, role: str, fmt: str = "text") -> None:
     """Send every logger's events to stderr, one line each, in the configured format."""
+    global _settings
+    _settings = (level, fmt)
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(_Context(role))
     handler.setFormatter(_Json() if fmt == "json" else _Text())
     logging.basicConfig(level=getattr(logging, level), handlers=[handler], force=True)
     # httpx logs every request at INFO: one line per read-through lookup or sync page is noise.
     logging.getLogger("httpx").setLevel(max(logging.WARNING, getattr(logging, level)))
+
+
+def settings() -> tuple[str, str]:
+    """(level, format) of this process's logging, for setup() in a process it spawns."""
+    return _settings
 
 
 def describe_exit(status: int) -> str:

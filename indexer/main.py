@@ -14,12 +14,12 @@ from collections.abc import Callable
 import schedule
 
 from indexer import logs
-from indexer.cache import Cache
+from indexer.cache import Cache, CacheAddress
 from indexer.config import read_config
 from indexer.follower import FollowerProcess
 from indexer.jobs import JobRunner
 from indexer.metrics import observe_sync
-from indexer.redis_clients import REDIS_ERRORS, RedisTarget, cache_spread, configured_target, connect
+from indexer.redis_clients import REDIS_ERRORS, RedisTarget, cache_spread, configured_target
 from indexer.settings import Config, SyncConfig
 from indexer.stores import Store, build_store
 from indexer.sync import SyncBusy, SyncResult, full_sync, incremental_sync
@@ -191,8 +191,7 @@ class Indexer:
 def run_indexer(config: Config, target: RedisTarget, stop: threading.Event, parent_pid: int | None = None) -> None:
     """The body of the indexer process: the follower's process, sync jobs and scheduled syncs, until
     stop is set (or the parent process has gone away)."""
-    cache = Cache(connect(target, config.redis.timeout, blocking=True), config.redis.prefix,
-                  cache_spread(config.redis))
+    cache = CacheAddress(target, config.redis.timeout, config.redis.prefix, cache_spread(config.redis)).open()
     while not stop.is_set():
         try:
             cache.initialize()

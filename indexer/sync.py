@@ -16,6 +16,7 @@ from indexer.cache import Cache
 from indexer.identity import Identity
 from indexer.settings import SyncConfig
 from indexer.stores import Change, Store, StoreError
+from indexer.sync_writer import HANDOVER_AFTER, Batch, SyncWriter, WriterFailed, write_batch
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,10 @@ def _locked_run(
         result.outcome, result.error = "failed", f"redis: {exc}"
         logs.repeated.error(log, "store %s: %s sync failed on Redis: %s", store.name, kind, exc,
                             key=f"{store.name} {kind} redis")
+    except WriterFailed as exc:
+        result.outcome, result.error = "failed", str(exc)
+        logs.repeated.error(log, "store %s: %s sync failed: %s", store.name, kind, exc,
+                            key=f"{store.name} {kind} writer")
     except Exception as exc:  # a store's bug: that sync fails, the indexer carries on
         result.outcome, result.error = "failed", f"{type(exc).__name__}: {exc}"
         logs.repeated.error(log, "store %s: %s sync failed on an unexpected error: %s", store.name, kind,
@@ -237,42 +242,53 @@ def _run_full(cache: Cache, store: Store, ratio: float, result: SyncResult, prog
     unchanged: list[Identity] = []
     changed: list[Identity] = []
     applied = 0
+    writer: SyncWriter | None = None
+    handed_over = False
 
     def flush() -> None:
-        nonlocal applied
-        if unchanged:
-            cache.mark_unchanged(store.name, unchanged, generation)
-        if changed:
-            # Only the records this sync replaces are read: one with no content hash is not in the
-            # cache (a record and its content hash are written and removed together), and most of
-            # a first sync's are new.
-            replaced = [i.store_id for i in changed if i.store_id in known]
-            old = dict(zip(replaced, cache.get(store.name, replaced))) if replaced else {}
-            cache.apply(store.name, [(i, old.get(i.store_id)) for i in changed], [], generation)
-            applied += len(changed)
+        nonlocal applied, writer, handed_over
+        # Only the records this sync replaces are read: one with no content hash is not in the
+        # cache (a record and its content hash are written and removed together), and most of a
+        # first sync's are new.
+        batch = Batch(unchanged[:], changed[:], [i.store_id for i in changed if i.store_id in known])
         unchanged.clear()
         changed.clear()
+        if writer is None and cache.address is not None and result.read >= HANDOVER_AFTER:
+            writer = SyncWriter(cache.address, store.name, generation)
+        if writer is not None and not handed_over and writer.ready:
+            handed_over = True
+            log.info("store %s: full sync: the batches from entry %d on are written by process %s", store.name,
+                     result.read - len(batch.unchanged) - len(batch.changed) + 1, writer.pid)
+        if batch.unchanged or batch.changed:
+            applied += (writer.write(batch) if writer is not None and handed_over
+                        else write_batch(cache, store.name, generation, batch))
         progress(result.read, applied)
 
     log.info("store %s: full sync started (%d identities cached)", store.name, before)
-    for identity in store.enumerate():
-        result.read += 1
-        if identity.store_id in seen:
-            log.warning("store %s: id %s appears twice; the first entry is kept", store.name, identity.store_id)
-            continue
-        seen.add(identity.store_id)
-        previous = known.get(identity.store_id)
-        if previous == identity.hash:
-            unchanged.append(identity)
-        else:
-            changed.append(identity)
-            if previous is None:
-                result.added += 1
+    try:
+        for identity in store.enumerate():
+            result.read += 1
+            if identity.store_id in seen:
+                log.warning("store %s: id %s appears twice; the first entry is kept", store.name, identity.store_id)
+                continue
+            seen.add(identity.store_id)
+            previous = known.get(identity.store_id)
+            if previous == identity.hash:
+                unchanged.append(identity)
             else:
-                result.changed += 1
-        if len(unchanged) + len(changed) >= BATCH:
-            flush()
-    flush()
+                changed.append(identity)
+                if previous is None:
+                    result.added += 1
+                else:
+                    result.changed += 1
+            if len(unchanged) + len(changed) >= BATCH:
+                flush()
+        flush()
+        if writer is not None:
+            applied += writer.finish()
+    finally:
+        if writer is not None:
+            writer.close()
 
     stale = cache.stale_ids(store.name, generation)
     if len(stale) > 1 and len(stale) > ratio * before:

@@ -19,7 +19,7 @@ from typing import Any, TextIO
 import httpx
 
 from indexer import logs
-from indexer.cache import Cache
+from indexer.cache import Cache, CacheAddress
 from indexer.config import ConfigError, load_config
 from indexer.normalize import InvalidAddress
 from indexer.normalize import email as canonical_email
@@ -144,7 +144,8 @@ def _open_cache(config: Config) -> Iterator[Cache]:
             candidate.start()
             embedded = candidate
     try:
-        cache = Cache(wait_for_redis(target, config.redis.timeout), config.redis.prefix, cache_spread(config.redis))
+        address = CacheAddress(target, config.redis.timeout, config.redis.prefix, cache_spread(config.redis))
+        cache = Cache(wait_for_redis(target, config.redis.timeout), address.prefix, address.spread, address=address)
         cache.initialize()
         yield cache
     finally:
