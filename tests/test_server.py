@@ -171,6 +171,14 @@ def test_cors_options_and_unknown_paths(server):
     assert unknown.headers["access-control-allow-origin"] == "*"
     wrong_method = server.http.delete(V2 + "/lookup")
     assert wrong_method.status_code == 405 and wrong_method.json()["errcode"] == "M_UNRECOGNIZED"
+    # Answers made before or without a route carry the CORS headers and the request id all the same.
+    for answer in (unknown, wrong_method, server.http.options("/_matrix/identity/v2/nope")):
+        assert answer.headers["access-control-allow-origin"] == "*" and len(answer.headers["x-request-id"]) == 32
+    for method in ("GET", "OPTIONS"):
+        echoed = server.http.request(method, "/nope", headers={"X-Request-ID": "trace-404"})
+        assert echoed.status_code == (404 if method == "GET" else 200)
+        assert echoed.headers["x-request-id"] == "trace-404"
+        assert "Authorization" in echoed.headers["access-control-allow-headers"]
 
 
 def test_header_values_cannot_split_headers():
