@@ -8,11 +8,14 @@ import os
 import re
 import signal
 import time
+from typing import Any
 
 import orjson
 import redis
 import sqlalchemy
+from multidict import istr
 from sanic import Blueprint, Request, Sanic
+from sanic.compat import Header
 from sanic.config import Config as SanicConfig
 from sanic.exceptions import BadRequest, MethodNotAllowed, NotFound, PayloadTooLarge, SanicException, ServiceUnavailable
 from sanic.http import Http
@@ -51,19 +54,57 @@ from server.storage import now_ms
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("mxisd.access")
 
-REQUEST_ID_HEADER = "X-Request-ID"
+def _unbroken(text: str) -> str:
+    if "\r" in text or "\n" in text or "\0" in text:
+        raise ValueError(f"a header may not hold CR, LF or NUL: {text!r}")
+    return text
+
+
+class HeaderText(str):
+    """Header text known to hold no CR, LF or NUL, for what we add to every answer (the CORS
+    headers, the request id). Sanic strips those three from every header it sends with a
+    str.translate that looks up each character, 1 to 3 us a header: for this text, translate (and
+    f"{text}", by which Sanic reads a value) give it back as it is. Only the speed depends on
+    Sanic calling them: were it to check another way, this text would be checked like any other, so
+    no Sanic upgrade can break an answer (the private method was not patched for that reason)."""
+
+    __slots__ = ()
+
+    def __new__(cls, text: str) -> HeaderText:
+        return super().__new__(cls, _unbroken(text))
+
+    def __format__(self, spec: str) -> str:
+        return self if not spec else super().__format__(spec)
+
+    def translate(self, table: object) -> str:
+        return self
+
+
+class HeaderName(istr):
+    """A header name known to hold no CR, LF or NUL (see HeaderText); Sanic's headers keep it as given."""
+
+    __slots__ = ()
+
+    def __new__(cls, text: str) -> HeaderName:
+        return super().__new__(cls, _unbroken(text))
+
+    def translate(self, table: object) -> str:
+        return self
+
+
+REQUEST_ID_HEADER = HeaderName("X-Request-ID")
 _GOOD_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
-CORS_HEADERS = {
+CORS_HEADERS: dict[str, str] = {HeaderName(name): HeaderText(value) for name, value in {
     "Access-Control-Allow-Origin": "*",
     "Access-Control-Allow-Methods": "GET, POST, PUT, DELETE, OPTIONS",
     "Access-Control-Allow-Headers": "Origin, X-Requested-With, Content-Type, Accept, Authorization",
-}
+}.items()}
 
 
 def new_request_id() -> str:
     """A random request id: 32 hex digits (uuid4().hex cost 3 us more, for its object)."""
-    return os.urandom(16).hex()
+    return HeaderText(os.urandom(16).hex())
 
 
 def blueprints(with_admin: bool, with_metrics: bool) -> list[Blueprint]:
@@ -77,6 +118,38 @@ def blueprints(with_admin: bool, with_metrics: bool) -> list[Blueprint]:
     return [module.bp for module in modules]
 
 
+class MatrixRequest(Request):
+    """A request that takes its id (the client's X-Request-ID if well formed, else a new one) and
+    its start time when it is read, before routing, so that every log line of its handling carries
+    the id; and whose answer, however it was made (by a handler, by the error handler, a CORS
+    preflight), gets the CORS headers, the request id, the metrics and the access log line when it
+    is given (respond), once. This is what a middleware each way did: Sanic's running of them cost
+    more than their work (a coroutine each, its own loop and checks, on every request)."""
+
+    __slots__ = ("request_id", "started", "_finished")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        given = self.headers.get(REQUEST_ID_HEADER, "")
+        self.request_id: str = HeaderText(given) if _GOOD_REQUEST_ID.fullmatch(given) else new_request_id()
+        self.started = time.perf_counter()
+        self._finished = False
+        logs.request_id.set(self.request_id)
+
+    async def respond(self, response: BaseHTTPResponse | None = None, *, status: int = 200,
+                      headers: Header | dict[str, str] | None = None,
+                      content_type: str | None = None) -> Any:
+        response = await super().respond(response, status=status, headers=headers, content_type=content_type)
+        # Once, as Sanic runs response middleware: an error answered after a first respond is the same request.
+        if not self._finished:
+            self._finished = True
+            response.headers.update(CORS_HEADERS)
+            record_response(self, response)
+            if not self.app.config.KEEP_ALIVE and isinstance(self.stream, Http):
+                self.stream.keep_alive = False  # this worker is stopping (begin_stop)
+        return response
+
+
 # The application with Sanic's own config type and our context: the services, once it has started.
 App = Sanic[SanicConfig, Context]
 
@@ -84,7 +157,8 @@ App = Sanic[SanicConfig, Context]
 def create_app(config: Config, target: RedisTarget) -> App:
     """The Sanic application for one worker."""
     logs.setup(config.log_level, "server", config.log_format)  # spawned workers start with no logging set up
-    app = Sanic("mxisd", ctx=Context(), configure_logging=False, dumps=orjson.dumps, loads=load_json)  # fast JSON
+    app = Sanic("mxisd", ctx=Context(), configure_logging=False, dumps=orjson.dumps, loads=load_json,  # fast JSON
+                request_class=MatrixRequest)
     app.config.FALLBACK_ERROR_FORMAT = "json"
     app.config.REQUEST_MAX_SIZE = config.server.max_body_size
     # uvloop installs SIGTERM handling only once the loop runs, after Sanic has set SIGTERM to
@@ -121,25 +195,6 @@ def create_app(config: Config, target: RedisTarget) -> App:
     @app.after_server_stop
     async def close_connections(app: App) -> None:
         await app.ctx.services.close()
-
-    @app.middleware("request", priority=10)
-    async def identify(request: Request) -> HTTPResponse | None:
-        given = request.headers.get(REQUEST_ID_HEADER, "")
-        request.ctx.request_id = given if _GOOD_REQUEST_ID.fullmatch(given) else new_request_id()
-        request.ctx.started = time.perf_counter()
-        logs.request_id.set(request.ctx.request_id)
-        # CORS preflight, answered on every path. (One middleware each way: each costs a coroutine
-        # call on every request.)
-        if request.method == "OPTIONS":
-            return empty(status=200)
-        return None
-
-    @app.middleware("response")
-    async def finish(request: Request, response: BaseHTTPResponse) -> None:
-        response.headers.update(CORS_HEADERS)
-        record_response(request, response)
-        if not request.app.config.KEEP_ALIVE and isinstance(request.stream, Http):
-            request.stream.keep_alive = False  # this worker is stopping (begin_stop)
 
     @app.exception(Exception)
     async def matrix_error(request: Request, exc: Exception) -> HTTPResponse:
@@ -178,29 +233,27 @@ async def maintenance(built: Services, target: RedisTarget) -> None:
         cache.r.close()
 
 
-def record_response(request: Request, response: BaseHTTPResponse) -> None:
+def record_response(request: MatrixRequest, response: BaseHTTPResponse) -> None:
     """The request id header, the request metrics and the access log line of one answered request."""
-    request_id = getattr(request.ctx, "request_id", None)
-    if request_id is None:  # the request failed before any middleware ran (such as a 404)
-        request_id = request.ctx.request_id = new_request_id()
     if REQUEST_ID_HEADER not in response.headers:
-        response.headers[REQUEST_ID_HEADER] = request_id
-    started = getattr(request.ctx, "started", None)
-    took = time.perf_counter() - started if started is not None else None
+        response.headers[REQUEST_ID_HEADER] = request.request_id
+    took = time.perf_counter() - request.started
     endpoint = "/" + request.route.path if request.route is not None else "unmatched"
     metrics.count_request(request.method, endpoint, response.status, took)
     if services(request).config.server.access_log:
         target = logs.mask_secrets(request.path + (f"?{request.query_string}" if request.query_string else ""))
         access_log.info(
-            "%s %s %s %d %s", request.ip, request.method, target, response.status,
-            f"{took * 1000:.1f} ms" if took is not None else "-",
+            "%s %s %s %d %.1f ms", request.ip, request.method, target, response.status, took * 1000,
             extra={"http": {"remote": request.ip, "method": request.method, "target": target,
-                            "status": response.status, "ms": round(took * 1000, 1) if took is not None else None}},
+                            "status": response.status, "ms": round(took * 1000, 1)}},
         )
 
 
 def error_response(request: Request, exc: Exception) -> HTTPResponse:
-    """Every failure as a Matrix error body; tracebacks go to the log only."""
+    """Every failure as a Matrix error body; tracebacks go to the log only. A CORS preflight
+    (OPTIONS), on any path, is answered 200: no route takes OPTIONS, so each one ends here."""
+    if request.method == "OPTIONS":
+        return empty(status=200, headers=CORS_HEADERS)
     if isinstance(exc, MatrixError):
         error = exc
     elif isinstance(exc, NotFound):

@@ -53,17 +53,15 @@ def use_directory(data_dir: str) -> Path:
     return path
 
 
-def count_request(method: str, endpoint: str, status: int, took: float | None) -> None:
-    """Count one answered request of endpoint (a route, or "unmatched") and its duration in seconds
-    (None when it failed before it was timed)."""
+def count_request(method: str, endpoint: str, status: int, took: float) -> None:
+    """Count one answered request of endpoint (a route, or "unmatched") and its duration in seconds."""
     key = (method, endpoint, status)
     children = _REQUEST_CHILDREN.get(key)
     if children is None:
         children = _REQUEST_CHILDREN[key] = (REQUESTS.labels(method, endpoint, str(status)),
                                              LATENCY.labels(method, endpoint))
     children[0].inc()
-    if took is not None:
-        children[1].observe(took)
+    children[1].observe(took)
 
 
 def count_lookups(found: list[str | None], sources: list[str | None], local: list[str | None]) -> None:

@@ -142,6 +142,9 @@ def test_json_logs_carry_request_ids_and_no_secrets(make_server):
     assert len(generated) >= 16
     odd = srv.http.get("/status", headers={"X-Request-ID": "bad id with spaces"})
     assert odd.headers["x-request-id"] != "bad id with spaces"
+    # A request no route takes has its id from the start too (on the same connection as the others).
+    unknown = srv.http.get("/nope", headers={"X-Request-ID": "trace-404"})
+    assert unknown.status_code == 404 and unknown.headers["x-request-id"] == "trace-404"
 
     lines = [line for line in srv.log().splitlines() if line.strip()]
     events = [json.loads(line) for line in lines if line.startswith("{")]
@@ -152,6 +155,7 @@ def test_json_logs_carry_request_ids_and_no_secrets(make_server):
     assert traced[0]["http"]["target"] == "/_matrix/identity/v2/hash_details?access_token=<redacted>"
     assert traced[0]["http"]["status"] == 200
     assert any(e.get("request_id") == generated for e in access)
+    assert [e["http"]["status"] for e in access if e.get("request_id") == "trace-404"] == [404]
     assert srv.token() not in srv.log()
 
 

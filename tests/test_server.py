@@ -19,7 +19,7 @@ from unpaddedbase64 import decode_base64
 
 from indexer.cache import Cache
 from indexer.fulltext import FullText
-from server.app import CORS_HEADERS
+from server.app import CORS_HEADERS, REQUEST_ID_HEADER, HeaderName, HeaderText, new_request_id
 from tests.conftest import PEOPLE, V1, V2, search_mxids, wait_until
 
 
@@ -171,6 +171,14 @@ def test_cors_options_and_unknown_paths(server):
     assert unknown.headers["access-control-allow-origin"] == "*"
     wrong_method = server.http.delete(V2 + "/lookup")
     assert wrong_method.status_code == 405 and wrong_method.json()["errcode"] == "M_UNRECOGNIZED"
+    # Answers made before or without a route carry the CORS headers and the request id all the same.
+    for answer in (unknown, wrong_method, server.http.options("/_matrix/identity/v2/nope")):
+        assert answer.headers["access-control-allow-origin"] == "*" and len(answer.headers["x-request-id"]) == 32
+    for method in ("GET", "OPTIONS"):
+        echoed = server.http.request(method, "/nope", headers={"X-Request-ID": "trace-404"})
+        assert echoed.status_code == (404 if method == "GET" else 200)
+        assert echoed.headers["x-request-id"] == "trace-404"
+        assert "Authorization" in echoed.headers["access-control-allow-headers"]
 
 
 def test_header_values_cannot_split_headers():
@@ -179,6 +187,22 @@ def test_header_values_cannot_split_headers():
     sent = {name.lower(): value for name, value in response.processed_headers}
     assert sent[b"x-echo"] == b"aSet-Cookie: x=1;"
     assert {k.lower().encode(): v.encode() for k, v in CORS_HEADERS.items()}.items() <= sent.items()
+
+
+def test_our_own_header_text_is_sent_as_given_and_cannot_split_headers():
+    # The CORS headers and the request id skip Sanic's check of each character: what they hold can
+    # never need it, and is sent byte for byte.
+    request_id = new_request_id()
+    response = HTTPResponse(headers={**CORS_HEADERS, REQUEST_ID_HEADER: request_id})
+    sent = dict(response.processed_headers)
+    assert sent[b"X-Request-ID"] == request_id.encode() and len(request_id) == 32
+    assert sent[b"Access-Control-Allow-Headers"] == b"Origin, X-Requested-With, Content-Type, Accept, Authorization"
+    assert f"{HeaderText('abc')}" == "abc" and f"{HeaderText('abc'):>4}" == " abc"
+    for text in ("a\r\nSet-Cookie: x=1", "a\nb", "a\x00b"):
+        with pytest.raises(ValueError):
+            HeaderText(text)
+        with pytest.raises(ValueError):
+            HeaderName(text)
 
 
 def test_signing_key_survives_restart(server):
