@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from indexer import logs
 from indexer.cache import Cache, CacheAddress
 from indexer.identity import Identity
 from indexer.settings import Config, StoreConfig
@@ -64,6 +65,13 @@ class Directory(Store):
 
 def handed_over_in(caplog: pytest.LogCaptureFixture) -> Callable[[], bool]:
     return lambda: any(HANDED_OVER in r.getMessage() for r in caplog.records)
+
+
+@pytest.fixture(autouse=True)
+def fresh_repeated_logs(monkeypatch):
+    """Sync failures are logged once a minute per store and kind: an earlier test's failure of store
+    hr would keep this test's line out of the log."""
+    monkeypatch.setattr(logs, "repeated", logs.Repeated())
 
 
 @pytest.fixture
