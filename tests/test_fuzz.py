@@ -27,7 +27,7 @@ from server.openapi import ADMIN, HOMESERVER, IDENTITY
 from tests.conftest import REPO, started
 from tests.fake_homeserver import ClientHomeserver
 
-EXAMPLES = 15  # per operation and generation mode (62 operations): some 1,900 requests
+EXAMPLES = 15  # per operation and generation mode (62 operations): at most 1,860 requests
 ANSWER_WITHIN_S = 15  # a hang is an answer later than this
 HS_TOKEN = "syt_fuzzer_token"
 ADMIN_TOKEN = "admin-token-of-the-fuzzer"
