@@ -19,8 +19,9 @@ from indexer import buckets
 from indexer.claims import BatchWriter
 from indexer.config import ConfigError
 from indexer.identity import Identity
-from indexer.redis_clients import RedisTarget, connect, run_plan
+from indexer.redis_clients import RedisTarget, cache_spread, connect, run_plan
 from indexer.rediskeys import BINDINGS, LOCAL_BINDINGS, STREAM_MAXLEN, RedisKeys, lookup_fields, plain_key
+from indexer.settings import RedisConfig
 from indexer.status import HostBounds, status_plan, stream_id
 
 PEPPER_LENGTH = 20
@@ -78,6 +79,11 @@ class CacheAddress:
     timeout: float
     prefix: str
     spread: int = 1
+
+    @classmethod
+    def configured(cls, config: RedisConfig, target: RedisTarget) -> CacheAddress:
+        """The address of the cache that config's redis section describes, at target."""
+        return cls(target, config.timeout, config.prefix, cache_spread(config))
 
     def open(self) -> Cache:
         """A Cache on a new blocking client (for a process's own use)."""

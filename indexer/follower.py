@@ -20,10 +20,10 @@ from multiprocessing.sharedctypes import Synchronized
 import redis
 
 from indexer import logs
-from indexer.cache import Cache
+from indexer.cache import Cache, CacheAddress
 from indexer.fulltext import SCHEMA_VERSION, FullText, document_key, fulltext_path
 from indexer.identity import Identity
-from indexer.redis_clients import RedisTarget, cache_spread, connect
+from indexer.redis_clients import RedisTarget
 from indexer.settings import Config
 
 log = logging.getLogger(__name__)
@@ -189,8 +189,7 @@ def follow(config: Config, target: RedisTarget, parent_pid: int, alive: Synchron
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     _exit_with(parent_pid)
-    cache = Cache(connect(target, config.redis.timeout, blocking=True), config.redis.prefix,
-                  cache_spread(config.redis))
+    cache = CacheAddress.configured(config.redis, target).open()
     fulltext = FullText(fulltext_path(config), config.directory.threepids)
 
     def progress() -> None:

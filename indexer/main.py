@@ -19,7 +19,7 @@ from indexer.config import read_config
 from indexer.follower import FollowerProcess
 from indexer.jobs import JobRunner
 from indexer.metrics import observe_sync
-from indexer.redis_clients import REDIS_ERRORS, RedisTarget, cache_spread, configured_target
+from indexer.redis_clients import REDIS_ERRORS, RedisTarget, configured_target
 from indexer.settings import Config, SyncConfig
 from indexer.stores import Store, build_store
 from indexer.sync import SyncBusy, SyncResult, full_sync, incremental_sync
@@ -191,7 +191,7 @@ class Indexer:
 def run_indexer(config: Config, target: RedisTarget, stop: threading.Event, parent_pid: int | None = None) -> None:
     """The body of the indexer process: the follower's process, sync jobs and scheduled syncs, until
     stop is set (or the parent process has gone away)."""
-    cache = CacheAddress(target, config.redis.timeout, config.redis.prefix, cache_spread(config.redis)).open()
+    cache = CacheAddress.configured(config.redis, target).open()
     while not stop.is_set():
         try:
             cache.initialize()

@@ -23,7 +23,7 @@ from indexer.cache import Cache, CacheAddress
 from indexer.config import ConfigError, load_config
 from indexer.normalize import InvalidAddress
 from indexer.normalize import email as canonical_email
-from indexer.redis_clients import cache_spread, configured_target
+from indexer.redis_clients import configured_target
 from indexer.redis_server import EmbeddedRedis, EmbeddedRedisError
 from indexer.settings import Config
 from indexer.status import host_bounds
@@ -144,7 +144,7 @@ def _open_cache(config: Config) -> Iterator[Cache]:
             candidate.start()
             embedded = candidate
     try:
-        address = CacheAddress(target, config.redis.timeout, config.redis.prefix, cache_spread(config.redis))
+        address = CacheAddress.configured(config.redis, target)
         cache = Cache(wait_for_redis(target, config.redis.timeout), address.prefix, address.spread, address=address)
         cache.initialize()
         yield cache
